@@ -1,0 +1,360 @@
+//! Event types shared by ktrace's eBPF programs and its userspace.
+//!
+//! Every record the kernel side writes to the ring buffer starts with an
+//! [`EventHeader`] whose first field is the [`EventKind`]. All structs are
+//! `#[repr(C)]` with explicit padding so that both sides agree byte for byte;
+//! the size assertions at the bottom fail the build if a field moves.
+//! Userspace never casts ring-buffer bytes to these types: it decodes them
+//! with length-checked copies (see `ktrace-user/src/decode.rs`).
+#![no_std]
+
+/// What a record is. Stored as `u16` in [`EventHeader::kind`].
+pub mod kind {
+    /// The kernel sent a TCP RST ([`super::ResetEvent`]).
+    pub const TCP_SEND_RESET: u16 = 1;
+    /// A socket received a TCP RST ([`super::ResetEvent`]).
+    pub const TCP_RECEIVE_RESET: u16 = 2;
+    /// Conntrack judged a packet INVALID ([`super::CtInvalidEvent`]).
+    pub const CT_INVALID: u16 = 3;
+    /// Conntrack could not create an entry (table full) ([`super::CtInvalidEvent`]).
+    pub const CT_TABLE_FULL: u16 = 4;
+    /// IPVS created a connection ([`super::IpvsConnEvent`]).
+    pub const IPVS_CONN_NEW: u16 = 5;
+    /// A DNAT mapping was set up ([`super::NatEvent`]).
+    pub const NAT_MAPPING: u16 = 6;
+}
+
+/// Which kernel program produced a record. Stored in [`EventHeader::hook`].
+pub mod hook {
+    pub const TP_TCP_SEND_RESET: u8 = 1;
+    pub const TP_TCP_RECEIVE_RESET: u8 = 2;
+    pub const KPROBE_TCP_V4_SEND_RESET: u8 = 3;
+    pub const KPROBE_TCP_V6_SEND_RESET: u8 = 4;
+    pub const KRETPROBE_NF_CONNTRACK_TCP_PACKET: u8 = 5;
+    pub const KRETPROBE_INIT_CONNTRACK: u8 = 6;
+    pub const KRETPROBE_IP_VS_CONN_NEW: u8 = 7;
+    pub const KRETPROBE_NF_NAT_SETUP_INFO: u8 = 8;
+    /// Not a kernel program: userspace's ctnetlink listener.
+    pub const CTNETLINK: u8 = 9;
+}
+
+pub const AF_INET: u8 = 2;
+pub const AF_INET6: u8 = 10;
+
+/// `u32::MAX` marks an offset the running kernel does not have.
+pub const NO_OFFSET: u32 = u32::MAX;
+/// `u16::MAX` marks a tracepoint field the running kernel does not have.
+pub const NO_FIELD: u16 = u16::MAX;
+
+/// Flags in [`ResetEvent::flags`].
+pub mod reset_flags {
+    /// The reset was sent (or received) by a full socket; clear for the
+    /// "no socket" case, the client's answer to an un-NATed reply.
+    pub const HAS_SOCKET: u8 = 1;
+    /// `reason` holds a kernel `enum sk_rst_reason` value.
+    pub const HAS_REASON: u8 = 2;
+    /// `trigger_flags` holds the TCP flags of the segment the RST answers.
+    pub const HAS_TRIGGER: u8 = 4;
+}
+
+/// First 16 bytes of every record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    /// One of [`kind`].
+    pub kind: u16,
+    /// One of [`hook`].
+    pub hook: u8,
+    pub _pad0: u8,
+    /// Inode number of the network namespace (0 when unknown).
+    pub netns: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+}
+
+/// An IPv4 or IPv6 address and port. IPv4 uses the first 4 bytes of `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// [`AF_INET`], [`AF_INET6`] or 0 when absent.
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// A reset sent or received ([`kind::TCP_SEND_RESET`], [`kind::TCP_RECEIVE_RESET`]).
+/// `src` is the host that sent the RST, `dst` the host it is addressed to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResetEvent {
+    pub header: EventHeader,
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// Kernel `enum sk_rst_reason` when [`reset_flags::HAS_REASON`] is set.
+    pub reason: u32,
+    /// TCP state of the socket (0 without one).
+    pub state: u8,
+    /// [`reset_flags`].
+    pub flags: u8,
+    /// TCP flags of the segment this RST answers (send side), when known:
+    /// a SYN answered by RST is a refused connection, not a broken one.
+    pub trigger_flags: u8,
+    pub _pad: u8,
+    /// Socket cookie (receive) or 0.
+    pub sock_cookie: u64,
+}
+
+/// Classified conntrack INVALID reason, in [`CtInvalidEvent::reason`].
+pub mod invalid_reason {
+    pub const UNKNOWN: u8 = 0;
+    /// The verdict hook fired without a log message being seen.
+    pub const VERDICT_ONLY: u8 = 1;
+    /// A log message was captured in [`super::CtInvalidEvent::message`].
+    pub const MESSAGE: u8 = 2;
+    /// `init_conntrack` failed: table full or out of memory.
+    pub const TABLE_FULL: u8 = 3;
+}
+
+/// Length of the conntrack log message copied into [`CtInvalidEvent`].
+pub const CT_MESSAGE_LEN: usize = 60;
+
+/// Conntrack INVALID verdict or failed entry creation
+/// ([`kind::CT_INVALID`], [`kind::CT_TABLE_FULL`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtInvalidEvent {
+    pub header: EventHeader,
+    /// Addresses of the packet itself.
+    pub src: Endpoint,
+    pub dst: Endpoint,
+    /// The entry's ORIGINAL direction (client -> service) when known.
+    pub orig_src: Endpoint,
+    pub orig_dst: Endpoint,
+    /// The entry's REPLY source (the backend after DNAT) when known.
+    pub reply_src: Endpoint,
+    /// One of [`invalid_reason`].
+    pub reason: u8,
+    /// `enum ip_conntrack_info` of the packet (>= 3 is the reply direction).
+    pub ctinfo: u8,
+    pub protocol: u8,
+    pub _pad: u8,
+    /// Verdict returned by the hook (e.g. -1 for INVALID), or the errno.
+    pub verdict: i32,
+    /// NUL-padded log message of the conntrack helper (e.g. "SEQ is over the upper bound").
+    pub message: [u8; CT_MESSAGE_LEN],
+}
+
+impl Default for CtInvalidEvent {
+    fn default() -> Self {
+        Self {
+            header: EventHeader::default(),
+            src: Endpoint::default(),
+            dst: Endpoint::default(),
+            orig_src: Endpoint::default(),
+            orig_dst: Endpoint::default(),
+            reply_src: Endpoint::default(),
+            reason: 0,
+            ctinfo: 0,
+            protocol: 0,
+            _pad: 0,
+            verdict: 0,
+            message: [0; CT_MESSAGE_LEN],
+        }
+    }
+}
+
+/// IPVS scheduled a connection ([`kind::IPVS_CONN_NEW`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpvsConnEvent {
+    pub header: EventHeader,
+    pub client: Endpoint,
+    pub virtual_service: Endpoint,
+    pub real_server: Endpoint,
+    /// `cp->flags` (`IP_VS_CONN_F_TEMPLATE` is 0x1000).
+    pub conn_flags: u32,
+    /// `cp->dest->flags` (`IP_VS_DEST_F_AVAILABLE` 0x1, `OVERLOAD` 0x2).
+    pub dest_flags: u32,
+    /// `cp->dest->weight`; -1 when the connection has no dest.
+    pub weight: i32,
+    pub protocol: u8,
+    pub _pad: [u8; 7],
+}
+
+/// A DNAT mapping: `client` -> `service` was sent to `backend` ([`kind::NAT_MAPPING`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEvent {
+    pub header: EventHeader,
+    pub client: Endpoint,
+    pub service: Endpoint,
+    pub backend: Endpoint,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Offsets of tracepoint fields, read by userspace from tracefs `format`
+/// files and handed to the programs as a global. [`NO_FIELD`] = absent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpFields {
+    pub skbaddr: u16,
+    pub skaddr: u16,
+    pub state: u16,
+    pub reason: u16,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    /// `saddr`/`daddr`: 4 bytes (IPv4) or 28 (a sockaddr_in6-sized sockaddr, 6.10+).
+    pub saddr: u16,
+    pub daddr: u16,
+    pub addr_size: u16,
+    pub saddr_v6: u16,
+    pub daddr_v6: u16,
+    pub sock_cookie: u16,
+    pub _pad: u16,
+}
+
+impl TpFields {
+    pub const ABSENT: TpFields = TpFields {
+        skbaddr: NO_FIELD,
+        skaddr: NO_FIELD,
+        state: NO_FIELD,
+        reason: NO_FIELD,
+        sport: NO_FIELD,
+        dport: NO_FIELD,
+        family: NO_FIELD,
+        saddr: NO_FIELD,
+        daddr: NO_FIELD,
+        addr_size: 0,
+        saddr_v6: NO_FIELD,
+        daddr_v6: NO_FIELD,
+        sock_cookie: NO_FIELD,
+        _pad: 0,
+    };
+}
+
+/// Byte offsets inside kernel structs, read by userspace from BTF (vmlinux
+/// and module BTF) and handed to the programs as a global: the CO-RE of ktrace.
+/// [`NO_OFFSET`] marks what the running kernel lacks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelLayout {
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_dev: u32,
+    // struct net_device / struct net
+    pub dev_nd_net: u32,
+    pub net_ns_inum: u32,
+    // struct sock_common
+    pub sk_net: u32,
+    // struct nf_conn
+    pub ct_tuplehash: u32,
+    /// sizeof(struct nf_conntrack_tuple_hash): tuplehash[1] is at ct_tuplehash + this.
+    pub ct_tuplehash_size: u32,
+    pub ct_status: u32,
+    pub ct_net: u32,
+    // struct nf_conntrack_tuple (relative to the tuple)
+    pub tuple_src_u3: u32,
+    pub tuple_src_port: u32,
+    pub tuple_src_l3num: u32,
+    pub tuple_dst_u3: u32,
+    pub tuple_dst_port: u32,
+    pub tuple_dst_protonum: u32,
+    // struct ip_vs_conn (module BTF)
+    pub ipvs_caddr: u32,
+    pub ipvs_vaddr: u32,
+    pub ipvs_daddr: u32,
+    pub ipvs_cport: u32,
+    pub ipvs_vport: u32,
+    pub ipvs_dport: u32,
+    pub ipvs_af: u32,
+    pub ipvs_daf: u32,
+    pub ipvs_protocol: u32,
+    pub ipvs_flags: u32,
+    pub ipvs_dest: u32,
+    /// `cp->ipvs` then `ipvs->net`: the connection's network namespace.
+    pub ipvs_ipvs: u32,
+    pub netns_ipvs_net: u32,
+    // struct ip_vs_dest
+    pub ipvs_dest_flags: u32,
+    pub ipvs_dest_weight: u32,
+    /// Index (0-based) of the `fmt` argument of `nf_ct_l4proto_log_invalid`
+    /// (2 before 5.14, 3 after).
+    pub log_invalid_fmt_arg: u32,
+    /// Index of the `fmt` argument of `nf_l4proto_log_invalid` (4 before 5.14, 3 after).
+    pub l4_log_invalid_fmt_arg: u32,
+    /// 1 when `tcp_v{4,6}_send_reset` takes a third `reason` argument (6.10+).
+    pub send_reset_has_reason: u32,
+}
+
+impl KernelLayout {
+    pub const UNKNOWN: KernelLayout = KernelLayout {
+        skb_head: NO_OFFSET,
+        skb_network_header: NO_OFFSET,
+        skb_transport_header: NO_OFFSET,
+        skb_dev: NO_OFFSET,
+        dev_nd_net: NO_OFFSET,
+        net_ns_inum: NO_OFFSET,
+        sk_net: NO_OFFSET,
+        ct_tuplehash: NO_OFFSET,
+        ct_tuplehash_size: NO_OFFSET,
+        ct_status: NO_OFFSET,
+        ct_net: NO_OFFSET,
+        tuple_src_u3: NO_OFFSET,
+        tuple_src_port: NO_OFFSET,
+        tuple_src_l3num: NO_OFFSET,
+        tuple_dst_u3: NO_OFFSET,
+        tuple_dst_port: NO_OFFSET,
+        tuple_dst_protonum: NO_OFFSET,
+        ipvs_caddr: NO_OFFSET,
+        ipvs_vaddr: NO_OFFSET,
+        ipvs_daddr: NO_OFFSET,
+        ipvs_cport: NO_OFFSET,
+        ipvs_vport: NO_OFFSET,
+        ipvs_dport: NO_OFFSET,
+        ipvs_af: NO_OFFSET,
+        ipvs_daf: NO_OFFSET,
+        ipvs_protocol: NO_OFFSET,
+        ipvs_flags: NO_OFFSET,
+        ipvs_dest: NO_OFFSET,
+        ipvs_ipvs: NO_OFFSET,
+        netns_ipvs_net: NO_OFFSET,
+        ipvs_dest_flags: NO_OFFSET,
+        ipvs_dest_weight: NO_OFFSET,
+        log_invalid_fmt_arg: 3,
+        l4_log_invalid_fmt_arg: 3,
+        send_reset_has_reason: 0,
+    };
+}
+
+/// Indices of the per-CPU `COUNTERS` array map.
+pub mod counter {
+    /// Ring-buffer reservations that failed: events lost.
+    pub const LOST: u32 = 0;
+    /// Kernel reads (bpf_probe_read) that failed: events dropped as unreadable.
+    pub const READ_ERRORS: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain-old-data structs with explicit padding and no pointers.
+    unsafe impl aya::Pod for super::TpFields {}
+    unsafe impl aya::Pod for super::KernelLayout {}
+}
+
+// Layout guards: a change here changes the ring-buffer format.
+const _: () = {
+    assert!(core::mem::size_of::<EventHeader>() == 16);
+    assert!(core::mem::size_of::<Endpoint>() == 20);
+    assert!(core::mem::size_of::<ResetEvent>() == 72);
+    assert!(core::mem::size_of::<CtInvalidEvent>() == 184);
+    assert!(core::mem::size_of::<IpvsConnEvent>() == 96);
+    assert!(core::mem::size_of::<NatEvent>() == 80);
+    assert!(core::mem::size_of::<TpFields>() == 28);
+};

@@ -1,0 +1,103 @@
+//! ktrace's kernel side. Each program is a thin wrapper around a `try_*`
+//! function in the module of its concern; errors end the program quietly
+//! (a failed read of one packet must never disturb the packet path) and are
+//! counted in `COUNTERS[READ_ERRORS]`.
+#![no_std]
+#![no_main]
+
+mod conntrack;
+mod ipvs;
+mod kernel;
+mod reset;
+mod ring;
+
+use aya_ebpf::{
+    macros::{kprobe, kretprobe, tracepoint},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+};
+use ktrace_common::{counter, hook};
+
+use kernel::layout;
+
+#[inline(always)]
+fn done(result: Result<(), i64>) -> u32 {
+    if result.is_err() {
+        ring::count(counter::READ_ERRORS);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
+    done(reset::try_tp_tcp_send_reset(&ctx))
+}
+
+#[tracepoint]
+pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
+    done(reset::try_tp_tcp_receive_reset(&ctx))
+}
+
+#[kprobe]
+pub fn tcp_v4_send_reset(ctx: ProbeContext) -> u32 {
+    done(reset::try_kprobe_send_reset(&ctx, hook::KPROBE_TCP_V4_SEND_RESET))
+}
+
+#[kprobe]
+pub fn tcp_v6_send_reset(ctx: ProbeContext) -> u32 {
+    done(reset::try_kprobe_send_reset(&ctx, hook::KPROBE_TCP_V6_SEND_RESET))
+}
+
+#[kprobe]
+pub fn nf_conntrack_tcp_packet(ctx: ProbeContext) -> u32 {
+    done(conntrack::try_tcp_packet_entry(&ctx))
+}
+
+#[kretprobe]
+pub fn nf_conntrack_tcp_packet_ret(ctx: RetProbeContext) -> u32 {
+    done(conntrack::try_tcp_packet_return(&ctx))
+}
+
+#[kprobe]
+pub fn nf_ct_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
+    done(conntrack::try_log_invalid(&ctx, layout!(log_invalid_fmt_arg)))
+}
+
+#[kprobe]
+pub fn nf_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
+    done(conntrack::try_log_invalid(&ctx, layout!(l4_log_invalid_fmt_arg)))
+}
+
+#[kprobe]
+pub fn init_conntrack(ctx: ProbeContext) -> u32 {
+    done(conntrack::try_init_conntrack_entry(&ctx))
+}
+
+#[kretprobe]
+pub fn init_conntrack_ret(ctx: RetProbeContext) -> u32 {
+    done(conntrack::try_init_conntrack_return(&ctx))
+}
+
+#[kprobe]
+pub fn nf_nat_setup_info(ctx: ProbeContext) -> u32 {
+    done(conntrack::try_nat_setup_entry(&ctx))
+}
+
+#[kretprobe]
+pub fn nf_nat_setup_info_ret(ctx: RetProbeContext) -> u32 {
+    done(conntrack::try_nat_setup_return(&ctx))
+}
+
+#[kretprobe]
+pub fn ip_vs_conn_new_ret(ctx: RetProbeContext) -> u32 {
+    done(ipvs::try_ip_vs_conn_new_return(&ctx))
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[link_section = "license"]
+#[no_mangle]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,193 @@
+//! TCP resets: sent by the kernel (tracepoint on 6.10+, kprobe on
+//! `tcp_v{4,6}_send_reset` where the tracepoint misses the no-socket case)
+//! and received by a socket (tracepoint).
+
+use aya_ebpf::programs::{ProbeContext, TracePointContext};
+use ktrace_common::{
+    hook, kind, reset_flags, Endpoint, ResetEvent, TpFields, AF_INET, AF_INET6, NO_FIELD,
+};
+
+use crate::kernel::{self, layout, TCP_FLAG_RST};
+use crate::ring;
+
+/// Field offsets of `tcp:tcp_send_reset` / `tcp:tcp_receive_reset`, parsed by
+/// userspace from tracefs `format` files.
+#[no_mangle]
+static TP_SEND_RESET: TpFields = TpFields::ABSENT;
+#[no_mangle]
+static TP_RECEIVE_RESET: TpFields = TpFields::ABSENT;
+
+macro_rules! field {
+    ($tp:ident . $field:ident) => {
+        unsafe { core::ptr::read_volatile(&$tp.$field) }
+    };
+}
+
+#[inline(always)]
+fn tp_read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i64> {
+    if off == NO_FIELD {
+        return Err(-1);
+    }
+    unsafe { ctx.read_at::<T>(off as usize).map_err(|e| e as i64) }
+}
+
+/// Decodes a `__u8 addr[28]` tracepoint field: a sockaddr_in or sockaddr_in6.
+#[inline(always)]
+fn tp_sockaddr(ctx: &TracePointContext, off: u16, out: &mut Endpoint) -> Result<(), i64> {
+    let family: u16 = tp_read(ctx, off)?;
+    let port: [u8; 2] = tp_read(ctx, off + 2)?;
+    out.port = u16::from_be_bytes(port);
+    if family == AF_INET6 as u16 {
+        out.family = AF_INET6;
+        out.addr = tp_read(ctx, off + 8)?;
+    } else {
+        out.family = AF_INET;
+        let a: [u8; 4] = tp_read(ctx, off + 4)?;
+        out.addr[..4].copy_from_slice(&a);
+    }
+    Ok(())
+}
+
+/// Decodes the pre-6.10 layout: `sport`, `dport`, `saddr[4]`, `saddr_v6[16]`, maybe `family`.
+#[inline(always)]
+fn tp_split_addrs(
+    ctx: &TracePointContext,
+    tp: &TpFields,
+    local: &mut Endpoint,
+    remote: &mut Endpoint,
+) -> Result<(), i64> {
+    local.port = tp_read(ctx, tp.sport)?;
+    remote.port = tp_read(ctx, tp.dport)?;
+    let v6_local: [u8; 16] = tp_read(ctx, tp.saddr_v6)?;
+    let family: u16 = if tp.family != NO_FIELD {
+        tp_read(ctx, tp.family)?
+    } else if v6_local[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] {
+        // Before `family` existed, IPv4 sockets stored v4-mapped addresses.
+        AF_INET as u16
+    } else {
+        AF_INET6 as u16
+    };
+    if family == AF_INET6 as u16 {
+        local.family = AF_INET6;
+        remote.family = AF_INET6;
+        local.addr = v6_local;
+        remote.addr = tp_read(ctx, tp.daddr_v6)?;
+    } else {
+        local.family = AF_INET;
+        remote.family = AF_INET;
+        let s: [u8; 4] = tp_read(ctx, tp.saddr)?;
+        let d: [u8; 4] = tp_read(ctx, tp.daddr)?;
+        local.addr[..4].copy_from_slice(&s);
+        remote.addr[..4].copy_from_slice(&d);
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn copy_fields(tp: &'static TpFields) -> TpFields {
+    TpFields {
+        skbaddr: field!(tp.skbaddr),
+        skaddr: field!(tp.skaddr),
+        state: field!(tp.state),
+        reason: field!(tp.reason),
+        sport: field!(tp.sport),
+        dport: field!(tp.dport),
+        family: field!(tp.family),
+        saddr: field!(tp.saddr),
+        daddr: field!(tp.daddr),
+        addr_size: field!(tp.addr_size),
+        saddr_v6: field!(tp.saddr_v6),
+        daddr_v6: field!(tp.daddr_v6),
+        sock_cookie: field!(tp.sock_cookie),
+        _pad: 0,
+    }
+}
+
+/// `tcp:tcp_send_reset`. On 6.10+ it fires for the no-socket case too.
+pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let tp = copy_fields(&TP_SEND_RESET);
+    let skb: u64 = tp_read(ctx, tp.skbaddr).unwrap_or(0);
+    let sk: u64 = tp_read(ctx, tp.skaddr).unwrap_or(0);
+    let mut ev = ResetEvent::default();
+    if tp.addr_size == 28 {
+        tp_sockaddr(ctx, tp.saddr, &mut ev.src)?;
+        tp_sockaddr(ctx, tp.daddr, &mut ev.dst)?;
+    } else {
+        tp_split_addrs(ctx, &tp, &mut ev.src, &mut ev.dst)?;
+    }
+    if tp.reason != NO_FIELD {
+        ev.reason = tp_read(ctx, tp.reason)?;
+        ev.flags |= reset_flags::HAS_REASON;
+    }
+    if sk != 0 {
+        ev.flags |= reset_flags::HAS_SOCKET;
+        ev.state = tp_read::<i32>(ctx, tp.state).unwrap_or(0) as u8;
+    }
+    if skb != 0 {
+        if let Ok(pkt) = kernel::skb_packet(skb) {
+            ev.trigger_flags = pkt.tcp_flags;
+            ev.flags |= reset_flags::HAS_TRIGGER;
+        }
+    }
+    let netns = if sk != 0 {
+        kernel::sock_netns(sk)
+    } else {
+        kernel::skb_netns(skb)
+    };
+    ev.header = ring::header(kind::TCP_SEND_RESET, hook::TP_TCP_SEND_RESET, netns);
+    ring::emit(&ev);
+    Ok(())
+}
+
+/// `tcp:tcp_receive_reset`: a socket accepted an RST. The tracepoint gives
+/// the socket's own addresses; the RST came from the remote end.
+pub fn try_tp_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
+    let tp = copy_fields(&TP_RECEIVE_RESET);
+    let sk: u64 = tp_read(ctx, tp.skaddr).unwrap_or(0);
+    let mut ev = ResetEvent::default();
+    tp_split_addrs(ctx, &tp, &mut ev.dst, &mut ev.src)?;
+    ev.flags = reset_flags::HAS_SOCKET;
+    if tp.sock_cookie != NO_FIELD {
+        ev.sock_cookie = tp_read(ctx, tp.sock_cookie).unwrap_or(0);
+    }
+    // The socket state lives in sock_common; the tracepoint does not carry it.
+    ev.header = ring::header(
+        kind::TCP_RECEIVE_RESET,
+        hook::TP_TCP_RECEIVE_RESET,
+        kernel::sock_netns(sk),
+    );
+    ring::emit(&ev);
+    Ok(())
+}
+
+/// kprobe on `tcp_v4_send_reset(sk, skb[, reason])` / `tcp_v6_send_reset`:
+/// the RST answers the segment in `skb`, so its addresses are the segment's, reversed.
+pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    let skb: u64 = ctx.arg(1).ok_or(-1i64)?;
+    let pkt = kernel::skb_packet(skb)?;
+    // The kernel never answers an RST with an RST: it returns early.
+    if pkt.tcp_flags & TCP_FLAG_RST != 0 {
+        return Ok(());
+    }
+    let mut ev = ResetEvent {
+        src: pkt.dst,
+        dst: pkt.src,
+        flags: reset_flags::HAS_TRIGGER,
+        trigger_flags: pkt.tcp_flags,
+        ..ResetEvent::default()
+    };
+    if layout!(send_reset_has_reason) == 1 {
+        ev.reason = ctx.arg::<u64>(2).unwrap_or(0) as u32;
+        ev.flags |= reset_flags::HAS_REASON;
+    }
+    let netns = if sk != 0 {
+        ev.flags |= reset_flags::HAS_SOCKET;
+        kernel::sock_netns(sk)
+    } else {
+        kernel::skb_netns(skb)
+    };
+    ev.header = ring::header(kind::TCP_SEND_RESET, which, netns);
+    ring::emit(&ev);
+    Ok(())
+}

@@ -1,0 +1,44 @@
+//! The one ring buffer to userspace, and the per-CPU counters of what could
+//! not be handed over. A failed reservation is never silent: it is counted
+//! in `COUNTERS[LOST]`, which userspace reports as `"type":"lost"`.
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{PerCpuArray, RingBuf},
+};
+use ktrace_common::{counter, EventHeader};
+
+/// 8 MiB by default; userspace may resize it with `--ring-buffer-mb`.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(index: u32) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU slot: no other CPU writes it, so a plain add is safe.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn header(kind: u16, hook: u8, netns: u32) -> EventHeader {
+    EventHeader {
+        kind,
+        hook,
+        _pad0: 0,
+        netns,
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// Copies `event` into the ring buffer, counting a loss if it is full.
+#[inline(always)]
+pub fn emit<T: 'static>(event: &T) {
+    if EVENTS.output::<T>(event, 0).is_err() {
+        count(counter::LOST);
+    }
+}

@@ -1,0 +1,267 @@
+//! NAT mappings from ctnetlink events, for kernels where no kprobe can reach
+//! `nf_nat_setup_info`. A NEW event is sent when an entry is confirmed and
+//! already carries the NATed reply tuple; DESTROY when it goes (expiry,
+//! flush). Events are per network namespace: ktrace sees the namespace it
+//! runs in, which is where kube-proxy's NAT happens.
+
+use std::net::{IpAddr, SocketAddr};
+
+use netlink_packet_core::{NetlinkMessage, NetlinkPayload};
+use netlink_packet_netfilter::conntrack::{
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Status, Tuple,
+};
+use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+
+use crate::clock::monotonic_now_ns;
+use crate::event::{Event, EventBody, Source};
+
+const NFNLGRP_CONNTRACK_NEW: u32 = 1;
+const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtnetlinkError {
+    #[error("cannot open a ctnetlink socket: {0}")]
+    Open(std::io::Error),
+    #[error("cannot subscribe to conntrack events (is nf_conntrack_netlink available?): {0}")]
+    Subscribe(std::io::Error),
+}
+
+/// A subscribed ctnetlink socket.
+pub struct Ctnetlink {
+    socket: Socket,
+    buf: Vec<u8>,
+    netns: u32,
+}
+
+/// One read of the socket: events, or how many were lost to a full socket buffer.
+pub enum Received {
+    Events(Vec<Event>),
+    /// ENOBUFS: the kernel dropped events for this socket.
+    Overrun,
+}
+
+impl Ctnetlink {
+    /// Subscribes to NEW and DESTROY events. Subscribe before the traffic
+    /// starts: since 5.19, entries created while nobody listened carry no
+    /// event data (`nf_conntrack_events=2`).
+    pub fn subscribe(netns: u32) -> Result<Ctnetlink, CtnetlinkError> {
+        let mut socket = Socket::new(NETLINK_NETFILTER).map_err(CtnetlinkError::Open)?;
+        socket.bind_auto().map_err(CtnetlinkError::Open)?;
+        // A storm of connections must not overflow the socket: ask for 8 MiB.
+        let _ = socket.set_rx_buf_sz(8 << 20);
+        for g in [NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY] {
+            socket.add_membership(g).map_err(CtnetlinkError::Subscribe)?;
+        }
+        Ok(Ctnetlink {
+            socket,
+            buf: vec![0; 1 << 16],
+            netns,
+        })
+    }
+
+    /// Blocks for the next datagram and decodes the NAT mappings in it.
+    pub fn recv(&mut self) -> std::io::Result<Received> {
+        self.buf.clear();
+        self.buf.reserve(1 << 16);
+        match self.socket.recv(&mut self.buf, 0) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => return Ok(Received::Overrun),
+            Err(e) => return Err(e),
+        }
+        let ts = monotonic_now_ns();
+        Ok(Received::Events(parse_datagram(&self.buf, ts, self.netns)))
+    }
+}
+
+/// Decodes every netlink message of a datagram; undecodable ones are skipped.
+pub fn parse_datagram(mut data: &[u8], ts_ns: u64, netns: u32) -> Vec<Event> {
+    let mut out = Vec::new();
+    while data.len() >= 16 {
+        let len = u32::from_ne_bytes([data[0], data[1], data[2], data[3]]) as usize;
+        if len < 16 || len > data.len() {
+            break;
+        }
+        if let Ok(msg) = NetlinkMessage::<NetfilterMessage>::deserialize(&data[..len]) {
+            if let NetlinkPayload::InnerMessage(NetfilterMessage {
+                inner: NetfilterMessageInner::Conntrack(ct),
+                ..
+            }) = msg.payload
+            {
+                if let Some(body) = nat_event(&ct) {
+                    out.push(Event {
+                        ts_ns,
+                        netns,
+                        source: Source::Ctnetlink,
+                        body,
+                    });
+                }
+            }
+        }
+        // Messages are 4-byte aligned.
+        let step = (len + 3) & !3;
+        if step >= data.len() {
+            break;
+        }
+        data = &data[step..];
+    }
+    out
+}
+
+#[derive(Default)]
+struct Flow {
+    src: Option<IpAddr>,
+    dst: Option<IpAddr>,
+    sport: Option<u16>,
+    dport: Option<u16>,
+    proto: u8,
+}
+
+fn flow(tuples: &[Tuple]) -> Flow {
+    let mut f = Flow::default();
+    for t in tuples {
+        match t {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    match ip {
+                        IPTuple::SourceAddress(a) => f.src = Some(*a),
+                        IPTuple::DestinationAddress(a) => f.dst = Some(*a),
+                        _ => {}
+                    }
+                }
+            }
+            Tuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::SourcePort(v) => f.sport = Some(*v),
+                        ProtoTuple::DestinationPort(v) => f.dport = Some(*v),
+                        ProtoTuple::Protocol(Protocol::Tcp) => f.proto = 6,
+                        ProtoTuple::Protocol(Protocol::Udp) => f.proto = 17,
+                        ProtoTuple::Protocol(Protocol::Other(v)) => f.proto = *v,
+                        ProtoTuple::Protocol(_) => {}
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    f
+}
+
+/// A NEW or DESTROY of a DNATed entry, as a NAT event.
+fn nat_event(msg: &ConntrackMessage) -> Option<EventBody> {
+    let (attrs, destroy) = match msg {
+        ConntrackMessage::New(a) => (a, false),
+        ConntrackMessage::Delete(a) => (a, true),
+        _ => return None,
+    };
+    let mut orig = None;
+    let mut reply = None;
+    let mut status = None;
+    for a in attrs {
+        match a {
+            ConntrackAttribute::CtaTupleOrig(t) => orig = Some(flow(t)),
+            ConntrackAttribute::CtaTupleReply(t) => reply = Some(flow(t)),
+            ConntrackAttribute::CtaStatus(s) => status = Some(*s),
+            _ => {}
+        }
+    }
+    let (orig, reply) = (orig?, reply?);
+    let client = SocketAddr::new(orig.src?, orig.sport?);
+    let service = SocketAddr::new(orig.dst?, orig.dport?);
+    let backend = SocketAddr::new(reply.src?, reply.sport?);
+    // Only DNATed entries are NAT mappings; the status says so when present.
+    let dnat = status.map_or(backend != service, |s| s.contains(Status::DstNat));
+    if !dnat || backend == service {
+        return None;
+    }
+    let protocol = orig.proto;
+    Some(if destroy {
+        EventBody::NatDestroy {
+            client,
+            service,
+            backend,
+            protocol,
+        }
+    } else {
+        EventBody::NatMapping {
+            client,
+            service,
+            backend,
+            protocol,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netlink_packet_core::{NetlinkHeader, NLM_F_CREATE};
+    use netlink_packet_netfilter::{NetfilterHeader, NetfilterProtoFamily};
+
+    fn tuple(src: &str, dst: &str, sport: u16, dport: u16) -> Vec<Tuple> {
+        vec![
+            Tuple::Ip(vec![
+                IPTuple::SourceAddress(src.parse().unwrap()),
+                IPTuple::DestinationAddress(dst.parse().unwrap()),
+            ]),
+            Tuple::Proto(vec![
+                ProtoTuple::Protocol(Protocol::Tcp),
+                ProtoTuple::SourcePort(sport),
+                ProtoTuple::DestinationPort(dport),
+            ]),
+        ]
+    }
+
+    fn datagram(msg: ConntrackMessage) -> Vec<u8> {
+        let nf = NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), msg);
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_CREATE;
+        let mut m = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(nf));
+        m.finalize();
+        let mut buf = vec![0; m.buffer_len()];
+        m.serialize(&mut buf);
+        buf
+    }
+
+    #[test]
+    fn a_dnat_entry_is_a_nat_mapping_and_plain_entries_are_not() {
+        let dnat = ConntrackMessage::New(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple("10.0.0.2", "10.96.0.10", 40000, 2222)),
+            ConntrackAttribute::CtaTupleReply(tuple("10.0.1.3", "10.0.0.2", 2222, 40000)),
+            ConntrackAttribute::CtaStatus(Status::DstNat | Status::Confirmed),
+        ]);
+        let plain = ConntrackMessage::Delete(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple("10.0.0.2", "10.0.1.2", 40001, 2222)),
+            ConntrackAttribute::CtaTupleReply(tuple("10.0.1.2", "10.0.0.2", 2222, 40001)),
+            ConntrackAttribute::CtaStatus(Status::Confirmed),
+        ]);
+        let mut data = datagram(dnat);
+        data.extend(datagram(plain));
+        let evs = parse_datagram(&data, 5, 77);
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].netns, 77);
+        assert_eq!(
+            evs[0].body,
+            EventBody::NatMapping {
+                client: "10.0.0.2:40000".parse().unwrap(),
+                service: "10.96.0.10:2222".parse().unwrap(),
+                backend: "10.0.1.3:2222".parse().unwrap(),
+                protocol: 6,
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_datagrams_do_not_panic() {
+        let data = datagram(ConntrackMessage::New(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple("10.0.0.2", "10.96.0.10", 40000, 2222)),
+            ConntrackAttribute::CtaTupleReply(tuple("10.0.1.3", "10.0.0.2", 2222, 40000)),
+        ]));
+        for n in 0..data.len() {
+            let _ = parse_datagram(&data[..n], 0, 0);
+        }
+        assert_eq!(parse_datagram(&data, 0, 0).len(), 1);
+    }
+}

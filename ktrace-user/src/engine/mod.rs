@@ -1,0 +1,603 @@
+//! The correlation engine: kernel events in, named incidents out.
+//!
+//! Pure and I/O-free, so `watch` (live) and `replay` (recordings) run the
+//! same code and reach the same findings. Time comes only from event
+//! timestamps (and `tick`), never from the clock. All state is bounded:
+//! flows by count and age, storms by key count, pending resets by count.
+//!
+//! How each incident shows up in events:
+//! - un-NATed reply: the client sends a no-socket RST *to the backend's own
+//!   address* on a flow it opened to the service (and, where the hook can
+//!   attach, conntrack reported the backend's reply INVALID just before);
+//! - backend switch: the flow's NAT mapping changes to another backend
+//!   mid-stream and that new backend answers the client with a no-socket RST;
+//! - quiescent backend: IPVS schedules a (non-template) connection to a real
+//!   server whose weight is 0;
+//! - table full: conntrack fails to create entries.
+
+pub mod finding;
+pub mod flows;
+pub mod storm;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde_json::{json, Map};
+
+use crate::event::{Event, EventBody};
+pub use finding::{Finding, FindingKind, Severity};
+use flows::{flow_flags, Ep, FlowTable};
+use storm::{Phase, StormReport, StormTracker};
+
+const SEC: u64 = 1_000_000_000;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Tunables; the defaults suit a node under real traffic.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Resets tied to one service within `storm_window_ns` that make a storm.
+    pub storm_threshold: u32,
+    pub storm_window_ns: u64,
+    pub max_flows: usize,
+    /// Flows idle longer than this are forgotten.
+    pub flow_ttl_ns: u64,
+    /// How close a re-mapping or INVALID verdict must be to a reset to explain it.
+    pub correlation_ns: u64,
+    /// How long a reset that nothing explains yet waits for its NAT mapping
+    /// (ctnetlink and the ring buffer are separate paths).
+    pub reorder_ns: u64,
+    /// Repeats of table-full and quiescent-backend findings are merged within this.
+    pub repeat_ns: u64,
+    /// Whether a conntrack INVALID hook is live (changes what a cause can say).
+    pub ct_invalid_hook: bool,
+    /// `nf_conntrack_max`, `nf_conntrack_tcp_timeout_established`,
+    /// `tcp_keepalive_time`, when the caller could read them.
+    pub conntrack_max: Option<u64>,
+    pub ct_timeout_established_s: Option<u64>,
+    pub keepalive_s: Option<u64>,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            storm_threshold: 20,
+            storm_window_ns: 10 * SEC,
+            max_flows: 1_000_000,
+            flow_ttl_ns: 6 * 3600 * SEC,
+            correlation_ns: 5 * SEC,
+            reorder_ns: SEC,
+            repeat_ns: 10 * SEC,
+            ct_invalid_hook: false,
+            conntrack_max: None,
+            ct_timeout_established_s: None,
+            keepalive_s: None,
+        }
+    }
+}
+
+/// Counters of what the engine did, for status and metrics.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EngineStats {
+    pub events: u64,
+    pub findings: u64,
+    pub flows_tracked: usize,
+    pub flows_evicted_by_age: u64,
+    pub flows_evicted_by_count: u64,
+    pub pending_dropped: u64,
+}
+
+/// A no-socket reset nothing explained yet.
+#[derive(Debug, Clone, Copy)]
+struct PendingReset {
+    ts: u64,
+    src: SocketAddr,
+    dst: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+struct InvalidSeen {
+    ts: u64,
+    count: u32,
+    message: Option<Arc<str>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Repeat {
+    first: u64,
+    last: u64,
+    last_report: u64,
+    count: u64,
+}
+
+const MAX_PENDING: usize = 65_536;
+const MAX_INVALID: usize = 65_536;
+const MAX_REPEAT_KEYS: usize = 16_384;
+const STORM_KEYS: usize = 4_096;
+const STORM_UNNATED: u8 = 1;
+const STORM_SWITCH: u8 = 2;
+
+pub struct Engine {
+    cfg: EngineConfig,
+    flows: FlowTable,
+    storms: StormTracker,
+    /// Kinds of resets in each storm, by key (1 = un-NATed, 2 = switch).
+    storm_kinds: HashMap<Ep, u8>,
+    invalid: HashMap<Ep, InvalidSeen>,
+    pending: VecDeque<PendingReset>,
+    table_full: Option<Repeat>,
+    quiescent: HashMap<(Ep, Ep), Repeat>,
+    /// Latest persistence template per (client IP, service): real server.
+    templates: HashMap<(Ep, Ep), Ep>,
+    messages: HashMap<String, Arc<str>>,
+    last_tick: u64,
+    last_sweep: u64,
+    stats: EngineStats,
+}
+
+fn ip_key(ip: IpAddr) -> Ep {
+    Ep::new(SocketAddr::new(ip, 0))
+}
+
+impl Engine {
+    pub fn new(cfg: EngineConfig) -> Engine {
+        Engine {
+            flows: FlowTable::new(cfg.max_flows, cfg.flow_ttl_ns),
+            storms: StormTracker::new(cfg.storm_threshold, cfg.storm_window_ns, STORM_KEYS),
+            storm_kinds: HashMap::new(),
+            invalid: HashMap::new(),
+            pending: VecDeque::new(),
+            table_full: None,
+            quiescent: HashMap::new(),
+            templates: HashMap::new(),
+            messages: HashMap::new(),
+            last_tick: 0,
+            last_sweep: 0,
+            stats: EngineStats::default(),
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let f = self.flows.stats();
+        EngineStats {
+            flows_tracked: f.tracked,
+            flows_evicted_by_age: f.evicted_by_age,
+            flows_evicted_by_count: f.evicted_by_count,
+            ..self.stats.clone()
+        }
+    }
+
+    /// Heap bytes per tracked flow (for the benchmark).
+    pub fn bytes_per_flow(&self) -> f64 {
+        self.flows.bytes_per_flow()
+    }
+
+    /// Feeds one event; findings it completes are appended to `out`.
+    pub fn process(&mut self, ev: &Event, out: &mut Vec<Finding>) {
+        self.stats.events += 1;
+        let before = out.len();
+        // Time-driven work follows event time, so replay matches live.
+        if ev.ts_ns > self.last_tick.saturating_add(SEC / 5) {
+            self.tick(ev.ts_ns, out);
+        }
+        match &ev.body {
+            EventBody::NatMapping {
+                client,
+                service,
+                backend,
+                ..
+            } => self.on_mapping(ev.ts_ns, *client, *service, *backend, out),
+            EventBody::NatDestroy {
+                client, service, ..
+            } => self.flows.destroyed(*client, *service),
+            EventBody::TcpSendReset {
+                src,
+                dst,
+                has_socket,
+                trigger_flags,
+                reason,
+                ..
+            } => {
+                // A SYN answered by RST is a refused connection, not an incident.
+                let answers_syn = trigger_flags.is_some_and(|f| f & TCP_SYN != 0 && f & TCP_ACK == 0);
+                if !*has_socket && !answers_syn {
+                    let reason = reason.clone();
+                    self.on_no_socket_reset(ev.ts_ns, *src, *dst, reason.as_deref(), out);
+                }
+            }
+            EventBody::TcpReceiveReset { .. } => {}
+            EventBody::CtInvalid {
+                orig_src: Some(client),
+                orig_dst: Some(service),
+                reply_src: Some(backend),
+                reply_dir: true,
+                message,
+                ..
+            } => {
+                if self.flows.get(*client).is_none() && backend != service {
+                    self.flows.map(*client, *service, *backend, ev.ts_ns);
+                }
+                let message = message.as_ref().map(|m| self.intern(m));
+                if self.invalid.len() >= MAX_INVALID {
+                    self.invalid.clear();
+                }
+                let seen = self.invalid.entry(Ep::new(*client)).or_insert(InvalidSeen {
+                    ts: ev.ts_ns,
+                    count: 0,
+                    message: None,
+                });
+                seen.ts = ev.ts_ns;
+                seen.count += 1;
+                if message.is_some() {
+                    seen.message = message;
+                }
+            }
+            EventBody::CtInvalid { .. } => {}
+            EventBody::CtTableFull { src, dst, .. } => self.on_table_full(ev.ts_ns, *src, *dst, out),
+            EventBody::IpvsConnNew {
+                client,
+                service,
+                real_server,
+                template,
+                weight,
+                ..
+            } => self.on_ipvs(ev.ts_ns, *client, *service, *real_server, *template, *weight, out),
+        }
+        self.stats.findings += (out.len() - before) as u64;
+    }
+
+    /// Time passes: pending resets expire, storms end, idle flows go.
+    pub fn tick(&mut self, now: u64, out: &mut Vec<Finding>) {
+        self.last_tick = self.last_tick.max(now.min(u64::MAX - SEC));
+        let horizon = now.saturating_sub(self.cfg.reorder_ns);
+        while self.pending.front().is_some_and(|p| p.ts < horizon) {
+            self.pending.pop_front();
+        }
+        let mut reports = Vec::new();
+        self.storms.tick(now, &mut reports);
+        for r in reports {
+            out.push(self.storm_finding(&r, now));
+            self.storm_kinds.remove(&r.key);
+        }
+        if now >= self.last_sweep.saturating_add(10 * SEC) {
+            self.last_sweep = now;
+            if now != u64::MAX {
+                self.flows.sweep(now);
+            }
+            let cutoff = now.saturating_sub(self.cfg.correlation_ns);
+            self.invalid.retain(|_, v| v.ts >= cutoff);
+            let repeat_cutoff = now.saturating_sub(self.cfg.repeat_ns);
+            self.quiescent.retain(|_, r| r.last >= repeat_cutoff);
+        }
+    }
+
+    fn intern(&mut self, m: &str) -> Arc<str> {
+        if let Some(a) = self.messages.get(m) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(m);
+        if self.messages.len() < 256 {
+            self.messages.insert(m.to_string(), a.clone());
+        }
+        a
+    }
+
+    fn on_mapping(&mut self, ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr, out: &mut Vec<Finding>) {
+        let flow = self.flows.map(client, service, backend, ts);
+        if flow.previous_backend.is_none() {
+            return;
+        }
+        // A re-mapping: a reset from the new backend may already be waiting.
+        let (mut i, mut matched) = (0, Vec::new());
+        while i < self.pending.len() {
+            let p = self.pending[i];
+            if p.dst == client && p.src == backend {
+                matched.push(p);
+                self.pending.remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        for p in matched {
+            self.on_no_socket_reset(p.ts, p.src, p.dst, None, out);
+        }
+    }
+
+    fn on_no_socket_reset(&mut self, ts: u64, src: SocketAddr, dst: SocketAddr, reason: Option<&str>, out: &mut Vec<Finding>) {
+        // Un-NATed reply: the client (src) resets the backend's own address.
+        if let Some(flow) = self.flows.get(src).copied() {
+            let backend = Ep::new(dst);
+            if flow.service != backend && (flow.backend == backend || flow.previous_backend == backend) {
+                let now_ms = self.flows.ms(ts);
+                let f = self.flows.get_mut(src).expect("flow looked up above");
+                f.last_seen_ms = f.last_seen_ms.max(now_ms);
+                let first = !f.has(flow_flags::REPORTED);
+                f.flags |= flow_flags::UNNATED | flow_flags::REPORTED;
+                if first {
+                    out.push(self.unnated_finding(ts, src, flow.service.get(), dst, reason));
+                }
+                self.count_storm(flow.service, backend, Ep::new(src), STORM_UNNATED, ts, out);
+                return;
+            }
+        }
+        // Backend switch: the new backend (src) resets the client (dst).
+        if let Some(flow) = self.flows.get(dst).copied() {
+            let backend = Ep::new(src);
+            if flow.backend == backend {
+                let now_ms = self.flows.ms(ts);
+                let recent = now_ms.abs_diff(flow.mapped_ms) as u64 * 1_000_000 <= self.cfg.correlation_ns;
+                if !flow.previous_backend.is_none() && recent {
+                    let f = self.flows.get_mut(dst).expect("flow looked up above");
+                    let first = !f.has(flow_flags::REPORTED);
+                    f.flags |= flow_flags::REPORTED;
+                    if first {
+                        out.push(self.switch_finding(ts, dst, &flow, reason));
+                    }
+                    self.count_storm(flow.service, backend, Ep::new(dst), STORM_SWITCH, ts, out);
+                } else if flow.has(flow_flags::UNNATED) {
+                    // The backend, having accepted the client's RST, resets
+                    // the client's next segment: same incident.
+                    self.count_storm(flow.service, backend, Ep::new(dst), STORM_UNNATED, ts, out);
+                }
+                return;
+            }
+            if flow.previous_backend.is_none() && flow.service != backend {
+                // The mapping may not have caught up yet (ctnetlink lags).
+                self.defer(ts, src, dst);
+            }
+            return;
+        }
+        self.defer(ts, src, dst);
+    }
+
+    fn defer(&mut self, ts: u64, src: SocketAddr, dst: SocketAddr) {
+        if self.pending.len() >= MAX_PENDING {
+            self.pending.pop_front();
+            self.stats.pending_dropped += 1;
+        }
+        self.pending.push_back(PendingReset { ts, src, dst });
+    }
+
+    fn count_storm(&mut self, service: Ep, backend: Ep, client: Ep, kind: u8, ts: u64, out: &mut Vec<Finding>) {
+        *self.storm_kinds.entry(service).or_insert(0) |= kind;
+        if let Some(r) = self.storms.record(service, true, backend, client, ts) {
+            out.push(self.storm_finding(&r, ts));
+        }
+    }
+
+    fn unnated_finding(&self, ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr, reason: Option<&str>) -> Finding {
+        let seen = self
+            .invalid
+            .get(&Ep::new(client))
+            .filter(|s| ts.abs_diff(s.ts) <= self.cfg.correlation_ns);
+        let mut basis = vec!["client_rst_to_backend_address"];
+        let cause = match seen {
+            Some(s) => {
+                basis.push("ct_invalid");
+                match &s.message {
+                    Some(m) => format!("conntrack INVALID: {m}"),
+                    None => "conntrack INVALID".to_string(),
+                }
+            }
+            None if self.cfg.ct_invalid_hook => {
+                "conntrack reported no INVALID verdict for it: the reply bypassed reverse NAT".to_string()
+            }
+            None => "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from the client's no-socket RST to the backend's own address".to_string(),
+        };
+        let mut ev = Map::new();
+        ev.insert("basis".into(), json!(basis));
+        ev.insert("rst_reason".into(), json!(reason.unwrap_or("NO_SOCKET")));
+        if let Some(s) = seen {
+            ev.insert("ct_verdict".into(), json!("INVALID"));
+            ev.insert("ct_invalid_count".into(), json!(s.count));
+            if let Some(m) = &s.message {
+                ev.insert("ct_reason".into(), json!(m.as_ref()));
+            }
+        }
+        ev.insert("first".into(), json!(ts));
+        ev.insert("count".into(), json!(1));
+        let max = self
+            .cfg
+            .conntrack_max
+            .map(|m| format!(" (nf_conntrack_max is {m})"))
+            .unwrap_or_default();
+        Finding {
+            kind: FindingKind::UnnatedReply,
+            ts_ns: ts,
+            severity: Severity::Error,
+            service: Some(service),
+            backend: Some(backend),
+            client: Some(client),
+            cause,
+            remedy: format!(
+                "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from /etc/modules-load.d/ so the sysctl applies at boot), \
+                 or drop ctstate INVALID in FORWARD (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); \
+                 if the table is near full, raise nf_conntrack_max{max}"
+            ),
+            evidence: ev,
+        }
+    }
+
+    fn switch_finding(&self, ts: u64, client: SocketAddr, flow: &flows::Flow, reason: Option<&str>) -> Finding {
+        let idle_s = flow.mapped_ms.saturating_sub(flow.previous_seen_ms) as f64 / 1000.0;
+        let mut ev = Map::new();
+        ev.insert("old_backend".into(), json!(flow.previous_backend.get().to_string()));
+        ev.insert("idle_s".into(), json!((idle_s * 1000.0).round() / 1000.0));
+        ev.insert("rst_reason".into(), json!(reason.unwrap_or("NO_SOCKET")));
+        ev.insert("first".into(), json!(ts));
+        let timeout = self
+            .cfg
+            .ct_timeout_established_s
+            .map_or("nf_conntrack_tcp_timeout_established".to_string(), |t| {
+                format!("nf_conntrack_tcp_timeout_established ({t}s)")
+            });
+        let keepalive = self
+            .cfg
+            .keepalive_s
+            .map_or("TCP keepalive".to_string(), |k| format!("TCP keepalive (tcp_keepalive_time {k}s)"));
+        Finding {
+            kind: FindingKind::BackendSwitch,
+            ts_ns: ts,
+            severity: Severity::Error,
+            service: Some(flow.service.get()),
+            backend: Some(flow.backend.get()),
+            client: Some(client),
+            cause: format!(
+                "the conntrack entry was lost mid-connection (flushed, or expired after {idle_s:.1}s idle) and DNAT sent the next segment to another backend"
+            ),
+            remedy: format!(
+                "keep {keepalive} shorter than {timeout} so idle connections keep their entry; do not flush conntrack on nodes with live Service traffic"
+            ),
+            evidence: ev,
+        }
+    }
+
+    fn storm_finding(&self, r: &StormReport, ts: u64) -> Finding {
+        let kinds = self.storm_kinds.get(&r.key).copied().unwrap_or(0);
+        let what = match kinds {
+            STORM_UNNATED => "un-NATed replies reset by their clients",
+            STORM_SWITCH => "connections re-mapped to backends that reset them",
+            _ => "un-NATed replies and re-mapped connections",
+        };
+        let mut ev = Map::new();
+        ev.insert("phase".into(), json!(r.phase.as_str()));
+        ev.insert("count".into(), json!(r.count));
+        ev.insert("total".into(), json!(r.total));
+        ev.insert("window_s".into(), json!(self.storms.window_ns() as f64 / 1e9));
+        ev.insert("threshold".into(), json!(self.cfg.storm_threshold));
+        ev.insert("first".into(), json!(r.first_ns));
+        ev.insert("last".into(), json!(r.last_ns));
+        Finding {
+            kind: FindingKind::RstStorm,
+            ts_ns: ts.min(r.last_ns.max(r.first_ns)).max(r.first_ns),
+            severity: if r.phase == Phase::End {
+                Severity::Warning
+            } else {
+                Severity::Critical
+            },
+            service: r.is_service.then(|| r.key.get()),
+            backend: r.backend.opt(),
+            client: None,
+            cause: what.to_string(),
+            remedy: match kinds {
+                STORM_SWITCH => "find what flushes or expires conntrack entries; keep TCP keepalive shorter than nf_conntrack_tcp_timeout_established".into(),
+                _ => "set net.netfilter.nf_conntrack_tcp_be_liberal=1 or drop ctstate INVALID; see the unnated_reply findings".into(),
+            },
+            evidence: ev,
+        }
+    }
+
+    fn on_table_full(&mut self, ts: u64, src: SocketAddr, dst: SocketAddr, out: &mut Vec<Finding>) {
+        let r = self.table_full.get_or_insert(Repeat {
+            first: ts,
+            last: ts,
+            last_report: 0,
+            count: 0,
+        });
+        if ts.saturating_sub(r.last) > self.cfg.repeat_ns {
+            *r = Repeat {
+                first: ts,
+                last: ts,
+                last_report: 0,
+                count: 0,
+            };
+        }
+        r.count += 1;
+        r.last = r.last.max(ts);
+        if r.last_report != 0 && ts.saturating_sub(r.last_report) < self.cfg.repeat_ns {
+            return;
+        }
+        r.last_report = ts.max(1);
+        let r = *r;
+        let mut ev = Map::new();
+        ev.insert("count".into(), json!(r.count));
+        ev.insert("first".into(), json!(r.first));
+        ev.insert("last".into(), json!(r.last));
+        ev.insert("example_src".into(), json!(src.to_string()));
+        ev.insert("example_dst".into(), json!(dst.to_string()));
+        if let Some(m) = self.cfg.conntrack_max {
+            ev.insert("nf_conntrack_max".into(), json!(m));
+        }
+        out.push(Finding {
+            kind: FindingKind::ConntrackTableFull,
+            ts_ns: ts,
+            severity: Severity::Critical,
+            service: None,
+            backend: None,
+            client: None,
+            cause: format!(
+                "{} new connection(s) could not get a conntrack entry{}",
+                r.count,
+                self.cfg
+                    .conntrack_max
+                    .map(|m| format!(" (nf_conntrack_max {m})"))
+                    .unwrap_or_default()
+            ),
+            remedy: "raise net.netfilter.nf_conntrack_max (and nf_conntrack_buckets), or shorten conntrack timeouts for short-lived flows".into(),
+            evidence: ev,
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_ipvs(&mut self, ts: u64, client: SocketAddr, service: SocketAddr, real: SocketAddr, template: bool, weight: Option<i32>, out: &mut Vec<Finding>) {
+        let tkey = (ip_key(client.ip()), Ep::new(service));
+        if template {
+            if self.templates.len() >= MAX_REPEAT_KEYS {
+                self.templates.clear();
+            }
+            self.templates.insert(tkey, Ep::new(real));
+            return;
+        }
+        self.flows.map(client, service, real, ts);
+        if weight != Some(0) {
+            return;
+        }
+        let via_template = self.templates.get(&tkey) == Some(&Ep::new(real));
+        let key = (ip_key(client.ip()), Ep::new(real));
+        if self.quiescent.len() >= MAX_REPEAT_KEYS {
+            self.quiescent.clear();
+        }
+        let r = self.quiescent.entry(key).or_insert(Repeat {
+            first: ts,
+            last: ts,
+            last_report: 0,
+            count: 0,
+        });
+        r.count += 1;
+        r.last = ts;
+        if r.last_report != 0 && ts.saturating_sub(r.last_report) < self.cfg.repeat_ns {
+            return;
+        }
+        r.last_report = ts.max(1);
+        let r = *r;
+        let mut ev = Map::new();
+        ev.insert("weight".into(), json!(0));
+        ev.insert("persistence_template".into(), json!(via_template));
+        ev.insert("connections".into(), json!(r.count));
+        ev.insert("first".into(), json!(r.first));
+        out.push(Finding {
+            kind: FindingKind::QuiescentBackend,
+            ts_ns: ts,
+            severity: Severity::Warning,
+            service: Some(service),
+            backend: Some(real),
+            client: Some(client),
+            cause: if via_template {
+                "a persistence template still points the client at a real server with weight 0 (being drained)".into()
+            } else {
+                "IPVS scheduled a new connection to a real server with weight 0 (persistence template)".into()
+            },
+            remedy: "set net.ipv4.vs.expire_quiescent_template=1 so templates to weight-0 servers expire (and net.ipv4.vs.expire_nodest_conn=1 to drop connections to removed servers)".into(),
+            evidence: ev,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,246 @@
+//! The engine driven by synthetic event sequences, including out-of-order
+//! and missing events.
+
+use super::*;
+use crate::event::Source;
+
+const MS: u64 = 1_000_000;
+
+fn a(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ev(ts_ms: u64, body: EventBody) -> Event {
+    Event {
+        ts_ns: 1_000 * SEC + ts_ms * MS,
+        netns: 1,
+        source: Source::Tracepoint,
+        body,
+    }
+}
+
+fn map(ts: u64, client: &str, service: &str, backend: &str) -> Event {
+    ev(ts, EventBody::NatMapping {
+        client: a(client),
+        service: a(service),
+        backend: a(backend),
+        protocol: 6,
+    })
+}
+
+fn destroy(ts: u64, client: &str, service: &str, backend: &str) -> Event {
+    ev(ts, EventBody::NatDestroy {
+        client: a(client),
+        service: a(service),
+        backend: a(backend),
+        protocol: 6,
+    })
+}
+
+fn rst(ts: u64, src: &str, dst: &str, trigger: Option<u8>) -> Event {
+    ev(ts, EventBody::TcpSendReset {
+        src: a(src),
+        dst: a(dst),
+        reason: Some("NO_SOCKET".into()),
+        has_socket: false,
+        state: 0,
+        trigger_flags: trigger,
+    })
+}
+
+fn run(events: &[Event]) -> Vec<Finding> {
+    run_with(EngineConfig::default(), events)
+}
+
+fn run_with(cfg: EngineConfig, events: &[Event]) -> Vec<Finding> {
+    let mut e = Engine::new(cfg);
+    let mut out = Vec::new();
+    for x in events {
+        e.process(x, &mut out);
+    }
+    e.tick(u64::MAX, &mut out);
+    out
+}
+
+const C: &str = "10.0.0.2:40000";
+const S: &str = "10.96.0.10:2222";
+const B1: &str = "10.0.1.2:2222";
+const B2: &str = "10.0.1.3:2222";
+const PSH_ACK: Option<u8> = Some(0x18);
+
+#[test]
+fn flush_then_new_backend_reset_is_a_backend_switch() {
+    let f = run(&[
+        map(0, C, S, B1),
+        destroy(30_000, C, S, B1),
+        map(30_010, C, S, B2),
+        rst(30_011, B2, C, PSH_ACK),
+    ]);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].kind, FindingKind::BackendSwitch);
+    assert_eq!(f[0].service, Some(a(S)));
+    assert_eq!(f[0].backend, Some(a(B2)));
+    assert_eq!(f[0].client, Some(a(C)));
+    assert_eq!(f[0].evidence["old_backend"], json!(B1));
+    assert_eq!(f[0].evidence["idle_s"], json!(30.01));
+}
+
+#[test]
+fn reset_arriving_before_its_mapping_is_still_diagnosed() {
+    // ctnetlink lags the ring buffer: the RST is seen first.
+    let f = run(&[
+        map(0, C, S, B1),
+        rst(5_000, B2, C, PSH_ACK),
+        destroy(4_990, C, S, B1),
+        map(4_999, C, S, B2),
+    ]);
+    assert_eq!(f.iter().filter(|x| x.kind == FindingKind::BackendSwitch).count(), 1, "{f:?}");
+}
+
+#[test]
+fn switch_without_destroy_event_is_still_a_switch() {
+    let f = run(&[map(0, C, S, B1), map(100, C, S, B2), rst(101, B2, C, None)]);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].kind, FindingKind::BackendSwitch);
+}
+
+#[test]
+fn same_backend_after_flush_is_no_incident() {
+    let f = run(&[map(0, C, S, B1), destroy(10, C, S, B1), map(20, C, S, B1)]);
+    assert!(f.is_empty());
+}
+
+#[test]
+fn client_reset_to_backend_address_is_an_unnated_reply() {
+    let f = run(&[map(0, C, S, B1), rst(1_000, C, B1, PSH_ACK), rst(1_001, B1, C, PSH_ACK)]);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].kind, FindingKind::UnnatedReply);
+    assert_eq!((f[0].service, f[0].backend, f[0].client), (Some(a(S)), Some(a(B1)), Some(a(C))));
+    assert!(f[0].cause.contains("cannot be observed"), "{}", f[0].cause);
+    assert!(f[0].remedy.contains("nf_conntrack_tcp_be_liberal=1"));
+}
+
+#[test]
+fn unnated_reply_names_the_conntrack_reason_when_seen() {
+    let invalid = ev(999, EventBody::CtInvalid {
+        src: a(B1),
+        dst: a(C),
+        orig_src: Some(a(C)),
+        orig_dst: Some(a(S)),
+        reply_src: Some(a(B1)),
+        reply_dir: true,
+        message: Some("SEQ is over the upper bound".into()),
+    });
+    let cfg = EngineConfig {
+        ct_invalid_hook: true,
+        ..EngineConfig::default()
+    };
+    // No NAT mapping event at all: the INVALID verdict carries the tuples.
+    let f = run_with(cfg, &[invalid, rst(1_000, C, B1, PSH_ACK)]);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].cause, "conntrack INVALID: SEQ is over the upper bound");
+    assert_eq!(f[0].evidence["ct_reason"], json!("SEQ is over the upper bound"));
+    assert_eq!(f[0].service, Some(a(S)));
+}
+
+#[test]
+fn refused_connections_and_unrelated_resets_are_not_incidents() {
+    let f = run(&[
+        // Backend refuses a new connection through the VIP.
+        map(0, C, S, B1),
+        rst(1, B1, C, Some(0x02)),
+        // A reset of a connection that never used NAT.
+        rst(10, "10.0.1.2:2222", "10.0.0.9:5555", PSH_ACK),
+        // RST to a closed local port.
+        rst(20, "127.0.0.1:9", "127.0.0.1:40000", Some(0x02)),
+        // A reset with a socket (application abort).
+        ev(30, EventBody::TcpSendReset {
+            src: a(C),
+            dst: a(B1),
+            reason: None,
+            has_socket: true,
+            state: 1,
+            trigger_flags: None,
+        }),
+    ]);
+    assert!(f.is_empty(), "{f:?}");
+}
+
+#[test]
+fn many_broken_connections_make_one_storm_start() {
+    let mut evs = Vec::new();
+    for i in 0..200u64 {
+        let c = format!("10.0.0.2:{}", 30000 + i);
+        evs.push(map(i, &c, S, B1));
+        evs.push(rst(5_000 + i * 5, &c, B1, PSH_ACK));
+    }
+    let f = run(&evs);
+    let storms: Vec<_> = f.iter().filter(|x| x.kind == FindingKind::RstStorm).collect();
+    let starts = storms.iter().filter(|x| x.evidence["phase"] == json!("start")).count();
+    let ends = storms.iter().filter(|x| x.evidence["phase"] == json!("end")).count();
+    assert_eq!((starts, ends), (1, 1), "{storms:?}");
+    assert_eq!(storms[0].service, Some(a(S)));
+    assert_eq!(f.iter().filter(|x| x.kind == FindingKind::UnnatedReply).count(), 200);
+}
+
+#[test]
+fn quiescent_backend_via_template() {
+    let ipvs = |ts, template, weight: Option<i32>| {
+        ev(ts, EventBody::IpvsConnNew {
+            client: a(if template { "10.0.0.2:0" } else { "10.0.0.2:41000" }),
+            service: a("10.96.0.20:80"),
+            real_server: a("10.0.1.3:8080"),
+            protocol: 6,
+            template,
+            conn_flags: if template { 0x1000 } else { 0 },
+            dest_flags: 1,
+            weight,
+        })
+    };
+    let f = run(&[ipvs(0, true, Some(1)), ipvs(1, false, Some(1))]);
+    assert!(f.is_empty());
+    let f = run(&[ipvs(0, true, Some(1)), ipvs(10, false, Some(0)), ipvs(20, false, Some(0))]);
+    assert_eq!(f.len(), 1, "repeats are merged: {f:?}");
+    assert_eq!(f[0].kind, FindingKind::QuiescentBackend);
+    assert_eq!(f[0].backend, Some(a("10.0.1.3:8080")));
+    assert_eq!(f[0].evidence["persistence_template"], json!(true));
+}
+
+#[test]
+fn table_full_is_one_finding_with_count_updates() {
+    let mut evs = Vec::new();
+    for i in 0..100u64 {
+        evs.push(ev(i * 10, EventBody::CtTableFull {
+            src: a("10.0.0.2:1000"),
+            dst: a(S),
+            errno: 12,
+        }));
+    }
+    let cfg = EngineConfig {
+        conntrack_max: Some(64),
+        ..EngineConfig::default()
+    };
+    let f = run_with(cfg, &evs);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].kind, FindingKind::ConntrackTableFull);
+    assert!(f[0].cause.contains("nf_conntrack_max 64"));
+}
+
+#[test]
+fn memory_stays_bounded_under_churn() {
+    let cfg = EngineConfig {
+        max_flows: 1_000,
+        ..EngineConfig::default()
+    };
+    let mut e = Engine::new(cfg);
+    let mut out = Vec::new();
+    for i in 0..20_000u64 {
+        let c = SocketAddr::new(IpAddr::V4((0x0a00_0000u32 + i as u32).into()), 1234);
+        e.process(&map(i, &c.to_string(), S, B1), &mut out);
+        e.process(&rst(i, "10.9.9.9:1", &c.to_string(), PSH_ACK), &mut out);
+    }
+    let s = e.stats();
+    assert!(s.flows_tracked <= 1_000);
+    assert!(s.flows_evicted_by_count >= 19_000);
+    assert!(e.pending.len() <= MAX_PENDING);
+}

@@ -1,0 +1,29 @@
+//! ktrace: an eBPF observer of the Linux packet path that names the
+//! incidents behind Kubernetes Service connection resets.
+//!
+//! One module per stage of the path:
+//! - [`support`]: what the running kernel offers (BTF, kprobes, tracepoints, symbols).
+//! - [`layout`] and [`tracefs`]: struct offsets from BTF and tracepoint field
+//!   offsets from tracefs, handed to the eBPF programs (ktrace's CO-RE).
+//! - [`hooks`]: choosing and attaching the best mechanism for each hook, and the status of each.
+//! - [`ring`]: draining the ring buffer and the lost-event counters.
+//! - [`decode`]: ring-buffer bytes to [`event::Event`]s, by length-checked copies.
+//! - [`ctnetlink`]: NAT mappings from conntrack events where no kernel hook can attach.
+//! - [`engine`]: the pure correlation engine shared by `watch` and `replay`.
+//! - [`output`]: human and JSON Lines renderings.
+//! - [`watch`]: the live pipeline that ties them together.
+
+pub mod clock;
+pub mod ctnetlink;
+pub mod decode;
+pub mod engine;
+pub mod event;
+pub mod hooks;
+pub mod layout;
+pub mod netns;
+pub mod output;
+pub mod ring;
+pub mod support;
+pub mod sysctl;
+pub mod tracefs;
+pub mod watch;

@@ -1,0 +1,145 @@
+//! The `ktrace` command: a thin clap front over the ktrace library.
+//! Errors end as one line on stderr and exit status 1; usage errors exit 2.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "ktrace",
+    version,
+    about = "Names the incidents behind Kubernetes Service connection resets, from the kernel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach to the kernel and print findings live until Ctrl-C or --duration.
+    Watch(WatchArgs),
+    /// Audit this node's conntrack / IPVS / TCP settings and the kernel's hook support.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args)]
+struct WatchArgs {
+    /// JSON Lines on stdout instead of the human view.
+    #[arg(long)]
+    json: bool,
+    /// Also print every decoded kernel event.
+    #[arg(long)]
+    events: bool,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    ring_buffer_mb: u32,
+    /// Do not subscribe to ctnetlink for NAT mappings.
+    #[arg(long)]
+    no_ctnetlink: bool,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Tunables of the correlation engine.
+#[derive(Args)]
+struct EngineArgs {
+    /// Resets tied to one service within --storm-window that make an rst_storm.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    storm_threshold: u32,
+    /// Window of the rst_storm rate, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    storm_window: f64,
+    /// Flows tracked at most (the oldest are evicted beyond).
+    #[arg(long, value_name = "N", default_value_t = 1_000_000)]
+    max_flows: usize,
+}
+
+impl EngineArgs {
+    fn config(&self) -> anyhow::Result<ktrace::engine::EngineConfig> {
+        if !(self.storm_window > 0.0 && self.storm_window.is_finite()) {
+            anyhow::bail!("--storm-window must be a positive number of seconds");
+        }
+        let mut cfg = ktrace::engine::EngineConfig {
+            storm_threshold: self.storm_threshold.max(1),
+            storm_window_ns: (self.storm_window * 1e9) as u64,
+            max_flows: self.max_flows.max(16),
+            ..Default::default()
+        };
+        ktrace::sysctl::fill_engine_config(&mut cfg);
+        Ok(cfg)
+    }
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// JSON Lines: one object per check.
+    #[arg(long)]
+    json: bool,
+    /// Read /proc, /sys and /etc under this directory (a dump of another node).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+    /// Sample the conntrack counters over this many seconds to give rates.
+    #[arg(long, value_name = "SECS")]
+    sample: Option<f64>,
+    /// Exit 1 on warnings too, not only on failures.
+    #[arg(long)]
+    warn_fails: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Watch(a) => run_watch(a),
+        Command::Doctor(a) => run_doctor(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            // One line: the error and its causes, then what to do.
+            let mut line = format!("ktrace: {err}");
+            for cause in err.chain().skip(1) {
+                line.push_str(&format!(": {cause}"));
+            }
+            eprintln!("{line}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KTRACE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
+    if let Some(d) = a.duration {
+        if !(d >= 0.0 && d.is_finite()) {
+            anyhow::bail!("--duration must be a non-negative number of seconds");
+        }
+    }
+    let opts = ktrace::watch::WatchOptions {
+        engine: a.engine.config()?,
+        json: a.json,
+        events: a.events,
+        duration: a.duration.map(std::time::Duration::from_secs_f64),
+        ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
+        ctnetlink: !a.no_ctnetlink,
+    };
+    ktrace::watch::run(opts)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_doctor(_a: DoctorArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!("doctor is not available in this build yet")
+}

@@ -1,0 +1,379 @@
+//! What `watch` and `replay` print: JSON Lines for machines (one object per
+//! line, per `CONTRACT.md`) or an aligned, readable stream for a person.
+
+use std::io::{self, Write};
+
+use serde_json::{json, Map, Value};
+
+use crate::clock::WallClock;
+use crate::engine::Finding;
+use crate::event::{Event, EventBody};
+use crate::hooks::HookStatus;
+use crate::netns::NetnsNames;
+
+/// Context printed with the status line.
+pub struct StatusInfo<'a> {
+    pub kernel: Option<&'a str>,
+    pub ring_buffer_bytes: u32,
+    pub netns: Option<u32>,
+}
+
+pub struct Renderer<W: Write> {
+    out: W,
+    json: bool,
+    events: bool,
+    clock: WallClock,
+    netns: NetnsNames,
+}
+
+impl<W: Write> Renderer<W> {
+    pub fn new(out: W, json: bool, events: bool, clock: WallClock, netns: NetnsNames) -> Self {
+        Renderer {
+            out,
+            json,
+            events,
+            clock,
+            netns,
+        }
+    }
+
+    pub fn netns_names_mut(&mut self) -> &mut NetnsNames {
+        &mut self.netns
+    }
+
+    fn line(&mut self, v: &Value) -> io::Result<()> {
+        serde_json::to_writer(&mut self.out, v)?;
+        self.out.write_all(b"\n")
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    pub fn status(&mut self, hooks: &[HookStatus], info: &StatusInfo) -> io::Result<()> {
+        if self.json {
+            let hooks: Vec<Value> = hooks
+                .iter()
+                .map(|h| {
+                    let mut m = Map::new();
+                    m.insert("name".into(), json!(h.name));
+                    m.insert("mechanism".into(), json!(h.mechanism));
+                    m.insert("attached".into(), json!(h.attached));
+                    if !h.target.is_empty() {
+                        m.insert("target".into(), json!(h.target));
+                    }
+                    if let Some(r) = &h.reason {
+                        m.insert("reason".into(), json!(r));
+                    }
+                    Value::Object(m)
+                })
+                .collect();
+            let mut v = json!({
+                "type": "status",
+                "ts": self.clock.rfc3339(crate::clock::monotonic_now_ns()),
+                "version": env!("CARGO_PKG_VERSION"),
+                "hooks": hooks,
+                "ring_buffer_bytes": info.ring_buffer_bytes,
+            });
+            if let Some(k) = info.kernel {
+                v["kernel"] = json!(k);
+            }
+            if let Some(n) = info.netns {
+                v["netns"] = json!(n);
+            }
+            return self.line(&v);
+        }
+        writeln!(
+            self.out,
+            "ktrace {} on kernel {}: hooks",
+            env!("CARGO_PKG_VERSION"),
+            info.kernel.unwrap_or("?")
+        )?;
+        for h in hooks {
+            writeln!(
+                self.out,
+                "  {:<18} {:<10} {:<4} {}{}",
+                h.name,
+                h.mechanism,
+                if h.attached { "live" } else { "off" },
+                h.target,
+                h.reason
+                    .as_ref()
+                    .map(|r| format!("{}{r}", if h.target.is_empty() { "" } else { "  -- " }))
+                    .unwrap_or_default()
+            )?;
+        }
+        Ok(())
+    }
+
+    fn netns_label(&self, inum: u32) -> String {
+        match self.netns.name(inum) {
+            Some(n) => format!("{n}({inum})"),
+            None => inum.to_string(),
+        }
+    }
+
+    /// Prints a decoded event when `--events` asked for them.
+    pub fn event(&mut self, ev: &Event) -> io::Result<()> {
+        if !self.events {
+            return Ok(());
+        }
+        if self.json {
+            let v = event_json(ev, &self.clock, &self.netns);
+            return self.line(&v);
+        }
+        let t = self.clock.rfc3339(ev.ts_ns);
+        let time = t.get(11..26).unwrap_or(&t).to_string();
+        let (src, dst, detail) = match &ev.body {
+            EventBody::TcpSendReset {
+                src,
+                dst,
+                reason,
+                has_socket,
+                ..
+            } => (
+                src.to_string(),
+                dst.to_string(),
+                format!(
+                    "reason={}{}",
+                    reason.as_deref().unwrap_or("-"),
+                    if *has_socket { "" } else { " no-socket" }
+                ),
+            ),
+            EventBody::TcpReceiveReset { src, dst, .. } => {
+                (src.to_string(), dst.to_string(), String::new())
+            }
+            EventBody::CtInvalid {
+                src,
+                dst,
+                orig_dst,
+                message,
+                ..
+            } => (
+                src.to_string(),
+                dst.to_string(),
+                format!(
+                    "{}{}",
+                    message.as_deref().unwrap_or("INVALID"),
+                    orig_dst.map(|s| format!(" service={s}")).unwrap_or_default()
+                ),
+            ),
+            EventBody::CtTableFull { src, dst, errno } => {
+                (src.to_string(), dst.to_string(), format!("errno={errno}"))
+            }
+            EventBody::IpvsConnNew {
+                client,
+                service,
+                real_server,
+                template,
+                weight,
+                ..
+            } => (
+                client.to_string(),
+                service.to_string(),
+                format!(
+                    "real={real_server} weight={}{}",
+                    weight.map_or("-".into(), |w| w.to_string()),
+                    if *template { " template" } else { "" }
+                ),
+            ),
+            EventBody::NatMapping {
+                client,
+                service,
+                backend,
+                ..
+            }
+            | EventBody::NatDestroy {
+                client,
+                service,
+                backend,
+                ..
+            } => (client.to_string(), service.to_string(), format!("backend={backend}")),
+        };
+        let ns = self.netns_label(ev.netns);
+        writeln!(
+            self.out,
+            "{time} {:<17} {src:>21} -> {dst:<21} {detail}  netns={ns}",
+            ev.body.name()
+        )
+    }
+
+    /// Events the kernel could not hand over, as soon as they are known.
+    pub fn lost(&mut self, count: u64, total: u64, what: &str) -> io::Result<()> {
+        if self.json {
+            let v = json!({
+                "type": "lost",
+                "ts": self.clock.rfc3339(crate::clock::monotonic_now_ns()),
+                "count": count,
+                "total": total,
+                "source": what,
+            });
+            return self.line(&v);
+        }
+        writeln!(self.out, "LOST {count} events ({what}; {total} since start)")
+    }
+
+    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        if self.json {
+            let v = f.to_json(&self.clock);
+            return self.line(&v);
+        }
+        let t = self.clock.rfc3339(f.ts_ns);
+        writeln!(
+            self.out,
+            "{} {:<8} {:<20} {}",
+            t.get(11..26).unwrap_or(&t),
+            f.severity.as_str().to_uppercase(),
+            f.kind.as_str(),
+            f.sentence()
+        )
+    }
+}
+
+/// The JSON object of one event (`"type":"event"`).
+pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
+    let mut m = Map::new();
+    m.insert("type".into(), json!("event"));
+    m.insert("event".into(), json!(ev.body.name()));
+    m.insert("ts".into(), json!(clock.rfc3339(ev.ts_ns)));
+    m.insert("netns".into(), json!(ev.netns));
+    if let Some(n) = netns.name(ev.netns) {
+        m.insert("netns_name".into(), json!(n));
+    }
+    m.insert("source".into(), json!(ev.source.as_str()));
+    let mut put = |k: &str, v: Value| {
+        m.insert(k.into(), v);
+    };
+    match &ev.body {
+        EventBody::TcpSendReset {
+            src,
+            dst,
+            reason,
+            has_socket,
+            state,
+            trigger_flags,
+        } => {
+            put("src", json!(src.to_string()));
+            put("dst", json!(dst.to_string()));
+            if let Some(r) = reason {
+                put("reason", json!(r));
+            }
+            if let Some(f) = trigger_flags {
+                put("answers", json!(tcp_flags(*f)));
+            }
+            put("socket", json!(has_socket));
+            if *has_socket && *state != 0 {
+                put("state", json!(tcp_state(*state)));
+            }
+        }
+        EventBody::TcpReceiveReset {
+            src,
+            dst,
+            sock_cookie,
+        } => {
+            put("src", json!(src.to_string()));
+            put("dst", json!(dst.to_string()));
+            if *sock_cookie != 0 {
+                put("sock_cookie", json!(sock_cookie));
+            }
+        }
+        EventBody::CtInvalid {
+            src,
+            dst,
+            orig_src,
+            orig_dst,
+            reply_src,
+            reply_dir,
+            message,
+        } => {
+            put("src", json!(src.to_string()));
+            put("dst", json!(dst.to_string()));
+            if let Some(s) = orig_src {
+                put("client", json!(s.to_string()));
+            }
+            if let Some(s) = orig_dst {
+                put("service", json!(s.to_string()));
+            }
+            if let Some(s) = reply_src {
+                put("backend", json!(s.to_string()));
+            }
+            put("direction", json!(if *reply_dir { "reply" } else { "original" }));
+            if let Some(msg) = message {
+                put("reason", json!(msg));
+            }
+        }
+        EventBody::CtTableFull { src, dst, errno } => {
+            put("src", json!(src.to_string()));
+            put("dst", json!(dst.to_string()));
+            put("errno", json!(errno));
+        }
+        EventBody::IpvsConnNew {
+            client,
+            service,
+            real_server,
+            protocol,
+            template,
+            conn_flags,
+            dest_flags,
+            weight,
+        } => {
+            put("src", json!(client.to_string()));
+            put("dst", json!(service.to_string()));
+            put("client", json!(client.to_string()));
+            put("service", json!(service.to_string()));
+            put("backend", json!(real_server.to_string()));
+            put("protocol", json!(protocol));
+            put("template", json!(template));
+            put("conn_flags", json!(conn_flags));
+            put("dest_flags", json!(dest_flags));
+            if let Some(w) = weight {
+                put("weight", json!(w));
+            }
+        }
+        EventBody::NatMapping {
+            client,
+            service,
+            backend,
+            protocol,
+        }
+        | EventBody::NatDestroy {
+            client,
+            service,
+            backend,
+            protocol,
+        } => {
+            put("src", json!(client.to_string()));
+            put("dst", json!(service.to_string()));
+            put("client", json!(client.to_string()));
+            put("service", json!(service.to_string()));
+            put("backend", json!(backend.to_string()));
+            put("protocol", json!(protocol));
+        }
+    }
+    Value::Object(m)
+}
+
+/// `"SYN"`, `"ACK|PSH"`, ... for the flags of a TCP segment.
+pub fn tcp_flags(f: u8) -> String {
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    let v: Vec<&str> = (0..8).filter(|i| f & (1 << i) != 0).map(|i| NAMES[i]).collect();
+    v.join("|")
+}
+
+fn tcp_state(s: u8) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}

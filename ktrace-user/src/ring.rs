@@ -1,0 +1,77 @@
+//! Draining the ring buffer, and the kernel's counters of what it could not
+//! hand over (ring full) or could not read.
+
+use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::Ebpf;
+use ktrace_common::counter;
+use tokio::io::unix::AsyncFd;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RingError {
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    #[error("cannot poll the ring buffer: {0}")]
+    Poll(#[source] std::io::Error),
+}
+
+pub struct RingReader {
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl RingReader {
+    pub fn new(ebpf: &mut Ebpf) -> Result<RingReader, RingError> {
+        let ring = ebpf.take_map("EVENTS").ok_or(RingError::MissingMap("EVENTS"))?;
+        let ring = RingBuf::try_from(ring).map_err(|e| RingError::Map("EVENTS", e))?;
+        let counters = ebpf
+            .take_map("COUNTERS")
+            .ok_or(RingError::MissingMap("COUNTERS"))?;
+        let counters =
+            PerCpuArray::try_from(counters).map_err(|e| RingError::Map("COUNTERS", e))?;
+        // The AsyncFd owns the RingBuf that owns the fd, so the fd outlives
+        // its registration (the I/O-safety concern behind the deprecation).
+        #[allow(deprecated)]
+        let ring = AsyncFd::new(ring).map_err(RingError::Poll)?;
+        Ok(RingReader {
+            ring,
+            counters,
+        })
+    }
+
+    /// Waits until the ring has data.
+    pub async fn readable(&mut self) -> Result<(), RingError> {
+        let mut guard = self.ring.readable_mut().await.map_err(RingError::Poll)?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Hands every record now in the ring to `f`; returns how many.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
+    }
+
+    fn counter(&self, index: u32) -> u64 {
+        self.counters
+            .get(&index, 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0)
+    }
+
+    /// Events the kernel dropped because the ring was full, since load.
+    pub fn lost_total(&self) -> u64 {
+        self.counter(counter::LOST)
+    }
+
+    /// Kernel reads that failed (an event skipped), since load.
+    pub fn read_errors_total(&self) -> u64 {
+        self.counter(counter::READ_ERRORS)
+    }
+}

@@ -1,0 +1,176 @@
+//! What the running kernel offers ktrace: BTF, kprobes, fentry, tracepoints,
+//! the symbols it hooks and the modules they live in. Read from files under
+//! a root directory (normally `/`), so `doctor --root` can audit a dump.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+/// Kernel functions ktrace may probe, looked up in `/proc/kallsyms`.
+pub const PROBED_SYMBOLS: &[&str] = &[
+    "tcp_v4_send_reset",
+    "tcp_v6_send_reset",
+    "nf_conntrack_tcp_packet",
+    "nf_ct_l4proto_log_invalid",
+    "nf_l4proto_log_invalid",
+    "init_conntrack",
+    "nf_nat_setup_info",
+    "ip_vs_conn_new",
+];
+
+/// Tracepoints ktrace may attach, as `(category, name)`.
+pub const TRACEPOINTS: &[(&str, &str)] = &[
+    ("tcp", "tcp_send_reset"),
+    ("tcp", "tcp_receive_reset"),
+    ("skb", "kfree_skb"),
+];
+
+#[derive(Debug, Clone)]
+pub struct KernelSupport {
+    pub root: PathBuf,
+    /// `uname -r`, when readable.
+    pub release: Option<String>,
+    pub btf_vmlinux: bool,
+    /// The kprobe PMU or tracefs `kprobe_events` exists.
+    pub kprobes: bool,
+    /// BPF tracing programs (fentry/fexit) load. `None` when not probed
+    /// (offline audits cannot know).
+    pub fentry: Option<bool>,
+    /// tracefs directory with an `events/` folder, if one is mounted.
+    pub tracefs: Option<PathBuf>,
+    /// Tracepoints present, as `category/name`.
+    pub tracepoints: HashSet<String>,
+    /// Which of [`PROBED_SYMBOLS`] are in kallsyms.
+    pub symbols: HashSet<String>,
+    /// Whether kallsyms could be read at all (it is empty to non-root).
+    pub kallsyms_readable: bool,
+    pub ip_vs_loaded: bool,
+    pub ip_vs_btf: bool,
+    pub nf_conntrack_loaded: bool,
+}
+
+impl KernelSupport {
+    /// Reads what the kernel under `root` supports, without side effects.
+    pub fn probe(root: &Path) -> KernelSupport {
+        let p = |rel: &str| root.join(rel.trim_start_matches('/'));
+        let release = std::fs::read_to_string(p("/proc/sys/kernel/osrelease"))
+            .ok()
+            .map(|s| s.trim().to_string());
+        let tracefs = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+            .iter()
+            .map(|d| p(d))
+            .find(|d| d.join("events").is_dir());
+        let mut tracepoints = HashSet::new();
+        if let Some(dir) = &tracefs {
+            for (cat, name) in TRACEPOINTS {
+                if dir.join("events").join(cat).join(name).is_dir() {
+                    tracepoints.insert(format!("{cat}/{name}"));
+                }
+            }
+        }
+        let kprobes = p("/sys/bus/event_source/devices/kprobe").exists()
+            || tracefs
+                .as_ref()
+                .is_some_and(|d| d.join("kprobe_events").exists());
+        let (symbols, kallsyms_readable) = read_kallsyms(&p("/proc/kallsyms"));
+        KernelSupport {
+            root: root.to_path_buf(),
+            release,
+            btf_vmlinux: p("/sys/kernel/btf/vmlinux").exists(),
+            kprobes,
+            fentry: None,
+            tracefs,
+            tracepoints,
+            symbols,
+            kallsyms_readable,
+            ip_vs_loaded: p("/sys/module/ip_vs").exists(),
+            ip_vs_btf: p("/sys/kernel/btf/ip_vs").exists(),
+            nf_conntrack_loaded: p("/sys/module/nf_conntrack").exists(),
+        }
+    }
+
+    /// [`KernelSupport::probe`] of `/`, plus a live check that BPF tracing
+    /// programs (fentry) can be loaded.
+    pub fn probe_live() -> KernelSupport {
+        let mut s = KernelSupport::probe(Path::new("/"));
+        s.fentry = Some(
+            s.btf_vmlinux
+                && aya::sys::is_program_supported(aya::programs::ProgramType::Tracing)
+                    .unwrap_or(false),
+        );
+        s
+    }
+
+    pub fn has_tracepoint(&self, category: &str, name: &str) -> bool {
+        self.tracepoints.contains(&format!("{category}/{name}"))
+    }
+
+    pub fn has_symbol(&self, name: &str) -> bool {
+        self.symbols.contains(name)
+    }
+
+    /// The tracepoint's `format` file, when tracefs is mounted.
+    pub fn tracepoint_format(&self, category: &str, name: &str) -> Option<PathBuf> {
+        self.tracefs
+            .as_ref()
+            .map(|d| d.join("events").join(category).join(name).join("format"))
+    }
+}
+
+/// Returns which of [`PROBED_SYMBOLS`] kallsyms lists (functions only, `t`/`T`),
+/// and whether it had any readable (non-zero) address at all.
+fn read_kallsyms(path: &Path) -> (HashSet<String>, bool) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return (HashSet::new(), false);
+    };
+    let mut found = HashSet::new();
+    let mut readable = false;
+    for line in text.lines() {
+        let mut parts = line.split_ascii_whitespace();
+        let (Some(addr), Some(ty), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if !readable && addr.bytes().any(|b| b != b'0') {
+            readable = true;
+        }
+        if matches!(ty, "t" | "T") {
+            // Compiler clones (e.g. `init_conntrack.constprop.0`) are not the
+            // function's entry point: only exact names count.
+            if let Some(sym) = PROBED_SYMBOLS.iter().find(|s| **s == name) {
+                found.insert(sym.to_string());
+            }
+        }
+    }
+    let readable = readable || !found.is_empty();
+    (found, readable)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reads_a_fixture_root() {
+        let dir = std::env::temp_dir().join(format!("ktrace-support-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("proc/sys/kernel")).unwrap();
+        std::fs::create_dir_all(dir.join("sys/kernel/tracing/events/tcp/tcp_send_reset")).unwrap();
+        std::fs::create_dir_all(dir.join("sys/bus/event_source/devices/kprobe")).unwrap();
+        std::fs::create_dir_all(dir.join("sys/module/ip_vs")).unwrap();
+        std::fs::write(dir.join("proc/sys/kernel/osrelease"), "6.1.0-56-amd64\n").unwrap();
+        std::fs::write(
+            dir.join("proc/kallsyms"),
+            "ffffffff81000000 t tcp_v4_send_reset\nffffffff81000010 t init_conntrack.constprop.0\nffffffffc0000000 t ip_vs_conn_new\t[ip_vs]\n",
+        )
+        .unwrap();
+        let s = KernelSupport::probe(&dir);
+        assert_eq!(s.release.as_deref(), Some("6.1.0-56-amd64"));
+        assert!(s.kprobes);
+        assert!(s.has_tracepoint("tcp", "tcp_send_reset"));
+        assert!(!s.has_tracepoint("tcp", "tcp_receive_reset"));
+        assert!(s.has_symbol("tcp_v4_send_reset"));
+        assert!(s.has_symbol("ip_vs_conn_new"));
+        assert!(!s.has_symbol("init_conntrack"), "a .constprop clone is not the symbol");
+        assert!(s.ip_vs_loaded && !s.ip_vs_btf && !s.btf_vmlinux);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
