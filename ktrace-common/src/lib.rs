@@ -48,8 +48,9 @@ pub const NO_FIELD: u16 = u16::MAX;
 
 /// Flags in [`ResetEvent::flags`].
 pub mod reset_flags {
-    /// The reset was sent (or received) by a full socket; clear for the
-    /// "no socket" case, the client's answer to an un-NATed reply.
+    /// The reset was sent (or received) by a connection's socket; clear for
+    /// the "no socket" case (nothing, or only a listener, matched the
+    /// segment), e.g. the client's answer to an un-NATed reply.
     pub const HAS_SOCKET: u8 = 1;
     /// `reason` holds a kernel `enum sk_rst_reason` value.
     pub const HAS_REASON: u8 = 2;
@@ -252,6 +253,7 @@ pub struct KernelLayout {
     pub net_ns_inum: u32,
     // struct sock_common
     pub sk_net: u32,
+    pub sk_state: u32,
     // struct nf_conn
     pub ct_tuplehash: u32,
     /// sizeof(struct nf_conntrack_tuple_hash): tuplehash[1] is at ct_tuplehash + this.
@@ -301,6 +303,7 @@ impl KernelLayout {
         dev_nd_net: NO_OFFSET,
         net_ns_inum: NO_OFFSET,
         sk_net: NO_OFFSET,
+        sk_state: NO_OFFSET,
         ct_tuplehash: NO_OFFSET,
         ct_tuplehash_size: NO_OFFSET,
         ct_status: NO_OFFSET,

@@ -103,30 +103,43 @@ fn copy_fields(tp: &'static TpFields) -> TpFields {
     }
 }
 
+const TCP_LISTEN: u8 = 10;
+
 /// `tcp:tcp_send_reset`. On 6.10+ it fires for the no-socket case too.
+/// When the RST answers a segment (`skbaddr` set), its addresses are taken
+/// from that segment, reversed: the tracepoint's own come from `sk`, which
+/// is the listener (0.0.0.0) when a segment hits a port with no connection.
 pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let tp = copy_fields(&TP_SEND_RESET);
     let skb: u64 = tp_read(ctx, tp.skbaddr).unwrap_or(0);
     let sk: u64 = tp_read(ctx, tp.skaddr).unwrap_or(0);
     let mut ev = ResetEvent::default();
-    if tp.addr_size == 28 {
-        tp_sockaddr(ctx, tp.saddr, &mut ev.src)?;
-        tp_sockaddr(ctx, tp.daddr, &mut ev.dst)?;
-    } else {
-        tp_split_addrs(ctx, &tp, &mut ev.src, &mut ev.dst)?;
-    }
     if tp.reason != NO_FIELD {
         ev.reason = tp_read(ctx, tp.reason)?;
         ev.flags |= reset_flags::HAS_REASON;
     }
     if sk != 0 {
-        ev.flags |= reset_flags::HAS_SOCKET;
         ev.state = tp_read::<i32>(ctx, tp.state).unwrap_or(0) as u8;
+        if ev.state != TCP_LISTEN {
+            ev.flags |= reset_flags::HAS_SOCKET;
+        }
     }
+    let mut from_skb = false;
     if skb != 0 {
         if let Ok(pkt) = kernel::skb_packet(skb) {
             ev.trigger_flags = pkt.tcp_flags;
             ev.flags |= reset_flags::HAS_TRIGGER;
+            ev.src = pkt.dst;
+            ev.dst = pkt.src;
+            from_skb = true;
+        }
+    }
+    if !from_skb {
+        if tp.addr_size == 28 {
+            tp_sockaddr(ctx, tp.saddr, &mut ev.src)?;
+            tp_sockaddr(ctx, tp.daddr, &mut ev.dst)?;
+        } else {
+            tp_split_addrs(ctx, &tp, &mut ev.src, &mut ev.dst)?;
         }
     }
     let netns = if sk != 0 {
@@ -182,7 +195,10 @@ pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
         ev.flags |= reset_flags::HAS_REASON;
     }
     let netns = if sk != 0 {
-        ev.flags |= reset_flags::HAS_SOCKET;
+        ev.state = kernel::read::<u8>(sk, layout!(sk_state)).unwrap_or(0);
+        if ev.state != TCP_LISTEN {
+            ev.flags |= reset_flags::HAS_SOCKET;
+        }
         kernel::sock_netns(sk)
     } else {
         kernel::skb_netns(skb)

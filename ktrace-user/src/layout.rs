@@ -146,6 +146,7 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
     l.dev_nd_net = or_none(offset_of(b, "net_device", "nd_net"));
     l.net_ns_inum = or_none(offset_of(b, "net", "ns.inum"));
     l.sk_net = or_none(offset_of(b, "sock_common", "skc_net"));
+    l.sk_state = or_none(offset_of(b, "sock_common", "skc_state"));
     let tuple_in_hash = offset_of(b, "nf_conntrack_tuple_hash", "tuple");
     l.ct_tuplehash = or_none(
         offset_of(b, "nf_conn", "tuplehash").and_then(|o| Some(o + tuple_in_hash?)),
