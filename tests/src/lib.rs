@@ -1,1 +1,384 @@
+//! The network-namespace lab of ktrace's integration tests.
+//!
+//! Topology (all inside namespaces the test creates and deletes):
+//!
+//! ```text
+//! client 10.0.0.2 -- 10.0.0.1 node 10.0.1.1 -- server 10.0.1.2, 10.0.1.3 (:2222)
+//!                     ip_forward, DNAT 10.96.0.10:2222 -> backends
+//! ```
+//!
+//! `ktrace watch` runs in the node namespace, as it would on a Kubernetes
+//! node where kube-proxy's NAT happens. Namespaces are deleted on drop, so
+//! a failing test cleans up too.
 
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const VIP: &str = "10.96.0.10";
+pub const PORT: u16 = 2222;
+pub const CLIENT_IP: &str = "10.0.0.2";
+pub const BACKENDS: [&str; 2] = ["10.0.1.2", "10.0.1.3"];
+
+/// Why a test cannot run here (it then passes, saying so), or `None`.
+pub fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (network namespaces, eBPF)".into());
+    }
+    for tool in ["ip", "iptables", "conntrack", "python3"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            return Some(format!("{tool} is not installed (scripts/setup.sh installs it)"));
+        }
+    }
+    None
+}
+
+/// Prints why the test is skipped and returns true when it must be.
+pub fn skip() -> bool {
+    match skip_reason() {
+        Some(why) => {
+            eprintln!("SKIPPED: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
+pub fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The `ktrace` binary under test: `$KTRACE_BIN`, or the workspace's debug
+/// build (`cargo build -p ktrace` first; the README's test command does).
+pub fn ktrace_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KTRACE_BIN") {
+        return PathBuf::from(p);
+    }
+    let p = workspace().join("target/debug/ktrace");
+    assert!(p.exists(), "{} missing: run `cargo build -p ktrace` first", p.display());
+    p
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("running {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The three namespaces and the processes running in them.
+pub struct Lab {
+    pub client: String,
+    pub node: String,
+    pub server: String,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    /// Builds the topology with DNAT of VIP:2222 to `backends` (1 or 2).
+    pub fn new(tag: &str, backends: usize) -> Lab {
+        let id = format!("{tag}{}", std::process::id() % 100_000);
+        let lab = Lab {
+            client: format!("ktr-{id}-c"),
+            node: format!("ktr-{id}-n"),
+            server: format!("ktr-{id}-s"),
+            children: Vec::new(),
+        };
+        for ns in [&lab.client, &lab.node, &lab.server] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            run(&["ip", "netns", "add", ns]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        let (c, n, s) = (&lab.client, &lab.node, &lab.server);
+        run(&["ip", "link", "add", "veth-c", "netns", c, "type", "veth", "peer", "name", "veth-nc", "netns", n]);
+        run(&["ip", "link", "add", "veth-s", "netns", s, "type", "veth", "peer", "name", "veth-ns", "netns", n]);
+        run(&["ip", "-n", c, "addr", "add", "10.0.0.2/24", "dev", "veth-c"]);
+        run(&["ip", "-n", c, "link", "set", "veth-c", "up"]);
+        run(&["ip", "-n", c, "route", "add", "default", "via", "10.0.0.1"]);
+        run(&["ip", "-n", n, "addr", "add", "10.0.0.1/24", "dev", "veth-nc"]);
+        run(&["ip", "-n", n, "addr", "add", "10.0.1.1/24", "dev", "veth-ns"]);
+        run(&["ip", "-n", n, "link", "set", "veth-nc", "up"]);
+        run(&["ip", "-n", n, "link", "set", "veth-ns", "up"]);
+        for b in BACKENDS {
+            run(&["ip", "-n", s, "addr", "add", &format!("{b}/24"), "dev", "veth-s"]);
+        }
+        run(&["ip", "-n", s, "link", "set", "veth-s", "up"]);
+        run(&["ip", "-n", s, "route", "add", "default", "via", "10.0.1.1"]);
+        lab.exec_ok(n, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        lab.set_backends(backends);
+        lab
+    }
+
+    /// Replaces the DNAT rules: VIP:2222 spread over the first `n` backends.
+    pub fn set_backends(&self, n: usize) {
+        let node = self.node.clone();
+        self.exec_ok(&node, &["iptables", "-t", "nat", "-F", "PREROUTING"]);
+        let vip_args = ["-d", VIP, "-p", "tcp", "--dport", "2222"];
+        for (i, b) in BACKENDS.iter().take(n).enumerate() {
+            let mut args: Vec<String> = ["iptables", "-t", "nat", "-A", "PREROUTING"].iter().map(|s| s.to_string()).collect();
+            args.extend(vip_args.iter().map(|s| s.to_string()));
+            let left = n - i;
+            if left > 1 {
+                let p = format!("{:.4}", 1.0 / left as f64);
+                args.extend(["-m", "statistic", "--mode", "random", "--probability", &p].iter().map(|s| s.to_string()));
+            }
+            args.extend(["-j", "DNAT", "--to-destination", &format!("{b}:2222")].iter().map(|s| s.to_string()));
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            self.exec_ok(&node, &refs);
+        }
+    }
+
+    pub fn exec(&self, ns: &str, args: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("ip netns exec {ns} {args:?}: {e}"))
+    }
+
+    pub fn exec_ok(&self, ns: &str, args: &[&str]) -> std::process::Output {
+        let out = self.exec(ns, args);
+        assert!(
+            out.status.success(),
+            "in {ns}: {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Inode of a namespace, as ktrace reports it in `"netns"`.
+    pub fn inode(&self, ns: &str) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(format!("/run/netns/{ns}")).unwrap().ino()
+    }
+
+    fn lab_script() -> String {
+        workspace().join("tests/lab/lab.py").display().to_string()
+    }
+
+    /// Starts the echo server on :2222 in the server namespace.
+    pub fn start_server(&mut self) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.server, "python3", &Self::lab_script(), "server", "2222"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the lab server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "listening");
+        self.children.push(child);
+    }
+
+    /// Opens `n` connections from the client to VIP:2222 (each echoes once).
+    pub fn client(&self, n: usize) -> Client {
+        self.client_to(VIP, PORT, n)
+    }
+
+    pub fn client_to(&self, host: &str, port: u16, n: usize) -> Client {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.client, "python3", &Self::lab_script(), "client", host, &port.to_string(), &n.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the lab client");
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?}: {e}"));
+        let ports = v["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+        Client {
+            child,
+            stdin,
+            stdout,
+            ports,
+        }
+    }
+
+    /// Runs `lab.py refuse` in the client namespace: `n` refused connections.
+    pub fn refuse(&self, host: &str, port: u16, n: usize) -> u64 {
+        let out = self.exec_ok(&self.client, &["python3", &Self::lab_script(), "refuse", host, &port.to_string(), &n.to_string()]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["refused"].as_u64().unwrap()
+    }
+
+    /// Starts `ktrace watch --json` in the node namespace with `args`, and
+    /// waits for its status line.
+    pub fn watch(&self, args: &[&str]) -> Watch {
+        Watch::start(&self.node, args)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in [&self.client, &self.node, &self.server] {
+            // Kill whatever still runs in the namespace, then delete it.
+            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
+                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).output();
+                }
+            });
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
+/// The lab client process: connections held open, driven by commands.
+pub struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub ports: Vec<u16>,
+}
+
+impl Client {
+    pub fn cmd(&mut self, c: &str) -> Value {
+        writeln!(self.stdin, "{c}").unwrap();
+        self.stdin.flush().unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?} to {c}: {e}"))
+    }
+
+    /// Sends on every connection; returns the ports whose send was reset.
+    pub fn send_all(&mut self) -> Vec<u16> {
+        let v = self.cmd("send");
+        let mut reset: Vec<u16> = v["results"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.as_str() == Some("reset"))
+            .map(|(p, _)| p.parse().unwrap())
+            .collect();
+        reset.sort();
+        reset
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "quit");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `ktrace watch --json`, its output collected line by line.
+pub struct Watch {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+    pub status: Value,
+}
+
+impl Watch {
+    pub fn start(ns: &str, args: &[&str]) -> Watch {
+        let bin = ktrace_bin();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(&bin)
+            .args(["watch", "--json"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting ktrace watch");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        let status: Value = serde_json::from_str(&first)
+            .unwrap_or_else(|e| panic!("ktrace's first line {first:?} is not JSON: {e}"));
+        assert_eq!(status["type"], "status", "first line must be the status: {first}");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("ktrace printed a non-JSON line {line:?}: {e}"));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        Watch {
+            child,
+            lines,
+            reader: Some(reader),
+            status,
+        }
+    }
+
+    /// Output so far.
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the output, up to `timeout`.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if pred(&self.lines()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pred(&self.lines())
+    }
+
+    /// Stops ktrace with SIGINT (as Ctrl-C would) and returns all its output.
+    pub fn stop(mut self) -> Vec<Value> {
+        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let status = self.child.wait().unwrap();
+        if let Some(r) = self.reader.take() {
+            r.join().unwrap();
+        }
+        assert!(status.success(), "ktrace watch exited with {status}");
+        self.lines()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Objects of `"type": ty` (and `"event": ev` / `"kind": ev` when given).
+pub fn select<'a>(lines: &'a [Value], ty: &str, name: Option<&str>) -> Vec<&'a Value> {
+    lines
+        .iter()
+        .filter(|v| v["type"] == ty)
+        .filter(|v| name.is_none_or(|n| v["event"] == n || v["kind"] == n))
+        .collect()
+}
+
+/// The hook entry named `name` of a status line.
+pub fn hook<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == name)
+        .unwrap_or_else(|| panic!("no hook {name} in {status}"))
+}

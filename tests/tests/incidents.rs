@@ -1,0 +1,216 @@
+//! The incidents behind ktrace, reproduced with the real kernel in network
+//! namespaces, watched by `ktrace watch --json --events` in the node
+//! namespace. Needs root; skipped (saying so) otherwise.
+//!
+//! Run serially (`--test-threads=1`): kernel hooks are global, so one
+//! test's traffic would show up in another's ktrace.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ktrace_tests::{hook, select, skip, Lab, BACKENDS, CLIENT_IP, VIP};
+use serde_json::Value;
+
+fn vip() -> String {
+    format!("{VIP}:2222")
+}
+
+fn client(port: u16) -> String {
+    format!("{CLIENT_IP}:{port}")
+}
+
+fn backends() -> BTreeSet<String> {
+    BACKENDS.iter().map(|b| format!("{b}:2222")).collect()
+}
+
+/// The status line is honest about this kernel.
+fn check_status(status: &Value) {
+    let send = hook(status, "tcp_send_reset");
+    assert_eq!(send["attached"], true, "{status}");
+    assert_eq!(hook(status, "tcp_receive_reset")["attached"], true);
+    let kprobes = std::path::Path::new("/sys/bus/event_source/devices/kprobe").exists();
+    let ct = hook(status, "ct_invalid");
+    if !kprobes {
+        assert_eq!(ct["attached"], false);
+        assert!(ct["reason"].as_str().unwrap().contains("kprobes not supported"), "{ct}");
+    }
+    // Every hook that is off says why.
+    for h in status["hooks"].as_array().unwrap() {
+        if h["attached"] == false {
+            assert!(h["reason"].as_str().is_some_and(|r| !r.is_empty()), "{h}");
+        }
+    }
+    let nat = hook(status, "nat_mapping");
+    assert_eq!(nat["attached"], true, "{nat}");
+}
+
+/// Incident 2: conntrack flushed mid-connection, two backends. About half
+/// of the connections are re-mapped to the other backend, which resets them.
+#[test]
+fn conntrack_flush_with_two_backends() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("fl", 2);
+    lab.start_server();
+    let watch = lab.watch(&["--events"]);
+    check_status(&watch.status);
+    let mut c = lab.client(12);
+    let mut reset = Vec::new();
+    // 12 connections: all survive a flush with probability 1/4096; retry then.
+    for _ in 0..3 {
+        lab.exec_ok(&lab.node, &["conntrack", "-F"]);
+        reset = c.send_all();
+        if !reset.is_empty() {
+            break;
+        }
+    }
+    assert!(!reset.is_empty(), "no connection was reset by the flush");
+    let survivors: Vec<u16> = c.ports.iter().copied().filter(|p| !reset.contains(p)).collect();
+    let want = reset.len();
+    assert!(
+        watch.wait_for(Duration::from_secs(5), |l| select(l, "finding", Some("backend_switch")).len() >= want),
+        "backend_switch findings did not arrive in time"
+    );
+    let lines = watch.stop();
+    let server_ns = lab.inode(&lab.server);
+
+    // One reset event per reset connection, from a backend to the client, in
+    // the server's namespace, with the kernel's reason.
+    let resets: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
+        .into_iter()
+        .filter(|e| e["dst"].as_str().is_some_and(|d| d.starts_with(CLIENT_IP)))
+        .collect();
+    for p in &reset {
+        let mine: Vec<&&Value> = resets.iter().filter(|e| e["dst"] == client(*p)).collect();
+        assert_eq!(mine.len(), 1, "port {p}: {mine:?}");
+        let e = mine[0];
+        assert!(backends().contains(e["src"].as_str().unwrap()), "{e}");
+        assert_eq!(e["netns"], server_ns, "{e}");
+        assert_eq!(e["socket"], false, "the backend has no socket for this flow: {e}");
+        assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
+        assert!(e["ts"].as_str().unwrap().ends_with('Z'));
+    }
+    for p in &survivors {
+        assert!(!resets.iter().any(|e| e["dst"] == client(*p)), "survivor {p} was reset");
+    }
+
+    // Diagnosis: a backend_switch per reset connection, exactly right.
+    let switches = select(&lines, "finding", Some("backend_switch"));
+    assert_eq!(switches.len(), reset.len(), "{switches:?}");
+    for p in &reset {
+        let f = switches.iter().find(|f| f["client"] == client(*p)).unwrap_or_else(|| panic!("no finding for {p}"));
+        let rst = resets.iter().find(|e| e["dst"] == client(*p)).unwrap();
+        assert_eq!(f["service"], vip().as_str());
+        assert_eq!(f["backend"], rst["src"], "the new backend is the one that reset");
+        let old = f["evidence"]["old_backend"].as_str().unwrap();
+        assert!(backends().contains(old) && old != f["backend"].as_str().unwrap(), "{f}");
+        assert!(f["remedy"].as_str().unwrap().contains("nf_conntrack_tcp_timeout_established"));
+    }
+    assert!(select(&lines, "finding", Some("unnated_reply")).is_empty());
+}
+
+/// Incident 1: a reply far outside the TCP window is marked INVALID by the
+/// node's conntrack and leaves without reverse NAT; the client resets it.
+#[test]
+fn unnated_reply_out_of_window() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("un", 1);
+    lab.start_server();
+    let watch = lab.watch(&["--events"]);
+    check_status(&watch.status);
+    let mut c = lab.client(3);
+    c.cmd("oow");
+    // The server sends each out-of-window segment 0.3 s after its "ok".
+    std::thread::sleep(Duration::from_millis(1000));
+    let reset = c.send_all();
+    assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(l, "finding", Some("unnated_reply")).len() >= 3));
+    let lines = watch.stop();
+    let (client_ns, server_ns) = (lab.inode(&lab.client), lab.inode(&lab.server));
+    let backend = format!("{}:2222", BACKENDS[0]);
+
+    for p in &c.ports {
+        // The client answers the backend's own address: no socket for it.
+        let sent: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
+            .into_iter()
+            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str())
+            .collect();
+        assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
+        assert_eq!(sent[0]["reason"], "NO_SOCKET");
+        assert_eq!(sent[0]["socket"], false);
+        assert_eq!(sent[0]["netns"], client_ns);
+        // The backend accepts that reset: the connection is gone.
+        let got = select(&lines, "event", Some("tcp_receive_reset"))
+            .into_iter()
+            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str() && e["netns"] == server_ns)
+            .count();
+        assert_eq!(got, 1, "port {p}");
+        let f: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
+            .into_iter()
+            .filter(|f| f["client"] == client(*p))
+            .collect();
+        assert_eq!(f.len(), 1, "one finding per broken connection: {f:?}");
+        assert_eq!(f[0]["service"], vip().as_str());
+        assert_eq!(f[0]["backend"], backend.as_str());
+        assert!(f[0]["remedy"].as_str().unwrap().contains("nf_conntrack_tcp_be_liberal=1"));
+        assert!(f[0]["evidence"]["basis"].as_array().unwrap().contains(&"client_rst_to_backend_address".into()));
+    }
+    assert!(select(&lines, "finding", Some("backend_switch")).is_empty());
+}
+
+/// Many un-NATed replies at once: one storm, not one line per reset.
+#[test]
+fn reset_burst_gives_one_storm() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("st", 1);
+    lab.start_server();
+    let watch = lab.watch(&["--storm-threshold", "10", "--storm-window", "5"]);
+    let mut c = lab.client(30);
+    c.cmd("oow");
+    // The server sends each out-of-window segment 0.3 s after its "ok".
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.send_all().len(), 30);
+    assert!(watch.wait_for(Duration::from_secs(5), |l| !select(l, "finding", Some("rst_storm")).is_empty()));
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = watch.stop();
+    assert!(select(&lines, "event", None).is_empty(), "no --events, no events");
+    let storms = select(&lines, "finding", Some("rst_storm"));
+    let starts: Vec<&&Value> = storms.iter().filter(|f| f["evidence"]["phase"] == "start").collect();
+    assert_eq!(starts.len(), 1, "{storms:?}");
+    assert_eq!(starts[0]["service"], vip().as_str());
+    assert!(starts[0]["evidence"]["count"].as_u64().unwrap() >= 10);
+    assert_eq!(starts[0]["evidence"]["window_s"], 5.0);
+    assert!(storms.len() <= 4, "a storm is reported, not every reset: {storms:?}");
+    assert_eq!(select(&lines, "finding", Some("unnated_reply")).len(), 30);
+}
+
+/// Normal traffic and unrelated resets give no finding at all.
+#[test]
+fn control_run_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("ct", 2);
+    lab.start_server();
+    // A second service whose backend port has no listener: refused connections.
+    lab.exec_ok(&lab.node, &["iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.11", "-p", "tcp", "--dport", "2223", "-j", "DNAT", "--to-destination", "10.0.1.2:2223"]);
+    let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
+    // Ordinary connections: echo, then clean close.
+    let mut c = lab.client(10);
+    assert!(c.send_all().is_empty());
+    c.cmd("close");
+    // Refused through a VIP, refused without NAT, refused on loopback.
+    assert_eq!(lab.refuse("10.96.0.11", 2223, 10), 10);
+    assert_eq!(lab.refuse("10.0.1.2", 2224, 10), 10);
+    assert_eq!(lab.refuse("127.0.0.1", 9, 10), 10);
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(l, "event", Some("tcp_send_reset")).len() >= 30));
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = watch.stop();
+    let findings = select(&lines, "finding", None);
+    assert!(findings.is_empty(), "control traffic gave findings: {findings:?}");
+}
