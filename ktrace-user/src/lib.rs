@@ -16,6 +16,7 @@
 pub mod clock;
 pub mod ctnetlink;
 pub mod decode;
+pub mod doctor;
 pub mod engine;
 pub mod event;
 pub mod hooks;

@@ -85,8 +85,8 @@ struct DoctorArgs {
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
     /// Sample the conntrack counters over this many seconds to give rates.
-    #[arg(long, value_name = "SECS")]
-    sample: Option<f64>,
+    #[arg(long, value_name = "SECS", value_parser = parse_sample_secs)]
+    sample: Option<std::time::Duration>,
     /// Exit 1 on warnings too, not only on failures.
     #[arg(long)]
     warn_fails: bool,
@@ -140,6 +140,44 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_doctor(_a: DoctorArgs) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("doctor is not available in this build yet")
+fn run_doctor(a: DoctorArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    if !a.root.is_dir() {
+        anyhow::bail!(
+            "--root {}: not a directory; give / or a dump captured as docs/doctor.md describes",
+            a.root.display()
+        );
+    }
+    let report = ktrace::doctor::run(&ktrace::doctor::Options {
+        root: a.root,
+        sample: a.sample,
+    });
+    let mut out = std::io::stdout().lock();
+    let written = if a.json {
+        ktrace::doctor::render::json_lines(&report, &mut out)
+    } else {
+        ktrace::doctor::render::human(&report, &mut out)
+    };
+    match written {
+        Ok(()) => {}
+        // A closed pipe (`ktrace doctor | head`) is not an error of ours.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => return Err(e).context("writing the report"),
+    }
+    Ok(if report.failed(a.warn_fails) {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `--sample SECS`: a non-negative, finite number of seconds (at most a day).
+fn parse_sample_secs(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.0..=86400.0).contains(&secs) {
+        return Err("must be between 0 and 86400 seconds".into());
+    }
+    std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
 }

@@ -3,7 +3,7 @@
 //! Bounded: entries idle past a TTL are swept, and past `max_flows` the
 //! oldest tenth is evicted; both are counted.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// A compact endpoint: 18 bytes instead of `SocketAddr`'s 32 (IPv4 stored
@@ -103,7 +103,7 @@ pub struct FlowTable {
 impl FlowTable {
     pub fn new(max_flows: usize, ttl_ns: u64) -> FlowTable {
         FlowTable {
-            flows: HashMap::new(),
+            flows: HashMap::default(),
             max_flows: max_flows.max(16),
             ttl_ms: (ttl_ns / 1_000_000).min(u32::MAX as u64) as u32,
             base_ns: None,
@@ -128,7 +128,13 @@ impl FlowTable {
 
     /// Records that `client` -> `service` now maps to `backend`; returns the
     /// flow after the update.
-    pub fn map(&mut self, client: SocketAddr, service: SocketAddr, backend: SocketAddr, ts_ns: u64) -> Flow {
+    pub fn map(
+        &mut self,
+        client: SocketAddr,
+        service: SocketAddr,
+        backend: SocketAddr,
+        ts_ns: u64,
+    ) -> Flow {
         let now = self.ms(ts_ns);
         let key = Ep::new(client);
         if self.flows.len() >= self.max_flows && !self.flows.contains_key(&key) {
@@ -232,8 +238,16 @@ mod tests {
         let mut t = FlowTable::new(100, u64::MAX);
         t.map(a("10.0.0.2:1000"), a("10.96.0.10:80"), a("10.0.1.2:80"), 1);
         t.destroyed(a("10.0.0.2:1000"), a("10.96.0.10:80"));
-        assert!(t.get(a("10.0.0.2:1000")).unwrap().has(flow_flags::DESTROYED));
-        let f = t.map(a("10.0.0.2:1000"), a("10.96.0.10:80"), a("10.0.1.3:80"), 5_000_000);
+        assert!(t
+            .get(a("10.0.0.2:1000"))
+            .unwrap()
+            .has(flow_flags::DESTROYED));
+        let f = t.map(
+            a("10.0.0.2:1000"),
+            a("10.96.0.10:80"),
+            a("10.0.1.3:80"),
+            5_000_000,
+        );
         assert_eq!(f.previous_backend.opt(), Some(a("10.0.1.2:80")));
         assert_eq!(f.backend.get(), a("10.0.1.3:80"));
         assert!(!f.has(flow_flags::DESTROYED));
@@ -248,7 +262,12 @@ mod tests {
         let mut t = FlowTable::new(1000, 50_000_000);
         for i in 0..5000u32 {
             let c = SocketAddr::new(IpAddr::V4(Ipv4Addr::from(i)), 1);
-            t.map(c, a("10.96.0.10:80"), a("10.0.1.2:80"), i as u64 * 1_000_000);
+            t.map(
+                c,
+                a("10.96.0.10:80"),
+                a("10.0.1.2:80"),
+                i as u64 * 1_000_000,
+            );
         }
         assert!(t.stats().tracked <= 1000);
         assert!(t.stats().evicted_by_count >= 4000);

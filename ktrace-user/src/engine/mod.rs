@@ -19,7 +19,9 @@ pub mod finding;
 pub mod flows;
 pub mod storm;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -125,7 +127,10 @@ pub struct Engine {
     /// Kinds of resets in each storm, by key (1 = un-NATed, 2 = switch).
     storm_kinds: HashMap<Ep, u8>,
     invalid: HashMap<Ep, InvalidSeen>,
-    pending: VecDeque<PendingReset>,
+    /// Unexplained resets by the endpoint that may be a client (both ends),
+    /// with a FIFO of keys for expiry.
+    pending: HashMap<Ep, PendingReset>,
+    pending_order: VecDeque<(u64, Ep)>,
     table_full: Option<Repeat>,
     quiescent: HashMap<(Ep, Ep), Repeat>,
     /// Latest persistence template per (client IP, service): real server.
@@ -145,13 +150,14 @@ impl Engine {
         Engine {
             flows: FlowTable::new(cfg.max_flows, cfg.flow_ttl_ns),
             storms: StormTracker::new(cfg.storm_threshold, cfg.storm_window_ns, STORM_KEYS),
-            storm_kinds: HashMap::new(),
-            invalid: HashMap::new(),
-            pending: VecDeque::new(),
+            storm_kinds: HashMap::default(),
+            invalid: HashMap::default(),
+            pending: HashMap::default(),
+            pending_order: VecDeque::new(),
             table_full: None,
-            quiescent: HashMap::new(),
-            templates: HashMap::new(),
-            messages: HashMap::new(),
+            quiescent: HashMap::default(),
+            templates: HashMap::default(),
+            messages: HashMap::default(),
             last_tick: 0,
             last_sweep: 0,
             stats: EngineStats::default(),
@@ -205,7 +211,8 @@ impl Engine {
                 ..
             } => {
                 // A SYN answered by RST is a refused connection, not an incident.
-                let answers_syn = trigger_flags.is_some_and(|f| f & TCP_SYN != 0 && f & TCP_ACK == 0);
+                let answers_syn =
+                    trigger_flags.is_some_and(|f| f & TCP_SYN != 0 && f & TCP_ACK == 0);
                 if !*has_socket && !answers_syn {
                     let reason = reason.clone();
                     self.on_no_socket_reset(ev.ts_ns, *src, *dst, reason.as_deref(), out);
@@ -239,7 +246,9 @@ impl Engine {
                 }
             }
             EventBody::CtInvalid { .. } => {}
-            EventBody::CtTableFull { src, dst, .. } => self.on_table_full(ev.ts_ns, *src, *dst, out),
+            EventBody::CtTableFull { src, dst, .. } => {
+                self.on_table_full(ev.ts_ns, *src, *dst, out)
+            }
             EventBody::IpvsConnNew {
                 client,
                 service,
@@ -247,7 +256,15 @@ impl Engine {
                 template,
                 weight,
                 ..
-            } => self.on_ipvs(ev.ts_ns, *client, *service, *real_server, *template, *weight, out),
+            } => self.on_ipvs(
+                ev.ts_ns,
+                *client,
+                *service,
+                *real_server,
+                *template,
+                *weight,
+                out,
+            ),
         }
         self.stats.findings += (out.len() - before) as u64;
     }
@@ -256,8 +273,14 @@ impl Engine {
     pub fn tick(&mut self, now: u64, out: &mut Vec<Finding>) {
         self.last_tick = self.last_tick.max(now.min(u64::MAX - SEC));
         let horizon = now.saturating_sub(self.cfg.reorder_ns);
-        while self.pending.front().is_some_and(|p| p.ts < horizon) {
-            self.pending.pop_front();
+        while let Some(&(ts, key)) = self.pending_order.front() {
+            if ts >= horizon {
+                break;
+            }
+            self.pending_order.pop_front();
+            if self.pending.get(&key).is_some_and(|p| p.ts == ts) {
+                self.pending.remove(&key);
+            }
         }
         let mut reports = Vec::new();
         self.storms.tick(now, &mut reports);
@@ -288,34 +311,44 @@ impl Engine {
         a
     }
 
-    fn on_mapping(&mut self, ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr, out: &mut Vec<Finding>) {
+    fn on_mapping(
+        &mut self,
+        ts: u64,
+        client: SocketAddr,
+        service: SocketAddr,
+        backend: SocketAddr,
+        out: &mut Vec<Finding>,
+    ) {
         let flow = self.flows.map(client, service, backend, ts);
         if flow.previous_backend.is_none() {
             return;
         }
         // A re-mapping: a reset from the new backend may already be waiting.
-        let (mut i, mut matched) = (0, Vec::new());
-        while i < self.pending.len() {
-            let p = self.pending[i];
+        let key = Ep::new(client);
+        if let Some(p) = self.pending.get(&key).copied() {
             if p.dst == client && p.src == backend {
-                matched.push(p);
-                self.pending.remove(i);
-            } else {
-                i += 1;
+                self.pending.remove(&key);
+                self.on_no_socket_reset(p.ts, p.src, p.dst, None, out);
             }
-        }
-        for p in matched {
-            self.on_no_socket_reset(p.ts, p.src, p.dst, None, out);
         }
     }
 
-    fn on_no_socket_reset(&mut self, ts: u64, src: SocketAddr, dst: SocketAddr, reason: Option<&str>, out: &mut Vec<Finding>) {
+    fn on_no_socket_reset(
+        &mut self,
+        ts: u64,
+        src: SocketAddr,
+        dst: SocketAddr,
+        reason: Option<&str>,
+        out: &mut Vec<Finding>,
+    ) {
         // Un-NATed reply: the client (src) resets the backend's own address.
-        if let Some(flow) = self.flows.get(src).copied() {
+        let now_ms = self.flows.ms(ts);
+        if let Some(f) = self.flows.get_mut(src) {
             let backend = Ep::new(dst);
-            if flow.service != backend && (flow.backend == backend || flow.previous_backend == backend) {
-                let now_ms = self.flows.ms(ts);
-                let f = self.flows.get_mut(src).expect("flow looked up above");
+            let flow = *f;
+            if flow.service != backend
+                && (flow.backend == backend || flow.previous_backend == backend)
+            {
                 f.last_seen_ms = f.last_seen_ms.max(now_ms);
                 let first = !f.has(flow_flags::REPORTED);
                 f.flags |= flow_flags::UNNATED | flow_flags::REPORTED;
@@ -331,7 +364,8 @@ impl Engine {
             let backend = Ep::new(src);
             if flow.backend == backend {
                 let now_ms = self.flows.ms(ts);
-                let recent = now_ms.abs_diff(flow.mapped_ms) as u64 * 1_000_000 <= self.cfg.correlation_ns;
+                let recent =
+                    now_ms.abs_diff(flow.mapped_ms) as u64 * 1_000_000 <= self.cfg.correlation_ns;
                 if !flow.previous_backend.is_none() && recent {
                     let f = self.flows.get_mut(dst).expect("flow looked up above");
                     let first = !f.has(flow_flags::REPORTED);
@@ -356,22 +390,54 @@ impl Engine {
         self.defer(ts, src, dst);
     }
 
+    /// Keeps a reset nothing explains yet, keyed by its destination (the
+    /// client, if a backend switch explains it later).
     fn defer(&mut self, ts: u64, src: SocketAddr, dst: SocketAddr) {
         if self.pending.len() >= MAX_PENDING {
-            self.pending.pop_front();
+            // Full: the oldest goes, counted.
+            if let Some((ots, okey)) = self.pending_order.pop_front() {
+                if self.pending.get(&okey).is_some_and(|p| p.ts == ots) {
+                    self.pending.remove(&okey);
+                }
+            }
             self.stats.pending_dropped += 1;
         }
-        self.pending.push_back(PendingReset { ts, src, dst });
+        let key = Ep::new(dst);
+        self.pending.insert(key, PendingReset { ts, src, dst });
+        self.pending_order.push_back((ts, key));
+        // Keep the FIFO bounded even when keys repeat.
+        while self.pending_order.len() > 2 * MAX_PENDING {
+            if let Some((ots, okey)) = self.pending_order.pop_front() {
+                if self.pending.get(&okey).is_some_and(|p| p.ts == ots) {
+                    self.pending.remove(&okey);
+                }
+            }
+        }
     }
 
-    fn count_storm(&mut self, service: Ep, backend: Ep, client: Ep, kind: u8, ts: u64, out: &mut Vec<Finding>) {
+    fn count_storm(
+        &mut self,
+        service: Ep,
+        backend: Ep,
+        client: Ep,
+        kind: u8,
+        ts: u64,
+        out: &mut Vec<Finding>,
+    ) {
         *self.storm_kinds.entry(service).or_insert(0) |= kind;
         if let Some(r) = self.storms.record(service, true, backend, client, ts) {
             out.push(self.storm_finding(&r, ts));
         }
     }
 
-    fn unnated_finding(&self, ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr, reason: Option<&str>) -> Finding {
+    fn unnated_finding(
+        &self,
+        ts: u64,
+        client: SocketAddr,
+        service: SocketAddr,
+        backend: SocketAddr,
+        reason: Option<&str>,
+    ) -> Finding {
         let seen = self
             .invalid
             .get(&Ep::new(client))
@@ -424,10 +490,19 @@ impl Engine {
         }
     }
 
-    fn switch_finding(&self, ts: u64, client: SocketAddr, flow: &flows::Flow, reason: Option<&str>) -> Finding {
+    fn switch_finding(
+        &self,
+        ts: u64,
+        client: SocketAddr,
+        flow: &flows::Flow,
+        reason: Option<&str>,
+    ) -> Finding {
         let idle_s = flow.mapped_ms.saturating_sub(flow.previous_seen_ms) as f64 / 1000.0;
         let mut ev = Map::new();
-        ev.insert("old_backend".into(), json!(flow.previous_backend.get().to_string()));
+        ev.insert(
+            "old_backend".into(),
+            json!(flow.previous_backend.get().to_string()),
+        );
         ev.insert("idle_s".into(), json!((idle_s * 1000.0).round() / 1000.0));
         ev.insert("rst_reason".into(), json!(reason.unwrap_or("NO_SOCKET")));
         ev.insert("first".into(), json!(ts));
@@ -440,7 +515,9 @@ impl Engine {
         let keepalive = self
             .cfg
             .keepalive_s
-            .map_or("TCP keepalive".to_string(), |k| format!("TCP keepalive (tcp_keepalive_time {k}s)"));
+            .map_or("TCP keepalive".to_string(), |k| {
+                format!("TCP keepalive (tcp_keepalive_time {k}s)")
+            });
         Finding {
             kind: FindingKind::BackendSwitch,
             ts_ns: ts,
@@ -469,7 +546,10 @@ impl Engine {
         ev.insert("phase".into(), json!(r.phase.as_str()));
         ev.insert("count".into(), json!(r.count));
         ev.insert("total".into(), json!(r.total));
-        ev.insert("window_s".into(), json!(self.storms.window_ns() as f64 / 1e9));
+        ev.insert(
+            "window_s".into(),
+            json!(self.storms.window_ns() as f64 / 1e9),
+        );
         ev.insert("threshold".into(), json!(self.cfg.storm_threshold));
         ev.insert("first".into(), json!(r.first_ns));
         ev.insert("last".into(), json!(r.last_ns));
@@ -545,7 +625,16 @@ impl Engine {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn on_ipvs(&mut self, ts: u64, client: SocketAddr, service: SocketAddr, real: SocketAddr, template: bool, weight: Option<i32>, out: &mut Vec<Finding>) {
+    fn on_ipvs(
+        &mut self,
+        ts: u64,
+        client: SocketAddr,
+        service: SocketAddr,
+        real: SocketAddr,
+        template: bool,
+        weight: Option<i32>,
+        out: &mut Vec<Finding>,
+    ) {
         let tkey = (ip_key(client.ip()), Ep::new(service));
         if template {
             if self.templates.len() >= MAX_REPEAT_KEYS {

@@ -3,7 +3,7 @@
 //! rate. A storm is reported when it starts, at most once a window while it
 //! lasts, and when it ends.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 
 use super::flows::Ep;
 
@@ -94,7 +94,7 @@ impl StormTracker {
             window_ns,
             bucket_ns: window_ns / BUCKETS as u64,
             max_keys,
-            storms: HashMap::new(),
+            storms: HashMap::default(),
             dropped_keys: 0,
         }
     }
@@ -105,7 +105,14 @@ impl StormTracker {
 
     /// Counts one reset tied to `key`; returns a report when a storm starts
     /// or is due an update.
-    pub fn record(&mut self, key: Ep, is_service: bool, backend: Ep, client: Ep, ts: u64) -> Option<StormReport> {
+    pub fn record(
+        &mut self,
+        key: Ep,
+        is_service: bool,
+        backend: Ep,
+        client: Ep,
+        ts: u64,
+    ) -> Option<StormReport> {
         if !self.storms.contains_key(&key) && self.storms.len() >= self.max_keys {
             self.dropped_keys += 1;
             return None;
@@ -221,11 +228,15 @@ mod tests {
         let key = Ep::new("10.96.0.10:80".parse().unwrap());
         let mut t = StormTracker::new(20, 1000 * MS, 10);
         for i in 0..19u64 {
-            assert!(t.record(key, true, Ep::NONE, Ep::NONE, i * 40 * MS).is_none());
+            assert!(t
+                .record(key, true, Ep::NONE, Ep::NONE, i * 40 * MS)
+                .is_none());
         }
         // Spread over time, the same count never reaches the threshold.
         for i in 0..100u64 {
-            assert!(t.record(key, true, Ep::NONE, Ep::NONE, 10_000 * MS + i * 200 * MS).is_none());
+            assert!(t
+                .record(key, true, Ep::NONE, Ep::NONE, 10_000 * MS + i * 200 * MS)
+                .is_none());
         }
     }
 }

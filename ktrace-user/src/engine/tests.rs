@@ -20,32 +20,41 @@ fn ev(ts_ms: u64, body: EventBody) -> Event {
 }
 
 fn map(ts: u64, client: &str, service: &str, backend: &str) -> Event {
-    ev(ts, EventBody::NatMapping {
-        client: a(client),
-        service: a(service),
-        backend: a(backend),
-        protocol: 6,
-    })
+    ev(
+        ts,
+        EventBody::NatMapping {
+            client: a(client),
+            service: a(service),
+            backend: a(backend),
+            protocol: 6,
+        },
+    )
 }
 
 fn destroy(ts: u64, client: &str, service: &str, backend: &str) -> Event {
-    ev(ts, EventBody::NatDestroy {
-        client: a(client),
-        service: a(service),
-        backend: a(backend),
-        protocol: 6,
-    })
+    ev(
+        ts,
+        EventBody::NatDestroy {
+            client: a(client),
+            service: a(service),
+            backend: a(backend),
+            protocol: 6,
+        },
+    )
 }
 
 fn rst(ts: u64, src: &str, dst: &str, trigger: Option<u8>) -> Event {
-    ev(ts, EventBody::TcpSendReset {
-        src: a(src),
-        dst: a(dst),
-        reason: Some("NO_SOCKET".into()),
-        has_socket: false,
-        state: 0,
-        trigger_flags: trigger,
-    })
+    ev(
+        ts,
+        EventBody::TcpSendReset {
+            src: a(src),
+            dst: a(dst),
+            reason: Some("NO_SOCKET".into()),
+            has_socket: false,
+            state: 0,
+            trigger_flags: trigger,
+        },
+    )
 }
 
 fn run(events: &[Event]) -> Vec<Finding> {
@@ -94,7 +103,13 @@ fn reset_arriving_before_its_mapping_is_still_diagnosed() {
         destroy(4_990, C, S, B1),
         map(4_999, C, S, B2),
     ]);
-    assert_eq!(f.iter().filter(|x| x.kind == FindingKind::BackendSwitch).count(), 1, "{f:?}");
+    assert_eq!(
+        f.iter()
+            .filter(|x| x.kind == FindingKind::BackendSwitch)
+            .count(),
+        1,
+        "{f:?}"
+    );
 }
 
 #[test]
@@ -112,25 +127,35 @@ fn same_backend_after_flush_is_no_incident() {
 
 #[test]
 fn client_reset_to_backend_address_is_an_unnated_reply() {
-    let f = run(&[map(0, C, S, B1), rst(1_000, C, B1, PSH_ACK), rst(1_001, B1, C, PSH_ACK)]);
+    let f = run(&[
+        map(0, C, S, B1),
+        rst(1_000, C, B1, PSH_ACK),
+        rst(1_001, B1, C, PSH_ACK),
+    ]);
     assert_eq!(f.len(), 1, "{f:?}");
     assert_eq!(f[0].kind, FindingKind::UnnatedReply);
-    assert_eq!((f[0].service, f[0].backend, f[0].client), (Some(a(S)), Some(a(B1)), Some(a(C))));
+    assert_eq!(
+        (f[0].service, f[0].backend, f[0].client),
+        (Some(a(S)), Some(a(B1)), Some(a(C)))
+    );
     assert!(f[0].cause.contains("cannot be observed"), "{}", f[0].cause);
     assert!(f[0].remedy.contains("nf_conntrack_tcp_be_liberal=1"));
 }
 
 #[test]
 fn unnated_reply_names_the_conntrack_reason_when_seen() {
-    let invalid = ev(999, EventBody::CtInvalid {
-        src: a(B1),
-        dst: a(C),
-        orig_src: Some(a(C)),
-        orig_dst: Some(a(S)),
-        reply_src: Some(a(B1)),
-        reply_dir: true,
-        message: Some("SEQ is over the upper bound".into()),
-    });
+    let invalid = ev(
+        999,
+        EventBody::CtInvalid {
+            src: a(B1),
+            dst: a(C),
+            orig_src: Some(a(C)),
+            orig_dst: Some(a(S)),
+            reply_src: Some(a(B1)),
+            reply_dir: true,
+            message: Some("SEQ is over the upper bound".into()),
+        },
+    );
     let cfg = EngineConfig {
         ct_invalid_hook: true,
         ..EngineConfig::default()
@@ -139,7 +164,10 @@ fn unnated_reply_names_the_conntrack_reason_when_seen() {
     let f = run_with(cfg, &[invalid, rst(1_000, C, B1, PSH_ACK)]);
     assert_eq!(f.len(), 1, "{f:?}");
     assert_eq!(f[0].cause, "conntrack INVALID: SEQ is over the upper bound");
-    assert_eq!(f[0].evidence["ct_reason"], json!("SEQ is over the upper bound"));
+    assert_eq!(
+        f[0].evidence["ct_reason"],
+        json!("SEQ is over the upper bound")
+    );
     assert_eq!(f[0].service, Some(a(S)));
 }
 
@@ -154,14 +182,17 @@ fn refused_connections_and_unrelated_resets_are_not_incidents() {
         // RST to a closed local port.
         rst(20, "127.0.0.1:9", "127.0.0.1:40000", Some(0x02)),
         // A reset with a socket (application abort).
-        ev(30, EventBody::TcpSendReset {
-            src: a(C),
-            dst: a(B1),
-            reason: None,
-            has_socket: true,
-            state: 1,
-            trigger_flags: None,
-        }),
+        ev(
+            30,
+            EventBody::TcpSendReset {
+                src: a(C),
+                dst: a(B1),
+                reason: None,
+                has_socket: true,
+                state: 1,
+                trigger_flags: None,
+            },
+        ),
     ]);
     assert!(f.is_empty(), "{f:?}");
 }
@@ -175,31 +206,56 @@ fn many_broken_connections_make_one_storm_start() {
         evs.push(rst(5_000 + i * 5, &c, B1, PSH_ACK));
     }
     let f = run(&evs);
-    let storms: Vec<_> = f.iter().filter(|x| x.kind == FindingKind::RstStorm).collect();
-    let starts = storms.iter().filter(|x| x.evidence["phase"] == json!("start")).count();
-    let ends = storms.iter().filter(|x| x.evidence["phase"] == json!("end")).count();
+    let storms: Vec<_> = f
+        .iter()
+        .filter(|x| x.kind == FindingKind::RstStorm)
+        .collect();
+    let starts = storms
+        .iter()
+        .filter(|x| x.evidence["phase"] == json!("start"))
+        .count();
+    let ends = storms
+        .iter()
+        .filter(|x| x.evidence["phase"] == json!("end"))
+        .count();
     assert_eq!((starts, ends), (1, 1), "{storms:?}");
     assert_eq!(storms[0].service, Some(a(S)));
-    assert_eq!(f.iter().filter(|x| x.kind == FindingKind::UnnatedReply).count(), 200);
+    assert_eq!(
+        f.iter()
+            .filter(|x| x.kind == FindingKind::UnnatedReply)
+            .count(),
+        200
+    );
 }
 
 #[test]
 fn quiescent_backend_via_template() {
     let ipvs = |ts, template, weight: Option<i32>| {
-        ev(ts, EventBody::IpvsConnNew {
-            client: a(if template { "10.0.0.2:0" } else { "10.0.0.2:41000" }),
-            service: a("10.96.0.20:80"),
-            real_server: a("10.0.1.3:8080"),
-            protocol: 6,
-            template,
-            conn_flags: if template { 0x1000 } else { 0 },
-            dest_flags: 1,
-            weight,
-        })
+        ev(
+            ts,
+            EventBody::IpvsConnNew {
+                client: a(if template {
+                    "10.0.0.2:0"
+                } else {
+                    "10.0.0.2:41000"
+                }),
+                service: a("10.96.0.20:80"),
+                real_server: a("10.0.1.3:8080"),
+                protocol: 6,
+                template,
+                conn_flags: if template { 0x1000 } else { 0 },
+                dest_flags: 1,
+                weight,
+            },
+        )
     };
     let f = run(&[ipvs(0, true, Some(1)), ipvs(1, false, Some(1))]);
     assert!(f.is_empty());
-    let f = run(&[ipvs(0, true, Some(1)), ipvs(10, false, Some(0)), ipvs(20, false, Some(0))]);
+    let f = run(&[
+        ipvs(0, true, Some(1)),
+        ipvs(10, false, Some(0)),
+        ipvs(20, false, Some(0)),
+    ]);
     assert_eq!(f.len(), 1, "repeats are merged: {f:?}");
     assert_eq!(f[0].kind, FindingKind::QuiescentBackend);
     assert_eq!(f[0].backend, Some(a("10.0.1.3:8080")));
@@ -210,11 +266,14 @@ fn quiescent_backend_via_template() {
 fn table_full_is_one_finding_with_count_updates() {
     let mut evs = Vec::new();
     for i in 0..100u64 {
-        evs.push(ev(i * 10, EventBody::CtTableFull {
-            src: a("10.0.0.2:1000"),
-            dst: a(S),
-            errno: 12,
-        }));
+        evs.push(ev(
+            i * 10,
+            EventBody::CtTableFull {
+                src: a("10.0.0.2:1000"),
+                dst: a(S),
+                errno: 12,
+            },
+        ));
     }
     let cfg = EngineConfig {
         conntrack_max: Some(64),

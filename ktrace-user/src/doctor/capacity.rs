@@ -1,0 +1,418 @@
+//! Check 3: conntrack capacity.
+//! - `conntrack_usage`: `nf_conntrack_count` against `nf_conntrack_max`;
+//! - `conntrack_buckets`: `nf_conntrack_buckets` and entries per bucket at a
+//!   full table;
+//! - `conntrack_counters`: `invalid`, `drop`, `early_drop`, `insert_failed`
+//!   from `/proc/net/stat/nf_conntrack`, summed over CPUs, with rates when
+//!   sampled (`--sample SECS`).
+//!
+//! `/proc/net/stat/nf_conntrack` has a header of column names and one row of
+//! hexadecimal numbers per CPU. Columns are found by name: they changed
+//! across kernels (`searched` became `clashres` in 5.10, `delete_list`
+//! became `chainlength` in 6.1). `entries` is the same in every row and is
+//! not summed. All of it is per network namespace, except `nf_conntrack_max`
+//! and `nf_conntrack_buckets`, which are global.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::{Check, Ctx, Fs, ReadError, Status};
+
+/// Counters reported, in this order.
+pub const COUNTERS: &[&str] = &["invalid", "drop", "early_drop", "insert_failed"];
+
+const STAT: &str = "/proc/net/stat/nf_conntrack";
+
+/// Usage at or above which the check warns / fails, in percent.
+const USAGE_WARN: f64 = 75.0;
+const USAGE_FAIL: f64 = 90.0;
+
+/// Entries per bucket (at a full table) above which lookups slow down.
+const MAX_PER_BUCKET: u64 = 8;
+
+/// `/proc/net/stat/nf_conntrack`, summed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stats {
+    pub cpus: usize,
+    /// Column → sum over CPUs (`entries`: the first row's value).
+    pub columns: BTreeMap<String, u64>,
+}
+
+impl Stats {
+    pub fn get(&self, name: &str) -> Option<u64> {
+        self.columns.get(name).copied()
+    }
+}
+
+/// Parses the per-CPU table; every row must have one hex number per column.
+pub fn parse_stat(text: &str) -> Result<Stats, String> {
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines
+        .next()
+        .ok_or("empty file")?
+        .split_whitespace()
+        .collect();
+    if header.is_empty()
+        || header
+            .iter()
+            .all(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        return Err("the first line is not a header of column names".into());
+    }
+    let mut columns: BTreeMap<String, u64> = BTreeMap::new();
+    let mut cpus = 0usize;
+    for (n, line) in lines.enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() != header.len() {
+            return Err(format!(
+                "row {} has {} fields, the header names {}",
+                n + 1,
+                fields.len(),
+                header.len()
+            ));
+        }
+        for (name, field) in header.iter().zip(&fields) {
+            let v = u64::from_str_radix(field, 16)
+                .map_err(|_| format!("row {}: {field:?} is not hexadecimal", n + 1))?;
+            let e = columns.entry(name.to_string()).or_insert(0);
+            if *name == "entries" {
+                if cpus == 0 {
+                    *e = v;
+                }
+            } else {
+                *e = e.saturating_add(v);
+            }
+        }
+        cpus += 1;
+    }
+    if cpus == 0 {
+        return Err("no per-CPU rows".into());
+    }
+    Ok(Stats { cpus, columns })
+}
+
+fn read_stat(fs: &Fs) -> Result<Stats, ReadError> {
+    let text = fs.read(STAT)?;
+    parse_stat(&text).map_err(|what| ReadError::Malformed {
+        path: fs.display(STAT),
+        what,
+    })
+}
+
+pub fn checks(ctx: &Ctx) -> Vec<Check> {
+    vec![check_usage(ctx), check_buckets(ctx), check_counters(ctx)]
+}
+
+fn check_usage(ctx: &Ctx) -> Check {
+    const CHECK: &str = "conntrack_usage";
+    let fs = &ctx.fs;
+    let (count, max) = match (
+        fs.sysctl_u64("net.netfilter.nf_conntrack_count"),
+        fs.sysctl_u64("net.netfilter.nf_conntrack_max"),
+    ) {
+        (Ok(c), Ok(m)) => (c, m),
+        (Err(e), _) | (_, Err(e)) => {
+            if e.is_missing() {
+                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
+                    return c;
+                }
+            }
+            return Check::unknown(CHECK, e.to_string());
+        }
+    };
+    let netns_note = if ctx.initial_netns == Some(false) {
+        " The count is this network namespace's; nf_conntrack_max is shared by all of them."
+    } else {
+        ""
+    };
+    let expected = format!("below {USAGE_WARN}% of nf_conntrack_max");
+    if max == 0 {
+        return Check::new(CHECK, Status::Ok, format!("{count} entries, no limit"))
+            .expected(expected)
+            .why(format!(
+                "nf_conntrack_max=0 means no limit on entries.{netns_note}"
+            ))
+            .evidence(json!({"count": count, "max": max}));
+    }
+    let pct = count as f64 * 100.0 / max as f64;
+    let value = format!("{count}/{max} ({pct:.1}%)");
+    let evidence = json!({"count": count, "max": max, "percent": (pct * 10.0).round() / 10.0});
+    let status = if pct >= USAGE_FAIL {
+        Status::Fail
+    } else if pct >= USAGE_WARN {
+        Status::Warn
+    } else {
+        Status::Ok
+    };
+    let mut c = Check::new(CHECK, status, value)
+        .expected(expected)
+        .evidence(evidence);
+    if status == Status::Ok {
+        c = c.why(format!(
+            "room for new connections: a full table drops new connections \
+             (conntrack_table_full).{netns_note}"
+        ));
+    } else {
+        c = c
+            .why(format!(
+                "the conntrack table is {pct:.0}% full; when full, the kernel drops the first \
+                 packet of new connections (\"nf_conntrack: table full, dropping packet\") and \
+                 clients see timeouts (conntrack_table_full).{netns_note}"
+            ))
+            .fix(format!(
+                "raise net.netfilter.nf_conntrack_max (e.g. to {}) together with \
+                 /sys/module/nf_conntrack/parameters/hashsize (kube-proxy: conntrack.maxPerCore), \
+                 or find what opens so many connections (conntrack -L | sort)",
+                max.saturating_mul(2)
+            ));
+    }
+    c
+}
+
+fn check_buckets(ctx: &Ctx) -> Check {
+    const CHECK: &str = "conntrack_buckets";
+    let fs = &ctx.fs;
+    let (buckets, max) = match (
+        fs.sysctl_u64("net.netfilter.nf_conntrack_buckets"),
+        fs.sysctl_u64("net.netfilter.nf_conntrack_max"),
+    ) {
+        (Ok(b), Ok(m)) => (b, m),
+        (Err(e), _) | (_, Err(e)) => {
+            if e.is_missing() {
+                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
+                    return c;
+                }
+            }
+            return Check::unknown(CHECK, e.to_string());
+        }
+    };
+    if buckets == 0 {
+        return Check::unknown(
+            CHECK,
+            format!(
+                "{} says 0 buckets, which the kernel never has",
+                fs.display("/proc/sys/net/netfilter/nf_conntrack_buckets")
+            ),
+        );
+    }
+    let evidence = json!({"buckets": buckets, "max": max, "max_per_bucket": max.div_ceil(buckets)});
+    let expected = format!("nf_conntrack_max at most {MAX_PER_BUCKET}× nf_conntrack_buckets");
+    if max == 0 {
+        return Check::new(CHECK, Status::Ok, format!("{buckets} buckets, no max"))
+            .expected(expected)
+            .why("nf_conntrack_max=0: no limit, so the chain length follows the load")
+            .evidence(evidence);
+    }
+    let per = max as f64 / buckets as f64;
+    let value = format!("{buckets} buckets, max {max} ({per:.1} per bucket when full)");
+    if max > buckets.saturating_mul(MAX_PER_BUCKET) {
+        Check::new(CHECK, Status::Warn, value)
+            .expected(expected)
+            .why(format!(
+                "a full table puts {per:.0} entries in each hash chain: every packet's lookup \
+                 walks them, which costs CPU in softirq and makes insert races more likely"
+            ))
+            .fix(format!(
+                "echo {} > /sys/module/nf_conntrack/parameters/hashsize (kube-proxy sets \
+                 hashsize = max/4)",
+                max.div_ceil(4)
+            ))
+            .evidence(evidence)
+    } else {
+        Check::new(CHECK, Status::Ok, value)
+            .expected(expected)
+            .why("hash chains stay short even with a full table")
+            .evidence(evidence)
+    }
+}
+
+fn check_counters(ctx: &Ctx) -> Check {
+    const CHECK: &str = "conntrack_counters";
+    let fs = &ctx.fs;
+    let first = match read_stat(fs) {
+        Ok(s) => s,
+        Err(e) => {
+            if e.is_missing() {
+                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
+                    return c;
+                }
+            }
+            return Check::unknown(CHECK, e.to_string());
+        }
+    };
+    // Rates over the sample window, when asked for.
+    let mut rates: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut sample_note = String::new();
+    let mut sampled_secs = None;
+    if let Some(window) = ctx.sample.filter(|d| !d.is_zero()) {
+        let start = std::time::Instant::now();
+        std::thread::sleep(window);
+        let secs = start.elapsed().as_secs_f64();
+        match read_stat(fs) {
+            Ok(second) => {
+                sampled_secs = Some(secs);
+                for name in COUNTERS {
+                    if let (Some(a), Some(b)) = (first.get(name), second.get(name)) {
+                        rates.insert(name, b.saturating_sub(a) as f64 / secs);
+                    }
+                }
+            }
+            Err(e) => sample_note = format!(" The second sample failed: {e}."),
+        }
+    }
+    let missing: Vec<&str> = COUNTERS
+        .iter()
+        .copied()
+        .filter(|n| first.get(n).is_none())
+        .collect();
+    let totals: BTreeMap<&str, Option<u64>> = COUNTERS.iter().map(|n| (*n, first.get(n))).collect();
+    let value = COUNTERS
+        .iter()
+        .map(|n| {
+            let total = first
+                .get(n)
+                .map_or_else(|| "?".to_string(), |v| v.to_string());
+            match rates.get(n) {
+                Some(r) => format!("{n}={total} ({r:.1}/s)"),
+                None => format!("{n}={total}"),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let evidence = json!({
+        "cpus": first.cpus,
+        "totals": totals,
+        "rates_per_sec": rates,
+        "sample_secs": sampled_secs,
+    });
+    let expected = "drop, early_drop and insert_failed not rising; invalid low";
+    let t = |n: &str| first.get(n).unwrap_or(0);
+    let r = |n: &str| rates.get(n).copied().unwrap_or(0.0);
+    let missing_note = if missing.is_empty() {
+        String::new()
+    } else {
+        format!(" This kernel's table has no {} column.", missing.join("/"))
+    };
+    let (status, why, fix) = if sampled_secs.is_some() {
+        if r("drop") > 0.0 || r("early_drop") > 0.0 {
+            (
+                Status::Fail,
+                format!(
+                    "the table is full now: {:.1} new connections/s dropped, {:.1} entries/s \
+                     evicted early",
+                    r("drop"),
+                    r("early_drop")
+                ),
+                "raise net.netfilter.nf_conntrack_max (see conntrack_usage)",
+            )
+        } else if r("insert_failed") > 0.0 {
+            (
+                Status::Warn,
+                format!(
+                    "{:.1} inserts/s fail: two packets of one new flow race to create its entry \
+                     (typically UDP DNS through a Service); the loser is dropped and the client \
+                     retries after a timeout",
+                    r("insert_failed")
+                ),
+                "for DNS, use single-request-reopen / TCP, or NodeLocal DNSCache",
+            )
+        } else if r("invalid") > 0.0 {
+            (
+                Status::Warn,
+                format!(
+                    "{:.1} packets/s are INVALID now; without be_liberal or an INVALID-drop rule \
+                     they leave un-NATed (see unnated_reply_protection); `ktrace watch` names them",
+                    r("invalid")
+                ),
+                "run `ktrace watch` to see which flows they are",
+            )
+        } else {
+            (
+                Status::Ok,
+                "no drops, early drops, failed inserts or INVALID verdicts during the sample"
+                    .to_string(),
+                "",
+            )
+        }
+    } else if t("drop") > 0 || t("early_drop") > 0 {
+        (
+            Status::Warn,
+            format!(
+                "since boot (or since this network namespace was created) the table was full: \
+                 {} new connections dropped, {} entries evicted early; use --sample SECS to see \
+                 whether it is happening now",
+                t("drop"),
+                t("early_drop")
+            ),
+            "raise net.netfilter.nf_conntrack_max if it recurs (see conntrack_usage)",
+        )
+    } else if t("insert_failed") > 0 {
+        (
+            Status::Warn,
+            format!(
+                "{} inserts failed since boot: two packets of one new flow raced to create its \
+                 entry (typically UDP DNS through a Service), the loser was dropped; use \
+                 --sample SECS to see whether it is happening now",
+                t("insert_failed")
+            ),
+            "for DNS, use single-request-reopen / TCP, or NodeLocal DNSCache",
+        )
+    } else {
+        (
+            Status::Ok,
+            format!(
+                "the table was never full and no insert failed; {} INVALID verdicts since boot \
+                 (use --sample SECS for rates)",
+                t("invalid")
+            ),
+            "",
+        )
+    };
+    Check::new(CHECK, status, value)
+        .expected(expected)
+        .why(format!("{why}.{missing_note}{sample_note}"))
+        .fix(fix)
+        .evidence(evidence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_by_header_name() {
+        let text = "entries  clashres found new invalid ignore delete chainlength insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
+0000000a  00000000 00000000 00000000 00000010 00000000 00000000 00000000 00000000 00000001 00000002 00000000 00000000  00000000 00000000 00000000 00000000\n\
+0000000a  00000000 00000000 00000000 000000f0 00000000 00000000 00000000 00000000 00000000 00000003 00000004 00000000  00000000 00000000 00000000 00000000\n";
+        let s = parse_stat(text).unwrap();
+        assert_eq!(s.cpus, 2);
+        assert_eq!(s.get("entries"), Some(10));
+        assert_eq!(s.get("invalid"), Some(0x100));
+        assert_eq!(s.get("insert_failed"), Some(1));
+        assert_eq!(s.get("drop"), Some(5));
+        assert_eq!(s.get("early_drop"), Some(4));
+    }
+
+    #[test]
+    fn old_layout_by_name() {
+        // 5.4: `searched` and `delete_list`, in other positions.
+        let text = "entries  searched found new invalid ignore delete delete_list insert insert_failed drop early_drop icmp_error  expect_new expect_create expect_delete search_restart\n\
+00000001  00000000 00000000 00000000 00000002 00000000 00000000 00000000 00000000 00000000 00000000 00000000 00000000  00000000 00000000 00000000 00000000\n";
+        let s = parse_stat(text).unwrap();
+        assert_eq!(s.get("invalid"), Some(2));
+        assert!(s.get("clashres").is_none());
+    }
+
+    #[test]
+    fn malformed_tables() {
+        assert!(parse_stat("").is_err());
+        assert!(parse_stat("entries invalid\n").is_err());
+        assert!(parse_stat("entries invalid\n1 2 3\n").is_err());
+        assert!(parse_stat("entries invalid\nzz 01\n").is_err());
+        assert!(parse_stat("0001 0002\n0001 0002\n").is_err());
+        // Overflowing sums saturate instead of panicking.
+        let s = parse_stat("entries drop\n1 ffffffffffffffff\n1 ffffffffffffffff\n").unwrap();
+        assert_eq!(s.get("drop"), Some(u64::MAX));
+    }
+}

@@ -1,0 +1,511 @@
+//! Sysctl checks:
+//! - check 2, `sysctl_load_order`: a `net.netfilter.*` (also
+//!   `net.nf_conntrack_max`, `net.ipv4.vs.*`, `net.bridge.*`) key set in the
+//!   sysctl files whose live value differs. systemd-sysctl applies the files
+//!   early at boot; a key of a module that is not loaded yet does not exist
+//!   then, and the module comes up later with its defaults.
+//! - check 4, `conntrack_timeout_established` against
+//!   `net.ipv4.tcp_keepalive_time`, and `conntrack_tcp_loose`.
+//!
+//! Sysctl files are read in systemd-sysctl's order: `*.conf` of
+//! `/etc/sysctl.d`, `/run/sysctl.d`, `/usr/local/lib/sysctl.d`,
+//! `/usr/lib/sysctl.d`, `/lib/sysctl.d` sorted by file name (a name in an
+//! earlier directory masks the same name in later ones), then
+//! `/etc/sysctl.conf` (as `sysctl --system` does); the last assignment wins.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::{sysctl_dotted, Check, Conntrack, Ctx, Fs, ReadError, Status};
+
+const SYSCTL_DIRS: &[&str] = &[
+    "/etc/sysctl.d",
+    "/run/sysctl.d",
+    "/usr/local/lib/sysctl.d",
+    "/usr/lib/sysctl.d",
+    "/lib/sysctl.d",
+];
+
+const MODULES_LOAD_DIRS: &[&str] = &[
+    "/etc/modules-load.d",
+    "/run/modules-load.d",
+    "/usr/local/lib/modules-load.d",
+    "/usr/lib/modules-load.d",
+    "/lib/modules-load.d",
+];
+
+/// A value configured in a sysctl file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Configured {
+    pub value: String,
+    /// `path:line` where it was set (the last assignment).
+    pub at: String,
+}
+
+/// The sysctl files under the root, in application order.
+pub fn sysctl_files(fs: &Fs) -> Vec<String> {
+    let mut by_name: BTreeMap<String, String> = BTreeMap::new();
+    for dir in SYSCTL_DIRS {
+        for name in fs.list_dir(dir) {
+            if name.ends_with(".conf") {
+                by_name
+                    .entry(name.clone())
+                    .or_insert(format!("{dir}/{name}"));
+            }
+        }
+    }
+    let mut files: Vec<String> = by_name.into_values().collect();
+    if fs.exists("/etc/sysctl.conf") {
+        files.push("/etc/sysctl.conf".to_string());
+    }
+    files
+}
+
+/// Parses one sysctl file into `key → value` (dotted keys), in order.
+/// Lines: `key = value`, comments `#` or `;`, a leading `-` (ignore errors).
+/// Keys with glob characters are skipped.
+pub fn parse_sysctl_conf(text: &str) -> Vec<(String, String, usize)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        let k = k.trim().trim_start_matches('-').trim();
+        if k.is_empty() || k.contains(['*', '?', '[']) || k.contains(char::is_whitespace) {
+            continue;
+        }
+        out.push((sysctl_dotted(k), normalize(v), i + 1));
+    }
+    out
+}
+
+fn normalize(v: &str) -> String {
+    v.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The module whose keys these are, for keys that need one.
+pub fn module_of(key: &str) -> Option<&'static str> {
+    if key.starts_with("net.netfilter.") || key == "net.nf_conntrack_max" {
+        Some("nf_conntrack")
+    } else if key.starts_with("net.ipv4.vs.") {
+        Some("ip_vs")
+    } else if key.starts_with("net.bridge.") {
+        Some("br_netfilter")
+    } else {
+        None
+    }
+}
+
+/// Modules named in modules-load.d files (and Debian's `/etc/modules`),
+/// with the file that names them.
+pub fn modules_loaded_at_boot(fs: &Fs) -> BTreeMap<String, String> {
+    let mut files: BTreeMap<String, String> = BTreeMap::new();
+    for dir in MODULES_LOAD_DIRS {
+        for name in fs.list_dir(dir) {
+            if name.ends_with(".conf") {
+                files.entry(name.clone()).or_insert(format!("{dir}/{name}"));
+            }
+        }
+    }
+    let mut paths: Vec<String> = files.into_values().collect();
+    paths.push("/etc/modules".into());
+    let mut out = BTreeMap::new();
+    for p in paths {
+        let Ok(text) = fs.read(&p) else { continue };
+        for line in text.lines() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+                continue;
+            }
+            if let Some(m) = line.split_whitespace().next() {
+                out.entry(m.replace('-', "_")).or_insert(p.clone());
+            }
+        }
+    }
+    out
+}
+
+/// One key whose configured value is not the live one.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Mismatch {
+    key: String,
+    module: &'static str,
+    configured: String,
+    at: String,
+    /// `None` when the key does not exist now.
+    live: Option<String>,
+    /// A protective setting that is not in effect.
+    critical: bool,
+}
+
+/// Check 2: the module-load-order trap.
+pub fn check_load_order(ctx: &Ctx) -> Check {
+    const CHECK: &str = "sysctl_load_order";
+    let fs = &ctx.fs;
+    let files = sysctl_files(fs);
+    if files.is_empty() {
+        return Check::unknown(
+            CHECK,
+            format!(
+                "no sysctl configuration under {} (no /etc/sysctl.conf, no */sysctl.d/*.conf)",
+                fs.root().display()
+            ),
+        );
+    }
+    let mut configured: BTreeMap<String, Configured> = BTreeMap::new();
+    let mut unreadable = Vec::new();
+    for f in &files {
+        match fs.read(f) {
+            Ok(text) => {
+                for (k, v, line) in parse_sysctl_conf(&text) {
+                    if module_of(&k).is_some() {
+                        configured.insert(
+                            k,
+                            Configured {
+                                value: v,
+                                at: format!("{f}:{line}"),
+                            },
+                        );
+                    }
+                }
+            }
+            Err(e) => unreadable.push(e.to_string()),
+        }
+    }
+    let unreadable_note = if unreadable.is_empty() {
+        String::new()
+    } else {
+        format!(" Unreadable: {}.", unreadable.join("; "))
+    };
+    let expected = "every net.netfilter.* / net.ipv4.vs.* / net.bridge.* value in the sysctl files is the live value";
+    if configured.is_empty() {
+        let status = if unreadable.is_empty() {
+            Status::Ok
+        } else {
+            Status::Unknown
+        };
+        let value = if unreadable.is_empty() {
+            "no module-dependent keys configured"
+        } else {
+            "sysctl files unreadable"
+        };
+        return Check::new(CHECK, status, value)
+            .expected(expected)
+            .why(format!(
+                "the sysctl files ({}) set no net.netfilter.*, net.nf_conntrack_max, \
+                 net.ipv4.vs.* or net.bridge.* key.{unreadable_note}",
+                files.len()
+            ))
+            .evidence(json!({"files": files}));
+    }
+    if ctx.initial_netns == Some(false) {
+        return Check::new(CHECK, Status::Unknown, "not the initial network namespace")
+            .expected(expected)
+            .why(
+                "ktrace runs in a network namespace other than the host's: the sysctl files \
+                 were applied to the initial namespace, so per-namespace keys here are not \
+                 expected to match them",
+            )
+            .fix("run ktrace doctor in the host's network namespace (hostNetwork: true)")
+            .evidence(json!({"configured": configured.iter().map(|(k, c)| json!({"key": k, "value": c.value, "at": c.at})).collect::<Vec<_>>()}));
+    }
+
+    let boot_modules = modules_loaded_at_boot(fs);
+    let mut mismatches = Vec::new();
+    let mut matching = 0usize;
+    let mut errors = Vec::new();
+    for (key, conf) in &configured {
+        let Some(module) = module_of(key) else {
+            continue;
+        };
+        let live = match fs.sysctl(key) {
+            Ok(v) => Some(normalize(&v)),
+            Err(ReadError::Missing { .. }) => None,
+            Err(e) => {
+                errors.push(format!("{key}: {e}"));
+                continue;
+            }
+        };
+        if live.as_deref() == Some(conf.value.as_str()) {
+            matching += 1;
+            continue;
+        }
+        let critical = match key.as_str() {
+            "net.netfilter.nf_conntrack_tcp_be_liberal" => {
+                conf.value != "0" && live.as_deref().is_none_or(|l| l == "0")
+            }
+            "net.bridge.bridge-nf-call-iptables" | "net.bridge.bridge-nf-call-ip6tables" => {
+                conf.value == "1" && live.as_deref() != Some("1")
+            }
+            _ => false,
+        };
+        mismatches.push(Mismatch {
+            key: key.clone(),
+            module,
+            configured: conf.value.clone(),
+            at: conf.at.clone(),
+            live,
+            critical,
+        });
+    }
+    let evidence = json!({
+        "files": files,
+        "configured": configured.len(),
+        "matching": matching,
+        "mismatches": mismatches,
+        "modules_load_d": boot_modules,
+        "errors": errors,
+    });
+    if mismatches.is_empty() {
+        let status = if errors.is_empty() && unreadable.is_empty() {
+            Status::Ok
+        } else {
+            Status::Unknown
+        };
+        let err_note = if errors.is_empty() {
+            String::new()
+        } else {
+            format!(" Could not compare: {}.", errors.join("; "))
+        };
+        return Check::new(
+            CHECK,
+            status,
+            format!("{matching} configured key(s) in effect"),
+        )
+        .expected(expected)
+        .why(format!(
+            "every module-dependent key set in the sysctl files has its configured value \
+             live.{err_note}{unreadable_note}"
+        ))
+        .evidence(evidence);
+    }
+
+    let first = &mismatches[0];
+    let live_text = |m: &Mismatch| match &m.live {
+        Some(v) => format!("live {v}"),
+        None => "absent live".to_string(),
+    };
+    let more = if mismatches.len() > 1 {
+        format!(" (+{} more)", mismatches.len() - 1)
+    } else {
+        String::new()
+    };
+    let value = format!(
+        "{} = {} in {}, {}{more}",
+        first.key,
+        first.configured,
+        first.at,
+        live_text(first)
+    );
+    let mut modules: Vec<&'static str> = mismatches.iter().map(|m| m.module).collect();
+    modules.sort();
+    modules.dedup();
+    let mut causes = Vec::new();
+    let mut fixes = Vec::new();
+    for m in &modules {
+        let keys: Vec<String> = mismatches
+            .iter()
+            .filter(|x| x.module == *m)
+            .map(|x| format!("{} = {} ({}, {})", x.key, x.configured, x.at, live_text(x)))
+            .collect();
+        let loaded_now = module_loaded(ctx, m);
+        if let Some(file) = boot_modules.get(*m) {
+            causes.push(format!(
+                "{}: {m} is listed in {file}, so it loads before systemd-sysctl and load order \
+                 is not the cause; something changed the value after boot (kube-proxy sets \
+                 nf_conntrack_max and the TCP timeouts itself), or the module was reloaded",
+                keys.join(", ")
+            ));
+            fixes.push(format!(
+                "find what sets {m}'s keys at run time (kube-proxy's conntrack settings) and \
+                 make the sysctl files agree with it"
+            ));
+        } else {
+            let state = if mismatches
+                .iter()
+                .any(|x| x.module == *m && x.live.is_none())
+            {
+                if loaded_now {
+                    format!("{m} is loaded but the key does not exist on this kernel")
+                } else {
+                    format!(
+                        "{m} is not loaded now, so the setting has nowhere to go; when it \
+                         loads it starts with its defaults"
+                    )
+                }
+            } else {
+                "systemd-sysctl applied the files before the module existed, and it came up \
+                 later with its defaults"
+                    .to_string()
+            };
+            causes.push(format!(
+                "{}: likely cause: {m} loaded after systemd-sysctl ({state})",
+                keys.join(", ")
+            ));
+            fixes.push(format!(
+                "add an /etc/modules-load.d/ entry: `echo {m} > /etc/modules-load.d/{m}.conf` \
+                 so it loads before systemd-sysctl at boot, then apply now with `sysctl --system`"
+            ));
+        }
+    }
+    let critical = mismatches.iter().any(|m| m.critical);
+    let status = if critical { Status::Fail } else { Status::Warn };
+    let critical_note = if critical {
+        " A protective setting (be_liberal or bridge-nf-call-iptables) that the files ask for \
+         is not in effect."
+    } else {
+        ""
+    };
+    Check::new(CHECK, status, value)
+        .expected(expected)
+        .why(format!(
+            "{}.{critical_note}{unreadable_note}",
+            causes.join(". ")
+        ))
+        .fix(fixes.join("; "))
+        .evidence(evidence)
+}
+
+/// Whether a module is loaded now, from what it registers (modules that
+/// are built in have no `/sys/module` entry unless they take parameters).
+fn module_loaded(ctx: &Ctx, module: &str) -> bool {
+    let fs = &ctx.fs;
+    match module {
+        "nf_conntrack" => ctx.conntrack == Conntrack::Loaded,
+        "ip_vs" => fs.is_dir("/proc/sys/net/ipv4/vs") || fs.exists("/proc/net/ip_vs"),
+        "br_netfilter" => fs.is_dir("/proc/sys/net/bridge"),
+        m => fs.exists(&format!("/sys/module/{m}")),
+    }
+}
+
+/// Check 4a: conntrack's established timeout must outlast TCP keepalive.
+pub fn check_timeout_established(ctx: &Ctx) -> Check {
+    const CHECK: &str = "conntrack_timeout_established";
+    let fs = &ctx.fs;
+    let timeout = fs.sysctl_u64("net.netfilter.nf_conntrack_tcp_timeout_established");
+    let timeout = match timeout {
+        Ok(t) => t,
+        Err(e) => {
+            if e.is_missing() {
+                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
+                    return c;
+                }
+            }
+            return Check::unknown(CHECK, e.to_string());
+        }
+    };
+    let keepalive = match fs.sysctl_u64("net.ipv4.tcp_keepalive_time") {
+        Ok(k) => k,
+        Err(e) => {
+            return Check::new(CHECK, Status::Unknown, format!("{timeout}s, keepalive ?"))
+                .why(format!("cannot compare with tcp_keepalive_time: {e}"))
+                .evidence(json!({"timeout_established": timeout}));
+        }
+    };
+    let evidence = json!({"timeout_established": timeout, "tcp_keepalive_time": keepalive});
+    let value = format!("{timeout}s (tcp_keepalive_time {keepalive}s)");
+    let expected = "longer than net.ipv4.tcp_keepalive_time";
+    if timeout > keepalive {
+        Check::new(CHECK, Status::Ok, value)
+            .expected(expected)
+            .why(
+                "an idle connection that relies on the kernel's default keepalive sends a probe \
+                 before its conntrack entry expires (applications that set their own TCP_KEEPIDLE \
+                 above this timeout are still exposed)",
+            )
+            .evidence(evidence)
+    } else {
+        Check::new(CHECK, Status::Warn, value)
+            .expected(expected)
+            .why(format!(
+                "an idle connection loses its conntrack entry after {timeout}s, before its first \
+                 keepalive at {keepalive}s; the next segment is picked up mid-stream (tcp_loose=1: \
+                 DNAT may choose another backend, which resets it: backend_switch) or is INVALID \
+                 (tcp_loose=0)"
+            ))
+            .fix(format!(
+                "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established={} (persist in \
+                 /etc/sysctl.d/, or kube-proxy's conntrack.tcpEstablishedTimeout), or lower \
+                 net.ipv4.tcp_keepalive_time below {timeout}",
+                keepalive.saturating_mul(2).max(86400)
+            ))
+            .evidence(evidence)
+    }
+}
+
+/// Check 4b: `nf_conntrack_tcp_loose`.
+pub fn check_tcp_loose(ctx: &Ctx) -> Check {
+    const CHECK: &str = "conntrack_tcp_loose";
+    let fs = &ctx.fs;
+    let loose = match fs.sysctl_u64("net.netfilter.nf_conntrack_tcp_loose") {
+        Ok(v) => v,
+        Err(e) => {
+            if e.is_missing() && ctx.conntrack != Conntrack::Loaded {
+                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
+                    return c;
+                }
+            }
+            return Check::unknown(CHECK, e.to_string());
+        }
+    };
+    let evidence = json!({"tcp_loose": loose});
+    if loose >= 1 {
+        Check::new(CHECK, Status::Ok, loose.to_string())
+            .expected("1 (the default)")
+            .why(
+                "a segment of a connection whose entry expired or was flushed creates a new entry \
+                 mid-stream; through a Service, DNAT then chooses a backend afresh, which may \
+                 differ (backend_switch) — keep entries from expiring (timeout_established)",
+            )
+            .evidence(evidence)
+    } else {
+        Check::new(CHECK, Status::Warn, loose.to_string())
+            .expected("1 (the default)")
+            .why(
+                "with tcp_loose=0, every segment of a connection whose conntrack entry expired or \
+                 was flushed (conntrack -F, kube-proxy restarts, table full) is INVALID: dropped \
+                 by an INVALID-drop rule (the connection hangs) or passed un-NATed (the client \
+                 resets it)",
+            )
+            .fix("sysctl -w net.netfilter.nf_conntrack_tcp_loose=1 (and persist it in /etc/sysctl.d/)")
+            .evidence(evidence)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sysctl_files() {
+        let text = "# comment\n; other\n net.netfilter.nf_conntrack_max = 1048576 \n\
+-net/netfilter/nf_conntrack_tcp_be_liberal=1\nnet.ipv4.tcp_rmem = 4096\t87380   6291456\n\
+net.ipv4.conf.*.rp_filter = 0\nno equals sign\n= 3\n";
+        let p = parse_sysctl_conf(text);
+        assert_eq!(
+            p,
+            vec![
+                ("net.netfilter.nf_conntrack_max".into(), "1048576".into(), 3),
+                (
+                    "net.netfilter.nf_conntrack_tcp_be_liberal".into(),
+                    "1".into(),
+                    4
+                ),
+                ("net.ipv4.tcp_rmem".into(), "4096 87380 6291456".into(), 5),
+            ]
+        );
+        assert_eq!(module_of("net.netfilter.x"), Some("nf_conntrack"));
+        assert_eq!(module_of("net.nf_conntrack_max"), Some("nf_conntrack"));
+        assert_eq!(module_of("net.ipv4.vs.conntrack"), Some("ip_vs"));
+        assert_eq!(
+            module_of("net.bridge.bridge-nf-call-iptables"),
+            Some("br_netfilter")
+        );
+        assert_eq!(module_of("net.ipv4.ip_forward"), None);
+    }
+}

@@ -1,0 +1,325 @@
+//! `ktrace doctor` on the real kernel, in a network namespace of its own:
+//! toggling the per-namespace conntrack sysctls (and, when the tools are
+//! there, an INVALID-drop rule) flips the corresponding checks.
+//!
+//! Needs root and iproute2's `ip`; without them it prints why and passes.
+//! It runs the ktrace binary, which it does not build: run
+//! `cargo build -p ktrace` first (the binary is taken from
+//! `$KTRACE_BIN`, else `<workspace>/target/debug/ktrace`).
+//!
+//! It only touches the namespace it creates (`ktr-doc-<pid>`), deletes it
+//! even when an assertion fails (the guard's Drop), and sends no traffic.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// A network namespace created by this test, deleted on drop.
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn create(name: String) -> Result<Netns> {
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .context("running ip netns add")?;
+        if !out.status.success() {
+            bail!(
+                "ip netns add {name}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(Netns { name })
+    }
+
+    /// Runs a command inside the namespace.
+    fn exec(&self, args: &[&str]) -> Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .with_context(|| format!("ip netns exec {} {}", self.name, args.join(" ")))
+    }
+
+    /// Runs a command inside the namespace and requires success.
+    fn run(&self, args: &[&str]) -> Result<()> {
+        let out = self.exec(args)?;
+        if !out.status.success() {
+            bail!(
+                "{} failed in {}: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.run(&["sysctl", "-q", "-w", &format!("{key}={value}")])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        match Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output()
+        {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "doctor_netns: could not delete {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("doctor_netns: could not delete {}: {e}", self.name),
+        }
+    }
+}
+
+/// Whether `tool` is on PATH (the commands below are run by name).
+fn in_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn effective_uid() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Why this test cannot run here, if it cannot.
+fn skip_reason() -> Option<String> {
+    match effective_uid() {
+        Some(0) => {}
+        Some(uid) => return Some(format!("not root (uid {uid})")),
+        None => return Some("cannot tell the uid from /proc/self/status".into()),
+    }
+    for tool in ["ip", "sysctl"] {
+        if !in_path(tool) {
+            return Some(format!("`{tool}` is not installed"));
+        }
+    }
+    None
+}
+
+fn ktrace_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KTRACE_BIN") {
+        return PathBuf::from(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf();
+    workspace.join("target/debug/ktrace")
+}
+
+/// `ktrace doctor --json` in the namespace: exit code and checks by name.
+fn doctor(ns: &Netns, bin: &Path) -> Result<(i32, BTreeMap<String, Value>)> {
+    let bin = bin.to_str().context("binary path is not UTF-8")?;
+    let out = ns.exec(&[bin, "doctor", "--json"])?;
+    let code = out.status.code().context("ktrace was killed")?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if code != 0 && code != 1 {
+        bail!("ktrace doctor exited {code}: {stderr}");
+    }
+    let stdout = String::from_utf8(out.stdout).context("stdout is not UTF-8")?;
+    let mut checks = BTreeMap::new();
+    for line in stdout.lines() {
+        let v: Value = serde_json::from_str(line).with_context(|| format!("not JSON: {line}"))?;
+        let name = v["check"].as_str().unwrap_or_default().to_string();
+        checks.insert(name, v);
+    }
+    // The exit status follows the statuses (no --warn-fails).
+    let any_fail = checks.values().any(|c| c["status"] == "fail");
+    assert_eq!(code == 1, any_fail, "exit {code} vs checks:\n{stdout}");
+    Ok((code, checks))
+}
+
+fn status<'a>(checks: &'a BTreeMap<String, Value>, name: &str) -> &'a str {
+    checks
+        .get(name)
+        .and_then(|c| c["status"].as_str())
+        .unwrap_or_else(|| panic!("no {name} check in {checks:?}"))
+}
+
+fn describe(checks: &BTreeMap<String, Value>, name: &str) -> String {
+    checks
+        .get(name)
+        .map(|c| format!("{} / {} / {}", c["status"], c["value"], c["why"]))
+        .unwrap_or_default()
+}
+
+#[test]
+fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
+    if let Some(why) = skip_reason() {
+        println!("SKIPPED doctor_checks_flip_with_namespace_sysctls: {why}");
+        return Ok(());
+    }
+    let bin = ktrace_bin();
+    assert!(
+        bin.is_file(),
+        "{} not found: run `cargo build -p ktrace` first, or set KTRACE_BIN",
+        bin.display()
+    );
+
+    let ns = Netns::create(format!("ktr-doc-{}", std::process::id()))?;
+    let probe = ns.exec(&["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])?;
+    if !probe.status.success() {
+        println!(
+            "SKIPPED doctor_checks_flip_with_namespace_sysctls: nf_conntrack is not loaded \
+             (no /proc/sys/net/netfilter in a new namespace)"
+        );
+        return Ok(());
+    }
+
+    // A known baseline: exposed to un-NATed replies, loose, long timeout.
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "0")?;
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "1")?;
+    ns.sysctl(
+        "net.netfilter.nf_conntrack_tcp_timeout_established",
+        "432000",
+    )?;
+    ns.sysctl("net.ipv4.tcp_keepalive_time", "7200")?;
+    let (code, c) = doctor(&ns, &bin)?;
+    assert_eq!(
+        status(&c, "unnated_reply_protection"),
+        "fail",
+        "{}",
+        describe(&c, "unnated_reply_protection")
+    );
+    assert_eq!(code, 1);
+    assert_eq!(status(&c, "conntrack_tcp_loose"), "ok");
+    assert_eq!(status(&c, "conntrack_timeout_established"), "ok");
+    assert_eq!(
+        status(&c, "conntrack_usage"),
+        "ok",
+        "{}",
+        describe(&c, "conntrack_usage")
+    );
+    // The host's sysctl files do not apply to this namespace.
+    assert!(
+        ["ok", "unknown"].contains(&status(&c, "sysctl_load_order")),
+        "{}",
+        describe(&c, "sysctl_load_order")
+    );
+    for name in [
+        "conntrack_buckets",
+        "conntrack_counters",
+        "hooks_btf",
+        "hooks_symbols",
+    ] {
+        assert!(c.contains_key(name), "{name} missing");
+    }
+
+    // be_liberal=1 protects.
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "1")?;
+    let (_, c) = doctor(&ns, &bin)?;
+    assert_eq!(
+        status(&c, "unnated_reply_protection"),
+        "ok",
+        "{}",
+        describe(&c, "unnated_reply_protection")
+    );
+    assert!(c["unnated_reply_protection"]["value"]
+        .as_str()
+        .unwrap_or("")
+        .contains("be_liberal=1"));
+
+    // tcp_loose=0 warns.
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")?;
+    let (_, c) = doctor(&ns, &bin)?;
+    assert_eq!(status(&c, "conntrack_tcp_loose"), "warn");
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "1")?;
+
+    // An established timeout shorter than keepalive warns; a shorter
+    // keepalive (also per namespace) makes it ok again.
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_timeout_established", "3600")?;
+    let (_, c) = doctor(&ns, &bin)?;
+    assert_eq!(
+        status(&c, "conntrack_timeout_established"),
+        "warn",
+        "{}",
+        describe(&c, "conntrack_timeout_established")
+    );
+    ns.sysctl("net.ipv4.tcp_keepalive_time", "600")?;
+    let (_, c) = doctor(&ns, &bin)?;
+    assert_eq!(status(&c, "conntrack_timeout_established"), "ok");
+    assert_eq!(status(&c, "conntrack_tcp_loose"), "ok");
+
+    // With be_liberal=0, an INVALID-drop rule in this namespace protects.
+    ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "0")?;
+    if in_path("nft") {
+        let added = ns
+            .run(&["nft", "add", "table", "inet", "ktrdoc"])
+            .and_then(|_| {
+                ns.run(&[
+                    "nft",
+                    "add chain inet ktrdoc ktrfwd { type filter hook forward priority 0 ; policy accept ; }",
+                ])
+            })
+            .and_then(|_| ns.run(&["nft", "add rule inet ktrdoc ktrfwd ct state invalid drop"]));
+        match added {
+            Ok(()) => {
+                let (_, c) = doctor(&ns, &bin)?;
+                assert_eq!(
+                    status(&c, "unnated_reply_protection"),
+                    "ok",
+                    "{}",
+                    describe(&c, "unnated_reply_protection")
+                );
+                assert!(c["unnated_reply_protection"]["value"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("nftables inet ktrdoc/ktrfwd"));
+                ns.run(&["nft", "delete", "table", "inet", "ktrdoc"])?;
+                let (_, c) = doctor(&ns, &bin)?;
+                assert_eq!(status(&c, "unnated_reply_protection"), "fail");
+                println!("nftables part: `ct state invalid drop` on forward flips the check");
+            }
+            Err(e) => println!("nftables part skipped: {e:#}"),
+        }
+    } else {
+        println!("nftables part skipped: nft is not installed");
+    }
+    if in_path("iptables") {
+        let added = ns.run(&[
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "INVALID",
+            "-j",
+            "DROP",
+        ]);
+        match added {
+            Ok(()) => {
+                let (_, c) = doctor(&ns, &bin)?;
+                assert_eq!(
+                    status(&c, "unnated_reply_protection"),
+                    "ok",
+                    "{}",
+                    describe(&c, "unnated_reply_protection")
+                );
+                assert!(c["unnated_reply_protection"]["value"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("filter/FORWARD"));
+                println!("iptables part: `--ctstate INVALID -j DROP` on FORWARD flips the check");
+            }
+            Err(e) => println!("iptables part skipped: {e:#}"),
+        }
+    } else {
+        println!("iptables part skipped: iptables is not installed");
+    }
+    drop(ns);
+    Ok(())
+}
