@@ -35,10 +35,23 @@ pub fn header(kind: u16, hook: u8, netns: u32) -> EventHeader {
     }
 }
 
+const BPF_RB_AVAIL_DATA: u64 = 0;
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+/// Userspace is woken once this much is waiting (and polls every 50 ms for
+/// the rest): a wake-up per event costs the packet path microseconds in a
+/// storm, when a fast reader keeps the ring empty.
+const WAKEUP_BYTES: u64 = 256 * 1024;
+
 /// Copies `event` into the ring buffer, counting a loss if it is full.
 #[inline(always)]
 pub fn emit<T: 'static>(event: &T) {
-    if EVENTS.output::<T>(event, 0).is_err() {
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA) >= WAKEUP_BYTES {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<T>(event, flags).is_err() {
         count(counter::LOST);
     }
 }

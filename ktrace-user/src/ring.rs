@@ -16,6 +16,9 @@ pub enum RingError {
     Poll(#[source] std::io::Error),
 }
 
+/// Longest time an event waits in the ring before userspace reads it.
+pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+
 pub struct RingReader {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
@@ -23,7 +26,9 @@ pub struct RingReader {
 
 impl RingReader {
     pub fn new(ebpf: &mut Ebpf) -> Result<RingReader, RingError> {
-        let ring = ebpf.take_map("EVENTS").ok_or(RingError::MissingMap("EVENTS"))?;
+        let ring = ebpf
+            .take_map("EVENTS")
+            .ok_or(RingError::MissingMap("EVENTS"))?;
         let ring = RingBuf::try_from(ring).map_err(|e| RingError::Map("EVENTS", e))?;
         let counters = ebpf
             .take_map("COUNTERS")
@@ -34,16 +39,16 @@ impl RingReader {
         // its registration (the I/O-safety concern behind the deprecation).
         #[allow(deprecated)]
         let ring = AsyncFd::new(ring).map_err(RingError::Poll)?;
-        Ok(RingReader {
-            ring,
-            counters,
-        })
+        Ok(RingReader { ring, counters })
     }
 
-    /// Waits until the ring has data.
+    /// Waits until the ring should be drained: the kernel wakes the reader
+    /// only once `WAKEUP_BYTES` (256 KiB) are waiting, so this also returns
+    /// every [`POLL_INTERVAL`] to pick up the rest.
     pub async fn readable(&mut self) -> Result<(), RingError> {
-        let mut guard = self.ring.readable_mut().await.map_err(RingError::Poll)?;
-        guard.clear_ready();
+        if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
+            guard.map_err(RingError::Poll)?.clear_ready();
+        }
         Ok(())
     }
 
