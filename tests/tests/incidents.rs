@@ -32,7 +32,13 @@ fn check_status(status: &Value) {
     let ct = hook(status, "ct_invalid");
     if !kprobes {
         assert_eq!(ct["attached"], false);
-        assert!(ct["reason"].as_str().unwrap().contains("kprobes not supported"), "{ct}");
+        assert!(
+            ct["reason"]
+                .as_str()
+                .unwrap()
+                .contains("kprobes not supported"),
+            "{ct}"
+        );
     }
     // Every hook that is off says why.
     for h in status["hooks"].as_array().unwrap() {
@@ -66,10 +72,21 @@ fn conntrack_flush_with_two_backends() {
         }
     }
     assert!(!reset.is_empty(), "no connection was reset by the flush");
-    let survivors: Vec<u16> = c.ports.iter().copied().filter(|p| !reset.contains(p)).collect();
+    let survivors: Vec<u16> = c
+        .ports
+        .iter()
+        .copied()
+        .filter(|p| !reset.contains(p))
+        .collect();
     let want = reset.len();
     assert!(
-        watch.wait_for(Duration::from_secs(5), |l| select(l, "finding", Some("backend_switch")).len() >= want),
+        watch.wait_for(Duration::from_secs(5), |l| select(
+            l,
+            "finding",
+            Some("backend_switch")
+        )
+        .len()
+            >= want),
         "backend_switch findings did not arrive in time"
     );
     let lines = watch.stop();
@@ -87,25 +104,43 @@ fn conntrack_flush_with_two_backends() {
         let e = mine[0];
         assert!(backends().contains(e["src"].as_str().unwrap()), "{e}");
         assert_eq!(e["netns"], server_ns, "{e}");
-        assert_eq!(e["socket"], false, "the backend has no socket for this flow: {e}");
+        assert_eq!(
+            e["socket"], false,
+            "the backend has no socket for this flow: {e}"
+        );
         assert!(e["reason"].as_str().is_some_and(|r| !r.is_empty()), "{e}");
         assert!(e["ts"].as_str().unwrap().ends_with('Z'));
     }
     for p in &survivors {
-        assert!(!resets.iter().any(|e| e["dst"] == client(*p)), "survivor {p} was reset");
+        assert!(
+            !resets.iter().any(|e| e["dst"] == client(*p)),
+            "survivor {p} was reset"
+        );
     }
 
     // Diagnosis: a backend_switch per reset connection, exactly right.
     let switches = select(&lines, "finding", Some("backend_switch"));
     assert_eq!(switches.len(), reset.len(), "{switches:?}");
     for p in &reset {
-        let f = switches.iter().find(|f| f["client"] == client(*p)).unwrap_or_else(|| panic!("no finding for {p}"));
+        let f = switches
+            .iter()
+            .find(|f| f["client"] == client(*p))
+            .unwrap_or_else(|| panic!("no finding for {p}"));
         let rst = resets.iter().find(|e| e["dst"] == client(*p)).unwrap();
         assert_eq!(f["service"], vip().as_str());
-        assert_eq!(f["backend"], rst["src"], "the new backend is the one that reset");
+        assert_eq!(
+            f["backend"], rst["src"],
+            "the new backend is the one that reset"
+        );
         let old = f["evidence"]["old_backend"].as_str().unwrap();
-        assert!(backends().contains(old) && old != f["backend"].as_str().unwrap(), "{f}");
-        assert!(f["remedy"].as_str().unwrap().contains("nf_conntrack_tcp_timeout_established"));
+        assert!(
+            backends().contains(old) && old != f["backend"].as_str().unwrap(),
+            "{f}"
+        );
+        assert!(f["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("nf_conntrack_tcp_timeout_established"));
     }
     assert!(select(&lines, "finding", Some("unnated_reply")).is_empty());
 }
@@ -127,7 +162,13 @@ fn unnated_reply_out_of_window() {
     std::thread::sleep(Duration::from_millis(1000));
     let reset = c.send_all();
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(l, "finding", Some("unnated_reply")).len() >= 3));
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "finding",
+        Some("unnated_reply")
+    )
+    .len()
+        >= 3));
     let lines = watch.stop();
     let (client_ns, server_ns) = (lab.inode(&lab.client), lab.inode(&lab.server));
     let backend = format!("{}:2222", BACKENDS[0]);
@@ -145,7 +186,9 @@ fn unnated_reply_out_of_window() {
         // The backend accepts that reset: the connection is gone.
         let got = select(&lines, "event", Some("tcp_receive_reset"))
             .into_iter()
-            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str() && e["netns"] == server_ns)
+            .filter(|e| {
+                e["src"] == client(*p) && e["dst"] == backend.as_str() && e["netns"] == server_ns
+            })
             .count();
         assert_eq!(got, 1, "port {p}");
         let f: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
@@ -155,8 +198,14 @@ fn unnated_reply_out_of_window() {
         assert_eq!(f.len(), 1, "one finding per broken connection: {f:?}");
         assert_eq!(f[0]["service"], vip().as_str());
         assert_eq!(f[0]["backend"], backend.as_str());
-        assert!(f[0]["remedy"].as_str().unwrap().contains("nf_conntrack_tcp_be_liberal=1"));
-        assert!(f[0]["evidence"]["basis"].as_array().unwrap().contains(&"client_rst_to_backend_address".into()));
+        assert!(f[0]["remedy"]
+            .as_str()
+            .unwrap()
+            .contains("nf_conntrack_tcp_be_liberal=1"));
+        assert!(f[0]["evidence"]["basis"]
+            .as_array()
+            .unwrap()
+            .contains(&"client_rst_to_backend_address".into()));
     }
     assert!(select(&lines, "finding", Some("backend_switch")).is_empty());
 }
@@ -175,17 +224,31 @@ fn reset_burst_gives_one_storm() {
     // The server sends each out-of-window segment 0.3 s after its "ok".
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(c.send_all().len(), 30);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| !select(l, "finding", Some("rst_storm")).is_empty()));
+    assert!(watch.wait_for(Duration::from_secs(5), |l| !select(
+        l,
+        "finding",
+        Some("rst_storm")
+    )
+    .is_empty()));
     std::thread::sleep(Duration::from_millis(500));
     let lines = watch.stop();
-    assert!(select(&lines, "event", None).is_empty(), "no --events, no events");
+    assert!(
+        select(&lines, "event", None).is_empty(),
+        "no --events, no events"
+    );
     let storms = select(&lines, "finding", Some("rst_storm"));
-    let starts: Vec<&&Value> = storms.iter().filter(|f| f["evidence"]["phase"] == "start").collect();
+    let starts: Vec<&&Value> = storms
+        .iter()
+        .filter(|f| f["evidence"]["phase"] == "start")
+        .collect();
     assert_eq!(starts.len(), 1, "{storms:?}");
     assert_eq!(starts[0]["service"], vip().as_str());
     assert!(starts[0]["evidence"]["count"].as_u64().unwrap() >= 10);
     assert_eq!(starts[0]["evidence"]["window_s"], 5.0);
-    assert!(storms.len() <= 4, "a storm is reported, not every reset: {storms:?}");
+    assert!(
+        storms.len() <= 4,
+        "a storm is reported, not every reset: {storms:?}"
+    );
     assert_eq!(select(&lines, "finding", Some("unnated_reply")).len(), 30);
 }
 
@@ -198,7 +261,26 @@ fn control_run_gives_no_findings() {
     let mut lab = Lab::new("ct", 2);
     lab.start_server();
     // A second service whose backend port has no listener: refused connections.
-    lab.exec_ok(&lab.node, &["iptables", "-t", "nat", "-A", "PREROUTING", "-d", "10.96.0.11", "-p", "tcp", "--dport", "2223", "-j", "DNAT", "--to-destination", "10.0.1.2:2223"]);
+    lab.exec_ok(
+        &lab.node,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.11",
+            "-p",
+            "tcp",
+            "--dport",
+            "2223",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.0.1.2:2223",
+        ],
+    );
     let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
     // Ordinary connections: echo, then clean close.
     let mut c = lab.client(10);
@@ -208,9 +290,98 @@ fn control_run_gives_no_findings() {
     assert_eq!(lab.refuse("10.96.0.11", 2223, 10), 10);
     assert_eq!(lab.refuse("10.0.1.2", 2224, 10), 10);
     assert_eq!(lab.refuse("127.0.0.1", 9, 10), 10);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(l, "event", Some("tcp_send_reset")).len() >= 30));
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "event",
+        Some("tcp_send_reset")
+    )
+    .len()
+        >= 30));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
     let findings = select(&lines, "finding", None);
-    assert!(findings.is_empty(), "control traffic gave findings: {findings:?}");
+    assert!(
+        findings.is_empty(),
+        "control traffic gave findings: {findings:?}"
+    );
+}
+
+/// IPv6 resets are decoded with bracketed endpoints and the right namespace.
+#[test]
+fn ipv6_resets_are_decoded() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("v6", 1);
+    let watch = lab.watch(&["--events"]);
+    assert_eq!(lab.refuse("::1", 9, 3), 3);
+    assert!(watch.wait_for(Duration::from_secs(5), |l| {
+        select(l, "event", Some("tcp_send_reset")).iter().filter(|e| e["src"] == "[::1]:9").count() >= 3
+    }));
+    let lines = watch.stop();
+    let client_ns = lab.inode(&lab.client);
+    let v6: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
+        .into_iter()
+        .filter(|e| e["src"] == "[::1]:9")
+        .collect();
+    assert_eq!(v6.len(), 3, "{v6:?}");
+    for e in v6 {
+        assert!(e["dst"].as_str().unwrap().starts_with("[::1]:"), "{e}");
+        assert_eq!(e["netns"], client_ns);
+        assert_eq!(e["answers"], "SYN");
+    }
+    assert!(select(&lines, "finding", None).is_empty());
+}
+
+/// The human view names the incident with service, backend and client,
+/// within a second of the reset.
+#[test]
+fn human_view_names_the_incident() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("hu", 1);
+    lab.start_server();
+    let out = std::env::temp_dir().join(format!("ktrace-human-{}.txt", std::process::id()));
+    let file = std::fs::File::create(&out).unwrap();
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", &lab.node])
+        .arg(ktrace_tests::ktrace_bin())
+        .args(["watch", "--duration", "8"])
+        .stdout(file)
+        .spawn()
+        .unwrap();
+    // Wait for the status block before making traffic.
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&out).unwrap_or_default().contains("ipvs_conn_new") {
+        assert!(start.elapsed() < Duration::from_secs(10), "no status block");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut c = lab.client(1);
+    c.cmd("oow");
+    std::thread::sleep(Duration::from_millis(1000));
+    let port = c.ports[0];
+    let reset_at = std::time::Instant::now();
+    assert_eq!(c.send_all(), vec![port]);
+    let want = format!("client {CLIENT_IP}:{port}");
+    let mut text = String::new();
+    while reset_at.elapsed() < Duration::from_secs(1) {
+        text = std::fs::read_to_string(&out).unwrap();
+        if text.contains(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let line = text
+        .lines()
+        .find(|l| l.contains("unnated_reply"))
+        .unwrap_or_else(|| panic!("no unnated_reply line within a second:\n{text}"));
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&format!("Service {VIP}:2222")), "{line}");
+    assert!(line.contains(&format!("backend {}:2222", BACKENDS[0])), "{line}");
+    assert!(line.contains(&want), "{line}");
+    assert!(line.contains("Fix: "), "{line}");
+    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(child.wait().unwrap().success(), "SIGTERM is a clean stop");
+    let _ = std::fs::remove_file(&out);
 }
