@@ -15,8 +15,14 @@ fn main() {
     let ebpf = root.join("ktrace-ebpf");
     println!("cargo:rerun-if-env-changed=KTRACE_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", ebpf.join("src").display());
-    println!("cargo:rerun-if-changed={}", ebpf.join("Cargo.toml").display());
-    println!("cargo:rerun-if-changed={}", root.join("ktrace-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        ebpf.join("Cargo.toml").display()
+    );
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("ktrace-common/src").display()
+    );
 
     if let Ok(prebuilt) = std::env::var("KTRACE_EBPF_OBJECT") {
         std::fs::copy(&prebuilt, &out).expect("copying KTRACE_EBPF_OBJECT");
@@ -53,12 +59,19 @@ fn build_ebpf(dir: &Path) -> Result<PathBuf, String> {
         .env("CARGO_TARGET_DIR", dir.join("target"));
     // The outer cargo's settings are for the host build, not this one.
     for (k, _) in std::env::vars() {
-        if k.starts_with("CARGO_") && k != "CARGO_HOME" || k.starts_with("RUSTC") || k == "RUSTFLAGS" || k == "RUSTDOC" {
+        if k.starts_with("CARGO_") && k != "CARGO_HOME"
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+            || k == "RUSTDOC"
+        {
             cmd.env_remove(&k);
         }
     }
-    cmd.env("RUSTC_BOOTSTRAP", "1").env("CARGO_TARGET_DIR", dir.join("target"));
-    let status = cmd.status().map_err(|e| format!("running /usr/bin/cargo: {e}"))?;
+    cmd.env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_TARGET_DIR", dir.join("target"));
+    let status = cmd
+        .status()
+        .map_err(|e| format!("running /usr/bin/cargo: {e}"))?;
     if !status.success() {
         return Err(format!("building ktrace-ebpf failed ({status})"));
     }

@@ -44,9 +44,8 @@ impl WallClock {
     }
 }
 
-const RFC3339_NS: &[FormatItem<'static>] = format_description!(
-    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z"
-);
+const RFC3339_NS: &[FormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:9]Z");
 
 pub fn rfc3339_ns(epoch_ns: i128) -> String {
     OffsetDateTime::from_unix_timestamp_nanos(epoch_ns)
@@ -61,7 +60,10 @@ mod tests {
 
     #[test]
     fn formats_nanoseconds_utc() {
-        assert_eq!(rfc3339_ns(1_700_000_000_123_456_789), "2023-11-14T22:13:20.123456789Z");
+        assert_eq!(
+            rfc3339_ns(1_700_000_000_123_456_789),
+            "2023-11-14T22:13:20.123456789Z"
+        );
         let c = WallClock { offset_ns: 1_000 };
         assert_eq!(c.wall_ns(5), 1_005);
     }

@@ -51,7 +51,9 @@ impl Ctnetlink {
         // A storm of connections must not overflow the socket: ask for 8 MiB.
         let _ = socket.set_rx_buf_sz(8 << 20);
         for g in [NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY] {
-            socket.add_membership(g).map_err(CtnetlinkError::Subscribe)?;
+            socket
+                .add_membership(g)
+                .map_err(CtnetlinkError::Subscribe)?;
         }
         Ok(Ctnetlink {
             socket,

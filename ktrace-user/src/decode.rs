@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use bytes::Buf;
 use ktrace_common::{
-    hook, invalid_reason, kind, reset_flags, CtInvalidEvent, EventHeader, IpvsConnEvent,
-    NatEvent, ResetEvent, AF_INET, AF_INET6, CT_MESSAGE_LEN,
+    hook, invalid_reason, kind, reset_flags, CtInvalidEvent, EventHeader, IpvsConnEvent, NatEvent,
+    ResetEvent, AF_INET, AF_INET6, CT_MESSAGE_LEN,
 };
 
 use crate::event::{Event, EventBody, Source};
@@ -276,7 +276,9 @@ mod tests {
     fn unknown_reason_values_keep_their_number() {
         let rec = bytes_of(&reset(kind::TCP_SEND_RESET, reset_flags::HAS_REASON, 77));
         match decode(&rec, &names()).unwrap().body {
-            EventBody::TcpSendReset { reason, .. } => assert_eq!(reason.as_deref(), Some("REASON_77")),
+            EventBody::TcpSendReset { reason, .. } => {
+                assert_eq!(reason.as_deref(), Some("REASON_77"))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -326,10 +328,16 @@ mod tests {
         }
         let mut bad_kind = good.clone();
         bad_kind[0] = 0xee;
-        assert_eq!(decode(&bad_kind, &names()), Err(DecodeError::UnknownKind(0xee)));
+        assert_eq!(
+            decode(&bad_kind, &names()),
+            Err(DecodeError::UnknownKind(0xee))
+        );
         let mut bad_family = good.clone();
         bad_family[16 + 18] = 99;
-        assert_eq!(decode(&bad_family, &names()), Err(DecodeError::BadFamily(99)));
+        assert_eq!(
+            decode(&bad_family, &names()),
+            Err(DecodeError::BadFamily(99))
+        );
         // Random bytes of every length never panic.
         let mut x: u32 = 0x12345678;
         for len in 0..300 {

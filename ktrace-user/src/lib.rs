@@ -23,6 +23,8 @@ pub mod hooks;
 pub mod layout;
 pub mod netns;
 pub mod output;
+pub mod recording;
+pub mod replay;
 pub mod ring;
 pub mod support;
 pub mod sysctl;

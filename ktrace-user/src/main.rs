@@ -23,6 +23,10 @@ enum Command {
     Watch(WatchArgs),
     /// Audit this node's conntrack / IPVS / TCP settings and the kernel's hook support.
     Doctor(DoctorArgs),
+    /// Record every kernel event to a file (rotated with --rotate-size/--rotate-time) until Ctrl-C or --duration.
+    Record(RecordArgs),
+    /// Run the correlation over recordings and print what `watch` would have printed.
+    Replay(ReplayArgs),
 }
 
 #[derive(Args)]
@@ -42,8 +46,96 @@ struct WatchArgs {
     /// Do not subscribe to ctnetlink for NAT mappings.
     #[arg(long)]
     no_ctnetlink: bool,
+    /// Also record every event to PATH while watching (see `ktrace record`).
+    #[arg(long, value_name = "PATH")]
+    record: Option<PathBuf>,
+    #[command(flatten)]
+    rotation: RotationArgs,
     #[command(flatten)]
     engine: EngineArgs,
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    /// The recording; rotated segments are PATH.1 (newest) ... PATH.<keep-1>.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    output: PathBuf,
+    /// JSON Lines on stdout (status, lost events, a closing summary).
+    #[arg(long)]
+    json: bool,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS")]
+    duration: Option<f64>,
+    /// Ring buffer size in MiB (a power of two).
+    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    ring_buffer_mb: u32,
+    /// Do not subscribe to ctnetlink for NAT mappings.
+    #[arg(long)]
+    no_ctnetlink: bool,
+    #[command(flatten)]
+    rotation: RotationArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+}
+
+/// Rotation and retention of recordings (docs/recording-format.md).
+#[derive(Args)]
+struct RotationArgs {
+    /// Start a new segment before the current one exceeds SIZE (MiB; or 512K, 100M, 1G).
+    #[arg(long, value_name = "SIZE", value_parser = ktrace::recording::parse_size)]
+    rotate_size: Option<u64>,
+    /// Start a new segment when the current one is this old (seconds; or 90m, 6h, 1d).
+    #[arg(long, value_name = "SECS", value_parser = ktrace::recording::parse_duration)]
+    rotate_time: Option<std::time::Duration>,
+    /// Files kept, the current one included [default: 8 with rotation, else 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    keep: Option<u32>,
+    /// zstd level of the blocks (0 stores them uncompressed).
+    #[arg(long, value_name = "LEVEL", default_value_t = 3, value_parser = clap::value_parser!(i32).range(0..=19))]
+    zstd_level: i32,
+}
+
+impl RotationArgs {
+    fn given(&self) -> bool {
+        self.rotate_size.is_some() || self.rotate_time.is_some() || self.keep.is_some()
+    }
+
+    fn config(&self, path: PathBuf) -> ktrace::recording::RotationConfig {
+        let mut cfg = ktrace::recording::RotationConfig::new(path);
+        cfg.rotate_bytes = self.rotate_size;
+        cfg.rotate_time = self.rotate_time;
+        let rotates = self.rotate_size.is_some() || self.rotate_time.is_some();
+        cfg.keep = self
+            .keep
+            .map_or(if rotates { 8 } else { 1 }, |k| k as usize);
+        cfg.zstd_level = self.zstd_level;
+        cfg
+    }
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Recordings, in any order; PATH of a rotated set brings its PATH.1, PATH.2, ... too.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    /// JSON Lines on stdout instead of the human view.
+    #[arg(long)]
+    json: bool,
+    /// Also print every recorded event.
+    #[arg(long)]
+    events: bool,
+    /// Print nothing from before this time (RFC 3339, e.g. 2026-01-02T03:04:05Z).
+    #[arg(long, value_name = "TIME", value_parser = ktrace::replay::parse_rfc3339)]
+    since: Option<i128>,
+    /// Stop at this time (RFC 3339).
+    #[arg(long, value_name = "TIME", value_parser = ktrace::replay::parse_rfc3339)]
+    until: Option<i128>,
+    /// Override the recorded rst_storm threshold.
+    #[arg(long, value_name = "N")]
+    storm_threshold: Option<u32>,
+    /// Override the recorded rst_storm window, in seconds.
+    #[arg(long, value_name = "SECS")]
+    storm_window: Option<f64>,
 }
 
 /// Tunables of the correlation engine.
@@ -98,6 +190,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Watch(a) => run_watch(a),
         Command::Doctor(a) => run_doctor(a),
+        Command::Record(a) => run_record(a),
+        Command::Replay(a) => run_replay(a),
     };
     match result {
         Ok(code) => code,
@@ -135,9 +229,92 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         duration: a.duration.map(std::time::Duration::from_secs_f64),
         ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
         ctnetlink: !a.no_ctnetlink,
+        record: a.record.clone().map(|p| a.rotation.config(p)),
     };
+    if a.record.is_none() && (a.rotation.given() || a.rotation.zstd_level != 3) {
+        use clap::CommandFactory as _;
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--rotate-size, --rotate-time, --keep and --zstd-level need --record PATH",
+            )
+            .exit();
+    }
     ktrace::watch::run(opts)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
+    if let Some(d) = a.duration {
+        if !(d >= 0.0 && d.is_finite()) {
+            anyhow::bail!("--duration must be a non-negative number of seconds");
+        }
+    }
+    let report = ktrace::recording::record(ktrace::recording::RecordOptions {
+        source: ktrace::watch::SourceOptions {
+            duration: a.duration.map(std::time::Duration::from_secs_f64),
+            ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
+            ctnetlink: !a.no_ctnetlink,
+        },
+        rotation: a.rotation.config(a.output.clone()),
+        json: a.json,
+        engine: a.engine.config()?,
+    })?;
+    if !a.json {
+        let s = &report.summary;
+        eprintln!(
+            "ktrace: recorded {} events in {} blocks ({} bytes) to {}{}",
+            s.events,
+            s.blocks,
+            s.bytes,
+            s.files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if s.dropped > 0 {
+                format!(
+                    "; {} events not recorded (disk full or too slow)",
+                    s.dropped
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
+    if let Some(w) = a.storm_window {
+        if !(w > 0.0 && w.is_finite()) {
+            anyhow::bail!("--storm-window must be a positive number of seconds");
+        }
+    }
+    if let (Some(s), Some(u)) = (a.since, a.until) {
+        if s > u {
+            anyhow::bail!("--since is after --until: nothing to replay");
+        }
+    }
+    let opts = ktrace::replay::ReplayOptions {
+        paths: a.paths,
+        json: a.json,
+        events: a.events,
+        since: a.since,
+        until: a.until,
+        storm_threshold: a.storm_threshold,
+        storm_window_ns: a.storm_window.map(|w| (w * 1e9) as u64),
+    };
+    match ktrace::replay::run(&opts) {
+        Ok(_) => Ok(ExitCode::SUCCESS),
+        // A closed pipe (`ktrace replay ... | head`) is not an error of ours.
+        Err(ktrace::replay::ReplayError::Output(e))
+            if e.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn run_doctor(a: DoctorArgs) -> anyhow::Result<ExitCode> {

@@ -21,15 +21,19 @@ impl NetnsNames {
         if let Ok(dir) = std::fs::read_dir("/run/netns") {
             for entry in dir.flatten() {
                 if let Ok(meta) = std::fs::metadata(entry.path()) {
-                    self.names
-                        .insert(meta.ino() as u32, entry.file_name().to_string_lossy().into_owned());
+                    self.names.insert(
+                        meta.ino() as u32,
+                        entry.file_name().to_string_lossy().into_owned(),
+                    );
                 }
             }
         }
         // PID 1's namespace is the host's (when this process may look at it);
         // otherwise name ktrace's own namespace.
         if let Ok(meta) = std::fs::metadata("/proc/1/ns/net") {
-            self.names.entry(meta.ino() as u32).or_insert_with(|| "host".to_string());
+            self.names
+                .entry(meta.ino() as u32)
+                .or_insert_with(|| "host".to_string());
         } else if let Some(me) = Self::current() {
             self.names.entry(me).or_insert_with(|| "self".to_string());
         }
@@ -41,6 +45,8 @@ impl NetnsNames {
 
     /// Inode of the namespace this process runs in.
     pub fn current() -> Option<u32> {
-        std::fs::metadata("/proc/self/ns/net").ok().map(|m| m.ino() as u32)
+        std::fs::metadata("/proc/self/ns/net")
+            .ok()
+            .map(|m| m.ino() as u32)
     }
 }

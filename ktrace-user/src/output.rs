@@ -155,7 +155,9 @@ impl<W: Write> Renderer<W> {
                 format!(
                     "{}{}",
                     message.as_deref().unwrap_or("INVALID"),
-                    orig_dst.map(|s| format!(" service={s}")).unwrap_or_default()
+                    orig_dst
+                        .map(|s| format!(" service={s}"))
+                        .unwrap_or_default()
                 ),
             ),
             EventBody::CtTableFull { src, dst, errno } => {
@@ -188,7 +190,11 @@ impl<W: Write> Renderer<W> {
                 service,
                 backend,
                 ..
-            } => (client.to_string(), service.to_string(), format!("backend={backend}")),
+            } => (
+                client.to_string(),
+                service.to_string(),
+                format!("backend={backend}"),
+            ),
         };
         let ns = self.netns_label(ev.netns);
         writeln!(
@@ -210,7 +216,10 @@ impl<W: Write> Renderer<W> {
             });
             return self.line(&v);
         }
-        writeln!(self.out, "LOST {count} events ({what}; {total} since start)")
+        writeln!(
+            self.out,
+            "LOST {count} events ({what}; {total} since start)"
+        )
     }
 
     pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
@@ -297,7 +306,10 @@ pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
             if let Some(s) = reply_src {
                 put("backend", json!(s.to_string()));
             }
-            put("direction", json!(if *reply_dir { "reply" } else { "original" }));
+            put(
+                "direction",
+                json!(if *reply_dir { "reply" } else { "original" }),
+            );
             if let Some(msg) = message {
                 put("reason", json!(msg));
             }
@@ -356,7 +368,10 @@ pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
 /// `"SYN"`, `"ACK|PSH"`, ... for the flags of a TCP segment.
 pub fn tcp_flags(f: u8) -> String {
     const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    let v: Vec<&str> = (0..8).filter(|i| f & (1 << i) != 0).map(|i| NAMES[i]).collect();
+    let v: Vec<&str> = (0..8)
+        .filter(|i| f & (1 << i) != 0)
+        .map(|i| NAMES[i])
+        .collect();
     v.join("|")
 }
 

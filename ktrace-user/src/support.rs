@@ -169,7 +169,10 @@ mod tests {
         assert!(!s.has_tracepoint("tcp", "tcp_receive_reset"));
         assert!(s.has_symbol("tcp_v4_send_reset"));
         assert!(s.has_symbol("ip_vs_conn_new"));
-        assert!(!s.has_symbol("init_conntrack"), "a .constprop clone is not the symbol");
+        assert!(
+            !s.has_symbol("init_conntrack"),
+            "a .constprop clone is not the symbol"
+        );
         assert!(s.ip_vs_loaded && !s.ip_vs_btf && !s.btf_vmlinux);
         std::fs::remove_dir_all(&dir).unwrap();
     }

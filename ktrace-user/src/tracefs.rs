@@ -160,7 +160,10 @@ print fmt: \"skbaddr=%p state=%s reason=%s\", REC->skbaddr, REC->state ? __print
         assert_eq!((t.sport, t.family), (NO_FIELD, NO_FIELD));
         assert_eq!(f.symbols["reason"][&1], "NO_SOCKET");
         assert_eq!(f.symbols["reason"].len(), 3);
-        assert!(!f.symbols.contains_key("state"), "macro-keyed tables are skipped");
+        assert!(
+            !f.symbols.contains_key("state"),
+            "macro-keyed tables are skipped"
+        );
     }
 
     #[test]
@@ -173,7 +176,8 @@ print fmt: \"skbaddr=%p state=%s reason=%s\", REC->skbaddr, REC->state ? __print
 
     #[test]
     fn garbage_gives_no_fields_and_no_panic() {
-        let f = Format::parse("field:\nfield:int;offset:x;size:;\nprint fmt: __print_symbolic(REC->");
+        let f =
+            Format::parse("field:\nfield:int;offset:x;size:;\nprint fmt: __print_symbolic(REC->");
         assert!(f.fields.is_empty());
         assert_eq!(f.tp_fields().skbaddr, NO_FIELD);
     }

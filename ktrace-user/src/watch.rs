@@ -1,6 +1,11 @@
 //! `ktrace watch`: attach, then feed kernel events (ring buffer) and NAT
 //! mappings (ctnetlink, where no kernel hook gives them) through the
 //! correlation engine to the renderer, until Ctrl-C, SIGTERM or the duration.
+//!
+//! The event source ([`run_source`]) is shared with `ktrace record`: it
+//! drives any [`Sink`]. [`Pipeline`] is the sink of `watch` (engine and
+//! renderer, plus a recorder with `--record`), of `record` (recorder, status
+//! and lost lines) and of `replay` (engine and renderer over a recording).
 
 use std::io::Write;
 use std::time::Duration;
@@ -10,12 +15,14 @@ use tokio::sync::mpsc;
 
 use crate::clock::{monotonic_now_ns, WallClock};
 use crate::ctnetlink::{Ctnetlink, Received};
-use crate::decode::{decode, Names};
+use crate::decode::decode;
 use crate::engine::{Engine, EngineConfig, Finding};
 use crate::event::Event;
 use crate::hooks::{self, HookStatus, LoadOptions};
 use crate::netns::NetnsNames;
 use crate::output::{Renderer, StatusInfo};
+use crate::recording::writer::{Notice, RecordError};
+use crate::recording::{Recorder, RotationConfig};
 use crate::ring::RingReader;
 
 pub struct WatchOptions {
@@ -25,6 +32,16 @@ pub struct WatchOptions {
     pub ring_buffer_bytes: u32,
     pub ctnetlink: bool,
     pub engine: EngineConfig,
+    /// `--record PATH`: also record every event while watching.
+    pub record: Option<RotationConfig>,
+}
+
+/// Where events come from, for [`run_source`].
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub duration: Option<Duration>,
+    pub ring_buffer_bytes: u32,
+    pub ctnetlink: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +54,10 @@ pub enum WatchError {
     Runtime(#[source] std::io::Error),
     #[error("cannot write output: {0}")]
     Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("cannot start the recording")]
+    RecordStart(#[source] std::io::Error),
 }
 
 /// Messages from the ctnetlink thread.
@@ -45,62 +66,260 @@ enum CtMsg {
     Overrun,
 }
 
-pub fn run(opts: WatchOptions) -> Result<(), WatchError> {
-    if !opts.ring_buffer_bytes.is_power_of_two() || opts.ring_buffer_bytes < 4096 {
+/// What the event source feeds: the status once, then events, lost-event
+/// counts and clock ticks (every 200 ms) until it stops, then `finish`.
+pub trait Sink {
+    fn start(
+        &mut self,
+        status: &[HookStatus],
+        info: &StatusInfo,
+        clock: WallClock,
+    ) -> Result<(), WatchError>;
+    fn event(&mut self, ev: &Event) -> Result<(), WatchError>;
+    fn lost(&mut self, now_ns: u64, count: u64, total: u64, what: &str) -> Result<(), WatchError>;
+    fn tick(&mut self, now_ns: u64) -> Result<(), WatchError>;
+    fn flush(&mut self) -> Result<(), WatchError>;
+    fn finish(&mut self) -> Result<(), WatchError>;
+}
+
+fn check_ring_size(bytes: u32) -> Result<(), WatchError> {
+    if !bytes.is_power_of_two() || bytes < 4096 {
         return Err(WatchError::Output(std::io::Error::other(
             "--ring-buffer-mb must be a power of two",
         )));
     }
+    Ok(())
+}
+
+pub fn run(opts: WatchOptions) -> Result<(), WatchError> {
+    check_ring_size(opts.ring_buffer_bytes)?;
+    // Checked before attaching: a bad --record path fails fast.
+    let recorder = match &opts.record {
+        Some(cfg) => Some(Recorder::create(cfg.clone(), "watch", opts.engine.clone())?),
+        None => None,
+    };
+    let clock = WallClock::now();
+    let stdout = std::io::stdout().lock();
+    let mut p = Pipeline::new(
+        Some(Engine::new(opts.engine.clone())),
+        Renderer::new(
+            std::io::BufWriter::with_capacity(1 << 16, stdout),
+            opts.json,
+            opts.events,
+            clock,
+            NetnsNames::load(),
+        ),
+    );
+    p.live = true;
+    p.recorder = recorder;
+    let source = SourceOptions {
+        duration: opts.duration,
+        ring_buffer_bytes: opts.ring_buffer_bytes,
+        ctnetlink: opts.ctnetlink,
+    };
+    let r = run_source(&source, clock, &mut p);
+    if let Some(rec) = p.recorder.take() {
+        rec.finish();
+    }
+    r
+}
+
+/// Attaches the hooks and feeds `sink` until SIGINT, SIGTERM or the
+/// duration; then drains what the kernel still holds and calls `finish`.
+pub fn run_source(
+    opts: &SourceOptions,
+    clock: WallClock,
+    sink: &mut dyn Sink,
+) -> Result<(), WatchError> {
+    check_ring_size(opts.ring_buffer_bytes)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(WatchError::Runtime)?;
-    rt.block_on(run_async(opts))
+    rt.block_on(source_loop(opts, clock, sink))
 }
 
-/// Feeds events to the engine and the renderer.
-struct Pipeline<W: Write> {
-    engine: Engine,
-    out: Renderer<W>,
-    names: Names,
+/// Feeds events to the engine, the renderer and the recorder: the one
+/// point every event passes through, live or replayed.
+pub struct Pipeline<W: Write> {
+    pub engine: Option<Engine>,
+    pub out: Renderer<W>,
+    pub recorder: Option<Recorder>,
     findings: Vec<Finding>,
-    decode_errors: u64,
+    /// Monotonic ns range whose events, findings and lost lines are
+    /// printed (replay's --since/--until); everything otherwise.
+    pub print_window: (u64, u64),
+    /// Live: refresh netns names at each tick.
+    pub live: bool,
 }
 
 impl<W: Write> Pipeline<W> {
-    fn handle(&mut self, ev: &Event) -> std::io::Result<()> {
-        self.out.event(ev)?;
-        self.engine.process(ev, &mut self.findings);
+    pub fn new(engine: Option<Engine>, out: Renderer<W>) -> Self {
+        Pipeline {
+            engine,
+            out,
+            recorder: None,
+            findings: Vec::new(),
+            print_window: (0, u64::MAX),
+            live: false,
+        }
+    }
+
+    fn printed(&self, ts: u64) -> bool {
+        ts >= self.print_window.0 && ts <= self.print_window.1
+    }
+
+    pub fn handle(&mut self, ev: &Event) -> std::io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.event(ev);
+        }
+        if self.printed(ev.ts_ns) {
+            self.out.event(ev)?;
+        }
+        if let Some(e) = &mut self.engine {
+            e.process(ev, &mut self.findings);
+        }
         self.emit_findings()
     }
 
-    fn handle_record(&mut self, rec: &[u8]) -> std::io::Result<()> {
+    /// Time passes (every 200 ms live; at the recorded ticks in replay).
+    pub fn tick(&mut self, now_ns: u64) -> std::io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.tick(now_ns);
+        }
+        self.recorder_notices()?;
+        if let Some(e) = &mut self.engine {
+            e.tick(now_ns, &mut self.findings);
+        }
+        self.emit_findings()
+    }
+
+    /// Events the kernel could not hand over.
+    pub fn lost(&mut self, now_ns: u64, count: u64, total: u64, what: &str) -> std::io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.lost(now_ns, count, total, what);
+        }
+        self.out.lost(count, total, what)
+    }
+
+    /// The end: storms still open are closed (as at the end of `watch`).
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        if let Some(e) = &mut self.engine {
+            e.tick(u64::MAX, &mut self.findings);
+        }
+        self.emit_findings()?;
+        self.recorder_notices()?;
+        self.out.flush()
+    }
+
+    fn recorder_notices(&mut self) -> std::io::Result<()> {
+        let Some(r) = &mut self.recorder else {
+            return Ok(());
+        };
+        for n in r.take_notices() {
+            match n {
+                Notice::Paused {
+                    path,
+                    error,
+                    dropped,
+                    total,
+                } => self.out.lost(
+                    dropped,
+                    total,
+                    &format!("recording to {} paused ({error}): events are not recorded until it can write", path.display()),
+                ),
+                Notice::Dropped { path, count, total } => self.out.lost(
+                    count,
+                    total,
+                    &format!("recording to {} still paused: events not recorded", path.display()),
+                ),
+                Notice::Resumed { path, count, total } => self.out.lost(
+                    count,
+                    total,
+                    &format!("recording to {} resumed: events not recorded while it could not write", path.display()),
+                ),
+            }?;
+        }
+        Ok(())
+    }
+
+    fn emit_findings(&mut self) -> std::io::Result<()> {
+        for f in self.findings.drain(..) {
+            if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
+                self.out.finding(&f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Sink for Pipeline<W> {
+    fn start(
+        &mut self,
+        status: &[HookStatus],
+        info: &StatusInfo,
+        clock: WallClock,
+    ) -> Result<(), WatchError> {
+        if let Some(r) = &mut self.recorder {
+            r.start(status, info, clock)
+                .map_err(WatchError::RecordStart)?;
+        }
+        self.out
+            .status(status, info)
+            .and_then(|_| self.out.flush())
+            .map_err(WatchError::Output)
+    }
+
+    fn event(&mut self, ev: &Event) -> Result<(), WatchError> {
+        self.handle(ev).map_err(WatchError::Output)
+    }
+
+    fn lost(&mut self, now_ns: u64, count: u64, total: u64, what: &str) -> Result<(), WatchError> {
+        Pipeline::lost(self, now_ns, count, total, what).map_err(WatchError::Output)
+    }
+
+    fn tick(&mut self, now_ns: u64) -> Result<(), WatchError> {
+        if self.live {
+            self.out.netns_names_mut().refresh();
+        }
+        Pipeline::tick(self, now_ns).map_err(WatchError::Output)
+    }
+
+    fn flush(&mut self) -> Result<(), WatchError> {
+        self.out.flush().map_err(WatchError::Output)
+    }
+
+    fn finish(&mut self) -> Result<(), WatchError> {
+        Pipeline::finish(self).map_err(WatchError::Output)
+    }
+}
+
+/// Ring-buffer records to events, counting the ones that do not decode.
+struct Decoder {
+    names: crate::decode::Names,
+    errors: u64,
+}
+
+impl Decoder {
+    fn feed(&mut self, rec: &[u8], sink: &mut dyn Sink) -> Result<(), WatchError> {
         match decode(rec, &self.names) {
-            Ok(ev) => self.handle(&ev),
+            Ok(ev) => sink.event(&ev),
             Err(e) => {
-                self.decode_errors += 1;
-                if self.decode_errors <= 3 {
+                self.errors += 1;
+                if self.errors <= 3 {
                     tracing::warn!("undecodable ring-buffer record: {e}");
                 }
                 Ok(())
             }
         }
     }
-
-    fn tick(&mut self, now_ns: u64) -> std::io::Result<()> {
-        self.engine.tick(now_ns, &mut self.findings);
-        self.emit_findings()
-    }
-
-    fn emit_findings(&mut self) -> std::io::Result<()> {
-        for f in self.findings.drain(..) {
-            self.out.finding(&f)?;
-        }
-        Ok(())
-    }
 }
 
-async fn run_async(opts: WatchOptions) -> Result<(), WatchError> {
+async fn source_loop(
+    opts: &SourceOptions,
+    clock: WallClock,
+    sink: &mut dyn Sink,
+) -> Result<(), WatchError> {
     let mut attached = hooks::load_and_attach(&LoadOptions {
         ring_buffer_bytes: opts.ring_buffer_bytes,
     })?;
@@ -112,7 +331,10 @@ async fn run_async(opts: WatchOptions) -> Result<(), WatchError> {
     let mut status = attached.status.clone();
     if !attached.nat_from_kernel {
         let nat = status.iter_mut().find(|s| s.name == "nat_mapping");
-        let kernel_reason = nat.as_ref().and_then(|s| s.reason.clone()).unwrap_or_default();
+        let kernel_reason = nat
+            .as_ref()
+            .and_then(|s| s.reason.clone())
+            .unwrap_or_default();
         let new = if !opts.ctnetlink {
             HookStatus {
                 name: "nat_mapping",
@@ -149,33 +371,19 @@ async fn run_async(opts: WatchOptions) -> Result<(), WatchError> {
     }
     drop(ct_tx);
 
-    let clock = WallClock::now();
-    let stdout = std::io::stdout().lock();
-    let mut p = Pipeline {
-        engine: Engine::new(opts.engine.clone()),
-        out: Renderer::new(
-            std::io::BufWriter::with_capacity(1 << 16, stdout),
-            opts.json,
-            opts.events,
-            clock,
-            NetnsNames::load(),
-        ),
+    let mut dec = Decoder {
         names: attached.names.clone(),
-        findings: Vec::new(),
-        decode_errors: 0,
+        errors: 0,
     };
-    let out_err = WatchError::Output;
-    p.out
-        .status(
-            &status,
-            &StatusInfo {
-                kernel: attached.support.release.as_deref(),
-                ring_buffer_bytes: opts.ring_buffer_bytes,
-                netns: my_netns,
-            },
-        )
-        .and_then(|_| p.out.flush())
-        .map_err(out_err)?;
+    sink.start(
+        &status,
+        &StatusInfo {
+            kernel: attached.support.release.as_deref(),
+            ring_buffer_bytes: opts.ring_buffer_bytes,
+            netns: my_netns,
+        },
+        clock,
+    )?;
 
     let mut sigint = signal(SignalKind::interrupt()).map_err(WatchError::Runtime)?;
     let mut sigterm = signal(SignalKind::terminate()).map_err(WatchError::Runtime)?;
@@ -198,32 +406,34 @@ async fn run_async(opts: WatchOptions) -> Result<(), WatchError> {
                 let mut err = Ok(());
                 ring.drain(|rec| {
                     if err.is_ok() {
-                        err = p.handle_record(rec);
+                        err = dec.feed(rec, sink);
                     }
                 });
-                err.and_then(|_| p.out.flush()).map_err(out_err)?;
+                err?;
+                sink.flush()?;
             }
             msg = ct_rx.recv(), if ct_open => match msg {
                 Some(CtMsg::Events(evs)) => {
                     for ev in &evs {
-                        p.handle(ev).map_err(out_err)?;
+                        sink.event(ev)?;
                     }
-                    p.out.flush().map_err(out_err)?;
+                    sink.flush()?;
                 }
                 Some(CtMsg::Overrun) => {
                     ct_overruns += 1;
-                    p.out.lost(1, ct_overruns, "ctnetlink socket overrun (one or more NAT events)").map_err(out_err)?;
+                    sink.lost(monotonic_now_ns(), 1, ct_overruns, "ctnetlink socket overrun (one or more NAT events)")?;
                 }
                 None => ct_open = false,
             },
             _ = tick.tick() => {
+                let now = monotonic_now_ns();
                 let lost = ring.lost_total();
                 if lost > lost_seen {
-                    p.out.lost(lost - lost_seen, lost, "ring buffer full").map_err(out_err)?;
+                    sink.lost(now, lost - lost_seen, lost, "ring buffer full")?;
                     lost_seen = lost;
                 }
-                p.out.netns_names_mut().refresh();
-                p.tick(monotonic_now_ns()).and_then(|_| p.out.flush()).map_err(out_err)?;
+                sink.tick(now)?;
+                sink.flush()?;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -234,22 +444,25 @@ async fn run_async(opts: WatchOptions) -> Result<(), WatchError> {
     let mut err = Ok(());
     ring.drain(|rec| {
         if err.is_ok() {
-            err = p.handle_record(rec);
+            err = dec.feed(rec, sink);
         }
     });
-    err.map_err(out_err)?;
+    err?;
     while let Ok(CtMsg::Events(evs)) = ct_rx.try_recv() {
         for ev in &evs {
-            p.handle(ev).map_err(out_err)?;
+            sink.event(ev)?;
         }
     }
     let lost = ring.lost_total();
     if lost > lost_seen {
-        p.out.lost(lost - lost_seen, lost, "ring buffer full").map_err(out_err)?;
+        sink.lost(
+            monotonic_now_ns(),
+            lost - lost_seen,
+            lost,
+            "ring buffer full",
+        )?;
     }
-    p.tick(u64::MAX).map_err(out_err)?;
-    p.out.flush().map_err(out_err)?;
-    Ok(())
+    sink.finish()
 }
 
 /// Reads ctnetlink on its own thread (the socket blocks) and forwards events.

@@ -36,7 +36,9 @@ pub fn skip_reason() -> Option<String> {
             .output()
             .map_or(true, |o| !o.status.success())
         {
-            return Some(format!("{tool} is not installed (scripts/setup.sh installs it)"));
+            return Some(format!(
+                "{tool} is not installed (scripts/setup.sh installs it)"
+            ));
         }
     }
     None
@@ -54,7 +56,10 @@ pub fn skip() -> bool {
 }
 
 pub fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `ktrace` binary under test: `$KTRACE_BIN`, or the workspace's debug
@@ -64,7 +69,11 @@ pub fn ktrace_bin() -> PathBuf {
         return PathBuf::from(p);
     }
     let p = workspace().join("target/debug/ktrace");
-    assert!(p.exists(), "{} missing: run `cargo build -p ktrace` first", p.display());
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p ktrace` first",
+        p.display()
+    );
     p
 }
 
@@ -105,17 +114,50 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
         }
         let (c, n, s) = (&lab.client, &lab.node, &lab.server);
-        run(&["ip", "link", "add", "veth-c", "netns", c, "type", "veth", "peer", "name", "veth-nc", "netns", n]);
-        run(&["ip", "link", "add", "veth-s", "netns", s, "type", "veth", "peer", "name", "veth-ns", "netns", n]);
+        run(&[
+            "ip", "link", "add", "veth-c", "netns", c, "type", "veth", "peer", "name", "veth-nc",
+            "netns", n,
+        ]);
+        run(&[
+            "ip", "link", "add", "veth-s", "netns", s, "type", "veth", "peer", "name", "veth-ns",
+            "netns", n,
+        ]);
         run(&["ip", "-n", c, "addr", "add", "10.0.0.2/24", "dev", "veth-c"]);
         run(&["ip", "-n", c, "link", "set", "veth-c", "up"]);
         run(&["ip", "-n", c, "route", "add", "default", "via", "10.0.0.1"]);
-        run(&["ip", "-n", n, "addr", "add", "10.0.0.1/24", "dev", "veth-nc"]);
-        run(&["ip", "-n", n, "addr", "add", "10.0.1.1/24", "dev", "veth-ns"]);
+        run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            "10.0.0.1/24",
+            "dev",
+            "veth-nc",
+        ]);
+        run(&[
+            "ip",
+            "-n",
+            n,
+            "addr",
+            "add",
+            "10.0.1.1/24",
+            "dev",
+            "veth-ns",
+        ]);
         run(&["ip", "-n", n, "link", "set", "veth-nc", "up"]);
         run(&["ip", "-n", n, "link", "set", "veth-ns", "up"]);
         for b in BACKENDS {
-            run(&["ip", "-n", s, "addr", "add", &format!("{b}/24"), "dev", "veth-s"]);
+            run(&[
+                "ip",
+                "-n",
+                s,
+                "addr",
+                "add",
+                &format!("{b}/24"),
+                "dev",
+                "veth-s",
+            ]);
         }
         run(&["ip", "-n", s, "link", "set", "veth-s", "up"]);
         run(&["ip", "-n", s, "route", "add", "default", "via", "10.0.1.1"]);
@@ -130,14 +172,25 @@ impl Lab {
         self.exec_ok(&node, &["iptables", "-t", "nat", "-F", "PREROUTING"]);
         let vip_args = ["-d", VIP, "-p", "tcp", "--dport", "2222"];
         for (i, b) in BACKENDS.iter().take(n).enumerate() {
-            let mut args: Vec<String> = ["iptables", "-t", "nat", "-A", "PREROUTING"].iter().map(|s| s.to_string()).collect();
+            let mut args: Vec<String> = ["iptables", "-t", "nat", "-A", "PREROUTING"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
             args.extend(vip_args.iter().map(|s| s.to_string()));
             let left = n - i;
             if left > 1 {
                 let p = format!("{:.4}", 1.0 / left as f64);
-                args.extend(["-m", "statistic", "--mode", "random", "--probability", &p].iter().map(|s| s.to_string()));
+                args.extend(
+                    ["-m", "statistic", "--mode", "random", "--probability", &p]
+                        .iter()
+                        .map(|s| s.to_string()),
+                );
             }
-            args.extend(["-j", "DNAT", "--to-destination", &format!("{b}:2222")].iter().map(|s| s.to_string()));
+            args.extend(
+                ["-j", "DNAT", "--to-destination", &format!("{b}:2222")]
+                    .iter()
+                    .map(|s| s.to_string()),
+            );
             let refs: Vec<&str> = args.iter().map(String::as_str).collect();
             self.exec_ok(&node, &refs);
         }
@@ -174,13 +227,23 @@ impl Lab {
     /// Starts the echo server on :2222 in the server namespace.
     pub fn start_server(&mut self) {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.server, "python3", &Self::lab_script(), "server", "2222"])
+            .args([
+                "netns",
+                "exec",
+                &self.server,
+                "python3",
+                &Self::lab_script(),
+                "server",
+                "2222",
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("starting the lab server");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         assert_eq!(line.trim(), "listening");
         self.children.push(child);
     }
@@ -192,7 +255,17 @@ impl Lab {
 
     pub fn client_to(&self, host: &str, port: u16, n: usize) -> Client {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.client, "python3", &Self::lab_script(), "client", host, &port.to_string(), &n.to_string()])
+            .args([
+                "netns",
+                "exec",
+                &self.client,
+                "python3",
+                &Self::lab_script(),
+                "client",
+                host,
+                &port.to_string(),
+                &n.to_string(),
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -202,8 +275,14 @@ impl Lab {
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
-        let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?}: {e}"));
-        let ports = v["ports"].as_array().unwrap().iter().map(|p| p.as_u64().unwrap() as u16).collect();
+        let v: Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?}: {e}"));
+        let ports = v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_u64().unwrap() as u16)
+            .collect();
         Client {
             child,
             stdin,
@@ -214,7 +293,17 @@ impl Lab {
 
     /// Runs `lab.py refuse` in the client namespace: `n` refused connections.
     pub fn refuse(&self, host: &str, port: u16, n: usize) -> u64 {
-        let out = self.exec_ok(&self.client, &["python3", &Self::lab_script(), "refuse", host, &port.to_string(), &n.to_string()]);
+        let out = self.exec_ok(
+            &self.client,
+            &[
+                "python3",
+                &Self::lab_script(),
+                "refuse",
+                host,
+                &port.to_string(),
+                &n.to_string(),
+            ],
+        );
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         v["refused"].as_u64().unwrap()
     }
@@ -234,11 +323,14 @@ impl Drop for Lab {
         }
         for ns in [&self.client, &self.node, &self.server] {
             // Kill whatever still runs in the namespace, then delete it.
-            let _ = Command::new("ip").args(["netns", "pids", ns]).output().map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    let _ = Command::new("kill").args(["-9", pid]).output();
-                }
-            });
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).output();
+                    }
+                });
             let _ = Command::new("ip").args(["netns", "del", ns]).output();
         }
     }
@@ -309,7 +401,10 @@ impl Watch {
         out.read_line(&mut first).unwrap();
         let status: Value = serde_json::from_str(&first)
             .unwrap_or_else(|e| panic!("ktrace's first line {first:?} is not JSON: {e}"));
-        assert_eq!(status["type"], "status", "first line must be the status: {first}");
+        assert_eq!(
+            status["type"], "status",
+            "first line must be the status: {first}"
+        );
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
         let reader = std::thread::spawn(move || {
@@ -347,7 +442,9 @@ impl Watch {
 
     /// Stops ktrace with SIGINT (as Ctrl-C would) and returns all its output.
     pub fn stop(mut self) -> Vec<Value> {
-        let _ = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
         let status = self.child.wait().unwrap();
         if let Some(r) = self.reader.take() {
             r.join().unwrap();
@@ -381,4 +478,186 @@ pub fn hook<'a>(status: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|h| h["name"] == name)
         .unwrap_or_else(|| panic!("no hook {name} in {status}"))
+}
+
+// ---------------------------------------------------------------------------
+// Recording and replay helpers (tests/tests/recording.rs).
+
+/// A scratch directory under the system temp dir, removed on drop.
+pub struct Scratch {
+    pub dir: PathBuf,
+}
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("ktrace-it-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch { dir }
+    }
+
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `ktrace ARGS` run to completion outside the lab's namespaces.
+pub fn ktrace_output(args: &[&str]) -> std::process::Output {
+    Command::new(ktrace_bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running ktrace {args:?}: {e}"))
+}
+
+/// The JSON objects of JSON Lines output (panics on a non-JSON line).
+pub fn json_lines(out: &[u8]) -> Vec<Value> {
+    String::from_utf8_lossy(out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
+        .collect()
+}
+
+/// `(kind, service, backend, client)` of every finding, in order.
+pub fn finding_keys(lines: &[Value]) -> Vec<(String, String, String, String)> {
+    let s = |v: &Value| v.as_str().unwrap_or("").to_string();
+    select(lines, "finding", None)
+        .into_iter()
+        .map(|f| {
+            (
+                s(&f["kind"]),
+                s(&f["service"]),
+                s(&f["backend"]),
+                s(&f["client"]),
+            )
+        })
+        .collect()
+}
+
+/// Any ktrace subcommand running in a namespace, stdout parsed as JSON
+/// Lines (the first one, the status, kept apart) and stderr collected.
+pub struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<Value>>>,
+    stderr: Arc<Mutex<String>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    pub status: Value,
+}
+
+impl Running {
+    /// `ip netns exec NS ktrace ARGS` (ARGS must ask for --json); waits for the status line.
+    pub fn start(ns: &str, args: &[&str]) -> Running {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(ktrace_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting ktrace");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let err_sink = stderr.clone();
+        let err = BufReader::new(child.stderr.take().unwrap());
+        let err_reader = std::thread::spawn(move || {
+            for line in err.lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[ktrace stderr] {line}");
+                let mut s = err_sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        out.read_line(&mut first).unwrap();
+        let status: Value = serde_json::from_str(&first).unwrap_or_else(|e| {
+            panic!(
+                "ktrace's first line {first:?} is not JSON ({e}); stderr: {}",
+                stderr.lock().unwrap()
+            )
+        });
+        assert_eq!(
+            status["type"], "status",
+            "first line must be the status: {first}"
+        );
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let out_reader = std::thread::spawn(move || {
+            for line in out.lines() {
+                let Ok(line) = line else { break };
+                let v: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("ktrace printed a non-JSON line {line:?}: {e}"));
+                sink.lock().unwrap().push(v);
+            }
+        });
+        Running {
+            child,
+            lines,
+            stderr,
+            readers: vec![out_reader, err_reader],
+            status,
+        }
+    }
+
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Value], &str) -> bool) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if pred(&self.lines(), &self.stderr()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        pred(&self.lines(), &self.stderr())
+    }
+
+    fn join(&mut self) {
+        for r in self.readers.drain(..) {
+            r.join().unwrap();
+        }
+    }
+
+    /// SIGINT, then all of stdout (after the status) and stderr.
+    pub fn stop(mut self) -> (Vec<Value>, String) {
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let status = self.child.wait().unwrap();
+        self.join();
+        assert!(
+            status.success(),
+            "ktrace exited with {status}; stderr: {}",
+            self.stderr()
+        );
+        (self.lines(), self.stderr())
+    }
+
+    /// SIGKILL: no chance to flush anything.
+    pub fn kill9(mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        self.join();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

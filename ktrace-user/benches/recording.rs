@@ -1,0 +1,292 @@
+//! Recording benchmark: `cargo bench -p ktrace --bench recording`.
+//!
+//! A synthetic reset storm shaped like the lab's (many clients, one
+//! service, three backends: a NAT mapping, the client's no-socket RST to
+//! the backend's address and the backend accepting it, per connection) is
+//! recorded on one core (encode + zstd + write, no writer thread), then
+//! read back. Prints events/s recorded, bytes/event on disk, events/s
+//! decoded and events/s replayed through the engine and renderer.
+//!
+//! Targets (issue 4): >= 2 M events/s recorded, <= 24 B/event, >= 5 M
+//! events/s replayed. Set `KTRACE_BENCH_EVENTS` to change the count.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use ktrace::engine::{Engine, EngineConfig};
+use ktrace::event::{Event, EventBody, Source};
+use ktrace::netns::NetnsNames;
+use ktrace::output::Renderer;
+use ktrace::recording::format::Item;
+use ktrace::recording::{Context, EngineSettings, FileReader, Recorder, RotationConfig};
+use ktrace::watch::Pipeline;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn ep(a: u8, b: u8, c: u8, d: u8, port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(a, b, c, d)), port)
+}
+
+/// About `n` events of a reset storm at ~2 M events/s of kernel time.
+fn storm(n: usize) -> Vec<Event> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let service = ep(10, 96, 0, 10, 2222);
+    let backends = [
+        ep(10, 0, 1, 2, 2222),
+        ep(10, 0, 1, 3, 2222),
+        ep(10, 0, 1, 4, 2222),
+    ];
+    let (client_ns, server_ns, node_ns) = (4026532301u32, 4026532302u32, 4026532303u32);
+    let mut ts = 3_600_000_000_000u64;
+    let mut out = Vec::with_capacity(n + 4);
+    let push = |out: &mut Vec<Event>, ts: &mut u64, dt: u64, netns, source, body| {
+        *ts += dt;
+        out.push(Event {
+            ts_ns: *ts,
+            netns,
+            source,
+            body,
+        });
+    };
+    while out.len() < n {
+        let r = rng.next();
+        // 4096 client hosts, ephemeral ports.
+        let client = ep(
+            10,
+            1,
+            (r >> 8) as u8 & 0x0f,
+            r as u8,
+            32768 + (r >> 16) as u16 % 28000,
+        );
+        let backend = backends[(r >> 40) as usize % 3];
+        let jitter = |x: u64| 200 + (x % 600);
+        push(
+            &mut out,
+            &mut ts,
+            jitter(r >> 3),
+            node_ns,
+            Source::Ctnetlink,
+            EventBody::NatMapping {
+                client,
+                service,
+                backend,
+                protocol: 6,
+            },
+        );
+        push(
+            &mut out,
+            &mut ts,
+            jitter(r >> 7),
+            client_ns,
+            Source::Tracepoint,
+            EventBody::TcpSendReset {
+                src: client,
+                dst: backend,
+                reason: Some("NO_SOCKET".into()),
+                has_socket: false,
+                state: 0,
+                trigger_flags: Some(0x18),
+            },
+        );
+        push(
+            &mut out,
+            &mut ts,
+            jitter(r >> 11),
+            server_ns,
+            Source::Tracepoint,
+            EventBody::TcpReceiveReset {
+                src: client,
+                dst: backend,
+                sock_cookie: r >> 20,
+            },
+        );
+    }
+    out
+}
+
+fn context() -> Context {
+    Context {
+        format: "ktrace-recording".into(),
+        format_version: "1.0".into(),
+        ktrace_version: env!("CARGO_PKG_VERSION").into(),
+        command: "bench".into(),
+        host: "bench".into(),
+        kernel: None,
+        boot_id: None,
+        wall_offset_ns: 1_700_000_000_000_000_000,
+        recording_id: "00000000000000be".into(),
+        segment: 0,
+        started_mono_ns: 0,
+        segment_started_mono_ns: 0,
+        ring_buffer_bytes: 1 << 23,
+        netns: None,
+        netns_names: BTreeMap::new(),
+        hooks: Vec::new(),
+        engine: EngineSettings::from(&EngineConfig::default()),
+    }
+}
+
+fn main() {
+    // `cargo bench` passes --bench; nothing else to parse.
+    let n: usize = std::env::var("KTRACE_BENCH_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3_000_000);
+    let events = storm(n);
+    let n = events.len();
+    let dir = std::env::temp_dir().join(format!("ktrace-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path: PathBuf = dir.join("storm.rec");
+
+    // --- Record on one core: encode, compress, write, inline.
+    let mut best_rec = f64::MAX;
+    let mut bytes = 0;
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(&path);
+        let mut cfg = RotationConfig::new(&path);
+        cfg.threaded = false;
+        let start = Instant::now();
+        let mut r = Recorder::create(cfg, "bench", EngineConfig::default()).unwrap();
+        r.start_with(context()).unwrap();
+        for (i, e) in events.iter().enumerate() {
+            r.event(e);
+            // The live pipeline ticks every 200 ms; at 2 M events/s that
+            // is one tick per 400 k events.
+            if i % 400_000 == 0 {
+                r.tick(e.ts_ns);
+            }
+        }
+        let s = r.finish();
+        best_rec = best_rec.min(start.elapsed().as_secs_f64());
+        bytes = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(s.events as usize, n);
+    }
+
+    // --- Decode only.
+    let mut best_dec = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut rd = FileReader::open(&path).unwrap();
+        let mut block = Vec::new();
+        let mut count = 0usize;
+        while rd
+            .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
+            .unwrap()
+        {
+            count += block.iter().filter(|i| matches!(i, Item::Event(_))).count();
+        }
+        best_dec = best_dec.min(start.elapsed().as_secs_f64());
+        assert_eq!(count, n);
+    }
+
+    // --- Decode and correlate (findings made, not rendered).
+    let mut best_engine = f64::MAX;
+    let mut findings = 0usize;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let mut rd = FileReader::open(&path).unwrap();
+        let mut engine = Engine::new(rd.context().engine.to_config());
+        let mut out = Vec::new();
+        let mut block = Vec::new();
+        findings = 0;
+        while rd
+            .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
+            .unwrap()
+        {
+            for item in block.drain(..) {
+                match item {
+                    Item::Event(e) => engine.process(&e, &mut out),
+                    Item::Tick { ts_ns } => engine.tick(ts_ns, &mut out),
+                    _ => {}
+                }
+                findings += out.len();
+                out.clear();
+            }
+        }
+        engine.tick(u64::MAX, &mut out);
+        findings += out.len();
+        best_engine = best_engine.min(start.elapsed().as_secs_f64());
+    }
+
+    // --- Replay: decode, engine, renderer (JSON findings to a sink).
+    let mut best_replay = f64::MAX;
+    let mut findings_bytes = 0u64;
+    for _ in 0..2 {
+        let start = Instant::now();
+        let mut rd = FileReader::open(&path).unwrap();
+        let ctx = rd.context().clone();
+        let counter = CountingSink::default();
+        let mut p = Pipeline::new(
+            Some(Engine::new(ctx.engine.to_config())),
+            Renderer::new(
+                counter.clone(),
+                true,
+                false,
+                ctx.clock(),
+                NetnsNames::default(),
+            ),
+        );
+        let mut block = Vec::new();
+        while rd
+            .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
+            .unwrap()
+        {
+            for item in block.drain(..) {
+                match item {
+                    Item::Event(e) => p.handle(&e).unwrap(),
+                    Item::Tick { ts_ns } => p.tick(ts_ns).unwrap(),
+                    _ => {}
+                }
+            }
+        }
+        p.finish().unwrap();
+        best_replay = best_replay.min(start.elapsed().as_secs_f64());
+        findings_bytes = counter.0.get();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let per_event = bytes as f64 / n as f64;
+    println!("recording benchmark: {n} events of a reset storm (4096 client hosts, 1 service, 3 backends)");
+    println!(
+        "  record (encode+zstd+write, one core): {:>6.2} M events/s   [target >= 2]",
+        n as f64 / best_rec / 1e6
+    );
+    println!("  size on disk:                         {per_event:>6.2} bytes/event [target <= 24]  ({bytes} bytes)");
+    println!(
+        "  read back (decode only):              {:>6.2} M events/s   [target >= 5]",
+        n as f64 / best_dec / 1e6
+    );
+    println!(
+        "  replay (decode+engine):               {:>6.2} M events/s   ({findings} findings)",
+        n as f64 / best_engine / 1e6
+    );
+    println!(
+        "  replay (decode+engine+JSON renderer): {:>6.2} M events/s   ({findings_bytes} bytes of JSON findings)",
+        n as f64 / best_replay / 1e6
+    );
+}
+
+/// Counts what the renderer writes.
+#[derive(Default, Clone)]
+struct CountingSink(std::rc::Rc<std::cell::Cell<u64>>);
+
+impl std::io::Write for CountingSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.set(self.0.get() + b.len() as u64);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

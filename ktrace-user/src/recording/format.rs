@@ -1,0 +1,1041 @@
+//! The bytes of a recording: file header, block frames, and the records
+//! inside a block. `docs/recording-format.md` is the prose version of this
+//! file; keep them in step.
+//!
+//! ```text
+//! file   := file_header block*
+//! block  := frame_header(56 bytes) payload(stored_len bytes)
+//! payload (after decompression) := record*
+//! record := tag:varint len:varint body[len]
+//! ```
+//!
+//! Blocks are independent: each has its own dictionaries (IP addresses,
+//! strings, network namespaces) and its own timestamp base, so a reader can
+//! skip a corrupt block and decode the next one.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::event::{Event, EventBody, Source};
+
+/// First 8 bytes of every recording file (PNG-style: the high byte and the
+/// line endings catch text-mode transfers).
+pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
+/// Major format version: a reader refuses a greater one.
+pub const VERSION_MAJOR: u16 = 1;
+/// Minor format version: additions old readers can skip (new record tags,
+/// new trailing fields, new header keys).
+pub const VERSION_MINOR: u16 = 0;
+/// Fixed part of the file header: magic, major, minor, JSON length, CRC.
+pub const FILE_HEADER_FIXED: usize = 20;
+/// The JSON context of a file header is at most this long.
+pub const MAX_CONTEXT_BYTES: usize = 1 << 20;
+
+/// First 4 bytes of every block frame (what a reader resynchronises on).
+pub const BLOCK_MAGIC: [u8; 4] = *b"KTBK";
+pub const FRAME_HEADER_LEN: usize = 56;
+pub const BLOCK_KIND_RECORDS: u8 = 1;
+pub const CODEC_NONE: u8 = 0;
+pub const CODEC_ZSTD: u8 = 1;
+/// Stored and raw block payloads are at most this long (a reader refuses more).
+pub const MAX_BLOCK_BYTES: usize = 16 << 20;
+
+/// Record tags. Event variants 0x01..0x3f, meta records 0x40..0x5f,
+/// dictionary definitions 0x60..0x7f. A reader skips a tag it does not know
+/// (the length says how far); each dictionary kind has its own index space,
+/// so skipping an unknown definition never shifts a known one.
+pub mod tag {
+    pub const TCP_SEND_RESET: u64 = 0x01;
+    pub const TCP_RECEIVE_RESET: u64 = 0x02;
+    pub const CT_INVALID: u64 = 0x03;
+    pub const CT_TABLE_FULL: u64 = 0x04;
+    pub const IPVS_CONN_NEW: u64 = 0x05;
+    pub const NAT_MAPPING: u64 = 0x06;
+    pub const NAT_DESTROY: u64 = 0x07;
+    pub const TICK: u64 = 0x40;
+    pub const LOST: u64 = 0x41;
+    pub const DROPPED: u64 = 0x42;
+    pub const DEF_IP: u64 = 0x60;
+    pub const DEF_STR: u64 = 0x61;
+    pub const DEF_NETNS: u64 = 0x62;
+}
+
+/// One thing a recording holds, in the order the live pipeline saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A kernel or ctnetlink event.
+    Event(Event),
+    /// The live pipeline advanced the engine's clock (`Engine::tick`).
+    Tick { ts_ns: u64 },
+    /// Events the kernel could not hand over (ring buffer full, netlink overrun).
+    Lost {
+        ts_ns: u64,
+        count: u64,
+        total: u64,
+        what: String,
+    },
+    /// Events the recorder itself could not write (disk full, queue full).
+    Dropped {
+        ts_ns: u64,
+        count: u64,
+        reason: String,
+    },
+}
+
+impl Item {
+    pub fn ts_ns(&self) -> u64 {
+        match self {
+            Item::Event(e) => e.ts_ns,
+            Item::Tick { ts_ns } | Item::Lost { ts_ns, .. } | Item::Dropped { ts_ns, .. } => *ts_ns,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- varints
+
+#[inline]
+pub fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+#[inline]
+pub fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+#[inline]
+pub fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// Why bytes do not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Malformed(pub &'static str);
+
+/// A bounds-checked reader over a byte slice.
+#[derive(Debug, Clone, Copy)]
+pub struct Cursor<'a> {
+    pub b: &'a [u8],
+}
+
+impl<'a> Cursor<'a> {
+    pub fn new(b: &'a [u8]) -> Self {
+        Cursor { b }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.b.is_empty()
+    }
+
+    #[inline]
+    pub fn u8(&mut self) -> Result<u8, Malformed> {
+        let (&v, rest) = self.b.split_first().ok_or(Malformed("record ends early"))?;
+        self.b = rest;
+        Ok(v)
+    }
+
+    #[inline]
+    pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        if self.b.len() < n {
+            return Err(Malformed("record ends early"));
+        }
+        let (v, rest) = self.b.split_at(n);
+        self.b = rest;
+        Ok(v)
+    }
+
+    #[inline]
+    pub fn u16_be(&mut self) -> Result<u16, Malformed> {
+        let b = self.bytes(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    #[inline]
+    pub fn varint(&mut self) -> Result<u64, Malformed> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let byte = self.u8()?;
+            if i == 9 && byte > 1 {
+                return Err(Malformed("varint overflows 64 bits"));
+            }
+            v |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Malformed("varint overflows 64 bits"))
+    }
+
+    pub fn varint_u32(&mut self) -> Result<u32, Malformed> {
+        u32::try_from(self.varint()?).map_err(|_| Malformed("value exceeds 32 bits"))
+    }
+}
+
+// ---------------------------------------------------------------- frames
+
+/// The fixed header of a block frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub kind: u8,
+    pub codec: u8,
+    pub stored_len: u32,
+    pub raw_len: u32,
+    /// Records other than dictionary definitions.
+    pub items: u32,
+    /// Of which kernel events.
+    pub events: u32,
+    /// Timestamp deltas of the block start from here.
+    pub base_ts: u64,
+    pub min_ts: u64,
+    pub max_ts: u64,
+    pub payload_crc: u32,
+}
+
+impl FrameHeader {
+    pub fn encode(&self) -> [u8; FRAME_HEADER_LEN] {
+        let mut h = [0u8; FRAME_HEADER_LEN];
+        h[0..4].copy_from_slice(&BLOCK_MAGIC);
+        h[4] = self.kind;
+        h[5] = self.codec;
+        // h[6..8]: flags, zero.
+        h[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
+        h[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
+        h[16..20].copy_from_slice(&self.items.to_le_bytes());
+        h[20..24].copy_from_slice(&self.events.to_le_bytes());
+        h[24..32].copy_from_slice(&self.base_ts.to_le_bytes());
+        h[32..40].copy_from_slice(&self.min_ts.to_le_bytes());
+        h[40..48].copy_from_slice(&self.max_ts.to_le_bytes());
+        h[48..52].copy_from_slice(&self.payload_crc.to_le_bytes());
+        let crc = crc32fast::hash(&h[..52]);
+        h[52..56].copy_from_slice(&crc.to_le_bytes());
+        h
+    }
+
+    /// Parses and checks a frame header (magic, CRC, bounds).
+    pub fn decode(h: &[u8]) -> Result<FrameHeader, Malformed> {
+        if h.len() < FRAME_HEADER_LEN {
+            return Err(Malformed("frame header ends early"));
+        }
+        if h[0..4] != BLOCK_MAGIC {
+            return Err(Malformed("no block magic"));
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&h[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        if crc32fast::hash(&h[..52]) != u32_at(52) {
+            return Err(Malformed("frame header checksum mismatch"));
+        }
+        let f = FrameHeader {
+            kind: h[4],
+            codec: h[5],
+            stored_len: u32_at(8),
+            raw_len: u32_at(12),
+            items: u32_at(16),
+            events: u32_at(20),
+            base_ts: u64_at(24),
+            min_ts: u64_at(32),
+            max_ts: u64_at(40),
+            payload_crc: u32_at(48),
+        };
+        if f.stored_len as usize > MAX_BLOCK_BYTES || f.raw_len as usize > MAX_BLOCK_BYTES {
+            return Err(Malformed("block larger than the format allows"));
+        }
+        Ok(f)
+    }
+}
+
+// ---------------------------------------------------------------- hashing
+
+/// FxHash: the dictionaries are hashed per event, and SipHash is the
+/// largest cost of encoding with it. Not DoS-resistant, which is fine for
+/// kernel addresses in a bounded per-block table.
+#[derive(Default, Clone, Copy)]
+pub struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(b));
+        }
+    }
+    #[inline]
+    fn write_u8(&mut self, i: u8) {
+        self.write_u64(u64::from(i));
+    }
+    #[inline]
+    fn write_u16(&mut self, i: u16) {
+        self.write_u64(u64::from(i));
+    }
+    #[inline]
+    fn write_u32(&mut self, i: u32) {
+        self.write_u64(u64::from(i));
+    }
+    #[inline]
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    #[inline]
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+    #[inline]
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+// ---------------------------------------------------------------- encoding
+
+fn source_code(s: Source) -> u8 {
+    match s {
+        Source::Tracepoint => 0,
+        Source::Kprobe => 1,
+        Source::Kretprobe => 2,
+        Source::Ctnetlink => 3,
+    }
+}
+
+fn source_from(c: u8) -> Result<Source, Malformed> {
+    Ok(match c {
+        0 => Source::Tracepoint,
+        1 => Source::Kprobe,
+        2 => Source::Kretprobe,
+        3 => Source::Ctnetlink,
+        _ => return Err(Malformed("unknown event source")),
+    })
+}
+
+/// An endpoint as written: IP dictionary reference (0 = absent) and port.
+#[derive(Clone, Copy)]
+struct EpRef(u32, u16);
+
+/// Builds the uncompressed payload of one block.
+pub struct BlockEncoder {
+    buf: Vec<u8>,
+    ips: FxMap<IpAddr, u32>,
+    strs: FxMap<Box<str>, u32>,
+    netns: FxMap<u32, u32>,
+    base_ts: u64,
+    prev_ts: u64,
+    min_ts: u64,
+    max_ts: u64,
+    items: u32,
+    events: u32,
+}
+
+impl Default for BlockEncoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A finished, uncompressed block.
+#[derive(Debug, Clone, Default)]
+pub struct RawBlock {
+    pub payload: Vec<u8>,
+    pub items: u32,
+    pub events: u32,
+    pub base_ts: u64,
+    pub min_ts: u64,
+    pub max_ts: u64,
+}
+
+impl BlockEncoder {
+    pub fn new() -> Self {
+        BlockEncoder {
+            buf: Vec::with_capacity(1 << 16),
+            ips: FxMap::default(),
+            strs: FxMap::default(),
+            netns: FxMap::default(),
+            base_ts: 0,
+            prev_ts: 0,
+            min_ts: u64::MAX,
+            max_ts: 0,
+            items: 0,
+            events: 0,
+        }
+    }
+
+    /// Bytes of payload so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    pub fn events(&self) -> u32 {
+        self.events
+    }
+
+    /// Hands over the block and starts a new one (dictionaries reset).
+    pub fn take(&mut self) -> RawBlock {
+        let block = RawBlock {
+            payload: std::mem::replace(&mut self.buf, Vec::with_capacity(1 << 16)),
+            items: self.items,
+            events: self.events,
+            base_ts: self.base_ts,
+            min_ts: if self.items == 0 { 0 } else { self.min_ts },
+            max_ts: self.max_ts,
+        };
+        self.ips.clear();
+        self.strs.clear();
+        self.netns.clear();
+        self.items = 0;
+        self.events = 0;
+        self.min_ts = u64::MAX;
+        self.max_ts = 0;
+        block
+    }
+
+    fn def(&mut self, tag: u64, body: &[u8]) {
+        put_varint(&mut self.buf, tag);
+        put_varint(&mut self.buf, body.len() as u64);
+        self.buf.extend_from_slice(body);
+    }
+
+    #[inline]
+    fn ip(&mut self, ip: IpAddr) -> u32 {
+        if let Some(&i) = self.ips.get(&ip) {
+            return i + 1;
+        }
+        let i = self.ips.len() as u32;
+        self.ips.insert(ip, i);
+        match ip {
+            IpAddr::V4(a) => {
+                let o = a.octets();
+                self.def(tag::DEF_IP, &[4, o[0], o[1], o[2], o[3]]);
+            }
+            IpAddr::V6(a) => {
+                let mut b = [0u8; 17];
+                b[0] = 6;
+                b[1..].copy_from_slice(&a.octets());
+                self.def(tag::DEF_IP, &b);
+            }
+        }
+        i + 1
+    }
+
+    #[inline]
+    fn ep(&mut self, a: SocketAddr) -> EpRef {
+        EpRef(self.ip(a.ip()), a.port())
+    }
+
+    #[inline]
+    fn opt_ep(&mut self, a: Option<SocketAddr>) -> EpRef {
+        a.map_or(EpRef(0, 0), |a| self.ep(a))
+    }
+
+    fn string(&mut self, s: Option<&str>) -> u32 {
+        let Some(s) = s else { return 0 };
+        if let Some(&i) = self.strs.get(s) {
+            return i + 1;
+        }
+        let i = self.strs.len() as u32;
+        self.strs.insert(s.into(), i);
+        self.def(tag::DEF_STR, s.as_bytes());
+        i + 1
+    }
+
+    #[inline]
+    fn netns(&mut self, n: u32) -> u32 {
+        if let Some(&i) = self.netns.get(&n) {
+            return i;
+        }
+        let i = self.netns.len() as u32;
+        self.netns.insert(n, i);
+        let mut b = Vec::with_capacity(5);
+        put_varint(&mut b, u64::from(n));
+        self.def(tag::DEF_NETNS, &b);
+        i
+    }
+
+    /// Starts a timestamped record; returns where its length goes.
+    #[inline]
+    fn begin(&mut self, tag: u64, ts: u64) -> usize {
+        if self.items == 0 {
+            self.base_ts = ts;
+            self.prev_ts = ts;
+        }
+        self.items += 1;
+        self.min_ts = self.min_ts.min(ts);
+        self.max_ts = self.max_ts.max(ts);
+        put_varint(&mut self.buf, tag);
+        let at = self.buf.len();
+        self.buf.push(0);
+        put_varint(&mut self.buf, zigzag(ts.wrapping_sub(self.prev_ts) as i64));
+        self.prev_ts = ts;
+        at
+    }
+
+    #[inline]
+    fn end(&mut self, at: usize) {
+        let len = self.buf.len() - at - 1;
+        if len < 0x80 {
+            self.buf[at] = len as u8;
+        } else {
+            let mut v = Vec::with_capacity(4);
+            put_varint(&mut v, len as u64);
+            self.buf[at] = v[0];
+            self.buf.splice(at + 1..at + 1, v[1..].iter().copied());
+        }
+    }
+
+    #[inline]
+    fn put_ep(&mut self, e: EpRef) {
+        put_varint(&mut self.buf, u64::from(e.0));
+        if e.0 != 0 {
+            self.buf.extend_from_slice(&e.1.to_be_bytes());
+        }
+    }
+
+    /// Appends one event (and the dictionary entries it needs first).
+    pub fn push_event(&mut self, ev: &Event) {
+        let ns = self.netns(ev.netns);
+        let src = source_code(ev.source);
+        // Every variant has its own tag: a new EventBody variant fails to
+        // compile here until it gets one (and a decoder arm).
+        let at = match &ev.body {
+            EventBody::TcpSendReset {
+                src: s,
+                dst: d,
+                reason,
+                has_socket,
+                state,
+                trigger_flags,
+            } => {
+                let (s, d, r) = (self.ep(*s), self.ep(*d), self.string(reason.as_deref()));
+                let at = self.head(tag::TCP_SEND_RESET, ev.ts_ns, ns, src);
+                self.put_ep(s);
+                self.put_ep(d);
+                put_varint(&mut self.buf, u64::from(r));
+                let flags = u8::from(*has_socket) | (u8::from(trigger_flags.is_some()) << 1);
+                self.buf.extend_from_slice(&[flags, *state]);
+                if let Some(t) = trigger_flags {
+                    self.buf.push(*t);
+                }
+                at
+            }
+            EventBody::TcpReceiveReset {
+                src: s,
+                dst: d,
+                sock_cookie,
+            } => {
+                let (s, d) = (self.ep(*s), self.ep(*d));
+                let at = self.head(tag::TCP_RECEIVE_RESET, ev.ts_ns, ns, src);
+                self.put_ep(s);
+                self.put_ep(d);
+                put_varint(&mut self.buf, *sock_cookie);
+                at
+            }
+            EventBody::CtInvalid {
+                src: s,
+                dst: d,
+                orig_src,
+                orig_dst,
+                reply_src,
+                reply_dir,
+                message,
+            } => {
+                let (s, d) = (self.ep(*s), self.ep(*d));
+                let (os, od, rs) = (
+                    self.opt_ep(*orig_src),
+                    self.opt_ep(*orig_dst),
+                    self.opt_ep(*reply_src),
+                );
+                let m = self.string(message.as_deref());
+                let at = self.head(tag::CT_INVALID, ev.ts_ns, ns, src);
+                for e in [s, d, os, od, rs] {
+                    self.put_ep(e);
+                }
+                self.buf.push(u8::from(*reply_dir));
+                put_varint(&mut self.buf, u64::from(m));
+                at
+            }
+            EventBody::CtTableFull {
+                src: s,
+                dst: d,
+                errno,
+            } => {
+                let (s, d) = (self.ep(*s), self.ep(*d));
+                let at = self.head(tag::CT_TABLE_FULL, ev.ts_ns, ns, src);
+                self.put_ep(s);
+                self.put_ep(d);
+                put_varint(&mut self.buf, zigzag(i64::from(*errno)));
+                at
+            }
+            EventBody::IpvsConnNew {
+                client,
+                service,
+                real_server,
+                protocol,
+                template,
+                conn_flags,
+                dest_flags,
+                weight,
+            } => {
+                let (c, s, r) = (self.ep(*client), self.ep(*service), self.ep(*real_server));
+                let at = self.head(tag::IPVS_CONN_NEW, ev.ts_ns, ns, src);
+                for e in [c, s, r] {
+                    self.put_ep(e);
+                }
+                let flags = u8::from(*template) | (u8::from(weight.is_some()) << 1);
+                self.buf.extend_from_slice(&[*protocol, flags]);
+                put_varint(&mut self.buf, u64::from(*conn_flags));
+                put_varint(&mut self.buf, u64::from(*dest_flags));
+                if let Some(w) = weight {
+                    put_varint(&mut self.buf, zigzag(i64::from(*w)));
+                }
+                at
+            }
+            EventBody::NatMapping {
+                client,
+                service,
+                backend,
+                protocol,
+            }
+            | EventBody::NatDestroy {
+                client,
+                service,
+                backend,
+                protocol,
+            } => {
+                let t = if matches!(ev.body, EventBody::NatMapping { .. }) {
+                    tag::NAT_MAPPING
+                } else {
+                    tag::NAT_DESTROY
+                };
+                let (c, s, b) = (self.ep(*client), self.ep(*service), self.ep(*backend));
+                let at = self.head(t, ev.ts_ns, ns, src);
+                for e in [c, s, b] {
+                    self.put_ep(e);
+                }
+                self.buf.push(*protocol);
+                at
+            }
+        };
+        self.end(at);
+        self.events += 1;
+    }
+
+    /// Common prefix of an event record: tag, length, ts delta, netns, source.
+    #[inline]
+    fn head(&mut self, tag: u64, ts: u64, netns: u32, source: u8) -> usize {
+        let at = self.begin(tag, ts);
+        put_varint(&mut self.buf, u64::from(netns));
+        self.buf.push(source);
+        at
+    }
+
+    pub fn push_tick(&mut self, ts: u64) {
+        let at = self.begin(tag::TICK, ts);
+        self.end(at);
+    }
+
+    pub fn push_lost(&mut self, ts: u64, count: u64, total: u64, what: &str) {
+        let w = self.string(Some(what));
+        let at = self.begin(tag::LOST, ts);
+        put_varint(&mut self.buf, count);
+        put_varint(&mut self.buf, total);
+        put_varint(&mut self.buf, u64::from(w));
+        self.end(at);
+    }
+
+    pub fn push_dropped(&mut self, ts: u64, count: u64, reason: &str) {
+        let r = self.string(Some(reason));
+        let at = self.begin(tag::DROPPED, ts);
+        put_varint(&mut self.buf, count);
+        put_varint(&mut self.buf, u64::from(r));
+        self.end(at);
+    }
+
+    pub fn push_item(&mut self, item: &Item) {
+        match item {
+            Item::Event(e) => self.push_event(e),
+            Item::Tick { ts_ns } => self.push_tick(*ts_ns),
+            Item::Lost {
+                ts_ns,
+                count,
+                total,
+                what,
+            } => self.push_lost(*ts_ns, *count, *total, what),
+            Item::Dropped {
+                ts_ns,
+                count,
+                reason,
+            } => self.push_dropped(*ts_ns, *count, reason),
+        }
+    }
+
+    /// Appends a record with an arbitrary tag and body (tests of unknown tags).
+    #[doc(hidden)]
+    pub fn push_raw(&mut self, tag: u64, body: &[u8]) {
+        self.items += 1;
+        self.def(tag, body);
+    }
+}
+
+// ---------------------------------------------------------------- decoding
+
+/// What one record of a block decoded to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Item(Item),
+    /// A dictionary entry (nothing to hand on).
+    Definition,
+    /// A tag this reader does not know (a newer writer's); skipped.
+    Unknown(u64),
+    /// A known record whose body does not decode; skipped.
+    Bad(u64, Malformed),
+}
+
+/// Decodes the records of one (decompressed) block payload.
+pub struct BlockDecoder<'a> {
+    cur: Cursor<'a>,
+    ips: Vec<IpAddr>,
+    strs: Vec<String>,
+    netns: Vec<u32>,
+    prev_ts: u64,
+}
+
+impl<'a> BlockDecoder<'a> {
+    pub fn new(payload: &'a [u8], base_ts: u64) -> Self {
+        BlockDecoder {
+            cur: Cursor::new(payload),
+            ips: Vec::new(),
+            strs: Vec::new(),
+            netns: Vec::new(),
+            prev_ts: base_ts,
+        }
+    }
+
+    /// The next record; `Err` when the framing of the block itself is
+    /// broken (nothing after it can be trusted).
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<Result<Decoded, Malformed>> {
+        if self.cur.is_empty() {
+            return None;
+        }
+        Some(self.record())
+    }
+
+    fn record(&mut self) -> Result<Decoded, Malformed> {
+        let t = self.cur.varint()?;
+        let len = self.cur.varint()?;
+        let len = usize::try_from(len).map_err(|_| Malformed("record length overflows"))?;
+        let body = self
+            .cur
+            .bytes(len)
+            .map_err(|_| Malformed("record longer than its block"))?;
+        let mut b = Cursor::new(body);
+        match t {
+            tag::DEF_IP => {
+                let ip = match b.u8()? {
+                    4 => {
+                        let o = b.bytes(4)?;
+                        IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3]))
+                    }
+                    6 => {
+                        let mut o = [0u8; 16];
+                        o.copy_from_slice(b.bytes(16)?);
+                        IpAddr::V6(Ipv6Addr::from(o))
+                    }
+                    _ => return Err(Malformed("unknown address family in IP definition")),
+                };
+                self.ips.push(ip);
+                Ok(Decoded::Definition)
+            }
+            tag::DEF_STR => {
+                let s = std::str::from_utf8(body)
+                    .map_err(|_| Malformed("string definition is not UTF-8"))?;
+                self.strs.push(s.to_string());
+                Ok(Decoded::Definition)
+            }
+            tag::DEF_NETNS => {
+                let n = b.varint_u32()?;
+                self.netns.push(n);
+                Ok(Decoded::Definition)
+            }
+            tag::TCP_SEND_RESET..=tag::NAT_DESTROY | tag::TICK | tag::LOST | tag::DROPPED => {
+                // The timestamp chain must advance even when the rest of
+                // the body is bad, or every later delta would be off.
+                let delta = match b.varint() {
+                    Ok(d) => unzigzag(d),
+                    Err(e) => return Err(e),
+                };
+                let ts = self.prev_ts.wrapping_add(delta as u64);
+                self.prev_ts = ts;
+                match self.body(t, ts, &mut b) {
+                    Ok(item) => Ok(Decoded::Item(item)),
+                    Err(e) => Ok(Decoded::Bad(t, e)),
+                }
+            }
+            _ => Ok(Decoded::Unknown(t)),
+        }
+    }
+
+    fn ep(&self, b: &mut Cursor) -> Result<Option<SocketAddr>, Malformed> {
+        let r = b.varint()?;
+        if r == 0 {
+            return Ok(None);
+        }
+        let ip = *usize::try_from(r - 1)
+            .ok()
+            .and_then(|i| self.ips.get(i))
+            .ok_or(Malformed("IP reference outside the block's dictionary"))?;
+        Ok(Some(SocketAddr::new(ip, b.u16_be()?)))
+    }
+
+    fn req_ep(&self, b: &mut Cursor) -> Result<SocketAddr, Malformed> {
+        self.ep(b)?.ok_or(Malformed("required endpoint is absent"))
+    }
+
+    fn string(&self, b: &mut Cursor) -> Result<Option<String>, Malformed> {
+        let r = b.varint()?;
+        if r == 0 {
+            return Ok(None);
+        }
+        usize::try_from(r - 1)
+            .ok()
+            .and_then(|i| self.strs.get(i))
+            .cloned()
+            .map(Some)
+            .ok_or(Malformed("string reference outside the block's dictionary"))
+    }
+
+    fn body(&self, t: u64, ts_ns: u64, b: &mut Cursor) -> Result<Item, Malformed> {
+        match t {
+            tag::TICK => return Ok(Item::Tick { ts_ns }),
+            tag::LOST => {
+                return Ok(Item::Lost {
+                    ts_ns,
+                    count: b.varint()?,
+                    total: b.varint()?,
+                    what: self.string(b)?.unwrap_or_default(),
+                })
+            }
+            tag::DROPPED => {
+                return Ok(Item::Dropped {
+                    ts_ns,
+                    count: b.varint()?,
+                    reason: self.string(b)?.unwrap_or_default(),
+                })
+            }
+            _ => {}
+        }
+        let ns = b.varint()?;
+        let netns = *usize::try_from(ns)
+            .ok()
+            .and_then(|i| self.netns.get(i))
+            .ok_or(Malformed("netns reference outside the block's dictionary"))?;
+        let source = source_from(b.u8()?)?;
+        let body = match t {
+            tag::TCP_SEND_RESET => {
+                let src = self.req_ep(b)?;
+                let dst = self.req_ep(b)?;
+                let reason = self.string(b)?;
+                let flags = b.u8()?;
+                let state = b.u8()?;
+                let trigger_flags = if flags & 2 != 0 { Some(b.u8()?) } else { None };
+                EventBody::TcpSendReset {
+                    src,
+                    dst,
+                    reason,
+                    has_socket: flags & 1 != 0,
+                    state,
+                    trigger_flags,
+                }
+            }
+            tag::TCP_RECEIVE_RESET => EventBody::TcpReceiveReset {
+                src: self.req_ep(b)?,
+                dst: self.req_ep(b)?,
+                sock_cookie: b.varint()?,
+            },
+            tag::CT_INVALID => EventBody::CtInvalid {
+                src: self.req_ep(b)?,
+                dst: self.req_ep(b)?,
+                orig_src: self.ep(b)?,
+                orig_dst: self.ep(b)?,
+                reply_src: self.ep(b)?,
+                reply_dir: b.u8()? & 1 != 0,
+                message: self.string(b)?,
+            },
+            tag::CT_TABLE_FULL => EventBody::CtTableFull {
+                src: self.req_ep(b)?,
+                dst: self.req_ep(b)?,
+                errno: i32::try_from(unzigzag(b.varint()?))
+                    .map_err(|_| Malformed("errno out of range"))?,
+            },
+            tag::IPVS_CONN_NEW => {
+                let client = self.req_ep(b)?;
+                let service = self.req_ep(b)?;
+                let real_server = self.req_ep(b)?;
+                let protocol = b.u8()?;
+                let flags = b.u8()?;
+                let conn_flags = b.varint_u32()?;
+                let dest_flags = b.varint_u32()?;
+                let weight = if flags & 2 != 0 {
+                    Some(
+                        i32::try_from(unzigzag(b.varint()?))
+                            .map_err(|_| Malformed("weight out of range"))?,
+                    )
+                } else {
+                    None
+                };
+                EventBody::IpvsConnNew {
+                    client,
+                    service,
+                    real_server,
+                    protocol,
+                    template: flags & 1 != 0,
+                    conn_flags,
+                    dest_flags,
+                    weight,
+                }
+            }
+            tag::NAT_MAPPING | tag::NAT_DESTROY => {
+                let client = self.req_ep(b)?;
+                let service = self.req_ep(b)?;
+                let backend = self.req_ep(b)?;
+                let protocol = b.u8()?;
+                if t == tag::NAT_MAPPING {
+                    EventBody::NatMapping {
+                        client,
+                        service,
+                        backend,
+                        protocol,
+                    }
+                } else {
+                    EventBody::NatDestroy {
+                        client,
+                        service,
+                        backend,
+                        protocol,
+                    }
+                }
+            }
+            _ => return Err(Malformed("unknown event tag")),
+        };
+        // Bytes left in `b` are fields a newer minor version appended: ignored.
+        Ok(Item::Event(Event {
+            ts_ns,
+            netns,
+            source,
+            body,
+        }))
+    }
+}
+
+// ---------------------------------------------------------------- sealing
+
+/// Compresses a raw block into a complete frame (header + payload).
+pub struct FrameSealer {
+    comp: Option<zstd::bulk::Compressor<'static>>,
+    scratch: Vec<u8>,
+}
+
+impl FrameSealer {
+    /// `level` 0 stores blocks uncompressed; otherwise a zstd level.
+    pub fn new(level: i32) -> FrameSealer {
+        let comp = if level == 0 {
+            None
+        } else {
+            zstd::bulk::Compressor::new(level).ok()
+        };
+        FrameSealer {
+            comp,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Writes the frame of `block` into `out` (cleared first).
+    pub fn seal(&mut self, block: &RawBlock, out: &mut Vec<u8>) {
+        out.clear();
+        let raw = &block.payload;
+        let mut codec = CODEC_NONE;
+        if let Some(c) = &mut self.comp {
+            self.scratch.clear();
+            self.scratch
+                .reserve(zstd::zstd_safe::compress_bound(raw.len()));
+            if c.compress_to_buffer(raw, &mut self.scratch).is_ok()
+                && self.scratch.len() < raw.len()
+            {
+                codec = CODEC_ZSTD;
+            }
+        }
+        let stored: &[u8] = if codec == CODEC_ZSTD {
+            &self.scratch
+        } else {
+            raw
+        };
+        let h = FrameHeader {
+            kind: BLOCK_KIND_RECORDS,
+            codec,
+            stored_len: stored.len() as u32,
+            raw_len: raw.len() as u32,
+            items: block.items,
+            events: block.events,
+            base_ts: block.base_ts,
+            min_ts: block.min_ts,
+            max_ts: block.max_ts,
+            payload_crc: crc32fast::hash(stored),
+        };
+        out.extend_from_slice(&h.encode());
+        out.extend_from_slice(stored);
+    }
+}
+
+/// Decompresses a frame's payload into `out` after checking its CRC.
+pub fn open_payload(
+    h: &FrameHeader,
+    stored: &[u8],
+    dec: &mut Option<zstd::bulk::Decompressor<'static>>,
+    out: &mut Vec<u8>,
+) -> Result<(), Malformed> {
+    if crc32fast::hash(stored) != h.payload_crc {
+        return Err(Malformed("block checksum mismatch"));
+    }
+    out.clear();
+    match h.codec {
+        CODEC_NONE => {
+            if stored.len() != h.raw_len as usize {
+                return Err(Malformed("stored block length differs from its raw length"));
+            }
+            out.extend_from_slice(stored);
+        }
+        CODEC_ZSTD => {
+            if dec.is_none() {
+                *dec = zstd::bulk::Decompressor::new().ok();
+            }
+            let d = dec
+                .as_mut()
+                .ok_or(Malformed("cannot create a zstd decompressor"))?;
+            out.reserve(h.raw_len as usize);
+            let n = d
+                .decompress_to_buffer(stored, out)
+                .map_err(|_| Malformed("block does not decompress"))?;
+            if n != h.raw_len as usize {
+                return Err(Malformed(
+                    "decompressed block length differs from its header",
+                ));
+            }
+        }
+        _ => return Err(Malformed("unknown block codec")),
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! Recordings: every event the live pipeline sees, written continuously to
+//! a compact, checksummed, rotated file set that `ktrace replay` reads back
+//! through the same engine and renderer as `watch`.
+//!
+//! - [`format`]: the bytes (file header, block frames, records).
+//! - [`writer`]: encoding, compression, rotation, retention, disk-full handling.
+//! - [`reader`]: reading back, tolerant of torn tails and corrupt blocks.
+//!
+//! `docs/recording-format.md` describes the format for other readers.
+
+pub mod format;
+pub mod reader;
+pub mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::clock::WallClock;
+use crate::engine::EngineConfig;
+use crate::hooks::HookStatus;
+use crate::output::{Renderer, StatusInfo};
+use crate::watch::{self, Pipeline, SourceOptions, WatchError};
+
+pub use format::Item;
+pub use reader::{FileReader, OpenError, Warning};
+pub use writer::{Recorder, RecorderSummary, RotationConfig};
+
+/// What a file header says about the recording: enough to interpret its
+/// events on another machine. Stored as JSON (self-describing; unknown keys
+/// are ignored, so newer writers may add keys).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Context {
+    /// Always "ktrace-recording".
+    pub format: String,
+    /// `major.minor` of the binary format (also in the fixed header).
+    pub format_version: String,
+    pub ktrace_version: String,
+    /// `record` or `watch`.
+    #[serde(default)]
+    pub command: String,
+    pub host: String,
+    #[serde(default)]
+    pub kernel: Option<String>,
+    /// `/proc/sys/kernel/random/boot_id`: event timestamps are
+    /// CLOCK_MONOTONIC of this boot.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// CLOCK_REALTIME - CLOCK_MONOTONIC, ns, measured when the recording started.
+    pub wall_offset_ns: i64,
+    /// Random id shared by every segment of one recording.
+    pub recording_id: String,
+    /// 0 for the first file of the recording, then 1, 2, ... per rotation.
+    pub segment: u64,
+    /// Monotonic ns when the recording started (and this segment did).
+    pub started_mono_ns: u64,
+    #[serde(default)]
+    pub segment_started_mono_ns: u64,
+    pub ring_buffer_bytes: u32,
+    #[serde(default)]
+    pub netns: Option<u32>,
+    /// `ip netns` names known at start (inode -> name).
+    #[serde(default)]
+    pub netns_names: BTreeMap<u32, String>,
+    pub hooks: Vec<HookRecord>,
+    pub engine: EngineSettings,
+}
+
+/// A [`HookStatus`] as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HookRecord {
+    pub name: String,
+    pub mechanism: String,
+    pub attached: bool,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+impl From<&HookStatus> for HookRecord {
+    fn from(h: &HookStatus) -> Self {
+        HookRecord {
+            name: h.name.to_string(),
+            mechanism: h.mechanism.to_string(),
+            attached: h.attached,
+            target: h.target.clone(),
+            reason: h.reason.clone(),
+        }
+    }
+}
+
+/// A `&'static str` for a stored name: the known ones without allocating,
+/// others leaked (a handful per replayed file).
+fn static_name(s: &str) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "tcp_send_reset",
+        "tcp_receive_reset",
+        "ct_invalid",
+        "ct_invalid_reason",
+        "ct_table_full",
+        "nat_mapping",
+        "ipvs_conn_new",
+        "tracepoint",
+        "kprobe",
+        "kretprobe",
+        "fentry",
+        "ctnetlink",
+        "none",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == s)
+        .copied()
+        .unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
+}
+
+impl HookRecord {
+    pub fn to_status(&self) -> HookStatus {
+        HookStatus {
+            name: static_name(&self.name),
+            mechanism: static_name(&self.mechanism),
+            attached: self.attached,
+            target: self.target.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+/// The [`EngineConfig`] the recording ran with, so replay correlates with
+/// the same thresholds and quotes the same node settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSettings {
+    pub storm_threshold: u32,
+    pub storm_window_ns: u64,
+    pub max_flows: usize,
+    pub flow_ttl_ns: u64,
+    pub correlation_ns: u64,
+    pub reorder_ns: u64,
+    pub repeat_ns: u64,
+    pub ct_invalid_hook: bool,
+    #[serde(default)]
+    pub conntrack_max: Option<u64>,
+    #[serde(default)]
+    pub ct_timeout_established_s: Option<u64>,
+    #[serde(default)]
+    pub keepalive_s: Option<u64>,
+}
+
+impl From<&EngineConfig> for EngineSettings {
+    fn from(c: &EngineConfig) -> Self {
+        EngineSettings {
+            storm_threshold: c.storm_threshold,
+            storm_window_ns: c.storm_window_ns,
+            max_flows: c.max_flows,
+            flow_ttl_ns: c.flow_ttl_ns,
+            correlation_ns: c.correlation_ns,
+            reorder_ns: c.reorder_ns,
+            repeat_ns: c.repeat_ns,
+            ct_invalid_hook: c.ct_invalid_hook,
+            conntrack_max: c.conntrack_max,
+            ct_timeout_established_s: c.ct_timeout_established_s,
+            keepalive_s: c.keepalive_s,
+        }
+    }
+}
+
+impl EngineSettings {
+    pub fn to_config(&self) -> EngineConfig {
+        EngineConfig {
+            storm_threshold: self.storm_threshold.max(1),
+            storm_window_ns: self.storm_window_ns.max(1),
+            max_flows: self.max_flows.max(16),
+            flow_ttl_ns: self.flow_ttl_ns,
+            correlation_ns: self.correlation_ns,
+            reorder_ns: self.reorder_ns,
+            repeat_ns: self.repeat_ns,
+            ct_invalid_hook: self.ct_invalid_hook,
+            conntrack_max: self.conntrack_max,
+            ct_timeout_established_s: self.ct_timeout_established_s,
+            keepalive_s: self.keepalive_s,
+        }
+    }
+}
+
+impl Context {
+    pub fn clock(&self) -> WallClock {
+        WallClock {
+            offset_ns: i128::from(self.wall_offset_ns),
+        }
+    }
+
+    pub fn hook_status(&self) -> Vec<HookStatus> {
+        self.hooks.iter().map(HookRecord::to_status).collect()
+    }
+}
+
+/// This host's name (`/proc/sys/kernel/hostname`).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// `ip netns` names now (what `NetnsNames` shows live), to store with the recording.
+pub fn netns_names_now() -> BTreeMap<u32, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut m = BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/run/netns") {
+        for e in dir.flatten() {
+            if let Ok(meta) = std::fs::metadata(e.path()) {
+                m.insert(
+                    meta.ino() as u32,
+                    e.file_name().to_string_lossy().into_owned(),
+                );
+            }
+        }
+    }
+    if let Ok(meta) = std::fs::metadata("/proc/1/ns/net") {
+        m.entry(meta.ino() as u32)
+            .or_insert_with(|| "host".to_string());
+    }
+    m
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    let got = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok();
+    let v = if got {
+        u64::from_le_bytes(b)
+    } else {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        t ^ (u64::from(std::process::id()) << 32)
+    };
+    format!("{v:016x}")
+}
+
+/// Builds the context of a recording that starts now.
+#[allow(clippy::too_many_arguments)]
+pub fn live_context(
+    command: &str,
+    status: &[HookStatus],
+    info: &StatusInfo,
+    clock: WallClock,
+    engine: &EngineConfig,
+    now_mono_ns: u64,
+) -> Context {
+    Context {
+        format: "ktrace-recording".into(),
+        format_version: format!("{}.{}", format::VERSION_MAJOR, format::VERSION_MINOR),
+        ktrace_version: env!("CARGO_PKG_VERSION").into(),
+        command: command.into(),
+        host: host_name(),
+        kernel: info.kernel.map(str::to_string),
+        boot_id: boot_id(),
+        wall_offset_ns: i64::try_from(clock.offset_ns).unwrap_or(0),
+        recording_id: random_id(),
+        segment: 0,
+        started_mono_ns: now_mono_ns,
+        segment_started_mono_ns: now_mono_ns,
+        ring_buffer_bytes: info.ring_buffer_bytes,
+        netns: info.netns,
+        netns_names: netns_names_now(),
+        hooks: status.iter().map(HookRecord::from).collect(),
+        engine: EngineSettings::from(engine),
+    }
+}
+
+/// Options of `ktrace record`.
+pub struct RecordOptions {
+    pub source: SourceOptions,
+    pub rotation: RotationConfig,
+    pub json: bool,
+    pub engine: EngineConfig,
+}
+
+/// What `ktrace record` did, for its closing line.
+#[derive(Debug, Clone, Default)]
+pub struct RecordReport {
+    pub summary: RecorderSummary,
+}
+
+/// `ktrace record`: the same hooks and event source as `watch`, every event
+/// to the recording; stdout gets the status line and lost-event lines only.
+pub fn record(opts: RecordOptions) -> Result<RecordReport, WatchError> {
+    let clock = WallClock::now();
+    let recorder = Recorder::create(opts.rotation.clone(), "record", opts.engine.clone())?;
+    let stdout = std::io::stdout().lock();
+    let mut p = Pipeline::new(
+        None,
+        Renderer::new(
+            std::io::BufWriter::with_capacity(1 << 16, stdout),
+            opts.json,
+            false,
+            clock,
+            crate::netns::NetnsNames::load(),
+        ),
+    );
+    p.recorder = Some(recorder);
+    let r = watch::run_source(&opts.source, clock, &mut p);
+    let summary = p.recorder.take().map(Recorder::finish).unwrap_or_default();
+    p.out.flush().map_err(WatchError::Output)?;
+    drop(p);
+    r?;
+    if opts.json {
+        let v = serde_json::json!({
+            "type": "recording",
+            "path": opts.rotation.path.display().to_string(),
+            "events": summary.events,
+            "blocks": summary.blocks,
+            "bytes": summary.bytes,
+            "files": summary.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            "dropped": summary.dropped,
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{v}")
+            .and_then(|_| out.flush())
+            .map_err(WatchError::Output)?;
+    }
+    Ok(RecordReport { summary })
+}
+
+/// Parses `--rotate-size`: a number of MiB, or with a unit `K`, `M`, `G`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("{s:?}: unit must be K, M or G")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1 << 20),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 100, 100M, 512K, 1G)"))?;
+    let bytes = v * mult as f64;
+    if !(4096.0..=1e15).contains(&bytes) {
+        return Err("must be at least 4K".into());
+    }
+    Ok(bytes as u64)
+}
+
+/// Parses `--rotate-time`: seconds, or with a unit `s`, `m`, `h`, `d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('s') => (&t[..t.len() - 1], 1.0),
+        Some('m') => (&t[..t.len() - 1], 60.0),
+        Some('h') => (&t[..t.len() - 1], 3600.0),
+        Some('d') => (&t[..t.len() - 1], 86400.0),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 3600, 90m, 1h, 1d)"))?;
+    let secs = v * mult;
+    if !(1.0..=1e9).contains(&secs) {
+        return Err("must be at least one second".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,405 @@
+//! `ktrace replay`: a recording through the same [`Pipeline`] (engine and
+//! renderer) as `watch`, with the recorded settings, wall-clock mapping and
+//! engine ticks, so it prints the findings `watch` printed live.
+//!
+//! Files are read in recording order (start time, then segment number,
+//! from their headers), whatever order they are given in; giving `PATH`
+//! of a rotated set also reads its older segments `PATH.1`, `PATH.2`, ...
+//! Each recording gets its own engine (timestamps of different boots do
+//! not mix). Warnings (torn tail, corrupt block, unknown records) go to
+//! stderr and do not change the exit status.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::rc::Rc;
+
+use serde_json::{json, Value};
+
+use crate::clock::WallClock;
+use crate::engine::Engine;
+use crate::netns::NetnsNames;
+use crate::output::{Renderer, StatusInfo};
+use crate::recording::format::Item;
+use crate::recording::reader::{FileReader, OpenError, Warning};
+use crate::recording::writer::segment_path;
+use crate::recording::Context;
+use crate::watch::Pipeline;
+
+pub struct ReplayOptions {
+    pub paths: Vec<PathBuf>,
+    pub json: bool,
+    pub events: bool,
+    /// Wall-clock ns since the epoch: print nothing before / after.
+    pub since: Option<i128>,
+    pub until: Option<i128>,
+    /// Overrides of the recorded engine settings.
+    pub storm_threshold: Option<u32>,
+    pub storm_window_ns: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot read {path}")]
+    Read {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write output")]
+    Output(#[source] io::Error),
+    #[error("nothing to replay: every file given ends before its header")]
+    NothingToReplay,
+}
+
+/// What a replay went through.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayReport {
+    pub files: usize,
+    pub recordings: usize,
+    pub items: u64,
+    pub events: u64,
+    pub warnings: usize,
+}
+
+/// Stdout shared by the pipeline's renderer and the lines replay writes
+/// itself (status and lost lines with recorded times), in order.
+#[derive(Clone)]
+pub struct SharedOut(Rc<RefCell<Box<dyn Write>>>);
+
+impl SharedOut {
+    pub fn new(w: Box<dyn Write>) -> SharedOut {
+        SharedOut(Rc::new(RefCell::new(w)))
+    }
+}
+
+impl Write for SharedOut {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.0.borrow_mut().write_all(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.borrow_mut().flush()
+    }
+}
+
+/// Parses an RFC 3339 time (`2026-01-02T03:04:05Z`, offsets allowed) to
+/// ns since the epoch.
+pub fn parse_rfc3339(s: &str) -> Result<i128, String> {
+    time::OffsetDateTime::parse(s.trim(), &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp_nanos())
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time like 2026-01-02T03:04:05Z ({e})"))
+}
+
+/// `paths`, each followed by its rotated older segments (`P.1`, `P.2`, ...
+/// of the same recording), without duplicates.
+fn expand(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
+        let key = std::fs::canonicalize(&p).unwrap_or_else(|_| p.clone());
+        if seen.insert(key) {
+            out.push(p);
+        }
+    };
+    for p in paths {
+        push(p.clone(), &mut out);
+        let id = match FileReader::open(p) {
+            Ok(r) => r.context().recording_id.clone(),
+            Err(_) => continue,
+        };
+        for n in 1.. {
+            let older = segment_path(p, n);
+            if !older.is_file() {
+                break;
+            }
+            match FileReader::open(&older) {
+                Ok(r) if r.context().recording_id == id => push(older, &mut out),
+                _ => break,
+            }
+        }
+    }
+    out
+}
+
+fn print_warning(w: &Warning) {
+    eprintln!("ktrace: warning: {w}");
+}
+
+/// Renders one line through a scratch renderer, then sets its `"ts"` to
+/// the recorded time (the renderer stamps status and lost lines with now).
+fn line_at(
+    clock: WallClock,
+    json: bool,
+    ts_ns: u64,
+    extra: Option<(&str, Value)>,
+    f: impl FnOnce(&mut Renderer<&mut Vec<u8>>) -> io::Result<()>,
+) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    f(&mut Renderer::new(
+        &mut buf,
+        json,
+        false,
+        clock,
+        NetnsNames::default(),
+    ))?;
+    if !json {
+        return Ok(buf);
+    }
+    let mut out = Vec::with_capacity(buf.len() + 64);
+    for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        match serde_json::from_slice::<Value>(line) {
+            Ok(mut v) => {
+                if v.get("ts").is_some() {
+                    v["ts"] = json!(clock.rfc3339(ts_ns));
+                }
+                if let Some((k, x)) = &extra {
+                    v[*k] = x.clone();
+                }
+                serde_json::to_writer(&mut out, &v)?;
+            }
+            Err(_) => out.extend_from_slice(line),
+        }
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+/// The files of one recording, in segment order.
+struct Recording {
+    readers: Vec<FileReader>,
+}
+
+pub fn run(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    let stdout: Box<dyn Write> = Box::new(BufWriter::with_capacity(1 << 16, io::stdout()));
+    run_to(opts, SharedOut::new(stdout), &mut print_warning)
+}
+
+/// [`run`] with the output and the warnings going where the caller says.
+pub fn run_to(
+    opts: &ReplayOptions,
+    out: SharedOut,
+    warn: &mut dyn FnMut(&Warning),
+) -> Result<ReplayReport, ReplayError> {
+    let mut report = ReplayReport::default();
+    let mut readers = Vec::new();
+    for p in expand(&opts.paths) {
+        match FileReader::open(&p) {
+            Ok(r) => readers.push(r),
+            Err(e @ OpenError::Torn { .. }) => {
+                report.warnings += 1;
+                warn(&Warning {
+                    path: p.clone(),
+                    offset: 0,
+                    kind: crate::recording::reader::WarningKind::TornTail,
+                    message: format!("{e}; skipped"),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if readers.is_empty() {
+        return Err(ReplayError::NothingToReplay);
+    }
+    report.files = readers.len();
+    // Recording order: start time, recording, segment.
+    readers.sort_by_key(|r| {
+        let c = r.context();
+        (
+            i128::from(c.wall_offset_ns) + i128::from(c.started_mono_ns),
+            c.recording_id.clone(),
+            c.segment,
+        )
+    });
+    let mut recordings: Vec<Recording> = Vec::new();
+    for r in readers {
+        match recordings.last_mut() {
+            Some(g) if g.readers[0].context().recording_id == r.context().recording_id => {
+                g.readers.push(r)
+            }
+            _ => recordings.push(Recording { readers: vec![r] }),
+        }
+    }
+    report.recordings = recordings.len();
+    for rec in recordings {
+        replay_recording(opts, rec, out.clone(), warn, &mut report)?;
+    }
+    out.clone().flush().map_err(ReplayError::Output)?;
+    Ok(report)
+}
+
+fn replay_recording(
+    opts: &ReplayOptions,
+    mut rec: Recording,
+    mut out: SharedOut,
+    warn: &mut dyn FnMut(&Warning),
+    report: &mut ReplayReport,
+) -> Result<(), ReplayError> {
+    let ctx: Context = rec.readers[0].context().clone();
+    let clock = ctx.clock();
+    let mut cfg = ctx.engine.to_config();
+    if let Some(t) = opts.storm_threshold {
+        cfg.storm_threshold = t.max(1);
+    }
+    if let Some(w) = opts.storm_window_ns {
+        cfg.storm_window_ns = w.max(1);
+    }
+    let to_mono =
+        |wall: i128| -> u64 { (wall - clock.offset_ns).clamp(0, i128::from(u64::MAX)) as u64 };
+    let since = opts.since.map_or(0, to_mono);
+    let until = opts.until.map_or(u64::MAX, to_mono);
+    // Events before --since still feed the engine (flows it needs to
+    // explain later resets), as far back as it remembers flows.
+    let warm_from = if opts.since.is_some() {
+        since.saturating_sub(cfg.flow_ttl_ns)
+    } else {
+        0
+    };
+    let fed = |ts: u64| ts >= warm_from && ts <= until;
+
+    let mut p = Pipeline::new(
+        Some(Engine::new(cfg)),
+        Renderer::new(
+            out.clone(),
+            opts.json,
+            opts.events,
+            clock,
+            NetnsNames::default(),
+        ),
+    );
+    p.print_window = (since, until);
+
+    // The recorded status line first.
+    let status = ctx.hook_status();
+    let info = StatusInfo {
+        kernel: ctx.kernel.as_deref(),
+        ring_buffer_bytes: ctx.ring_buffer_bytes,
+        netns: ctx.netns,
+    };
+    let files: Vec<String> = rec
+        .readers
+        .iter()
+        .map(|r| r.path().display().to_string())
+        .collect();
+    let replay_info = json!({
+        "files": files,
+        "recording_id": ctx.recording_id,
+        "host": ctx.host,
+        "recorded_by": ctx.ktrace_version,
+        "command": ctx.command,
+        "format_version": ctx.format_version,
+        "boot_id": ctx.boot_id,
+        "started": clock.rfc3339(ctx.started_mono_ns),
+        "segments": rec.readers.iter().map(|r| r.context().segment).collect::<Vec<_>>(),
+    });
+    let line = line_at(
+        clock,
+        opts.json,
+        ctx.started_mono_ns,
+        Some(("replay", replay_info)),
+        |r| r.status(&status, &info),
+    )
+    .map_err(ReplayError::Output)?;
+    out.write_all(&line).map_err(ReplayError::Output)?;
+    if !opts.json {
+        writeln!(
+            out,
+            "replaying {} file(s) recorded by ktrace {} on {} from {}",
+            files.len(),
+            ctx.ktrace_version,
+            if ctx.host.is_empty() { "?" } else { &ctx.host },
+            clock.rfc3339(ctx.started_mono_ns)
+        )
+        .map_err(ReplayError::Output)?;
+    }
+
+    let mut prev_segment: Option<u64> = None;
+    let mut dropped_total = 0u64;
+    let mut items = Vec::new();
+    for r in &mut rec.readers {
+        let seg = r.context().segment;
+        if let Some(prev) = prev_segment {
+            if seg > prev + 1 {
+                report.warnings += 1;
+                warn(&Warning {
+                    path: r.path().to_path_buf(),
+                    offset: 0,
+                    kind: crate::recording::reader::WarningKind::Corrupt,
+                    message: format!("segments {}..{} of this recording are missing; events between them were not replayed", prev + 1, seg - 1),
+                });
+            }
+        }
+        prev_segment = Some(seg);
+        let path = r.path().display().to_string();
+        let mut warned = Vec::new();
+        let want =
+            |h: &crate::recording::format::FrameHeader| h.max_ts >= warm_from && h.min_ts <= until;
+        loop {
+            let more = r
+                .next_block(&mut items, &mut |w| warned.push(w), &want)
+                .map_err(|source| ReplayError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+            for w in warned.drain(..) {
+                report.warnings += 1;
+                warn(&w);
+            }
+            if !more {
+                break;
+            }
+            for item in items.drain(..) {
+                report.items += 1;
+                match item {
+                    Item::Event(ev) => {
+                        if fed(ev.ts_ns) {
+                            report.events += 1;
+                            p.handle(&ev).map_err(ReplayError::Output)?;
+                        }
+                    }
+                    Item::Tick { ts_ns } => {
+                        if fed(ts_ns) {
+                            p.tick(ts_ns).map_err(ReplayError::Output)?;
+                        }
+                    }
+                    Item::Lost {
+                        ts_ns,
+                        count,
+                        total,
+                        what,
+                    } => {
+                        if ts_ns >= since && ts_ns <= until {
+                            let line = line_at(clock, opts.json, ts_ns, None, |r| {
+                                r.lost(count, total, &what)
+                            })
+                            .map_err(ReplayError::Output)?;
+                            out.write_all(&line).map_err(ReplayError::Output)?;
+                        }
+                    }
+                    Item::Dropped {
+                        ts_ns,
+                        count,
+                        reason,
+                    } => {
+                        dropped_total += count;
+                        if ts_ns >= since && ts_ns <= until {
+                            let what = format!("not recorded ({reason})");
+                            let line = line_at(clock, opts.json, ts_ns, None, |r| {
+                                r.lost(count, dropped_total, &what)
+                            })
+                            .map_err(ReplayError::Output)?;
+                            out.write_all(&line).map_err(ReplayError::Output)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    p.finish().map_err(ReplayError::Output)?;
+    Ok(())
+}

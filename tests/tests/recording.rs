@@ -1,0 +1,435 @@
+//! Recording and replay against the real kernel: the lab's incidents are
+//! watched live with `ktrace watch --json --events --record FILE`, then
+//! `ktrace replay --json --events FILE` must print the same findings (and
+//! the same events). Also: kill -9 while recording, a disk that fills up
+//! (a tiny tmpfs), and files that are not recordings.
+//!
+//! Needs root for everything but the last test; skipped (saying so)
+//! otherwise. Run serially (`--test-threads=1`): kernel hooks are global.
+
+use std::process::Command;
+use std::time::Duration;
+
+use ktrace_tests::{
+    finding_keys, json_lines, ktrace_output, select, skip, Lab, Running, Scratch, BACKENDS, VIP,
+};
+use serde_json::Value;
+
+/// `ktrace replay ARGS`: must succeed; returns (status line, the rest, stderr).
+fn replay(args: &[&str]) -> (Value, Vec<Value>, String) {
+    let out = ktrace_output(&[&["replay", "--json"][..], args].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "replay {args:?} failed ({}): {stderr}",
+        out.status
+    );
+    let mut lines = json_lines(&out.stdout);
+    assert!(!lines.is_empty(), "replay printed nothing");
+    let status = lines.remove(0);
+    assert_eq!(status["type"], "status", "{status}");
+    (status, lines, stderr)
+}
+
+/// Events as replay prints them: live ones also carry `netns_name` (the
+/// names of this host's namespaces), which a recording does not restore.
+fn events(lines: &[Value]) -> Vec<Value> {
+    select(lines, "event", None)
+        .into_iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.as_object_mut().unwrap().remove("netns_name");
+            e
+        })
+        .collect()
+}
+
+fn findings(lines: &[Value]) -> Vec<Value> {
+    select(lines, "finding", None)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
+/// The replay of `file` prints exactly what watch printed live.
+fn assert_replay_matches(live_status: &Value, live: &[Value], file: &str) {
+    let (status, lines, stderr) = replay(&["--events", file]);
+    assert!(
+        !stderr.contains("warning"),
+        "a clean recording replays without warnings: {stderr}"
+    );
+    assert_eq!(
+        status["hooks"], live_status["hooks"],
+        "the recorded hook status is replayed"
+    );
+    assert_eq!(status["kernel"], live_status["kernel"]);
+    assert_eq!(status["replay"]["command"], "watch");
+    assert_eq!(
+        finding_keys(&lines),
+        finding_keys(live),
+        "(kind, service, backend, client) of every finding"
+    );
+    assert_eq!(
+        findings(&lines),
+        findings(live),
+        "the findings, field for field"
+    );
+    assert_eq!(events(&lines), events(live), "the events");
+    // Without --events: the same findings and nothing else.
+    let (_, quiet, _) = replay(&[file]);
+    assert!(select(&quiet, "event", None).is_empty());
+    assert_eq!(findings(&quiet), findings(live));
+}
+
+/// Incident 2 (conntrack flushed, two backends), recorded while watched.
+#[test]
+fn replay_of_conntrack_flush_matches_live() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("flush");
+    let file = scratch.path("flush.rec");
+    let mut lab = Lab::new("rf", 2);
+    lab.start_server();
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let mut c = lab.client(12);
+    let mut reset = Vec::new();
+    for _ in 0..3 {
+        lab.exec_ok(&lab.node, &["conntrack", "-F"]);
+        reset = c.send_all();
+        if !reset.is_empty() {
+            break;
+        }
+    }
+    assert!(!reset.is_empty(), "no connection was reset by the flush");
+    let want = reset.len();
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "finding",
+        Some("backend_switch")
+    )
+    .len()
+        >= want));
+    let status = watch.status.clone();
+    let live = watch.stop();
+    assert_eq!(select(&live, "finding", Some("backend_switch")).len(), want);
+    assert_replay_matches(&status, &live, &file);
+}
+
+/// Incident 1 (un-NATed reply, conntrack INVALID), recorded while watched.
+#[test]
+fn replay_of_unnated_reply_matches_live() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("unnated");
+    let file = scratch.path("unnated.rec");
+    let mut lab = Lab::new("ru", 1);
+    lab.start_server();
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let mut c = lab.client(3);
+    c.cmd("oow");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.send_all().len(), 3);
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "finding",
+        Some("unnated_reply")
+    )
+    .len()
+        >= 3));
+    let status = watch.status.clone();
+    let live = watch.stop();
+    assert_eq!(select(&live, "finding", Some("unnated_reply")).len(), 3);
+    assert_replay_matches(&status, &live, &file);
+}
+
+/// A burst of un-NATed replies: the storm (start and end) replays too, with
+/// the recorded thresholds, in a rotated set of small segments.
+#[test]
+fn replay_of_reset_storm_matches_live_across_rotation() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("storm");
+    let file = scratch.path("storm.rec");
+    let mut lab = Lab::new("rs", 1);
+    lab.start_server();
+    let watch = lab.watch(&[
+        "--events",
+        "--storm-threshold",
+        "10",
+        "--storm-window",
+        "5",
+        "--record",
+        &file,
+        "--rotate-size",
+        "4K",
+        "--rotate-time",
+        "1",
+        "--keep",
+        "50",
+    ]);
+    let mut c = lab.client(30);
+    c.cmd("oow");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.send_all().len(), 30);
+    assert!(watch.wait_for(Duration::from_secs(5), |l| !select(
+        l,
+        "finding",
+        Some("rst_storm")
+    )
+    .is_empty()));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    let live = watch.stop();
+    assert!(
+        std::path::Path::new(&format!("{file}.1")).exists(),
+        "4K / 1 s segments rotate"
+    );
+    assert_replay_matches(&status, &live, &file);
+    // Files given in any order replay the same.
+    let mut parts: Vec<String> = (1..50)
+        .map(|n| format!("{file}.{n}"))
+        .filter(|p| std::path::Path::new(p).exists())
+        .collect();
+    parts.push(file.clone());
+    parts.reverse();
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let (_, lines, _) = replay(&refs);
+    assert_eq!(findings(&lines), findings(&live));
+    // --since after the storm: nothing printed before it; --until before
+    // the first event: no findings at all.
+    let first = &findings(&live)[0]["ts"];
+    let (_, none, _) = replay(&["--until", "2000-01-01T00:00:00Z", &file]);
+    assert!(findings(&none).is_empty());
+    let (_, from, _) = replay(&["--since", first.as_str().unwrap(), &file]);
+    assert_eq!(
+        findings(&from),
+        findings(&live),
+        "findings at or after --since"
+    );
+}
+
+/// Normal traffic: nothing found live, nothing found in replay.
+#[test]
+fn replay_of_control_run_finds_nothing() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("control");
+    let file = scratch.path("control.rec");
+    let mut lab = Lab::new("rc", 2);
+    lab.start_server();
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let mut c = lab.client(10);
+    assert!(c.send_all().is_empty());
+    c.cmd("close");
+    assert_eq!(lab.refuse("10.0.1.2", 2224, 10), 10);
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "event",
+        Some("tcp_send_reset")
+    )
+    .len()
+        >= 10));
+    let status = watch.status.clone();
+    let live = watch.stop();
+    assert!(findings(&live).is_empty());
+    assert_replay_matches(&status, &live, &file);
+}
+
+/// kill -9 while recording: every block written before is read, findings
+/// included; a torn last block is a warning, exit 0.
+#[test]
+fn kill_9_mid_recording_then_replay() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("kill9");
+    let file = scratch.path("k.rec");
+    let mut lab = Lab::new("rk", 1);
+    lab.start_server();
+    let rec = Running::start(&lab.node, &["record", "--json", "--output", &file]);
+    let mut c = lab.client(3);
+    c.cmd("oow");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(c.send_all().len(), 3);
+    // Blocks with events reach the file within a second.
+    std::thread::sleep(Duration::from_millis(2000));
+    rec.kill9();
+    let (_, lines, stderr) = replay(&["--events", &file]);
+    let unnated: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"));
+    assert_eq!(unnated.len(), 3, "{lines:?}\n{stderr}");
+    for f in unnated {
+        assert_eq!(f["service"], format!("{VIP}:2222"));
+        assert_eq!(f["backend"], format!("{}:2222", BACKENDS[0]));
+    }
+
+    // Tear the last block as a crash mid-write would: exit 0, a warning,
+    // and everything before the torn block.
+    let bytes = std::fs::read(&file).unwrap();
+    let torn = scratch.path("torn.rec");
+    std::fs::write(&torn, &bytes[..bytes.len() - 7]).unwrap();
+    let (_, torn_lines, torn_err) = replay(&["--events", &torn]);
+    assert!(
+        torn_err.contains("warning") && torn_err.contains("torn tail"),
+        "{torn_err}"
+    );
+    assert_eq!(torn_err.lines().count(), 1, "one warning line: {torn_err}");
+    let n = select(&torn_lines, "event", None).len();
+    assert!(n <= select(&lines, "event", None).len());
+    assert_eq!(
+        select(&torn_lines, "event", None),
+        select(&lines, "event", None)[..n].to_vec(),
+        "the torn file replays a prefix of the whole"
+    );
+
+    // A corrupt block in the middle: skipped with a warning, the rest read.
+    let mut damaged = bytes.clone();
+    let header_end = 20 + u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let mid = header_end + 30;
+    for b in &mut damaged[mid..mid + 16] {
+        *b ^= 0x5a;
+    }
+    let bad = scratch.path("bad.rec");
+    std::fs::write(&bad, &damaged).unwrap();
+    let (_, _, bad_err) = replay(&[&bad]);
+    assert!(
+        bad_err.contains("skipped") && bad_err.contains("bytes"),
+        "{bad_err}"
+    );
+}
+
+/// Disk full: recording keeps running, says so once on stderr and in a
+/// lost line, counts what it drops, and resumes when space returns.
+#[test]
+fn disk_full_pauses_and_resumes() {
+    if skip() {
+        return;
+    }
+    let scratch = Scratch::new("enospc");
+    let dir = scratch.dir.display().to_string();
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", &dir])
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mounting a tmpfs on {dir}");
+    // Fill it, then free 12 KiB: room for the header and a few blocks.
+    let filler = scratch.path("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0xa5u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.flush();
+        let len = std::fs::metadata(&filler).unwrap().len();
+        f.set_len(len.saturating_sub(12 << 10)).unwrap();
+    }
+    let file = scratch.path("full.rec");
+    let mut lab = Lab::new("rd", 1);
+    lab.start_server();
+    let rec = Running::start(&lab.node, &["record", "--json", "--output", &file]);
+    // Plenty of events: refused connections, in bursts until the disk is full.
+    let mut paused = false;
+    for _ in 0..20 {
+        lab.refuse(BACKENDS[0], 2224, 300);
+        paused = rec.wait_for(Duration::from_secs(2), |l, _| {
+            select(l, "lost", None)
+                .iter()
+                .any(|v| v["source"].as_str().unwrap_or("").contains("paused"))
+        });
+        if paused {
+            break;
+        }
+    }
+    assert!(
+        paused,
+        "the disk never filled: {:?}\n{}",
+        rec.lines(),
+        rec.stderr()
+    );
+    // Still running, still counting.
+    lab.refuse(BACKENDS[0], 2224, 100);
+    std::fs::remove_file(&filler).unwrap();
+    // Space is back: the next blocks go through.
+    let mut resumed = false;
+    for _ in 0..10 {
+        lab.refuse(BACKENDS[0], 2225, 20);
+        resumed = rec.wait_for(Duration::from_secs(2), |l, _| {
+            select(l, "lost", None)
+                .iter()
+                .any(|v| v["source"].as_str().unwrap_or("").contains("resumed"))
+        });
+        if resumed {
+            break;
+        }
+    }
+    assert!(
+        resumed,
+        "never resumed: {:?}\n{}",
+        rec.lines(),
+        rec.stderr()
+    );
+    lab.refuse(BACKENDS[0], 2226, 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (lines, stderr) = rec.stop();
+    assert_eq!(
+        stderr.matches("disk full writing").count(),
+        1,
+        "said once: {stderr}"
+    );
+    let summary = select(&lines, "recording", None);
+    let dropped = summary[0]["dropped"].as_u64().unwrap();
+    assert!(dropped > 0, "{summary:?}");
+
+    let (_, replayed, warnings) = replay(&["--events", &file]);
+    assert!(
+        !warnings.contains("warning"),
+        "the file holds no torn data: {warnings}"
+    );
+    let not_recorded: u64 = select(&replayed, "lost", None)
+        .iter()
+        .filter(|v| v["source"].as_str().unwrap_or("").contains("disk full"))
+        .map(|v| v["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        not_recorded, dropped,
+        "the recording says how much is missing"
+    );
+    let after = select(&replayed, "event", None)
+        .into_iter()
+        .filter(|e| e["event"] == "tcp_send_reset" && e["src"] == format!("{}:2226", BACKENDS[0]))
+        .count();
+    assert_eq!(after, 5, "events after space returned are recorded");
+}
+
+/// Not a recording, or a newer format: one clear line, exit 1. No root needed.
+#[test]
+fn replay_refuses_what_it_cannot_read() {
+    let scratch = Scratch::new("refuse");
+    let text = scratch.path("notes.txt");
+    std::fs::write(&text, "hello\n").unwrap();
+    let out = ktrace_output(&["replay", &text]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a ktrace recording") && err.lines().count() == 1,
+        "{err}"
+    );
+
+    let newer = scratch.path("newer.rec");
+    let mut b = b"\x89KTR\r\n\x1a\n".to_vec();
+    b.extend_from_slice(&[9, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    b.extend_from_slice(b"{}");
+    std::fs::write(&newer, &b).unwrap();
+    let out = ktrace_output(&["replay", &newer]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("newer ktrace"), "{err}");
+
+    let out = ktrace_output(&["replay", &scratch.path("missing.rec")]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = ktrace_output(&["replay"]);
+    assert_eq!(out.status.code(), Some(2), "usage error");
+}
