@@ -39,6 +39,11 @@ impl NetnsNames {
         }
     }
 
+    /// Adds a name (replay restores the names a recording kept).
+    pub fn insert(&mut self, inum: u32, name: String) {
+        self.names.insert(inum, name);
+    }
+
     pub fn name(&self, inum: u32) -> Option<&str> {
         self.names.get(&inum).map(String::as_str)
     }

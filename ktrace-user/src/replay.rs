@@ -176,8 +176,23 @@ struct Recording {
 }
 
 pub fn run(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    run_exporting(opts, None)
+}
+
+/// [`run`], also sending the findings to `export` as OTLP log records
+/// with their recorded times (back-fill); closes `export` at the end.
+pub fn run_exporting(
+    opts: &ReplayOptions,
+    export: Option<&crate::export::Exporter>,
+) -> Result<ReplayReport, ReplayError> {
     let stdout: Box<dyn Write> = Box::new(BufWriter::with_capacity(1 << 16, io::stdout()));
-    run_to(opts, SharedOut::new(stdout), &mut print_warning)
+    let out = SharedOut::new(stdout);
+    let r = run_inner(opts, out.clone(), &mut print_warning, export);
+    if let Some(x) = export {
+        let mut notices = Renderer::new(out, opts.json, false, WallClock::now(), NetnsNames::default());
+        x.close(&mut notices).map_err(ReplayError::Output)?;
+    }
+    r
 }
 
 /// [`run`] with the output and the warnings going where the caller says.
@@ -185,6 +200,15 @@ pub fn run_to(
     opts: &ReplayOptions,
     out: SharedOut,
     warn: &mut dyn FnMut(&Warning),
+) -> Result<ReplayReport, ReplayError> {
+    run_inner(opts, out, warn, None)
+}
+
+fn run_inner(
+    opts: &ReplayOptions,
+    out: SharedOut,
+    warn: &mut dyn FnMut(&Warning),
+    export: Option<&crate::export::Exporter>,
 ) -> Result<ReplayReport, ReplayError> {
     let mut report = ReplayReport::default();
     let mut readers = Vec::new();
@@ -227,7 +251,7 @@ pub fn run_to(
     }
     report.recordings = recordings.len();
     for rec in recordings {
-        replay_recording(opts, rec, out.clone(), warn, &mut report)?;
+        replay_recording(opts, rec, out.clone(), warn, &mut report, export)?;
     }
     out.clone().flush().map_err(ReplayError::Output)?;
     Ok(report)
@@ -239,6 +263,7 @@ fn replay_recording(
     mut out: SharedOut,
     warn: &mut dyn FnMut(&Warning),
     report: &mut ReplayReport,
+    export: Option<&crate::export::Exporter>,
 ) -> Result<(), ReplayError> {
     let ctx: Context = rec.readers[0].context().clone();
     let clock = ctx.clock();
@@ -262,17 +287,19 @@ fn replay_recording(
     };
     let fed = |ts: u64| ts >= warm_from && ts <= until;
 
+    let mut names = NetnsNames::default();
+    for (inum, name) in &ctx.netns_names {
+        names.insert(*inum, name.clone());
+    }
     let mut p = Pipeline::new(
-        Some(Engine::new(cfg)),
-        Renderer::new(
-            out.clone(),
-            opts.json,
-            opts.events,
-            clock,
-            NetnsNames::default(),
-        ),
+        Some(Engine::new(cfg.with_hooks(&ctx.hook_status()))),
+        Renderer::new(out.clone(), opts.json, opts.events, clock, names),
     );
     p.print_window = (since, until);
+    if let Some(x) = export {
+        x.set_clock(clock);
+        p.exporter = Some(x.clone());
+    }
 
     // The recorded status line first.
     let status = ctx.hook_status();

@@ -34,6 +34,8 @@ pub struct WatchOptions {
     pub engine: EngineConfig,
     /// `--record PATH`: also record every event while watching.
     pub record: Option<RotationConfig>,
+    /// `--otlp-endpoint`: also export metrics and findings over OTLP.
+    pub export: Option<crate::export::Exporter>,
 }
 
 /// Where events come from, for [`run_source`].
@@ -112,6 +114,7 @@ pub fn run(opts: WatchOptions) -> Result<(), WatchError> {
     );
     p.live = true;
     p.recorder = recorder;
+    p.exporter = opts.export.clone();
     let source = SourceOptions {
         duration: opts.duration,
         ring_buffer_bytes: opts.ring_buffer_bytes,
@@ -121,7 +124,9 @@ pub fn run(opts: WatchOptions) -> Result<(), WatchError> {
     if let Some(rec) = p.recorder.take() {
         rec.finish();
     }
-    r
+    let closed = p.exporter.take().map(|x| x.close(&mut p.out));
+    r?;
+    closed.transpose().map(drop).map_err(WatchError::Output)
 }
 
 /// Attaches the hooks and feeds `sink` until SIGINT, SIGTERM or the
@@ -151,6 +156,8 @@ pub struct Pipeline<W: Write> {
     pub print_window: (u64, u64),
     /// Live: refresh netns names at each tick.
     pub live: bool,
+    /// OTLP export of events (as counters) and findings (see `export`).
+    pub exporter: Option<crate::export::Exporter>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -162,6 +169,7 @@ impl<W: Write> Pipeline<W> {
             findings: Vec::new(),
             print_window: (0, u64::MAX),
             live: false,
+            exporter: None,
         }
     }
 
@@ -175,6 +183,9 @@ impl<W: Write> Pipeline<W> {
         }
         if self.printed(ev.ts_ns) {
             self.out.event(ev)?;
+        }
+        if let Some(x) = &self.exporter {
+            x.event(ev);
         }
         if let Some(e) = &mut self.engine {
             e.process(ev, &mut self.findings);
@@ -191,6 +202,9 @@ impl<W: Write> Pipeline<W> {
         if let Some(e) = &mut self.engine {
             e.tick(now_ns, &mut self.findings);
         }
+        if let Some(x) = &self.exporter {
+            x.report_lost(&mut self.out)?;
+        }
         self.emit_findings()
     }
 
@@ -198,6 +212,9 @@ impl<W: Write> Pipeline<W> {
     pub fn lost(&mut self, now_ns: u64, count: u64, total: u64, what: &str) -> std::io::Result<()> {
         if let Some(r) = &mut self.recorder {
             r.lost(now_ns, count, total, what);
+        }
+        if let Some(x) = &self.exporter {
+            x.lost(count, what);
         }
         self.out.lost(count, total, what)
     }
@@ -246,6 +263,9 @@ impl<W: Write> Pipeline<W> {
     fn emit_findings(&mut self) -> std::io::Result<()> {
         for f in self.findings.drain(..) {
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
+                if let Some(x) = &self.exporter {
+                    x.finding(&f);
+                }
                 self.out.finding(&f)?;
             }
         }
@@ -260,6 +280,13 @@ impl<W: Write> Sink for Pipeline<W> {
         info: &StatusInfo,
         clock: WallClock,
     ) -> Result<(), WatchError> {
+        if let Some(e) = &mut self.engine {
+            e.set_hooks(status);
+        }
+        if let Some(x) = &self.exporter {
+            x.set_clock(clock);
+            x.status(status);
+        }
         if let Some(r) = &mut self.recorder {
             r.start(status, info, clock)
                 .map_err(WatchError::RecordStart)?;

@@ -79,6 +79,15 @@ impl Default for EngineConfig {
     }
 }
 
+impl EngineConfig {
+    /// Settings that follow from which hooks are live (the same status
+    /// line live and in a recording, so replay reasons alike).
+    pub fn with_hooks(mut self, status: &[crate::hooks::HookStatus]) -> EngineConfig {
+        self.ct_invalid_hook = status.iter().any(|h| h.name == "ct_invalid" && h.attached);
+        self
+    }
+}
+
 /// Counters of what the engine did, for status and metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EngineStats {
@@ -167,6 +176,11 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Applies [`EngineConfig::with_hooks`] once the hook status is known.
+    pub fn set_hooks(&mut self, status: &[crate::hooks::HookStatus]) {
+        self.cfg = self.cfg.clone().with_hooks(status);
     }
 
     pub fn stats(&self) -> EngineStats {
