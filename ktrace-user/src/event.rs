@@ -10,6 +10,8 @@ pub enum Source {
     Kprobe,
     Kretprobe,
     Ctnetlink,
+    /// Counters read from /proc by userspace.
+    Procfs,
 }
 
 impl Source {
@@ -19,6 +21,7 @@ impl Source {
             Source::Kprobe => "kprobe",
             Source::Kretprobe => "kretprobe",
             Source::Ctnetlink => "ctnetlink",
+            Source::Procfs => "procfs",
         }
     }
 }
@@ -91,6 +94,18 @@ pub enum EventBody {
         backend: SocketAddr,
         protocol: u8,
     },
+    /// Conntrack counters of ktrace's network namespace rose
+    /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
+    /// previous sample, with the table's fill when readable. Evidence where
+    /// the conntrack kprobes cannot attach.
+    CtCounters {
+        invalid: u64,
+        drop: u64,
+        early_drop: u64,
+        insert_failed: u64,
+        count: Option<u64>,
+        max: Option<u64>,
+    },
     /// The conntrack entry of a DNATed flow went away (ctnetlink DESTROY).
     NatDestroy {
         client: SocketAddr,
@@ -111,6 +126,7 @@ impl EventBody {
             EventBody::IpvsConnNew { .. } => "ipvs_conn_new",
             EventBody::NatMapping { .. } => "nat_mapping",
             EventBody::NatDestroy { .. } => "nat_destroy",
+            EventBody::CtCounters { .. } => "ct_counters",
         }
     }
 }

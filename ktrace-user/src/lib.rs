@@ -15,6 +15,7 @@
 
 pub mod clock;
 pub mod ctnetlink;
+pub mod ctstat;
 pub mod decode;
 pub mod doctor;
 pub mod engine;

@@ -195,6 +195,22 @@ impl<W: Write> Renderer<W> {
                 service.to_string(),
                 format!("backend={backend}"),
             ),
+            EventBody::CtCounters {
+                invalid,
+                drop,
+                early_drop,
+                insert_failed,
+                count,
+                max,
+            } => (
+                "conntrack".to_string(),
+                "counters".to_string(),
+                format!(
+                    "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed} entries={}/{}",
+                    count.map_or("?".into(), |c| c.to_string()),
+                    max.map_or("?".into(), |m| m.to_string())
+                ),
+            ),
         };
         let ns = self.netns_label(ev.netns);
         writeln!(
@@ -360,6 +376,25 @@ pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
             put("service", json!(service.to_string()));
             put("backend", json!(backend.to_string()));
             put("protocol", json!(protocol));
+        }
+        EventBody::CtCounters {
+            invalid,
+            drop,
+            early_drop,
+            insert_failed,
+            count,
+            max,
+        } => {
+            put("invalid", json!(invalid));
+            put("drop", json!(drop));
+            put("early_drop", json!(early_drop));
+            put("insert_failed", json!(insert_failed));
+            if let Some(c) = count {
+                put("entries", json!(c));
+            }
+            if let Some(m) = max {
+                put("max", json!(m));
+            }
         }
     }
     Value::Object(m)

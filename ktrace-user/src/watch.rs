@@ -352,6 +352,8 @@ async fn source_loop(
     })?;
     let mut ring = RingReader::new(&mut attached.ebpf)?;
     let my_netns = NetnsNames::current();
+    let mut counters = crate::ctstat::CounterWatch::default();
+    counters.sample();
 
     // NAT mappings from ctnetlink where no kernel hook gives them.
     let (ct_tx, mut ct_rx) = mpsc::channel::<CtMsg>(4096);
@@ -397,6 +399,20 @@ async fn source_loop(
         }
     }
     drop(ct_tx);
+    // Conntrack counters of this namespace, sampled every tick.
+    let counters_readable = std::fs::read_to_string("/proc/net/stat/nf_conntrack").is_ok();
+    status.push(HookStatus {
+        name: "ct_counters",
+        mechanism: "procfs",
+        attached: counters_readable,
+        target: if counters_readable {
+            "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms".into()
+        } else {
+            String::new()
+        },
+        reason: (!counters_readable)
+            .then(|| "nf_conntrack is not loaded (no /proc/net/stat/nf_conntrack)".to_string()),
+    });
 
     let mut dec = Decoder {
         names: attached.names.clone(),
@@ -458,6 +474,16 @@ async fn source_loop(
                 if lost > lost_seen {
                     sink.lost(now, lost - lost_seen, lost, "ring buffer full")?;
                     lost_seen = lost;
+                }
+                // Conntrack counters of this namespace: evidence of INVALID
+                // verdicts and table-full drops where no kprobe can see them.
+                if let Some(body) = counters.sample() {
+                    sink.event(&Event {
+                        ts_ns: now,
+                        netns: my_netns.unwrap_or(0),
+                        source: crate::event::Source::Procfs,
+                        body,
+                    })?;
                 }
                 sink.tick(now)?;
                 sink.flush()?;

@@ -48,6 +48,7 @@ fn check_status(status: &Value) {
     }
     let nat = hook(status, "nat_mapping");
     assert_eq!(nat["attached"], true, "{nat}");
+    assert_eq!(hook(status, "ct_counters")["mechanism"], "procfs");
 }
 
 /// Incident 2: conntrack flushed mid-connection, two backends. About half
@@ -169,6 +170,7 @@ fn unnated_reply_out_of_window() {
     )
     .len()
         >= 3));
+    let status = watch.status.clone();
     let lines = watch.stop();
     let (client_ns, server_ns) = (lab.inode(&lab.client), lab.inode(&lab.server));
     let backend = format!("{}:2222", BACKENDS[0]);
@@ -206,6 +208,26 @@ fn unnated_reply_out_of_window() {
             .as_array()
             .unwrap()
             .contains(&"client_rst_to_backend_address".into()));
+        // Where the INVALID hook cannot attach, the node's INVALID counter
+        // (sampled from procfs) is cited instead.
+        if hook(&status, "ct_invalid")["attached"] == false
+            && hook(&status, "ct_counters")["attached"] == true
+        {
+            let cause = f[0]["cause"].as_str().unwrap();
+            assert!(
+                cause.contains("counted") && cause.contains("INVALID packet(s)"),
+                "{}",
+                f[0]
+            );
+            assert!(
+                f[0]["evidence"]["ct_invalid_counter_rise"]
+                    .as_u64()
+                    .unwrap()
+                    >= 1,
+                "{}",
+                f[0]
+            );
+        }
     }
     assert!(select(&lines, "finding", Some("backend_switch")).is_empty());
 }
@@ -316,7 +338,11 @@ fn ipv6_resets_are_decoded() {
     let watch = lab.watch(&["--events"]);
     assert_eq!(lab.refuse("::1", 9, 3), 3);
     assert!(watch.wait_for(Duration::from_secs(5), |l| {
-        select(l, "event", Some("tcp_send_reset")).iter().filter(|e| e["src"] == "[::1]:9").count() >= 3
+        select(l, "event", Some("tcp_send_reset"))
+            .iter()
+            .filter(|e| e["src"] == "[::1]:9")
+            .count()
+            >= 3
     }));
     let lines = watch.stop();
     let client_ns = lab.inode(&lab.client);
@@ -353,7 +379,10 @@ fn human_view_names_the_incident() {
         .unwrap();
     // Wait for the status block before making traffic.
     let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&out).unwrap_or_default().contains("ipvs_conn_new") {
+    while !std::fs::read_to_string(&out)
+        .unwrap_or_default()
+        .contains("ipvs_conn_new")
+    {
         assert!(start.elapsed() < Duration::from_secs(10), "no status block");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -378,10 +407,15 @@ fn human_view_names_the_incident() {
         .unwrap_or_else(|| panic!("no unnated_reply line within a second:\n{text}"));
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains(&format!("Service {VIP}:2222")), "{line}");
-    assert!(line.contains(&format!("backend {}:2222", BACKENDS[0])), "{line}");
+    assert!(
+        line.contains(&format!("backend {}:2222", BACKENDS[0])),
+        "{line}"
+    );
     assert!(line.contains(&want), "{line}");
     assert!(line.contains("Fix: "), "{line}");
-    let _ = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     assert!(child.wait().unwrap().success(), "SIGTERM is a clean stop");
     let _ = std::fs::remove_file(&out);
 }

@@ -31,66 +31,7 @@ const USAGE_FAIL: f64 = 90.0;
 /// Entries per bucket (at a full table) above which lookups slow down.
 const MAX_PER_BUCKET: u64 = 8;
 
-/// `/proc/net/stat/nf_conntrack`, summed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stats {
-    pub cpus: usize,
-    /// Column → sum over CPUs (`entries`: the first row's value).
-    pub columns: BTreeMap<String, u64>,
-}
-
-impl Stats {
-    pub fn get(&self, name: &str) -> Option<u64> {
-        self.columns.get(name).copied()
-    }
-}
-
-/// Parses the per-CPU table; every row must have one hex number per column.
-pub fn parse_stat(text: &str) -> Result<Stats, String> {
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<&str> = lines
-        .next()
-        .ok_or("empty file")?
-        .split_whitespace()
-        .collect();
-    if header.is_empty()
-        || header
-            .iter()
-            .all(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
-    {
-        return Err("the first line is not a header of column names".into());
-    }
-    let mut columns: BTreeMap<String, u64> = BTreeMap::new();
-    let mut cpus = 0usize;
-    for (n, line) in lines.enumerate() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() != header.len() {
-            return Err(format!(
-                "row {} has {} fields, the header names {}",
-                n + 1,
-                fields.len(),
-                header.len()
-            ));
-        }
-        for (name, field) in header.iter().zip(&fields) {
-            let v = u64::from_str_radix(field, 16)
-                .map_err(|_| format!("row {}: {field:?} is not hexadecimal", n + 1))?;
-            let e = columns.entry(name.to_string()).or_insert(0);
-            if *name == "entries" {
-                if cpus == 0 {
-                    *e = v;
-                }
-            } else {
-                *e = e.saturating_add(v);
-            }
-        }
-        cpus += 1;
-    }
-    if cpus == 0 {
-        return Err("no per-CPU rows".into());
-    }
-    Ok(Stats { cpus, columns })
-}
+pub use crate::ctstat::{parse_stat, Stats};
 
 fn read_stat(fs: &Fs) -> Result<Stats, ReadError> {
     let text = fs.read(STAT)?;

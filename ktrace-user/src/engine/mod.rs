@@ -54,6 +54,13 @@ pub struct EngineConfig {
     pub repeat_ns: u64,
     /// Whether a conntrack INVALID hook is live (changes what a cause can say).
     pub ct_invalid_hook: bool,
+    /// Whether the conntrack counters of ktrace's namespace are sampled
+    /// (`ct_counters` events): then, without the INVALID hook, an
+    /// un-NATed-reply finding waits for the next sample to cite it.
+    pub ct_counters: bool,
+    /// Whether `init_conntrack` failures are hooked (else table-full comes
+    /// from the counters' `drop`).
+    pub ct_table_full_hook: bool,
     /// `nf_conntrack_max`, `nf_conntrack_tcp_timeout_established`,
     /// `tcp_keepalive_time`, when the caller could read them.
     pub conntrack_max: Option<u64>,
@@ -72,6 +79,8 @@ impl Default for EngineConfig {
             reorder_ns: SEC,
             repeat_ns: 10 * SEC,
             ct_invalid_hook: false,
+            ct_counters: false,
+            ct_table_full_hook: false,
             conntrack_max: None,
             ct_timeout_established_s: None,
             keepalive_s: None,
@@ -83,7 +92,10 @@ impl EngineConfig {
     /// Settings that follow from which hooks are live (the same status
     /// line live and in a recording, so replay reasons alike).
     pub fn with_hooks(mut self, status: &[crate::hooks::HookStatus]) -> EngineConfig {
-        self.ct_invalid_hook = status.iter().any(|h| h.name == "ct_invalid" && h.attached);
+        let live = |n: &str| status.iter().any(|h| h.name == n && h.attached);
+        self.ct_invalid_hook = live("ct_invalid");
+        self.ct_table_full_hook = live("ct_table_full");
+        self.ct_counters = live("ct_counters");
         self
     }
 }
@@ -123,6 +135,10 @@ struct Repeat {
 }
 
 const MAX_PENDING: usize = 65_536;
+/// How long an un-NATed-reply finding waits for a counter sample.
+const HOLD_NS: u64 = 450_000_000;
+const MAX_HELD: usize = 4_096;
+const NO_INVALID_COUNTED: &str = "conntrack counted no INVALID packet in ktrace's namespace around it: the reply bypassed reverse NAT some other way (or conntrack judged it in another namespace)";
 const MAX_INVALID: usize = 65_536;
 const MAX_REPEAT_KEYS: usize = 16_384;
 const STORM_KEYS: usize = 4_096;
@@ -145,6 +161,9 @@ pub struct Engine {
     /// Latest persistence template per (client IP, service): real server.
     templates: HashMap<(Ep, Ep), Ep>,
     messages: HashMap<String, Arc<str>>,
+    /// Un-NATed-reply findings waiting (until the deadline) for the next
+    /// conntrack counter sample to cite.
+    held: Vec<(u64, Finding)>,
     last_tick: u64,
     last_sweep: u64,
     stats: EngineStats,
@@ -167,6 +186,7 @@ impl Engine {
             quiescent: HashMap::default(),
             templates: HashMap::default(),
             messages: HashMap::default(),
+            held: Vec::new(),
             last_tick: 0,
             last_sweep: 0,
             stats: EngineStats::default(),
@@ -260,9 +280,20 @@ impl Engine {
                 }
             }
             EventBody::CtInvalid { .. } => {}
-            EventBody::CtTableFull { src, dst, .. } => {
-                self.on_table_full(ev.ts_ns, *src, *dst, out)
-            }
+            EventBody::CtTableFull { src, dst, .. } => self.on_table_full(
+                ev.ts_ns,
+                Some((*src, *dst)),
+                1,
+                "init_conntrack failed",
+                out,
+            ),
+            EventBody::CtCounters {
+                invalid,
+                drop,
+                count,
+                max,
+                ..
+            } => self.on_counters(ev.ts_ns, *invalid, *drop, *count, *max, out),
             EventBody::IpvsConnNew {
                 client,
                 service,
@@ -294,6 +325,18 @@ impl Engine {
             self.pending_order.pop_front();
             if self.pending.get(&key).is_some_and(|p| p.ts == ts) {
                 self.pending.remove(&key);
+            }
+        }
+        if !self.held.is_empty() {
+            let mut i = 0;
+            while i < self.held.len() {
+                if self.held[i].0 <= now {
+                    let (_, mut f) = self.held.remove(i);
+                    f.cause = NO_INVALID_COUNTED.into();
+                    out.push(f);
+                } else {
+                    i += 1;
+                }
             }
         }
         let mut reports = Vec::new();
@@ -367,7 +410,13 @@ impl Engine {
                 let first = !f.has(flow_flags::REPORTED);
                 f.flags |= flow_flags::UNNATED | flow_flags::REPORTED;
                 if first {
-                    out.push(self.unnated_finding(ts, src, flow.service.get(), dst, reason));
+                    let f = self.unnated_finding(ts, src, flow.service.get(), dst, reason);
+                    if self.cfg.ct_counters && !self.cfg.ct_invalid_hook {
+                        // Cite the next conntrack counter sample (every 200 ms).
+                        self.held.push((ts + HOLD_NS, f));
+                    } else {
+                        out.push(f);
+                    }
                 }
                 self.count_storm(flow.service, backend, Ep::new(src), STORM_UNNATED, ts, out);
                 return;
@@ -587,7 +636,72 @@ impl Engine {
         }
     }
 
-    fn on_table_full(&mut self, ts: u64, src: SocketAddr, dst: SocketAddr, out: &mut Vec<Finding>) {
+    /// Held un-NATed-reply findings cite the counter sample that followed
+    /// them; a `drop` rise with a (nearly) full table is a table-full finding
+    /// where `init_conntrack` cannot be hooked.
+    fn on_counters(
+        &mut self,
+        ts: u64,
+        invalid: u64,
+        drop: u64,
+        count: Option<u64>,
+        max: Option<u64>,
+        out: &mut Vec<Finding>,
+    ) {
+        if !self.held.is_empty() {
+            let (ready, keep): (Vec<_>, Vec<_>) = self
+                .held
+                .drain(..)
+                .partition(|(deadline, f)| f.ts_ns <= ts && ts <= *deadline);
+            self.held = keep;
+            for (_, mut f) in ready {
+                if invalid > 0 {
+                    f.cause = format!(
+                        "conntrack INVALID: the node's conntrack counted {invalid} INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot attach on this kernel, so the exact reason is unknown)"
+                    );
+                    f.evidence
+                        .insert("ct_invalid_counter_rise".into(), json!(invalid));
+                    if let Some(b) = f.evidence.get_mut("basis").and_then(|b| b.as_array_mut()) {
+                        b.push(json!("ct_invalid_counter"));
+                    }
+                } else {
+                    f.cause = NO_INVALID_COUNTED.into();
+                }
+                out.push(f);
+            }
+        }
+        if self.held.len() > MAX_HELD {
+            let extra: Vec<_> = self.held.drain(..self.held.len() - MAX_HELD).collect();
+            out.extend(extra.into_iter().map(|(_, f)| f));
+        }
+        if let Some(m) = max {
+            self.cfg.conntrack_max = Some(m);
+        }
+        if let (Some(m), Some(c)) = (max, count) {
+            // Drops with room left are not the table being full.
+            if c.saturating_mul(10) < m.saturating_mul(9) {
+                return;
+            }
+        }
+        if drop > 0 && !self.cfg.ct_table_full_hook {
+            let what = match (count, max) {
+                (Some(c), Some(m)) => format!(
+                    "the conntrack drop counter rose by {drop} with {c} of {m} entries in use"
+                ),
+                _ => format!("the conntrack drop counter rose by {drop}"),
+            };
+            self.on_table_full(ts, None, drop, &what, out);
+        }
+    }
+
+    fn on_table_full(
+        &mut self,
+        ts: u64,
+        example: Option<(SocketAddr, SocketAddr)>,
+        n: u64,
+        basis: &str,
+        out: &mut Vec<Finding>,
+    ) {
         let r = self.table_full.get_or_insert(Repeat {
             first: ts,
             last: ts,
@@ -602,7 +716,7 @@ impl Engine {
                 count: 0,
             };
         }
-        r.count += 1;
+        r.count += n;
         r.last = r.last.max(ts);
         if r.last_report != 0 && ts.saturating_sub(r.last_report) < self.cfg.repeat_ns {
             return;
@@ -613,8 +727,11 @@ impl Engine {
         ev.insert("count".into(), json!(r.count));
         ev.insert("first".into(), json!(r.first));
         ev.insert("last".into(), json!(r.last));
-        ev.insert("example_src".into(), json!(src.to_string()));
-        ev.insert("example_dst".into(), json!(dst.to_string()));
+        ev.insert("basis".into(), json!(basis));
+        if let Some((src, dst)) = example {
+            ev.insert("example_src".into(), json!(src.to_string()));
+            ev.insert("example_dst".into(), json!(dst.to_string()));
+        }
         if let Some(m) = self.cfg.conntrack_max {
             ev.insert("nf_conntrack_max".into(), json!(m));
         }
@@ -626,7 +743,7 @@ impl Engine {
             backend: None,
             client: None,
             cause: format!(
-                "{} new connection(s) could not get a conntrack entry{}",
+                "{} new connection(s) could not get a conntrack entry{} ({basis})",
                 r.count,
                 self.cfg
                     .conntrack_max

@@ -303,3 +303,78 @@ fn memory_stays_bounded_under_churn() {
     assert!(s.flows_evicted_by_count >= 19_000);
     assert!(e.pending.len() <= MAX_PENDING);
 }
+
+#[test]
+fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
+    let cfg = EngineConfig {
+        ct_counters: true,
+        ..EngineConfig::default()
+    };
+    let counters = |ts, invalid, drop| {
+        ev(
+            ts,
+            EventBody::CtCounters {
+                invalid,
+                drop,
+                early_drop: 0,
+                insert_failed: 0,
+                count: Some(3),
+                max: Some(262144),
+            },
+        )
+    };
+    let mut e = Engine::new(cfg.clone());
+    let mut out = Vec::new();
+    e.process(&map(0, C, S, B1), &mut out);
+    e.process(&rst(1_000, C, B1, PSH_ACK), &mut out);
+    assert!(out.is_empty(), "held for the next counter sample");
+    e.process(&counters(1_150, 1, 0), &mut out);
+    assert_eq!(out.len(), 1);
+    assert!(
+        out[0].cause.contains("counted 1 INVALID"),
+        "{}",
+        out[0].cause
+    );
+    assert_eq!(out[0].evidence["ct_invalid_counter_rise"], json!(1));
+    // Without a counter rise, the finding still comes, by the deadline.
+    let f = run_with(
+        cfg,
+        &[
+            map(0, C, S, B1),
+            rst(1_000, C, B1, PSH_ACK),
+            ev(
+                2_000,
+                EventBody::TcpReceiveReset {
+                    src: a(C),
+                    dst: a(B1),
+                    sock_cookie: 0,
+                },
+            ),
+        ],
+    );
+    assert_eq!(f.len(), 1);
+    assert!(f[0].cause.contains("no INVALID"), "{}", f[0].cause);
+}
+
+#[test]
+fn drop_counter_with_a_full_table_is_table_full() {
+    let counters = |ts, drop, count| {
+        ev(
+            ts,
+            EventBody::CtCounters {
+                invalid: 0,
+                drop,
+                early_drop: 0,
+                insert_failed: 0,
+                count: Some(count),
+                max: Some(64),
+            },
+        )
+    };
+    let f = run(&[counters(0, 5, 20)]);
+    assert!(f.is_empty(), "drops with room left are not a full table");
+    let f = run(&[counters(0, 5, 64), counters(200, 7, 64)]);
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].kind, FindingKind::ConntrackTableFull);
+    assert!(f[0].cause.contains("64 of 64"), "{}", f[0].cause);
+}

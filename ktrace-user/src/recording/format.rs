@@ -53,6 +53,7 @@ pub mod tag {
     pub const IPVS_CONN_NEW: u64 = 0x05;
     pub const NAT_MAPPING: u64 = 0x06;
     pub const NAT_DESTROY: u64 = 0x07;
+    pub const CT_COUNTERS: u64 = 0x08;
     pub const TICK: u64 = 0x40;
     pub const LOST: u64 = 0x41;
     pub const DROPPED: u64 = 0x42;
@@ -306,6 +307,7 @@ fn source_code(s: Source) -> u8 {
         Source::Kprobe => 1,
         Source::Kretprobe => 2,
         Source::Ctnetlink => 3,
+        Source::Procfs => 4,
     }
 }
 
@@ -315,6 +317,7 @@ fn source_from(c: u8) -> Result<Source, Malformed> {
         1 => Source::Kprobe,
         2 => Source::Kretprobe,
         3 => Source::Ctnetlink,
+        4 => Source::Procfs,
         _ => return Err(Malformed("unknown event source")),
     })
 }
@@ -628,6 +631,24 @@ impl BlockEncoder {
                 self.buf.push(*protocol);
                 at
             }
+            EventBody::CtCounters {
+                invalid,
+                drop,
+                early_drop,
+                insert_failed,
+                count,
+                max,
+            } => {
+                let at = self.head(tag::CT_COUNTERS, ev.ts_ns, ns, src);
+                for v in [*invalid, *drop, *early_drop, *insert_failed] {
+                    put_varint(&mut self.buf, v);
+                }
+                // Optional values as value + 1 (0 = unknown).
+                for v in [*count, *max] {
+                    put_varint(&mut self.buf, v.map_or(0, |x| x.saturating_add(1)));
+                }
+                at
+            }
         };
         self.end(at);
         self.events += 1;
@@ -771,7 +792,7 @@ impl<'a> BlockDecoder<'a> {
                 self.netns.push(n);
                 Ok(Decoded::Definition)
             }
-            tag::TCP_SEND_RESET..=tag::NAT_DESTROY | tag::TICK | tag::LOST | tag::DROPPED => {
+            tag::TCP_SEND_RESET..=tag::CT_COUNTERS | tag::TICK | tag::LOST | tag::DROPPED => {
                 // The timestamp chain must advance even when the rest of
                 // the body is bad, or every later delta would be off.
                 let delta = match b.varint() {
@@ -927,6 +948,23 @@ impl<'a> BlockDecoder<'a> {
                         backend,
                         protocol,
                     }
+                }
+            }
+            tag::CT_COUNTERS => {
+                let invalid = b.varint()?;
+                let drop = b.varint()?;
+                let early_drop = b.varint()?;
+                let insert_failed = b.varint()?;
+                let opt = |v: u64| v.checked_sub(1);
+                let count = opt(b.varint()?);
+                let max = opt(b.varint()?);
+                EventBody::CtCounters {
+                    invalid,
+                    drop,
+                    early_drop,
+                    insert_failed,
+                    count,
+                    max,
                 }
             }
             _ => return Err(Malformed("unknown event tag")),

@@ -184,6 +184,8 @@ impl EngineSettings {
             conntrack_max: self.conntrack_max,
             ct_timeout_established_s: self.ct_timeout_established_s,
             keepalive_s: self.keepalive_s,
+            // The rest follows from the recorded hook status (`with_hooks`).
+            ..EngineConfig::default()
         }
     }
 }
@@ -287,6 +289,8 @@ pub struct RecordOptions {
     pub rotation: RotationConfig,
     pub json: bool,
     pub engine: EngineConfig,
+    /// `--otlp-endpoint`: also export the event counters over OTLP.
+    pub export: Option<crate::export::Exporter>,
 }
 
 /// What `ktrace record` did, for its closing line.
@@ -312,8 +316,12 @@ pub fn record(opts: RecordOptions) -> Result<RecordReport, WatchError> {
         ),
     );
     p.recorder = Some(recorder);
+    p.exporter = opts.export.clone();
     let r = watch::run_source(&opts.source, clock, &mut p);
     let summary = p.recorder.take().map(Recorder::finish).unwrap_or_default();
+    if let Some(x) = p.exporter.take() {
+        x.close(&mut p.out).map_err(WatchError::Output)?;
+    }
     p.out.flush().map_err(WatchError::Output)?;
     drop(p);
     r?;

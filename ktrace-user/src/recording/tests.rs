@@ -211,6 +211,18 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 protocol: 6,
             },
         ),
+        ev(
+            10,
+            Source::Procfs,
+            EventBody::CtCounters {
+                invalid: 2,
+                drop: 0,
+                early_drop: 1,
+                insert_failed: 0,
+                count: Some(0),
+                max: None,
+            },
+        ),
     ]
 }
 
@@ -381,7 +393,7 @@ fn every_variant_round_trips_through_a_block() {
     }
     let raw = enc.take();
     assert_eq!(raw.items as usize, items.len());
-    assert_eq!(raw.events, 10);
+    assert_eq!(raw.events, 11);
     assert_eq!(raw.min_ts, 0);
     assert_eq!(raw.max_ts, u64::MAX);
     assert_eq!(items_of(decode_payload(&raw.payload, raw.base_ts)), items);
@@ -400,7 +412,7 @@ fn every_variant_round_trips_through_a_file() {
     let path = dir.path("rec");
     let blocks = vec![every_item(1_000), every_item(9_000_000_000), vec![]];
     let s = write_recording(&path, inline_config(&path), &blocks);
-    assert_eq!(s.events, 20);
+    assert_eq!(s.events, 22);
     assert_eq!(s.files, vec![path.clone()]);
     let (items, warnings) = read_file(&path);
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -430,8 +442,8 @@ fn unknown_record_tags_are_skipped_with_a_warning() {
     r.start_with(test_context()).unwrap();
     let evs = every_variant(1_000);
     r.event(&evs[0]);
-    // A future variant (e.g. CtCounters) and a future dictionary kind.
-    r.raw_for_test(0x08, &[1, 2, 3, 4, 5, 6, 7]);
+    // A future event variant and a future dictionary kind.
+    r.raw_for_test(0x3e, &[1, 2, 3, 4, 5, 6, 7]);
     r.raw_for_test(0x70, &[9; 200]);
     r.event(&evs[1]);
     r.finish();
@@ -446,7 +458,7 @@ fn unknown_record_tags_are_skipped_with_a_warning() {
         .collect();
     assert_eq!(unknown.len(), 2, "{warnings:?}");
     assert!(
-        unknown[0].message.contains("unknown type 0x8"),
+        unknown[0].message.contains("unknown type 0x3e"),
         "{}",
         unknown[0]
     );
