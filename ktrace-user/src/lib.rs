@@ -20,6 +20,7 @@ pub mod decode;
 pub mod doctor;
 pub mod engine;
 pub mod event;
+pub mod export;
 pub mod hooks;
 pub mod layout;
 pub mod netns;

@@ -53,6 +53,8 @@ struct WatchArgs {
     rotation: RotationArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 #[derive(Args)]
@@ -76,6 +78,8 @@ struct RecordArgs {
     rotation: RotationArgs,
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    otlp: OtlpArgs,
 }
 
 /// Rotation and retention of recordings (docs/recording-format.md).
@@ -136,6 +140,41 @@ struct ReplayArgs {
     /// Override the recorded rst_storm window, in seconds.
     #[arg(long, value_name = "SECS")]
     storm_window: Option<f64>,
+    #[command(flatten)]
+    otlp: OtlpArgs,
+}
+
+/// OTLP export to an OpenTelemetry Collector or Grafana Alloy (docs/otlp.md).
+#[derive(Args)]
+struct OtlpArgs {
+    /// Export metrics and findings over OTLP to URL: http://HOST:4317 (gRPC) or http://HOST:4318 (HTTP) [env: OTEL_EXPORTER_OTLP_ENDPOINT]
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// grpc or http/protobuf [default: grpc for port 4317, else http/protobuf; env: OTEL_EXPORTER_OTLP_PROTOCOL]
+    #[arg(long, value_name = "PROTOCOL")]
+    otlp_protocol: Option<String>,
+    /// This node's name, exported as k8s.node.name [env: NODE_NAME]
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+}
+
+impl OtlpArgs {
+    /// The exporter, when an endpoint is given (flag or environment).
+    fn start(
+        &self,
+        signals: ktrace::export::Signals,
+        detected: Option<ktrace::export::Detected>,
+    ) -> anyhow::Result<Option<ktrace::export::Exporter>> {
+        use ktrace::export::{Detected, ExportConfig, ExportFlags, Exporter};
+        let flags = ExportFlags {
+            endpoint: self.otlp_endpoint.clone(),
+            protocol: self.otlp_protocol.clone(),
+            node_name: self.node_name.clone(),
+        };
+        let detected = detected.unwrap_or_else(Detected::this_host);
+        let cfg = ExportConfig::resolve(&flags, &|k| std::env::var(k).ok(), &detected, signals)?;
+        Ok(cfg.map(Exporter::start).transpose()?)
+    }
 }
 
 /// Tunables of the correlation engine.
@@ -216,13 +255,18 @@ fn init_tracing() {
         .init();
 }
 
+const ALL_SIGNALS: ktrace::export::Signals = ktrace::export::Signals {
+    metrics: true,
+    logs: true,
+};
+
 fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     if let Some(d) = a.duration {
         if !(d >= 0.0 && d.is_finite()) {
             anyhow::bail!("--duration must be a non-negative number of seconds");
         }
     }
-    let opts = ktrace::watch::WatchOptions {
+    let mut opts = ktrace::watch::WatchOptions {
         engine: a.engine.config()?,
         json: a.json,
         events: a.events,
@@ -230,6 +274,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
         ctnetlink: !a.no_ctnetlink,
         record: a.record.clone().map(|p| a.rotation.config(p)),
+        export: None,
     };
     if a.record.is_none() && (a.rotation.given() || a.rotation.zstd_level != 3) {
         use clap::CommandFactory as _;
@@ -240,6 +285,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
             )
             .exit();
     }
+    opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     ktrace::watch::run(opts)?;
     Ok(ExitCode::SUCCESS)
 }
@@ -259,6 +305,14 @@ fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         rotation: a.rotation.config(a.output.clone()),
         json: a.json,
         engine: a.engine.config()?,
+        // No engine runs while recording: the event counters only.
+        export: a.otlp.start(
+            ktrace::export::Signals {
+                metrics: true,
+                logs: false,
+            },
+            None,
+        )?,
     })?;
     if !a.json {
         let s = &report.summary;
@@ -296,6 +350,15 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("--since is after --until: nothing to replay");
         }
     }
+    // Back-fill: findings as log records with their recorded times, from
+    // the recorded host; no metrics (cumulative counters cannot be dated).
+    let export = a.otlp.start(
+        ktrace::export::Signals {
+            metrics: false,
+            logs: true,
+        },
+        ktrace::export::Detected::from_recordings(&a.paths),
+    )?;
     let opts = ktrace::replay::ReplayOptions {
         paths: a.paths,
         json: a.json,
@@ -305,7 +368,7 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         storm_threshold: a.storm_threshold,
         storm_window_ns: a.storm_window.map(|w| (w * 1e9) as u64),
     };
-    match ktrace::replay::run(&opts) {
+    match ktrace::replay::run_exporting(&opts, export.as_ref()) {
         Ok(_) => Ok(ExitCode::SUCCESS),
         // A closed pipe (`ktrace replay ... | head`) is not an error of ours.
         Err(ktrace::replay::ReplayError::Output(e))

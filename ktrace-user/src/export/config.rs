@@ -1,0 +1,734 @@
+//! What the OTLP export is told: `--otlp-endpoint`, `--otlp-protocol`,
+//! `--node-name` and the standard `OTEL_*` variables, resolved once into an
+//! [`ExportConfig`]. Pure: the environment comes in as a lookup function,
+//! so the rules are unit-tested without touching the process environment.
+//!
+//! Precedence (highest first):
+//! - endpoint: `--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL;
+//!   `/v1/metrics` and `/v1/logs` are appended for HTTP); the signal
+//!   variables `OTEL_EXPORTER_OTLP_{METRICS,LOGS}_ENDPOINT` override one
+//!   signal's URL as-is, as the specification says. No endpoint: no export.
+//! - protocol: `--otlp-protocol`, `OTEL_EXPORTER_OTLP_PROTOCOL`; else `grpc`
+//!   when the endpoint's port is 4317, `http/protobuf` otherwise.
+//! - resource: detected (`host.name`, kernel release, ...), then `NODE_NAME`,
+//!   then `OTEL_RESOURCE_ATTRIBUTES`, then `OTEL_SERVICE_NAME`, then `--node-name`.
+
+use std::fmt;
+use std::time::Duration;
+
+/// The OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl Protocol {
+    pub fn parse(s: &str) -> Result<Protocol, ConfigError> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "grpc" => Ok(Protocol::Grpc),
+            "http/protobuf" | "http" => Ok(Protocol::HttpProtobuf),
+            "http/json" => Err(ConfigError(
+                "OTLP protocol http/json is not supported: use grpc or http/protobuf".into(),
+            )),
+            other => Err(ConfigError(format!(
+                "unknown OTLP protocol {other:?}: use grpc or http/protobuf"
+            ))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Grpc => "grpc",
+            Protocol::HttpProtobuf => "http/protobuf",
+        }
+    }
+}
+
+/// A configuration mistake, said in one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What the command line says about export.
+#[derive(Debug, Clone, Default)]
+pub struct ExportFlags {
+    /// `--otlp-endpoint URL`.
+    pub endpoint: Option<String>,
+    /// `--otlp-protocol grpc|http/protobuf`.
+    pub protocol: Option<String>,
+    /// `--node-name NAME` (a DaemonSet passes `spec.nodeName`).
+    pub node_name: Option<String>,
+}
+
+/// Facts about the machine (or the recording) for the resource.
+#[derive(Debug, Clone, Default)]
+pub struct Detected {
+    pub host_name: String,
+    /// `uname -r`.
+    pub kernel_release: Option<String>,
+}
+
+impl Detected {
+    /// This machine.
+    pub fn this_host() -> Detected {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+        };
+        Detected {
+            host_name: read("/proc/sys/kernel/hostname").unwrap_or_default(),
+            kernel_release: read("/proc/sys/kernel/osrelease"),
+        }
+    }
+}
+
+impl Detected {
+    /// The machine a recording was made on (for `replay`'s back-fill): its
+    /// host name and kernel, from the first file that opens.
+    pub fn from_recordings(paths: &[std::path::PathBuf]) -> Option<Detected> {
+        paths.iter().find_map(|p| {
+            let r = crate::recording::reader::FileReader::open(p).ok()?;
+            let c = r.context();
+            Some(Detected {
+                host_name: c.host.clone(),
+                kernel_release: c.kernel.clone(),
+            })
+        })
+    }
+}
+
+/// Which signals are exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Signals {
+    pub metrics: bool,
+    pub logs: bool,
+}
+
+/// Everything the exporter needs, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExportConfig {
+    pub protocol: Protocol,
+    /// The endpoint as given (for messages).
+    pub endpoint: String,
+    /// Where metrics go: the gRPC endpoint, or the full HTTP URL.
+    pub metrics_url: String,
+    /// Where log records go.
+    pub logs_url: String,
+    /// Extra request headers / gRPC metadata (`OTEL_EXPORTER_OTLP_HEADERS`).
+    pub headers: Vec<(String, String)>,
+    /// One export request's budget, retries included (`OTEL_EXPORTER_OTLP_TIMEOUT`, ms).
+    pub timeout: Duration,
+    /// How often metrics are sent (`OTEL_METRIC_EXPORT_INTERVAL`, ms).
+    pub metric_interval: Duration,
+    /// How long a finding waits to be batched (`OTEL_BLRP_SCHEDULE_DELAY`, ms).
+    pub log_delay: Duration,
+    /// Log records held while the endpoint is down (`OTEL_BLRP_MAX_QUEUE_SIZE`).
+    pub max_queue: usize,
+    /// Log records per request (`OTEL_BLRP_MAX_EXPORT_BATCH_SIZE`).
+    pub max_batch: usize,
+    /// Resource attributes, in order, keys unique.
+    pub resource: Vec<(String, String)>,
+    pub signals: Signals,
+}
+
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(15);
+pub const DEFAULT_LOG_DELAY: Duration = Duration::from_millis(200);
+pub const DEFAULT_MAX_QUEUE: usize = 2048;
+pub const DEFAULT_MAX_BATCH: usize = 512;
+
+impl ExportConfig {
+    /// Resolves the flags and the environment (`env` looks a variable up).
+    /// `Ok(None)`: export is not asked for (no endpoint anywhere, or
+    /// `OTEL_SDK_DISABLED=true`).
+    pub fn resolve(
+        flags: &ExportFlags,
+        env: &dyn Fn(&str) -> Option<String>,
+        detected: &Detected,
+        signals: Signals,
+    ) -> Result<Option<ExportConfig>, ConfigError> {
+        let var = |k: &str| {
+            env(k)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        if var("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+            return Ok(None);
+        }
+        let flag_endpoint = flags
+            .endpoint
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        let (endpoint, from) = match (flag_endpoint, var("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+            (Some(e), _) => (e.to_string(), "--otlp-endpoint"),
+            (None, Some(e)) => (e, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+            (None, None) => return Ok(None),
+        };
+        let port = check_url(&endpoint, from)?;
+        let protocol = match (
+            flags.protocol.as_deref(),
+            var("OTEL_EXPORTER_OTLP_PROTOCOL"),
+        ) {
+            (Some(p), _) => {
+                Protocol::parse(p).map_err(|e| ConfigError(format!("--otlp-protocol: {e}")))?
+            }
+            (None, Some(p)) => Protocol::parse(&p)
+                .map_err(|e| ConfigError(format!("OTEL_EXPORTER_OTLP_PROTOCOL: {e}")))?,
+            (None, None) if port == 4317 => Protocol::Grpc,
+            (None, None) => Protocol::HttpProtobuf,
+        };
+        let signal_url = |signal_var: &str, path: &str| -> Result<String, ConfigError> {
+            // A flag wins over every variable; a signal variable is used as-is.
+            if flag_endpoint.is_none() {
+                if let Some(u) = var(signal_var) {
+                    check_url(&u, signal_var)?;
+                    return Ok(u);
+                }
+            }
+            Ok(match protocol {
+                Protocol::Grpc => endpoint.clone(),
+                Protocol::HttpProtobuf => format!("{}{path}", endpoint.trim_end_matches('/')),
+            })
+        };
+        let metrics_url = signal_url("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "/v1/metrics")?;
+        let logs_url = signal_url("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "/v1/logs")?;
+
+        let headers = match var("OTEL_EXPORTER_OTLP_HEADERS") {
+            Some(h) => parse_key_values(&h)
+                .map_err(|e| ConfigError(format!("OTEL_EXPORTER_OTLP_HEADERS: {e}")))?,
+            None => Vec::new(),
+        };
+        for (k, v) in &headers {
+            let key_ok = !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !key_ok || v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
+                return Err(ConfigError(format!(
+                    "OTEL_EXPORTER_OTLP_HEADERS: {k:?} is not a valid header"
+                )));
+            }
+        }
+        let ms = |name: &str, default: Duration| -> Result<Duration, ConfigError> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "{name}: {v:?} is not a positive number of milliseconds"
+                        ))
+                    }),
+            }
+        };
+        let count = |name: &str, default: usize| -> Result<usize, ConfigError> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|&n| (1..=1_000_000).contains(&n))
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "{name}: {v:?} is not a count between 1 and 1000000"
+                        ))
+                    }),
+            }
+        };
+        let max_queue = count("OTEL_BLRP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE)?;
+        let max_batch = count("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", DEFAULT_MAX_BATCH)?.min(max_queue);
+
+        Ok(Some(ExportConfig {
+            protocol,
+            endpoint,
+            metrics_url,
+            logs_url,
+            headers,
+            timeout: ms("OTEL_EXPORTER_OTLP_TIMEOUT", DEFAULT_TIMEOUT)?,
+            metric_interval: ms("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_METRIC_INTERVAL)?,
+            log_delay: ms("OTEL_BLRP_SCHEDULE_DELAY", DEFAULT_LOG_DELAY)?,
+            max_queue,
+            max_batch,
+            resource: resource_attributes(flags, &var, detected)?,
+            signals,
+        }))
+    }
+
+    /// [`ExportConfig::resolve`] with this process's environment and this host.
+    pub fn from_env(
+        flags: &ExportFlags,
+        signals: Signals,
+    ) -> Result<Option<ExportConfig>, ConfigError> {
+        Self::resolve(
+            flags,
+            &|k| std::env::var(k).ok(),
+            &Detected::this_host(),
+            signals,
+        )
+    }
+
+    pub fn resource_value(&self, key: &str) -> Option<&str> {
+        self.resource
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Checks an endpoint URL: `http://host[:port][/path]`; returns its port.
+fn check_url(url: &str, from: &str) -> Result<u16, ConfigError> {
+    let bad = |why: &str| ConfigError(format!("{from}: {url:?} {why}"));
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") {
+        return Err(bad(
+            "uses TLS, which this build of ktrace does not include: send to a collector on the node or in the cluster over http:// (docs/otlp.md)",
+        ));
+    } else {
+        return Err(bad("is not a URL like http://collector:4317"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(bad("has no host"));
+    }
+    let port = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((_, "")) => None,
+            Some((_, p)) => Some(
+                p.strip_prefix(':')
+                    .ok_or_else(|| bad("has a malformed port"))?,
+            ),
+            None => return Err(bad("has a malformed IPv6 address")),
+        }
+    } else {
+        authority.rsplit_once(':').map(|(_, p)| p)
+    };
+    match port {
+        None => Ok(80),
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| bad("has a malformed port")),
+    }
+}
+
+/// `key1=value1,key2=value2` (W3C baggage-like, values percent-encoded), as
+/// `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_RESOURCE_ATTRIBUTES` use it.
+/// Empty members are skipped; a member without `=` or with an empty key is an error.
+pub fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for member in s.split(',') {
+        let member = member.trim();
+        if member.is_empty() {
+            continue;
+        }
+        let (k, v) = member
+            .split_once('=')
+            .ok_or_else(|| format!("{member:?} is not key=value"))?;
+        let k = percent_decode(k.trim()).map_err(|e| format!("{member:?}: {e}"))?;
+        let v = percent_decode(v.trim()).map_err(|e| format!("{member:?}: {e}"))?;
+        if k.is_empty() {
+            return Err(format!("{member:?} has an empty key"));
+        }
+        match out.iter_mut().find(|(ek, _)| *ek == k) {
+            Some(e) => e.1 = v,
+            None => out.push((k, v)),
+        }
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-encoding at byte {i}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "percent-encoding is not UTF-8".to_string())
+}
+
+/// `host.arch` per the semantic conventions.
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "x86",
+        "powerpc64" => "ppc64",
+        "s390x" => "s390x",
+        "arm" => "arm32",
+        other => other,
+    }
+}
+
+fn resource_attributes(
+    flags: &ExportFlags,
+    var: &dyn Fn(&str) -> Option<String>,
+    detected: &Detected,
+) -> Result<Vec<(String, String)>, ConfigError> {
+    let mut attrs: Vec<(String, String)> = Vec::new();
+    let set = |attrs: &mut Vec<(String, String)>, k: &str, v: String| match attrs
+        .iter_mut()
+        .find(|(ek, _)| ek == k)
+    {
+        Some(e) => e.1 = v,
+        None => attrs.push((k.to_string(), v)),
+    };
+    set(&mut attrs, "service.name", "ktrace".into());
+    set(
+        &mut attrs,
+        "service.version",
+        env!("CARGO_PKG_VERSION").into(),
+    );
+    if !detected.host_name.is_empty() {
+        set(&mut attrs, "host.name", detected.host_name.clone());
+    }
+    set(&mut attrs, "host.arch", host_arch().into());
+    set(&mut attrs, "os.type", "linux".into());
+    if let Some(k) = &detected.kernel_release {
+        set(&mut attrs, "os.version", k.clone());
+    }
+    if let Some(n) = var("NODE_NAME") {
+        set(&mut attrs, "k8s.node.name", n);
+    }
+    if let Some(r) = var("OTEL_RESOURCE_ATTRIBUTES") {
+        for (k, v) in parse_key_values(&r)
+            .map_err(|e| ConfigError(format!("OTEL_RESOURCE_ATTRIBUTES: {e}")))?
+        {
+            set(&mut attrs, &k, v);
+        }
+    }
+    if let Some(s) = var("OTEL_SERVICE_NAME") {
+        set(&mut attrs, "service.name", s);
+    }
+    if let Some(n) = flags
+        .node_name
+        .as_deref()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        set(&mut attrs, "k8s.node.name", n.to_string());
+    }
+    // One series per node: Prometheus makes `instance` of service.instance.id.
+    if !attrs.iter().any(|(k, _)| k == "service.instance.id") {
+        let id = attrs
+            .iter()
+            .find(|(k, _)| k == "k8s.node.name")
+            .or_else(|| attrs.iter().find(|(k, _)| k == "host.name"))
+            .map(|(_, v)| v.clone());
+        if let Some(id) = id {
+            set(&mut attrs, "service.instance.id", id);
+        }
+    }
+    Ok(attrs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const BOTH: Signals = Signals {
+        metrics: true,
+        logs: true,
+    };
+
+    fn host() -> Detected {
+        Detected {
+            host_name: "node-a".into(),
+            kernel_release: Some("6.18.0-1-amd64".into()),
+        }
+    }
+
+    fn resolve(
+        flags: &ExportFlags,
+        env: &[(&str, &str)],
+    ) -> Result<Option<ExportConfig>, ConfigError> {
+        let m: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        ExportConfig::resolve(flags, &|k| m.get(k).cloned(), &host(), BOTH)
+    }
+
+    fn flag(endpoint: &str) -> ExportFlags {
+        ExportFlags {
+            endpoint: Some(endpoint.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn no_endpoint_no_export() {
+        assert_eq!(resolve(&ExportFlags::default(), &[]).unwrap(), None);
+        assert_eq!(
+            resolve(
+                &ExportFlags::default(),
+                &[("OTEL_EXPORTER_OTLP_HEADERS", "a=b")]
+            )
+            .unwrap(),
+            None
+        );
+        let disabled = resolve(&flag("http://c:4317"), &[("OTEL_SDK_DISABLED", "TRUE")]).unwrap();
+        assert_eq!(disabled, None);
+    }
+
+    #[test]
+    fn grpc_from_port_4317_http_otherwise() {
+        let c = resolve(&flag("http://collector:4317"), &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.protocol, Protocol::Grpc);
+        assert_eq!(c.metrics_url, "http://collector:4317");
+        assert_eq!(c.logs_url, "http://collector:4317");
+        let c = resolve(&flag("http://collector:4318/"), &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        assert_eq!(c.metrics_url, "http://collector:4318/v1/metrics");
+        assert_eq!(c.logs_url, "http://collector:4318/v1/logs");
+        let c = resolve(&flag("http://[::1]:9000/otlp"), &[])
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        assert_eq!(c.logs_url, "http://[::1]:9000/otlp/v1/logs");
+    }
+
+    #[test]
+    fn env_endpoint_and_protocol() {
+        let c = resolve(
+            &ExportFlags::default(),
+            &[
+                (
+                    "OTEL_EXPORTER_OTLP_ENDPOINT",
+                    "http://alloy.monitoring:4318",
+                ),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.protocol, Protocol::Grpc);
+        assert_eq!(c.endpoint, "http://alloy.monitoring:4318");
+        // The flag wins over the variable, and the flag's protocol too.
+        let c = resolve(
+            &ExportFlags {
+                endpoint: Some("http://127.0.0.1:5555".into()),
+                protocol: Some("http/protobuf".into()),
+                node_name: None,
+            },
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://elsewhere:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+                ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://logs-only:1/x"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        assert_eq!(c.logs_url, "http://127.0.0.1:5555/v1/logs");
+        // Without a flag, a signal's own variable is used as-is.
+        let c = resolve(
+            &ExportFlags::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                (
+                    "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+                    "http://loki:3100/otlp/v1/logs",
+                ),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.logs_url, "http://loki:3100/otlp/v1/logs");
+        assert_eq!(c.metrics_url, "http://c:4318/v1/metrics");
+    }
+
+    #[test]
+    fn bad_protocols_and_urls_are_one_line_errors() {
+        let e = resolve(
+            &flag("http://c:4318"),
+            &[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")],
+        )
+        .unwrap_err();
+        assert!(e.0.contains("http/json is not supported"), "{e}");
+        let e = resolve(
+            &ExportFlags {
+                protocol: Some("thrift".into()),
+                ..flag("http://c:4318")
+            },
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("--otlp-protocol"), "{e}");
+        for bad in [
+            "collector:4317",
+            "https://c:4317",
+            "http://",
+            "http://c:99999",
+            "http://c:x/",
+        ] {
+            let e = resolve(&flag(bad), &[]).unwrap_err();
+            assert!(e.0.starts_with("--otlp-endpoint"), "{bad}: {e}");
+        }
+        let e = resolve(
+            &ExportFlags::default(),
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://x")],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
+    }
+
+    #[test]
+    fn headers_are_parsed_and_percent_decoded() {
+        let c = resolve(
+            &flag("http://c:4317"),
+            &[(
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                " Authorization=Basic%20dXNlcjpwYXNz , x-scope-orgid=tenant-1,,x-scope-orgid=tenant-2",
+            )],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            c.headers,
+            vec![
+                (
+                    "Authorization".to_string(),
+                    "Basic dXNlcjpwYXNz".to_string()
+                ),
+                ("x-scope-orgid".to_string(), "tenant-2".to_string()),
+            ]
+        );
+        for bad in ["novalue", "=v", "a=%zz", "bad key=v", "k=a%0Ab"] {
+            let e = resolve(
+                &flag("http://c:4317"),
+                &[("OTEL_EXPORTER_OTLP_HEADERS", bad)],
+            )
+            .unwrap_err();
+            assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_HEADERS"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn resource_precedence() {
+        let c = resolve(&flag("http://c:4317"), &[]).unwrap().unwrap();
+        assert_eq!(c.resource_value("service.name"), Some("ktrace"));
+        assert_eq!(
+            c.resource_value("service.version"),
+            Some(env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(c.resource_value("host.name"), Some("node-a"));
+        assert_eq!(c.resource_value("os.type"), Some("linux"));
+        assert_eq!(c.resource_value("os.version"), Some("6.18.0-1-amd64"));
+        assert_eq!(c.resource_value("k8s.node.name"), None);
+        assert_eq!(c.resource_value("service.instance.id"), Some("node-a"));
+
+        let env = [
+            ("NODE_NAME", "worker-7"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "deployment.environment.name=prod,k8s.cluster.name=eu%2C1,host.name=h",
+            ),
+            ("OTEL_SERVICE_NAME", "ktrace-eu"),
+        ];
+        let c = resolve(&flag("http://c:4317"), &env).unwrap().unwrap();
+        assert_eq!(c.resource_value("service.name"), Some("ktrace-eu"));
+        assert_eq!(c.resource_value("k8s.node.name"), Some("worker-7"));
+        assert_eq!(c.resource_value("k8s.cluster.name"), Some("eu,1"));
+        assert_eq!(c.resource_value("host.name"), Some("h"));
+        assert_eq!(
+            c.resource_value("deployment.environment.name"),
+            Some("prod")
+        );
+        assert_eq!(c.resource_value("service.instance.id"), Some("worker-7"));
+
+        // --node-name beats NODE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+        let env = [
+            ("NODE_NAME", "worker-7"),
+            (
+                "OTEL_RESOURCE_ATTRIBUTES",
+                "k8s.node.name=x,service.instance.id=i-1",
+            ),
+        ];
+        let c = resolve(
+            &ExportFlags {
+                node_name: Some("worker-9".into()),
+                ..flag("http://c:4317")
+            },
+            &env,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.resource_value("k8s.node.name"), Some("worker-9"));
+        assert_eq!(c.resource_value("service.instance.id"), Some("i-1"));
+        let keys: Vec<&str> = c.resource.iter().map(|(k, _)| k.as_str()).collect();
+        let mut dedup = keys.clone();
+        dedup.sort();
+        dedup.dedup();
+        assert_eq!(keys.len(), dedup.len(), "{keys:?}");
+
+        let e = resolve(&flag("http://c:4317"), &[("OTEL_RESOURCE_ATTRIBUTES", "a")]).unwrap_err();
+        assert!(e.0.starts_with("OTEL_RESOURCE_ATTRIBUTES"), "{e}");
+    }
+
+    #[test]
+    fn timings_and_queue_sizes() {
+        let c = resolve(&flag("http://c:4317"), &[]).unwrap().unwrap();
+        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(c.metric_interval, DEFAULT_METRIC_INTERVAL);
+        assert_eq!(
+            (c.max_queue, c.max_batch),
+            (DEFAULT_MAX_QUEUE, DEFAULT_MAX_BATCH)
+        );
+        let c = resolve(
+            &flag("http://c:4317"),
+            &[
+                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+                ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
+                ("OTEL_BLRP_SCHEDULE_DELAY", "50"),
+                ("OTEL_BLRP_MAX_QUEUE_SIZE", "100"),
+                ("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", "1000"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.metric_interval, Duration::from_millis(500));
+        assert_eq!(c.log_delay, Duration::from_millis(50));
+        assert_eq!((c.max_queue, c.max_batch), (100, 100));
+        let e = resolve(
+            &flag("http://c:4317"),
+            &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_TIMEOUT"), "{e}");
+        let e = resolve(&flag("http://c:4317"), &[("OTEL_BLRP_MAX_QUEUE_SIZE", "0")]).unwrap_err();
+        assert!(e.0.starts_with("OTEL_BLRP_MAX_QUEUE_SIZE"), "{e}");
+    }
+}

@@ -1,0 +1,790 @@
+//! The exporter: a handle the pipeline calls without ever waiting, and a
+//! thread of its own (its own current-thread tokio runtime) that talks OTLP.
+//!
+//! ```text
+//! pipeline thread                      | exporter thread ("ktrace-otlp")
+//! event()   -> SDK counter add (memory)  | every interval: collect, export metrics
+//! finding() -> counter add + try_send ---+-> log record -> bounded queue -> export batches
+//! tick()    <- take_lost(): "lost" line  | failures: backoff 1 s .. 30 s, queue kept
+//! ```
+//!
+//! Nothing the pipeline calls does I/O or blocks: a full queue drops the
+//! finding's log record (counted); an endpoint that is down, slow or
+//! refusing only delays the exporter thread. Memory is bounded by the queue
+//! (`OTEL_BLRP_MAX_QUEUE_SIZE` records) and the metric attribute sets.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use opentelemetry::logs::{Logger as _, LoggerProvider as _};
+use opentelemetry::{InstrumentationScope, KeyValue};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::logs::{
+    LogBatch, LogExporter as _, LogProcessor, SdkLogRecord, SdkLogger, SdkLoggerProvider,
+};
+use opentelemetry_sdk::metrics::data::ResourceMetrics;
+use opentelemetry_sdk::metrics::exporter::PushMetricExporter as _;
+use opentelemetry_sdk::metrics::reader::MetricReader as _;
+use opentelemetry_sdk::metrics::Temporality;
+use opentelemetry_sdk::Resource;
+use tokio::sync::mpsc;
+
+use super::config::{ExportConfig, Protocol};
+use super::logs;
+use super::metrics::{lost_source, Metrics};
+use crate::clock::WallClock;
+use crate::engine::Finding;
+use crate::event::Event;
+use crate::hooks::HookStatus;
+use crate::output::Renderer;
+
+/// Findings in flight from the pipeline to the exporter thread.
+const CHANNEL: usize = 256;
+
+/// A finding and the clock that dates it, on its way to the exporter thread.
+type Msg = Box<(Finding, WallClock)>;
+/// Backoff after a failed export: doubles from the first to the last.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long `close` lets the thread send what it holds.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+/// At most one "lost" notice per this interval.
+const LOST_NOTICE_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("cannot set up OTLP export to {endpoint}: {message}")]
+    Setup { endpoint: String, message: String },
+    #[error("cannot start the OTLP export thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// How the export ended, for the closing notice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportSummary {
+    /// Log records exported.
+    pub exported: u64,
+    /// Log records dropped over the whole run (queue full, endpoint down at exit).
+    pub dropped: u64,
+    /// Of those, how many no `take_lost` reported yet.
+    pub unreported: u64,
+    /// Export requests that failed.
+    pub failures: u64,
+}
+
+/// State shared by the handle and the thread.
+struct Shared {
+    dropped: AtomicU64,
+    reported: AtomicU64,
+    exported: AtomicU64,
+    failures: AtomicU64,
+    failing: AtomicBool,
+    /// Set by `shutdown`: when the thread must be done.
+    deadline: Mutex<Option<Instant>>,
+    last_notice: Mutex<Option<Instant>>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl Shared {
+    fn drop_records(&self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.dropped.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.lost(n, "otlp");
+        }
+    }
+}
+
+struct Inner {
+    endpoint: String,
+    tx: Mutex<Option<mpsc::Sender<Msg>>>,
+    clock: Mutex<WallClock>,
+    shared: Arc<Shared>,
+    metrics: Option<Arc<Metrics>>,
+    logs: bool,
+    done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+/// The pipeline's handle on the OTLP export. Cheap to clone; every method
+/// returns at once.
+#[derive(Clone)]
+pub struct Exporter {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exporter")
+            .field("endpoint", &self.inner.endpoint)
+            .finish()
+    }
+}
+
+fn resource(cfg: &ExportConfig) -> Resource {
+    Resource::builder_empty()
+        .with_attributes(
+            cfg.resource
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+        )
+        .build()
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("ktrace")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+impl Exporter {
+    /// Starts the export thread. Fails on a configuration the exporters
+    /// refuse; an endpoint that does not answer is not an error (it is
+    /// retried for as long as ktrace runs).
+    pub fn start(cfg: ExportConfig) -> Result<Exporter, ExportError> {
+        let res = resource(&cfg);
+        let metrics = cfg
+            .signals
+            .metrics
+            .then(|| Arc::new(Metrics::new(res.clone(), scope())));
+        let shared = Arc::new(Shared {
+            dropped: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            exported: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            deadline: Mutex::new(None),
+            last_notice: Mutex::new(None),
+            metrics: metrics.clone(),
+        });
+        let (tx, rx) = mpsc::channel(CHANNEL);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let endpoint = cfg.endpoint.clone();
+        let logs = cfg.signals.logs;
+        let thread_shared = shared.clone();
+        let thread_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("ktrace-otlp".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start its event loop: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let worker = match Worker::new(cfg, res, rx, thread_shared, thread_metrics) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    worker.run().await;
+                });
+                drop(done_tx);
+            })
+            .map_err(ExportError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(message)) => return Err(ExportError::Setup { endpoint, message }),
+            Err(_) => {
+                return Err(ExportError::Setup {
+                    endpoint,
+                    message: "the export thread stopped".into(),
+                })
+            }
+        }
+        Ok(Exporter {
+            inner: Arc::new(Inner {
+                endpoint,
+                tx: Mutex::new(Some(tx)),
+                clock: Mutex::new(WallClock::now()),
+                shared,
+                metrics,
+                logs,
+                done: Mutex::new(Some(done_rx)),
+            }),
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.inner.endpoint
+    }
+
+    /// The clock that makes findings' monotonic times wall-clock (the
+    /// pipeline's, or a recording's in replay).
+    pub fn set_clock(&self, clock: WallClock) {
+        *self.inner.clock.lock().unwrap_or_else(|e| e.into_inner()) = clock;
+    }
+
+    /// Which hooks are live (`ktrace.hook.attached`).
+    pub fn status(&self, hooks: &[HookStatus]) {
+        if let Some(m) = &self.inner.metrics {
+            m.status(hooks);
+        }
+    }
+
+    /// A decoded kernel event: counters only.
+    pub fn event(&self, ev: &Event) {
+        if let Some(m) = &self.inner.metrics {
+            m.event(ev);
+        }
+    }
+
+    /// A finding: counted, and queued as a log record (dropped, counted,
+    /// when the queue is full).
+    pub fn finding(&self, f: &Finding) {
+        if let Some(m) = &self.inner.metrics {
+            m.finding(f);
+        }
+        if !self.inner.logs {
+            return;
+        }
+        let clock = *self.inner.clock.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let sent = match tx.as_ref() {
+            Some(tx) => tx.try_send(Box::new((f.clone(), clock))).is_ok(),
+            None => false,
+        };
+        if !sent {
+            self.inner.shared.drop_records(1);
+        }
+    }
+
+    /// Events lost elsewhere (`what` as the pipeline says it).
+    pub fn lost(&self, count: u64, what: &str) {
+        if let Some(m) = &self.inner.metrics {
+            m.lost(count, lost_source(what));
+        }
+    }
+
+    /// Log records dropped since the last call, and in all: `(new, total)`,
+    /// at most once a second. The pipeline prints them as a lost line with
+    /// source `otlp`.
+    pub fn take_lost(&self) -> Option<(u64, u64)> {
+        let s = &self.inner.shared;
+        let total = s.dropped.load(Ordering::Relaxed);
+        if total == s.reported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut last = s.last_notice.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < LOST_NOTICE_EVERY) {
+            return None;
+        }
+        *last = Some(Instant::now());
+        let before = s.reported.swap(total, Ordering::Relaxed);
+        (total > before).then(|| (total - before, total))
+    }
+
+    /// Prints the drops [`Exporter::take_lost`] has, as a lost line with source `otlp`.
+    pub fn report_lost<W: std::io::Write>(&self, out: &mut Renderer<W>) -> std::io::Result<()> {
+        match self.take_lost() {
+            Some((count, total)) => out.lost(count, total, "otlp"),
+            None => Ok(()),
+        }
+    }
+
+    /// [`Exporter::shutdown`] with [`SHUTDOWN_TIMEOUT`], then the drops not
+    /// yet reported as a lost line, and a flush.
+    pub fn close<W: std::io::Write>(
+        &self,
+        out: &mut Renderer<W>,
+    ) -> std::io::Result<ExportSummary> {
+        let s = self.shutdown(SHUTDOWN_TIMEOUT);
+        if s.unreported > 0 {
+            out.lost(s.unreported, s.dropped, "otlp")?;
+        }
+        out.flush()?;
+        Ok(s)
+    }
+
+    /// Whether the last export request failed.
+    pub fn failing(&self) -> bool {
+        self.inner.shared.failing.load(Ordering::Relaxed)
+    }
+
+    /// Sends what is held (metrics once more, queued log records) for at
+    /// most `timeout` (less when the endpoint is known to be down), then
+    /// stops the thread. Blocks the caller for at most `timeout`.
+    pub fn shutdown(&self, timeout: Duration) -> ExportSummary {
+        let timeout = if self.failing() {
+            timeout.min(Duration::from_millis(500))
+        } else {
+            timeout
+        };
+        let deadline = Instant::now() + timeout;
+        *self
+            .inner
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(deadline);
+        // Closing the channel tells the thread to finish.
+        self.inner
+            .tx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(done) = self
+            .inner
+            .done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = done.recv_timeout(timeout + Duration::from_millis(200));
+        }
+        let s = &self.inner.shared;
+        let dropped = s.dropped.load(Ordering::Relaxed);
+        let reported = s.reported.swap(dropped, Ordering::Relaxed);
+        ExportSummary {
+            exported: s.exported.load(Ordering::Relaxed),
+            dropped,
+            unreported: dropped.saturating_sub(reported),
+            failures: s.failures.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Hands the SDK's log records to the worker (same thread): the logger
+/// builds records, this collects them.
+#[derive(Debug, Default)]
+struct Collect(Arc<Mutex<Vec<SdkLogRecord>>>);
+
+impl LogProcessor for Collect {
+    fn emit(&self, data: &mut SdkLogRecord, _scope: &InstrumentationScope) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(data.clone());
+    }
+    fn force_flush(&self) -> OTelSdkResult {
+        Ok(())
+    }
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
+    }
+}
+
+/// A log export in flight: gives its batch back with the result.
+type LogExport = Pin<Box<dyn Future<Output = (Vec<SdkLogRecord>, OTelSdkResult)>>>;
+type MetricExport = Pin<Box<dyn Future<Output = OTelSdkResult>>>;
+
+/// Exponential backoff with a little jitter.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: BACKOFF_FIRST,
+        }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_FIRST;
+    }
+    fn step(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+        // Up to +10 %: exporters of a whole cluster do not retry in step.
+        d + d.mul_f64(f64::from(nanos % 1000) / 10_000.0)
+    }
+}
+
+struct Worker {
+    cfg: ExportConfig,
+    rx: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    metrics: Option<Arc<Metrics>>,
+    log_exporter: Option<Arc<opentelemetry_otlp::LogExporter>>,
+    metric_exporter: Option<Arc<opentelemetry_otlp::MetricExporter>>,
+    _logger_provider: SdkLoggerProvider,
+    logger: SdkLogger,
+    collected: Arc<Mutex<Vec<SdkLogRecord>>>,
+    scope: Arc<InstrumentationScope>,
+    /// Log records waiting for export (the in-flight batch is apart).
+    pending: VecDeque<SdkLogRecord>,
+    in_flight: usize,
+    log_backoff: Backoff,
+    metric_backoff: Backoff,
+    /// Last error said on stderr (said again only when it changes).
+    said: Option<String>,
+}
+
+fn metadata(
+    headers: &[(String, String)],
+) -> Result<opentelemetry_otlp::tonic_types::metadata::MetadataMap, String> {
+    let mut map = http::HeaderMap::new();
+    for (k, v) in headers {
+        let name = http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
+            .map_err(|e| format!("header {k:?}: {e}"))?;
+        let value = http::HeaderValue::from_str(v).map_err(|e| format!("header {k:?}: {e}"))?;
+        map.append(name, value);
+    }
+    Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
+}
+
+type Exporters = (
+    Option<opentelemetry_otlp::LogExporter>,
+    Option<opentelemetry_otlp::MetricExporter>,
+);
+
+/// Builds the OTLP exporters (inside the thread's runtime: gRPC channels
+/// are created lazily on it).
+fn build_exporters(cfg: &ExportConfig) -> Result<Exporters, String> {
+    use opentelemetry_otlp::{LogExporter, MetricExporter};
+    let e =
+        |what: &str, err: opentelemetry_otlp::ExporterBuildError| format!("{what} exporter: {err}");
+    let (logs, metrics) = match cfg.protocol {
+        Protocol::Grpc => {
+            let md = metadata(&cfg.headers)?;
+            let logs = if cfg.signals.logs {
+                Some(
+                    LogExporter::builder()
+                        .with_tonic()
+                        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+                        .with_endpoint(cfg.logs_url.clone())
+                        .with_timeout(cfg.timeout)
+                        .with_metadata(md.clone())
+                        .build()
+                        .map_err(|x| e("log", x))?,
+                )
+            } else {
+                None
+            };
+            let metrics = if cfg.signals.metrics {
+                Some(
+                    MetricExporter::builder()
+                        .with_tonic()
+                        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
+                        .with_endpoint(cfg.metrics_url.clone())
+                        .with_timeout(cfg.timeout)
+                        .with_metadata(md)
+                        .with_temporality(Temporality::Cumulative)
+                        .build()
+                        .map_err(|x| e("metric", x))?,
+                )
+            } else {
+                None
+            };
+            (logs, metrics)
+        }
+        Protocol::HttpProtobuf => {
+            let headers: HashMap<String, String> = cfg.headers.iter().cloned().collect();
+            let logs = if cfg.signals.logs {
+                Some(
+                    LogExporter::builder()
+                        .with_http()
+                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                        .with_endpoint(cfg.logs_url.clone())
+                        .with_timeout(cfg.timeout)
+                        .with_headers(headers.clone())
+                        .build()
+                        .map_err(|x| e("log", x))?,
+                )
+            } else {
+                None
+            };
+            let metrics = if cfg.signals.metrics {
+                Some(
+                    MetricExporter::builder()
+                        .with_http()
+                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                        .with_endpoint(cfg.metrics_url.clone())
+                        .with_timeout(cfg.timeout)
+                        .with_headers(headers)
+                        .with_temporality(Temporality::Cumulative)
+                        .build()
+                        .map_err(|x| e("metric", x))?,
+                )
+            } else {
+                None
+            };
+            (logs, metrics)
+        }
+    };
+    Ok((logs, metrics))
+}
+
+/// A short, one-line reason from an export error.
+fn reason(e: &OTelSdkError) -> String {
+    let s = e.to_string();
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.len() > 300 {
+        let mut end = 300;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+impl Worker {
+    fn new(
+        cfg: ExportConfig,
+        res: Resource,
+        rx: mpsc::Receiver<Msg>,
+        shared: Arc<Shared>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Worker, String> {
+        let (log_exporter, metric_exporter) = build_exporters(&cfg)?;
+        let log_exporter = log_exporter.map(|mut x| {
+            x.set_resource(&res);
+            Arc::new(x)
+        });
+        let collected = Arc::new(Mutex::new(Vec::new()));
+        let provider = SdkLoggerProvider::builder()
+            .with_resource(res)
+            .with_log_processor(Collect(collected.clone()))
+            .build();
+        let scope = scope();
+        let logger = provider.logger_with_scope(scope.clone());
+        Ok(Worker {
+            rx,
+            shared,
+            metrics,
+            log_exporter,
+            metric_exporter: metric_exporter.map(Arc::new),
+            _logger_provider: provider,
+            logger,
+            collected,
+            scope: Arc::new(scope),
+            pending: VecDeque::new(),
+            in_flight: 0,
+            log_backoff: Backoff::new(),
+            metric_backoff: Backoff::new(),
+            said: None,
+            cfg,
+        })
+    }
+
+    /// A finding from the pipeline: a log record in the queue, or dropped.
+    fn accept(&mut self, msg: Msg) {
+        let (f, clock) = *msg;
+        if self.pending.len() + self.in_flight >= self.cfg.max_queue {
+            self.shared.drop_records(1);
+            return;
+        }
+        let mut r = self.logger.create_log_record();
+        logs::fill(&mut r, &f, &clock);
+        self.logger.emit(r);
+        let mut c = self.collected.lock().unwrap_or_else(|e| e.into_inner());
+        self.pending.extend(c.drain(..));
+    }
+
+    fn start_logs(&mut self) -> Option<LogExport> {
+        let exporter = self.log_exporter.clone()?;
+        let n = self.pending.len().min(self.cfg.max_batch);
+        if n == 0 {
+            return None;
+        }
+        let batch: Vec<SdkLogRecord> = self.pending.drain(..n).collect();
+        self.in_flight = n;
+        let scope = self.scope.clone();
+        Some(Box::pin(async move {
+            let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> =
+                batch.iter().map(|r| (r, &*scope)).collect();
+            let r = exporter.export(LogBatch::new(&refs)).await;
+            drop(refs);
+            (batch, r)
+        }))
+    }
+
+    fn start_metrics(&mut self) -> Option<MetricExport> {
+        let exporter = self.metric_exporter.clone()?;
+        let m = self.metrics.clone()?;
+        let mut rm = ResourceMetrics::default();
+        if let Err(e) = m.reader.collect(&mut rm) {
+            tracing::debug!("collecting metrics: {e}");
+            return None;
+        }
+        Some(Box::pin(async move { exporter.export(&rm).await }))
+    }
+
+    fn failed(&mut self, signal: &'static str, e: &OTelSdkError, retry_in: Duration) {
+        self.shared.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.export_failed(signal);
+        }
+        let why = reason(e);
+        let was = self.shared.failing.swap(true, Ordering::Relaxed);
+        if !was || self.said.as_deref() != Some(why.as_str()) {
+            tracing::warn!(
+                "OTLP export to {} failing ({signal}: {why}); watching goes on, findings are queued (up to {}) and retried in {:.0?}",
+                self.cfg.endpoint,
+                self.cfg.max_queue,
+                retry_in
+            );
+            self.said = Some(why);
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.shared.failing.swap(false, Ordering::Relaxed) {
+            let dropped = self.shared.dropped.load(Ordering::Relaxed);
+            tracing::warn!(
+                "OTLP export to {} recovered{}",
+                self.cfg.endpoint,
+                if dropped > 0 {
+                    format!("; {dropped} finding log record(s) dropped since start")
+                } else {
+                    String::new()
+                }
+            );
+            self.said = None;
+        }
+    }
+
+    /// Handles a finished log export (a failed batch goes back to the head
+    /// of the queue); returns when the next may start.
+    fn logs_finished(&mut self, (batch, r): (Vec<SdkLogRecord>, OTelSdkResult)) -> Instant {
+        self.in_flight = 0;
+        match r {
+            Ok(()) => {
+                let n = batch.len();
+                self.shared.exported.fetch_add(n as u64, Ordering::Relaxed);
+                if let Some(m) = &self.metrics {
+                    m.exported(n as u64);
+                }
+                self.log_backoff.reset();
+                self.succeeded();
+                Instant::now()
+            }
+            Err(e) => {
+                for r in batch.into_iter().rev() {
+                    self.pending.push_front(r);
+                }
+                let wait = self.log_backoff.step();
+                self.failed("logs", &e, wait);
+                Instant::now() + wait
+            }
+        }
+    }
+
+    async fn run(mut self) {
+        let mut log_fut: Option<LogExport> = None;
+        let mut metric_fut: Option<MetricExport> = None;
+        let mut next_logs = Instant::now();
+        let mut next_metrics = Instant::now() + self.cfg.metric_interval;
+        loop {
+            let now = Instant::now();
+            if log_fut.is_none() && !self.pending.is_empty() && now >= next_logs {
+                log_fut = self.start_logs();
+            }
+            if metric_fut.is_none() && self.metric_exporter.is_some() && now >= next_metrics {
+                metric_fut = self.start_metrics();
+                next_metrics = now + self.cfg.metric_interval;
+            }
+            let mut wake = next_metrics;
+            if log_fut.is_none() && !self.pending.is_empty() {
+                wake = wake.min(next_logs);
+            }
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(m) => {
+                        let was_empty = self.pending.is_empty();
+                        self.accept(m);
+                        if was_empty && next_logs <= Instant::now() {
+                            // Batch what comes within the delay.
+                            next_logs = Instant::now() + self.cfg.log_delay;
+                        }
+                        if self.pending.len() >= self.cfg.max_batch && !self.shared.failing.load(Ordering::Relaxed) {
+                            next_logs = next_logs.min(Instant::now());
+                        }
+                    }
+                    None => break,
+                },
+                r = async { log_fut.as_mut().expect("guarded").await }, if log_fut.is_some() => {
+                    log_fut = None;
+                    let ok = r.1.is_ok();
+                    next_logs = self.logs_finished(r);
+                    if ok && self.metric_exporter.is_some() && self.metric_backoff.next > BACKOFF_FIRST {
+                        // The endpoint is back: send the metrics now too.
+                        next_metrics = Instant::now();
+                    }
+                }
+                r = async { metric_fut.as_mut().expect("guarded").await }, if metric_fut.is_some() => {
+                    metric_fut = None;
+                    match r {
+                        Ok(()) => {
+                            self.metric_backoff.reset();
+                            self.succeeded();
+                            if !self.pending.is_empty() && log_fut.is_none() {
+                                next_logs = next_logs.min(Instant::now());
+                            }
+                        }
+                        Err(e) => {
+                            let wait = self.metric_backoff.step().min(self.cfg.metric_interval);
+                            self.failed("metrics", &e, wait);
+                            next_metrics = Instant::now() + wait;
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+        }
+        self.finish(log_fut, metric_fut).await;
+    }
+
+    /// The channel closed (shutdown): last metrics, queued records, until the deadline.
+    async fn finish(mut self, log_fut: Option<LogExport>, metric_fut: Option<MetricExport>) {
+        let deadline = self
+            .shared
+            .deadline
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3));
+        let work = async {
+            if let Some(f) = metric_fut {
+                let _ = f.await;
+            }
+            if let Some(f) = log_fut {
+                let r = f.await;
+                let _ = self.logs_finished(r);
+            }
+            while let Some(f) = self.start_logs() {
+                let r = f.await;
+                let ok = r.1.is_ok();
+                let _ = self.logs_finished(r);
+                if !ok {
+                    break;
+                }
+            }
+            // Last, so that the final counters include the records above.
+            if !self.pending.is_empty() {
+                self.shared.drop_records(self.pending.len() as u64);
+                self.pending.clear();
+            }
+            if let Some(f) = self.start_metrics() {
+                match f.await {
+                    Ok(()) => self.succeeded(),
+                    Err(e) => self.failed("metrics", &e, Duration::ZERO),
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline.into(), work).await;
+        // What could not be sent now never will be.
+        let left = self.pending.len() + self.in_flight;
+        self.shared.drop_records(left as u64);
+        self.pending.clear();
+    }
+}
