@@ -22,6 +22,7 @@ use crate::ring;
 #[repr(C)]
 pub struct Stash {
     skb: u64,
+    /// The `struct nf_conn *`, or for the table-full hook the tuple.
     ct: u64,
     /// ctinfo, maniptype or the `struct net *`, depending on the hook.
     arg: u64,
@@ -51,6 +52,12 @@ fn stash(map: &PerCpuArray<Stash>) -> Result<&mut Stash, i64> {
 #[inline(always)]
 fn ct_endpoint(ct: u64, dir: u32, dst: bool) -> Result<Endpoint, i64> {
     let tuple = ct + layout!(ct_tuplehash) as u64 + dir as u64 * layout!(ct_tuplehash_size) as u64;
+    tuple_endpoint(tuple, dst)
+}
+
+/// Reads the source or destination of a `struct nf_conntrack_tuple *`.
+#[inline(always)]
+fn tuple_endpoint(tuple: u64, dst: bool) -> Result<Endpoint, i64> {
     let l3num: u16 = kernel::read(tuple, layout!(tuple_src_l3num))?;
     let (addr_off, port_off) = if dst {
         (layout!(tuple_dst_u3), layout!(tuple_dst_port))
@@ -96,12 +103,14 @@ pub fn try_log_invalid(ctx: &ProbeContext, fmt_arg: u32) -> Result<(), i64> {
     if s.skb == 0 || skb != s.skb || s.has_message != 0 {
         return Ok(());
     }
-    let fmt: u64 = ctx.arg(fmt_arg as usize).ok_or(-1i64)?;
+    // The index comes from LAYOUT: read through kernel::arg_at, not ctx.arg
+    // (a variable ctx offset is refused by the verifier).
+    let fmt: u64 = kernel::arg_at(ctx, fmt_arg).ok_or(-1i64)?;
     let mut head = [0u8; 4];
     kernel::read_bytes(fmt, &mut head)?;
     // "%pV": the next argument is a struct va_format whose first member is
     // the template; "%s": the next argument is the message itself.
-    let next: u64 = ctx.arg(fmt_arg as usize + 1).unwrap_or(0);
+    let next: u64 = kernel::arg_at(ctx, fmt_arg + 1).unwrap_or(0);
     let text = if head[0] == b'%' && head[1] == b'p' && head[2] == b'V' {
         kernel::read::<u64>(next, 0).unwrap_or(0)
     } else if head[0] == b'%' && head[1] == b's' && head[2] == 0 {
@@ -151,35 +160,39 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// kprobe `init_conntrack(net, tmpl, tuple, skb, dataoff, hash)`.
+/// kprobe `init_conntrack(net, tmpl, tuple, skb, dataoff, hash)`, or, where
+/// the compiler inlined or cloned that static function (Debian's 6.1 has
+/// only `init_conntrack.constprop.0`), its allocator
+/// `__nf_conntrack_alloc(net, zone, orig, repl, gfp, hash)`: the same
+/// ERR_PTR on a full table, with `net` and the packet's tuple at the same
+/// argument positions. The tuple, not the skb (which the allocator does not
+/// get), gives the addresses.
 pub fn try_init_conntrack_entry(ctx: &ProbeContext) -> Result<(), i64> {
     let s = stash(&INIT_CONNTRACK_STASH)?;
     s.arg = ctx.arg(0).unwrap_or(0);
-    s.skb = ctx.arg(3).unwrap_or(0);
+    s.ct = ctx.arg(2).unwrap_or(0);
     Ok(())
 }
 
-/// kretprobe `init_conntrack`: an ERR_PTR means no entry could be created;
-/// with a full table the packet is then dropped.
+/// kretprobe `init_conntrack` / `__nf_conntrack_alloc`: an ERR_PTR means no
+/// entry could be created; with a full table the packet is then dropped.
 pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let s = stash(&INIT_CONNTRACK_STASH)?;
     let ret: u64 = ctx.ret();
-    let (net, skb) = (s.arg, s.skb);
-    s.skb = 0;
+    let (net, tuple) = (s.arg, s.ct);
+    s.ct = 0;
     // IS_ERR: the top 4095 values of the address space are errnos.
-    if ret < (-4095i64) as u64 || skb == 0 {
+    if ret < (-4095i64) as u64 || tuple == 0 {
         return Ok(());
     }
     let mut ev = CtInvalidEvent {
         verdict: ret as i64 as i32,
         reason: invalid_reason::TABLE_FULL,
+        src: tuple_endpoint(tuple, false)?,
+        dst: tuple_endpoint(tuple, true)?,
+        protocol: kernel::read(tuple, layout!(tuple_dst_protonum)).unwrap_or(0),
         ..CtInvalidEvent::default()
     };
-    if let Ok(pkt) = kernel::skb_packet(skb) {
-        ev.src = pkt.src;
-        ev.dst = pkt.dst;
-        ev.protocol = pkt.protocol;
-    }
     ev.header = ring::header(
         kind::CT_TABLE_FULL,
         hook::KRETPROBE_INIT_CONNTRACK,

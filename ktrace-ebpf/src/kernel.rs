@@ -5,7 +5,9 @@
 //! (a read-only constant the verifier sees). These helpers turn
 //! `(pointer, offset)` into values and packet headers into [`Endpoint`]s.
 
+use aya_ebpf::bindings::pt_regs;
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use aya_ebpf::programs::ProbeContext;
 use ktrace_common::{Endpoint, KernelLayout, AF_INET, AF_INET6, NO_OFFSET};
 
 /// Filled in by userspace at load time (`EbpfLoader::set_global`).
@@ -28,6 +30,19 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
         return Err(-1);
     }
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).map_err(|e| e as i64) }
+}
+
+/// Argument `n` of a kprobe when `n` is known only at load time (a
+/// [`LAYOUT`] field). `ProbeContext::arg(n)` with such an `n` compiles to a
+/// load from `ctx + offset(n)`, which the verifier refuses ("dereference of
+/// modified ctx ptr": the context is readable only at offsets fixed in the
+/// instruction; seen on 6.1). A copy of the saved registers on the stack
+/// has no such limit, and the verifier knows `n` from the frozen `LAYOUT`.
+#[inline(always)]
+pub fn arg_at(ctx: &ProbeContext, n: u32) -> Option<u64> {
+    // SAFETY: `ctx.regs` points at the probed function's saved registers.
+    let mut regs: pt_regs = unsafe { bpf_probe_read_kernel(ctx.regs as *const pt_regs) }.ok()?;
+    ProbeContext::new((&mut regs as *mut pt_regs).cast()).arg(n as usize)
 }
 
 /// Network namespace inode of a `struct net *`.

@@ -84,7 +84,9 @@ pub struct LoadOptions {
 
 fn read_format(support: &KernelSupport, cat: &str, name: &str) -> Option<Format> {
     let path = support.tracepoint_format(cat, name)?;
-    std::fs::read_to_string(path).ok().map(|t| Format::parse(&t))
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| Format::parse(&t))
 }
 
 /// Mounts tracefs when it is not (tracepoints need it).
@@ -96,6 +98,25 @@ fn ensure_tracefs() {
     }
 }
 
+/// Root, or the capabilities eBPF tracing needs (a DaemonSet may grant
+/// CAP_BPF + CAP_PERFMON + CAP_NET_ADMIN without running as uid 0).
+fn has_bpf_privileges() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    const CAP_PERFMON: u32 = 38;
+    const CAP_BPF: u32 = 39;
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        // SAFETY: geteuid has no preconditions.
+        return unsafe { libc::geteuid() } == 0;
+    };
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |c: u32| eff & (1u64 << c) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
 const NO_KPROBES: &str =
     "kprobes not supported by this kernel (no /sys/bus/event_source/devices/kprobe)";
 
@@ -104,7 +125,9 @@ fn kprobe_blocker(support: &KernelSupport, sym: &str) -> Option<String> {
     if !support.kprobes {
         Some(NO_KPROBES.to_string())
     } else if !support.has_symbol(sym) {
-        Some(format!("{sym} is not in /proc/kallsyms (inlined, or its module is not loaded)"))
+        Some(format!(
+            "{sym} is not in /proc/kallsyms (inlined, or its module is not loaded)"
+        ))
     } else {
         None
     }
@@ -116,8 +139,10 @@ fn attach_kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), String> 
         .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    p.load().map_err(|e| format!("verifier refused {prog}: {e}"))?;
-    p.attach(func, 0).map_err(|e| format!("attach to {func} failed: {e}"))?;
+    p.load()
+        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    p.attach(func, 0)
+        .map_err(|e| format!("attach to {func} failed: {e}"))?;
     Ok(())
 }
 
@@ -127,8 +152,10 @@ fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, cat: &str, name: &str) -> Resu
         .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
         .map_err(|e| format!("{e}"))?;
-    p.load().map_err(|e| format!("verifier refused {prog}: {e}"))?;
-    p.attach(cat, name).map_err(|e| format!("attach to {cat}:{name} failed: {e}"))?;
+    p.load()
+        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    p.attach(cat, name)
+        .map_err(|e| format!("attach to {cat}:{name} failed: {e}"))?;
     Ok(())
 }
 
@@ -137,19 +164,24 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     if EBPF_OBJECT.is_empty() {
         return Err(HookError::NoObject);
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !has_bpf_privileges() {
         return Err(HookError::NotRoot);
     }
     ensure_tracefs();
     let support = &KernelSupport::probe_live();
 
     let kbtf = KernelBtf::load(Path::new("/")).ok();
-    let klayout = kbtf.as_ref().map_or(KernelLayout::UNKNOWN, layout::kernel_layout);
+    let klayout = kbtf
+        .as_ref()
+        .map_or(KernelLayout::UNKNOWN, layout::kernel_layout);
     let send_fmt = read_format(support, "tcp", "tcp_send_reset");
     let recv_fmt = read_format(support, "tcp", "tcp_receive_reset");
-    let send_tp = send_fmt.as_ref().map_or(TpFields::ABSENT, Format::tp_fields);
-    let recv_tp = recv_fmt.as_ref().map_or(TpFields::ABSENT, Format::tp_fields);
+    let send_tp = send_fmt
+        .as_ref()
+        .map_or(TpFields::ABSENT, Format::tp_fields);
+    let recv_tp = recv_fmt
+        .as_ref()
+        .map_or(TpFields::ABSENT, Format::tp_fields);
 
     let mut names = Names::default();
     if let Some(t) = send_fmt.as_ref().and_then(|f| f.symbols.get("reason")) {
@@ -213,7 +245,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
             st.reason = Some(format!(
                 "this kernel's tcp_send_reset tracepoint fires only with a full socket: \
                  no-socket resets (answers to un-NATed replies) are not seen; kprobe fallback: {}",
-                kprobe_v4.unwrap_or_else(|| format!("struct offsets missing: {}", base_missing.join(", ")))
+                kprobe_v4.unwrap_or_else(|| format!(
+                    "struct offsets missing: {}",
+                    base_missing.join(", ")
+                ))
             ));
         }
         status.push(st);
@@ -234,7 +269,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
             Err(e) => HookStatus::off("tcp_receive_reset", e),
         }
     } else {
-        HookStatus::off("tcp_receive_reset", "no tcp:tcp_receive_reset tracepoint on this kernel")
+        HookStatus::off(
+            "tcp_receive_reset",
+            "no tcp:tcp_receive_reset tracepoint on this kernel",
+        )
     });
 
     // --- Conntrack hooks: kprobes only (the log helpers are variadic, which
@@ -244,7 +282,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
             if kbtf.is_none() {
                 Some(no_btf.to_string())
             } else if !ct_missing.is_empty() || !base_missing.is_empty() {
-                Some(format!("struct offsets missing from BTF: {}", [&base_missing[..], &ct_missing[..]].concat().join(", ")))
+                Some(format!(
+                    "struct offsets missing from BTF: {}",
+                    [&base_missing[..], &ct_missing[..]].concat().join(", ")
+                ))
             } else {
                 None
             }
@@ -258,7 +299,13 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     };
     let ct_invalid = match ct_blocker("nf_conntrack_tcp_packet") {
         Some(r) => HookStatus::off("ct_invalid", r),
-        None => pair(&mut ebpf, "ct_invalid", "nf_conntrack_tcp_packet", "nf_conntrack_tcp_packet_ret", "nf_conntrack_tcp_packet"),
+        None => pair(
+            &mut ebpf,
+            "ct_invalid",
+            "nf_conntrack_tcp_packet",
+            "nf_conntrack_tcp_packet_ret",
+            "nf_conntrack_tcp_packet",
+        ),
     };
     let ct_live = ct_invalid.attached;
     status.push(ct_invalid);
@@ -280,13 +327,49 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
             HookStatus::live("ct_invalid_reason", "kprobe", attached.join(","))
         }
     });
+    // init_conntrack is static: where the compiler inlined or cloned it
+    // (Debian's 6.1 has only `init_conntrack.constprop.0`, whose arguments
+    // may differ), probe its allocator __nf_conntrack_alloc instead, which
+    // fails with the same ERR_PTR and takes net and the tuple at the same
+    // positions (see ktrace-ebpf/src/conntrack.rs). That symbol is not in
+    // support's kallsyms list, so the attach itself tells whether it exists.
     status.push(match ct_blocker("init_conntrack") {
-        Some(r) => HookStatus::off("ct_table_full", r),
-        None => pair(&mut ebpf, "ct_table_full", "init_conntrack", "init_conntrack_ret", "init_conntrack"),
+        None => pair(
+            &mut ebpf,
+            "ct_table_full",
+            "init_conntrack",
+            "init_conntrack_ret",
+            "init_conntrack",
+        ),
+        Some(r) if ct_blocker("nf_conntrack_tcp_packet").is_some() => {
+            HookStatus::off("ct_table_full", r)
+        }
+        Some(r) => {
+            let alloc = "__nf_conntrack_alloc";
+            let st = pair(
+                &mut ebpf,
+                "ct_table_full",
+                "init_conntrack",
+                "init_conntrack_ret",
+                alloc,
+            );
+            if st.attached {
+                st
+            } else {
+                let why = st.reason.unwrap_or_default();
+                HookStatus::off("ct_table_full", format!("{r}; fallback {alloc}: {why}"))
+            }
+        }
     });
     let nat = match ct_blocker("nf_nat_setup_info") {
         Some(r) => HookStatus::off("nat_mapping", r),
-        None => pair(&mut ebpf, "nat_mapping", "nf_nat_setup_info", "nf_nat_setup_info_ret", "nf_nat_setup_info"),
+        None => pair(
+            &mut ebpf,
+            "nat_mapping",
+            "nf_nat_setup_info",
+            "nf_nat_setup_info_ret",
+            "nf_nat_setup_info",
+        ),
     };
     let nat_from_kernel = nat.attached;
     status.push(nat);
@@ -297,7 +380,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     } else if let Some(r) = kprobe_blocker(support, "ip_vs_conn_new") {
         HookStatus::off("ipvs_conn_new", r)
     } else if klayout.ipvs_caddr == ktrace_common::NO_OFFSET {
-        HookStatus::off("ipvs_conn_new", "no BTF for the ip_vs module (/sys/kernel/btf/ip_vs; module BTF needs 5.11+)")
+        HookStatus::off(
+            "ipvs_conn_new",
+            "no BTF for the ip_vs module (/sys/kernel/btf/ip_vs; module BTF needs 5.11+)",
+        )
     } else {
         match attach_kprobe(&mut ebpf, "ip_vs_conn_new_ret", "ip_vs_conn_new") {
             Ok(()) => HookStatus::live("ipvs_conn_new", "kretprobe", "ip_vs_conn_new"),

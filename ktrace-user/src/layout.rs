@@ -53,7 +53,10 @@ fn find_struct(btf: &Btf, name: &str) -> Option<btf_rs::Struct> {
 fn find_member(btf: &Btf, s: &btf_rs::Struct, field: &str) -> Option<(u32, Type)> {
     for m in &s.members {
         let name = btf.resolve_name(m).unwrap_or_default();
-        let ty = btf.resolve_chained_type(m).ok().and_then(|t| resolve(btf, t));
+        let ty = btf
+            .resolve_chained_type(m)
+            .ok()
+            .and_then(|t| resolve(btf, t));
         if name == field {
             return Some((m.bit_offset() / 8, ty?));
         }
@@ -148,9 +151,8 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
     l.sk_net = or_none(offset_of(b, "sock_common", "skc_net"));
     l.sk_state = or_none(offset_of(b, "sock_common", "skc_state"));
     let tuple_in_hash = offset_of(b, "nf_conntrack_tuple_hash", "tuple");
-    l.ct_tuplehash = or_none(
-        offset_of(b, "nf_conn", "tuplehash").and_then(|o| Some(o + tuple_in_hash?)),
-    );
+    l.ct_tuplehash =
+        or_none(offset_of(b, "nf_conn", "tuplehash").and_then(|o| Some(o + tuple_in_hash?)));
     l.ct_tuplehash_size = or_none(array_elem_size(b, "nf_conn", "tuplehash"));
     l.ct_status = or_none(offset_of(b, "nf_conn", "status"));
     l.ct_net = or_none(offset_of(b, "nf_conn", "ct_net"));
@@ -237,7 +239,11 @@ mod tests {
             return;
         };
         let l = kernel_layout(&kbtf);
-        assert!(missing_base_fields(&l).is_empty(), "{:?}", missing_base_fields(&l));
+        assert!(
+            missing_base_fields(&l).is_empty(),
+            "{:?}",
+            missing_base_fields(&l)
+        );
         // struct nf_conntrack_tuple has been laid out the same since 2.6.
         assert_eq!(l.tuple_src_u3, 0);
         assert_eq!(l.tuple_src_port, 16);
@@ -250,7 +256,9 @@ mod tests {
         assert!(l.skb_head < 512 && l.skb_network_header < 512);
         let reasons = enum_names(&kbtf.vmlinux, "sk_rst_reason");
         if !reasons.is_empty() {
-            assert!(reasons.iter().any(|(v, n)| *v == 1 && n == "SK_RST_REASON_NO_SOCKET"));
+            assert!(reasons
+                .iter()
+                .any(|(v, n)| *v == 1 && n == "SK_RST_REASON_NO_SOCKET"));
         }
     }
 }

@@ -1,1 +1,237 @@
-fn main(){}
+//! `cargo xtask`: ktrace's build and test entry points.
+//!
+//! - `cargo xtask build`: the eBPF object and the `ktrace` binary, release.
+//! - `cargo xtask test [--no-vm]`: `build`, then `cargo test --workspace --
+//!   --test-threads=1` on this machine's kernel, then `vmtest`.
+//! - `cargo xtask vmtest [--kernel PACKAGE]...`: boots stock distribution
+//!   kernels under QEMU and runs the kernel-dependent tests inside them
+//!   (see `vm.rs` and docs/vmtest.md).
+
+mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  build                        build the eBPF object and target/release/ktrace
+  test [--no-vm]               build, cargo test --workspace -- --test-threads=1, then vmtest
+  vmtest [--kernel PACKAGE]... boot stock kernels under QEMU and run the kernel tests inside
+                               (default: every package in xtask/src/vm.rs KERNEL_PACKAGES)
+
+environment (vmtest):
+  KTRACE_VM_CACHE      cache directory (default: <workspace>/.cache/vm)
+  KTRACE_VM_TIMEOUT    seconds a guest may run in all (default 600)
+  KTRACE_VM_SILENCE    seconds a guest may print nothing before it counts as hung (default 240)
+  KTRACE_VM_ACCEL      tcg (default) or kvm";
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    match cmd.as_str() {
+        "build" => {
+            no_args(rest)?;
+            build().map(|_| ())
+        }
+        "test" => {
+            let mut vm = true;
+            for a in rest {
+                match a.as_str() {
+                    "--no-vm" => vm = false,
+                    _ => usage_error(&format!("unknown argument {a:?} to test")),
+                }
+            }
+            test(vm)
+        }
+        "vmtest" => {
+            let kernels = parse_kernels(rest);
+            vmtest(&kernels)
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => usage_error(&format!("unknown command {other:?}")),
+    }
+}
+
+fn usage_error(msg: &str) -> ! {
+    eprintln!("xtask: {msg}\n\n{USAGE}");
+    std::process::exit(2);
+}
+
+fn no_args(rest: &[String]) -> Result<()> {
+    if let Some(a) = rest.first() {
+        usage_error(&format!("unexpected argument {a:?}"));
+    }
+    Ok(())
+}
+
+fn parse_kernels(rest: &[String]) -> Vec<String> {
+    let mut kernels = Vec::new();
+    let mut it = rest.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--kernel" => match it.next() {
+                Some(k) => kernels.push(k.clone()),
+                None => usage_error("--kernel needs a package name"),
+            },
+            _ => usage_error(&format!("unknown argument {a:?} to vmtest")),
+        }
+    }
+    kernels
+}
+
+/// The workspace root (this crate lives in `<root>/xtask`).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask is inside the workspace")
+        .to_path_buf()
+}
+
+/// The cargo that runs us (the toolchain of `cargo xtask`), else `cargo` on PATH.
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(workspace());
+    c
+}
+
+/// Runs `cmd`, inheriting stdio; fails with `what` when it does not succeed.
+pub fn run_status(cmd: &mut Command, what: &str) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with stdout captured (stderr inherited) and returns stdout.
+pub fn run_stdout(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    if !out.status.success() {
+        bail!("{what} failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The string value of `"key":"..."` in one line of cargo's JSON messages.
+/// (Cargo escapes only quotes, backslashes and control characters, which
+/// the paths read here do not contain.)
+pub fn json_str<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let pat = format!("\"{key}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+pub struct Built {
+    /// target/release/ktrace
+    pub ktrace: PathBuf,
+}
+
+/// `cargo xtask build`: the eBPF object (built by ktrace-user/build.rs with
+/// Debian's rustc and bpf-linker) and the release `ktrace` binary. Fails when
+/// the object came out empty (build.rs leaves it empty, with a warning, when
+/// the eBPF toolchain is missing).
+pub fn build() -> Result<Built> {
+    let t = Instant::now();
+    eprintln!("xtask: building the eBPF object and target/release/ktrace");
+    let out = run_stdout(
+        cargo().args([
+            "build",
+            "--release",
+            "-p",
+            "ktrace",
+            "--message-format=json-render-diagnostics",
+        ]),
+        "cargo build --release -p ktrace",
+    )?;
+    let mut object = None;
+    let mut exe = None;
+    for line in out.lines() {
+        let ours = line.contains("/ktrace-user#") || line.contains("ktrace-user)");
+        if !ours {
+            continue;
+        }
+        if line.contains("\"reason\":\"build-script-executed\"") {
+            object = json_str(line, "out_dir").map(|d| Path::new(d).join("ktrace.bpf.o"));
+        }
+        if line.contains("\"reason\":\"compiler-artifact\"") {
+            if let Some(e) = json_str(line, "executable") {
+                exe = Some(PathBuf::from(e));
+            }
+        }
+    }
+    let object = object.context("cargo did not report ktrace's build script output directory")?;
+    let size = std::fs::metadata(&object).map(|m| m.len()).unwrap_or(0);
+    if size == 0 {
+        bail!(
+            "the eBPF object {} is empty: the eBPF toolchain is missing (see the cargo warning above); run scripts/setup.sh",
+            object.display()
+        );
+    }
+    let ktrace = exe.unwrap_or_else(|| workspace().join("target/release/ktrace"));
+    if !ktrace.exists() {
+        bail!("{} was not built", ktrace.display());
+    }
+    eprintln!(
+        "xtask: built {} (eBPF object {} bytes) in {:.1}s",
+        ktrace.display(),
+        size,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(Built { ktrace })
+}
+
+/// `cargo xtask test`: build; the workspace tests on this machine's kernel
+/// (serially: kernel hooks are global); then `vmtest` unless `--no-vm`.
+fn test(vm: bool) -> Result<()> {
+    let built = build()?;
+    let t = Instant::now();
+    eprintln!(
+        "xtask: cargo test --workspace -- --test-threads=1 (KTRACE_BIN={})",
+        built.ktrace.display()
+    );
+    run_status(
+        cargo()
+            .args(["test", "--workspace", "--", "--test-threads=1"])
+            .env("KTRACE_BIN", &built.ktrace),
+        "cargo test --workspace",
+    )?;
+    eprintln!(
+        "xtask: host tests passed in {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+    if vm {
+        vm::vmtest(&built, &[])?;
+    } else {
+        eprintln!("xtask: --no-vm: vmtest skipped");
+    }
+    Ok(())
+}
+
+fn vmtest(kernels: &[String]) -> Result<()> {
+    let built = build()?;
+    vm::vmtest(&built, kernels)
+}
