@@ -92,6 +92,15 @@ fn source(hook_id: u8) -> Source {
     }
 }
 
+/// The log helpers get printf templates ("SEQ is over upper bound %u (over
+/// the window of the receiver)"), cut at 60 bytes: keep the words before
+/// the first conversion.
+fn clean_message(m: &str) -> String {
+    let head = m.split('%').next().unwrap_or(m);
+    let head = head.split(" (").next().unwrap_or(head);
+    head.trim().trim_end_matches([':', ',']).trim().to_string()
+}
+
 /// Decodes one ring-buffer record.
 pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
     need(record, size_of::<EventHeader>(), "event header")?;
@@ -154,7 +163,7 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
             } else {
                 let end = msg.iter().position(|&c| c == 0).unwrap_or(msg.len());
                 let message = (reason == invalid_reason::MESSAGE && end > 0)
-                    .then(|| String::from_utf8_lossy(&msg[..end]).trim_end().to_string());
+                    .then(|| clean_message(&String::from_utf8_lossy(&msg[..end])));
                 EventBody::CtInvalid {
                     src,
                     dst,
@@ -317,6 +326,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn conntrack_templates_are_cleaned() {
+        assert_eq!(
+            clean_message("SEQ is over upper bound %u (over the window of the receiver"),
+            "SEQ is over upper bound"
+        );
+        assert_eq!(
+            clean_message("invalid tcp flag combination"),
+            "invalid tcp flag combination"
+        );
+        assert_eq!(
+            clean_message("ACK is under the lower bound (possible overly delayed ACK)"),
+            "ACK is under the lower bound"
+        );
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub const PROBED_SYMBOLS: &[&str] = &[
     "nf_ct_l4proto_log_invalid",
     "nf_l4proto_log_invalid",
     "init_conntrack",
+    // Table-full fallback where init_conntrack was inlined or cloned.
+    "__nf_conntrack_alloc",
     "nf_nat_setup_info",
     "ip_vs_conn_new",
 ];

@@ -212,7 +212,14 @@ fn check_symbols(ctx: &Ctx, s: &KernelSupport) -> Check {
                 !s.has_symbol("nf_ct_l4proto_log_invalid")
                     && !s.has_symbol("nf_l4proto_log_invalid")
             }
-            "nf_conntrack_tcp_packet" | "init_conntrack" | "nf_nat_setup_info" => {
+            // Either gives the table-full hook (hooks.rs falls back).
+            "init_conntrack" | "__nf_conntrack_alloc" => {
+                !s.has_symbol("init_conntrack")
+                    && !s.has_symbol("__nf_conntrack_alloc")
+                    && (s.nf_conntrack_loaded
+                        || ctx.fs.exists("/proc/sys/net/netfilter/nf_conntrack_max"))
+            }
+            "nf_conntrack_tcp_packet" | "nf_nat_setup_info" => {
                 s.nf_conntrack_loaded || ctx.fs.exists("/proc/sys/net/netfilter/nf_conntrack_max")
             }
             _ => true,

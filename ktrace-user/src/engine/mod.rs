@@ -521,7 +521,9 @@ impl Engine {
         };
         let mut ev = Map::new();
         ev.insert("basis".into(), json!(basis));
-        ev.insert("rst_reason".into(), json!(reason.unwrap_or("NO_SOCKET")));
+        if let Some(r) = reason {
+            ev.insert("rst_reason".into(), json!(r));
+        }
         if let Some(s) = seen {
             ev.insert("ct_verdict".into(), json!("INVALID"));
             ev.insert("ct_invalid_count".into(), json!(s.count));
@@ -567,7 +569,9 @@ impl Engine {
             json!(flow.previous_backend.get().to_string()),
         );
         ev.insert("idle_s".into(), json!((idle_s * 1000.0).round() / 1000.0));
-        ev.insert("rst_reason".into(), json!(reason.unwrap_or("NO_SOCKET")));
+        if let Some(r) = reason {
+            ev.insert("rst_reason".into(), json!(r));
+        }
         ev.insert("first".into(), json!(ts));
         let timeout = self
             .cfg
