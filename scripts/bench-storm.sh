@@ -10,6 +10,7 @@
 # each of its programs (kernel.bpf_stats_enabled, from the programs' fdinfo).
 #
 # Usage: scripts/bench-storm.sh [SECS]   (root; traffic stays in the namespaces)
+#        ROUNDS=N repeats the modes N times (default 2), a baseline between rounds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
@@ -49,6 +50,7 @@ run() {
     tcpdump) ip netns exec $B tcpdump -q -i veth-b -w "$file" 2>/dev/null & obs_pid=$! ;;
     ktrace-watch) "$KTRACE" watch --json > "$file" 2>"$OUT/err" & obs_pid=$! ;;
     ktrace-events) "$KTRACE" watch --json --events > "$file" 2>"$OUT/err" & obs_pid=$! ;;
+    ktrace-record) "$KTRACE" record --json --output "$OUT/rec.krec" > "$OUT/$mode.json" 2>"$OUT/err" & obs_pid=$! ;;
   esac
   sleep 1.5
   local before; before=$(rsts)
@@ -64,9 +66,14 @@ run() {
   fi
   [ -n "$obs_pid" ] && { kill -INT "$obs_pid" 2>/dev/null || true; wait "$obs_pid" 2>/dev/null || true; }
   local bytes; bytes=$(stat -c %s "$file")
+  [ "$mode" = ktrace-record ] && bytes=$(cat "$OUT"/rec.krec* | wc -c)
   local rate=$(( (after - before) / SECS ))
   local lost="-" events="-"
-  if [[ $mode == ktrace-* ]]; then
+  if [ "$mode" = ktrace-record ]; then
+    lost=$(python3 -c "import json,sys; print(sum(json.loads(l).get('count',0) for l in open(sys.argv[1]) if '\"lost\"' in l))" "$OUT/$mode.json")
+    events=$(python3 -c "import json,sys; print(sum(json.loads(l).get('events',0) for l in open(sys.argv[1]) if '\"recording\"' in l))" "$OUT/$mode.json")
+    rm -f "$OUT"/rec.krec*
+  elif [[ $mode == ktrace-* ]]; then
     lost=$(python3 -c "import json,sys; print(sum(json.loads(l).get('count',0) for l in open(sys.argv[1]) if '\"lost\"' in l))" "$file")
     events=$(grep -c '"type":"event"' "$file" || true)
   fi
@@ -81,7 +88,11 @@ cost() { if [ "$BASE" -gt 0 ]; then python3 -c "print(f'{(1-$1/$BASE)*100:.1f}%'
 sysctl -qw kernel.bpf_stats_enabled=1
 echo "reset storm: hping3 SYN flood to a closed port, ${SECS}s per mode, $(nproc) CPUs, kernel $(uname -r)"
 row=$(run baseline); echo "$row"; BASE=$(echo "$row" | awk '{print $2}')
-run tcpdump
-run ktrace-watch
-run ktrace-events
+for round in $(seq 1 "${ROUNDS:-2}"); do
+  [ "$round" -gt 1 ] && { row=$(run baseline); echo "$row"; }
+  run tcpdump
+  run ktrace-watch
+  run ktrace-record
+  run ktrace-events
+done
 row=$(run baseline); echo "$row (again)"

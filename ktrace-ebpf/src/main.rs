@@ -14,82 +14,92 @@ mod ring;
 use aya_ebpf::{
     macros::{kprobe, kretprobe, tracepoint},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext,
 };
 use ktrace_common::{counter, hook};
 
 use kernel::layout;
 
+/// Ends a program: an error (a kernel read that failed) is counted, and
+/// the first one on each CPU is also logged through aya-log, so a layout
+/// problem on an unusual kernel shows up in ktrace's log, once.
 #[inline(always)]
-fn done(result: Result<(), i64>) -> u32 {
-    if result.is_err() {
-        ring::count(counter::READ_ERRORS);
+fn done<C: EbpfContext>(ctx: &C, result: Result<(), i64>) -> u32 {
+    if let Err(e) = result {
+        if ring::count_and_get(counter::READ_ERRORS) == 1 {
+            aya_log_ebpf::warn!(
+                ctx,
+                "a ktrace hook could not read kernel memory (error {}); later errors are only counted",
+                e
+            );
+        }
     }
     0
 }
 
 #[tracepoint]
 pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
-    done(reset::try_tp_tcp_send_reset(&ctx))
+    done(&ctx, reset::try_tp_tcp_send_reset(&ctx))
 }
 
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
-    done(reset::try_tp_tcp_receive_reset(&ctx))
+    done(&ctx, reset::try_tp_tcp_receive_reset(&ctx))
 }
 
 #[kprobe]
 pub fn tcp_v4_send_reset(ctx: ProbeContext) -> u32 {
-    done(reset::try_kprobe_send_reset(&ctx, hook::KPROBE_TCP_V4_SEND_RESET))
+    done(&ctx, reset::try_kprobe_send_reset(&ctx, hook::KPROBE_TCP_V4_SEND_RESET))
 }
 
 #[kprobe]
 pub fn tcp_v6_send_reset(ctx: ProbeContext) -> u32 {
-    done(reset::try_kprobe_send_reset(&ctx, hook::KPROBE_TCP_V6_SEND_RESET))
+    done(&ctx, reset::try_kprobe_send_reset(&ctx, hook::KPROBE_TCP_V6_SEND_RESET))
 }
 
 #[kprobe]
 pub fn nf_conntrack_tcp_packet(ctx: ProbeContext) -> u32 {
-    done(conntrack::try_tcp_packet_entry(&ctx))
+    done(&ctx, conntrack::try_tcp_packet_entry(&ctx))
 }
 
 #[kretprobe]
 pub fn nf_conntrack_tcp_packet_ret(ctx: RetProbeContext) -> u32 {
-    done(conntrack::try_tcp_packet_return(&ctx))
+    done(&ctx, conntrack::try_tcp_packet_return(&ctx))
 }
 
 #[kprobe]
 pub fn nf_ct_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
-    done(conntrack::try_log_invalid(&ctx, layout!(log_invalid_fmt_arg)))
+    done(&ctx, conntrack::try_log_invalid(&ctx, layout!(log_invalid_fmt_arg)))
 }
 
 #[kprobe]
 pub fn nf_l4proto_log_invalid(ctx: ProbeContext) -> u32 {
-    done(conntrack::try_log_invalid(&ctx, layout!(l4_log_invalid_fmt_arg)))
+    done(&ctx, conntrack::try_log_invalid(&ctx, layout!(l4_log_invalid_fmt_arg)))
 }
 
 #[kprobe]
 pub fn init_conntrack(ctx: ProbeContext) -> u32 {
-    done(conntrack::try_init_conntrack_entry(&ctx))
+    done(&ctx, conntrack::try_init_conntrack_entry(&ctx))
 }
 
 #[kretprobe]
 pub fn init_conntrack_ret(ctx: RetProbeContext) -> u32 {
-    done(conntrack::try_init_conntrack_return(&ctx))
+    done(&ctx, conntrack::try_init_conntrack_return(&ctx))
 }
 
 #[kprobe]
 pub fn nf_nat_setup_info(ctx: ProbeContext) -> u32 {
-    done(conntrack::try_nat_setup_entry(&ctx))
+    done(&ctx, conntrack::try_nat_setup_entry(&ctx))
 }
 
 #[kretprobe]
 pub fn nf_nat_setup_info_ret(ctx: RetProbeContext) -> u32 {
-    done(conntrack::try_nat_setup_return(&ctx))
+    done(&ctx, conntrack::try_nat_setup_return(&ctx))
 }
 
 #[kretprobe]
 pub fn ip_vs_conn_new_ret(ctx: RetProbeContext) -> u32 {
-    done(ipvs::try_ip_vs_conn_new_return(&ctx))
+    done(&ctx, ipvs::try_ip_vs_conn_new_return(&ctx))
 }
 
 #[cfg(not(test))]

@@ -24,6 +24,18 @@ pub fn count(index: u32) {
     }
 }
 
+/// Counts one and returns this CPU's new total.
+#[inline(always)]
+pub fn count_and_get(index: u32) -> u64 {
+    match COUNTERS.get_ptr_mut(index) {
+        Some(slot) => unsafe {
+            *slot += 1;
+            *slot
+        },
+        None => 0,
+    }
+}
+
 #[inline(always)]
 pub fn header(kind: u16, hook: u8, netns: u32) -> EventHeader {
     EventHeader {

@@ -76,7 +76,11 @@ pub struct Attached {
     /// Whether a kernel hook feeds NAT mappings (otherwise ctnetlink must).
     pub nat_from_kernel: bool,
     pub support: KernelSupport,
+    /// The kernel side's log; must outlive the programs and be drained.
+    pub logger: Option<KernelLogger>,
 }
+
+pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
@@ -207,6 +211,15 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
                 HookError::Load(e)
             }
         })?;
+    // Kernel-side warnings (aya-log) go to ktrace's log on stderr. Started
+    // before any program loads, and kept alive with the object.
+    let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!("no kernel-side log: {e}");
+            None
+        }
+    };
 
     let base_missing = layout::missing_base_fields(&klayout);
     let ct_missing = layout::missing_conntrack_fields(&klayout);
@@ -404,5 +417,6 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
         names,
         nat_from_kernel,
         support: support.clone(),
+        logger,
     })
 }

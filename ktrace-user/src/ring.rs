@@ -22,10 +22,14 @@ pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(
 pub struct RingReader {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    logger: Option<AsyncFd<crate::hooks::KernelLogger>>,
 }
 
 impl RingReader {
-    pub fn new(ebpf: &mut Ebpf) -> Result<RingReader, RingError> {
+    pub fn new(
+        ebpf: &mut Ebpf,
+        logger: Option<crate::hooks::KernelLogger>,
+    ) -> Result<RingReader, RingError> {
         let ring = ebpf
             .take_map("EVENTS")
             .ok_or(RingError::MissingMap("EVENTS"))?;
@@ -39,15 +43,37 @@ impl RingReader {
         // its registration (the I/O-safety concern behind the deprecation).
         #[allow(deprecated)]
         let ring = AsyncFd::new(ring).map_err(RingError::Poll)?;
-        Ok(RingReader { ring, counters })
+        // Same ownership argument as for the ring.
+        #[allow(deprecated)]
+        let logger = logger.and_then(|l| AsyncFd::new(l).ok());
+        Ok(RingReader {
+            ring,
+            counters,
+            logger,
+        })
     }
 
     /// Waits until the ring should be drained: the kernel wakes the reader
     /// only once `WAKEUP_BYTES` (256 KiB) are waiting, so this also returns
     /// every [`POLL_INTERVAL`] to pick up the rest.
     pub async fn readable(&mut self) -> Result<(), RingError> {
-        if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
-            guard.map_err(RingError::Poll)?.clear_ready();
+        let Some(logger) = self.logger.as_mut() else {
+            if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
+                guard.map_err(RingError::Poll)?.clear_ready();
+            }
+            return Ok(());
+        };
+        tokio::select! {
+            r = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()) => {
+                if let Ok(guard) = r {
+                    guard.map_err(RingError::Poll)?.clear_ready();
+                }
+            }
+            g = logger.readable_mut() => {
+                let mut g = g.map_err(RingError::Poll)?;
+                g.get_inner_mut().flush();
+                g.clear_ready();
+            }
         }
         Ok(())
     }

@@ -350,7 +350,7 @@ async fn source_loop(
     let mut attached = hooks::load_and_attach(&LoadOptions {
         ring_buffer_bytes: opts.ring_buffer_bytes,
     })?;
-    let mut ring = RingReader::new(&mut attached.ebpf)?;
+    let mut ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
     let my_netns = NetnsNames::current();
     let mut counters = crate::ctstat::CounterWatch::default();
     counters.sample();
