@@ -1,7 +1,7 @@
 //! `cargo xtask`: ktrace's build and test entry points.
 //!
 //! - `cargo xtask build`: the eBPF object and the `ktrace` binary, release.
-//! - `cargo xtask test [--no-vm]`: `build`, then `cargo test --workspace --
+//! - `cargo xtask test [--no-vm]`: `build`, then `cargo test --workspace --release --
 //!   --test-threads=1` on this machine's kernel, then `vmtest`.
 //! - `cargo xtask vmtest [--kernel PACKAGE]...`: boots stock distribution
 //!   kernels under QEMU and runs the kernel-dependent tests inside them
@@ -19,7 +19,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   build                        build the eBPF object and target/release/ktrace
-  test [--no-vm]               build, cargo test --workspace -- --test-threads=1, then vmtest
+  test [--no-vm]               build, cargo test --workspace --release -- --test-threads=1, then vmtest
   vmtest [--kernel PACKAGE]... boot stock kernels under QEMU and run the kernel tests inside
                                (default: every package in xtask/src/vm.rs KERNEL_PACKAGES)
 
@@ -210,12 +210,14 @@ fn test(vm: bool) -> Result<()> {
     let built = build()?;
     let t = Instant::now();
     eprintln!(
-        "xtask: cargo test --workspace -- --test-threads=1 (KTRACE_BIN={})",
+        "xtask: cargo test --workspace --release -- --test-threads=1 (KTRACE_BIN={})",
         built.ktrace.display()
     );
     run_status(
         cargo()
-            .args(["test", "--workspace", "--", "--test-threads=1"])
+            // --release reuses the dependencies `build` just compiled
+            // instead of building them all again in the debug profile.
+            .args(["test", "--workspace", "--release", "--", "--test-threads=1"])
             .env("KTRACE_BIN", &built.ktrace),
         "cargo test --workspace",
     )?;

@@ -236,6 +236,7 @@ fn build_guest_tests() -> Result<PathBuf> {
             "ktrace-tests",
             "--test",
             "vm",
+            "--release",
             "--no-run",
             "--message-format=json-render-diagnostics",
         ]),
