@@ -26,9 +26,10 @@ mount -t tmpfs -o mode=0755 rw /rw || fail "tmpfs"
 mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot ||
 	fail "overlay on the host root"
-# Fresh /run and /tmp: the host's (netns names, locks) must not leak in.
+# A fresh /run: the host's netns names and locks must not leak in. /tmp
+# stays the overlay's (writes land in the guest's tmpfs): the workspace, and
+# so the module cache and test binaries, may live under the host's /tmp.
 mount -t tmpfs -o mode=0755 tmpfs /newroot/run || fail "tmpfs /run"
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || fail "tmpfs /tmp"
 mkdir -p "/newroot/lib/modules/$KTRACE_VM_RELEASE"
 mount --bind "/newroot$KTRACE_VM_MODULES" "/newroot/lib/modules/$KTRACE_VM_RELEASE" ||
 	fail "binding $KTRACE_VM_MODULES"
