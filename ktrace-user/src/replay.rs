@@ -189,7 +189,13 @@ pub fn run_exporting(
     let out = SharedOut::new(stdout);
     let r = run_inner(opts, out.clone(), &mut print_warning, export);
     if let Some(x) = export {
-        let mut notices = Renderer::new(out, opts.json, false, WallClock::now(), NetnsNames::default());
+        let mut notices = Renderer::new(
+            out,
+            opts.json,
+            false,
+            WallClock::now(),
+            NetnsNames::default(),
+        );
         x.close(&mut notices).map_err(ReplayError::Output)?;
     }
     r

@@ -45,9 +45,6 @@ use crate::output::Renderer;
 
 /// Findings in flight from the pipeline to the exporter thread.
 const CHANNEL: usize = 256;
-
-/// A finding and the clock that dates it, on its way to the exporter thread.
-type Msg = Box<(Finding, WallClock)>;
 /// Backoff after a failed export: doubles from the first to the last.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -55,6 +52,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one "lost" notice per this interval.
 const LOST_NOTICE_EVERY: Duration = Duration::from_secs(1);
+
+/// A finding and the clock that dates it, on its way to the exporter thread.
+type Msg = Box<(Finding, WallClock)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -424,8 +424,11 @@ struct Worker {
     in_flight: usize,
     log_backoff: Backoff,
     metric_backoff: Backoff,
-    /// Last error said on stderr (said again only when it changes).
-    said: Option<String>,
+    /// Last error said on stderr per signal (metrics, logs): said again
+    /// only when it changes.
+    said: [Option<String>; 2],
+    /// Shutting down: nothing is retried any more.
+    closing: bool,
 }
 
 fn metadata(
@@ -523,6 +526,10 @@ fn build_exporters(cfg: &ExportConfig) -> Result<Exporters, String> {
     Ok((logs, metrics))
 }
 
+fn signal_index(signal: &str) -> usize {
+    usize::from(signal == "logs")
+}
+
 /// A short, one-line reason from an export error.
 fn reason(e: &OTelSdkError) -> String {
     let s = e.to_string();
@@ -572,7 +579,8 @@ impl Worker {
             in_flight: 0,
             log_backoff: Backoff::new(),
             metric_backoff: Backoff::new(),
-            said: None,
+            said: [None, None],
+            closing: false,
             cfg,
         })
     }
@@ -626,23 +634,29 @@ impl Worker {
             m.export_failed(signal);
         }
         let why = reason(e);
-        let was = self.shared.failing.swap(true, Ordering::Relaxed);
-        if !was || self.said.as_deref() != Some(why.as_str()) {
+        self.shared.failing.store(true, Ordering::Relaxed);
+        let said = &mut self.said[signal_index(signal)];
+        if self.closing {
+            tracing::warn!(
+                "OTLP export to {} failed as ktrace stops ({signal}: {why})",
+                self.cfg.endpoint
+            );
+        } else if said.as_deref() != Some(why.as_str()) {
             tracing::warn!(
                 "OTLP export to {} failing ({signal}: {why}); watching goes on, findings are queued (up to {}) and retried in {:.0?}",
                 self.cfg.endpoint,
                 self.cfg.max_queue,
                 retry_in
             );
-            self.said = Some(why);
+            *said = Some(why);
         }
     }
 
-    fn succeeded(&mut self) {
-        if self.shared.failing.swap(false, Ordering::Relaxed) {
+    fn succeeded(&mut self, signal: &'static str) {
+        if self.said[signal_index(signal)].take().is_some() {
             let dropped = self.shared.dropped.load(Ordering::Relaxed);
             tracing::warn!(
-                "OTLP export to {} recovered{}",
+                "OTLP export to {} recovered ({signal}){}",
                 self.cfg.endpoint,
                 if dropped > 0 {
                     format!("; {dropped} finding log record(s) dropped since start")
@@ -650,7 +664,9 @@ impl Worker {
                     String::new()
                 }
             );
-            self.said = None;
+        }
+        if self.said.iter().all(Option::is_none) {
+            self.shared.failing.store(false, Ordering::Relaxed);
         }
     }
 
@@ -666,7 +682,7 @@ impl Worker {
                     m.exported(n as u64);
                 }
                 self.log_backoff.reset();
-                self.succeeded();
+                self.succeeded("logs");
                 Instant::now()
             }
             Err(e) => {
@@ -727,7 +743,7 @@ impl Worker {
                     match r {
                         Ok(()) => {
                             self.metric_backoff.reset();
-                            self.succeeded();
+                            self.succeeded("metrics");
                             if !self.pending.is_empty() && log_fut.is_none() {
                                 next_logs = next_logs.min(Instant::now());
                             }
@@ -747,6 +763,7 @@ impl Worker {
 
     /// The channel closed (shutdown): last metrics, queued records, until the deadline.
     async fn finish(mut self, log_fut: Option<LogExport>, metric_fut: Option<MetricExport>) {
+        self.closing = true;
         let deadline = self
             .shared
             .deadline
@@ -776,7 +793,7 @@ impl Worker {
             }
             if let Some(f) = self.start_metrics() {
                 match f.await {
-                    Ok(()) => self.succeeded(),
+                    Ok(()) => self.succeeded("metrics"),
                     Err(e) => self.failed("metrics", &e, Duration::ZERO),
                 }
             }
@@ -786,5 +803,102 @@ impl Worker {
         let left = self.pending.len() + self.in_flight;
         self.shared.drop_records(left as u64);
         self.pending.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{FindingKind, Severity};
+    use crate::event::{EventBody, Source};
+    use crate::export::{Detected, ExportFlags, Signals};
+
+    /// An endpoint nobody listens on (127.0.0.1, a port just freed).
+    fn dead_endpoint() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    }
+
+    #[test]
+    fn a_dead_endpoint_never_blocks_and_every_drop_is_counted() {
+        let flags = ExportFlags {
+            endpoint: Some(dead_endpoint()),
+            protocol: Some("grpc".into()),
+            node_name: None,
+        };
+        let env = |k: &str| match k {
+            "OTEL_BLRP_MAX_QUEUE_SIZE" => Some("2".to_string()),
+            "OTEL_BLRP_SCHEDULE_DELAY" => Some("10".to_string()),
+            "OTEL_METRIC_EXPORT_INTERVAL" => Some("100".to_string()),
+            _ => None,
+        };
+        let signals = Signals {
+            metrics: true,
+            logs: true,
+        };
+        let cfg = ExportConfig::resolve(&flags, &env, &Detected::default(), signals)
+            .unwrap()
+            .unwrap();
+        let x = Exporter::start(cfg).unwrap();
+        let f = Finding {
+            kind: FindingKind::UnnatedReply,
+            ts_ns: 1,
+            severity: Severity::Error,
+            service: Some("10.96.0.10:2222".parse().unwrap()),
+            backend: Some("10.0.1.2:2222".parse().unwrap()),
+            client: Some("10.0.0.2:40000".parse().unwrap()),
+            cause: "INVALID".into(),
+            remedy: "r".into(),
+            evidence: serde_json::Map::new(),
+        };
+        let ev = Event {
+            ts_ns: 1,
+            netns: 0,
+            source: Source::Tracepoint,
+            body: EventBody::TcpSendReset {
+                src: "10.0.0.2:40000".parse().unwrap(),
+                dst: "10.0.1.2:2222".parse().unwrap(),
+                reason: Some("NO_SOCKET".into()),
+                has_socket: false,
+                state: 0,
+                trigger_flags: None,
+            },
+        };
+        let t = Instant::now();
+        for _ in 0..1000 {
+            x.event(&ev);
+            x.finding(&f);
+        }
+        // Debug build, shared machine: still far below any network timeout.
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "{:?}",
+            t.elapsed()
+        );
+        let start = Instant::now();
+        let lost = loop {
+            if let Some(l) = x.take_lost() {
+                break l;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "no drop reported");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert!(
+            lost.0 >= 998 - CHANNEL as u64 && lost.0 == lost.1,
+            "{lost:?}"
+        );
+        let start = Instant::now();
+        while !x.failing() {
+            assert!(start.elapsed() < Duration::from_secs(5), "never failed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t = Instant::now();
+        let s = x.shutdown(Duration::from_secs(5));
+        // Known down: half a second, not five.
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(s.exported, 0);
+        assert_eq!(s.dropped, 1000, "{s:?}");
+        assert_eq!(s.unreported, 1000 - lost.1);
+        assert!(s.failures >= 1);
     }
 }

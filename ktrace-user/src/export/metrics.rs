@@ -29,6 +29,7 @@ pub mod names {
     pub const RESETS_RECEIVED: &str = "ktrace.tcp.resets.received";
     pub const CT_INVALID: &str = "ktrace.conntrack.invalid";
     pub const CT_TABLE_FULL: &str = "ktrace.conntrack.table_full";
+    pub const CT_STAT: &str = "ktrace.conntrack.stat";
     pub const KERNEL_EVENTS: &str = "ktrace.kernel.events";
     pub const FINDINGS: &str = "ktrace.findings";
     pub const EVENTS_LOST: &str = "ktrace.events.lost";
@@ -43,6 +44,7 @@ pub mod names {
 pub mod keys {
     pub const RESET_REASON: &str = "ktrace.reset.reason";
     pub const CT_REASON: &str = "ktrace.conntrack.reason";
+    pub const CT_COUNTER: &str = "ktrace.conntrack.counter";
     pub const NETWORK_TYPE: &str = "network.type";
     pub const EVENT_NAME: &str = "ktrace.event.name";
     pub const FINDING_KIND: &str = "ktrace.finding.kind";
@@ -132,6 +134,7 @@ pub(crate) struct Metrics {
     resets_received: Counter<u64>,
     ct_invalid: Counter<u64>,
     ct_table_full: Counter<u64>,
+    ct_stat: Counter<u64>,
     kernel_events: Counter<u64>,
     findings: Counter<u64>,
     lost: Counter<u64>,
@@ -194,6 +197,11 @@ impl Metrics {
             resets_received: counter(names::RESETS_RECEIVED, "{reset}", "TCP resets a socket accepted"),
             ct_invalid: counter(names::CT_INVALID, "{packet}", "Packets conntrack marked INVALID, by the reason it logged"),
             ct_table_full: counter(names::CT_TABLE_FULL, "{packet}", "New connections dropped because the conntrack table was full"),
+            ct_stat: counter(
+                names::CT_STAT,
+                "{packet}",
+                "Conntrack statistics of ktrace's network namespace (/proc/net/stat/nf_conntrack): invalid, drop, early_drop, insert_failed, since ktrace started",
+            ),
             kernel_events: counter(names::KERNEL_EVENTS, "{event}", "Kernel events decoded, by event name"),
             findings: counter(
                 names::FINDINGS,
@@ -203,7 +211,7 @@ impl Metrics {
             lost: counter(names::EVENTS_LOST, "{event}", "Events lost, by where (ring_buffer, ctnetlink, recording, otlp)"),
             hook: meter
                 .u64_gauge(names::HOOK_ATTACHED)
-                .with_unit("1")
+                // No unit: "1" would make it ktrace_hook_attached_ratio in Prometheus.
                 .with_description("1 when the hook is attached, 0 when this kernel cannot give it")
                 .build(),
             log_records_exported: counter(names::LOG_RECORDS_EXPORTED, "{record}", "Findings delivered as OTLP log records"),
@@ -215,6 +223,9 @@ impl Metrics {
         // The series a dashboard expects exist from the start, at 0.
         for source in ["ring_buffer", "ctnetlink", "otlp"] {
             m.lost.add(0, &[KeyValue::new(keys::LOST_SOURCE, source)]);
+        }
+        for name in ["invalid", "drop", "early_drop", "insert_failed"] {
+            m.ct_stat.add(0, &[KeyValue::new(keys::CT_COUNTER, name)]);
         }
         for signal in ["metrics", "logs"] {
             m.export_failures
@@ -244,6 +255,25 @@ impl Metrics {
                 ],
             ),
             EventBody::CtTableFull { src, .. } => self.ct_table_full.add(1, &[net_type(src)]),
+            EventBody::CtCounters {
+                invalid,
+                drop,
+                early_drop,
+                insert_failed,
+                ..
+            } => {
+                for (name, n) in [
+                    ("invalid", invalid),
+                    ("drop", drop),
+                    ("early_drop", early_drop),
+                    ("insert_failed", insert_failed),
+                ] {
+                    if *n > 0 {
+                        self.ct_stat
+                            .add(*n, &[KeyValue::new(keys::CT_COUNTER, name)]);
+                    }
+                }
+            }
             _ => {}
         }
     }
