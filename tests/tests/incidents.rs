@@ -419,3 +419,47 @@ fn human_view_names_the_incident() {
     assert!(child.wait().unwrap().success(), "SIGTERM is a clean stop");
     let _ = std::fs::remove_file(&out);
 }
+
+/// Connections that reuse a client port each get their own finding.
+#[test]
+fn reused_client_ports_get_a_finding_per_connection() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("pr", 1);
+    lab.start_server();
+    lab.exec_ok(
+        &lab.client,
+        &["sysctl", "-qw", "net.ipv4.ip_local_port_range=40000 40009"],
+    );
+    let watch = lab.watch(&["--events"]);
+    let mut ports = Vec::new();
+    for _round in 0..2 {
+        let mut c = lab.client(5);
+        c.cmd("oow");
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(c.send_all().len(), 5);
+        ports.extend(c.ports.clone());
+        drop(c);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    ports.sort();
+    ports.dedup();
+    assert!(
+        ports.len() < 10,
+        "the second round reused ports of the first: {ports:?}"
+    );
+    watch.wait_for(Duration::from_secs(3), |l| {
+        select(l, "finding", Some("unnated_reply")).len() >= 10
+    });
+    let lines = watch.stop();
+    let clients: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
+        .iter()
+        .map(|f| &f["client"])
+        .collect();
+    assert_eq!(
+        clients.len(),
+        10,
+        "ports {ports:?}, findings for {clients:?}"
+    );
+}

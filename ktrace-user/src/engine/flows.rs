@@ -127,13 +127,16 @@ impl FlowTable {
     }
 
     /// Records that `client` -> `service` now maps to `backend`; returns the
-    /// flow after the update.
+    /// flow after the update. `new_entry`: conntrack (or IPVS) created an
+    /// entry for it, so a connection reusing the client port starts afresh
+    /// (one finding per broken connection, not per client port).
     pub fn map(
         &mut self,
         client: SocketAddr,
         service: SocketAddr,
         backend: SocketAddr,
         ts_ns: u64,
+        new_entry: bool,
     ) -> Flow {
         let now = self.ms(ts_ns);
         let key = Ep::new(client);
@@ -162,6 +165,9 @@ impl FlowTable {
             flow.flags &= !flow_flags::REPORTED;
         }
         flow.flags &= !flow_flags::DESTROYED;
+        if new_entry {
+            flow.flags &= !(flow_flags::REPORTED | flow_flags::UNNATED);
+        }
         flow.last_seen_ms = flow.last_seen_ms.max(now);
         *flow
     }
@@ -236,7 +242,13 @@ mod tests {
     #[test]
     fn remap_remembers_the_previous_backend() {
         let mut t = FlowTable::new(100, u64::MAX);
-        t.map(a("10.0.0.2:1000"), a("10.96.0.10:80"), a("10.0.1.2:80"), 1);
+        t.map(
+            a("10.0.0.2:1000"),
+            a("10.96.0.10:80"),
+            a("10.0.1.2:80"),
+            1,
+            true,
+        );
         t.destroyed(a("10.0.0.2:1000"), a("10.96.0.10:80"));
         assert!(t
             .get(a("10.0.0.2:1000"))
@@ -247,6 +259,7 @@ mod tests {
             a("10.96.0.10:80"),
             a("10.0.1.3:80"),
             5_000_000,
+            true,
         );
         assert_eq!(f.previous_backend.opt(), Some(a("10.0.1.2:80")));
         assert_eq!(f.backend.get(), a("10.0.1.3:80"));
@@ -267,6 +280,7 @@ mod tests {
                 a("10.96.0.10:80"),
                 a("10.0.1.2:80"),
                 i as u64 * 1_000_000,
+                true,
             );
         }
         assert!(t.stats().tracked <= 1000);

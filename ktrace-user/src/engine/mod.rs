@@ -135,6 +135,8 @@ struct Repeat {
 }
 
 const MAX_PENDING: usize = 65_536;
+/// A reported flow quiet this long (ms) gets a new finding on its next reset.
+const REPORT_AGAIN_MS: u32 = 1_000;
 /// How long an un-NATed-reply finding waits for a counter sample.
 const HOLD_NS: u64 = 450_000_000;
 const MAX_HELD: usize = 4_096;
@@ -262,7 +264,7 @@ impl Engine {
                 ..
             } => {
                 if self.flows.get(*client).is_none() && backend != service {
-                    self.flows.map(*client, *service, *backend, ev.ts_ns);
+                    self.flows.map(*client, *service, *backend, ev.ts_ns, false);
                 }
                 let message = message.as_ref().map(|m| self.intern(m));
                 if self.invalid.len() >= MAX_INVALID {
@@ -376,7 +378,7 @@ impl Engine {
         backend: SocketAddr,
         out: &mut Vec<Finding>,
     ) {
-        let flow = self.flows.map(client, service, backend, ts);
+        let flow = self.flows.map(client, service, backend, ts, true);
         if flow.previous_backend.is_none() {
             return;
         }
@@ -406,8 +408,12 @@ impl Engine {
             if flow.service != backend
                 && (flow.backend == backend || flow.previous_backend == backend)
             {
+                // A flow already reported that was quiet for a while is a new
+                // connection on a reused client port: conntrack may revive
+                // its entry without a NEW event (SYN on a CLOSE entry).
+                let quiet = now_ms.saturating_sub(f.last_seen_ms) >= REPORT_AGAIN_MS;
                 f.last_seen_ms = f.last_seen_ms.max(now_ms);
-                let first = !f.has(flow_flags::REPORTED);
+                let first = !f.has(flow_flags::REPORTED) || quiet;
                 f.flags |= flow_flags::UNNATED | flow_flags::REPORTED;
                 if first {
                     let f = self.unnated_finding(ts, src, flow.service.get(), dst, reason);
@@ -778,7 +784,7 @@ impl Engine {
             self.templates.insert(tkey, Ep::new(real));
             return;
         }
-        self.flows.map(client, service, real, ts);
+        self.flows.map(client, service, real, ts, true);
         if weight != Some(0) {
             return;
         }

@@ -378,3 +378,36 @@ fn drop_counter_with_a_full_table_is_table_full() {
     assert_eq!(f[0].kind, FindingKind::ConntrackTableFull);
     assert!(f[0].cause.contains("64 of 64"), "{}", f[0].cause);
 }
+
+#[test]
+fn a_connection_reusing_the_client_port_gets_its_own_finding() {
+    let f = run(&[
+        map(0, C, S, B1),
+        rst(1_000, C, B1, PSH_ACK),
+        destroy(11_000, C, S, B1),
+        // A new connection from the same client port, to the same backend.
+        map(20_000, C, S, B1),
+        rst(21_000, C, B1, PSH_ACK),
+    ]);
+    let unnated: Vec<_> = f
+        .iter()
+        .filter(|x| x.kind == FindingKind::UnnatedReply)
+        .collect();
+    assert_eq!(unnated.len(), 2, "{f:?}");
+}
+
+#[test]
+fn a_reused_port_without_a_new_conntrack_entry_is_reported_again() {
+    let f = run(&[
+        map(0, C, S, B1),
+        rst(1_000, C, B1, PSH_ACK),
+        rst(1_200, C, B1, PSH_ACK),
+        // Same port, revived conntrack entry (no NEW event), 2 s later.
+        rst(3_200, C, B1, PSH_ACK),
+    ]);
+    let unnated: Vec<_> = f
+        .iter()
+        .filter(|x| x.kind == FindingKind::UnnatedReply)
+        .collect();
+    assert_eq!(unnated.len(), 2, "{f:?}");
+}
