@@ -73,7 +73,9 @@ fn build_ebpf(dir: &Path) -> Result<PathBuf, String> {
         .status()
         .map_err(|e| format!("running /usr/bin/cargo: {e}"))?;
     if !status.success() {
-        return Err(format!("building ktrace-ebpf failed ({status})"));
+        // The toolchain is there but the kernel code does not build: that is
+        // a bug to fix, not a missing install; fail loudly.
+        panic!("building ktrace-ebpf failed ({status}); see the errors above");
     }
     Ok(dir.join("target/bpfel-unknown-none/release/ktrace"))
 }

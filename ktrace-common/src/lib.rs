@@ -36,6 +36,8 @@ pub mod hook {
     pub const KRETPROBE_NF_NAT_SETUP_INFO: u8 = 8;
     /// Not a kernel program: userspace's ctnetlink listener.
     pub const CTNETLINK: u8 = 9;
+    pub const RAW_TP_TCP_SEND_RESET: u8 = 10;
+    pub const RAW_TP_TCP_RECEIVE_RESET: u8 = 11;
 }
 
 pub const AF_INET: u8 = 2;
@@ -254,6 +256,14 @@ pub struct KernelLayout {
     // struct sock_common
     pub sk_net: u32,
     pub sk_state: u32,
+    pub sk_family: u32,
+    /// `skc_addrpair`: daddr then rcv_saddr (IPv4), 8 bytes.
+    pub sk_addrpair: u32,
+    /// `skc_portpair`: dport (big endian) then num (host order), 4 bytes.
+    pub sk_portpair: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_cookie: u32,
     // struct nf_conn
     pub ct_tuplehash: u32,
     /// sizeof(struct nf_conntrack_tuple_hash): tuplehash[1] is at ct_tuplehash + this.
@@ -292,6 +302,10 @@ pub struct KernelLayout {
     pub l4_log_invalid_fmt_arg: u32,
     /// 1 when `tcp_v{4,6}_send_reset` takes a third `reason` argument (6.10+).
     pub send_reset_has_reason: u32,
+    /// 1 when the `tcp_send_reset` tracepoint passes `reason` as its third
+    /// argument (6.10+), for the raw tracepoint.
+    pub send_reset_tp_has_reason: u32,
+    pub _pad: u32,
 }
 
 impl KernelLayout {
@@ -304,6 +318,12 @@ impl KernelLayout {
         net_ns_inum: NO_OFFSET,
         sk_net: NO_OFFSET,
         sk_state: NO_OFFSET,
+        sk_family: NO_OFFSET,
+        sk_addrpair: NO_OFFSET,
+        sk_portpair: NO_OFFSET,
+        sk_v6_daddr: NO_OFFSET,
+        sk_v6_rcv_saddr: NO_OFFSET,
+        sk_cookie: NO_OFFSET,
         ct_tuplehash: NO_OFFSET,
         ct_tuplehash_size: NO_OFFSET,
         ct_status: NO_OFFSET,
@@ -332,6 +352,8 @@ impl KernelLayout {
         log_invalid_fmt_arg: 3,
         l4_log_invalid_fmt_arg: 3,
         send_reset_has_reason: 0,
+        send_reset_tp_has_reason: 0,
+        _pad: 0,
     };
 }
 

@@ -7,6 +7,7 @@
 
 use aya_ebpf::bindings::pt_regs;
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use aya_ebpf::{macros::map, maps::PerCpuArray};
 use aya_ebpf::programs::ProbeContext;
 use ktrace_common::{Endpoint, KernelLayout, AF_INET, AF_INET6, NO_OFFSET};
 
@@ -60,16 +61,41 @@ pub fn sock_netns(sk: u64) -> u32 {
     }
 }
 
+/// Last device seen on this CPU and its namespace: in a storm, packets
+/// keep arriving on the same device, and this saves two kernel reads each.
+#[repr(C)]
+pub struct DevNetns {
+    dev: u64,
+    inum: u64,
+}
+
+#[map]
+static DEV_NETNS: PerCpuArray<DevNetns> = PerCpuArray::with_max_entries(1, 0);
+
 /// Network namespace of a packet, through the device it arrived on or leaves by.
 #[inline(always)]
 pub fn skb_netns(skb: u64) -> u32 {
     let Ok(dev) = read::<u64>(skb, layout!(skb_dev)) else {
         return 0;
     };
-    match read::<u64>(dev, layout!(dev_nd_net)) {
+    let cache = DEV_NETNS.get_ptr_mut(0);
+    if let Some(c) = cache {
+        // SAFETY: a per-CPU slot, used by one program run at a time.
+        let c = unsafe { &mut *c };
+        if c.dev == dev && dev != 0 {
+            return c.inum as u32;
+        }
+    }
+    let inum = match read::<u64>(dev, layout!(dev_nd_net)) {
         Ok(net) => net_inum(net),
         Err(_) => 0,
+    };
+    if let Some(c) = cache {
+        let c = unsafe { &mut *c };
+        c.dev = dev;
+        c.inum = inum as u64;
     }
+    inum
 }
 
 /// Addresses, protocol and TCP flags of the packet in `skb`, read from
@@ -84,52 +110,112 @@ pub struct PacketInfo {
 
 pub const TCP_FLAG_RST: u8 = 0x04;
 
+/// `skb->head` and `skb->network_header`, in one read when `head` sits 12
+/// or 16 bytes after `network_header` (12 on 6.x). Constant indexes only:
+/// older verifiers refuse variable-offset stack reads.
 #[inline(always)]
+fn skb_head_nh(skb: u64) -> Result<(u64, u16), i64> {
+    let (head_off, nh_off) = (layout!(skb_head), layout!(skb_network_header));
+    if head_off != NO_OFFSET && nh_off != NO_OFFSET && head_off > nh_off {
+        let d = head_off - nh_off;
+        if d == 12 || d == 16 {
+            let b: [u8; 24] = read(skb, nh_off)?;
+            let nh = u16::from_ne_bytes([b[0], b[1]]);
+            let mut h = [0u8; 8];
+            if d == 12 {
+                h.copy_from_slice(&b[12..20]);
+            } else {
+                h.copy_from_slice(&b[16..24]);
+            }
+            return Ok((u64::from_ne_bytes(h), nh));
+        }
+    }
+    Ok((read(skb, head_off)?, read(skb, nh_off)?))
+}
+
+// Not inlined: a BPF-to-BPF call keeps its 56-byte header buffer out of the
+// callers' stack frames (512 bytes in all).
+#[inline(never)]
 pub fn skb_packet(skb: u64) -> Result<PacketInfo, i64> {
-    let head: u64 = read(skb, layout!(skb_head))?;
-    let nh: u16 = read(skb, layout!(skb_network_header))?;
+    let (head, nh) = skb_head_nh(skb)?;
     let ip = head + nh as u64;
-    let first: u8 = read(ip, 0)?;
     let mut info = PacketInfo {
         src: Endpoint::default(),
         dst: Endpoint::default(),
         protocol: 0,
         tcp_flags: 0,
     };
-    let l4;
-    match first >> 4 {
+    // One read covers the fixed IPv6 header (40 bytes) plus the first 14
+    // bytes of TCP, or an option-less IPv4 header and TCP: fewer helper
+    // calls per packet is what a storm pays for.
+    let hdr: [u8; 56] = read(ip, 0)?;
+    let (l4, l4_in_hdr) = match hdr[0] >> 4 {
         4 => {
-            info.protocol = read(ip, 9)?;
+            info.protocol = hdr[9];
             info.src.family = AF_INET;
             info.dst.family = AF_INET;
-            let s: [u8; 4] = read(ip, 12)?;
-            let d: [u8; 4] = read(ip, 16)?;
-            info.src.addr[..4].copy_from_slice(&s);
-            info.dst.addr[..4].copy_from_slice(&d);
-            l4 = ip + ((first & 0x0f) as u64) * 4;
+            info.src.addr[..4].copy_from_slice(&hdr[12..16]);
+            info.dst.addr[..4].copy_from_slice(&hdr[16..20]);
+            let ihl = ((hdr[0] & 0x0f) as u64) * 4;
+            (ip + ihl, ihl == 20)
         }
         6 => {
             // Extension headers are not walked: TCP follows the fixed header
             // in the traffic ktrace cares about.
-            info.protocol = read(ip, 6)?;
+            info.protocol = hdr[6];
             info.src.family = AF_INET6;
             info.dst.family = AF_INET6;
-            info.src.addr = read(ip, 8)?;
-            info.dst.addr = read(ip, 24)?;
-            l4 = ip + 40;
+            info.src.addr.copy_from_slice(&hdr[8..24]);
+            info.dst.addr.copy_from_slice(&hdr[24..40]);
+            (ip + 40, true)
         }
         _ => return Err(-2),
+    };
+    if info.protocol != 6 && info.protocol != 17 && info.protocol != 132 {
+        return Ok(info);
     }
-    // TCP, UDP and SCTP all start with the two ports.
-    if info.protocol == 6 || info.protocol == 17 || info.protocol == 132 {
-        let ports: [u8; 4] = read(l4, 0)?;
-        info.src.port = u16::from_be_bytes([ports[0], ports[1]]);
-        info.dst.port = u16::from_be_bytes([ports[2], ports[3]]);
-    }
+    // TCP, UDP and SCTP all start with the two ports; TCP flags at 13.
+    let t: [u8; 14] = if l4_in_hdr && info.src.family == AF_INET {
+        let mut t = [0u8; 14];
+        t.copy_from_slice(&hdr[20..34]);
+        t
+    } else if l4_in_hdr {
+        let mut t = [0u8; 14];
+        t.copy_from_slice(&hdr[40..54]);
+        t
+    } else {
+        read(l4, 0)?
+    };
+    info.src.port = u16::from_be_bytes([t[0], t[1]]);
+    info.dst.port = u16::from_be_bytes([t[2], t[3]]);
     if info.protocol == 6 {
-        info.tcp_flags = read(l4, 13)?;
+        info.tcp_flags = t[13];
     }
     Ok(info)
+}
+
+/// A socket's own endpoints (local, remote), for resets without a packet.
+#[inline(always)]
+pub fn sock_endpoints(sk: u64, local: &mut Endpoint, remote: &mut Endpoint) -> Result<(), i64> {
+    let family: u16 = read(sk, layout!(sk_family))?;
+    // skc_portpair: dport (network order) then num (host order).
+    let ports: [u8; 4] = read(sk, layout!(sk_portpair))?;
+    remote.port = u16::from_be_bytes([ports[0], ports[1]]);
+    local.port = u16::from_ne_bytes([ports[2], ports[3]]);
+    if family == AF_INET6 as u16 {
+        local.family = AF_INET6;
+        remote.family = AF_INET6;
+        remote.addr = read(sk, layout!(sk_v6_daddr))?;
+        local.addr = read(sk, layout!(sk_v6_rcv_saddr))?;
+    } else {
+        local.family = AF_INET;
+        remote.family = AF_INET;
+        // skc_addrpair: daddr then rcv_saddr.
+        let pair: [u8; 8] = read(sk, layout!(sk_addrpair))?;
+        remote.addr[..4].copy_from_slice(&pair[..4]);
+        local.addr[..4].copy_from_slice(&pair[4..]);
+    }
+    Ok(())
 }
 
 /// Reads `len` bytes of an address (4 or 16) at `ptr` into an [`Endpoint`].

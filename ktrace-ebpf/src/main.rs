@@ -12,8 +12,8 @@ mod reset;
 mod ring;
 
 use aya_ebpf::{
-    macros::{kprobe, kretprobe, tracepoint},
-    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    macros::{kprobe, kretprobe, raw_tracepoint, tracepoint},
+    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
     EbpfContext,
 };
 use ktrace_common::{counter, hook};
@@ -45,6 +45,16 @@ pub fn tcp_send_reset(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
     done(&ctx, reset::try_tp_tcp_receive_reset(&ctx))
+}
+
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
+    done(&ctx, reset::try_raw_tcp_send_reset(&ctx))
+}
+
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn raw_tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
+    done(&ctx, reset::try_raw_tcp_receive_reset(&ctx))
 }
 
 #[kprobe]

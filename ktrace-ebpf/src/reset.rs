@@ -2,7 +2,7 @@
 //! `tcp_v{4,6}_send_reset` where the tracepoint misses the no-socket case)
 //! and received by a socket (tracepoint).
 
-use aya_ebpf::programs::{ProbeContext, TracePointContext};
+use aya_ebpf::programs::{ProbeContext, RawTracePointContext, TracePointContext};
 use ktrace_common::{
     hook, kind, reset_flags, Endpoint, ResetEvent, TpFields, AF_INET, AF_INET6, NO_FIELD,
 };
@@ -34,16 +34,16 @@ fn tp_read<T>(ctx: &TracePointContext, off: u16) -> Result<T, i64> {
 /// Decodes a `__u8 addr[28]` tracepoint field: a sockaddr_in or sockaddr_in6.
 #[inline(always)]
 fn tp_sockaddr(ctx: &TracePointContext, off: u16, out: &mut Endpoint) -> Result<(), i64> {
-    let family: u16 = tp_read(ctx, off)?;
-    let port: [u8; 2] = tp_read(ctx, off + 2)?;
-    out.port = u16::from_be_bytes(port);
+    // One read of the whole sockaddr_in6-sized field.
+    let sa: [u8; 28] = tp_read(ctx, off)?;
+    let family = u16::from_ne_bytes([sa[0], sa[1]]);
+    out.port = u16::from_be_bytes([sa[2], sa[3]]);
     if family == AF_INET6 as u16 {
         out.family = AF_INET6;
-        out.addr = tp_read(ctx, off + 8)?;
+        out.addr.copy_from_slice(&sa[8..24]);
     } else {
         out.family = AF_INET;
-        let a: [u8; 4] = tp_read(ctx, off + 4)?;
-        out.addr[..4].copy_from_slice(&a);
+        out.addr[..4].copy_from_slice(&sa[4..8]);
     }
     Ok(())
 }
@@ -173,25 +173,30 @@ pub fn try_tp_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// kprobe on `tcp_v4_send_reset(sk, skb[, reason])` / `tcp_v6_send_reset`:
-/// the RST answers the segment in `skb`, so its addresses are the segment's, reversed.
-pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
-    let sk: u64 = ctx.arg(0).unwrap_or(0);
-    let skb: u64 = ctx.arg(1).ok_or(-1i64)?;
-    let pkt = kernel::skb_packet(skb)?;
-    // The kernel never answers an RST with an RST: it returns early.
-    if pkt.tcp_flags & TCP_FLAG_RST != 0 {
+/// An RST sent by the kernel, from the function's or raw tracepoint's
+/// arguments: the RST answers the segment in `skb` (its addresses are that
+/// segment's, reversed); without a segment (an active reset) they are the
+/// socket's own.
+#[inline(always)]
+fn emit_send_reset(sk: u64, skb: u64, reason: Option<u32>, which: u8) -> Result<(), i64> {
+    let mut ev = ResetEvent::default();
+    if skb != 0 {
+        let pkt = kernel::skb_packet(skb)?;
+        // The kernel never answers an RST with an RST: it returns early.
+        if pkt.tcp_flags & TCP_FLAG_RST != 0 {
+            return Ok(());
+        }
+        ev.src = pkt.dst;
+        ev.dst = pkt.src;
+        ev.flags = reset_flags::HAS_TRIGGER;
+        ev.trigger_flags = pkt.tcp_flags;
+    } else if sk != 0 {
+        kernel::sock_endpoints(sk, &mut ev.src, &mut ev.dst)?;
+    } else {
         return Ok(());
     }
-    let mut ev = ResetEvent {
-        src: pkt.dst,
-        dst: pkt.src,
-        flags: reset_flags::HAS_TRIGGER,
-        trigger_flags: pkt.tcp_flags,
-        ..ResetEvent::default()
-    };
-    if layout!(send_reset_has_reason) == 1 {
-        ev.reason = ctx.arg::<u64>(2).unwrap_or(0) as u32;
+    if let Some(r) = reason {
+        ev.reason = r;
         ev.flags |= reset_flags::HAS_REASON;
     }
     let netns = if sk != 0 {
@@ -204,6 +209,47 @@ pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
         kernel::skb_netns(skb)
     };
     ev.header = ring::header(kind::TCP_SEND_RESET, which, netns);
+    ring::emit(&ev);
+    Ok(())
+}
+
+/// kprobe on `tcp_v4_send_reset(sk, skb[, reason])` / `tcp_v6_send_reset`.
+pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0).unwrap_or(0);
+    let skb: u64 = ctx.arg(1).ok_or(-1i64)?;
+    let reason =
+        (layout!(send_reset_has_reason) == 1).then(|| ctx.arg::<u64>(2).unwrap_or(0) as u32);
+    emit_send_reset(sk, skb, reason, which)
+}
+
+/// Raw tracepoint `tcp_send_reset(sk, skb[, reason])`: the tracepoint's own
+/// arguments, without the cost of formatting its record.
+pub fn try_raw_tcp_send_reset(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let reason = (layout!(send_reset_tp_has_reason) == 1).then(|| ctx.arg::<u64>(2) as u32);
+    emit_send_reset(sk, skb, reason, hook::RAW_TP_TCP_SEND_RESET)
+}
+
+/// Raw tracepoint `tcp_receive_reset(sk)`: the socket accepted an RST from
+/// its peer.
+pub fn try_raw_tcp_receive_reset(ctx: &RawTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    if sk == 0 {
+        return Ok(());
+    }
+    let mut ev = ResetEvent {
+        flags: reset_flags::HAS_SOCKET,
+        ..ResetEvent::default()
+    };
+    kernel::sock_endpoints(sk, &mut ev.dst, &mut ev.src)?;
+    ev.state = kernel::read::<u8>(sk, layout!(sk_state)).unwrap_or(0);
+    ev.sock_cookie = kernel::read::<u64>(sk, layout!(sk_cookie)).unwrap_or(0);
+    ev.header = ring::header(
+        kind::TCP_RECEIVE_RESET,
+        hook::RAW_TP_TCP_RECEIVE_RESET,
+        kernel::sock_netns(sk),
+    );
     ring::emit(&ev);
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Source {
     Tracepoint,
+    RawTracepoint,
     Kprobe,
     Kretprobe,
     Ctnetlink,
@@ -18,6 +19,7 @@ impl Source {
     pub fn as_str(self) -> &'static str {
         match self {
             Source::Tracepoint => "tracepoint",
+            Source::RawTracepoint => "raw_tracepoint",
             Source::Kprobe => "kprobe",
             Source::Kretprobe => "kretprobe",
             Source::Ctnetlink => "ctnetlink",

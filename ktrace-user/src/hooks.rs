@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use aya::programs::{KProbe, TracePoint};
+use aya::programs::{KProbe, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use ktrace_common::{KernelLayout, TpFields, NO_FIELD};
 
@@ -150,6 +150,19 @@ fn attach_kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), String> 
     Ok(())
 }
 
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    p.load()
+        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    p.attach(name)
+        .map_err(|e| format!("attach to raw tracepoint {name} failed: {e}"))?;
+    Ok(())
+}
+
 fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, cat: &str, name: &str) -> Result<(), String> {
     let p: &mut TracePoint = ebpf
         .program_mut(prog)
@@ -175,10 +188,16 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     let support = &KernelSupport::probe_live();
 
     let kbtf = KernelBtf::load(Path::new("/")).ok();
-    let klayout = kbtf
+    let mut klayout = kbtf
         .as_ref()
         .map_or(KernelLayout::UNKNOWN, layout::kernel_layout);
     let send_fmt = read_format(support, "tcp", "tcp_send_reset");
+    // The tracepoint carries `reason` (6.10+) exactly when its TP_PROTO does.
+    klayout.send_reset_tp_has_reason = u32::from(
+        send_fmt
+            .as_ref()
+            .is_some_and(|f| f.fields.contains_key("reason")),
+    );
     let recv_fmt = read_format(support, "tcp", "tcp_receive_reset");
     let send_tp = send_fmt
         .as_ref()
@@ -230,13 +249,30 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     // the no-socket case; older ones fire only with a full socket.
     let tp_full = send_tp.reason != NO_FIELD && send_tp.addr_size == 28;
     let kprobe_v4 = kprobe_blocker(support, "tcp_v4_send_reset");
+    // The raw tracepoint reads the tracepoint's arguments without the cost
+    // of formatting its record (what a reset storm pays per packet); it needs
+    // the socket and packet offsets from BTF.
+    let raw_ok = base_missing.is_empty() && klayout.sk_family != ktrace_common::NO_OFFSET;
     if tp_full {
-        status.push(
-            match attach_tracepoint(&mut ebpf, "tcp_send_reset", "tcp", "tcp_send_reset") {
-                Ok(()) => HookStatus::live("tcp_send_reset", "tracepoint", "tcp:tcp_send_reset"),
-                Err(e) => HookStatus::off("tcp_send_reset", e),
-            },
-        );
+        let raw = if raw_ok {
+            attach_raw_tracepoint(&mut ebpf, "raw_tcp_send_reset", "tcp_send_reset")
+        } else {
+            Err("struct offsets missing from BTF".to_string())
+        };
+        status.push(match raw {
+            Ok(()) => HookStatus::live("tcp_send_reset", "raw_tracepoint", "tcp_send_reset"),
+            Err(raw_err) => {
+                match attach_tracepoint(&mut ebpf, "tcp_send_reset", "tcp", "tcp_send_reset") {
+                    Ok(()) => {
+                        let mut st =
+                            HookStatus::live("tcp_send_reset", "tracepoint", "tcp:tcp_send_reset");
+                        st.reason = Some(format!("raw tracepoint unavailable: {raw_err}"));
+                        st
+                    }
+                    Err(e) => HookStatus::off("tcp_send_reset", e),
+                }
+            }
+        });
     } else if kprobe_v4.is_none() && base_missing.is_empty() {
         let mut st = match attach_kprobe(&mut ebpf, "tcp_v4_send_reset", "tcp_v4_send_reset") {
             Ok(()) => HookStatus::live("tcp_send_reset", "kprobe", "tcp_v4_send_reset"),
@@ -277,9 +313,22 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
 
     // --- RST received.
     status.push(if recv_fmt.is_some() {
-        match attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset") {
-            Ok(()) => HookStatus::live("tcp_receive_reset", "tracepoint", "tcp:tcp_receive_reset"),
-            Err(e) => HookStatus::off("tcp_receive_reset", e),
+        let raw = if raw_ok {
+            attach_raw_tracepoint(&mut ebpf, "raw_tcp_receive_reset", "tcp_receive_reset")
+        } else {
+            Err(String::new())
+        };
+        match raw {
+            Ok(()) => HookStatus::live("tcp_receive_reset", "raw_tracepoint", "tcp_receive_reset"),
+            Err(_) => {
+                match attach_tracepoint(&mut ebpf, "tcp_receive_reset", "tcp", "tcp_receive_reset")
+                {
+                    Ok(()) => {
+                        HookStatus::live("tcp_receive_reset", "tracepoint", "tcp:tcp_receive_reset")
+                    }
+                    Err(e) => HookStatus::off("tcp_receive_reset", e),
+                }
+            }
         }
     } else {
         HookStatus::off(

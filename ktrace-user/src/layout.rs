@@ -150,6 +150,12 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
     l.net_ns_inum = or_none(offset_of(b, "net", "ns.inum"));
     l.sk_net = or_none(offset_of(b, "sock_common", "skc_net"));
     l.sk_state = or_none(offset_of(b, "sock_common", "skc_state"));
+    l.sk_family = or_none(offset_of(b, "sock_common", "skc_family"));
+    l.sk_addrpair = or_none(offset_of(b, "sock_common", "skc_addrpair"));
+    l.sk_portpair = or_none(offset_of(b, "sock_common", "skc_portpair"));
+    l.sk_v6_daddr = or_none(offset_of(b, "sock_common", "skc_v6_daddr"));
+    l.sk_v6_rcv_saddr = or_none(offset_of(b, "sock_common", "skc_v6_rcv_saddr"));
+    l.sk_cookie = or_none(offset_of(b, "sock_common", "skc_cookie"));
     let tuple_in_hash = offset_of(b, "nf_conntrack_tuple_hash", "tuple");
     l.ct_tuplehash =
         or_none(offset_of(b, "nf_conn", "tuplehash").and_then(|o| Some(o + tuple_in_hash?)));

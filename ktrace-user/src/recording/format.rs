@@ -308,6 +308,7 @@ fn source_code(s: Source) -> u8 {
         Source::Kretprobe => 2,
         Source::Ctnetlink => 3,
         Source::Procfs => 4,
+        Source::RawTracepoint => 5,
     }
 }
 
@@ -318,6 +319,7 @@ fn source_from(c: u8) -> Result<Source, Malformed> {
         2 => Source::Kretprobe,
         3 => Source::Ctnetlink,
         4 => Source::Procfs,
+        5 => Source::RawTracepoint,
         _ => return Err(Malformed("unknown event source")),
     })
 }
