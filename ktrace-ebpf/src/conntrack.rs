@@ -85,6 +85,7 @@ fn ct_netns(ct: u64) -> u32 {
 }
 
 /// kprobe `nf_conntrack_tcp_packet(ct, skb, dataoff, ctinfo, state)`.
+#[inline(always)]
 pub fn try_tcp_packet_entry(ctx: &ProbeContext) -> Result<(), i64> {
     let s = stash(&TCP_PACKET_STASH)?;
     s.ct = ctx.arg(0).unwrap_or(0);
@@ -97,6 +98,7 @@ pub fn try_tcp_packet_entry(ctx: &ProbeContext) -> Result<(), i64> {
 /// kprobe on `nf_ct_l4proto_log_invalid` / `nf_l4proto_log_invalid`: the
 /// reason conntrack is about to give. Kept only for the packet that
 /// `nf_conntrack_tcp_packet` is judging on this CPU.
+#[inline(always)]
 pub fn try_log_invalid(ctx: &ProbeContext, fmt_arg: u32) -> Result<(), i64> {
     let s = stash(&TCP_PACKET_STASH)?;
     let skb: u64 = ctx.arg(0).unwrap_or(0);
@@ -124,6 +126,7 @@ pub fn try_log_invalid(ctx: &ProbeContext, fmt_arg: u32) -> Result<(), i64> {
 }
 
 /// kretprobe `nf_conntrack_tcp_packet`: -NF_ACCEPT (-1) means INVALID.
+#[inline(always)]
 pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let s = stash(&TCP_PACKET_STASH)?;
     let verdict = ctx.ret::<i64>() as i32;
@@ -167,6 +170,7 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
 /// ERR_PTR on a full table, with `net` and the packet's tuple at the same
 /// argument positions. The tuple, not the skb (which the allocator does not
 /// get), gives the addresses.
+#[inline(always)]
 pub fn try_init_conntrack_entry(ctx: &ProbeContext) -> Result<(), i64> {
     let s = stash(&INIT_CONNTRACK_STASH)?;
     s.arg = ctx.arg(0).unwrap_or(0);
@@ -176,6 +180,7 @@ pub fn try_init_conntrack_entry(ctx: &ProbeContext) -> Result<(), i64> {
 
 /// kretprobe `init_conntrack` / `__nf_conntrack_alloc`: an ERR_PTR means no
 /// entry could be created; with a full table the packet is then dropped.
+#[inline(always)]
 pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let s = stash(&INIT_CONNTRACK_STASH)?;
     let ret: u64 = ctx.ret();
@@ -203,6 +208,7 @@ pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
 }
 
 /// kprobe `nf_nat_setup_info(ct, range, maniptype)`.
+#[inline(always)]
 pub fn try_nat_setup_entry(ctx: &ProbeContext) -> Result<(), i64> {
     let s = stash(&NAT_SETUP_STASH)?;
     s.ct = ctx.arg(0).unwrap_or(0);
@@ -212,6 +218,7 @@ pub fn try_nat_setup_entry(ctx: &ProbeContext) -> Result<(), i64> {
 
 /// kretprobe `nf_nat_setup_info`: a DNAT binding was made when the status
 /// has IPS_DST_NAT (null bindings pass through here too).
+#[inline(always)]
 pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let s = stash(&NAT_SETUP_STASH)?;
     let verdict = ctx.ret::<i64>() as i32;

@@ -30,6 +30,7 @@ fn endpoint(cp: u64, addr_off: u32, port_off: u32, fam: u8) -> Result<Endpoint, 
 
 /// kretprobe `ip_vs_conn_new(...)`: the returned `cp` is complete. Templates
 /// (persistence) come through here too, flagged IP_VS_CONN_F_TEMPLATE.
+#[inline(always)]
 pub fn try_ip_vs_conn_new_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let cp: u64 = ctx.ret();
     if cp == 0 {

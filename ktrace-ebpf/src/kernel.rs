@@ -133,9 +133,12 @@ fn skb_head_nh(skb: u64) -> Result<(u64, u16), i64> {
     Ok((read(skb, head_off)?, read(skb, nh_off)?))
 }
 
-// Not inlined: a BPF-to-BPF call keeps its 56-byte header buffer out of the
-// callers' stack frames (512 bytes in all).
-#[inline(never)]
+/// Per-CPU scratch for packet headers: kept off the 512-byte BPF stack,
+/// which the conntrack programs' events already use most of.
+#[map]
+static HDR_SCRATCH: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
+
+#[inline(always)]
 pub fn skb_packet(skb: u64) -> Result<PacketInfo, i64> {
     let (head, nh) = skb_head_nh(skb)?;
     let ip = head + nh as u64;
@@ -148,7 +151,13 @@ pub fn skb_packet(skb: u64) -> Result<PacketInfo, i64> {
     // One read covers the fixed IPv6 header (40 bytes) plus the first 14
     // bytes of TCP, or an option-less IPv4 header and TCP: fewer helper
     // calls per packet is what a storm pays for.
-    let hdr: [u8; 56] = read(ip, 0)?;
+    let slot = HDR_SCRATCH.get_ptr_mut(0).ok_or(-3i64)?;
+    // SAFETY: a per-CPU slot, used by one program run at a time.
+    let hdr: &mut [u8; 64] = unsafe { &mut *slot };
+    if ip == 0 {
+        return Err(-1);
+    }
+    unsafe { bpf_probe_read_kernel_buf(ip as *const u8, &mut hdr[..56]).map_err(|e| e as i64)? };
     let (l4, l4_in_hdr) = match hdr[0] >> 4 {
         4 => {
             info.protocol = hdr[9];

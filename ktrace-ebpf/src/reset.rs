@@ -109,6 +109,7 @@ const TCP_LISTEN: u8 = 10;
 /// When the RST answers a segment (`skbaddr` set), its addresses are taken
 /// from that segment, reversed: the tracepoint's own come from `sk`, which
 /// is the listener (0.0.0.0) when a segment hits a port with no connection.
+#[inline(always)]
 pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let tp = copy_fields(&TP_SEND_RESET);
     let skb: u64 = tp_read(ctx, tp.skbaddr).unwrap_or(0);
@@ -154,6 +155,7 @@ pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
 
 /// `tcp:tcp_receive_reset`: a socket accepted an RST. The tracepoint gives
 /// the socket's own addresses; the RST came from the remote end.
+#[inline(always)]
 pub fn try_tp_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let tp = copy_fields(&TP_RECEIVE_RESET);
     let sk: u64 = tp_read(ctx, tp.skaddr).unwrap_or(0);
@@ -214,6 +216,7 @@ fn emit_send_reset(sk: u64, skb: u64, reason: Option<u32>, which: u8) -> Result<
 }
 
 /// kprobe on `tcp_v4_send_reset(sk, skb[, reason])` / `tcp_v6_send_reset`.
+#[inline(always)]
 pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
     let sk: u64 = ctx.arg(0).unwrap_or(0);
     let skb: u64 = ctx.arg(1).ok_or(-1i64)?;
@@ -224,6 +227,7 @@ pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
 
 /// Raw tracepoint `tcp_send_reset(sk, skb[, reason])`: the tracepoint's own
 /// arguments, without the cost of formatting its record.
+#[inline(always)]
 pub fn try_raw_tcp_send_reset(ctx: &RawTracePointContext) -> Result<(), i64> {
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
@@ -233,6 +237,7 @@ pub fn try_raw_tcp_send_reset(ctx: &RawTracePointContext) -> Result<(), i64> {
 
 /// Raw tracepoint `tcp_receive_reset(sk)`: the socket accepted an RST from
 /// its peer.
+#[inline(always)]
 pub fn try_raw_tcp_receive_reset(ctx: &RawTracePointContext) -> Result<(), i64> {
     let sk: u64 = ctx.arg(0);
     if sk == 0 {
