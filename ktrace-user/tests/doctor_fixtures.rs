@@ -182,7 +182,7 @@ fn doctor_exposed_node_warns_and_fails_everywhere() {
             ("ipvs_weight0_backends", "fail"),
             ("hooks_btf", "warn"),
             ("hooks_kprobes", "warn"),
-            ("hooks_fentry", "warn"),
+            ("hooks_fentry", "ok"),
             ("hooks_tracepoints", "warn"),
             ("hooks_symbols", "warn"),
             ("hooks_ip_vs_btf", "warn"),
