@@ -234,6 +234,14 @@ impl<W: Write> Pipeline<W> {
             return Ok(());
         };
         for n in r.take_notices() {
+            // Events the recorder dropped count as lost in the metrics too.
+            if let Some(x) = &self.exporter {
+                let c = match &n {
+                    Notice::Paused { dropped, .. } => *dropped,
+                    Notice::Dropped { count, .. } | Notice::Resumed { count, .. } => *count,
+                };
+                x.lost(c, "recording");
+            }
             match n {
                 Notice::Paused {
                     path,
