@@ -38,6 +38,8 @@ pub mod hook {
     pub const CTNETLINK: u8 = 9;
     pub const RAW_TP_TCP_SEND_RESET: u8 = 10;
     pub const RAW_TP_TCP_RECEIVE_RESET: u8 = 11;
+    pub const FENTRY_TCP_V4_SEND_RESET: u8 = 12;
+    pub const FENTRY_TCP_V6_SEND_RESET: u8 = 13;
 }
 
 pub const AF_INET: u8 = 2;

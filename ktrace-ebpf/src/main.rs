@@ -12,8 +12,10 @@ mod reset;
 mod ring;
 
 use aya_ebpf::{
-    macros::{kprobe, kretprobe, raw_tracepoint, tracepoint},
-    programs::{ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext},
+    macros::{fentry, kprobe, kretprobe, raw_tracepoint, tracepoint},
+    programs::{
+        FEntryContext, ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext,
+    },
     EbpfContext,
 };
 use ktrace_common::{counter, hook};
@@ -55,6 +57,22 @@ pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]
 pub fn raw_tcp_receive_reset(ctx: RawTracePointContext) -> u32 {
     done(&ctx, reset::try_raw_tcp_receive_reset(&ctx))
+}
+
+#[fentry(function = "tcp_v4_send_reset")]
+pub fn fentry_tcp_v4_send_reset(ctx: FEntryContext) -> u32 {
+    done(
+        &ctx,
+        reset::try_fentry_send_reset(&ctx, hook::FENTRY_TCP_V4_SEND_RESET),
+    )
+}
+
+#[fentry(function = "tcp_v6_send_reset")]
+pub fn fentry_tcp_v6_send_reset(ctx: FEntryContext) -> u32 {
+    done(
+        &ctx,
+        reset::try_fentry_send_reset(&ctx, hook::FENTRY_TCP_V6_SEND_RESET),
+    )
 }
 
 #[kprobe]

@@ -2,7 +2,7 @@
 //! `tcp_v{4,6}_send_reset` where the tracepoint misses the no-socket case)
 //! and received by a socket (tracepoint).
 
-use aya_ebpf::programs::{ProbeContext, RawTracePointContext, TracePointContext};
+use aya_ebpf::programs::{FEntryContext, ProbeContext, RawTracePointContext, TracePointContext};
 use ktrace_common::{
     hook, kind, reset_flags, Endpoint, ResetEvent, TpFields, AF_INET, AF_INET6, NO_FIELD,
 };
@@ -222,6 +222,16 @@ pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
     let skb: u64 = ctx.arg(1).ok_or(-1i64)?;
     let reason =
         (layout!(send_reset_has_reason) == 1).then(|| ctx.arg::<u64>(2).unwrap_or(0) as u32);
+    emit_send_reset(sk, skb, reason, which)
+}
+
+/// fentry on `tcp_v4_send_reset(sk, skb[, reason])` / `tcp_v6_send_reset`:
+/// the same arguments as the kprobe, through a BPF trampoline (cheaper).
+#[inline(always)]
+pub fn try_fentry_send_reset(ctx: &FEntryContext, which: u8) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let reason = (layout!(send_reset_has_reason) == 1).then(|| ctx.arg::<u64>(2) as u32);
     emit_send_reset(sk, skb, reason, which)
 }
 

@@ -89,6 +89,7 @@ fn source(hook_id: u8) -> Source {
         hook::KPROBE_TCP_V4_SEND_RESET | hook::KPROBE_TCP_V6_SEND_RESET => Source::Kprobe,
         hook::CTNETLINK => Source::Ctnetlink,
         hook::RAW_TP_TCP_SEND_RESET | hook::RAW_TP_TCP_RECEIVE_RESET => Source::RawTracepoint,
+        hook::FENTRY_TCP_V4_SEND_RESET | hook::FENTRY_TCP_V6_SEND_RESET => Source::Fentry,
         _ => Source::Kretprobe,
     }
 }

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 pub enum Source {
     Tracepoint,
     RawTracepoint,
+    Fentry,
     Kprobe,
     Kretprobe,
     Ctnetlink,
@@ -20,6 +21,7 @@ impl Source {
         match self {
             Source::Tracepoint => "tracepoint",
             Source::RawTracepoint => "raw_tracepoint",
+            Source::Fentry => "fentry",
             Source::Kprobe => "kprobe",
             Source::Kretprobe => "kretprobe",
             Source::Ctnetlink => "ctnetlink",

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use aya::programs::{KProbe, RawTracePoint, TracePoint};
+use aya::programs::{FEntry, KProbe, RawTracePoint, TracePoint};
 use aya::{Ebpf, EbpfLoader};
 use ktrace_common::{KernelLayout, TpFields, NO_FIELD};
 
@@ -150,6 +150,20 @@ fn attach_kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), String> 
     Ok(())
 }
 
+/// fentry needs the kernel's BTF for the function's prototype.
+fn attach_fentry(ebpf: &mut Ebpf, btf: &aya::Btf, prog: &str, func: &str) -> Result<(), String> {
+    let p: &mut FEntry = ebpf
+        .program_mut(prog)
+        .ok_or_else(|| format!("program {prog} missing from the object"))?
+        .try_into()
+        .map_err(|e| format!("{e}"))?;
+    p.load(func, btf)
+        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    p.attach()
+        .map_err(|e| format!("fentry on {func} failed: {e}"))?;
+    Ok(())
+}
+
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
     let p: &mut RawTracePoint = ebpf
         .program_mut(prog)
@@ -273,6 +287,32 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
                 }
             }
         });
+    } else if let Some(st) = (support.fentry == Some(true) && base_missing.is_empty())
+        .then(aya::Btf::from_sys_fs)
+        .and_then(Result::ok)
+        .and_then(|btf| {
+            // fentry: a BPF trampoline, cheaper than a kprobe, same arguments.
+            attach_fentry(
+                &mut ebpf,
+                &btf,
+                "fentry_tcp_v4_send_reset",
+                "tcp_v4_send_reset",
+            )
+            .ok()?;
+            let mut st = HookStatus::live("tcp_send_reset", "fentry", "tcp_v4_send_reset");
+            match attach_fentry(
+                &mut ebpf,
+                &btf,
+                "fentry_tcp_v6_send_reset",
+                "tcp_v6_send_reset",
+            ) {
+                Ok(()) => st.target.push_str(",tcp_v6_send_reset"),
+                Err(e) => st.reason = Some(format!("IPv6 resets not seen: {e}")),
+            }
+            Some(st)
+        })
+    {
+        status.push(st);
     } else if kprobe_v4.is_none() && base_missing.is_empty() {
         let mut st = match attach_kprobe(&mut ebpf, "tcp_v4_send_reset", "tcp_v4_send_reset") {
             Ok(()) => HookStatus::live("tcp_send_reset", "kprobe", "tcp_v4_send_reset"),

@@ -309,6 +309,7 @@ fn source_code(s: Source) -> u8 {
         Source::Ctnetlink => 3,
         Source::Procfs => 4,
         Source::RawTracepoint => 5,
+        Source::Fentry => 6,
     }
 }
 
@@ -320,6 +321,7 @@ fn source_from(c: u8) -> Result<Source, Malformed> {
         3 => Source::Ctnetlink,
         4 => Source::Procfs,
         5 => Source::RawTracepoint,
+        6 => Source::Fentry,
         _ => return Err(Malformed("unknown event source")),
     })
 }
