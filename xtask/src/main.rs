@@ -122,6 +122,59 @@ pub fn run_status(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Test counts summed over cargo's `test result:` lines.
+#[derive(Default, Clone, Copy)]
+pub struct Counts {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Counts {
+    /// Adds a `test result: ok. 5 passed; 0 failed; 1 ignored; ...` line.
+    pub fn add_line(&mut self, line: &str) {
+        let Some(rest) = line
+            .trim_start_matches(|c: char| !c.is_ascii_alphabetic())
+            .strip_prefix("test result: ")
+        else {
+            return;
+        };
+        for part in rest.split([';', '.']) {
+            let mut w = part.split_whitespace();
+            if let (Some(n), Some(what)) = (w.next(), w.next()) {
+                if let Ok(n) = n.parse::<u64>() {
+                    match what {
+                        "passed" => self.passed += n,
+                        "failed" => self.failed += n,
+                        "ignored" => self.ignored += n,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs `cmd`, echoing its stdout, and counts the tests it reports.
+pub fn run_counting(cmd: &mut Command, what: &str, counts: &mut Counts) -> Result<()> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("{what}: cannot start {:?}", cmd.get_program()))?;
+    let out = child.stdout.take().expect("piped stdout");
+    for line in std::io::BufReader::new(out).lines() {
+        let line = line?;
+        println!("{line}");
+        counts.add_line(&line);
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("{what} failed ({status})");
+    }
+    Ok(())
+}
+
 /// Runs `cmd` with stdout captured (stderr inherited) and returns stdout.
 pub fn run_stdout(cmd: &mut Command, what: &str) -> Result<String> {
     let out = cmd
@@ -213,23 +266,52 @@ fn test(vm: bool) -> Result<()> {
         "xtask: cargo test --workspace --release -- --test-threads=1 (KTRACE_BIN={})",
         built.ktrace.display()
     );
-    run_status(
+    let mut counts = Counts::default();
+    let host = run_counting(
         cargo()
             // --release reuses the dependencies `build` just compiled
             // instead of building them all again in the debug profile.
             .args(["test", "--workspace", "--release", "--", "--test-threads=1"])
             .env("KTRACE_BIN", &built.ktrace),
         "cargo test --workspace",
-    )?;
+        &mut counts,
+    );
+    if let Err(e) = host {
+        println!(
+            "tests: {} passed, {} failed",
+            counts.passed,
+            counts.failed.max(1)
+        );
+        return Err(e);
+    }
     eprintln!(
         "xtask: host tests passed in {:.1}s",
         t.elapsed().as_secs_f64()
     );
     if vm {
-        vm::vmtest(&built, &[])?;
+        let r = vm::vmtest(&built, &[]);
+        // The guests' own test results, from their console logs.
+        for log in vm::console_logs() {
+            if let Ok(text) = std::fs::read_to_string(log) {
+                text.lines().for_each(|l| counts.add_line(l));
+            }
+        }
+        if let Err(e) = r {
+            println!(
+                "tests: {} passed, {} failed",
+                counts.passed,
+                counts.failed.max(1)
+            );
+            return Err(e);
+        }
     } else {
         eprintln!("xtask: --no-vm: vmtest skipped");
     }
+    // One closing line for whoever reads the log's end (CI among them).
+    println!(
+        "tests: {} passed, {} failed, {} skipped",
+        counts.passed, counts.failed, counts.ignored
+    );
     Ok(())
 }
 

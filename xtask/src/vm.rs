@@ -77,6 +77,15 @@ fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| workspace().join(".cache/vm"))
 }
 
+/// The console logs the last run left, one per kernel package.
+pub fn console_logs() -> Vec<PathBuf> {
+    KERNEL_PACKAGES
+        .iter()
+        .map(|k| cache_dir().join(k).join("console.log"))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 pub fn vmtest(built: &Built, only: &[String]) -> Result<()> {
     let started = Instant::now();
     for k in only {
