@@ -152,7 +152,6 @@ pub struct Engine {
     flows: FlowTable,
     storms: StormTracker,
     /// Kinds of resets in each storm, by key (1 = un-NATed, 2 = switch).
-    storm_kinds: HashMap<Ep, u8>,
     invalid: HashMap<Ep, InvalidSeen>,
     /// Unexplained resets by the endpoint that may be a client (both ends),
     /// with a FIFO of keys for expiry.
@@ -180,7 +179,6 @@ impl Engine {
         Engine {
             flows: FlowTable::new(cfg.max_flows, cfg.flow_ttl_ns),
             storms: StormTracker::new(cfg.storm_threshold, cfg.storm_window_ns, STORM_KEYS),
-            storm_kinds: HashMap::default(),
             invalid: HashMap::default(),
             pending: HashMap::default(),
             pending_order: VecDeque::new(),
@@ -345,7 +343,6 @@ impl Engine {
         self.storms.tick(now, &mut reports);
         for r in reports {
             out.push(self.storm_finding(&r, now));
-            self.storm_kinds.remove(&r.key);
         }
         if now >= self.last_sweep.saturating_add(10 * SEC) {
             self.last_sweep = now;
@@ -493,8 +490,10 @@ impl Engine {
         ts: u64,
         out: &mut Vec<Finding>,
     ) {
-        *self.storm_kinds.entry(service).or_insert(0) |= kind;
-        if let Some(r) = self.storms.record(service, true, backend, client, ts) {
+        if let Some(r) = self
+            .storms
+            .record_kind(service, true, backend, client, kind, ts)
+        {
             out.push(self.storm_finding(&r, ts));
         }
     }
@@ -609,7 +608,7 @@ impl Engine {
     }
 
     fn storm_finding(&self, r: &StormReport, ts: u64) -> Finding {
-        let kinds = self.storm_kinds.get(&r.key).copied().unwrap_or(0);
+        let kinds = r.kinds;
         let what = match kinds {
             STORM_UNNATED => "un-NATed replies reset by their clients",
             STORM_SWITCH => "connections re-mapped to backends that reset them",

@@ -42,6 +42,8 @@ pub struct StormReport {
     /// The most recent backend and client involved.
     pub backend: Ep,
     pub client: Ep,
+    /// Caller-defined bits of what kinds of resets the storm holds.
+    pub kinds: u8,
 }
 
 #[derive(Debug, Clone)]
@@ -57,6 +59,7 @@ struct Storm {
     total: u64,
     backend: Ep,
     client: Ep,
+    kinds: u8,
 }
 
 impl Storm {
@@ -113,6 +116,19 @@ impl StormTracker {
         client: Ep,
         ts: u64,
     ) -> Option<StormReport> {
+        self.record_kind(key, is_service, backend, client, 0, ts)
+    }
+
+    /// [`StormTracker::record`], also OR-ing `kind` into the storm's kinds.
+    pub fn record_kind(
+        &mut self,
+        key: Ep,
+        is_service: bool,
+        backend: Ep,
+        client: Ep,
+        kind: u8,
+        ts: u64,
+    ) -> Option<StormReport> {
         if !self.storms.contains_key(&key) && self.storms.len() >= self.max_keys {
             self.dropped_keys += 1;
             return None;
@@ -129,7 +145,9 @@ impl StormTracker {
             total: 0,
             backend,
             client,
+            kinds: 0,
         });
+        s.kinds |= kind;
         s.advance(idx);
         // Out-of-order events older than the window are not counted in it.
         if idx + (BUCKETS as u64) > s.head {
@@ -189,6 +207,7 @@ fn report(key: Ep, s: &Storm, phase: Phase, count: u32) -> StormReport {
         last_ns: s.last_ns,
         backend: s.backend,
         client: s.client,
+        kinds: s.kinds,
     }
 }
 
