@@ -238,6 +238,28 @@ impl<W: Write> Renderer<W> {
         )
     }
 
+    /// The engine's counters, printed once when watch or replay stops:
+    /// `{"type":"stats", ...}` or one human line.
+    pub fn engine_stats(&mut self, s: &crate::engine::EngineStats) -> io::Result<()> {
+        if self.json {
+            let v = json!({
+                "type": "stats",
+                "events": s.events,
+                "findings": s.findings,
+                "flows_tracked": s.flows_tracked,
+                "flows_evicted_by_age": s.flows_evicted_by_age,
+                "flows_evicted_by_count": s.flows_evicted_by_count,
+                "pending_dropped": s.pending_dropped,
+            });
+            return self.line(&v);
+        }
+        writeln!(
+            self.out,
+            "stopped: {} events, {} findings; {} flows tracked ({} evicted by age, {} by count)",
+            s.events, s.findings, s.flows_tracked, s.flows_evicted_by_age, s.flows_evicted_by_count
+        )
+    }
+
     pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
         if self.json {
             let v = f.to_json(&self.clock);

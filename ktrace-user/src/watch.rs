@@ -226,6 +226,10 @@ impl<W: Write> Pipeline<W> {
         }
         self.emit_findings()?;
         self.recorder_notices()?;
+        // What the engine did and what its bounds evicted, on stop.
+        if let Some(e) = &self.engine {
+            self.out.engine_stats(&e.stats())?;
+        }
         self.out.flush()
     }
 

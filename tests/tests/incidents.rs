@@ -326,6 +326,16 @@ fn control_run_gives_no_findings() {
         findings.is_empty(),
         "control traffic gave findings: {findings:?}"
     );
+    // On stop, the engine says what it tracked and what its bounds evicted.
+    let stats = select(&lines, "stats", None);
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert!(stats[0]["events"].as_u64().unwrap() >= 30, "{}", stats[0]);
+    assert!(
+        stats[0]["flows_tracked"].as_u64().unwrap() >= 10,
+        "{}",
+        stats[0]
+    );
+    assert_eq!(stats[0]["flows_evicted_by_count"], 0);
 }
 
 /// IPv6 resets are decoded with bracketed endpoints and the right namespace.
