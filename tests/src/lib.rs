@@ -378,86 +378,32 @@ impl Drop for Client {
 
 /// A running `ktrace watch --json`, its output collected line by line.
 pub struct Watch {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
+    run: Running,
     pub status: Value,
 }
 
 impl Watch {
     pub fn start(ns: &str, args: &[&str]) -> Watch {
-        let bin = ktrace_bin();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(&bin)
-            .args(["watch", "--json"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting ktrace watch");
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).unwrap();
-        let status: Value = serde_json::from_str(&first)
-            .unwrap_or_else(|e| panic!("ktrace's first line {first:?} is not JSON: {e}"));
-        assert_eq!(
-            status["type"], "status",
-            "first line must be the status: {first}"
-        );
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in out.lines() {
-                let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("ktrace printed a non-JSON line {line:?}: {e}"));
-                sink.lock().unwrap().push(v);
-            }
-        });
-        Watch {
-            child,
-            lines,
-            reader: Some(reader),
-            status,
-        }
+        let mut full = vec!["watch", "--json"];
+        full.extend_from_slice(args);
+        let run = Running::start(ns, &full);
+        let status = run.status.clone();
+        Watch { run, status }
     }
 
     /// Output so far.
     pub fn lines(&self) -> Vec<Value> {
-        self.lines.lock().unwrap().clone()
+        self.run.lines()
     }
 
     /// Waits until `pred` holds for the output, up to `timeout`.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if pred(&self.lines()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        pred(&self.lines())
+        self.run.wait_for(timeout, |lines, _| pred(lines))
     }
 
     /// Stops ktrace with SIGINT (as Ctrl-C would) and returns all its output.
-    pub fn stop(mut self) -> Vec<Value> {
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let status = self.child.wait().unwrap();
-        if let Some(r) = self.reader.take() {
-            r.join().unwrap();
-        }
-        assert!(status.success(), "ktrace watch exited with {status}");
-        self.lines()
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    pub fn stop(self) -> Vec<Value> {
+        self.run.stop().0
     }
 }
 
@@ -553,10 +499,16 @@ pub struct Running {
 impl Running {
     /// `ip netns exec NS ktrace ARGS` (ARGS must ask for --json); waits for the status line.
     pub fn start(ns: &str, args: &[&str]) -> Running {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .arg(ktrace_bin())
-            .args(args)
+        Running::start_with(ns, args, |_| {})
+    }
+
+    /// [`Running::start`], with `configure` adding flags or environment to
+    /// the command first.
+    pub fn start_with(ns: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Running {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(ktrace_bin()).args(args);
+        configure(&mut cmd);
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -607,6 +559,11 @@ impl Running {
 
     pub fn lines(&self) -> Vec<Value> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// Process id of the `ip netns exec` that became ktrace.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn stderr(&self) -> String {

@@ -12,12 +12,10 @@
 mod otlp_receiver;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ktrace_tests::{hook, ktrace_bin, select, skip, Lab, BACKENDS, CLIENT_IP, VIP};
+use ktrace_tests::{hook, ktrace_bin, select, skip, Lab, Running, BACKENDS, CLIENT_IP, VIP};
 use otlp_receiver::{LogRec, Receiver, Series, Store, Wire};
 use serde_json::{json, Value};
 
@@ -26,10 +24,7 @@ const NODE_NAME: &str = "lab-node-1";
 /// `ktrace watch --json --events` in the lab's node namespace, exporting to
 /// `endpoint`, with a controlled OTEL_* environment.
 struct Ktrace {
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-    stderr: Arc<Mutex<String>>,
-    readers: Vec<std::thread::JoinHandle<()>>,
+    run: Running,
     status: Value,
 }
 
@@ -52,91 +47,32 @@ impl Ktrace {
         wire: Wire,
         env: &[(&str, &str)],
     ) -> Ktrace {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(ktrace_bin()).args(args);
-        otlp_env(&mut cmd, endpoint, wire, env);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting ktrace watch");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let err_sink = stderr.clone();
-        let err = BufReader::new(child.stderr.take().unwrap());
-        let err_reader = std::thread::spawn(move || {
-            for line in err.lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[ktrace stderr] {line}");
-                let mut s = err_sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        out.read_line(&mut first).unwrap();
-        let status: Value = serde_json::from_str(&first).unwrap_or_else(|e| {
-            panic!(
-                "ktrace's first line {first:?} is not JSON ({e}); stderr: {}",
-                stderr.lock().unwrap()
-            )
-        });
-        assert_eq!(status["type"], "status", "{first}");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let out_reader = std::thread::spawn(move || {
-            for line in out.lines() {
-                let Ok(line) = line else { break };
-                let v: Value = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("ktrace printed a non-JSON line {line:?}: {e}"));
-                sink.lock().unwrap().push(v);
-            }
-        });
-        Ktrace {
-            child,
-            lines,
-            stderr,
-            readers: vec![out_reader, err_reader],
-            status,
-        }
+        let run = Running::start_with(ns, args, |cmd| otlp_env(cmd, endpoint, wire, env));
+        let status = run.status.clone();
+        Ktrace { run, status }
     }
 
     fn lines(&self) -> Vec<Value> {
-        self.lines.lock().unwrap().clone()
+        self.run.lines()
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.run.stderr()
+    }
+
+    fn pid(&self) -> u32 {
+        self.run.pid()
     }
 
     fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if pred(&self.lines()) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        pred(&self.lines())
+        self.run.wait_for(timeout, |lines, _| pred(lines))
     }
 
     /// SIGINT; returns stdout (after the status), stderr, and how long the stop took.
-    fn stop(mut self) -> (Vec<Value>, String, Duration) {
+    fn stop(self) -> (Vec<Value>, String, Duration) {
         let t = Instant::now();
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let status = self.child.wait().unwrap();
-        let took = t.elapsed();
-        for r in self.readers.drain(..) {
-            r.join().unwrap();
-        }
-        assert!(
-            status.success(),
-            "ktrace exited with {status}; stderr: {}",
-            self.stderr()
-        );
-        (self.lines(), self.stderr(), took)
+        let (lines, stderr) = self.run.stop();
+        (lines, stderr, t.elapsed())
     }
 }
 
@@ -161,13 +97,6 @@ fn otlp_env(cmd: &mut Command, endpoint: &str, wire: Wire, env: &[(&str, &str)])
         .env("KTRACE_LOG", "warn");
     for (k, v) in env {
         cmd.env(k, v);
-    }
-}
-
-impl Drop for Ktrace {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -880,7 +809,7 @@ fn rss_flat_with_endpoint_down() {
         Wire::Grpc,
         &[],
     );
-    let pid = k.child.id();
+    let pid = k.pid();
     let start = Instant::now();
     // (seconds, RSS KiB, findings so far)
     let mut samples: Vec<(u64, u64, usize)> = Vec::new();
