@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 
 use crate::event::EventBody;
+use crate::sysctl::read_u64;
 
 /// `/proc/net/stat/nf_conntrack`, summed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,10 +73,6 @@ pub fn parse_stat(text: &str) -> Result<Stats, String> {
 /// Counter columns ktrace follows, in [`EventBody::CtCounters`] order.
 const COLUMNS: [&str; 4] = ["invalid", "drop", "early_drop", "insert_failed"];
 
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
 /// Samples the counters and reports their increases since the last sample.
 #[derive(Debug, Default)]
 pub struct CounterWatch {
@@ -94,6 +91,11 @@ impl CounterWatch {
             read_u64("/proc/sys/net/netfilter/nf_conntrack_count"),
             read_u64("/proc/sys/net/netfilter/nf_conntrack_max"),
         )
+    }
+
+    /// Whether the last read found the counters (nf_conntrack loaded).
+    pub fn readable(&self) -> bool {
+        self.last.is_some()
     }
 
     fn update(&mut self, stats: &Stats, count: Option<u64>, max: Option<u64>) -> Option<EventBody> {
@@ -133,7 +135,9 @@ mod tests {
             .unwrap()
         };
         let mut w = CounterWatch::default();
+        assert!(!w.readable());
         assert_eq!(w.update(&t(4, 0), None, None), None, "baseline");
+        assert!(w.readable());
         assert_eq!(w.update(&t(4, 0), None, None), None, "no change");
         assert_eq!(
             w.update(&t(6, 2), Some(64), Some(64)),

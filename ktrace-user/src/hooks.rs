@@ -137,14 +137,24 @@ fn kprobe_blocker(support: &KernelSupport, sym: &str) -> Option<String> {
     }
 }
 
-fn attach_kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), String> {
-    let p: &mut KProbe = ebpf
-        .program_mut(prog)
+/// The program `prog` of the object, as its concrete type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, prog: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(prog)
         .ok_or_else(|| format!("program {prog} missing from the object"))?
         .try_into()
-        .map_err(|e| format!("{e}"))?;
-    p.load()
-        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+        .map_err(|e| format!("{e}"))
+}
+
+fn refused(prog: &str, e: impl std::fmt::Display) -> String {
+    format!("verifier refused {prog}: {e}")
+}
+
+fn attach_kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), String> {
+    let p: &mut KProbe = program(ebpf, prog)?;
+    p.load().map_err(|e| refused(prog, e))?;
     p.attach(func, 0)
         .map_err(|e| format!("attach to {func} failed: {e}"))?;
     Ok(())
@@ -152,39 +162,24 @@ fn attach_kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), String> 
 
 /// fentry needs the kernel's BTF for the function's prototype.
 fn attach_fentry(ebpf: &mut Ebpf, btf: &aya::Btf, prog: &str, func: &str) -> Result<(), String> {
-    let p: &mut FEntry = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the object"))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    p.load(func, btf)
-        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    let p: &mut FEntry = program(ebpf, prog)?;
+    p.load(func, btf).map_err(|e| refused(prog, e))?;
     p.attach()
         .map_err(|e| format!("fentry on {func} failed: {e}"))?;
     Ok(())
 }
 
 fn attach_raw_tracepoint(ebpf: &mut Ebpf, prog: &str, name: &str) -> Result<(), String> {
-    let p: &mut RawTracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the object"))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    p.load()
-        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    let p: &mut RawTracePoint = program(ebpf, prog)?;
+    p.load().map_err(|e| refused(prog, e))?;
     p.attach(name)
         .map_err(|e| format!("attach to raw tracepoint {name} failed: {e}"))?;
     Ok(())
 }
 
 fn attach_tracepoint(ebpf: &mut Ebpf, prog: &str, cat: &str, name: &str) -> Result<(), String> {
-    let p: &mut TracePoint = ebpf
-        .program_mut(prog)
-        .ok_or_else(|| format!("program {prog} missing from the object"))?
-        .try_into()
-        .map_err(|e| format!("{e}"))?;
-    p.load()
-        .map_err(|e| format!("verifier refused {prog}: {e}"))?;
+    let p: &mut TracePoint = program(ebpf, prog)?;
+    p.load().map_err(|e| refused(prog, e))?;
     p.attach(cat, name)
         .map_err(|e| format!("attach to {cat}:{name} failed: {e}"))?;
     Ok(())

@@ -2,7 +2,8 @@
 
 use crate::engine::EngineConfig;
 
-fn read_u64(path: &str) -> Option<u64> {
+/// A number from a /proc file (this network namespace's view), if readable.
+pub fn read_u64(path: &str) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 

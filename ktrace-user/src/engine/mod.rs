@@ -134,6 +134,29 @@ struct Repeat {
     count: u64,
 }
 
+impl Repeat {
+    fn new(ts: u64) -> Repeat {
+        Repeat {
+            first: ts,
+            last: ts,
+            last_report: 0,
+            count: 0,
+        }
+    }
+
+    /// Counts `n` more at `ts`; true when a report is due (the first, then
+    /// at most one per `repeat_ns`).
+    fn note(&mut self, ts: u64, n: u64, repeat_ns: u64) -> bool {
+        self.count += n;
+        self.last = self.last.max(ts);
+        if self.last_report != 0 && ts.saturating_sub(self.last_report) < repeat_ns {
+            return false;
+        }
+        self.last_report = ts.max(1);
+        true
+    }
+}
+
 const MAX_PENDING: usize = 65_536;
 /// A reported flow quiet this long (ms) gets a new finding on its next reset.
 const REPORT_AGAIN_MS: u32 = 1_000;
@@ -328,15 +351,15 @@ impl Engine {
             }
         }
         if !self.held.is_empty() {
-            let mut i = 0;
-            while i < self.held.len() {
-                if self.held[i].0 <= now {
-                    let (_, mut f) = self.held.remove(i);
-                    f.cause = NO_INVALID_COUNTED.into();
-                    out.push(f);
-                } else {
-                    i += 1;
-                }
+            // Past their deadline with no counter sample citing them.
+            let (due, keep): (Vec<_>, Vec<_>) = self
+                .held
+                .drain(..)
+                .partition(|(deadline, _)| *deadline <= now);
+            self.held = keep;
+            for (_, mut f) in due {
+                f.cause = NO_INVALID_COUNTED.into();
+                out.push(f);
             }
         }
         let mut reports = Vec::new();
@@ -711,26 +734,14 @@ impl Engine {
         basis: &str,
         out: &mut Vec<Finding>,
     ) {
-        let r = self.table_full.get_or_insert(Repeat {
-            first: ts,
-            last: ts,
-            last_report: 0,
-            count: 0,
-        });
+        let r = self.table_full.get_or_insert(Repeat::new(ts));
         if ts.saturating_sub(r.last) > self.cfg.repeat_ns {
-            *r = Repeat {
-                first: ts,
-                last: ts,
-                last_report: 0,
-                count: 0,
-            };
+            // Quiet for a while: a new episode.
+            *r = Repeat::new(ts);
         }
-        r.count += n;
-        r.last = r.last.max(ts);
-        if r.last_report != 0 && ts.saturating_sub(r.last_report) < self.cfg.repeat_ns {
+        if !r.note(ts, n, self.cfg.repeat_ns) {
             return;
         }
-        r.last_report = ts.max(1);
         let r = *r;
         let mut ev = Map::new();
         ev.insert("count".into(), json!(r.count));
@@ -792,18 +803,10 @@ impl Engine {
         if self.quiescent.len() >= MAX_REPEAT_KEYS {
             self.quiescent.clear();
         }
-        let r = self.quiescent.entry(key).or_insert(Repeat {
-            first: ts,
-            last: ts,
-            last_report: 0,
-            count: 0,
-        });
-        r.count += 1;
-        r.last = ts;
-        if r.last_report != 0 && ts.saturating_sub(r.last_report) < self.cfg.repeat_ns {
+        let r = self.quiescent.entry(key).or_insert(Repeat::new(ts));
+        if !r.note(ts, 1, self.cfg.repeat_ns) {
             return;
         }
-        r.last_report = ts.max(1);
         let r = *r;
         let mut ev = Map::new();
         ev.insert("weight".into(), json!(0));

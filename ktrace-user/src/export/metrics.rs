@@ -10,6 +10,7 @@
 //! also caps every metric at 2000 attribute sets (the rest fold into one
 //! `otel.metric.overflow` series).
 
+use crate::sysctl::read_u64;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -142,11 +143,6 @@ pub(crate) struct Metrics {
     log_records_exported: Counter<u64>,
     export_failures: Counter<u64>,
     _conntrack: Vec<ObservableGauge<u64>>,
-}
-
-/// Reads a number from /proc (this network namespace's conntrack).
-fn read_u64(path: &str) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 impl Metrics {
