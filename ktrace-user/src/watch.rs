@@ -352,6 +352,17 @@ impl Decoder {
             }
         }
     }
+
+    /// Feeds `sink` everything now in the ring buffer.
+    fn drain(&mut self, ring: &mut RingReader, sink: &mut dyn Sink) -> Result<(), WatchError> {
+        let mut err = Ok(());
+        ring.drain(|rec| {
+            if err.is_ok() {
+                err = self.feed(rec, sink);
+            }
+        });
+        err
+    }
 }
 
 async fn source_loop(
@@ -412,7 +423,7 @@ async fn source_loop(
     }
     drop(ct_tx);
     // Conntrack counters of this namespace, sampled every tick.
-    let counters_readable = std::fs::read_to_string("/proc/net/stat/nf_conntrack").is_ok();
+    let counters_readable = counters.readable();
     status.push(HookStatus {
         name: "ct_counters",
         mechanism: "procfs",
@@ -458,13 +469,7 @@ async fn source_loop(
         tokio::select! {
             r = ring.readable() => {
                 r?;
-                let mut err = Ok(());
-                ring.drain(|rec| {
-                    if err.is_ok() {
-                        err = dec.feed(rec, sink);
-                    }
-                });
-                err?;
+                dec.drain(&mut ring, sink)?;
                 sink.flush()?;
             }
             msg = ct_rx.recv(), if ct_open => match msg {
@@ -481,6 +486,10 @@ async fn source_loop(
                 None => ct_open = false,
             },
             _ = tick.tick() => {
+                // The ring is read lazily (every 50 ms, or 256 KiB): what it
+                // holds goes first, so the counter sample below comes after
+                // the events it may explain, in time and in order.
+                dec.drain(&mut ring, sink)?;
                 let now = monotonic_now_ns();
                 let lost = ring.lost_total();
                 if lost > lost_seen {
@@ -506,13 +515,7 @@ async fn source_loop(
         }
     }
     // Flush what the kernel still holds before leaving.
-    let mut err = Ok(());
-    ring.drain(|rec| {
-        if err.is_ok() {
-            err = dec.feed(rec, sink);
-        }
-    });
-    err?;
+    dec.drain(&mut ring, sink)?;
     while let Ok(CtMsg::Events(evs)) = ct_rx.try_recv() {
         for ev in &evs {
             sink.event(ev)?;
