@@ -353,6 +353,15 @@ impl Client {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("client said {line:?} to {c}: {e}"))
     }
 
+    /// The un-NATed-reply incident on every connection: the server sends an
+    /// out-of-window segment on each (0.3 s after its "ok"); after `settle`,
+    /// a send on every connection. Returns the ports whose send was reset.
+    pub fn unnat_all(&mut self, settle: Duration) -> Vec<u16> {
+        self.cmd("oow");
+        std::thread::sleep(settle);
+        self.send_all()
+    }
+
     /// Sends on every connection; returns the ports whose send was reset.
     pub fn send_all(&mut self) -> Vec<u16> {
         let v = self.cmd("send");

@@ -158,10 +158,7 @@ fn unnated_reply_out_of_window() {
     let watch = lab.watch(&["--events"]);
     check_status(&watch.status);
     let mut c = lab.client(3);
-    c.cmd("oow");
-    // The server sends each out-of-window segment 0.3 s after its "ok".
-    std::thread::sleep(Duration::from_millis(1000));
-    let reset = c.send_all();
+    let reset = c.unnat_all(Duration::from_millis(1000));
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
     assert!(watch.wait_for(Duration::from_secs(5), |l| select(
         l,
@@ -242,10 +239,7 @@ fn reset_burst_gives_one_storm() {
     lab.start_server();
     let watch = lab.watch(&["--storm-threshold", "10", "--storm-window", "5"]);
     let mut c = lab.client(30);
-    c.cmd("oow");
-    // The server sends each out-of-window segment 0.3 s after its "ok".
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(c.send_all().len(), 30);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 30);
     assert!(watch.wait_for(Duration::from_secs(5), |l| !select(
         l,
         "finding",
@@ -446,9 +440,7 @@ fn reused_client_ports_get_a_finding_per_connection() {
     let mut ports = Vec::new();
     for _round in 0..2 {
         let mut c = lab.client(5);
-        c.cmd("oow");
-        std::thread::sleep(Duration::from_millis(1000));
-        assert_eq!(c.send_all().len(), 5);
+        assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 5);
         ports.extend(c.ports.clone());
         drop(c);
         std::thread::sleep(Duration::from_millis(300));

@@ -123,10 +123,7 @@ fn unnated_for(lines: &[Value], ports: &[u16]) -> usize {
 /// The un-NATed reply incident on `n` fresh connections; returns their ports.
 fn incident(lab: &Lab, n: usize) -> Vec<u16> {
     let mut c = lab.client(n);
-    c.cmd("oow");
-    // The server sends each out-of-window segment 0.3 s after its "ok".
-    std::thread::sleep(Duration::from_millis(1000));
-    let reset = c.send_all();
+    let reset = c.unnat_all(Duration::from_millis(1000));
     assert_eq!(reset.len(), n, "every connection dies: {reset:?}");
     c.ports.clone()
 }
@@ -817,9 +814,7 @@ fn rss_flat_with_endpoint_down() {
     let mut findings = 0;
     while start.elapsed() < Duration::from_secs(secs) {
         let mut c = lab.client(40);
-        c.cmd("oow");
-        std::thread::sleep(Duration::from_millis(600));
-        findings += c.send_all().len();
+        findings += c.unnat_all(Duration::from_millis(600)).len();
         drop(c);
         lab.refuse("10.0.1.2", 2299, 20);
         if start.elapsed() >= next_sample {

@@ -128,9 +128,7 @@ fn replay_of_unnated_reply_matches_live() {
     lab.start_server();
     let watch = lab.watch(&["--events", "--record", &file]);
     let mut c = lab.client(3);
-    c.cmd("oow");
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(c.send_all().len(), 3);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 3);
     assert!(watch.wait_for(Duration::from_secs(5), |l| select(
         l,
         "finding",
@@ -171,9 +169,7 @@ fn replay_of_reset_storm_matches_live_across_rotation() {
         "50",
     ]);
     let mut c = lab.client(30);
-    c.cmd("oow");
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(c.send_all().len(), 30);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 30);
     assert!(watch.wait_for(Duration::from_secs(5), |l| !select(
         l,
         "finding",
@@ -259,9 +255,7 @@ fn kill_9_mid_recording_then_replay() {
     lab.start_server();
     let rec = Running::start(&lab.node, &["record", "--json", "--output", &file]);
     let mut c = lab.client(3);
-    c.cmd("oow");
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(c.send_all().len(), 3);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 3);
     // Blocks with events reach the file within a second.
     std::thread::sleep(Duration::from_millis(2000));
     rec.kill9();
