@@ -319,7 +319,7 @@ impl<W: Write> Sink for Pipeline<W> {
 
     fn tick(&mut self, now_ns: u64) -> Result<(), WatchError> {
         if self.live {
-            self.out.netns_names_mut().refresh();
+            self.out.netns_names_mut().refresh_if_missed();
         }
         Pipeline::tick(self, now_ns).map_err(WatchError::Output)
     }
