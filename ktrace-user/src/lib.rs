@@ -12,12 +12,14 @@
 //! - [`engine`]: the pure correlation engine shared by `watch` and `replay`.
 //! - [`output`]: human and JSON Lines renderings.
 //! - [`watch`]: the live pipeline that ties them together.
+//! - [`endpoint`]: `/metrics` (Prometheus) and `/healthz` for `watch --metrics-addr`.
 
 pub mod clock;
 pub mod ctnetlink;
 pub mod ctstat;
 pub mod decode;
 pub mod doctor;
+pub mod endpoint;
 pub mod engine;
 pub mod event;
 pub mod export;

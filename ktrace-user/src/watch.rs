@@ -203,6 +203,9 @@ impl<W: Write> Pipeline<W> {
             e.tick(now_ns, &mut self.findings);
         }
         if let Some(x) = &self.exporter {
+            if self.live {
+                x.drained();
+            }
             x.report_lost(&mut self.out)?;
         }
         self.emit_findings()
