@@ -196,14 +196,17 @@ impl EngineArgs {
         if !(self.storm_window > 0.0 && self.storm_window.is_finite()) {
             anyhow::bail!("--storm-window must be a positive number of seconds");
         }
-        let mut cfg = ktrace::engine::EngineConfig {
+        use ktrace::sysctl;
+        Ok(ktrace::engine::EngineConfig {
             storm_threshold: self.storm_threshold.max(1),
             storm_window_ns: (self.storm_window * 1e9) as u64,
             max_flows: self.max_flows.max(16),
+            // The node's settings a remedy quotes.
+            conntrack_max: sysctl::conntrack_max(),
+            ct_timeout_established_s: sysctl::ct_timeout_established_s(),
+            keepalive_s: sysctl::keepalive_s(),
             ..Default::default()
-        };
-        ktrace::sysctl::fill_engine_config(&mut cfg);
-        Ok(cfg)
+        })
     }
 }
 
@@ -296,8 +299,8 @@ fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
             anyhow::bail!("--duration must be a non-negative number of seconds");
         }
     }
-    let report = ktrace::recording::record(ktrace::recording::RecordOptions {
-        source: ktrace::watch::SourceOptions {
+    let report = ktrace::record::record(ktrace::record::RecordOptions {
+        source: ktrace::pipeline::SourceOptions {
             duration: a.duration.map(std::time::Duration::from_secs_f64),
             ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
             ctnetlink: !a.no_ctnetlink,
