@@ -12,18 +12,18 @@
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use ktrace_tests::{hook, json_lines};
+use ktrace_tests::{hook, json_lines, record_skip};
 use serde_json::Value;
 
 fn archive() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root (podman with the host network, eBPF)");
+        record_skip("needs root (podman with the host network, eBPF)");
         return None;
     }
     match std::env::var("KTRACE_IMAGE") {
         Ok(p) => Some(p),
         Err(_) => {
-            eprintln!("SKIPPED: KTRACE_IMAGE is not set (`cargo xtask test` builds the image and sets it)");
+            record_skip("KTRACE_IMAGE is not set (`cargo xtask test` builds the image and sets it)");
             None
         }
     }

@@ -1,6 +1,7 @@
 //! Recordings: every event the live pipeline sees, written continuously to
 //! a compact, checksummed, rotated file set that `ktrace replay` reads back
-//! through the same engine and renderer as `watch`.
+//! through the same engine and renderer as `watch`. The `record` command
+//! itself is [`crate::record`].
 //!
 //! - [`format`]: the bytes (file header, block frames, records).
 //! - [`writer`]: encoding, compression, rotation, retention, disk-full handling.
@@ -16,16 +17,13 @@ pub mod writer;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::WallClock;
 use crate::engine::EngineConfig;
 use crate::hooks::HookStatus;
-use crate::output::{Renderer, StatusInfo};
-use crate::watch::{self, Pipeline, SourceOptions, WatchError};
+use crate::output::StatusInfo;
 
 pub use format::Item;
 pub use reader::{FileReader, OpenError, Warning};
@@ -281,111 +279,4 @@ pub fn live_context(
         hooks: status.iter().map(HookRecord::from).collect(),
         engine: EngineSettings::from(engine),
     }
-}
-
-/// Options of `ktrace record`.
-pub struct RecordOptions {
-    pub source: SourceOptions,
-    pub rotation: RotationConfig,
-    pub json: bool,
-    pub engine: EngineConfig,
-    /// `--otlp-endpoint`: also export the event counters over OTLP.
-    pub export: Option<crate::export::Exporter>,
-}
-
-/// What `ktrace record` did, for its closing line.
-#[derive(Debug, Clone, Default)]
-pub struct RecordReport {
-    pub summary: RecorderSummary,
-}
-
-/// `ktrace record`: the same hooks and event source as `watch`, every event
-/// to the recording; stdout gets the status line and lost-event lines only.
-pub fn record(opts: RecordOptions) -> Result<RecordReport, WatchError> {
-    let clock = WallClock::now();
-    let recorder = Recorder::create(opts.rotation.clone(), "record", opts.engine.clone())?;
-    let stdout = std::io::stdout().lock();
-    let mut p = Pipeline::new(
-        None,
-        Renderer::new(
-            std::io::BufWriter::with_capacity(1 << 16, stdout),
-            opts.json,
-            false,
-            clock,
-            crate::netns::NetnsNames::load(),
-        ),
-    );
-    p.recorder = Some(recorder);
-    p.exporter = opts.export.clone();
-    let r = watch::run_source(&opts.source, clock, &mut p);
-    let summary = p.recorder.take().map(Recorder::finish).unwrap_or_default();
-    if let Some(x) = p.exporter.take() {
-        x.close(&mut p.out).map_err(WatchError::Output)?;
-    }
-    p.out.flush().map_err(WatchError::Output)?;
-    drop(p);
-    r?;
-    if opts.json {
-        let v = serde_json::json!({
-            "type": "recording",
-            "path": opts.rotation.path.display().to_string(),
-            "events": summary.events,
-            "blocks": summary.blocks,
-            "bytes": summary.bytes,
-            "files": summary.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "dropped": summary.dropped,
-        });
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{v}")
-            .and_then(|_| out.flush())
-            .map_err(WatchError::Output)?;
-    }
-    Ok(RecordReport { summary })
-}
-
-/// Parses `--rotate-size`: a number of MiB, or with a unit `K`, `M`, `G`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("{s:?}: unit must be K, M or G")),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1 << 20),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 100, 100M, 512K, 1G)"))?;
-    let bytes = v * mult as f64;
-    if !(4096.0..=1e15).contains(&bytes) {
-        return Err("must be at least 4K".into());
-    }
-    Ok(bytes as u64)
-}
-
-/// Parses `--rotate-time`: seconds, or with a unit `s`, `m`, `h`, `d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('s') => (&t[..t.len() - 1], 1.0),
-        Some('m') => (&t[..t.len() - 1], 60.0),
-        Some('h') => (&t[..t.len() - 1], 3600.0),
-        Some('d') => (&t[..t.len() - 1], 86400.0),
-        _ => (t, 1.0),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 3600, 90m, 1h, 1d)"))?;
-    let secs = v * mult;
-    if !(1.0..=1e9).contains(&secs) {
-        return Err("must be at least one second".into());
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
