@@ -23,7 +23,9 @@ fn archive() -> Option<String> {
     match std::env::var("KTRACE_IMAGE") {
         Ok(p) => Some(p),
         Err(_) => {
-            record_skip("KTRACE_IMAGE is not set (`cargo xtask test` builds the image and sets it)");
+            record_skip(
+                "KTRACE_IMAGE is not set (`cargo xtask test` builds the image and sets it)",
+            );
             None
         }
     }
