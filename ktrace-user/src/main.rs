@@ -162,8 +162,8 @@ struct OtlpArgs {
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// grpc or http/protobuf [default: grpc for port 4317, else http/protobuf; env: OTEL_EXPORTER_OTLP_PROTOCOL]
-    #[arg(long, value_name = "PROTOCOL")]
-    otlp_protocol: Option<String>,
+    #[arg(long, value_name = "PROTOCOL", value_parser = ktrace::export::Protocol::parse)]
+    otlp_protocol: Option<ktrace::export::Protocol>,
     /// This node's name, exported as k8s.node.name [env: NODE_NAME]
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -179,7 +179,7 @@ impl OtlpArgs {
         use ktrace::export::{Detected, ExportConfig, ExportFlags, Exporter};
         let flags = ExportFlags {
             endpoint: self.otlp_endpoint.clone(),
-            protocol: self.otlp_protocol.clone(),
+            protocol: self.otlp_protocol,
             node_name: self.node_name.clone(),
         };
         let detected = detected.unwrap_or_else(Detected::this_host);
