@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show a real incident: build network namespaces, break connections there, print ktrace's findings, clean up.
+    Demo(DemoArgs),
     /// Attach to the kernel and print findings live until Ctrl-C or --duration.
     Watch(WatchArgs),
     /// Audit this node's conntrack / IPVS / TCP settings and the kernel's hook support.
@@ -29,6 +31,13 @@ enum Command {
     Record(RecordArgs),
     /// Run the correlation over recordings and print what `watch` would have printed.
     Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// JSON Lines on stdout instead of the human view.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -257,6 +266,7 @@ fn main() -> ExitCode {
     };
     init_tracing();
     let result = match cli.command {
+        Command::Demo(a) => run_demo(a),
         Command::Watch(a) => run_watch(a),
         Command::Doctor(a) => run_doctor(a),
         Command::Record(a) => run_record(a),
@@ -355,6 +365,15 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     }
     ktrace::watch::run(opts)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    use ktrace::demo::{DemoOptions, Outcome};
+    Ok(match ktrace::demo::run(DemoOptions { json: a.json })? {
+        Outcome::Complete => ExitCode::SUCCESS,
+        // As a shell reports a command stopped by SIGINT.
+        Outcome::Interrupted => ExitCode::from(130),
+    })
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
