@@ -244,7 +244,9 @@ fn main() {
     let mut findings = 0;
     for _ in 0..runs {
         let mut engine = Engine::new(config());
-        cold.time(events.len(), || findings = feed(&mut engine, &events, &mut out));
+        cold.time(events.len(), || {
+            findings = feed(&mut engine, &events, &mut out)
+        });
     }
     println!(
         "engine benchmark: {} events over {FLOWS} flows, {findings} findings, 1 core, batches of {BATCH}",

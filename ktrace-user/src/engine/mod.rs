@@ -21,7 +21,6 @@ pub mod flows;
 pub mod pending;
 pub mod storm;
 
-
 use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

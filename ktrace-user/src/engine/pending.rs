@@ -96,7 +96,9 @@ mod tests {
             dst: ep("10.0.0.2:4000"),
         };
         p.defer(r);
-        assert!(p.take(r.dst, 5_500, |x| x.src == ep("10.0.1.9:80")).is_none());
+        assert!(p
+            .take(r.dst, 5_500, |x| x.src == ep("10.0.1.9:80"))
+            .is_none());
         assert!(p.take(ep("10.0.0.9:4000"), 5_500, |_| true).is_none());
         assert_eq!(p.take(r.dst, 5_500, |_| true).map(|x| x.src), Some(r.src));
         assert!(p.take(r.dst, 5_500, |_| true).is_none(), "taken once");
