@@ -135,12 +135,13 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
     if verdict != -NF_ACCEPT || ct == 0 {
         return Ok(());
     }
-    let mut ev = CtInvalidEvent {
-        verdict,
-        ctinfo: s.arg as u8,
-        protocol: 6,
-        ..CtInvalidEvent::default()
+    let Some(mut slot) = ring::Slot::<CtInvalidEvent>::reserve() else {
+        return Ok(());
     };
+    let ev = slot.get();
+    ev.verdict = verdict;
+    ev.ctinfo = s.arg as u8;
+    ev.protocol = 6;
     if let Ok(pkt) = kernel::skb_packet(skb) {
         ev.src = pkt.src;
         ev.dst = pkt.dst;
@@ -159,7 +160,7 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
         hook::KRETPROBE_NF_CONNTRACK_TCP_PACKET,
         ct_netns(ct),
     );
-    ring::emit(&ev);
+    slot.submit();
     Ok(())
 }
 
@@ -203,7 +204,7 @@ pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
         hook::KRETPROBE_INIT_CONNTRACK,
         kernel::net_inum(net),
     );
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }
 
@@ -244,6 +245,6 @@ pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
         hook::KRETPROBE_NF_NAT_SETUP_INFO,
         ct_netns(ct),
     );
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }

@@ -207,6 +207,8 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
             .as_ref()
             .is_some_and(|f| f.fields.contains_key("reason")),
     );
+    // One precise clock read per tick and CPU (see ktrace-ebpf's ring.rs).
+    klayout.tick_clock = u32::from(support.has_symbol("bpf_jiffies64"));
     let recv_fmt = read_format(support, "tcp", "tcp_receive_reset");
     let send_tp = send_fmt
         .as_ref()

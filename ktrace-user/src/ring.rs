@@ -5,6 +5,7 @@ use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::Ebpf;
 use ktrace_common::counter;
 use tokio::io::unix::AsyncFd;
+use tokio::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
@@ -16,13 +17,23 @@ pub enum RingError {
     Poll(#[source] std::io::Error),
 }
 
-/// Longest time an event waits in the ring before userspace reads it.
-pub const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(50);
+/// Shortest time between two drains. The kernel wakes the reader only for
+/// the first record after it caught up, so one drain re-arms at most one
+/// wake-up: spacing drains bounds the wake-ups the packet path pays for to
+/// 1000 a second, however much is waiting, and a stalled reader costs none.
+/// It is also the longest an event waits once the reader is awake.
+pub const MIN_DRAIN_GAP: Duration = Duration::from_millis(1);
+
+/// A safety net only: every record after a drain wakes the reader, so the
+/// ring is normally read within [`MIN_DRAIN_GAP`] of an event.
+const FALLBACK_POLL: Duration = Duration::from_millis(100);
 
 pub struct RingReader {
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     logger: Option<AsyncFd<crate::hooks::KernelLogger>>,
+    /// When the next drain may start ([`MIN_DRAIN_GAP`] after the last).
+    next_drain: Instant,
 }
 
 impl RingReader {
@@ -50,21 +61,23 @@ impl RingReader {
             ring,
             counters,
             logger,
+            next_drain: Instant::now(),
         })
     }
 
-    /// Waits until the ring should be drained: the kernel wakes the reader
-    /// only once `WAKEUP_BYTES` (256 KiB) are waiting, so this also returns
-    /// every [`POLL_INTERVAL`] to pick up the rest.
+    /// Waits until the ring should be drained: not before [`MIN_DRAIN_GAP`]
+    /// since the last drain, then until the kernel's wake-up (or the
+    /// [`FALLBACK_POLL`]). Cancel-safe: the gap is kept in `self`.
     pub async fn readable(&mut self) -> Result<(), RingError> {
+        tokio::time::sleep_until(self.next_drain).await;
         let Some(logger) = self.logger.as_mut() else {
-            if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
+            if let Ok(guard) = tokio::time::timeout(FALLBACK_POLL, self.ring.readable_mut()).await {
                 guard.map_err(RingError::Poll)?.clear_ready();
             }
             return Ok(());
         };
         tokio::select! {
-            r = tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()) => {
+            r = tokio::time::timeout(FALLBACK_POLL, self.ring.readable_mut()) => {
                 if let Ok(guard) = r {
                     guard.map_err(RingError::Poll)?.clear_ready();
                 }
@@ -80,6 +93,7 @@ impl RingReader {
 
     /// Hands every record now in the ring to `f`; returns how many.
     pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        self.next_drain = Instant::now() + MIN_DRAIN_GAP;
         let ring = self.ring.get_mut();
         let mut n = 0;
         while let Some(item) = ring.next() {
