@@ -1,8 +1,10 @@
 //! The `ktrace` command: a thin clap front over the ktrace library.
-//! Errors end as one line on stderr and exit status 1; usage errors exit 2.
+//! Errors end as one line on stderr and exit status 1; usage errors (any
+//! flag clap or its value parsers refuse) exit 2, also on one line.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -37,11 +39,11 @@ struct WatchArgs {
     /// Also print every decoded kernel event.
     #[arg(long)]
     events: bool,
-    /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    duration: Option<f64>,
-    /// Ring buffer size in MiB (a power of two).
-    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    /// Stop after this many seconds (or 90s, 10m, 1h).
+    #[arg(long, value_name = "SECS", value_parser = duration_arg, allow_negative_numbers = true)]
+    duration: Option<Duration>,
+    /// Ring buffer size in MiB (a power of two, at most 2048).
+    #[arg(long, value_name = "MIB", default_value_t = 8, value_parser = ring_mb_arg)]
     ring_buffer_mb: u32,
     /// Do not subscribe to ctnetlink for NAT mappings.
     #[arg(long)]
@@ -65,11 +67,11 @@ struct RecordArgs {
     /// JSON Lines on stdout (status, lost events, a closing summary).
     #[arg(long)]
     json: bool,
-    /// Stop after this many seconds.
-    #[arg(long, value_name = "SECS")]
-    duration: Option<f64>,
-    /// Ring buffer size in MiB (a power of two).
-    #[arg(long, value_name = "MIB", default_value_t = 8)]
+    /// Stop after this many seconds (or 90s, 10m, 1h).
+    #[arg(long, value_name = "SECS", value_parser = duration_arg, allow_negative_numbers = true)]
+    duration: Option<Duration>,
+    /// Ring buffer size in MiB (a power of two, at most 2048).
+    #[arg(long, value_name = "MIB", default_value_t = 8, value_parser = ring_mb_arg)]
     ring_buffer_mb: u32,
     /// Do not subscribe to ctnetlink for NAT mappings.
     #[arg(long)]
@@ -86,11 +88,11 @@ struct RecordArgs {
 #[derive(Args)]
 struct RotationArgs {
     /// Start a new segment before the current one exceeds SIZE (MiB; or 512K, 100M, 1G).
-    #[arg(long, value_name = "SIZE", value_parser = ktrace::recording::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = rotate_size_arg)]
     rotate_size: Option<u64>,
     /// Start a new segment when the current one is this old (seconds; or 90m, 6h, 1d).
-    #[arg(long, value_name = "SECS", value_parser = ktrace::recording::parse_duration)]
-    rotate_time: Option<std::time::Duration>,
+    #[arg(long, value_name = "SECS", value_parser = rotate_time_arg)]
+    rotate_time: Option<Duration>,
     /// Files kept, the current one included [default: 8 with rotation, else 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     keep: Option<u32>,
@@ -135,11 +137,11 @@ struct ReplayArgs {
     #[arg(long, value_name = "TIME", value_parser = ktrace::replay::parse_rfc3339)]
     until: Option<i128>,
     /// Override the recorded rst_storm threshold.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     storm_threshold: Option<u32>,
     /// Override the recorded rst_storm window, in seconds.
-    #[arg(long, value_name = "SECS")]
-    storm_window: Option<f64>,
+    #[arg(long, value_name = "SECS", value_parser = window_arg, allow_negative_numbers = true)]
+    storm_window: Option<Duration>,
     #[command(flatten)]
     otlp: OtlpArgs,
 }
@@ -181,29 +183,26 @@ impl OtlpArgs {
 #[derive(Args)]
 struct EngineArgs {
     /// Resets tied to one service within --storm-window that make an rst_storm.
-    #[arg(long, value_name = "N", default_value_t = 20)]
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     storm_threshold: u32,
     /// Window of the rst_storm rate, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
-    storm_window: f64,
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = window_arg, allow_negative_numbers = true)]
+    storm_window: Duration,
     /// Flows tracked at most (the oldest are evicted beyond).
     #[arg(long, value_name = "N", default_value_t = 1_000_000)]
     max_flows: usize,
 }
 
 impl EngineArgs {
-    fn config(&self) -> anyhow::Result<ktrace::engine::EngineConfig> {
-        if !(self.storm_window > 0.0 && self.storm_window.is_finite()) {
-            anyhow::bail!("--storm-window must be a positive number of seconds");
-        }
+    fn config(&self) -> ktrace::engine::EngineConfig {
         let mut cfg = ktrace::engine::EngineConfig {
-            storm_threshold: self.storm_threshold.max(1),
-            storm_window_ns: (self.storm_window * 1e9) as u64,
+            storm_threshold: self.storm_threshold,
+            storm_window_ns: duration_ns(self.storm_window),
             max_flows: self.max_flows.max(16),
             ..Default::default()
         };
         ktrace::sysctl::fill_engine_config(&mut cfg);
-        Ok(cfg)
+        cfg
     }
 }
 
@@ -216,15 +215,18 @@ struct DoctorArgs {
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
     /// Sample the conntrack counters over this many seconds to give rates.
-    #[arg(long, value_name = "SECS", value_parser = parse_sample_secs)]
-    sample: Option<std::time::Duration>,
+    #[arg(long, value_name = "SECS", value_parser = sample_arg, allow_negative_numbers = true)]
+    sample: Option<Duration>,
     /// Exit 1 on warnings too, not only on failures.
     #[arg(long)]
     warn_fails: bool,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
     init_tracing();
     let result = match cli.command {
         Command::Watch(a) => run_watch(a),
@@ -238,12 +240,51 @@ fn main() -> ExitCode {
             // One line: the error and its causes, then what to do.
             let mut line = format!("ktrace: {err}");
             for cause in err.chain().skip(1) {
-                line.push_str(&format!(": {cause}"));
+                // Errors that quote their source in their own text already said it.
+                let cause = cause.to_string();
+                if !line.contains(&cause) {
+                    line.push_str(&format!(": {cause}"));
+                }
             }
             eprintln!("{line}");
             ExitCode::from(1)
         }
     }
+}
+
+/// `--help` and `--version` as clap prints them; any other flag error as
+/// one line on stderr, exit 2.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+    }
+    eprintln!("ktrace: {}", one_line(&e.to_string()));
+    ExitCode::from(2)
+}
+
+/// clap's message without its "error: " prefix, usage and help hint, on one line.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+        .trim_start_matches("error: ")
+        .to_string()
+}
+
+/// A usage error found after parsing (flags that only make sense together).
+fn usage_conflict(msg: &str) -> ! {
+    eprintln!("ktrace: {msg}");
+    std::process::exit(2)
 }
 
 fn init_tracing() {
@@ -261,50 +302,34 @@ const ALL_SIGNALS: ktrace::export::Signals = ktrace::export::Signals {
 };
 
 fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
-    if let Some(d) = a.duration {
-        if !(d >= 0.0 && d.is_finite()) {
-            anyhow::bail!("--duration must be a non-negative number of seconds");
-        }
+    if a.record.is_none() && (a.rotation.given() || a.rotation.zstd_level != 3) {
+        usage_conflict("--rotate-size, --rotate-time, --keep and --zstd-level need --record PATH");
     }
     let mut opts = ktrace::watch::WatchOptions {
-        engine: a.engine.config()?,
+        engine: a.engine.config(),
         json: a.json,
         events: a.events,
-        duration: a.duration.map(std::time::Duration::from_secs_f64),
-        ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
+        duration: a.duration,
+        ring_buffer_bytes: a.ring_buffer_mb << 20,
         ctnetlink: !a.no_ctnetlink,
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
     };
-    if a.record.is_none() && (a.rotation.given() || a.rotation.zstd_level != 3) {
-        use clap::CommandFactory as _;
-        Cli::command()
-            .error(
-                clap::error::ErrorKind::MissingRequiredArgument,
-                "--rotate-size, --rotate-time, --keep and --zstd-level need --record PATH",
-            )
-            .exit();
-    }
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     ktrace::watch::run(opts)?;
     Ok(ExitCode::SUCCESS)
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
-    if let Some(d) = a.duration {
-        if !(d >= 0.0 && d.is_finite()) {
-            anyhow::bail!("--duration must be a non-negative number of seconds");
-        }
-    }
     let report = ktrace::recording::record(ktrace::recording::RecordOptions {
         source: ktrace::watch::SourceOptions {
-            duration: a.duration.map(std::time::Duration::from_secs_f64),
-            ring_buffer_bytes: a.ring_buffer_mb.saturating_mul(1 << 20),
+            duration: a.duration,
+            ring_buffer_bytes: a.ring_buffer_mb << 20,
             ctnetlink: !a.no_ctnetlink,
         },
         rotation: a.rotation.config(a.output.clone()),
         json: a.json,
-        engine: a.engine.config()?,
+        engine: a.engine.config(),
         // No engine runs while recording: the event counters only.
         export: a.otlp.start(
             ktrace::export::Signals {
@@ -340,14 +365,9 @@ fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
-    if let Some(w) = a.storm_window {
-        if !(w > 0.0 && w.is_finite()) {
-            anyhow::bail!("--storm-window must be a positive number of seconds");
-        }
-    }
     if let (Some(s), Some(u)) = (a.since, a.until) {
         if s > u {
-            anyhow::bail!("--since is after --until: nothing to replay");
+            usage_conflict("--since is after --until: nothing to replay");
         }
     }
     // Back-fill: findings as log records with their recorded times, from
@@ -366,7 +386,7 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         since: a.since,
         until: a.until,
         storm_threshold: a.storm_threshold,
-        storm_window_ns: a.storm_window.map(|w| (w * 1e9) as u64),
+        storm_window_ns: a.storm_window.map(duration_ns),
     };
     match ktrace::replay::run_exporting(&opts, export.as_ref()) {
         Ok(_) => Ok(ExitCode::SUCCESS),
@@ -411,13 +431,116 @@ fn run_doctor(a: DoctorArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `--sample SECS`: a non-negative, finite number of seconds (at most a day).
-fn parse_sample_secs(s: &str) -> Result<std::time::Duration, String> {
-    let secs: f64 = s
+// Flag values: checked by clap, so a bad one is a usage error (exit 2).
+
+/// `--ring-buffer-mb`: the kernel wants a power-of-two ring; 2048 MiB is
+/// the largest that fits its u32 size.
+fn ring_mb_arg(s: &str) -> Result<u32, String> {
+    let mb: u32 = s
         .parse()
-        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-    if !(0.0..=86400.0).contains(&secs) {
-        return Err("must be between 0 and 86400 seconds".into());
+        .map_err(|_| format!("{s:?} is not a number of MiB"))?;
+    if !mb.is_power_of_two() || mb > 2048 {
+        return Err("must be a power of two from 1 to 2048".into());
     }
-    std::time::Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+    Ok(mb)
+}
+
+/// `--rotate-size`: MiB without a unit, else K, M, G (powers of 1024; KiB, MB, ... too).
+fn rotate_size_arg(s: &str) -> Result<u64, String> {
+    const MIN: u64 = 4 << 10;
+    const MAX: u64 = 1 << 50;
+    let bytes = parse_size::Config::new()
+        .with_binary()
+        .with_default_factor(1 << 20)
+        .parse_size(s.trim())
+        .map_err(|e| format!("{s:?} is not a size ({e}; e.g. 100, 100M, 512K, 1G)"))?;
+    if !(MIN..=MAX).contains(&bytes) {
+        return Err("must be between 4K and 1P".into());
+    }
+    Ok(bytes)
+}
+
+/// A number of seconds (fractions allowed) or a humantime duration
+/// (`90s`, `10m`, `6h`, `1d`, `1h 30m`), within `min..=max` seconds.
+fn seconds_in(s: &str, min: f64, max: f64, what: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let d = match t.parse::<f64>() {
+        Ok(secs) if (min..=max).contains(&secs) => Duration::from_secs_f64(secs),
+        Ok(_) => return Err(format!("must be {what}")),
+        Err(_) => humantime::parse_duration(t)
+            .map_err(|e| format!("{s:?} is not a duration ({e}; e.g. 30, 90s, 10m, 1h)"))?,
+    };
+    if !(min..=max).contains(&d.as_secs_f64()) {
+        return Err(format!("must be {what}"));
+    }
+    Ok(d)
+}
+
+/// `--duration`: how long to run; 0 attaches, prints the status and stops.
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    seconds_in(s, 0.0, 1e9, "between 0 and 1e9 seconds")
+}
+
+fn window_arg(s: &str) -> Result<Duration, String> {
+    seconds_in(s, 1e-3, 86400.0, "between 0.001 and 86400 seconds")
+}
+
+fn rotate_time_arg(s: &str) -> Result<Duration, String> {
+    seconds_in(s, 1.0, 1e9, "between 1 and 1e9 seconds")
+}
+
+fn sample_arg(s: &str) -> Result<Duration, String> {
+    seconds_in(s, 0.0, 86400.0, "between 0 and 86400 seconds")
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_keep_the_documented_forms() {
+        assert_eq!(rotate_size_arg("100"), Ok(100 << 20));
+        assert_eq!(rotate_size_arg("512K"), Ok(512 << 10));
+        assert_eq!(rotate_size_arg("4K"), Ok(4096));
+        assert_eq!(rotate_size_arg("100M"), Ok(100 << 20));
+        assert_eq!(rotate_size_arg("1G"), Ok(1 << 30));
+        assert_eq!(rotate_size_arg("1.5g"), Ok(3 << 29));
+        assert!(rotate_size_arg("1K")
+            .unwrap_err()
+            .contains("between 4K and 1P"));
+        assert!(rotate_size_arg("2E")
+            .unwrap_err()
+            .contains("between 4K and 1P"));
+        assert!(rotate_size_arg("10X").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn durations_take_seconds_or_units() {
+        assert_eq!(rotate_time_arg("3600"), Ok(Duration::from_secs(3600)));
+        assert_eq!(rotate_time_arg("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(rotate_time_arg("6h"), Ok(Duration::from_secs(21600)));
+        assert_eq!(rotate_time_arg("1d"), Ok(Duration::from_secs(86400)));
+        assert_eq!(duration_arg("0"), Ok(Duration::ZERO));
+        assert_eq!(sample_arg("0.2"), Ok(Duration::from_millis(200)));
+        assert_eq!(window_arg("5"), Ok(Duration::from_secs(5)));
+        for bad in ["-1", "nan", "inf", "soon", ""] {
+            assert!(duration_arg(bad).is_err(), "{bad}");
+        }
+        assert!(rotate_time_arg("0.5").is_err());
+        assert!(window_arg("0").is_err());
+        assert!(sample_arg("2d").is_err());
+    }
+
+    #[test]
+    fn ring_sizes_are_powers_of_two() {
+        assert_eq!(ring_mb_arg("8"), Ok(8));
+        assert_eq!(ring_mb_arg("2048"), Ok(2048));
+        for bad in ["0", "3", "4096", "-8", "x"] {
+            assert!(ring_mb_arg(bad).is_err(), "{bad}");
+        }
+    }
 }

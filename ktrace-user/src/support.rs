@@ -122,6 +122,9 @@ impl KernelSupport {
 
 /// Returns which of [`PROBED_SYMBOLS`] kallsyms lists (functions only, `t`/`T`),
 /// and whether it had any readable (non-zero) address at all.
+/// Not `aya::util::kernel_symbols`: it reads only the live `/proc/kallsyms`
+/// (doctor --root audits dumps), keys by address (all 0 to non-root, so one
+/// entry survives), ignores the symbol type and keeps `\t[module]` in names.
 fn read_kallsyms(path: &Path) -> (HashSet<String>, bool) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return (HashSet::new(), false);

@@ -434,3 +434,55 @@ fn replay_refuses_what_it_cannot_read() {
     let out = ktrace_output(&["replay"]);
     assert_eq!(out.status.code(), Some(2), "usage error");
 }
+
+/// Writes the golden recording `ktrace-user/tests/fixtures/replay/` holds
+/// (`KTRACE_GOLDEN_DIR=dir`, root, `--ignored`): every incident of the lab
+/// in one small file, recorded by `watch`. Never run by the test suite: the
+/// fixture is written once by a released version so that the reader of a
+/// later one is checked against it (`ktrace-user/tests/golden_replay.rs`).
+#[test]
+#[ignore]
+fn write_golden_recording() {
+    let Ok(dir) = std::env::var("KTRACE_GOLDEN_DIR") else {
+        eprintln!("SKIPPED: KTRACE_GOLDEN_DIR is not set");
+        return;
+    };
+    if skip() {
+        return;
+    }
+    let file = format!("{dir}/lab.rec");
+    let _ = std::fs::remove_file(&file);
+    let mut lab = Lab::new("gd", 2);
+    lab.start_server();
+    let watch = lab.watch(&[
+        "--events",
+        "--storm-threshold",
+        "4",
+        "--storm-window",
+        "5",
+        "--record",
+        &file,
+    ]);
+    // Incident 2: conntrack flushed, connections re-mapped and reset.
+    let mut flushed = lab.client(4);
+    for _ in 0..3 {
+        lab.exec_ok(&lab.node, &["conntrack", "-F"]);
+        if !flushed.send_all().is_empty() {
+            break;
+        }
+    }
+    // Incident 1 (and a storm of it): un-NATed replies.
+    lab.set_backends(1);
+    let mut c = lab.client(5);
+    c.unnat_all(Duration::from_millis(1000));
+    // Unrelated resets: nothing listens.
+    lab.refuse(BACKENDS[0], 2224, 2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = watch.stop();
+    for kind in ["backend_switch", "unnated_reply", "rst_storm"] {
+        assert!(
+            !select(&lines, "finding", Some(kind)).is_empty(),
+            "no {kind} finding: {lines:?}"
+        );
+    }
+}

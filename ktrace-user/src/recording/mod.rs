@@ -17,7 +17,6 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -341,51 +340,4 @@ pub fn record(opts: RecordOptions) -> Result<RecordReport, WatchError> {
             .map_err(WatchError::Output)?;
     }
     Ok(RecordReport { summary })
-}
-
-/// Parses `--rotate-size`: a number of MiB, or with a unit `K`, `M`, `G`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m = match c.to_ascii_uppercase() {
-                'K' => 1u64 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                _ => return Err(format!("{s:?}: unit must be K, M or G")),
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1 << 20),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 100, 100M, 512K, 1G)"))?;
-    let bytes = v * mult as f64;
-    if !(4096.0..=1e15).contains(&bytes) {
-        return Err("must be at least 4K".into());
-    }
-    Ok(bytes as u64)
-}
-
-/// Parses `--rotate-time`: seconds, or with a unit `s`, `m`, `h`, `d`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('s') => (&t[..t.len() - 1], 1.0),
-        Some('m') => (&t[..t.len() - 1], 60.0),
-        Some('h') => (&t[..t.len() - 1], 3600.0),
-        Some('d') => (&t[..t.len() - 1], 86400.0),
-        _ => (t, 1.0),
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 3600, 90m, 1h, 1d)"))?;
-    let secs = v * mult;
-    if !(1.0..=1e9).contains(&secs) {
-        return Err("must be at least one second".into());
-    }
-    Ok(Duration::from_secs_f64(secs))
 }
