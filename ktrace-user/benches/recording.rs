@@ -19,9 +19,9 @@ use ktrace::engine::{Engine, EngineConfig};
 use ktrace::event::{Event, EventBody, Source};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
+use ktrace::pipeline::Pipeline;
 use ktrace::recording::format::Item;
 use ktrace::recording::{Context, EngineSettings, FileReader, Recorder, RotationConfig};
-use ktrace::watch::Pipeline;
 
 struct Rng(u64);
 

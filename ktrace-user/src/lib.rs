@@ -11,7 +11,10 @@
 //! - [`ctnetlink`]: NAT mappings from conntrack events where no kernel hook can attach.
 //! - [`engine`]: the pure correlation engine shared by `watch` and `replay`.
 //! - [`output`]: human and JSON Lines renderings.
-//! - [`watch`]: the live pipeline that ties them together.
+//! - [`pipeline`]: the live event source and the [`pipeline::Pipeline`] that
+//!   feeds every event to the engine, renderer, recorder and exporter.
+//! - [`recording`]: the recording file format, its writer and reader.
+//! - [`watch`], [`record`], [`replay`]: the commands, assembled from these.
 
 pub mod clock;
 pub mod ctnetlink;
@@ -26,6 +29,8 @@ pub mod layout;
 pub mod memlock;
 pub mod netns;
 pub mod output;
+pub mod pipeline;
+pub mod record;
 pub mod recording;
 pub mod replay;
 pub mod ring;

@@ -195,14 +195,17 @@ struct EngineArgs {
 
 impl EngineArgs {
     fn config(&self) -> ktrace::engine::EngineConfig {
-        let mut cfg = ktrace::engine::EngineConfig {
+        use ktrace::sysctl;
+        ktrace::engine::EngineConfig {
             storm_threshold: self.storm_threshold,
             storm_window_ns: duration_ns(self.storm_window),
             max_flows: self.max_flows.max(16),
+            // The node's settings a remedy quotes.
+            conntrack_max: sysctl::conntrack_max(),
+            ct_timeout_established_s: sysctl::ct_timeout_established_s(),
+            keepalive_s: sysctl::keepalive_s(),
             ..Default::default()
-        };
-        ktrace::sysctl::fill_engine_config(&mut cfg);
-        cfg
+        }
     }
 }
 
@@ -321,8 +324,8 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
-    let report = ktrace::recording::record(ktrace::recording::RecordOptions {
-        source: ktrace::watch::SourceOptions {
+    let report = ktrace::record::record(ktrace::record::RecordOptions {
+        source: ktrace::pipeline::SourceOptions {
             duration: a.duration,
             ring_buffer_bytes: a.ring_buffer_mb << 20,
             ctnetlink: !a.no_ctnetlink,

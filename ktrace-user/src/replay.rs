@@ -21,11 +21,11 @@ use crate::clock::WallClock;
 use crate::engine::Engine;
 use crate::netns::NetnsNames;
 use crate::output::{Renderer, StatusInfo};
+use crate::pipeline::Pipeline;
 use crate::recording::format::Item;
 use crate::recording::reader::{FileReader, OpenError, Warning};
 use crate::recording::writer::segment_path;
 use crate::recording::Context;
-use crate::watch::Pipeline;
 
 pub struct ReplayOptions {
     pub paths: Vec<PathBuf>,

@@ -1,6 +1,7 @@
 //! Recordings: every event the live pipeline sees, written continuously to
 //! a compact, checksummed, rotated file set that `ktrace replay` reads back
-//! through the same engine and renderer as `watch`.
+//! through the same engine and renderer as `watch`. The `record` command
+//! itself is [`crate::record`].
 //!
 //! - [`format`]: the bytes (file header, block frames, records).
 //! - [`writer`]: encoding, compression, rotation, retention, disk-full handling.
@@ -16,15 +17,13 @@ pub mod writer;
 mod tests;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 
 use serde::{Deserialize, Serialize};
 
 use crate::clock::WallClock;
 use crate::engine::EngineConfig;
 use crate::hooks::HookStatus;
-use crate::output::{Renderer, StatusInfo};
-use crate::watch::{self, Pipeline, SourceOptions, WatchError};
+use crate::output::StatusInfo;
 
 pub use format::Item;
 pub use reader::{FileReader, OpenError, Warning};
@@ -280,64 +279,4 @@ pub fn live_context(
         hooks: status.iter().map(HookRecord::from).collect(),
         engine: EngineSettings::from(engine),
     }
-}
-
-/// Options of `ktrace record`.
-pub struct RecordOptions {
-    pub source: SourceOptions,
-    pub rotation: RotationConfig,
-    pub json: bool,
-    pub engine: EngineConfig,
-    /// `--otlp-endpoint`: also export the event counters over OTLP.
-    pub export: Option<crate::export::Exporter>,
-}
-
-/// What `ktrace record` did, for its closing line.
-#[derive(Debug, Clone, Default)]
-pub struct RecordReport {
-    pub summary: RecorderSummary,
-}
-
-/// `ktrace record`: the same hooks and event source as `watch`, every event
-/// to the recording; stdout gets the status line and lost-event lines only.
-pub fn record(opts: RecordOptions) -> Result<RecordReport, WatchError> {
-    let clock = WallClock::now();
-    let recorder = Recorder::create(opts.rotation.clone(), "record", opts.engine.clone())?;
-    let stdout = std::io::stdout().lock();
-    let mut p = Pipeline::new(
-        None,
-        Renderer::new(
-            std::io::BufWriter::with_capacity(1 << 16, stdout),
-            opts.json,
-            false,
-            clock,
-            crate::netns::NetnsNames::load(),
-        ),
-    );
-    p.recorder = Some(recorder);
-    p.exporter = opts.export.clone();
-    let r = watch::run_source(&opts.source, clock, &mut p);
-    let summary = p.recorder.take().map(Recorder::finish).unwrap_or_default();
-    if let Some(x) = p.exporter.take() {
-        x.close(&mut p.out).map_err(WatchError::Output)?;
-    }
-    p.out.flush().map_err(WatchError::Output)?;
-    drop(p);
-    r?;
-    if opts.json {
-        let v = serde_json::json!({
-            "type": "recording",
-            "path": opts.rotation.path.display().to_string(),
-            "events": summary.events,
-            "blocks": summary.blocks,
-            "bytes": summary.bytes,
-            "files": summary.files.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-            "dropped": summary.dropped,
-        });
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "{v}")
-            .and_then(|_| out.flush())
-            .map_err(WatchError::Output)?;
-    }
-    Ok(RecordReport { summary })
 }

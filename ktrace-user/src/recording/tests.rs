@@ -1007,8 +1007,8 @@ fn replay_prints_what_the_live_pipeline_printed() {
     use crate::engine::Engine;
     use crate::netns::NetnsNames;
     use crate::output::Renderer;
+    use crate::pipeline::Pipeline;
     use crate::replay::{run_to, ReplayOptions, SharedOut};
-    use crate::watch::Pipeline;
 
     let engine = EngineConfig {
         storm_threshold: 5,

@@ -1,0 +1,208 @@
+//! [`Pipeline`]: one event to the engine, the renderer, the recorder and
+//! the exporter, and the engine's findings to the renderer and exporter.
+
+use std::io::Write;
+
+use super::{PipelineError, Sink};
+use crate::clock::WallClock;
+use crate::engine::{Engine, Finding};
+use crate::event::Event;
+use crate::hooks::HookStatus;
+use crate::output::{Renderer, StatusInfo};
+use crate::recording::writer::Notice;
+use crate::recording::Recorder;
+
+/// Feeds events to the engine, the renderer and the recorder: the one
+/// point every event passes through, live or replayed.
+pub struct Pipeline<W: Write> {
+    pub engine: Option<Engine>,
+    pub out: Renderer<W>,
+    pub recorder: Option<Recorder>,
+    findings: Vec<Finding>,
+    /// Monotonic ns range whose events, findings and lost lines are
+    /// printed (replay's --since/--until); everything otherwise.
+    pub print_window: (u64, u64),
+    /// Live: refresh netns names at each tick.
+    pub live: bool,
+    /// OTLP export of events (as counters) and findings (see `export`).
+    pub exporter: Option<crate::export::Exporter>,
+}
+
+impl<W: Write> Pipeline<W> {
+    pub fn new(engine: Option<Engine>, out: Renderer<W>) -> Self {
+        Pipeline {
+            engine,
+            out,
+            recorder: None,
+            findings: Vec::new(),
+            print_window: (0, u64::MAX),
+            live: false,
+            exporter: None,
+        }
+    }
+
+    fn printed(&self, ts: u64) -> bool {
+        ts >= self.print_window.0 && ts <= self.print_window.1
+    }
+
+    pub fn handle(&mut self, ev: &Event) -> std::io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.event(ev);
+        }
+        if self.printed(ev.ts_ns) {
+            self.out.event(ev)?;
+        }
+        if let Some(x) = &self.exporter {
+            x.event(ev);
+        }
+        if let Some(e) = &mut self.engine {
+            e.process(ev, &mut self.findings);
+        }
+        self.emit_findings()
+    }
+
+    /// Time passes (every 200 ms live; at the recorded ticks in replay).
+    pub fn tick(&mut self, now_ns: u64) -> std::io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.tick(now_ns);
+        }
+        self.recorder_notices()?;
+        if let Some(e) = &mut self.engine {
+            e.tick(now_ns, &mut self.findings);
+        }
+        if let Some(x) = &self.exporter {
+            x.report_lost(&mut self.out)?;
+        }
+        self.emit_findings()
+    }
+
+    /// Events the kernel could not hand over.
+    pub fn lost(&mut self, now_ns: u64, count: u64, total: u64, what: &str) -> std::io::Result<()> {
+        if let Some(r) = &mut self.recorder {
+            r.lost(now_ns, count, total, what);
+        }
+        if let Some(x) = &self.exporter {
+            x.lost(count, what);
+        }
+        self.out.lost(count, total, what)
+    }
+
+    /// The end: storms still open are closed (as at the end of `watch`).
+    pub fn finish(&mut self) -> std::io::Result<()> {
+        if let Some(e) = &mut self.engine {
+            e.tick(u64::MAX, &mut self.findings);
+        }
+        self.emit_findings()?;
+        self.recorder_notices()?;
+        // What the engine did and what its bounds evicted, on stop.
+        if let Some(e) = &self.engine {
+            self.out.engine_stats(&e.stats())?;
+        }
+        self.out.flush()
+    }
+
+    fn recorder_notices(&mut self) -> std::io::Result<()> {
+        let Some(r) = &mut self.recorder else {
+            return Ok(());
+        };
+        for n in r.take_notices() {
+            // Events the recorder dropped count as lost in the metrics too.
+            if let Some(x) = &self.exporter {
+                let c = match &n {
+                    Notice::Paused { dropped, .. } => *dropped,
+                    Notice::Dropped { count, .. } | Notice::Resumed { count, .. } => *count,
+                };
+                x.lost(c, "recording");
+            }
+            match n {
+                Notice::Paused {
+                    path,
+                    error,
+                    dropped,
+                    total,
+                } => self.out.lost(
+                    dropped,
+                    total,
+                    &format!("recording to {} paused ({error}): events are not recorded until it can write", path.display()),
+                ),
+                Notice::Dropped { path, count, total } => self.out.lost(
+                    count,
+                    total,
+                    &format!("recording to {} still paused: events not recorded", path.display()),
+                ),
+                Notice::Resumed { path, count, total } => self.out.lost(
+                    count,
+                    total,
+                    &format!("recording to {} resumed: events not recorded while it could not write", path.display()),
+                ),
+            }?;
+        }
+        Ok(())
+    }
+
+    fn emit_findings(&mut self) -> std::io::Result<()> {
+        for f in self.findings.drain(..) {
+            if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
+                if let Some(x) = &self.exporter {
+                    x.finding(&f);
+                }
+                self.out.finding(&f)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> Sink for Pipeline<W> {
+    fn start(
+        &mut self,
+        status: &[HookStatus],
+        info: &StatusInfo,
+        clock: WallClock,
+    ) -> Result<(), PipelineError> {
+        if let Some(e) = &mut self.engine {
+            e.set_hooks(status);
+        }
+        if let Some(x) = &self.exporter {
+            x.set_clock(clock);
+            x.status(status);
+        }
+        if let Some(r) = &mut self.recorder {
+            r.start(status, info, clock)
+                .map_err(PipelineError::RecordStart)?;
+        }
+        self.out
+            .status(status, info)
+            .and_then(|_| self.out.flush())
+            .map_err(PipelineError::Output)
+    }
+
+    fn event(&mut self, ev: &Event) -> Result<(), PipelineError> {
+        self.handle(ev).map_err(PipelineError::Output)
+    }
+
+    fn lost(
+        &mut self,
+        now_ns: u64,
+        count: u64,
+        total: u64,
+        what: &str,
+    ) -> Result<(), PipelineError> {
+        Pipeline::lost(self, now_ns, count, total, what).map_err(PipelineError::Output)
+    }
+
+    fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError> {
+        if self.live {
+            self.out.netns_names_mut().refresh_if_missed();
+        }
+        Pipeline::tick(self, now_ns).map_err(PipelineError::Output)
+    }
+
+    fn flush(&mut self) -> Result<(), PipelineError> {
+        self.out.flush().map_err(PipelineError::Output)
+    }
+
+    fn finish(&mut self) -> Result<(), PipelineError> {
+        Pipeline::finish(self).map_err(PipelineError::Output)
+    }
+}

@@ -1,0 +1,62 @@
+//! The pipeline every event passes through, live or replayed.
+//!
+//! - [`source`]: the live event source: attaches the hooks, then feeds
+//!   kernel events (ring buffer), NAT mappings (ctnetlink, where no kernel
+//!   hook gives them) and conntrack counters to a [`Sink`] until Ctrl-C,
+//!   SIGTERM or the duration.
+//! - [`fanout`]: [`Pipeline`], the sink of `watch` (engine and renderer,
+//!   plus a recorder with `--record`), of `record` (recorder, status and
+//!   lost lines) and of `replay` (engine and renderer over a recording).
+//!
+//! The commands (`watch`, `record`, `replay`) assemble these; the recording
+//! format, the engine and the renderer know nothing of them.
+
+pub mod fanout;
+pub mod source;
+
+pub use fanout::Pipeline;
+pub use source::{run_source, SourceOptions};
+
+use crate::clock::WallClock;
+use crate::event::Event;
+use crate::hooks::{self, HookStatus};
+use crate::output::StatusInfo;
+use crate::recording::writer::RecordError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Hooks(#[from] hooks::HookError),
+    #[error(transparent)]
+    Ring(#[from] crate::ring::RingError),
+    #[error("cannot start the event loop: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot write output: {0}")]
+    Output(#[source] std::io::Error),
+    #[error(transparent)]
+    Record(#[from] RecordError),
+    #[error("cannot start the recording")]
+    RecordStart(#[source] std::io::Error),
+}
+
+/// What the event source feeds: the status once, then events, lost-event
+/// counts and clock ticks (every 200 ms) until it stops, then `finish`.
+pub trait Sink {
+    fn start(
+        &mut self,
+        status: &[HookStatus],
+        info: &StatusInfo,
+        clock: WallClock,
+    ) -> Result<(), PipelineError>;
+    fn event(&mut self, ev: &Event) -> Result<(), PipelineError>;
+    fn lost(
+        &mut self,
+        now_ns: u64,
+        count: u64,
+        total: u64,
+        what: &str,
+    ) -> Result<(), PipelineError>;
+    fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError>;
+    fn flush(&mut self) -> Result<(), PipelineError>;
+    fn finish(&mut self) -> Result<(), PipelineError>;
+}

@@ -1,0 +1,277 @@
+//! The live event source: attach, then feed kernel events (ring buffer),
+//! NAT mappings (ctnetlink, where no kernel hook gives them) and conntrack
+//! counters to a [`Sink`], until Ctrl-C, SIGTERM or the duration.
+
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use super::{PipelineError, Sink};
+use crate::clock::{monotonic_now_ns, WallClock};
+use crate::ctnetlink::{Ctnetlink, Received};
+use crate::decode::decode;
+use crate::event::Event;
+use crate::hooks::{self, HookStatus, LoadOptions};
+use crate::netns::NetnsNames;
+use crate::output::StatusInfo;
+use crate::ring::RingReader;
+
+/// Where events come from, for [`run_source`].
+#[derive(Debug, Clone)]
+pub struct SourceOptions {
+    pub duration: Option<Duration>,
+    pub ring_buffer_bytes: u32,
+    pub ctnetlink: bool,
+}
+
+/// Messages from the ctnetlink thread.
+enum CtMsg {
+    Events(Vec<Event>),
+    Overrun,
+}
+
+pub fn check_ring_size(bytes: u32) -> Result<(), PipelineError> {
+    if !bytes.is_power_of_two() || bytes < 4096 {
+        return Err(PipelineError::Output(std::io::Error::other(
+            "--ring-buffer-mb must be a power of two",
+        )));
+    }
+    Ok(())
+}
+
+/// Attaches the hooks and feeds `sink` until SIGINT, SIGTERM or the
+/// duration; then drains what the kernel still holds and calls `finish`.
+pub fn run_source(
+    opts: &SourceOptions,
+    clock: WallClock,
+    sink: &mut dyn Sink,
+) -> Result<(), PipelineError> {
+    check_ring_size(opts.ring_buffer_bytes)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(PipelineError::Runtime)?;
+    rt.block_on(source_loop(opts, clock, sink))
+}
+
+/// Ring-buffer records to events, counting the ones that do not decode.
+struct Decoder {
+    names: crate::decode::Names,
+    errors: u64,
+}
+
+impl Decoder {
+    fn feed(&mut self, rec: &[u8], sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        match decode(rec, &self.names) {
+            Ok(ev) => sink.event(&ev),
+            Err(e) => {
+                self.errors += 1;
+                if self.errors <= 3 {
+                    tracing::warn!("undecodable ring-buffer record: {e}");
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Feeds `sink` everything now in the ring buffer.
+    fn drain(&mut self, ring: &mut RingReader, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        let mut err = Ok(());
+        ring.drain(|rec| {
+            if err.is_ok() {
+                err = self.feed(rec, sink);
+            }
+        });
+        err
+    }
+}
+
+async fn source_loop(
+    opts: &SourceOptions,
+    clock: WallClock,
+    sink: &mut dyn Sink,
+) -> Result<(), PipelineError> {
+    let mut attached = hooks::load_and_attach(&LoadOptions {
+        ring_buffer_bytes: opts.ring_buffer_bytes,
+    })?;
+    let mut ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
+    let my_netns = NetnsNames::current();
+    let mut counters = crate::ctstat::CounterWatch::default();
+    counters.sample();
+
+    // NAT mappings from ctnetlink where no kernel hook gives them.
+    let (ct_tx, mut ct_rx) = mpsc::channel::<CtMsg>(4096);
+    let mut status = attached.status.clone();
+    if !attached.nat_from_kernel {
+        let nat = status.iter_mut().find(|s| s.name == "nat_mapping");
+        let kernel_reason = nat
+            .as_ref()
+            .and_then(|s| s.reason.clone())
+            .unwrap_or_default();
+        let new = if !opts.ctnetlink {
+            HookStatus {
+                name: "nat_mapping",
+                mechanism: "none",
+                attached: false,
+                target: String::new(),
+                reason: Some(format!("--no-ctnetlink; kprobe: {kernel_reason}")),
+            }
+        } else {
+            match Ctnetlink::subscribe(my_netns.unwrap_or(0)) {
+                Ok(ct) => {
+                    spawn_ctnetlink(ct, ct_tx.clone());
+                    HookStatus {
+                        name: "nat_mapping",
+                        mechanism: "ctnetlink",
+                        attached: true,
+                        target: "conntrack NEW/DESTROY events of this network namespace".into(),
+                        reason: Some(format!("kprobe unavailable: {kernel_reason}")),
+                    }
+                }
+                Err(e) => HookStatus {
+                    name: "nat_mapping",
+                    mechanism: "none",
+                    attached: false,
+                    target: String::new(),
+                    reason: Some(format!("{e}; kprobe: {kernel_reason}")),
+                },
+            }
+        };
+        match nat {
+            Some(s) => *s = new,
+            None => status.push(new),
+        }
+    }
+    drop(ct_tx);
+    // Conntrack counters of this namespace, sampled every tick.
+    let counters_readable = counters.readable();
+    status.push(HookStatus {
+        name: "ct_counters",
+        mechanism: "procfs",
+        attached: counters_readable,
+        target: if counters_readable {
+            "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms".into()
+        } else {
+            String::new()
+        },
+        reason: (!counters_readable)
+            .then(|| "nf_conntrack is not loaded (no /proc/net/stat/nf_conntrack)".to_string()),
+    });
+
+    let mut dec = Decoder {
+        names: attached.names.clone(),
+        errors: 0,
+    };
+    sink.start(
+        &status,
+        &StatusInfo {
+            kernel: attached.support.release.as_deref(),
+            ring_buffer_bytes: opts.ring_buffer_bytes,
+            netns: my_netns,
+        },
+        clock,
+    )?;
+
+    let mut sigint = signal(SignalKind::interrupt()).map_err(PipelineError::Runtime)?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(PipelineError::Runtime)?;
+    let deadline = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut lost_seen = 0u64;
+    let mut ct_open = true;
+    let mut ct_overruns = 0u64;
+
+    loop {
+        tokio::select! {
+            r = ring.readable() => {
+                r?;
+                dec.drain(&mut ring, sink)?;
+                sink.flush()?;
+            }
+            msg = ct_rx.recv(), if ct_open => match msg {
+                Some(CtMsg::Events(evs)) => {
+                    for ev in &evs {
+                        sink.event(ev)?;
+                    }
+                    sink.flush()?;
+                }
+                Some(CtMsg::Overrun) => {
+                    ct_overruns += 1;
+                    sink.lost(monotonic_now_ns(), 1, ct_overruns, "ctnetlink socket overrun (one or more NAT events)")?;
+                }
+                None => ct_open = false,
+            },
+            _ = tick.tick() => {
+                // The ring is read lazily (every 50 ms, or 256 KiB): what it
+                // holds goes first, so the counter sample below comes after
+                // the events it may explain, in time and in order.
+                dec.drain(&mut ring, sink)?;
+                let now = monotonic_now_ns();
+                let lost = ring.lost_total();
+                if lost > lost_seen {
+                    sink.lost(now, lost - lost_seen, lost, "ring buffer full")?;
+                    lost_seen = lost;
+                }
+                // Conntrack counters of this namespace: evidence of INVALID
+                // verdicts and table-full drops where no kprobe can see them.
+                if let Some(body) = counters.sample() {
+                    sink.event(&Event {
+                        ts_ns: now,
+                        netns: my_netns.unwrap_or(0),
+                        source: crate::event::Source::Procfs,
+                        body,
+                    })?;
+                }
+                sink.tick(now)?;
+                sink.flush()?;
+            }
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = &mut deadline => break,
+        }
+    }
+    // Flush what the kernel still holds before leaving.
+    dec.drain(&mut ring, sink)?;
+    while let Ok(CtMsg::Events(evs)) = ct_rx.try_recv() {
+        for ev in &evs {
+            sink.event(ev)?;
+        }
+    }
+    let lost = ring.lost_total();
+    if lost > lost_seen {
+        sink.lost(
+            monotonic_now_ns(),
+            lost - lost_seen,
+            lost,
+            "ring buffer full",
+        )?;
+    }
+    sink.finish()
+}
+
+/// Reads ctnetlink on its own thread (the socket blocks) and forwards events.
+fn spawn_ctnetlink(mut ct: Ctnetlink, tx: mpsc::Sender<CtMsg>) {
+    std::thread::Builder::new()
+        .name("ctnetlink".into())
+        .spawn(move || loop {
+            let msg = match ct.recv() {
+                Ok(Received::Events(evs)) if evs.is_empty() => continue,
+                Ok(Received::Events(evs)) => CtMsg::Events(evs),
+                Ok(Received::Overrun) => CtMsg::Overrun,
+                Err(e) => {
+                    tracing::warn!("ctnetlink: {e}");
+                    return;
+                }
+            };
+            if tx.blocking_send(msg).is_err() {
+                return;
+            }
+        })
+        .expect("spawning a thread");
+}
