@@ -34,7 +34,23 @@ pub struct RingReader {
     logger: Option<AsyncFd<crate::hooks::KernelLogger>>,
     /// When the next drain may start ([`MIN_DRAIN_GAP`] after the last).
     next_drain: Instant,
+    /// Totals of each kernel counter already reported.
+    reported: [u64; counter::COUNT as usize],
 }
+
+/// A rise in one of the kernel side's loss counters, for a `lost` line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Loss {
+    pub count: u64,
+    pub total: u64,
+    pub what: String,
+}
+
+/// The kernel's per-CPU counters, and what a rise in each means.
+const LOSS_COUNTERS: [(u32, &str); 2] = [
+    (counter::LOST, "ring buffer full"),
+    (counter::READ_ERRORS, "kernel read failed (event skipped)"),
+];
 
 impl RingReader {
     pub fn new(
@@ -62,6 +78,7 @@ impl RingReader {
             counters,
             logger,
             next_drain: Instant::now(),
+            reported: [0; counter::COUNT as usize],
         })
     }
 
@@ -103,20 +120,50 @@ impl RingReader {
         n
     }
 
-    fn counter(&self, index: u32) -> u64 {
+    fn per_cpu(&self, index: u32) -> Vec<u64> {
         self.counters
             .get(&index, 0)
-            .map(|per_cpu| per_cpu.iter().sum())
-            .unwrap_or(0)
+            .map(|per_cpu| per_cpu.iter().copied().collect())
+            .unwrap_or_default()
     }
 
-    /// Events the kernel dropped because the ring was full, since load.
-    pub fn lost_total(&self) -> u64 {
-        self.counter(counter::LOST)
+    /// What the kernel could not hand over (ring full) or could not read
+    /// since the last call, each with its total and the CPUs it happened
+    /// on (cumulative per-CPU counts: a storm is usually one CPU's).
+    pub fn new_losses(&mut self) -> Vec<Loss> {
+        let mut out = Vec::new();
+        for (index, what) in LOSS_COUNTERS {
+            let per_cpu = self.per_cpu(index);
+            let total: u64 = per_cpu.iter().sum();
+            let seen = &mut self.reported[index as usize];
+            if total > *seen {
+                out.push(Loss {
+                    count: total - *seen,
+                    total,
+                    what: format!("{what} ({})", by_cpu(&per_cpu)),
+                });
+                *seen = total;
+            }
+        }
+        out
     }
+}
 
-    /// Kernel reads that failed (an event skipped), since load.
-    pub fn read_errors_total(&self) -> u64 {
-        self.counter(counter::READ_ERRORS)
+/// "cpu0 12, cpu3 4": the CPUs with a non-zero count.
+fn by_cpu(per_cpu: &[u64]) -> String {
+    let parts: Vec<String> = per_cpu
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| **n > 0)
+        .map(|(cpu, n)| format!("cpu{cpu} {n}"))
+        .collect();
+    parts.join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn per_cpu_counts_name_only_the_cpus_that_lost() {
+        assert_eq!(super::by_cpu(&[0, 12, 0, 4]), "cpu1 12, cpu3 4");
     }
 }

@@ -61,7 +61,7 @@ impl HookStatus {
         }
     }
 
-    fn off(name: &'static str, reason: impl Into<String>) -> Self {
+    pub fn off(name: &'static str, reason: impl Into<String>) -> Self {
         HookStatus {
             name,
             mechanism: "none",
