@@ -15,11 +15,13 @@
 //!   feeds every event to the engine, renderer, recorder and exporter.
 //! - [`recording`]: the recording file format, its writer and reader.
 //! - [`watch`], [`record`], [`replay`]: the commands, assembled from these.
+//! - [`demo`]: a real incident in namespaces of its own, through `watch`'s pipeline.
 
 pub mod clock;
 pub mod ctnetlink;
 pub mod ctstat;
 pub mod decode;
+pub mod demo;
 pub mod doctor;
 pub mod engine;
 pub mod event;

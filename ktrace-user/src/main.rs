@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show a real incident: build network namespaces, break connections there, print ktrace's findings, clean up.
+    Demo(DemoArgs),
     /// Attach to the kernel and print findings live until Ctrl-C or --duration.
     Watch(WatchArgs),
     /// Audit this node's conntrack / IPVS / TCP settings and the kernel's hook support.
@@ -29,6 +31,13 @@ enum Command {
     Record(RecordArgs),
     /// Run the correlation over recordings and print what `watch` would have printed.
     Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// JSON Lines on stdout instead of the human view.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -153,8 +162,8 @@ struct OtlpArgs {
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// grpc or http/protobuf [default: grpc for port 4317, else http/protobuf; env: OTEL_EXPORTER_OTLP_PROTOCOL]
-    #[arg(long, value_name = "PROTOCOL")]
-    otlp_protocol: Option<String>,
+    #[arg(long, value_name = "PROTOCOL", value_parser = ktrace::export::Protocol::parse)]
+    otlp_protocol: Option<ktrace::export::Protocol>,
     /// This node's name, exported as k8s.node.name [env: NODE_NAME]
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -170,7 +179,7 @@ impl OtlpArgs {
         use ktrace::export::{Detected, ExportConfig, ExportFlags, Exporter};
         let flags = ExportFlags {
             endpoint: self.otlp_endpoint.clone(),
-            protocol: self.otlp_protocol.clone(),
+            protocol: self.otlp_protocol,
             node_name: self.node_name.clone(),
         };
         let detected = detected.unwrap_or_else(Detected::this_host);
@@ -232,6 +241,7 @@ fn main() -> ExitCode {
     };
     init_tracing();
     let result = match cli.command {
+        Command::Demo(a) => run_demo(a),
         Command::Watch(a) => run_watch(a),
         Command::Doctor(a) => run_doctor(a),
         Command::Record(a) => run_record(a),
@@ -321,6 +331,15 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     ktrace::watch::run(opts)?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    use ktrace::demo::{DemoOptions, Outcome};
+    Ok(match ktrace::demo::run(DemoOptions { json: a.json })? {
+        Outcome::Complete => ExitCode::SUCCESS,
+        // As a shell reports a command stopped by SIGINT.
+        Outcome::Interrupted => ExitCode::from(130),
+    })
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {

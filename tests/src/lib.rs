@@ -48,10 +48,38 @@ pub fn skip_reason() -> Option<String> {
 pub fn skip() -> bool {
     match skip_reason() {
         Some(why) => {
-            eprintln!("SKIPPED: {why}");
+            record_skip(&why);
             true
         }
         None => false,
+    }
+}
+
+/// Records that the running test cannot run here, and why. libtest can only
+/// report such a test as "ok", so the skip is also appended to
+/// `$KTRACE_SKIP_LOG` (set by `cargo xtask test`), which counts it as skipped,
+/// by name and reason, in its closing line instead of as passed.
+pub fn record_skip(why: &str) {
+    let binary = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|stem| {
+            stem.rsplit_once('-')
+                .map_or(stem.clone(), |(b, _)| b.to_string())
+        })
+        .unwrap_or_default();
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    eprintln!("SKIPPED {binary}::{test}: {why}");
+    if let Some(path) = std::env::var_os("KTRACE_SKIP_LOG") {
+        let line = format!("{binary}::{test}\t{}\n", why.replace(['\n', '\t'], " "));
+        let appended = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = appended {
+            panic!("cannot record the skip in {}: {e}", path.to_string_lossy());
+        }
     }
 }
 

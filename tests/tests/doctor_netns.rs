@@ -159,7 +159,7 @@ fn describe(checks: &BTreeMap<String, Value>, name: &str) -> String {
 #[test]
 fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
     if let Some(why) = skip_reason() {
-        println!("SKIPPED doctor_checks_flip_with_namespace_sysctls: {why}");
+        ktrace_tests::record_skip(&why);
         return Ok(());
     }
     let bin = ktrace_bin();
@@ -172,9 +172,8 @@ fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
     let ns = Netns::create(format!("ktr-doc-{}", std::process::id()))?;
     let probe = ns.exec(&["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])?;
     if !probe.status.success() {
-        println!(
-            "SKIPPED doctor_checks_flip_with_namespace_sysctls: nf_conntrack is not loaded \
-             (no /proc/sys/net/netfilter in a new namespace)"
+        ktrace_tests::record_skip(
+            "nf_conntrack is not loaded (no /proc/sys/net/netfilter in a new namespace)",
         );
         return Ok(());
     }
@@ -283,10 +282,10 @@ fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
                 assert_eq!(status(&c, "unnated_reply_protection"), "fail");
                 println!("nftables part: `ct state invalid drop` on forward flips the check");
             }
-            Err(e) => println!("nftables part skipped: {e:#}"),
+            Err(e) => ktrace_tests::record_skip(&format!("nftables part: {e:#}")),
         }
     } else {
-        println!("nftables part skipped: nft is not installed");
+        ktrace_tests::record_skip("nftables part: nft is not installed");
     }
     if in_path("iptables") {
         let added = ns.run(&[
@@ -315,10 +314,10 @@ fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
                     .contains("filter/FORWARD"));
                 println!("iptables part: `--ctstate INVALID -j DROP` on FORWARD flips the check");
             }
-            Err(e) => println!("iptables part skipped: {e:#}"),
+            Err(e) => ktrace_tests::record_skip(&format!("iptables part: {e:#}")),
         }
     } else {
-        println!("iptables part skipped: iptables is not installed");
+        ktrace_tests::record_skip("iptables part: iptables is not installed");
     }
     drop(ns);
     Ok(())

@@ -15,7 +15,9 @@ use serde_json::Value;
 /// True inside the vmtest guest; elsewhere prints why the test is skipped.
 fn in_vm() -> bool {
     if std::env::var_os("KTRACE_VMTEST").is_none() {
-        eprintln!("SKIPPED: runs inside the `cargo xtask vmtest` guest (KTRACE_VMTEST unset)");
+        ktrace_tests::record_skip(
+            "runs inside the `cargo xtask vmtest` guest (KTRACE_VMTEST unset)",
+        );
         return false;
     }
     if let Some(why) = ktrace_tests::skip_reason() {

@@ -122,17 +122,67 @@ pub fn run_status(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Test counts summed over cargo's `test result:` lines.
-#[derive(Default, Clone, Copy)]
+/// Test counts summed over cargo's `test result:` lines, with the tests that
+/// found at run time that they cannot run here (see [`Counts::add_skips`]).
+#[derive(Default, Clone)]
 pub struct Counts {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
+    /// `name: reason` of each test that skipped at run time.
+    pub skipped: Vec<String>,
+    /// Names of the `#[ignore]`d tests: manual benchmarks, run by name.
+    pub ignored_names: Vec<String>,
 }
 
+/// Console lines of a guest that name a test it skipped (tests/vm/guest.sh).
+pub const MARK_SKIP: &str = "KTRACE-VM-SKIP ";
+
 impl Counts {
-    /// Adds a `test result: ok. 5 passed; 0 failed; 1 ignored; ...` line.
+    /// Adds the skips a test binary recorded (`name\treason` lines, written by
+    /// `ktrace_tests::record_skip`): libtest counted them as passed, so they
+    /// move from passed to skipped.
+    pub fn add_skips(&mut self, text: &str) {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (name, why) = line.split_once('\t').unwrap_or((line, "no reason given"));
+            self.skipped.push(format!("{name}: {why}"));
+            self.passed = self.passed.saturating_sub(1);
+        }
+    }
+
+    /// The closing line CI reads, after one line per test that did not run.
+    /// `#[ignore]`d tests are manual benchmarks, not tests that could not
+    /// run: they are named on their own line, not counted as skipped.
+    pub fn print_closing(&self) {
+        for s in &self.skipped {
+            println!("skipped: {s}");
+        }
+        if self.ignored > 0 {
+            println!(
+                "not run: {} #[ignore]d manual benchmark(s), run by name: {}",
+                self.ignored,
+                self.ignored_names.join(", ")
+            );
+        }
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed,
+            self.skipped.len()
+        );
+    }
+
+    /// Adds a `test result: ok. 5 passed; 0 failed; 1 ignored; ...` line,
+    /// or notes the name of a `test NAME ... ignored` one.
     pub fn add_line(&mut self, line: &str) {
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.split_once(" ... ignored"))
+            .map(|(name, _)| name)
+        {
+            self.ignored_names.push(name.to_string());
+            return;
+        }
         let Some(rest) = line
             .trim_start_matches(|c: char| !c.is_ascii_alphabetic())
             .strip_prefix("test result: ")
@@ -267,21 +317,23 @@ fn test(vm: bool) -> Result<()> {
         built.ktrace.display()
     );
     let mut counts = Counts::default();
+    // Tests that cannot run here say so in this file (ktrace_tests::record_skip).
+    let skip_log = workspace().join("target/test-skips.log");
+    let _ = std::fs::remove_file(&skip_log);
     let host = run_counting(
         cargo()
             // --release reuses the dependencies `build` just compiled
             // instead of building them all again in the debug profile.
             .args(["test", "--workspace", "--release", "--", "--test-threads=1"])
-            .env("KTRACE_BIN", &built.ktrace),
+            .env("KTRACE_BIN", &built.ktrace)
+            .env("KTRACE_SKIP_LOG", &skip_log),
         "cargo test --workspace",
         &mut counts,
     );
+    counts.add_skips(&std::fs::read_to_string(&skip_log).unwrap_or_default());
     if let Err(e) = host {
-        println!(
-            "tests: {} passed, {} failed",
-            counts.passed,
-            counts.failed.max(1)
-        );
+        counts.failed = counts.failed.max(1);
+        counts.print_closing();
         return Err(e);
     }
     eprintln!(
@@ -291,27 +343,29 @@ fn test(vm: bool) -> Result<()> {
     if vm {
         let r = vm::vmtest(&built, &[]);
         // The guests' own test results, from their console logs.
-        for log in vm::console_logs() {
+        for (kernel, log) in vm::console_logs() {
             if let Ok(text) = std::fs::read_to_string(log) {
                 text.lines().for_each(|l| counts.add_line(l));
+                let skips: Vec<String> = text
+                    .lines()
+                    .filter_map(|l| {
+                        l.split_once(MARK_SKIP)
+                            .map(|(_, s)| format!("{kernel}/{s}"))
+                    })
+                    .collect();
+                counts.add_skips(&skips.join("\n"));
             }
         }
         if let Err(e) = r {
-            println!(
-                "tests: {} passed, {} failed",
-                counts.passed,
-                counts.failed.max(1)
-            );
+            counts.failed = counts.failed.max(1);
+            counts.print_closing();
             return Err(e);
         }
     } else {
         eprintln!("xtask: --no-vm: vmtest skipped");
     }
     // One closing line for whoever reads the log's end (CI among them).
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        counts.passed, counts.failed, counts.ignored
-    );
+    counts.print_closing();
     Ok(())
 }
 

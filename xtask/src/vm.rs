@@ -33,6 +33,9 @@ use crate::{cargo, json_str, run_status, run_stdout, workspace, Built};
 pub const KERNEL_PACKAGES: &[&str] = &[
     // Debian 12's stock kernel: kprobes, BTF (vmlinux and modules), conntrack and IPVS as modules.
     "linux-image-6.1.0-56-amd64",
+    // Debian 12's backported 6.12: the >= 6.10 `tcp_send_reset` tracepoint
+    // (with `reason`, firing for no-socket resets) together with kprobes and IPVS.
+    "linux-image-6.12.117+deb12-amd64",
 ];
 
 /// Host packages the VM test needs: QEMU, the initramfs tools, and the
@@ -42,6 +45,7 @@ const HOST_PACKAGES: &[&str] = &[
     "busybox-static",
     "cpio",
     "kmod",
+    "xz-utils",
     "ipvsadm",
     "iproute2",
     "iptables",
@@ -78,11 +82,11 @@ fn cache_dir() -> PathBuf {
 }
 
 /// The console logs the last run left, one per kernel package.
-pub fn console_logs() -> Vec<PathBuf> {
+pub fn console_logs() -> Vec<(&'static str, PathBuf)> {
     KERNEL_PACKAGES
         .iter()
-        .map(|k| cache_dir().join(k).join("console.log"))
-        .filter(|p| p.exists())
+        .map(|k| (*k, cache_dir().join(k).join("console.log")))
+        .filter(|(_, p)| p.exists())
         .collect()
 }
 
@@ -349,6 +353,23 @@ fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// Copies one kernel module, decompressing an `.xz` or `.zst` one.
+fn copy_module(from: &Path, to: &Path) -> Result<()> {
+    let tool = match from.extension().and_then(|e| e.to_str()) {
+        Some("xz") => "xz",
+        Some("zst") => "zstd",
+        _ => {
+            std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+            return Ok(());
+        }
+    };
+    let out = std::fs::File::create(to).with_context(|| format!("creating {}", to.display()))?;
+    run_status(
+        Command::new(tool).args(["-dc"]).arg(from).stdout(out),
+        &format!("{tool} -dc {}", from.display()),
+    )
+}
+
 fn path_str(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
@@ -388,9 +409,14 @@ fn build_initramfs(k: &Kernel, built: &Built, testbin: &Path, timeout: u64) -> R
             .unwrap()
             .to_string_lossy()
             .into_owned();
+        // busybox's insmod takes plain .ko files: newer packages (6.12)
+        // compress their modules.
+        let name = name
+            .strip_suffix(".xz")
+            .or_else(|| name.strip_suffix(".zst"))
+            .map_or(name.clone(), str::to_string);
         if !order.contains(&name) {
-            std::fs::copy(path, stage.join("modules").join(&name))
-                .with_context(|| format!("copying {path}"))?;
+            copy_module(Path::new(path), &stage.join("modules").join(&name))?;
             order.push(name);
         }
     }

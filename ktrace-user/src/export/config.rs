@@ -3,11 +3,15 @@
 //! [`ExportConfig`]. Pure: the environment comes in as a lookup function,
 //! so the rules are unit-tested without touching the process environment.
 //!
+//! The opentelemetry-otlp exporters read the rest of the variables
+//! themselves: `OTEL_EXPORTER_OTLP_{,LOGS_,METRICS_}ENDPOINT` (when no flag
+//! gives one), `..._HEADERS`, `..._TIMEOUT` and `..._COMPRESSION`. Only what
+//! the SDK lacks is here, each with the reason.
+//!
 //! Precedence (highest first):
-//! - endpoint: `--otlp-endpoint`, `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL;
-//!   `/v1/metrics` and `/v1/logs` are appended for HTTP); the signal
-//!   variables `OTEL_EXPORTER_OTLP_{METRICS,LOGS}_ENDPOINT` override one
-//!   signal's URL as-is, as the specification says. No endpoint: no export.
+//! - endpoint: `--otlp-endpoint` (used for both signals, `/v1/metrics` and
+//!   `/v1/logs` appended for HTTP), then the variables as the SDK reads
+//!   them. No endpoint anywhere: no export (the SDK would send to localhost).
 //! - protocol: `--otlp-protocol`, `OTEL_EXPORTER_OTLP_PROTOCOL`; else `grpc`
 //!   when the endpoint's port is 4317, `http/protobuf` otherwise.
 //! - resource: detected (`host.name`, kernel release, ...), then `NODE_NAME`,
@@ -63,7 +67,7 @@ pub struct ExportFlags {
     /// `--otlp-endpoint URL`.
     pub endpoint: Option<String>,
     /// `--otlp-protocol grpc|http/protobuf`.
-    pub protocol: Option<String>,
+    pub protocol: Option<Protocol>,
     /// `--node-name NAME` (a DaemonSet passes `spec.nodeName`).
     pub node_name: Option<String>,
 }
@@ -120,14 +124,8 @@ pub struct ExportConfig {
     pub protocol: Protocol,
     /// The endpoint as given (for messages).
     pub endpoint: String,
-    /// Where metrics go: the gRPC endpoint, or the full HTTP URL.
-    pub metrics_url: String,
-    /// Where log records go.
-    pub logs_url: String,
-    /// Extra request headers / gRPC metadata (`OTEL_EXPORTER_OTLP_HEADERS`).
-    pub headers: Vec<(String, String)>,
-    /// One export request's budget, retries included (`OTEL_EXPORTER_OTLP_TIMEOUT`, ms).
-    pub timeout: Duration,
+    /// Whether `--otlp-endpoint` gave it (then it wins over every variable).
+    pub endpoint_from_flag: bool,
     /// How often metrics are sent (`OTEL_METRIC_EXPORT_INTERVAL`, ms).
     pub metric_interval: Duration,
     /// How long a finding waits to be batched (`OTEL_BLRP_SCHEDULE_DELAY`, ms).
@@ -141,7 +139,6 @@ pub struct ExportConfig {
     pub signals: Signals,
 }
 
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_LOG_DELAY: Duration = Duration::from_millis(200);
 pub const DEFAULT_MAX_QUEUE: usize = 2048;
@@ -176,49 +173,29 @@ impl ExportConfig {
             (None, None) => return Ok(None),
         };
         let port = check_url(&endpoint, from)?;
-        let protocol = match (
-            flags.protocol.as_deref(),
-            var("OTEL_EXPORTER_OTLP_PROTOCOL"),
-        ) {
-            (Some(p), _) => {
-                Protocol::parse(p).map_err(|e| ConfigError(format!("--otlp-protocol: {e}")))?
+        if flag_endpoint.is_none() {
+            for signal_var in [
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+            ] {
+                if let Some(u) = var(signal_var) {
+                    check_url(&u, signal_var)?;
+                }
             }
+        }
+        // The SDK picks a transport from OTEL_EXPORTER_OTLP_PROTOCOL only when
+        // built by `build()`, silently falls back on a bad value, and has no
+        // default from the port: decided here.
+        let protocol = match (flags.protocol, var("OTEL_EXPORTER_OTLP_PROTOCOL")) {
+            (Some(p), _) => p,
             (None, Some(p)) => Protocol::parse(&p)
                 .map_err(|e| ConfigError(format!("OTEL_EXPORTER_OTLP_PROTOCOL: {e}")))?,
             (None, None) if port == 4317 => Protocol::Grpc,
             (None, None) => Protocol::HttpProtobuf,
         };
-        let signal_url = |signal_var: &str, path: &str| -> Result<String, ConfigError> {
-            // A flag wins over every variable; a signal variable is used as-is.
-            if flag_endpoint.is_none() {
-                if let Some(u) = var(signal_var) {
-                    check_url(&u, signal_var)?;
-                    return Ok(u);
-                }
-            }
-            Ok(match protocol {
-                Protocol::Grpc => endpoint.clone(),
-                Protocol::HttpProtobuf => format!("{}{path}", endpoint.trim_end_matches('/')),
-            })
-        };
-        let metrics_url = signal_url("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "/v1/metrics")?;
-        let logs_url = signal_url("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "/v1/logs")?;
-
-        let headers = match var("OTEL_EXPORTER_OTLP_HEADERS") {
-            Some(h) => parse_key_values(&h)
-                .map_err(|e| ConfigError(format!("OTEL_EXPORTER_OTLP_HEADERS: {e}")))?,
-            None => Vec::new(),
-        };
-        for (k, v) in &headers {
-            let key_ok = !k.is_empty()
-                && k.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
-            if !key_ok || v.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f) {
-                return Err(ConfigError(format!(
-                    "OTEL_EXPORTER_OTLP_HEADERS: {k:?} is not a valid header"
-                )));
-            }
-        }
+        // The batching variables: the SDK's BatchConfig keeps them private and
+        // its BatchLogProcessor drops a batch that fails, where ktrace keeps
+        // findings queued and retries (exporter.rs); so they are read here.
         let ms = |name: &str, default: Duration| -> Result<Duration, ConfigError> {
             match var(name) {
                 None => Ok(default),
@@ -254,10 +231,7 @@ impl ExportConfig {
         Ok(Some(ExportConfig {
             protocol,
             endpoint,
-            metrics_url,
-            logs_url,
-            headers,
-            timeout: ms("OTEL_EXPORTER_OTLP_TIMEOUT", DEFAULT_TIMEOUT)?,
+            endpoint_from_flag: flag_endpoint.is_some(),
             metric_interval: ms("OTEL_METRIC_EXPORT_INTERVAL", DEFAULT_METRIC_INTERVAL)?,
             log_delay: ms("OTEL_BLRP_SCHEDULE_DELAY", DEFAULT_LOG_DELAY)?,
             max_queue,
@@ -280,6 +254,19 @@ impl ExportConfig {
         )
     }
 
+    /// The URL to give the SDK's exporter for one signal (`path` is
+    /// `/v1/metrics` or `/v1/logs`): the flag's, or `None` to let the SDK
+    /// read the variables.
+    pub fn signal_endpoint(&self, path: &str) -> Option<String> {
+        if !self.endpoint_from_flag {
+            return None;
+        }
+        Some(match self.protocol {
+            Protocol::Grpc => self.endpoint.clone(),
+            Protocol::HttpProtobuf => format!("{}{path}", self.endpoint.trim_end_matches('/')),
+        })
+    }
+
     pub fn resource_value(&self, key: &str) -> Option<&str> {
         self.resource
             .iter()
@@ -289,45 +276,41 @@ impl ExportConfig {
 }
 
 /// Checks an endpoint URL: `http://host[:port][/path]`; returns its port.
+/// (The SDK would only fail at the first export, and on `https://` with a
+/// TLS error this build cannot avoid.)
 fn check_url(url: &str, from: &str) -> Result<u16, ConfigError> {
     let bad = |why: &str| ConfigError(format!("{from}: {url:?} {why}"));
-    let rest = if let Some(r) = url.strip_prefix("http://") {
-        r
-    } else if url.starts_with("https://") {
-        return Err(bad(
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| bad("is not a URL like http://collector:4317"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => return Err(bad(
             "uses TLS, which this build of ktrace does not include: send to a collector on the node or in the cluster over http:// (docs/otlp.md)",
-        ));
-    } else {
-        return Err(bad("is not a URL like http://collector:4317"));
-    };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.is_empty() || authority.contains('@') {
+        )),
+        _ => return Err(bad("is not a URL like http://collector:4317")),
+    }
+    let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
+    if uri.host().is_none_or(str::is_empty) || authority.contains('@') {
         return Err(bad("has no host"));
     }
-    let port = if let Some(v6) = authority.strip_prefix('[') {
-        match v6.split_once(']') {
-            Some((_, "")) => None,
-            Some((_, p)) => Some(
-                p.strip_prefix(':')
-                    .ok_or_else(|| bad("has a malformed port"))?,
-            ),
-            None => return Err(bad("has a malformed IPv6 address")),
-        }
-    } else {
-        authority.rsplit_once(':').map(|(_, p)| p)
-    };
-    match port {
-        None => Ok(80),
+    match uri.port() {
         Some(p) => p
+            .as_str()
             .parse::<u16>()
             .ok()
             .filter(|&p| p != 0)
             .ok_or_else(|| bad("has a malformed port")),
+        // A port that is not a u16 leaves more than the host in the authority.
+        None if Some(authority) != uri.host() => Err(bad("has a malformed port")),
+        None => Ok(80),
     }
 }
 
 /// `key1=value1,key2=value2` (W3C baggage-like, values percent-encoded), as
-/// `OTEL_EXPORTER_OTLP_HEADERS` and `OTEL_RESOURCE_ATTRIBUTES` use it.
+/// `OTEL_RESOURCE_ATTRIBUTES` uses it. Not the SDK's EnvResourceDetector:
+/// it does not percent-decode, and cannot be put below OTEL_SERVICE_NAME and
+/// --node-name in precedence without also taking its `unknown_service`.
 /// Empty members are skipped; a member without `=` or with an empty key is an error.
 pub fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out: Vec<(String, String)> = Vec::new();
@@ -504,19 +487,26 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(c.protocol, Protocol::Grpc);
-        assert_eq!(c.metrics_url, "http://collector:4317");
-        assert_eq!(c.logs_url, "http://collector:4317");
+        assert_eq!(
+            c.signal_endpoint("/v1/metrics").as_deref(),
+            Some("http://collector:4317")
+        );
         let c = resolve(&flag("http://collector:4318/"), &[])
             .unwrap()
             .unwrap();
         assert_eq!(c.protocol, Protocol::HttpProtobuf);
-        assert_eq!(c.metrics_url, "http://collector:4318/v1/metrics");
-        assert_eq!(c.logs_url, "http://collector:4318/v1/logs");
+        assert_eq!(
+            c.signal_endpoint("/v1/metrics").as_deref(),
+            Some("http://collector:4318/v1/metrics")
+        );
         let c = resolve(&flag("http://[::1]:9000/otlp"), &[])
             .unwrap()
             .unwrap();
         assert_eq!(c.protocol, Protocol::HttpProtobuf);
-        assert_eq!(c.logs_url, "http://[::1]:9000/otlp/v1/logs");
+        assert_eq!(
+            c.signal_endpoint("/v1/logs").as_deref(),
+            Some("http://[::1]:9000/otlp/v1/logs")
+        );
     }
 
     #[test]
@@ -539,7 +529,7 @@ mod tests {
         let c = resolve(
             &ExportFlags {
                 endpoint: Some("http://127.0.0.1:5555".into()),
-                protocol: Some("http/protobuf".into()),
+                protocol: Some(Protocol::HttpProtobuf),
                 node_name: None,
             },
             &[
@@ -551,8 +541,11 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(c.protocol, Protocol::HttpProtobuf);
-        assert_eq!(c.logs_url, "http://127.0.0.1:5555/v1/logs");
-        // Without a flag, a signal's own variable is used as-is.
+        assert_eq!(
+            c.signal_endpoint("/v1/logs").as_deref(),
+            Some("http://127.0.0.1:5555/v1/logs")
+        );
+        // Without a flag, the SDK reads the endpoint variables itself.
         let c = resolve(
             &ExportFlags::default(),
             &[
@@ -565,8 +558,20 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(c.logs_url, "http://loki:3100/otlp/v1/logs");
-        assert_eq!(c.metrics_url, "http://c:4318/v1/metrics");
+        assert_eq!(c.signal_endpoint("/v1/logs"), None);
+        assert_eq!(c.endpoint, "http://c:4318");
+        let e = resolve(
+            &ExportFlags::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "https://m:4318"),
+            ],
+        )
+        .unwrap_err();
+        assert!(
+            e.0.starts_with("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -577,15 +582,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("http/json is not supported"), "{e}");
-        let e = resolve(
-            &ExportFlags {
-                protocol: Some("thrift".into()),
-                ..flag("http://c:4318")
-            },
-            &[],
-        )
-        .unwrap_err();
-        assert!(e.0.starts_with("--otlp-protocol"), "{e}");
         for bad in [
             "collector:4317",
             "https://c:4317",
@@ -602,37 +598,6 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
-    }
-
-    #[test]
-    fn headers_are_parsed_and_percent_decoded() {
-        let c = resolve(
-            &flag("http://c:4317"),
-            &[(
-                "OTEL_EXPORTER_OTLP_HEADERS",
-                " Authorization=Basic%20dXNlcjpwYXNz , x-scope-orgid=tenant-1,,x-scope-orgid=tenant-2",
-            )],
-        )
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            c.headers,
-            vec![
-                (
-                    "Authorization".to_string(),
-                    "Basic dXNlcjpwYXNz".to_string()
-                ),
-                ("x-scope-orgid".to_string(), "tenant-2".to_string()),
-            ]
-        );
-        for bad in ["novalue", "=v", "a=%zz", "bad key=v", "k=a%0Ab"] {
-            let e = resolve(
-                &flag("http://c:4317"),
-                &[("OTEL_EXPORTER_OTLP_HEADERS", bad)],
-            )
-            .unwrap_err();
-            assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_HEADERS"), "{bad}: {e}");
-        }
     }
 
     #[test]
@@ -700,7 +665,6 @@ mod tests {
     #[test]
     fn timings_and_queue_sizes() {
         let c = resolve(&flag("http://c:4317"), &[]).unwrap().unwrap();
-        assert_eq!(c.timeout, DEFAULT_TIMEOUT);
         assert_eq!(c.metric_interval, DEFAULT_METRIC_INTERVAL);
         assert_eq!(
             (c.max_queue, c.max_batch),
@@ -709,7 +673,6 @@ mod tests {
         let c = resolve(
             &flag("http://c:4317"),
             &[
-                ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
                 ("OTEL_METRIC_EXPORT_INTERVAL", "500"),
                 ("OTEL_BLRP_SCHEDULE_DELAY", "50"),
                 ("OTEL_BLRP_MAX_QUEUE_SIZE", "100"),
@@ -718,16 +681,15 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!(c.timeout, Duration::from_millis(2500));
         assert_eq!(c.metric_interval, Duration::from_millis(500));
         assert_eq!(c.log_delay, Duration::from_millis(50));
         assert_eq!((c.max_queue, c.max_batch), (100, 100));
         let e = resolve(
             &flag("http://c:4317"),
-            &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")],
+            &[("OTEL_BLRP_SCHEDULE_DELAY", "1s")],
         )
         .unwrap_err();
-        assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_TIMEOUT"), "{e}");
+        assert!(e.0.starts_with("OTEL_BLRP_SCHEDULE_DELAY"), "{e}");
         let e = resolve(&flag("http://c:4317"), &[("OTEL_BLRP_MAX_QUEUE_SIZE", "0")]).unwrap_err();
         assert!(e.0.starts_with("OTEL_BLRP_MAX_QUEUE_SIZE"), "{e}");
     }

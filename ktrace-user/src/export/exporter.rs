@@ -13,7 +13,7 @@
 //! refusing only delays the exporter thread. Memory is bounded by the queue
 //! (`OTEL_BLRP_MAX_QUEUE_SIZE` records) and the metric attribute sets.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::logs::{Logger as _, LoggerProvider as _};
 use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::{
     LogBatch, LogExporter as _, LogProcessor, SdkLogRecord, SdkLogger, SdkLoggerProvider,
@@ -431,97 +431,47 @@ struct Worker {
     closing: bool,
 }
 
-fn metadata(
-    headers: &[(String, String)],
-) -> Result<opentelemetry_otlp::tonic_types::metadata::MetadataMap, String> {
-    let mut map = http::HeaderMap::new();
-    for (k, v) in headers {
-        let name = http::HeaderName::from_bytes(k.to_ascii_lowercase().as_bytes())
-            .map_err(|e| format!("header {k:?}: {e}"))?;
-        let value = http::HeaderValue::from_str(v).map_err(|e| format!("header {k:?}: {e}"))?;
-        map.append(name, value);
-    }
-    Ok(opentelemetry_otlp::tonic_types::metadata::MetadataMap::from_headers(map))
-}
-
 type Exporters = (
     Option<opentelemetry_otlp::LogExporter>,
     Option<opentelemetry_otlp::MetricExporter>,
 );
 
+/// The transport and, when a flag gave it, the endpoint; headers, timeouts
+/// and the endpoint variables are left to the SDK, which reads them itself.
+fn transport<B: WithExportConfig>(b: B, cfg: &ExportConfig, path: &str) -> B {
+    let b = b.with_protocol(match cfg.protocol {
+        Protocol::Grpc => opentelemetry_otlp::Protocol::Grpc,
+        Protocol::HttpProtobuf => opentelemetry_otlp::Protocol::HttpBinary,
+    });
+    match cfg.signal_endpoint(path) {
+        Some(url) => b.with_endpoint(url),
+        None => b,
+    }
+}
+
 /// Builds the OTLP exporters (inside the thread's runtime: gRPC channels
 /// are created lazily on it).
 fn build_exporters(cfg: &ExportConfig) -> Result<Exporters, String> {
     use opentelemetry_otlp::{LogExporter, MetricExporter};
-    let e =
-        |what: &str, err: opentelemetry_otlp::ExporterBuildError| format!("{what} exporter: {err}");
-    let (logs, metrics) = match cfg.protocol {
-        Protocol::Grpc => {
-            let md = metadata(&cfg.headers)?;
-            let logs = if cfg.signals.logs {
-                Some(
-                    LogExporter::builder()
-                        .with_tonic()
-                        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
-                        .with_endpoint(cfg.logs_url.clone())
-                        .with_timeout(cfg.timeout)
-                        .with_metadata(md.clone())
-                        .build()
-                        .map_err(|x| e("log", x))?,
-                )
-            } else {
-                None
-            };
-            let metrics = if cfg.signals.metrics {
-                Some(
-                    MetricExporter::builder()
-                        .with_tonic()
-                        .with_protocol(opentelemetry_otlp::Protocol::Grpc)
-                        .with_endpoint(cfg.metrics_url.clone())
-                        .with_timeout(cfg.timeout)
-                        .with_metadata(md)
-                        .with_temporality(Temporality::Cumulative)
-                        .build()
-                        .map_err(|x| e("metric", x))?,
-                )
-            } else {
-                None
-            };
-            (logs, metrics)
-        }
-        Protocol::HttpProtobuf => {
-            let headers: HashMap<String, String> = cfg.headers.iter().cloned().collect();
-            let logs = if cfg.signals.logs {
-                Some(
-                    LogExporter::builder()
-                        .with_http()
-                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                        .with_endpoint(cfg.logs_url.clone())
-                        .with_timeout(cfg.timeout)
-                        .with_headers(headers.clone())
-                        .build()
-                        .map_err(|x| e("log", x))?,
-                )
-            } else {
-                None
-            };
-            let metrics = if cfg.signals.metrics {
-                Some(
-                    MetricExporter::builder()
-                        .with_http()
-                        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                        .with_endpoint(cfg.metrics_url.clone())
-                        .with_timeout(cfg.timeout)
-                        .with_headers(headers)
-                        .with_temporality(Temporality::Cumulative)
-                        .build()
-                        .map_err(|x| e("metric", x))?,
-                )
-            } else {
-                None
-            };
-            (logs, metrics)
-        }
+    let logs = if cfg.signals.logs {
+        let b = LogExporter::builder();
+        let built = match cfg.protocol {
+            Protocol::Grpc => transport(b.with_tonic(), cfg, "/v1/logs").build(),
+            Protocol::HttpProtobuf => transport(b.with_http(), cfg, "/v1/logs").build(),
+        };
+        Some(built.map_err(|e| format!("log exporter: {e}"))?)
+    } else {
+        None
+    };
+    let metrics = if cfg.signals.metrics {
+        let b = MetricExporter::builder().with_temporality(Temporality::Cumulative);
+        let built = match cfg.protocol {
+            Protocol::Grpc => transport(b.with_tonic(), cfg, "/v1/metrics").build(),
+            Protocol::HttpProtobuf => transport(b.with_http(), cfg, "/v1/metrics").build(),
+        };
+        Some(built.map_err(|e| format!("metric exporter: {e}"))?)
+    } else {
+        None
     };
     Ok((logs, metrics))
 }
@@ -824,7 +774,7 @@ mod tests {
     fn a_dead_endpoint_never_blocks_and_every_drop_is_counted() {
         let flags = ExportFlags {
             endpoint: Some(dead_endpoint()),
-            protocol: Some("grpc".into()),
+            protocol: Some(crate::export::Protocol::Grpc),
             node_name: None,
         };
         let env = |k: &str| match k {

@@ -5,7 +5,7 @@ use std::io::Write;
 
 use super::{PipelineError, Sink};
 use crate::clock::WallClock;
-use crate::engine::{Engine, Finding};
+use crate::engine::{Engine, Finding, FindingKind};
 use crate::event::Event;
 use crate::hooks::HookStatus;
 use crate::output::{Renderer, StatusInfo};
@@ -26,6 +26,11 @@ pub struct Pipeline<W: Write> {
     pub live: bool,
     /// OTLP export of events (as counters) and findings (see `export`).
     pub exporter: Option<crate::export::Exporter>,
+    /// Only findings about this Service are passed on (`demo`: the hooks
+    /// see the whole host, the demo speaks of its own namespaces only).
+    pub only_service: Option<std::net::SocketAddr>,
+    /// Findings passed on so far, by kind.
+    pub emitted: std::collections::HashMap<FindingKind, u64>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -38,6 +43,8 @@ impl<W: Write> Pipeline<W> {
             print_window: (0, u64::MAX),
             live: false,
             exporter: None,
+            only_service: None,
+            emitted: Default::default(),
         }
     }
 
@@ -142,7 +149,11 @@ impl<W: Write> Pipeline<W> {
 
     fn emit_findings(&mut self) -> std::io::Result<()> {
         for f in self.findings.drain(..) {
+            if self.only_service.is_some() && f.service != self.only_service {
+                continue;
+            }
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
+                *self.emitted.entry(f.kind()).or_default() += 1;
                 if let Some(x) = &self.exporter {
                     x.finding(&f);
                 }

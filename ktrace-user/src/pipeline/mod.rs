@@ -59,4 +59,8 @@ pub trait Sink {
     fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError>;
     fn flush(&mut self) -> Result<(), PipelineError>;
     fn finish(&mut self) -> Result<(), PipelineError>;
+    /// Checked at every tick: true stops the source as a signal would.
+    fn done(&mut self) -> bool {
+        false
+    }
 }

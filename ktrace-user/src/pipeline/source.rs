@@ -230,6 +230,9 @@ async fn source_loop(
                 }
                 sink.tick(now)?;
                 sink.flush()?;
+                if sink.done() {
+                    break;
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
