@@ -7,8 +7,8 @@
 //! answering the backend's un-NATed reply with a reset.
 //!
 //! Rules are read from three sources: iptables-legacy and iptables-nft (both
-//! in `iptables-save` format) and the native nftables ruleset (`nft list
-//! ruleset`). Where they come from (tools, or files of a dump) is described
+//! in `iptables-save` format) and the native nftables ruleset (`nft -j list
+//! ruleset`, JSON). Where they come from (tools, or files of a dump) is described
 //! in [`crate::doctor`]. A rule counts when:
 //! - iptables: it matches `-m conntrack --ctstate` or `-m state --state` with
 //!   `INVALID` in the list (not negated) and jumps to `DROP` or `REJECT`, in
@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{Check, Ctx, ReadError, Status};
 
@@ -276,7 +276,7 @@ fn live_sources(ctx: &Ctx) -> Vec<Source> {
         }
     }
     if have("nft") {
-        out.push(nft_source(run_tool("nft", &["list", "ruleset"])));
+        out.push(nft_source(run_tool("nft", &["-j", "list", "ruleset"])));
     } else {
         out.push(Source::Unknown {
             name: "nftables".into(),
@@ -323,7 +323,7 @@ fn dump_sources(ctx: &Ctx) -> Vec<Source> {
             ),
         });
     }
-    match ctx.fs.read(&format!("{dir}/nft-ruleset.txt")) {
+    match ctx.fs.read(&format!("{dir}/nft-ruleset.json")) {
         Ok(text) => out.push(nft_source(Ok(text))),
         Err(e) if e.is_missing() => out.push(Source::Unknown {
             name: "nftables".into(),
@@ -373,7 +373,7 @@ fn iptables_source(name: &str, text: Result<String, String>) -> Source {
 }
 
 fn nft_source(text: Result<String, String>) -> Source {
-    match text.and_then(|t| parse_nft_ruleset(&t)) {
+    match text.and_then(|t| parse_nft_json(&t)) {
         Ok(p) => Source::Read {
             name: "nftables".into(),
             rules: p.rules,
@@ -674,103 +674,50 @@ fn reachability(
     reached
 }
 
-/// Parses `nft list ruleset` output.
-pub fn parse_nft_ruleset(text: &str) -> Result<Parsed, String> {
+/// Parses `nft -j list ruleset` output (libnftables' JSON schema).
+pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
     #[derive(Default)]
     struct Table {
-        family: String,
-        name: String,
         edges: HashMap<String, BTreeSet<String>>,
-        // base chain -> hook label
+        /// Base chain -> hook, for the base chains whose INVALID drops protect.
         bases: BTreeMap<String, String>,
         candidates: Vec<(String, String)>,
     }
-    let mut tables: Vec<Table> = Vec::new();
-    let mut depth: i64 = 0;
-    let mut in_table = false;
-    let mut chain: Option<String> = None;
+    let doc: Value = serde_json::from_str(text)
+        .map_err(|e| format!("not `nft -j list ruleset` output ({e})"))?;
+    let items = doc
+        .get("nftables")
+        .and_then(Value::as_array)
+        .ok_or("not `nft -j list ruleset` output (no \"nftables\" array)")?;
+    let mut tables: BTreeMap<(String, String), Table> = BTreeMap::new();
     let mut rules = 0usize;
-    let mut strange = 0usize;
-    let mut recognised = 0usize;
-    for raw in text.lines() {
-        let line = strip_quoted(raw.trim());
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let opens = line.matches('{').count() as i64;
-        let closes = line.matches('}').count() as i64;
-        if depth == 0 {
-            if let Some(rest) = line.strip_prefix("table ") {
-                let mut w = rest.split_whitespace().filter(|w| *w != "{");
-                let (family, name) = match (w.next(), w.next()) {
-                    (Some(f), Some(n)) => (f.to_string(), n.to_string()),
-                    // `table NAME {` means family ip.
-                    (Some(n), None) => ("ip".to_string(), n.to_string()),
-                    _ => {
-                        strange += 1;
-                        (String::new(), String::new())
-                    }
-                };
-                tables.push(Table {
-                    family,
-                    name,
-                    ..Default::default()
-                });
-                in_table = true;
-                recognised += 1;
-            } else if line != "}" {
-                strange += 1;
+    let str_of = |o: &Value, k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    for item in items {
+        if let Some(c) = item.get("chain") {
+            let t = tables
+                .entry((str_of(c, "family"), str_of(c, "table")))
+                .or_default();
+            if let Some(hook) = protecting_hook(c) {
+                t.bases.insert(str_of(c, "name"), hook);
             }
-        } else if depth == 1 && in_table {
-            if let Some(rest) = line.strip_prefix("chain ") {
-                chain = rest
-                    .split_whitespace()
-                    .next()
-                    .filter(|n| *n != "{")
-                    .map(str::to_string);
-                recognised += 1;
-            }
-        } else if depth == 2 && in_table {
-            if let (Some(c), Some(t)) = (&chain, tables.last_mut()) {
-                if line.starts_with("type ") {
-                    if let Some(hook) = nft_base_hook(line) {
-                        t.bases.insert(c.clone(), hook);
-                    }
-                } else if !line.starts_with("policy ")
-                    && !line.starts_with("comment ")
-                    && !line.starts_with('}')
-                {
-                    rules += 1;
-                    let words = nft_words(line);
-                    for target in nft_jumps(&words) {
-                        t.edges.entry(c.clone()).or_default().insert(target);
-                    }
-                    if nft_drops_invalid(&words) {
-                        t.candidates.push((c.clone(), raw.trim().to_string()));
-                    }
-                }
+        } else if let Some(r) = item.get("rule") {
+            rules += 1;
+            let t = tables
+                .entry((str_of(r, "family"), str_of(r, "table")))
+                .or_default();
+            let chain = str_of(r, "chain");
+            let expr = r.get("expr").cloned().unwrap_or(Value::Null);
+            let mut targets = Vec::new();
+            jump_targets(&expr, &mut targets);
+            t.edges.entry(chain.clone()).or_default().extend(targets);
+            if drops_invalid(&expr) {
+                t.candidates.push((chain, expr.to_string()));
             }
         }
-        depth += opens - closes;
-        if depth < 0 {
-            depth = 0;
-        }
-        if depth <= 1 {
-            chain = None;
-        }
-        if depth == 0 {
-            in_table = false;
-        }
-    }
-    if recognised == 0 && strange > 0 {
-        return Err(format!(
-            "not `nft list ruleset` output ({strange} unrecognised lines)"
-        ));
     }
     let mut drops = Vec::new();
-    for t in &tables {
-        if !matches!(t.family.as_str(), "ip" | "ip6" | "inet") {
+    for ((family, table), t) in &tables {
+        if !matches!(family.as_str(), "ip" | "ip6" | "inet") {
             continue;
         }
         let reached = reachability(
@@ -780,8 +727,8 @@ pub fn parse_nft_ruleset(text: &str) -> Result<Parsed, String> {
         for (chain, rule) in &t.candidates {
             drops.push(InvalidDrop {
                 source: "nftables".into(),
-                family: t.family.clone(),
-                table: t.name.clone(),
+                family: family.clone(),
+                table: table.clone(),
                 chain: chain.clone(),
                 rule: rule.clone(),
                 reached_from: reached
@@ -794,166 +741,74 @@ pub fn parse_nft_ruleset(text: &str) -> Result<Parsed, String> {
     Ok(Parsed { rules, drops })
 }
 
-/// The line with `"..."` strings blanked (comments may hold braces).
-fn strip_quoted(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut quoted = false;
-    let mut escaped = false;
-    for c in line.chars() {
-        if quoted {
-            if escaped {
-                escaped = false;
-            } else if c == '\\' {
-                escaped = true;
-            } else if c == '"' {
-                quoted = false;
-                out.push('"');
-            }
-            continue;
-        }
-        if c == '"' {
-            quoted = true;
-        }
-        out.push(c);
-    }
-    out
-}
-
-/// Words of an nft rule, with `{ } , : ;` as words of their own.
-fn nft_words(line: &str) -> Vec<String> {
-    let mut spaced = String::with_capacity(line.len() + 16);
-    for c in line.chars() {
-        if matches!(c, '{' | '}' | ',' | ':' | ';') {
-            spaced.push(' ');
-            spaced.push(c);
-            spaced.push(' ');
-        } else {
-            spaced.push(c);
-        }
-    }
-    spaced.split_whitespace().map(str::to_string).collect()
-}
-
-/// `type filter hook forward priority filter;` → the hook, when an INVALID
-/// drop in this base chain protects (forward, input, or prerouting after
-/// conntrack).
-fn nft_base_hook(line: &str) -> Option<String> {
-    let words = nft_words(line);
-    let hook = words
-        .iter()
-        .position(|w| w == "hook")
-        .and_then(|i| words.get(i + 1))?
-        .clone();
-    match hook.as_str() {
-        "forward" | "input" => Some(hook),
-        "prerouting" => {
-            let prio = words
-                .iter()
-                .position(|w| w == "priority")
-                .map(|i| nft_priority(&words[i + 1..]))
-                .unwrap_or(Some(0));
-            // Conntrack runs at -200: before it, `ct state` means nothing.
-            match prio {
-                Some(p) if p > -200 => Some(hook),
-                _ => None,
-            }
-        }
+/// The hook of a base chain whose INVALID drops protect: forward, input,
+/// or prerouting after conntrack (which runs at priority -200; before it
+/// `ct state` means nothing).
+fn protecting_hook(chain: &Value) -> Option<String> {
+    let hook = chain.get("hook")?.as_str()?;
+    let prio = chain.get("prio").and_then(Value::as_i64).unwrap_or(0);
+    match hook {
+        "forward" | "input" => Some(hook.to_string()),
+        "prerouting" if prio > -200 => Some(hook.to_string()),
         _ => None,
     }
 }
 
-/// Evaluates `filter`, `mangle - 5`, `-150`, ... up to `;`.
-fn nft_priority(words: &[String]) -> Option<i64> {
-    let mut it = words.iter().take_while(|w| *w != ";");
-    let first = it.next()?;
-    let mut value = match first.as_str() {
-        "raw" => -300,
-        "mangle" => -150,
-        "dstnat" => -100,
-        "filter" => 0,
-        "security" => 50,
-        "srcnat" => 100,
-        n => n.parse().ok()?,
-    };
-    while let (Some(op), Some(n)) = (it.next(), it.next()) {
-        let n: i64 = n.parse().ok()?;
-        match op.as_str() {
-            "+" => value += n,
-            "-" => value -= n,
-            _ => return None,
+/// Chains a rule jumps or goes to, anywhere in it (verdict maps too).
+fn jump_targets(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(o) => {
+            for (k, x) in o {
+                match (k.as_str(), x.get("target").and_then(Value::as_str)) {
+                    ("jump" | "goto", Some(t)) => out.push(t.to_string()),
+                    _ => jump_targets(x, out),
+                }
+            }
         }
-    }
-    Some(value)
-}
-
-/// Chains a rule jumps or goes to (also inside verdict maps).
-fn nft_jumps(words: &[String]) -> Vec<String> {
-    words
-        .windows(2)
-        .filter(|w| w[0] == "jump" || w[0] == "goto")
-        .map(|w| w[1].clone())
-        .collect()
-}
-
-/// `ct state [==] invalid|a,b|{ a, b } ... drop|reject`, or
-/// `ct state vmap { invalid : drop, ... }`.
-fn nft_drops_invalid(words: &[String]) -> bool {
-    let Some(i) = words
-        .windows(2)
-        .position(|w| w[0] == "ct" && w[1] == "state")
-    else {
-        return false;
-    };
-    let mut j = i + 2;
-    match words.get(j).map(String::as_str) {
-        Some("vmap") => {
-            // { key : verdict , ... }
-            let body: Vec<&String> = words[j + 1..]
-                .iter()
-                .skip_while(|w| *w == "{")
-                .take_while(|w| *w != "}")
-                .collect();
-            return body.split(|w| *w == ",").any(|entry| {
-                let mut parts = entry.split(|w| *w == ":");
-                let keys = parts.next().unwrap_or(&[]);
-                let verdict = parts.next().unwrap_or(&[]);
-                keys.iter().any(|k| *k == "invalid")
-                    && verdict.iter().any(|v| *v == "drop" || *v == "reject")
-            });
-        }
-        Some("!=") => return false,
-        Some("==") => j += 1,
+        Value::Array(a) => a.iter().for_each(|x| jump_targets(x, out)),
         _ => {}
     }
-    let mut states = Vec::new();
-    let mut rest_start = j;
-    if words.get(j).is_some_and(|w| w == "{") {
-        for (k, w) in words.iter().enumerate().skip(j + 1) {
-            if w == "}" {
-                rest_start = k + 1;
-                break;
-            }
-            states.push(w.clone());
-            rest_start = k + 1;
-        }
-    } else {
-        // `invalid` or `invalid , untracked` (nft prints flag lists with commas).
-        let mut k = j;
-        while let Some(w) = words.get(k) {
-            states.push(w.clone());
-            if words.get(k + 1).is_some_and(|n| n == ",") {
-                k += 2;
-            } else {
-                k += 1;
-                break;
-            }
-        }
-        rest_start = k;
+}
+
+fn is_ct_state(v: &Value) -> bool {
+    v.pointer("/ct/key").and_then(Value::as_str) == Some("state")
+}
+
+/// `"invalid"`, `["invalid", ...]` or `{"set": ["invalid", ...]}`.
+fn has_invalid(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s == "invalid",
+        Value::Array(a) => a.iter().any(has_invalid),
+        Value::Object(o) => o.get("set").is_some_and(has_invalid),
+        _ => false,
     }
-    states.iter().any(|s| s == "invalid")
-        && words
-            .get(rest_start..)
-            .is_some_and(|rest| rest.iter().any(|w| w == "drop" || w == "reject"))
+}
+
+fn is_drop(v: &Value) -> bool {
+    v.get("drop").is_some() || v.get("reject").is_some()
+}
+
+/// `ct state invalid ... drop|reject` (not `!=`), or a `ct state` verdict
+/// map sending `invalid` to drop or reject.
+fn drops_invalid(expr: &Value) -> bool {
+    let Some(stmts) = expr.as_array() else {
+        return false;
+    };
+    let matched = stmts.iter().any(|s| {
+        s.get("match")
+            .is_some_and(|m| is_ct_state(&m["left"]) && m["op"] != "!=" && has_invalid(&m["right"]))
+    });
+    let vmap = stmts.iter().any(|s| {
+        s.get("vmap").is_some_and(|m| {
+            is_ct_state(&m["key"])
+                && m.pointer("/data/set")
+                    .and_then(Value::as_array)
+                    .is_some_and(|entries| {
+                        entries.iter().any(|e| has_invalid(&e[0]) && is_drop(&e[1]))
+                    })
+        })
+    });
+    vmap || (matched && stmts.iter().any(is_drop))
 }
 
 #[cfg(test)]
@@ -1004,68 +859,39 @@ COMMIT\n";
 
     #[test]
     fn nft_forms() {
-        let text = r#"table inet filter {
-	set blocked {
-		type ipv4_addr
-		elements = { 10.0.0.1, 10.0.0.2 }
-	}
-	chain input {
-		type filter hook input priority filter; policy accept;
-		ct state vmap { invalid : drop, established : accept, related : accept }
-	}
-	chain forward {
-		type filter hook forward priority filter + 10; policy drop;
-		jump kube
-	}
-	chain kube {
-		ct state { invalid, untracked } counter packets 0 bytes 0 drop comment "x { y"
-	}
-	chain orphan {
-		ct state invalid drop
-	}
-	chain neg {
-		ct state != invalid drop
-	}
-	chain early {
-		type filter hook prerouting priority raw; policy accept;
-		ct state invalid drop
-	}
-}
-table ip6 f6 {
-	chain fwd {
-		type filter hook forward priority 0; policy accept;
-		ct state invalid,untracked drop
-	}
-}
-table netdev nd {
-	chain ingress {
-		type filter hook ingress device "eth0" priority 0;
-		ct state invalid drop
-	}
-}
-"#;
-        let p = parse_nft_ruleset(text).unwrap();
+        // `nft -j list ruleset` of a ruleset with each form (nftables 1.0.6).
+        let p = parse_nft_json(include_str!("nft-forms.json")).unwrap();
         let by_chain: HashMap<_, _> = p.drops.iter().map(|d| (d.chain.as_str(), d)).collect();
-        assert!(by_chain["input"].protects());
-        assert!(by_chain["kube"].protects());
+        assert!(by_chain["input"].protects(), "verdict map");
+        assert!(
+            by_chain["kube"].protects(),
+            "anonymous set, reached by jump"
+        );
         assert_eq!(by_chain["kube"].reached_from, vec!["forward".to_string()]);
+        assert!(
+            by_chain["late"].protects(),
+            "list, reject, mangle prerouting"
+        );
         assert!(!by_chain["orphan"].protects());
         assert!(!by_chain.contains_key("neg"));
         assert!(
             !by_chain["early"].protects(),
             "raw priority is before conntrack"
         );
-        assert!(!by_chain["fwd"].protects(), "ip6 only");
-        assert!(by_chain["fwd"].reached_from == vec!["forward".to_string()]);
-        assert!(!by_chain.contains_key("ingress"));
+        assert!(!by_chain["fwd6"].protects(), "ip6 only");
+        assert_eq!(by_chain["fwd6"].reached_from, vec!["forward".to_string()]);
+        assert_eq!(p.drops.len(), 6, "{:?}", p.drops);
+        assert_eq!(p.rules, 10);
     }
 
     #[test]
     fn nft_garbage_and_empty() {
-        assert!(parse_nft_ruleset("}}}} {{ nonsense\n").is_err());
-        assert_eq!(parse_nft_ruleset("").unwrap().rules, 0);
-        let p = parse_nft_ruleset("table ip t {\nchain c {\nct state\nct state vmap {\n").unwrap();
-        assert!(p.drops.is_empty());
+        assert!(parse_nft_json("}}}} {{ nonsense\n").is_err());
+        assert!(parse_nft_json("{\"tables\": []}").is_err());
+        let empty = r#"{"nftables": [{"metainfo": {"json_schema_version": 1}}]}"#;
+        assert_eq!(parse_nft_json(empty).unwrap().rules, 0);
+        let odd = r#"{"nftables": [{"rule": {"expr": 3}}, {"rule": {}}, {"chain": 1}]}"#;
+        assert!(parse_nft_json(odd).unwrap().drops.is_empty());
     }
 
     #[test]
