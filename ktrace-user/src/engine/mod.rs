@@ -18,9 +18,8 @@
 pub mod endpoints;
 pub mod finding;
 pub mod flows;
+pub mod pending;
 pub mod storm;
-
-use std::collections::VecDeque;
 
 use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +29,7 @@ use crate::event::{Event, EventBody};
 use finding::{CtVerdict, UnnatedBasis};
 pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use flows::{flow_flags, Ep, FlowKey, FlowTable, TCP};
+use pending::{Pending, PendingReset};
 use storm::{Phase, StormReport, StormTracker};
 
 const SEC: u64 = 1_000_000_000;
@@ -111,15 +111,6 @@ pub struct EngineStats {
     pub pending_dropped: u64,
 }
 
-/// A no-socket reset nothing explained yet.
-#[derive(Debug, Clone, Copy)]
-struct PendingReset {
-    ts: u64,
-    netns: u32,
-    src: SocketAddr,
-    dst: SocketAddr,
-}
-
 #[derive(Debug, Clone)]
 struct InvalidSeen {
     ts: u64,
@@ -179,8 +170,7 @@ pub struct Engine {
     invalid: HashMap<Ep, InvalidSeen>,
     /// Unexplained resets by the endpoint that may be a client (both ends),
     /// with a FIFO of keys for expiry.
-    pending: HashMap<Ep, PendingReset>,
-    pending_order: VecDeque<(u64, Ep)>,
+    pending: Pending,
     table_full: Option<Repeat>,
     quiescent: HashMap<(Ep, Ep), Repeat>,
     /// Latest persistence template per (client IP, service): real server.
@@ -226,8 +216,7 @@ impl Engine {
             flows: FlowTable::new(cfg.max_flows, cfg.flow_ttl_ns),
             storms: StormTracker::new(cfg.storm_threshold, cfg.storm_window_ns, STORM_KEYS),
             invalid: HashMap::default(),
-            pending: HashMap::default(),
-            pending_order: VecDeque::new(),
+            pending: Pending::new(MAX_PENDING, cfg.reorder_ns),
             table_full: None,
             quiescent: HashMap::default(),
             templates: HashMap::default(),
@@ -255,6 +244,7 @@ impl Engine {
             flows_tracked: f.tracked,
             flows_evicted_by_age: f.evicted_by_age,
             flows_evicted_by_count: f.evicted_by_count,
+            pending_dropped: self.pending.dropped,
             ..self.stats.clone()
         }
     }
@@ -401,16 +391,6 @@ impl Engine {
     /// Time passes: pending resets expire, storms end, idle flows go.
     pub fn tick(&mut self, now: u64, out: &mut Vec<Finding>) {
         self.last_tick = self.last_tick.max(now.min(u64::MAX - SEC));
-        let horizon = now.saturating_sub(self.cfg.reorder_ns);
-        while let Some(&(ts, key)) = self.pending_order.front() {
-            if ts >= horizon {
-                break;
-            }
-            self.pending_order.pop_front();
-            if self.pending.get(&key).is_some_and(|p| p.ts == ts) {
-                self.pending.remove(&key);
-            }
-        }
         if !self.held.is_empty() {
             // Past their deadline with no counter sample citing them.
             let (due, keep): (Vec<_>, Vec<_>) = self
@@ -466,11 +446,10 @@ impl Engine {
             return;
         }
         // A re-mapping: a reset from the new backend may already be waiting.
-        if let Some(p) = self.pending.get(&key.client).copied() {
-            if Ep::new(p.dst) == key.client && p.src == backend {
-                self.pending.remove(&key.client);
-                self.on_no_socket_reset(p.ts, p.netns, p.src, p.dst, None, out);
-            }
+        let backend = Ep::new(backend);
+        if let Some(p) = self.pending.take(key.client, ts, |p| p.src == backend) {
+            let (src, dst) = (p.src.get(), p.dst.get());
+            self.on_no_socket_reset(p.ts, p.netns, src, dst, None, out);
         }
     }
 
@@ -540,34 +519,12 @@ impl Engine {
     /// Keeps a reset nothing explains yet, keyed by its destination (the
     /// client, if a backend switch explains it later).
     fn defer(&mut self, ts: u64, netns: u32, src: SocketAddr, dst: SocketAddr) {
-        if self.pending.len() >= MAX_PENDING {
-            // Full: the oldest goes, counted.
-            if let Some((ots, okey)) = self.pending_order.pop_front() {
-                if self.pending.get(&okey).is_some_and(|p| p.ts == ots) {
-                    self.pending.remove(&okey);
-                }
-            }
-            self.stats.pending_dropped += 1;
-        }
-        let key = Ep::new(dst);
-        self.pending.insert(
-            key,
-            PendingReset {
-                ts,
-                netns,
-                src,
-                dst,
-            },
-        );
-        self.pending_order.push_back((ts, key));
-        // Keep the FIFO bounded even when keys repeat.
-        while self.pending_order.len() > 2 * MAX_PENDING {
-            if let Some((ots, okey)) = self.pending_order.pop_front() {
-                if self.pending.get(&okey).is_some_and(|p| p.ts == ots) {
-                    self.pending.remove(&okey);
-                }
-            }
-        }
+        self.pending.defer(PendingReset {
+            ts,
+            netns,
+            src: Ep::new(src),
+            dst: Ep::new(dst),
+        });
     }
 
     fn count_storm(

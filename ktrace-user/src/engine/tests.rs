@@ -312,7 +312,6 @@ fn memory_stays_bounded_under_churn() {
     let s = e.stats();
     assert!(s.flows_tracked <= 1_000);
     assert!(s.flows_evicted_by_count >= 19_000);
-    assert!(e.pending.len() <= MAX_PENDING);
 }
 
 #[test]

@@ -72,6 +72,12 @@ pub fn lost_source(what: &str) -> &'static str {
         "ctnetlink"
     } else if what.starts_with("recording") || what.starts_with("not recorded") {
         "recording"
+    } else if what.starts_with("kernel read") {
+        "kernel_read"
+    } else if what.starts_with("undecodable") {
+        "decode"
+    } else if what.contains("hook down") {
+        "hook_down"
     } else {
         "other"
     }
