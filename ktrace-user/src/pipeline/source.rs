@@ -185,6 +185,7 @@ async fn source_loop(
             ring_buffer_bytes: opts.ring_buffer_bytes,
             netns: my_netns,
             memlock: Some(&attached.memlock),
+            replay: None,
         },
         clock,
     )?;
@@ -264,7 +265,7 @@ async fn source_loop(
         }
     }
     report_losses(monotonic_now_ns(), &mut ring, &mut dec, sink)?;
-    sink.finish()
+    sink.finish(monotonic_now_ns())
 }
 
 /// Lost lines for what the kernel could not hand over or read, and for
