@@ -2,18 +2,30 @@
 # Kernel cost of ktrace under a reset storm, side by side with tcpdump, in one run.
 #
 # A SYN flood (hping3) between two network namespaces this script creates, to
-# a closed port, makes the kernel answer every SYN with an RST. For each mode
-# (nothing attached, tcpdump -w, ktrace watch, ktrace watch --events) it
-# measures for SECS seconds: RSTs the kernel sent per second (TcpOutRsts of
-# the target namespace), the cost against the baseline, bytes written per
-# second, and for ktrace the events it lost and the nanoseconds per run of
-# each of its programs (kernel.bpf_stats_enabled, from the programs' fdinfo).
+# a closed port, makes the kernel answer every SYN with an RST. Each round
+# measures, for SECS seconds per mode, the RSTs the kernel sent per second
+# (TcpOutRsts of the target namespace) with:
+#   absent          nothing attached (the round's own baseline)
+#   tcpdump         tcpdump -w on the target's interface
+#   ktrace-watch    ktrace watch --json
+#   ktrace-record   ktrace record (a running reader)
+#   ktrace-stalled  ktrace record stopped with SIGSTOP for the whole flood
+#                   (a reader that does not read: the kernel must not pay more)
+#   ktrace-events   ktrace watch --json --events (every event printed)
+# and prints per mode the cost against the round's baseline, bytes written
+# per second, and for ktrace: the events it lost, whether its count of the
+# target's resets plus the lost ones equals the kernel's TcpOutRsts, and the
+# nanoseconds per run of its programs (kernel.bpf_stats_enabled,
+# from the programs' fdinfo). The modes run in a rotated order each round; the
+# summary at the end gives each mode's median cost and its spread over rounds.
 #
 # Usage: scripts/bench-storm.sh [SECS]   (root; traffic stays in the namespaces)
-#        ROUNDS=N repeats the modes N times (default 2), a baseline between rounds.
+#        ROUNDS=N (default 3)   MODES="ktrace-record ktrace-stalled" (a subset)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
+ROUNDS=${ROUNDS:-3}
+MODES=${MODES:-tcpdump ktrace-watch ktrace-record ktrace-stalled ktrace-events}
 KTRACE=${KTRACE_BIN:-./target/release/ktrace}
 [ -x "$KTRACE" ] || { echo "build first: cargo build --release -p ktrace" >&2; exit 1; }
 command -v hping3 >/dev/null || { echo "hping3 missing: scripts/setup.sh installs it" >&2; exit 1; }
@@ -37,22 +49,33 @@ ip -n $A addr add 10.200.0.1/24 dev veth-a; ip -n $A link set veth-a up; ip -n $
 ip -n $B addr add 10.200.0.2/24 dev veth-b; ip -n $B link set veth-b up; ip -n $B link set lo up
 # Let the target answer every SYN (no rate limit on RSTs).
 ip netns exec $B sysctl -qw net.ipv4.tcp_syncookies=0 || true
+# The target's namespace inode: ktrace sees every namespace, and other
+# traffic on this machine must not count as the storm's.
+B_INUM=$(ip netns exec $B stat -L -c %i /proc/self/ns/net)
 
 rsts() { ip netns exec $B nstat -az TcpOutRsts | awk '/TcpOutRsts/ {print $2}'; }
+sum_lost() {
+  python3 -c "import json,sys; print(sum(json.loads(l).get('count',0) for l in open(sys.argv[1]) if '\"type\":\"lost\"' in l and 'ring buffer' in l))" "$1"
+}
+# Send-reset events of the target namespace in a JSON Lines stream.
+count_resets() { grep -c "\"event\":\"tcp_send_reset\",[^}]*\"netns\":$B_INUM," || true; }
 
-# run MODE: floods for SECS seconds while MODE's observer runs; prints one row.
+# run MODE: floods for SECS seconds while MODE's observer runs; prints one row
+# and appends "MODE RATE" to $OUT/rates.
 run() {
   local mode=$1
   local obs_pid="" file="$OUT/$1.out"
   : > "$file"
   case $mode in
-    baseline) ;;
+    absent) ;;
     tcpdump) ip netns exec $B tcpdump -q -i veth-b -w "$file" 2>/dev/null & obs_pid=$! ;;
     ktrace-watch) "$KTRACE" watch --json > "$file" 2>"$OUT/err" & obs_pid=$! ;;
     ktrace-events) "$KTRACE" watch --json --events > "$file" 2>"$OUT/err" & obs_pid=$! ;;
-    ktrace-record) "$KTRACE" record --json --output "$OUT/rec.krec" > "$OUT/$mode.json" 2>"$OUT/err" & obs_pid=$! ;;
+    ktrace-record|ktrace-stalled)
+      "$KTRACE" record --json --output "$OUT/rec.krec" > "$OUT/$mode.json" 2>"$OUT/err" & obs_pid=$! ;;
   esac
   sleep 1.5
+  [ "$mode" = ktrace-stalled ] && kill -STOP "$obs_pid"
   local before; before=$(rsts)
   ip netns exec $A timeout "$SECS" hping3 -q -S -p 9 --flood 10.200.0.2 >/dev/null 2>&1 || true
   sleep 0.5
@@ -61,38 +84,74 @@ run() {
   if [ -n "$obs_pid" ] && [[ $mode == ktrace-* ]]; then
     # Nanoseconds per program run, from the fdinfo of ktrace's BPF programs.
     per_run=$(for f in /proc/$obs_pid/fdinfo/*; do
-      awk '/^run_time_ns/ {t=$2} /^run_cnt/ {c=$2} END {if (c > 0) printf "%d ", t / c}' "$f" 2>/dev/null
+      awk '/^run_time_ns/ {t=$2} /^run_cnt/ {c=$2} END {if (c > 1000) printf "%d ", t / c}' "$f" 2>/dev/null
     done)
+  fi
+  if [ "$mode" = ktrace-stalled ]; then
+    kill -CONT "$obs_pid"
+    sleep 1 # let it drain what the ring holds and report the loss
   fi
   [ -n "$obs_pid" ] && { kill -INT "$obs_pid" 2>/dev/null || true; wait "$obs_pid" 2>/dev/null || true; }
   local bytes; bytes=$(stat -c %s "$file")
-  [ "$mode" = ktrace-record ] && bytes=$(cat "$OUT"/rec.krec* | wc -c)
-  local rate=$(( (after - before) / SECS ))
-  local lost="-" events="-"
-  if [ "$mode" = ktrace-record ]; then
-    lost=$(python3 -c "import json,sys; print(sum(json.loads(l).get('count',0) for l in open(sys.argv[1]) if '\"lost\"' in l))" "$OUT/$mode.json")
-    events=$(python3 -c "import json,sys; print(sum(json.loads(l).get('events',0) for l in open(sys.argv[1]) if '\"recording\"' in l))" "$OUT/$mode.json")
-    rm -f "$OUT"/rec.krec*
-  elif [[ $mode == ktrace-* ]]; then
-    lost=$(python3 -c "import json,sys; print(sum(json.loads(l).get('count',0) for l in open(sys.argv[1]) if '\"lost\"' in l))" "$file")
-    events=$(grep -c '"type":"event"' "$file" || true)
+  local sent=$(( after - before ))
+  local lost="-" seen="-" match="-"
+  case $mode in
+    ktrace-record|ktrace-stalled)
+      bytes=$(cat "$OUT"/rec.krec* | wc -c)
+      lost=$(sum_lost "$OUT/$mode.json")
+      seen=$("$KTRACE" replay --json --events "$OUT"/rec.krec 2>/dev/null | count_resets)
+      rm -f "$OUT"/rec.krec* ;;
+    ktrace-events) lost=$(sum_lost "$file"); seen=$(count_resets < "$file") ;;
+    ktrace-watch) lost=$(sum_lost "$file") ;;
+  esac
+  if [ "$seen" != "-" ]; then
+    # Every reset the kernel sent is either an event or counted as lost
+    # (the lost count is machine-wide: other traffic can only add to it).
+    if [ $(( seen + lost )) -ge "$sent" ] && [ "$seen" -le "$sent" ]; then match="yes"; else match="NO"; fi
   fi
-  printf "%-14s %10d RST/s  cost %-7s %10.1f KB/s  lost=%-8s events=%-9s ns/run=%s\n" \
-    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "$lost" "$events" "${per_run:--}"
+  local rate=$(( sent / SECS ))
+  echo "$mode $rate" >> "$OUT/rates"
+  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  lost=%-8s seen+lost=kernel:%-4s ns/run=%s\n" \
+    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "$lost" "$match" "${per_run:--}"
 }
 
 BASE=0
-# Cost: how much lower the RST rate is than the baseline (negative: noise, faster).
+# Cost: how much lower the RST rate is than this round's baseline (negative: noise).
 cost() { if [ "$BASE" -gt 0 ]; then python3 -c "print(f'{(1-$1/$BASE)*100:.1f}%')"; else echo "-"; fi; }
 
 sysctl -qw kernel.bpf_stats_enabled=1
-echo "reset storm: hping3 SYN flood to a closed port, ${SECS}s per mode, $(nproc) CPUs, kernel $(uname -r)"
-row=$(run baseline); echo "$row"; BASE=$(echo "$row" | awk '{print $2}')
-for round in $(seq 1 "${ROUNDS:-2}"); do
-  [ "$round" -gt 1 ] && { row=$(run baseline); echo "$row"; }
-  run tcpdump
-  run ktrace-watch
-  run ktrace-record
-  run ktrace-events
+echo "reset storm: hping3 SYN flood to a closed port, ${SECS}s per mode, $ROUNDS rounds, $(nproc) CPUs, kernel $(uname -r)"
+echo "load before: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine makes the rates noisy)"
+read -ra modes <<< "$MODES"
+for round in $(seq 1 "$ROUNDS"); do
+  echo "--- round $round"
+  echo "round $round" >> "$OUT/rates"
+  BASE=0
+  row=$(run absent); echo "$row"; BASE=$(echo "$row" | awk '{print $2}')
+  n=${#modes[@]}
+  for i in $(seq 0 $((n - 1))); do run "${modes[$(( (i + round - 1) % n ))]}"; done
 done
-row=$(run baseline); echo "$row (again)"
+echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+# Per mode: the cost against each round's baseline, median and spread; and
+# the stalled reader against the running one (same round).
+python3 - "$OUT/rates" <<'EOF'
+import statistics, sys
+rounds, cur = [], None
+for line in open(sys.argv[1]):
+    k, v = line.split()
+    if k == "round":
+        cur = {}; rounds.append(cur)
+    else:
+        cur[k] = int(v)
+modes = [m for m in rounds[0] if m != "absent"]
+print("summary (cost vs the same round's baseline; median [min .. max] over %d rounds)" % len(rounds))
+for m in modes:
+    c = [100 * (1 - r[m] / r["absent"]) for r in rounds if r.get("absent") and m in r]
+    print(f"  {m:15} {statistics.median(c):6.1f}%  [{min(c):.1f} .. {max(c):.1f}]")
+if "ktrace-record" in modes and "ktrace-stalled" in modes:
+    print("absent / running (record) / stalled (record, SIGSTOP) RST/s per round:")
+    for i, r in enumerate(rounds, 1):
+        d = 100 * (r["ktrace-stalled"] / r["ktrace-record"] - 1)
+        print(f"  round {i}: {r['absent']:8d} / {r['ktrace-record']:8d} / {r['ktrace-stalled']:8d}   stalled vs running {d:+.1f}%")
+EOF

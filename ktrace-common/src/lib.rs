@@ -73,7 +73,11 @@ pub struct EventHeader {
     pub _pad0: u8,
     /// Inode number of the network namespace (0 when unknown).
     pub netns: u32,
-    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    /// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`). With
+    /// `KernelLayout::tick_clock`, the time of this CPU's first event in the
+    /// current scheduler tick: exact for an isolated event, up to one tick
+    /// (1-10 ms) early within a burst, never later than the event, never
+    /// decreasing on a CPU. Records of one ring are in the order written.
     pub ts_ns: u64,
 }
 
@@ -307,7 +311,11 @@ pub struct KernelLayout {
     /// 1 when the `tcp_send_reset` tracepoint passes `reason` as its third
     /// argument (6.10+), for the raw tracepoint.
     pub send_reset_tp_has_reason: u32,
-    pub _pad: u32,
+    /// 1 (where `bpf_jiffies64` exists, 5.5+): a CPU reads the precise
+    /// clock once per scheduler tick and stamps its later events of that
+    /// tick with the same time; 0: every event reads it. See
+    /// `EventHeader::ts_ns`.
+    pub tick_clock: u32,
 }
 
 impl KernelLayout {
@@ -355,7 +363,7 @@ impl KernelLayout {
         l4_log_invalid_fmt_arg: 3,
         send_reset_has_reason: 0,
         send_reset_tp_has_reason: 0,
-        _pad: 0,
+        tick_clock: 0,
     };
 }
 

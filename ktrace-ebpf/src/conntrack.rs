@@ -2,12 +2,18 @@
 //! given), failed entry creation (table full) and DNAT set-up.
 //!
 //! Each kretprobe pairs with a kprobe on the same function that stashes the
-//! arguments in a per-CPU slot: these functions run in softirq context, so
-//! entry and return happen on one CPU with nothing else in between on it.
+//! arguments until the return. The stash is keyed by the task and a nesting
+//! depth, not by CPU: for locally generated traffic these functions run in
+//! process context, which can be preempted (or migrate) between entry and
+//! return while another packet passes through on the same CPU, and a
+//! softirq can run the same function on top of a task that is inside it.
+//! A task's calls nest last-in first-out, so (task, depth) pairs each
+//! return with its own entry.
 
 use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_ktime_get_ns},
     macros::map,
-    maps::PerCpuArray,
+    maps::LruHashMap,
     programs::{ProbeContext, RetProbeContext},
 };
 use ktrace_common::{
@@ -31,22 +37,129 @@ pub struct Stash {
     _pad: u32,
 }
 
+/// Which function a stash entry belongs to.
+const TCP_PACKET: u32 = 0;
+const INIT_CONNTRACK: u32 = 1;
+const NAT_SETUP: u32 = 2;
+
+/// One pending call: the task, the function and how many calls of it the
+/// task had already open (0 for the outermost).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CallKey {
+    task: u64,
+    func: u32,
+    depth: u32,
+}
+
+/// How many calls of a function a task has open, and since when.
+#[repr(C)]
+pub struct Open {
+    depth: u32,
+    _pad: u32,
+    since_ns: u64,
+}
+
+/// Calls deeper than this are not followed (counted as read errors).
+const MAX_DEPTH: u32 = 4;
+/// A call open longer than this lost its return (a kretprobe can miss
+/// returns when its instances run out): the task's count starts again.
+const STALE_NS: u64 = 1_000_000_000;
+
 #[map]
-static TCP_PACKET_STASH: PerCpuArray<Stash> = PerCpuArray::with_max_entries(1, 0);
+static STASH: LruHashMap<CallKey, Stash> = LruHashMap::with_max_entries(4096, 0);
 #[map]
-static INIT_CONNTRACK_STASH: PerCpuArray<Stash> = PerCpuArray::with_max_entries(1, 0);
-#[map]
-static NAT_SETUP_STASH: PerCpuArray<Stash> = PerCpuArray::with_max_entries(1, 0);
+static OPEN: LruHashMap<CallKey, Open> = LruHashMap::with_max_entries(4096, 0);
+
+/// The running task. The idle tasks of all CPUs share pid 0, and softirqs
+/// run on top of them: there the CPU tells them apart.
+#[inline(always)]
+fn task() -> u64 {
+    let id = bpf_get_current_pid_tgid();
+    if id as u32 == 0 {
+        u64::MAX - unsafe { bpf_get_smp_processor_id() } as u64
+    } else {
+        id
+    }
+}
+
+/// Opens a call of `func` by this task: a zeroed stash for its arguments.
+#[inline(always)]
+fn stash_open(func: u32) -> Result<&'static mut Stash, i64> {
+    let task = task();
+    let open_key = CallKey { task, func, depth: 0 };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let depth = match OPEN.get_ptr_mut(&open_key) {
+        Some(o) => {
+            // SAFETY: a map value; only this task's programs use its key.
+            let o = unsafe { &mut *o };
+            if now.wrapping_sub(o.since_ns) > STALE_NS {
+                o.depth = 0;
+            }
+            o.depth
+        }
+        None => 0,
+    };
+    if depth >= MAX_DEPTH {
+        return Err(-7);
+    }
+    let key = CallKey { task, func, depth };
+    let fresh = Stash {
+        skb: 0,
+        ct: 0,
+        arg: 0,
+        has_message: 0,
+        message: [0; CT_MESSAGE_LEN],
+        _pad: 0,
+    };
+    STASH.insert(&key, &fresh, 0).map_err(|e| e as i64)?;
+    let open = Open { depth: depth + 1, _pad: 0, since_ns: now };
+    OPEN.insert(&open_key, &open, 0).map_err(|e| e as i64)?;
+    let ptr = STASH.get_ptr_mut(&key).ok_or(-1i64)?;
+    // SAFETY: a map value, held until this call's return removes it.
+    Ok(unsafe { &mut *ptr })
+}
+
+/// The innermost open call of `func` by this task, without closing it.
+#[inline(always)]
+fn stash_current(func: u32) -> Option<&'static mut Stash> {
+    let task = task();
+    let o = OPEN.get_ptr(&CallKey { task, func, depth: 0 })?;
+    let depth = unsafe { (*o).depth };
+    if depth == 0 {
+        return None;
+    }
+    let ptr = STASH.get_ptr_mut(&CallKey { task, func, depth: depth - 1 })?;
+    Some(unsafe { &mut *ptr })
+}
+
+/// Closes the innermost open call of `func` by this task and returns its
+/// stash (a copy: the map entry is removed).
+#[inline(always)]
+fn stash_close(func: u32) -> Option<Stash> {
+    let task = task();
+    let open_key = CallKey { task, func, depth: 0 };
+    let o = OPEN.get_ptr_mut(&open_key)?;
+    // SAFETY: a map value; only this task's programs use its key.
+    let o = unsafe { &mut *o };
+    if o.depth == 0 {
+        return None;
+    }
+    o.depth -= 1;
+    let key = CallKey { task, func, depth: o.depth };
+    if o.depth == 0 {
+        let _ = OPEN.remove(&open_key);
+    }
+    let ptr = STASH.get_ptr(&key)?;
+    // SAFETY: a map value, copied before its removal.
+    let s = unsafe { core::ptr::read(ptr) };
+    let _ = STASH.remove(&key);
+    Some(s)
+}
 
 const NF_ACCEPT: i32 = 1;
 const NF_NAT_MANIP_DST: u64 = 1;
 const IPS_DST_NAT: u32 = 1 << 5;
-
-#[inline(always)]
-fn stash(map: &PerCpuArray<Stash>) -> Result<&mut Stash, i64> {
-    let ptr = map.get_ptr_mut(0).ok_or(-1i64)?;
-    Ok(unsafe { &mut *ptr })
-}
 
 /// Reads `ct->tuplehash[dir].tuple` source or destination as an endpoint.
 #[inline(always)]
@@ -87,20 +200,21 @@ fn ct_netns(ct: u64) -> u32 {
 /// kprobe `nf_conntrack_tcp_packet(ct, skb, dataoff, ctinfo, state)`.
 #[inline(always)]
 pub fn try_tcp_packet_entry(ctx: &ProbeContext) -> Result<(), i64> {
-    let s = stash(&TCP_PACKET_STASH)?;
+    let s = stash_open(TCP_PACKET)?;
     s.ct = ctx.arg(0).unwrap_or(0);
     s.skb = ctx.arg(1).unwrap_or(0);
     s.arg = ctx.arg::<u64>(3).unwrap_or(0);
-    s.has_message = 0;
     Ok(())
 }
 
 /// kprobe on `nf_ct_l4proto_log_invalid` / `nf_l4proto_log_invalid`: the
 /// reason conntrack is about to give. Kept only for the packet that
-/// `nf_conntrack_tcp_packet` is judging on this CPU.
+/// `nf_conntrack_tcp_packet` is judging in this task.
 #[inline(always)]
 pub fn try_log_invalid(ctx: &ProbeContext, fmt_arg: u32) -> Result<(), i64> {
-    let s = stash(&TCP_PACKET_STASH)?;
+    let Some(s) = stash_current(TCP_PACKET) else {
+        return Ok(());
+    };
     let skb: u64 = ctx.arg(0).unwrap_or(0);
     if s.skb == 0 || skb != s.skb || s.has_message != 0 {
         return Ok(());
@@ -128,19 +242,21 @@ pub fn try_log_invalid(ctx: &ProbeContext, fmt_arg: u32) -> Result<(), i64> {
 /// kretprobe `nf_conntrack_tcp_packet`: -NF_ACCEPT (-1) means INVALID.
 #[inline(always)]
 pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
-    let s = stash(&TCP_PACKET_STASH)?;
+    let Some(s) = stash_close(TCP_PACKET) else {
+        return Ok(());
+    };
     let verdict = ctx.ret::<i64>() as i32;
     let (ct, skb) = (s.ct, s.skb);
-    s.skb = 0;
     if verdict != -NF_ACCEPT || ct == 0 {
         return Ok(());
     }
-    let mut ev = CtInvalidEvent {
-        verdict,
-        ctinfo: s.arg as u8,
-        protocol: 6,
-        ..CtInvalidEvent::default()
+    let Some(mut slot) = ring::Slot::<CtInvalidEvent>::reserve() else {
+        return Ok(());
     };
+    let ev = slot.get();
+    ev.verdict = verdict;
+    ev.ctinfo = s.arg as u8;
+    ev.protocol = 6;
     if let Ok(pkt) = kernel::skb_packet(skb) {
         ev.src = pkt.src;
         ev.dst = pkt.dst;
@@ -159,7 +275,7 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
         hook::KRETPROBE_NF_CONNTRACK_TCP_PACKET,
         ct_netns(ct),
     );
-    ring::emit(&ev);
+    slot.submit();
     Ok(())
 }
 
@@ -172,7 +288,7 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
 /// get), gives the addresses.
 #[inline(always)]
 pub fn try_init_conntrack_entry(ctx: &ProbeContext) -> Result<(), i64> {
-    let s = stash(&INIT_CONNTRACK_STASH)?;
+    let s = stash_open(INIT_CONNTRACK)?;
     s.arg = ctx.arg(0).unwrap_or(0);
     s.ct = ctx.arg(2).unwrap_or(0);
     Ok(())
@@ -182,10 +298,11 @@ pub fn try_init_conntrack_entry(ctx: &ProbeContext) -> Result<(), i64> {
 /// entry could be created; with a full table the packet is then dropped.
 #[inline(always)]
 pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
-    let s = stash(&INIT_CONNTRACK_STASH)?;
+    let Some(s) = stash_close(INIT_CONNTRACK) else {
+        return Ok(());
+    };
     let ret: u64 = ctx.ret();
     let (net, tuple) = (s.arg, s.ct);
-    s.ct = 0;
     // IS_ERR: the top 4095 values of the address space are errnos.
     if ret < (-4095i64) as u64 || tuple == 0 {
         return Ok(());
@@ -203,14 +320,14 @@ pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
         hook::KRETPROBE_INIT_CONNTRACK,
         kernel::net_inum(net),
     );
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }
 
 /// kprobe `nf_nat_setup_info(ct, range, maniptype)`.
 #[inline(always)]
 pub fn try_nat_setup_entry(ctx: &ProbeContext) -> Result<(), i64> {
-    let s = stash(&NAT_SETUP_STASH)?;
+    let s = stash_open(NAT_SETUP)?;
     s.ct = ctx.arg(0).unwrap_or(0);
     s.arg = ctx.arg(2).unwrap_or(0);
     Ok(())
@@ -220,10 +337,11 @@ pub fn try_nat_setup_entry(ctx: &ProbeContext) -> Result<(), i64> {
 /// has IPS_DST_NAT (null bindings pass through here too).
 #[inline(always)]
 pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
-    let s = stash(&NAT_SETUP_STASH)?;
+    let Some(s) = stash_close(NAT_SETUP) else {
+        return Ok(());
+    };
     let verdict = ctx.ret::<i64>() as i32;
     let (ct, manip) = (s.ct, s.arg);
-    s.ct = 0;
     if verdict != NF_ACCEPT || manip != NF_NAT_MANIP_DST || ct == 0 {
         return Ok(());
     }
@@ -244,6 +362,6 @@ pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
         hook::KRETPROBE_NF_NAT_SETUP_INFO,
         ct_netns(ct),
     );
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }

@@ -60,6 +60,6 @@ pub fn try_ip_vs_conn_new_return(ctx: &RetProbeContext) -> Result<(), i64> {
         Err(_) => 0,
     };
     ev.header = ring::header(kind::IPVS_CONN_NEW, hook::KRETPROBE_IP_VS_CONN_NEW, netns);
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }

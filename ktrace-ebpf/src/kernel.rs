@@ -72,17 +72,17 @@ pub struct DevNetns {
 #[map]
 static DEV_NETNS: PerCpuArray<DevNetns> = PerCpuArray::with_max_entries(1, 0);
 
-/// Network namespace of a packet, through the device it arrived on or leaves by.
+/// Network namespace of a `struct net_device *`, cached per CPU.
 #[inline(always)]
-pub fn skb_netns(skb: u64) -> u32 {
-    let Ok(dev) = read::<u64>(skb, layout!(skb_dev)) else {
+pub fn dev_netns(dev: u64) -> u32 {
+    if dev == 0 {
         return 0;
-    };
+    }
     let cache = DEV_NETNS.get_ptr_mut(0);
     if let Some(c) = cache {
         // SAFETY: a per-CPU slot, used by one program run at a time.
         let c = unsafe { &mut *c };
-        if c.dev == dev && dev != 0 {
+        if c.dev == dev {
             return c.inum as u32;
         }
     }
@@ -106,31 +106,50 @@ pub struct PacketInfo {
     pub dst: Endpoint,
     pub protocol: u8,
     pub tcp_flags: u8,
+    /// `skb->dev` (0 when unknown), for [`dev_netns`].
+    pub dev: u64,
 }
 
 pub const TCP_FLAG_RST: u8 = 0x04;
 
-/// `skb->head` and `skb->network_header`, in one read when `head` sits 12
-/// or 16 bytes after `network_header` (12 on 6.x). Constant indexes only:
-/// older verifiers refuse variable-offset stack reads.
+/// Per-CPU scratch for the span of `struct sk_buff` read by [`skb_fields`].
+#[map]
+static SKB_SCRATCH: PerCpuArray<[u8; SKB_SPAN + 8]> = PerCpuArray::with_max_entries(1, 0);
+const SKB_SPAN: usize = 256;
+
+/// `skb->head`, `skb->network_header` and `skb->dev`. Every kernel seen
+/// has `dev` first and the other two within 256 bytes of it (16 and about
+/// 200 on 6.x), so one read covers the three: each kernel read is a helper
+/// call, and a storm pays for every one.
 #[inline(always)]
-fn skb_head_nh(skb: u64) -> Result<(u64, u16), i64> {
-    let (head_off, nh_off) = (layout!(skb_head), layout!(skb_network_header));
-    if head_off != NO_OFFSET && nh_off != NO_OFFSET && head_off > nh_off {
-        let d = head_off - nh_off;
-        if d == 12 || d == 16 {
-            let b: [u8; 24] = read(skb, nh_off)?;
-            let nh = u16::from_ne_bytes([b[0], b[1]]);
-            let mut h = [0u8; 8];
-            if d == 12 {
-                h.copy_from_slice(&b[12..20]);
-            } else {
-                h.copy_from_slice(&b[16..24]);
-            }
-            return Ok((u64::from_ne_bytes(h), nh));
+fn skb_fields(skb: u64) -> Result<(u64, u16, u64), i64> {
+    let (head_off, nh_off, dev_off) =
+        (layout!(skb_head), layout!(skb_network_header), layout!(skb_dev));
+    let known = head_off != NO_OFFSET && nh_off != NO_OFFSET && dev_off != NO_OFFSET;
+    if known && dev_off < nh_off && nh_off < head_off && head_off + 8 - dev_off <= SKB_SPAN as u32
+    {
+        let slot = SKB_SCRATCH.get_ptr_mut(0).ok_or(-3i64)?;
+        // SAFETY: a per-CPU slot, used by one program run at a time.
+        let buf = unsafe { &mut *slot };
+        let len = (head_off + 8 - dev_off) as usize;
+        if skb == 0 || len > SKB_SPAN {
+            return Err(-1);
+        }
+        unsafe {
+            bpf_probe_read_kernel_buf((skb + dev_off as u64) as *const u8, &mut buf[..len])
+                .map_err(|e| e as i64)?;
+        }
+        // Offsets are load-time constants; the masks bound them for the verifier.
+        let at = |off: u32| buf.as_ptr().wrapping_add(((off - dev_off) as usize) & (SKB_SPAN - 1));
+        // SAFETY: each index is below SKB_SPAN and the buffer has 8 bytes more.
+        unsafe {
+            let dev = core::ptr::read_unaligned(at(dev_off) as *const u64);
+            let nh = core::ptr::read_unaligned(at(nh_off) as *const u16);
+            let head = core::ptr::read_unaligned(at(head_off) as *const u64);
+            return Ok((head, nh, dev));
         }
     }
-    Ok((read(skb, head_off)?, read(skb, nh_off)?))
+    Ok((read(skb, head_off)?, read(skb, nh_off)?, read(skb, dev_off).unwrap_or(0)))
 }
 
 /// Per-CPU scratch for packet headers: kept off the 512-byte BPF stack,
@@ -140,13 +159,14 @@ static HDR_SCRATCH: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
 
 #[inline(always)]
 pub fn skb_packet(skb: u64) -> Result<PacketInfo, i64> {
-    let (head, nh) = skb_head_nh(skb)?;
+    let (head, nh, dev) = skb_fields(skb)?;
     let ip = head + nh as u64;
     let mut info = PacketInfo {
         src: Endpoint::default(),
         dst: Endpoint::default(),
         protocol: 0,
         tcp_flags: 0,
+        dev,
     };
     // One read covers the fixed IPv6 header (40 bytes) plus the first 14
     // bytes of TCP, or an option-less IPv4 header and TCP: fewer helper

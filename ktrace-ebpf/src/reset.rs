@@ -126,8 +126,10 @@ pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     let mut from_skb = false;
+    let mut dev = 0;
     if skb != 0 {
         if let Ok(pkt) = kernel::skb_packet(skb) {
+            dev = pkt.dev;
             ev.trigger_flags = pkt.tcp_flags;
             ev.flags |= reset_flags::HAS_TRIGGER;
             ev.src = pkt.dst;
@@ -146,10 +148,10 @@ pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let netns = if sk != 0 {
         kernel::sock_netns(sk)
     } else {
-        kernel::skb_netns(skb)
+        kernel::dev_netns(dev)
     };
     ev.header = ring::header(kind::TCP_SEND_RESET, hook::TP_TCP_SEND_RESET, netns);
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }
 
@@ -171,7 +173,7 @@ pub fn try_tp_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
         hook::TP_TCP_RECEIVE_RESET,
         kernel::sock_netns(sk),
     );
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }
 
@@ -182,6 +184,7 @@ pub fn try_tp_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
 #[inline(always)]
 fn emit_send_reset(sk: u64, skb: u64, reason: Option<u32>, which: u8) -> Result<(), i64> {
     let mut ev = ResetEvent::default();
+    let mut dev = 0;
     if skb != 0 {
         let pkt = kernel::skb_packet(skb)?;
         // The kernel never answers an RST with an RST: it returns early.
@@ -192,6 +195,7 @@ fn emit_send_reset(sk: u64, skb: u64, reason: Option<u32>, which: u8) -> Result<
         ev.dst = pkt.src;
         ev.flags = reset_flags::HAS_TRIGGER;
         ev.trigger_flags = pkt.tcp_flags;
+        dev = pkt.dev;
     } else if sk != 0 {
         kernel::sock_endpoints(sk, &mut ev.src, &mut ev.dst)?;
     } else {
@@ -208,10 +212,10 @@ fn emit_send_reset(sk: u64, skb: u64, reason: Option<u32>, which: u8) -> Result<
         }
         kernel::sock_netns(sk)
     } else {
-        kernel::skb_netns(skb)
+        kernel::dev_netns(dev)
     };
     ev.header = ring::header(kind::TCP_SEND_RESET, which, netns);
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }
 
@@ -265,6 +269,6 @@ pub fn try_raw_tcp_receive_reset(ctx: &RawTracePointContext) -> Result<(), i64> 
         hook::RAW_TP_TCP_RECEIVE_RESET,
         kernel::sock_netns(sk),
     );
-    ring::emit(&ev);
+    ring::emit(ev);
     Ok(())
 }

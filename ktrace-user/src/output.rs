@@ -16,6 +16,8 @@ pub struct StatusInfo<'a> {
     pub kernel: Option<&'a str>,
     pub ring_buffer_bytes: u32,
     pub netns: Option<u32>,
+    /// What was done about RLIMIT_MEMLOCK (see `crate::memlock`).
+    pub memlock: Option<&'a str>,
 }
 
 pub struct Renderer<W: Write> {
@@ -81,6 +83,9 @@ impl<W: Write> Renderer<W> {
             if let Some(n) = info.netns {
                 v["netns"] = json!(n);
             }
+            if let Some(m) = info.memlock {
+                v["memlock"] = json!(m);
+            }
             return self.line(&v);
         }
         writeln!(
@@ -89,6 +94,9 @@ impl<W: Write> Renderer<W> {
             env!("CARGO_PKG_VERSION"),
             info.kernel.unwrap_or("?")
         )?;
+        if let Some(m) = info.memlock {
+            writeln!(self.out, "  memlock: {m}")?;
+        }
         for h in hooks {
             writeln!(
                 self.out,
@@ -271,7 +279,7 @@ impl<W: Write> Renderer<W> {
             "{} {:<8} {:<20} {}",
             t.get(11..26).unwrap_or(&t),
             f.severity.as_str().to_uppercase(),
-            f.kind.as_str(),
+            f.kind().as_str(),
             f.sentence()
         )
     }

@@ -313,6 +313,7 @@ fn replay_recording(
         kernel: ctx.kernel.as_deref(),
         ring_buffer_bytes: ctx.ring_buffer_bytes,
         netns: ctx.netns,
+        memlock: None,
     };
     let files: Vec<String> = rec
         .readers

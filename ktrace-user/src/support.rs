@@ -17,6 +17,8 @@ pub const PROBED_SYMBOLS: &[&str] = &[
     "__nf_conntrack_alloc",
     "nf_nat_setup_info",
     "ip_vs_conn_new",
+    // Not hooked: its presence (5.5+) lets the programs reuse a tick's time.
+    "bpf_jiffies64",
 ];
 
 /// Tracepoints ktrace may attach, as `(category, name)`.

@@ -442,3 +442,107 @@ fn ipvs_expire_quiescent_template_gives_no_finding() {
     let findings = select(&lines, "finding", None);
     assert!(findings.is_empty(), "{findings:?}");
 }
+
+/// Locally generated traffic runs conntrack and NAT in process context,
+/// where a task can be preempted between a function's entry and return
+/// while another packet (another task's, or a softirq's) goes through the
+/// same function on that CPU. Tasks in the node namespace open connections
+/// to the VIP (DNAT in OUTPUT) all at once, while the client's forwarded
+/// connections go through the same hooks in softirq: every DNAT the kernel
+/// hooks report must pair a call's entry with its own return, so each
+/// local connection's mapping names its own source port, exactly once.
+#[test]
+fn local_traffic_pairs_each_call_with_its_own_return() {
+    if !in_vm() {
+        return;
+    }
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 6;
+    let mut lab = Lab::new("lo", 1);
+    lab.start_server();
+    let node = lab.node.clone();
+    // A route for the VIP, so that local sockets pick a source address
+    // before OUTPUT's DNAT sends them to the backend.
+    lab.exec_ok(
+        &node,
+        &["ip", "route", "add", &format!("{VIP}/32"), "dev", "veth-ns"],
+    );
+    lab.exec_ok(
+        &node,
+        &[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            VIP,
+            "-p",
+            "tcp",
+            "--dport",
+            "2222",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{}:2222", BACKENDS[0]),
+        ],
+    );
+    let watch = lab.watch(&["--events"]);
+    assert_eq!(hook(&watch.status, "nat_mapping")["attached"], true);
+    // Forwarded traffic (softirq) at the same time as the local tasks.
+    let forwarded = lab.client(4);
+    let script = format!(
+        "import socket, threading\n\
+         ports, lock = [], threading.Lock()\n\
+         def task():\n\
+         \x20   for _ in range({PER_TASK}):\n\
+         \x20       s = socket.create_connection(('{VIP}', {PORT}), timeout=20)\n\
+         \x20       with lock: ports.append(s.getsockname()[1])\n\
+         \x20       s.close()\n\
+         ts = [threading.Thread(target=task) for _ in range({TASKS})]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\n\
+         print(' '.join(map(str, ports)))\n"
+    );
+    let out = lab.exec_ok(&node, &["python3", "-c", &script]);
+    let local: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(|p| format!("10.0.1.1:{p}"))
+        .collect();
+    assert_eq!(
+        local.len(),
+        TASKS * PER_TASK,
+        "every local connection opened"
+    );
+    let node_ns = lab.inode(&node);
+    let done = |l: &[Value]| {
+        select(l, "event", Some("nat_mapping"))
+            .iter()
+            .filter(|e| e["netns"] == node_ns && local.contains(e["client"].as_str().unwrap_or("")))
+            .count()
+            >= local.len()
+    };
+    let complete = watch.wait_for(Duration::from_secs(30), done);
+    let lines = watch.stop();
+    drop(forwarded);
+    let mut seen = BTreeSet::new();
+    for e in select(&lines, "event", Some("nat_mapping")) {
+        let c = e["client"].as_str().unwrap_or_default().to_string();
+        if !c.starts_with("10.0.1.1:") {
+            continue;
+        }
+        assert!(local.contains(&c), "a mapping for no local connection: {e}");
+        assert_eq!(e["service"], vip().as_str(), "{e}");
+        assert_eq!(
+            e["backend"],
+            format!("{}:{PORT}", BACKENDS[0]).as_str(),
+            "{e}"
+        );
+        assert!(seen.insert(c), "two mappings for one connection: {e}");
+    }
+    assert!(
+        complete,
+        "missing mappings: {:?}",
+        local.difference(&seen).collect::<Vec<_>>()
+    );
+    assert_eq!(seen, local);
+}

@@ -247,6 +247,10 @@ impl Sink for DemoSink<'_> {
         Sink::lost(&mut self.pipeline, now_ns, count, total, what)
     }
 
+    fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError> {
+        Sink::hook_down(&mut self.pipeline, now_ns, hook)
+    }
+
     fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError> {
         Sink::tick(&mut self.pipeline, now_ns)
     }

@@ -20,7 +20,8 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{ManualReader, Pipeline, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::Resource;
 
-use crate::engine::{Finding, FindingKind};
+use crate::engine::storm::Phase;
+use crate::engine::{Evidence, Finding};
 use crate::event::{Event, EventBody};
 use crate::hooks::HookStatus;
 
@@ -71,6 +72,12 @@ pub fn lost_source(what: &str) -> &'static str {
         "ctnetlink"
     } else if what.starts_with("recording") || what.starts_with("not recorded") {
         "recording"
+    } else if what.starts_with("kernel read") {
+        "kernel_read"
+    } else if what.starts_with("undecodable") {
+        "decode"
+    } else if what.contains("hook down") {
+        "hook_down"
     } else {
         "other"
     }
@@ -276,16 +283,11 @@ impl Metrics {
 
     pub fn finding(&self, f: &Finding) {
         // A storm is one finding; its updates and end are log records only.
-        if f.kind == FindingKind::RstStorm
-            && f.evidence
-                .get("phase")
-                .and_then(|p| p.as_str())
-                .is_some_and(|p| p != "start")
-        {
+        if matches!(&f.evidence, Evidence::RstStorm(s) if s.phase != Phase::Start) {
             return;
         }
         let mut attrs = Vec::with_capacity(5);
-        attrs.push(KeyValue::new(keys::FINDING_KIND, f.kind.as_str()));
+        attrs.push(KeyValue::new(keys::FINDING_KIND, f.kind().as_str()));
         if let Some(s) = f.service {
             attrs.push(KeyValue::new(keys::SERVER_ADDRESS, s.ip().to_string()));
             attrs.push(KeyValue::new(keys::SERVER_PORT, i64::from(s.port())));

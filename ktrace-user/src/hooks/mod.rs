@@ -61,7 +61,7 @@ impl HookStatus {
         }
     }
 
-    fn off(name: &'static str, reason: impl Into<String>) -> Self {
+    pub fn off(name: &'static str, reason: impl Into<String>) -> Self {
         HookStatus {
             name,
             mechanism: "none",
@@ -82,6 +82,8 @@ pub struct Attached {
     pub support: KernelSupport,
     /// The kernel side's log; must outlive the programs and be drained.
     pub logger: Option<KernelLogger>,
+    /// What was done about RLIMIT_MEMLOCK (see [`crate::memlock`]).
+    pub memlock: String,
 }
 
 pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
@@ -138,6 +140,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     let kbtf = KernelBtf::load(Path::new("/")).ok();
     let kernel = Kernel::read(support, kbtf.as_ref());
     let names = reset_reason_names(&kernel, kbtf.as_ref());
+    let memlock = crate::memlock::prepare(support.release.as_deref());
     let mut ebpf = load_object(&kernel, opts)?;
     // Kernel-side warnings (aya-log) go to ktrace's log on stderr. Started
     // before any program loads, and kept alive with the object.
@@ -171,6 +174,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
         nat_from_kernel,
         support: support.clone(),
         logger,
+        memlock,
     })
 }
 
@@ -201,6 +205,8 @@ impl<'a> Kernel<'a> {
                 .as_ref()
                 .is_some_and(|f| f.fields.contains_key("reason")),
         );
+        // One precise clock read per tick and CPU (see ktrace-ebpf's ring.rs).
+        layout.tick_clock = u32::from(support.has_symbol("bpf_jiffies64"));
         let recv_fmt = read_format(support, "tcp", "tcp_receive_reset");
         let tp_fields = |f: &Option<Format>| f.as_ref().map_or(TpFields::ABSENT, Format::tp_fields);
         Kernel {

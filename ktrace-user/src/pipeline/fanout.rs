@@ -153,7 +153,7 @@ impl<W: Write> Pipeline<W> {
                 continue;
             }
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
-                *self.emitted.entry(f.kind).or_default() += 1;
+                *self.emitted.entry(f.kind()).or_default() += 1;
                 if let Some(x) = &self.exporter {
                     x.finding(&f);
                 }
@@ -200,6 +200,17 @@ impl<W: Write> Sink for Pipeline<W> {
         what: &str,
     ) -> Result<(), PipelineError> {
         Pipeline::lost(self, now_ns, count, total, what).map_err(PipelineError::Output)
+    }
+
+    /// The hook metric drops to 0 and a lost line (count 0) says what
+    /// stopped and why: what the source would have seen is lost from now on.
+    fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError> {
+        if let Some(x) = &self.exporter {
+            x.status(std::slice::from_ref(hook));
+        }
+        let why = hook.reason.as_deref().unwrap_or("stopped");
+        let what = format!("{} hook down ({}): {why}", hook.name, hook.mechanism);
+        Pipeline::lost(self, now_ns, 0, 0, &what).map_err(PipelineError::Output)
     }
 
     fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError> {

@@ -56,6 +56,9 @@ pub trait Sink {
         total: u64,
         what: &str,
     ) -> Result<(), PipelineError>;
+    /// A source stopped mid-run: `hook` is its status now (not attached,
+    /// the reason why).
+    fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError>;
     fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError>;
     fn flush(&mut self) -> Result<(), PipelineError>;
     fn finish(&mut self) -> Result<(), PipelineError>;

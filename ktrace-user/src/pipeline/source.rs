@@ -29,6 +29,8 @@ pub struct SourceOptions {
 enum CtMsg {
     Events(Vec<Event>),
     Overrun,
+    /// The listener stopped on this error: no more NAT mappings.
+    Died(String),
 }
 
 pub fn check_ring_size(bytes: u32) -> Result<(), PipelineError> {
@@ -59,6 +61,8 @@ pub fn run_source(
 struct Decoder {
     names: crate::decode::Names,
     errors: u64,
+    /// `errors` already reported as lost.
+    reported: u64,
 }
 
 impl Decoder {
@@ -73,6 +77,16 @@ impl Decoder {
                 Ok(())
             }
         }
+    }
+
+    /// Records that did not decode since the last call, as a lost line.
+    fn report(&mut self, now: u64, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        if self.errors > self.reported {
+            let new = self.errors - self.reported;
+            self.reported = self.errors;
+            sink.lost(now, new, self.errors, "undecodable ring-buffer record")?;
+        }
+        Ok(())
     }
 
     /// Feeds `sink` everything now in the ring buffer.
@@ -162,6 +176,7 @@ async fn source_loop(
     let mut dec = Decoder {
         names: attached.names.clone(),
         errors: 0,
+        reported: 0,
     };
     sink.start(
         &status,
@@ -169,6 +184,7 @@ async fn source_loop(
             kernel: attached.support.release.as_deref(),
             ring_buffer_bytes: opts.ring_buffer_bytes,
             netns: my_netns,
+            memlock: Some(&attached.memlock),
         },
         clock,
     )?;
@@ -183,7 +199,6 @@ async fn source_loop(
     };
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut lost_seen = 0u64;
     let mut ct_open = true;
     let mut ct_overruns = 0u64;
 
@@ -205,6 +220,12 @@ async fn source_loop(
                     ct_overruns += 1;
                     sink.lost(monotonic_now_ns(), 1, ct_overruns, "ctnetlink socket overrun (one or more NAT events)")?;
                 }
+                Some(CtMsg::Died(why)) => {
+                    let mut hook = HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {why}"));
+                    hook.mechanism = "ctnetlink";
+                    sink.hook_down(monotonic_now_ns(), &hook)?;
+                    ct_open = false;
+                }
                 None => ct_open = false,
             },
             _ = tick.tick() => {
@@ -213,11 +234,7 @@ async fn source_loop(
                 // the events it may explain, in time and in order.
                 dec.drain(&mut ring, sink)?;
                 let now = monotonic_now_ns();
-                let lost = ring.lost_total();
-                if lost > lost_seen {
-                    sink.lost(now, lost - lost_seen, lost, "ring buffer full")?;
-                    lost_seen = lost;
-                }
+                report_losses(now, &mut ring, &mut dec, sink)?;
                 // Conntrack counters of this namespace: evidence of INVALID
                 // verdicts and table-full drops where no kprobe can see them.
                 if let Some(body) = counters.sample() {
@@ -246,16 +263,22 @@ async fn source_loop(
             sink.event(ev)?;
         }
     }
-    let lost = ring.lost_total();
-    if lost > lost_seen {
-        sink.lost(
-            monotonic_now_ns(),
-            lost - lost_seen,
-            lost,
-            "ring buffer full",
-        )?;
-    }
+    report_losses(monotonic_now_ns(), &mut ring, &mut dec, sink)?;
     sink.finish()
+}
+
+/// Lost lines for what the kernel could not hand over or read, and for
+/// records that did not decode, since the last report.
+fn report_losses(
+    now: u64,
+    ring: &mut RingReader,
+    dec: &mut Decoder,
+    sink: &mut dyn Sink,
+) -> Result<(), PipelineError> {
+    for l in ring.new_losses() {
+        sink.lost(now, l.count, l.total, &l.what)?;
+    }
+    dec.report(now, sink)
 }
 
 /// Reads ctnetlink on its own thread (the socket blocks) and forwards events.
@@ -269,6 +292,7 @@ fn spawn_ctnetlink(mut ct: Ctnetlink, tx: mpsc::Sender<CtMsg>) {
                 Ok(Received::Overrun) => CtMsg::Overrun,
                 Err(e) => {
                     tracing::warn!("ctnetlink: {e}");
+                    let _ = tx.blocking_send(CtMsg::Died(e.to_string()));
                     return;
                 }
             };
