@@ -2,8 +2,11 @@
 //! reference-counted interner that lets a million flows name their service
 //! and backends with 4-byte ids (services and backends are few, clients many).
 
-use foldhash::HashMap;
+use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 
 /// A compact endpoint: 18 bytes instead of `SocketAddr`'s 32 (IPv4 stored
 /// v4-mapped). All zeroes means "none".
@@ -53,9 +56,10 @@ pub type EpId = u32;
 
 /// Interned endpoints with reference counts: an id is freed (and reused)
 /// when the last flow naming it goes, so churn of pods and services over
-/// months cannot grow it.
+/// months cannot grow it. The index holds only ids (5 bytes an entry).
 pub struct Endpoints {
-    ids: HashMap<Ep, EpId>,
+    ids: HashTable<EpId>,
+    hasher: RandomState,
     eps: Vec<Ep>,
     refs: Vec<u32>,
     free: Vec<EpId>,
@@ -64,7 +68,8 @@ pub struct Endpoints {
 impl Default for Endpoints {
     fn default() -> Self {
         Endpoints {
-            ids: HashMap::default(),
+            ids: HashTable::new(),
+            hasher: RandomState::default(),
             eps: vec![Ep::NONE],
             refs: vec![0],
             free: Vec::new(),
@@ -78,7 +83,8 @@ impl Endpoints {
         if ep.is_none() {
             return Some(0);
         }
-        self.ids.get(&ep).copied()
+        let h = self.hasher.hash_one(ep);
+        self.ids.find(h, |&id| self.eps[id as usize] == ep).copied()
     }
 
     /// Takes a reference to `ep`, interning it if new.
@@ -86,7 +92,8 @@ impl Endpoints {
         if ep.is_none() {
             return 0;
         }
-        let id = match self.ids.get(&ep) {
+        let h = self.hasher.hash_one(ep);
+        let id = match self.ids.find(h, |&id| self.eps[id as usize] == ep) {
             Some(&id) => id,
             None => {
                 let id = match self.free.pop() {
@@ -95,12 +102,20 @@ impl Endpoints {
                         id
                     }
                     None => {
+                        if self.eps.len() == self.eps.capacity() {
+                            // Grow by a quarter: less slack than doubling.
+                            let more = self.eps.len() / 4 + 16;
+                            self.eps.reserve_exact(more);
+                            self.refs.reserve_exact(more);
+                        }
                         self.eps.push(ep);
                         self.refs.push(0);
                         (self.eps.len() - 1) as EpId
                     }
                 };
-                self.ids.insert(ep, id);
+                let (eps, hasher) = (&self.eps, &self.hasher);
+                self.ids
+                    .insert_unique(h, id, |&i| hasher.hash_one(eps[i as usize]));
                 id
             }
         };
@@ -116,7 +131,10 @@ impl Endpoints {
         let r = &mut self.refs[id as usize];
         *r -= 1;
         if *r == 0 {
-            self.ids.remove(&self.eps[id as usize]);
+            let h = self.hasher.hash_one(self.eps[id as usize]);
+            if let Ok(e) = self.ids.find_entry(h, |&i| i == id) {
+                e.remove();
+            }
             self.free.push(id);
         }
     }
@@ -136,7 +154,7 @@ impl Endpoints {
 
     /// Heap bytes held (map buckets, id arrays, free list).
     pub fn heap_bytes(&self) -> usize {
-        let map = self.ids.capacity() * 8 / 7 * (size_of::<(Ep, EpId)>() + 1);
+        let map = self.ids.capacity() * 8 / 7 * (size_of::<EpId>() + 1);
         map + self.eps.capacity() * size_of::<Ep>()
             + self.refs.capacity() * 4
             + self.free.capacity() * 4

@@ -182,8 +182,6 @@ impl FlowTable {
     pub fn prefetch(&self, client: Ep, proto: u8) {
         let p = self.slots.as_ptr().wrapping_add(self.home(client, proto)) as *const i8;
         prefetch_read(p);
-        // A slot may straddle two lines; the probe goes on to the next slot.
-        prefetch_read(p.wrapping_add(64));
     }
 
     /// The flow of `client` over `proto`: the one mapped in `netns` if any,

@@ -18,19 +18,18 @@
 pub mod endpoints;
 pub mod finding;
 pub mod flows;
+pub mod pending;
 pub mod storm;
-
-use std::collections::VecDeque;
 
 use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use serde_json::{json, Map};
-
 use crate::event::{Event, EventBody};
-pub use finding::{Finding, FindingKind, Severity};
+use finding::{CtVerdict, UnnatedBasis};
+pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use flows::{flow_flags, Ep, FlowKey, FlowTable, TCP};
+use pending::{Pending, PendingReset};
 use storm::{Phase, StormReport, StormTracker};
 
 const SEC: u64 = 1_000_000_000;
@@ -112,15 +111,6 @@ pub struct EngineStats {
     pub pending_dropped: u64,
 }
 
-/// A no-socket reset nothing explained yet.
-#[derive(Debug, Clone, Copy)]
-struct PendingReset {
-    ts: u64,
-    netns: u32,
-    src: SocketAddr,
-    dst: SocketAddr,
-}
-
 #[derive(Debug, Clone)]
 struct InvalidSeen {
     ts: u64,
@@ -180,8 +170,7 @@ pub struct Engine {
     invalid: HashMap<Ep, InvalidSeen>,
     /// Unexplained resets by the endpoint that may be a client (both ends),
     /// with a FIFO of keys for expiry.
-    pending: HashMap<Ep, PendingReset>,
-    pending_order: VecDeque<(u64, Ep)>,
+    pending: Pending,
     table_full: Option<Repeat>,
     quiescent: HashMap<(Ep, Ep), Repeat>,
     /// Latest persistence template per (client IP, service): real server.
@@ -227,8 +216,7 @@ impl Engine {
             flows: FlowTable::new(cfg.max_flows, cfg.flow_ttl_ns),
             storms: StormTracker::new(cfg.storm_threshold, cfg.storm_window_ns, STORM_KEYS),
             invalid: HashMap::default(),
-            pending: HashMap::default(),
-            pending_order: VecDeque::new(),
+            pending: Pending::new(MAX_PENDING, cfg.reorder_ns),
             table_full: None,
             quiescent: HashMap::default(),
             templates: HashMap::default(),
@@ -256,6 +244,7 @@ impl Engine {
             flows_tracked: f.tracked,
             flows_evicted_by_age: f.evicted_by_age,
             flows_evicted_by_count: f.evicted_by_count,
+            pending_dropped: self.pending.dropped,
             ..self.stats.clone()
         }
     }
@@ -402,16 +391,6 @@ impl Engine {
     /// Time passes: pending resets expire, storms end, idle flows go.
     pub fn tick(&mut self, now: u64, out: &mut Vec<Finding>) {
         self.last_tick = self.last_tick.max(now.min(u64::MAX - SEC));
-        let horizon = now.saturating_sub(self.cfg.reorder_ns);
-        while let Some(&(ts, key)) = self.pending_order.front() {
-            if ts >= horizon {
-                break;
-            }
-            self.pending_order.pop_front();
-            if self.pending.get(&key).is_some_and(|p| p.ts == ts) {
-                self.pending.remove(&key);
-            }
-        }
         if !self.held.is_empty() {
             // Past their deadline with no counter sample citing them.
             let (due, keep): (Vec<_>, Vec<_>) = self
@@ -467,11 +446,10 @@ impl Engine {
             return;
         }
         // A re-mapping: a reset from the new backend may already be waiting.
-        if let Some(p) = self.pending.get(&key.client).copied() {
-            if Ep::new(p.dst) == key.client && p.src == backend {
-                self.pending.remove(&key.client);
-                self.on_no_socket_reset(p.ts, p.netns, p.src, p.dst, None, out);
-            }
+        let backend = Ep::new(backend);
+        if let Some(p) = self.pending.take(key.client, ts, |p| p.src == backend) {
+            let (src, dst) = (p.src.get(), p.dst.get());
+            self.on_no_socket_reset(p.ts, p.netns, src, dst, None, out);
         }
     }
 
@@ -541,34 +519,12 @@ impl Engine {
     /// Keeps a reset nothing explains yet, keyed by its destination (the
     /// client, if a backend switch explains it later).
     fn defer(&mut self, ts: u64, netns: u32, src: SocketAddr, dst: SocketAddr) {
-        if self.pending.len() >= MAX_PENDING {
-            // Full: the oldest goes, counted.
-            if let Some((ots, okey)) = self.pending_order.pop_front() {
-                if self.pending.get(&okey).is_some_and(|p| p.ts == ots) {
-                    self.pending.remove(&okey);
-                }
-            }
-            self.stats.pending_dropped += 1;
-        }
-        let key = Ep::new(dst);
-        self.pending.insert(
-            key,
-            PendingReset {
-                ts,
-                netns,
-                src,
-                dst,
-            },
-        );
-        self.pending_order.push_back((ts, key));
-        // Keep the FIFO bounded even when keys repeat.
-        while self.pending_order.len() > 2 * MAX_PENDING {
-            if let Some((ots, okey)) = self.pending_order.pop_front() {
-                if self.pending.get(&okey).is_some_and(|p| p.ts == ots) {
-                    self.pending.remove(&okey);
-                }
-            }
-        }
+        self.pending.defer(PendingReset {
+            ts,
+            netns,
+            src: Ep::new(src),
+            dst: Ep::new(dst),
+        });
     }
 
     fn count_storm(
@@ -600,10 +556,10 @@ impl Engine {
             .invalid
             .get(&Ep::new(client))
             .filter(|s| ts.abs_diff(s.ts) <= self.cfg.correlation_ns);
-        let mut basis = vec!["client_rst_to_backend_address"];
+        let mut basis = vec![UnnatedBasis::ClientRstToBackendAddress];
         let cause = match seen {
             Some(s) => {
-                basis.push("ct_invalid");
+                basis.push(UnnatedBasis::CtInvalid);
                 match &s.message {
                     Some(m) => format!("conntrack INVALID: {m}"),
                     None => "conntrack INVALID".to_string(),
@@ -614,27 +570,24 @@ impl Engine {
             }
             None => "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from the client's no-socket RST to the backend's own address".to_string(),
         };
-        let mut ev = Map::new();
-        ev.insert("basis".into(), json!(basis));
-        if let Some(r) = reason {
-            ev.insert("rst_reason".into(), json!(r));
-        }
-        if let Some(s) = seen {
-            ev.insert("ct_verdict".into(), json!("INVALID"));
-            ev.insert("ct_invalid_count".into(), json!(s.count));
-            if let Some(m) = &s.message {
-                ev.insert("ct_reason".into(), json!(m.as_ref()));
-            }
-        }
-        ev.insert("first".into(), json!(ts));
-        ev.insert("count".into(), json!(1));
+        let evidence = Evidence::UnnatedReply(finding::UnnatedReply {
+            basis,
+            rst_reason: reason.map(str::to_string),
+            verdict: seen.map(|s| CtVerdict {
+                ct_verdict: "INVALID",
+                ct_invalid_count: s.count,
+                ct_reason: s.message.clone(),
+            }),
+            first: Time::Mono(ts),
+            count: 1,
+            ct_invalid_counter_rise: None,
+        });
         let max = self
             .cfg
             .conntrack_max
             .map(|m| format!(" (nf_conntrack_max is {m})"))
             .unwrap_or_default();
         Finding {
-            kind: FindingKind::UnnatedReply,
             ts_ns: ts,
             severity: Severity::Error,
             service: Some(service),
@@ -646,7 +599,7 @@ impl Engine {
                  or drop ctstate INVALID in FORWARD (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); \
                  if the table is near full, raise nf_conntrack_max{max}"
             ),
-            evidence: ev,
+            evidence,
         }
     }
 
@@ -658,16 +611,12 @@ impl Engine {
         reason: Option<&str>,
     ) -> Finding {
         let idle_s = flow.idle_ms as f64 / 1000.0;
-        let mut ev = Map::new();
-        ev.insert(
-            "old_backend".into(),
-            json!(flow.previous_backend.get().to_string()),
-        );
-        ev.insert("idle_s".into(), json!((idle_s * 1000.0).round() / 1000.0));
-        if let Some(r) = reason {
-            ev.insert("rst_reason".into(), json!(r));
-        }
-        ev.insert("first".into(), json!(ts));
+        let evidence = Evidence::BackendSwitch(finding::BackendSwitch {
+            old_backend: flow.previous_backend.get(),
+            idle_s: (idle_s * 1000.0).round() / 1000.0,
+            rst_reason: reason.map(str::to_string),
+            first: Time::Mono(ts),
+        });
         let timeout = self
             .cfg
             .ct_timeout_established_s
@@ -681,7 +630,6 @@ impl Engine {
                 format!("TCP keepalive (tcp_keepalive_time {k}s)")
             });
         Finding {
-            kind: FindingKind::BackendSwitch,
             ts_ns: ts,
             severity: Severity::Error,
             service: Some(flow.service.get()),
@@ -693,7 +641,7 @@ impl Engine {
             remedy: format!(
                 "keep {keepalive} shorter than {timeout} so idle connections keep their entry; do not flush conntrack on nodes with live Service traffic"
             ),
-            evidence: ev,
+            evidence,
         }
     }
 
@@ -704,19 +652,16 @@ impl Engine {
             STORM_SWITCH => "connections re-mapped to backends that reset them",
             _ => "un-NATed replies and re-mapped connections",
         };
-        let mut ev = Map::new();
-        ev.insert("phase".into(), json!(r.phase.as_str()));
-        ev.insert("count".into(), json!(r.count));
-        ev.insert("total".into(), json!(r.total));
-        ev.insert(
-            "window_s".into(),
-            json!(self.storms.window_ns() as f64 / 1e9),
-        );
-        ev.insert("threshold".into(), json!(self.cfg.storm_threshold));
-        ev.insert("first".into(), json!(r.first_ns));
-        ev.insert("last".into(), json!(r.last_ns));
+        let evidence = Evidence::RstStorm(finding::RstStorm {
+            phase: r.phase,
+            count: r.count,
+            total: r.total,
+            window_s: self.storms.window_ns() as f64 / 1e9,
+            threshold: self.cfg.storm_threshold,
+            first: Time::Mono(r.first_ns),
+            last: Time::Mono(r.last_ns),
+        });
         Finding {
-            kind: FindingKind::RstStorm,
             ts_ns: ts.min(r.last_ns.max(r.first_ns)).max(r.first_ns),
             severity: if r.phase == Phase::End {
                 Severity::Warning
@@ -731,7 +676,7 @@ impl Engine {
                 STORM_SWITCH => "find what flushes or expires conntrack entries; keep TCP keepalive shorter than nf_conntrack_tcp_timeout_established".into(),
                 _ => "set net.netfilter.nf_conntrack_tcp_be_liberal=1 or drop ctstate INVALID; see the unnated_reply findings".into(),
             },
-            evidence: ev,
+            evidence,
         }
     }
 
@@ -758,10 +703,9 @@ impl Engine {
                     f.cause = format!(
                         "conntrack INVALID: the node's conntrack counted {invalid} INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot attach on this kernel, so the exact reason is unknown)"
                     );
-                    f.evidence
-                        .insert("ct_invalid_counter_rise".into(), json!(invalid));
-                    if let Some(b) = f.evidence.get_mut("basis").and_then(|b| b.as_array_mut()) {
-                        b.push(json!("ct_invalid_counter"));
+                    if let Evidence::UnnatedReply(e) = &mut f.evidence {
+                        e.ct_invalid_counter_rise = Some(invalid);
+                        e.basis.push(UnnatedBasis::CtInvalidCounter);
                     }
                 } else {
                     f.cause = NO_INVALID_COUNTED.into();
@@ -810,20 +754,16 @@ impl Engine {
             return;
         }
         let r = *r;
-        let mut ev = Map::new();
-        ev.insert("count".into(), json!(r.count));
-        ev.insert("first".into(), json!(r.first));
-        ev.insert("last".into(), json!(r.last));
-        ev.insert("basis".into(), json!(basis));
-        if let Some((src, dst)) = example {
-            ev.insert("example_src".into(), json!(src.to_string()));
-            ev.insert("example_dst".into(), json!(dst.to_string()));
-        }
-        if let Some(m) = self.cfg.conntrack_max {
-            ev.insert("nf_conntrack_max".into(), json!(m));
-        }
+        let evidence = Evidence::ConntrackTableFull(finding::TableFull {
+            count: r.count,
+            first: Time::Mono(r.first),
+            last: Time::Mono(r.last),
+            basis: basis.to_string(),
+            example_src: example.map(|(src, _)| src),
+            example_dst: example.map(|(_, dst)| dst),
+            nf_conntrack_max: self.cfg.conntrack_max,
+        });
         out.push(Finding {
-            kind: FindingKind::ConntrackTableFull,
             ts_ns: ts,
             severity: Severity::Critical,
             service: None,
@@ -838,7 +778,7 @@ impl Engine {
                     .unwrap_or_default()
             ),
             remedy: "raise net.netfilter.nf_conntrack_max (and nf_conntrack_buckets), or shorten conntrack timeouts for short-lived flows".into(),
-            evidence: ev,
+            evidence,
         });
     }
 
@@ -877,13 +817,13 @@ impl Engine {
             return;
         }
         let r = *r;
-        let mut ev = Map::new();
-        ev.insert("weight".into(), json!(0));
-        ev.insert("persistence_template".into(), json!(via_template));
-        ev.insert("connections".into(), json!(r.count));
-        ev.insert("first".into(), json!(r.first));
+        let evidence = Evidence::QuiescentBackend(finding::QuiescentBackend {
+            weight: 0,
+            persistence_template: via_template,
+            connections: r.count,
+            first: Time::Mono(r.first),
+        });
         out.push(Finding {
-            kind: FindingKind::QuiescentBackend,
             ts_ns: ts,
             severity: Severity::Warning,
             service: Some(service),
@@ -895,7 +835,7 @@ impl Engine {
                 "IPVS scheduled a new connection to a real server with weight 0 (persistence template)".into()
             },
             remedy: "set net.ipv4.vs.expire_quiescent_template=1 so templates to weight-0 servers expire (and net.ipv4.vs.expire_nodest_conn=1 to drop connections to removed servers)".into(),
-            evidence: ev,
+            evidence,
         });
     }
 }

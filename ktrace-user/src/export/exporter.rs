@@ -759,7 +759,8 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{FindingKind, Severity};
+    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedReply};
+    use crate::engine::Severity;
     use crate::event::{EventBody, Source};
     use crate::export::{Detected, ExportFlags, Signals};
 
@@ -791,7 +792,6 @@ mod tests {
             .unwrap();
         let x = Exporter::start(cfg).unwrap();
         let f = Finding {
-            kind: FindingKind::UnnatedReply,
             ts_ns: 1,
             severity: Severity::Error,
             service: Some("10.96.0.10:2222".parse().unwrap()),
@@ -799,7 +799,14 @@ mod tests {
             client: Some("10.0.0.2:40000".parse().unwrap()),
             cause: "INVALID".into(),
             remedy: "r".into(),
-            evidence: serde_json::Map::new(),
+            evidence: Evidence::UnnatedReply(UnnatedReply {
+                basis: vec![UnnatedBasis::ClientRstToBackendAddress],
+                rst_reason: None,
+                verdict: None,
+                first: Time::Mono(1),
+                count: 1,
+                ct_invalid_counter_rise: None,
+            }),
         };
         let ev = Event {
             ts_ns: 1,

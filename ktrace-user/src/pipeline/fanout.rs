@@ -153,7 +153,7 @@ impl<W: Write> Pipeline<W> {
                 continue;
             }
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
-                *self.emitted.entry(f.kind).or_default() += 1;
+                *self.emitted.entry(f.kind()).or_default() += 1;
                 if let Some(x) = &self.exporter {
                     x.finding(&f);
                 }
