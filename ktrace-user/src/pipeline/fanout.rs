@@ -78,6 +78,10 @@ impl<W: Write> Pipeline<W> {
             e.tick(now_ns, &mut self.findings);
         }
         if let Some(x) = &self.exporter {
+            if self.live {
+                // Live ticks follow a drain of the ring: /healthz.
+                x.drained();
+            }
             x.report_lost(&mut self.out)?;
         }
         self.emit_findings()
