@@ -5,11 +5,13 @@
 //!
 //! - [`format`]: the bytes (file header, block frames, records).
 //! - [`writer`]: encoding, compression, rotation, retention, disk-full handling.
+//! - [`private`]: owner-only files that never follow a planted symlink.
 //! - [`reader`]: reading back, tolerant of torn tails and corrupt blocks.
 //!
 //! `docs/recording-format.md` describes the format for other readers.
 
 pub mod format;
+pub mod private;
 pub mod reader;
 pub mod writer;
 

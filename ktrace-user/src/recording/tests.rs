@@ -1397,3 +1397,67 @@ fn regression_inputs() {
         }
     }
 }
+
+// ------------------------------------------------------------ exposure
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn recordings_and_their_directory_are_owner_only() {
+    let dir = TempDir::new("private");
+    let path = dir.path("node-a/ktrace/rec");
+    let mut cfg = RotationConfig::new(&path);
+    cfg.threaded = false;
+    cfg.keep = 3;
+    write_recording(&path, cfg.clone(), &[every_item(1_000)]);
+    write_recording(&path, cfg, &[every_item(2_000)]);
+    assert_eq!(mode(&dir.path("node-a")), 0o700);
+    assert_eq!(mode(&dir.path("node-a/ktrace")), 0o700);
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path("node-a/ktrace/rec.1")), 0o600);
+
+    // A recording left readable by an older version is closed up.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    write_recording(&path, inline_config(&path), &[every_item(3_000)]);
+    assert_eq!(mode(&path), 0o600);
+}
+
+#[test]
+fn never_writes_through_a_planted_symlink() {
+    let dir = TempDir::new("symlink");
+    let victim = dir.path("victim");
+    std::fs::write(&victim, "precious").unwrap();
+    // A link to an existing file, and a dangling one (which would create it).
+    for (name, target) in [("rec", victim.clone()), ("dangling", dir.path("made"))] {
+        let link = dir.path(name);
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = Recorder::create(inline_config(&link), "test", EngineConfig::default())
+            .err()
+            .unwrap();
+        let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        assert!(text.contains("symbolic link"), "{text}");
+        // Planted after the checks (between rotation steps): refused too.
+        let e = super::private::open(&link, true).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+    }
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+    assert!(!dir.path("made").exists());
+}
+
+#[test]
+fn never_writes_into_a_planted_hard_link() {
+    let dir = TempDir::new("hardlink");
+    let victim = dir.path("victim");
+    std::fs::write(&victim, "").unwrap();
+    let link = dir.path("rec");
+    std::fs::hard_link(&victim, &link).unwrap();
+    let e = Recorder::create(inline_config(&link), "test", EngineConfig::default())
+        .err()
+        .unwrap();
+    let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(text.contains("hard links"), "{text}");
+}

@@ -14,7 +14,7 @@
 //! drops, retries every second, and on success first writes a `Dropped`
 //! record saying how many events are missing.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -213,21 +213,18 @@ impl SegmentWriter {
             path: shown.clone(),
             source,
         };
+        super::private::refuse_symlink(path).map_err(open_err)?;
         if path.is_dir() {
             return Err(RecordError::IsDir { path: shown });
         }
+        super::private::create_parent(path).map_err(open_err)?;
         let existed = path.exists();
         if existed && !is_recording_or_empty(path).map_err(open_err)? {
             return Err(RecordError::NotARecording { path: shown });
         }
         // Writable? (Does not truncate: a previous recording survives
         // until start() rotates it out.)
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(open_err)?;
+        super::private::open(path, false).map_err(open_err)?;
         Ok(SegmentWriter {
             sealer: FrameSealer::new(cfg.zstd_level),
             cfg,
@@ -267,11 +264,7 @@ impl SegmentWriter {
             shift_segments(&self.cfg.path, self.cfg.keep)?;
         }
         self.created_empty = false;
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&self.cfg.path)?;
+        let f = super::private::open(&self.cfg.path, true)?;
         self.file = Some(f);
         self.seg_started = Instant::now();
         self.stats.segments = 1;
@@ -339,11 +332,7 @@ impl SegmentWriter {
             Which::Aux => &self.aux,
         };
         if self.file.is_none() {
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&self.cfg.path)?;
+            let f = super::private::open(&self.cfg.path, false)?;
             self.file = Some(f);
             self.reposition = true;
         }
@@ -508,11 +497,7 @@ impl SegmentWriter {
         self.seg_started = Instant::now();
         self.segment += 1;
         self.stats.segments += 1;
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&self.cfg.path)?;
+        let f = super::private::open(&self.cfg.path, true)?;
         self.file = Some(f);
         self.write_header()
     }
