@@ -234,4 +234,10 @@ impl<W: Write> Sink for Pipeline<W> {
     fn finish(&mut self, now_ns: u64) -> Result<(), PipelineError> {
         Pipeline::finish(self, now_ns).map_err(PipelineError::Output)
     }
+
+    fn wants_counters(&self) -> bool {
+        self.engine
+            .as_ref()
+            .is_some_and(Engine::wants_counter_sample)
+    }
 }
