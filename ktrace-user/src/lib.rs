@@ -28,6 +28,7 @@ pub mod event;
 pub mod export;
 pub mod hooks;
 pub mod layout;
+pub mod memory;
 pub mod memlock;
 pub mod netns;
 pub mod output;
