@@ -16,6 +16,7 @@
 //! - [`recording`]: the recording file format, its writer and reader.
 //! - [`watch`], [`record`], [`replay`]: the commands, assembled from these.
 //! - [`demo`]: a real incident in namespaces of its own, through `watch`'s pipeline.
+//! - [`endpoint`]: `/metrics` (Prometheus) and `/healthz` for `watch --metrics-addr`.
 
 pub mod clock;
 pub mod ctnetlink;
@@ -23,6 +24,7 @@ pub mod ctstat;
 pub mod decode;
 pub mod demo;
 pub mod doctor;
+pub mod endpoint;
 pub mod engine;
 pub mod event;
 pub mod export;

@@ -66,6 +66,9 @@ struct WatchArgs {
     engine: EngineArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
+    /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT (none without it)
+    #[arg(long, value_name = "IP:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Args)]
@@ -185,6 +188,28 @@ impl OtlpArgs {
         let detected = detected.unwrap_or_else(Detected::this_host);
         let cfg = ExportConfig::resolve(&flags, &|k| std::env::var(k).ok(), &detected, signals)?;
         Ok(cfg.map(Exporter::start).transpose()?)
+    }
+
+    /// The resource attributes an export would carry (`--node-name`,
+    /// `NODE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, ...), for the metrics
+    /// endpoint when no OTLP endpoint is given.
+    fn resource(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let flags = ktrace::export::ExportFlags {
+            endpoint: None,
+            protocol: None,
+            node_name: self.node_name.clone(),
+        };
+        let var = |k: &str| {
+            std::env::var(k)
+                .ok()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        Ok(ktrace::export::config::resource_attributes(
+            &flags,
+            &var,
+            &ktrace::export::Detected::this_host(),
+        )?)
     }
 }
 
@@ -330,6 +355,15 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         export: None,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
+    if let Some(addr) = a.metrics_addr {
+        let x = match opts.export.take() {
+            Some(x) => x,
+            None => ktrace::export::Exporter::metrics_only(&a.otlp.resource()?),
+        };
+        let ep = x.serve_metrics(addr)?;
+        tracing::info!("serving /metrics and /healthz on http://{}", ep.local_addr);
+        opts.export = Some(x);
+    }
     ktrace::watch::run(opts)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -279,7 +279,7 @@ impl<W: Write> Renderer<W> {
             "{} {:<8} {:<20} {}",
             t.get(11..26).unwrap_or(&t),
             f.severity.as_str().to_uppercase(),
-            f.kind.as_str(),
+            f.kind().as_str(),
             f.sentence()
         )
     }

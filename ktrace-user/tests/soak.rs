@@ -155,7 +155,7 @@ fn incidents(day: &mut Day) {
 fn named(f: &Finding) -> String {
     format!(
         "{} {:?} {:?} {:?} {:?} {}",
-        f.kind.as_str(),
+        f.kind().as_str(),
         f.severity,
         f.service,
         f.backend,

@@ -1,12 +1,17 @@
 //! `cargo xtask`: ktrace's build and test entry points.
 //!
 //! - `cargo xtask build`: the eBPF object and the `ktrace` binary, release.
-//! - `cargo xtask test [--no-vm]`: `build`, then `cargo test --workspace --release --
-//!   --test-threads=1` on this machine's kernel, then `vmtest`.
+//! - `cargo xtask dist`: a static x86_64 `ktrace` with the eBPF object
+//!   inside, at `target/dist/ktrace` (see `dist.rs`).
+//! - `cargo xtask image`: `dist`, then an OCI image of it (buildah, from
+//!   scratch) at `target/dist/ktrace-image.tar`.
+//! - `cargo xtask test [--no-vm]`: `build`, `image`, then `cargo test --workspace --release --
+//!   --test-threads=1` on this machine's kernel, then `vmtest` with the static binary.
 //! - `cargo xtask vmtest [--kernel PACKAGE]...`: boots stock distribution
 //!   kernels under QEMU and runs the kernel-dependent tests inside them
 //!   (see `vm.rs` and docs/vmtest.md).
 
+mod dist;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +24,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
   build                        build the eBPF object and target/release/ktrace
-  test [--no-vm]               build, cargo test --workspace --release -- --test-threads=1, then vmtest
+  dist                         a static x86_64 ktrace with the eBPF object inside: target/dist/ktrace
+  image                        dist, then an OCI image of it from scratch (buildah): target/dist/ktrace-image.tar
+  test [--no-vm]               build, image, cargo test --workspace --release -- --test-threads=1, then vmtest
   vmtest [--kernel PACKAGE]... boot stock kernels under QEMU and run the kernel tests inside
                                (default: every package in xtask/src/vm.rs KERNEL_PACKAGES)
 
@@ -46,6 +53,14 @@ fn run() -> Result<()> {
         "build" => {
             no_args(rest)?;
             build().map(|_| ())
+        }
+        "dist" => {
+            no_args(rest)?;
+            dist::dist().map(|_| ())
+        }
+        "image" => {
+            no_args(rest)?;
+            dist::dist().and_then(|bin| dist::image(&bin)).map(|_| ())
         }
         "test" => {
             let mut vm = true;
@@ -311,10 +326,15 @@ pub fn build() -> Result<Built> {
 /// (serially: kernel hooks are global); then `vmtest` unless `--no-vm`.
 fn test(vm: bool) -> Result<()> {
     let built = build()?;
+    // What ships: the tests load the image into podman (tests/tests/image.rs)
+    // and the VM runs the static binary.
+    let static_bin = dist::dist()?;
+    let image = dist::image(&static_bin)?;
     let t = Instant::now();
     eprintln!(
-        "xtask: cargo test --workspace --release -- --test-threads=1 (KTRACE_BIN={})",
-        built.ktrace.display()
+        "xtask: cargo test --workspace --release -- --test-threads=1 (KTRACE_BIN={}, KTRACE_IMAGE={})",
+        built.ktrace.display(),
+        image.display()
     );
     let mut counts = Counts::default();
     // Tests that cannot run here say so in this file (ktrace_tests::record_skip).
@@ -326,6 +346,7 @@ fn test(vm: bool) -> Result<()> {
             // instead of building them all again in the debug profile.
             .args(["test", "--workspace", "--release", "--", "--test-threads=1"])
             .env("KTRACE_BIN", &built.ktrace)
+            .env("KTRACE_IMAGE", &image)
             .env("KTRACE_SKIP_LOG", &skip_log),
         "cargo test --workspace",
         &mut counts,
@@ -341,7 +362,7 @@ fn test(vm: bool) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     if vm {
-        let r = vm::vmtest(&built, &[]);
+        let r = vm::vmtest(&Built { ktrace: static_bin }, &[]);
         // The guests' own test results, from their console logs.
         for (kernel, log) in vm::console_logs() {
             if let Ok(text) = std::fs::read_to_string(log) {
@@ -369,7 +390,9 @@ fn test(vm: bool) -> Result<()> {
     Ok(())
 }
 
+/// The VM runs the static binary of `dist`: the one a node gets.
 fn vmtest(kernels: &[String]) -> Result<()> {
-    let built = build()?;
-    vm::vmtest(&built, kernels)
+    build()?;
+    let ktrace = dist::dist()?;
+    vm::vmtest(&Built { ktrace }, kernels)
 }

@@ -1,12 +1,19 @@
 //! A diagnosed incident: what an operator reads at 3 a.m.
+//!
+//! The evidence of each kind is its own struct; the contract's JSON (serde)
+//! and the human sentence both come from these types. Field order is the
+//! JSON's key order (part of the contract's byte-for-byte output).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 
+use super::storm::Phase;
 use crate::clock::WallClock;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FindingKind {
     UnnatedReply,
     RstStorm,
@@ -27,7 +34,8 @@ impl FindingKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Severity {
     Warning,
     Error,
@@ -44,9 +52,154 @@ impl Severity {
     }
 }
 
+/// A time in evidence: CLOCK_MONOTONIC ns as the engine knows it (it has no
+/// wall clock), made RFC 3339 text by [`Evidence::at_wall_clock`] for output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum Time {
+    Mono(u64),
+    Wall(String),
+}
+
+impl Time {
+    fn make_wall(&mut self, clock: &WallClock) {
+        if let Time::Mono(ns) = *self {
+            *self = Time::Wall(clock.rfc3339(ns));
+        }
+    }
+}
+
+/// Why an un-NATed reply is believed (`basis` of the JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnnatedBasis {
+    /// The client's no-socket RST went to the backend's own address.
+    ClientRstToBackendAddress,
+    /// The conntrack kprobe saw the reply marked INVALID.
+    CtInvalid,
+    /// The conntrack INVALID counter rose around it.
+    CtInvalidCounter,
+}
+
+/// Conntrack's INVALID verdict on the reply, as the kprobe saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CtVerdict {
+    /// Always `"INVALID"`.
+    pub ct_verdict: &'static str,
+    /// INVALID verdicts on the flow within the correlation window.
+    pub ct_invalid_count: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ct_reason: Option<Arc<str>>,
+}
+
+/// Evidence of `unnated_reply`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct UnnatedReply {
+    pub basis: Vec<UnnatedBasis>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rst_reason: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<CtVerdict>,
+    pub first: Time,
+    /// Always 1: one finding per connection.
+    pub count: u32,
+    /// Set when the finding waited for the conntrack counter sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ct_invalid_counter_rise: Option<u64>,
+}
+
+/// Evidence of `backend_switch`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BackendSwitch {
+    pub old_backend: SocketAddr,
+    /// Seconds the flow was idle before the re-mapping (rounded to ms).
+    pub idle_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rst_reason: Option<String>,
+    pub first: Time,
+}
+
+/// Evidence of `rst_storm`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RstStorm {
+    pub phase: Phase,
+    /// Resets in the current window.
+    pub count: u32,
+    /// Resets since the storm started.
+    pub total: u64,
+    pub window_s: f64,
+    pub threshold: u32,
+    pub first: Time,
+    pub last: Time,
+}
+
+/// Evidence of `conntrack_table_full`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TableFull {
+    pub count: u64,
+    pub first: Time,
+    pub last: Time,
+    /// What showed it (the hook, or the counters that rose).
+    pub basis: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub example_src: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub example_dst: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nf_conntrack_max: Option<u64>,
+}
+
+/// Evidence of `quiescent_backend`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct QuiescentBackend {
+    /// Always 0: the real server's weight.
+    pub weight: i32,
+    pub persistence_template: bool,
+    pub connections: u64,
+    pub first: Time,
+}
+
+/// What a finding rests on: one shape per kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Evidence {
+    UnnatedReply(UnnatedReply),
+    RstStorm(RstStorm),
+    BackendSwitch(BackendSwitch),
+    QuiescentBackend(QuiescentBackend),
+    ConntrackTableFull(TableFull),
+}
+
+impl Evidence {
+    pub fn kind(&self) -> FindingKind {
+        match self {
+            Evidence::UnnatedReply(_) => FindingKind::UnnatedReply,
+            Evidence::RstStorm(_) => FindingKind::RstStorm,
+            Evidence::BackendSwitch(_) => FindingKind::BackendSwitch,
+            Evidence::QuiescentBackend(_) => FindingKind::QuiescentBackend,
+            Evidence::ConntrackTableFull(_) => FindingKind::ConntrackTableFull,
+        }
+    }
+
+    /// The same evidence with its times as wall-clock text.
+    pub fn at_wall_clock(&self, clock: &WallClock) -> Evidence {
+        let mut e = self.clone();
+        let times: Vec<&mut Time> = match &mut e {
+            Evidence::UnnatedReply(x) => vec![&mut x.first],
+            Evidence::RstStorm(x) => vec![&mut x.first, &mut x.last],
+            Evidence::BackendSwitch(x) => vec![&mut x.first],
+            Evidence::QuiescentBackend(x) => vec![&mut x.first],
+            Evidence::ConntrackTableFull(x) => vec![&mut x.first, &mut x.last],
+        };
+        for t in times {
+            t.make_wall(clock);
+        }
+        e
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
-    pub kind: FindingKind,
     /// CLOCK_MONOTONIC ns of the event that completed the finding.
     pub ts_ns: u64,
     pub severity: Severity,
@@ -55,84 +208,87 @@ pub struct Finding {
     pub client: Option<SocketAddr>,
     pub cause: String,
     pub remedy: String,
-    /// Counts, first/last times (ns), verdicts and reasons seen.
-    pub evidence: Map<String, Value>,
+    /// Counts, first/last times, verdicts and reasons seen; its shape names the kind.
+    pub evidence: Evidence,
+}
+
+/// The contract's JSON object of a finding (`"type":"finding"`).
+#[derive(Serialize)]
+struct FindingJson<'a> {
+    #[serde(rename = "type")]
+    ty: &'static str,
+    kind: FindingKind,
+    ts: String,
+    severity: Severity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<SocketAddr>,
+    cause: &'a str,
+    remedy: &'a str,
+    evidence: Evidence,
+    message: String,
 }
 
 impl Finding {
-    /// The contract's JSON object (`"type":"finding"`); absent fields are omitted.
-    pub fn to_json(&self, clock: &WallClock) -> Value {
-        let mut m = Map::new();
-        m.insert("type".into(), json!("finding"));
-        m.insert("kind".into(), json!(self.kind.as_str()));
-        m.insert("ts".into(), json!(clock.rfc3339(self.ts_ns)));
-        m.insert("severity".into(), json!(self.severity.as_str()));
-        for (k, v) in [
-            ("service", self.service),
-            ("backend", self.backend),
-            ("client", self.client),
-        ] {
-            if let Some(a) = v {
-                m.insert(k.into(), json!(a.to_string()));
-            }
-        }
-        m.insert("cause".into(), json!(self.cause));
-        m.insert("remedy".into(), json!(self.remedy));
-        let mut ev = self.evidence.clone();
-        // Times in evidence are monotonic ns; render them as wall-clock time.
-        for key in ["first", "last", "since"] {
-            if let Some(ns) = ev.get(key).and_then(Value::as_u64) {
-                ev.insert(key.into(), json!(clock.rfc3339(ns)));
-            }
-        }
-        m.insert("evidence".into(), Value::Object(ev));
-        m.insert("message".into(), json!(self.sentence()));
-        Value::Object(m)
+    pub fn kind(&self) -> FindingKind {
+        self.evidence.kind()
+    }
+
+    /// The contract's JSON object; absent fields are omitted, times are
+    /// wall-clock RFC 3339 by `clock`.
+    pub fn to_json(&self, clock: &WallClock) -> serde_json::Value {
+        let v = FindingJson {
+            ty: "finding",
+            kind: self.kind(),
+            ts: clock.rfc3339(self.ts_ns),
+            severity: self.severity,
+            service: self.service,
+            backend: self.backend,
+            client: self.client,
+            cause: &self.cause,
+            remedy: &self.remedy,
+            evidence: self.evidence.at_wall_clock(clock),
+            message: self.sentence(),
+        };
+        serde_json::to_value(v).expect("a finding serialises")
     }
 
     /// One human sentence: who, what, why, and the fix.
     pub fn sentence(&self) -> String {
-        let svc = self.service.map_or("?".to_string(), |s| s.to_string());
-        let be = self.backend.map_or("?".to_string(), |s| s.to_string());
-        let cl = self.client.map_or("?".to_string(), |s| s.to_string());
-        let what = match self.kind {
-            FindingKind::UnnatedReply => format!(
-                "Service {svc}: reply from backend {be} to client {cl} was not reverse-NATed ({}); the client reset it.",
-                self.cause
+        let addr = |a: Option<SocketAddr>| a.map_or("?".to_string(), |s| s.to_string());
+        let (svc, be, cl) = (addr(self.service), addr(self.backend), addr(self.client));
+        let cause = &self.cause;
+        let what = match &self.evidence {
+            Evidence::UnnatedReply(_) => format!(
+                "Service {svc}: reply from backend {be} to client {cl} was not reverse-NATed ({cause}); the client reset it."
             ),
-            FindingKind::BackendSwitch => format!(
-                "Service {svc}: connection from client {cl} was re-mapped mid-stream to backend {be} (was {}), which reset it ({}).",
-                self.evidence
-                    .get("old_backend")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?"),
-                self.cause
+            Evidence::BackendSwitch(e) => format!(
+                "Service {svc}: connection from client {cl} was re-mapped mid-stream to backend {be} (was {}), which reset it ({cause}).",
+                e.old_backend
             ),
-            FindingKind::RstStorm => {
+            Evidence::RstStorm(e) => {
                 let target = match (self.service, self.backend) {
                     (Some(s), _) => format!("Service {s}"),
                     (None, Some(b)) => format!("backend {b}"),
                     _ => "?".into(),
                 };
+                // The window as the JSON writes it (`5.0`, not `5`).
                 format!(
-                    "{target}: reset storm {} ({} resets in the last {}s; {}).",
-                    self.evidence
-                        .get("phase")
-                        .and_then(Value::as_str)
-                        .unwrap_or(""),
-                    self.evidence.get("count").cloned().unwrap_or(json!(0)),
-                    self.evidence.get("window_s").cloned().unwrap_or(json!(0)),
-                    self.cause
+                    "{target}: reset storm {} ({} resets in the last {}s; {cause}).",
+                    e.phase.as_str(),
+                    e.count,
+                    serde_json::Value::from(e.window_s),
                 )
             }
-            FindingKind::QuiescentBackend => format!(
-                "Service {svc}: IPVS sent a new connection from client {cl} to backend {be}, whose weight is 0 ({}).",
-                self.cause
+            Evidence::QuiescentBackend(_) => format!(
+                "Service {svc}: IPVS sent a new connection from client {cl} to backend {be}, whose weight is 0 ({cause})."
             ),
-            FindingKind::ConntrackTableFull => format!(
-                "Conntrack table full: new connections are being dropped ({}).",
-                self.cause
-            ),
+            Evidence::ConntrackTableFull(_) => {
+                format!("Conntrack table full: new connections are being dropped ({cause}).")
+            }
         };
         format!("{what} Fix: {}", self.remedy)
     }

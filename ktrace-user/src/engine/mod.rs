@@ -25,10 +25,9 @@ use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use serde_json::{json, Map};
-
 use crate::event::{Event, EventBody};
-pub use finding::{Finding, FindingKind, Severity};
+use finding::{CtVerdict, UnnatedBasis};
+pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use flows::{flow_flags, Ep, FlowKey, FlowTable, TCP};
 use pending::{Pending, PendingReset};
 use storm::{Phase, StormReport, StormTracker};
@@ -557,10 +556,10 @@ impl Engine {
             .invalid
             .get(&Ep::new(client))
             .filter(|s| ts.abs_diff(s.ts) <= self.cfg.correlation_ns);
-        let mut basis = vec!["client_rst_to_backend_address"];
+        let mut basis = vec![UnnatedBasis::ClientRstToBackendAddress];
         let cause = match seen {
             Some(s) => {
-                basis.push("ct_invalid");
+                basis.push(UnnatedBasis::CtInvalid);
                 match &s.message {
                     Some(m) => format!("conntrack INVALID: {m}"),
                     None => "conntrack INVALID".to_string(),
@@ -571,27 +570,24 @@ impl Engine {
             }
             None => "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from the client's no-socket RST to the backend's own address".to_string(),
         };
-        let mut ev = Map::new();
-        ev.insert("basis".into(), json!(basis));
-        if let Some(r) = reason {
-            ev.insert("rst_reason".into(), json!(r));
-        }
-        if let Some(s) = seen {
-            ev.insert("ct_verdict".into(), json!("INVALID"));
-            ev.insert("ct_invalid_count".into(), json!(s.count));
-            if let Some(m) = &s.message {
-                ev.insert("ct_reason".into(), json!(m.as_ref()));
-            }
-        }
-        ev.insert("first".into(), json!(ts));
-        ev.insert("count".into(), json!(1));
+        let evidence = Evidence::UnnatedReply(finding::UnnatedReply {
+            basis,
+            rst_reason: reason.map(str::to_string),
+            verdict: seen.map(|s| CtVerdict {
+                ct_verdict: "INVALID",
+                ct_invalid_count: s.count,
+                ct_reason: s.message.clone(),
+            }),
+            first: Time::Mono(ts),
+            count: 1,
+            ct_invalid_counter_rise: None,
+        });
         let max = self
             .cfg
             .conntrack_max
             .map(|m| format!(" (nf_conntrack_max is {m})"))
             .unwrap_or_default();
         Finding {
-            kind: FindingKind::UnnatedReply,
             ts_ns: ts,
             severity: Severity::Error,
             service: Some(service),
@@ -603,7 +599,7 @@ impl Engine {
                  or drop ctstate INVALID in FORWARD (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); \
                  if the table is near full, raise nf_conntrack_max{max}"
             ),
-            evidence: ev,
+            evidence,
         }
     }
 
@@ -615,16 +611,12 @@ impl Engine {
         reason: Option<&str>,
     ) -> Finding {
         let idle_s = flow.idle_ms as f64 / 1000.0;
-        let mut ev = Map::new();
-        ev.insert(
-            "old_backend".into(),
-            json!(flow.previous_backend.get().to_string()),
-        );
-        ev.insert("idle_s".into(), json!((idle_s * 1000.0).round() / 1000.0));
-        if let Some(r) = reason {
-            ev.insert("rst_reason".into(), json!(r));
-        }
-        ev.insert("first".into(), json!(ts));
+        let evidence = Evidence::BackendSwitch(finding::BackendSwitch {
+            old_backend: flow.previous_backend.get(),
+            idle_s: (idle_s * 1000.0).round() / 1000.0,
+            rst_reason: reason.map(str::to_string),
+            first: Time::Mono(ts),
+        });
         let timeout = self
             .cfg
             .ct_timeout_established_s
@@ -638,7 +630,6 @@ impl Engine {
                 format!("TCP keepalive (tcp_keepalive_time {k}s)")
             });
         Finding {
-            kind: FindingKind::BackendSwitch,
             ts_ns: ts,
             severity: Severity::Error,
             service: Some(flow.service.get()),
@@ -650,7 +641,7 @@ impl Engine {
             remedy: format!(
                 "keep {keepalive} shorter than {timeout} so idle connections keep their entry; do not flush conntrack on nodes with live Service traffic"
             ),
-            evidence: ev,
+            evidence,
         }
     }
 
@@ -661,19 +652,16 @@ impl Engine {
             STORM_SWITCH => "connections re-mapped to backends that reset them",
             _ => "un-NATed replies and re-mapped connections",
         };
-        let mut ev = Map::new();
-        ev.insert("phase".into(), json!(r.phase.as_str()));
-        ev.insert("count".into(), json!(r.count));
-        ev.insert("total".into(), json!(r.total));
-        ev.insert(
-            "window_s".into(),
-            json!(self.storms.window_ns() as f64 / 1e9),
-        );
-        ev.insert("threshold".into(), json!(self.cfg.storm_threshold));
-        ev.insert("first".into(), json!(r.first_ns));
-        ev.insert("last".into(), json!(r.last_ns));
+        let evidence = Evidence::RstStorm(finding::RstStorm {
+            phase: r.phase,
+            count: r.count,
+            total: r.total,
+            window_s: self.storms.window_ns() as f64 / 1e9,
+            threshold: self.cfg.storm_threshold,
+            first: Time::Mono(r.first_ns),
+            last: Time::Mono(r.last_ns),
+        });
         Finding {
-            kind: FindingKind::RstStorm,
             ts_ns: ts.min(r.last_ns.max(r.first_ns)).max(r.first_ns),
             severity: if r.phase == Phase::End {
                 Severity::Warning
@@ -688,7 +676,7 @@ impl Engine {
                 STORM_SWITCH => "find what flushes or expires conntrack entries; keep TCP keepalive shorter than nf_conntrack_tcp_timeout_established".into(),
                 _ => "set net.netfilter.nf_conntrack_tcp_be_liberal=1 or drop ctstate INVALID; see the unnated_reply findings".into(),
             },
-            evidence: ev,
+            evidence,
         }
     }
 
@@ -715,10 +703,9 @@ impl Engine {
                     f.cause = format!(
                         "conntrack INVALID: the node's conntrack counted {invalid} INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot attach on this kernel, so the exact reason is unknown)"
                     );
-                    f.evidence
-                        .insert("ct_invalid_counter_rise".into(), json!(invalid));
-                    if let Some(b) = f.evidence.get_mut("basis").and_then(|b| b.as_array_mut()) {
-                        b.push(json!("ct_invalid_counter"));
+                    if let Evidence::UnnatedReply(e) = &mut f.evidence {
+                        e.ct_invalid_counter_rise = Some(invalid);
+                        e.basis.push(UnnatedBasis::CtInvalidCounter);
                     }
                 } else {
                     f.cause = NO_INVALID_COUNTED.into();
@@ -767,20 +754,16 @@ impl Engine {
             return;
         }
         let r = *r;
-        let mut ev = Map::new();
-        ev.insert("count".into(), json!(r.count));
-        ev.insert("first".into(), json!(r.first));
-        ev.insert("last".into(), json!(r.last));
-        ev.insert("basis".into(), json!(basis));
-        if let Some((src, dst)) = example {
-            ev.insert("example_src".into(), json!(src.to_string()));
-            ev.insert("example_dst".into(), json!(dst.to_string()));
-        }
-        if let Some(m) = self.cfg.conntrack_max {
-            ev.insert("nf_conntrack_max".into(), json!(m));
-        }
+        let evidence = Evidence::ConntrackTableFull(finding::TableFull {
+            count: r.count,
+            first: Time::Mono(r.first),
+            last: Time::Mono(r.last),
+            basis: basis.to_string(),
+            example_src: example.map(|(src, _)| src),
+            example_dst: example.map(|(_, dst)| dst),
+            nf_conntrack_max: self.cfg.conntrack_max,
+        });
         out.push(Finding {
-            kind: FindingKind::ConntrackTableFull,
             ts_ns: ts,
             severity: Severity::Critical,
             service: None,
@@ -795,7 +778,7 @@ impl Engine {
                     .unwrap_or_default()
             ),
             remedy: "raise net.netfilter.nf_conntrack_max (and nf_conntrack_buckets), or shorten conntrack timeouts for short-lived flows".into(),
-            evidence: ev,
+            evidence,
         });
     }
 
@@ -834,13 +817,13 @@ impl Engine {
             return;
         }
         let r = *r;
-        let mut ev = Map::new();
-        ev.insert("weight".into(), json!(0));
-        ev.insert("persistence_template".into(), json!(via_template));
-        ev.insert("connections".into(), json!(r.count));
-        ev.insert("first".into(), json!(r.first));
+        let evidence = Evidence::QuiescentBackend(finding::QuiescentBackend {
+            weight: 0,
+            persistence_template: via_template,
+            connections: r.count,
+            first: Time::Mono(r.first),
+        });
         out.push(Finding {
-            kind: FindingKind::QuiescentBackend,
             ts_ns: ts,
             severity: Severity::Warning,
             service: Some(service),
@@ -852,7 +835,7 @@ impl Engine {
                 "IPVS scheduled a new connection to a real server with weight 0 (persistence template)".into()
             },
             remedy: "set net.ipv4.vs.expire_quiescent_template=1 so templates to weight-0 servers expire (and net.ipv4.vs.expire_nodest_conn=1 to drop connections to removed servers)".into(),
-            evidence: ev,
+            evidence,
         });
     }
 }

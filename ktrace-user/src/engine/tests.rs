@@ -3,6 +3,12 @@
 
 use super::*;
 use crate::event::Source;
+use serde_json::{json, Value};
+
+/// The evidence as the JSON has it (times still monotonic ns).
+fn evidence(f: &Finding) -> Value {
+    serde_json::to_value(&f.evidence).unwrap()
+}
 
 const MS: u64 = 1_000_000;
 
@@ -86,12 +92,12 @@ fn flush_then_new_backend_reset_is_a_backend_switch() {
         rst(30_011, B2, C, PSH_ACK),
     ]);
     assert_eq!(f.len(), 1, "{f:?}");
-    assert_eq!(f[0].kind, FindingKind::BackendSwitch);
+    assert_eq!(f[0].kind(), FindingKind::BackendSwitch);
     assert_eq!(f[0].service, Some(a(S)));
     assert_eq!(f[0].backend, Some(a(B2)));
     assert_eq!(f[0].client, Some(a(C)));
-    assert_eq!(f[0].evidence["old_backend"], json!(B1));
-    assert_eq!(f[0].evidence["idle_s"], json!(30.01));
+    assert_eq!(evidence(&f[0])["old_backend"], json!(B1));
+    assert_eq!(evidence(&f[0])["idle_s"], json!(30.01));
 }
 
 #[test]
@@ -105,7 +111,7 @@ fn reset_arriving_before_its_mapping_is_still_diagnosed() {
     ]);
     assert_eq!(
         f.iter()
-            .filter(|x| x.kind == FindingKind::BackendSwitch)
+            .filter(|x| x.kind() == FindingKind::BackendSwitch)
             .count(),
         1,
         "{f:?}"
@@ -116,7 +122,7 @@ fn reset_arriving_before_its_mapping_is_still_diagnosed() {
 fn switch_without_destroy_event_is_still_a_switch() {
     let f = run(&[map(0, C, S, B1), map(100, C, S, B2), rst(101, B2, C, None)]);
     assert_eq!(f.len(), 1);
-    assert_eq!(f[0].kind, FindingKind::BackendSwitch);
+    assert_eq!(f[0].kind(), FindingKind::BackendSwitch);
 }
 
 #[test]
@@ -133,7 +139,7 @@ fn client_reset_to_backend_address_is_an_unnated_reply() {
         rst(1_001, B1, C, PSH_ACK),
     ]);
     assert_eq!(f.len(), 1, "{f:?}");
-    assert_eq!(f[0].kind, FindingKind::UnnatedReply);
+    assert_eq!(f[0].kind(), FindingKind::UnnatedReply);
     assert_eq!(
         (f[0].service, f[0].backend, f[0].client),
         (Some(a(S)), Some(a(B1)), Some(a(C)))
@@ -164,9 +170,10 @@ fn unnated_reply_names_the_conntrack_reason_when_seen() {
     let f = run_with(cfg, &[invalid, rst(1_000, C, B1, PSH_ACK)]);
     assert_eq!(f.len(), 1, "{f:?}");
     assert_eq!(f[0].cause, "conntrack INVALID: SEQ is over the upper bound");
+    // The contract's keys, in the order 0.1.0 wrote them.
     assert_eq!(
-        f[0].evidence["ct_reason"],
-        json!("SEQ is over the upper bound")
+        evidence(&f[0]).to_string(),
+        r#"{"basis":["client_rst_to_backend_address","ct_invalid"],"rst_reason":"NO_SOCKET","ct_verdict":"INVALID","ct_invalid_count":1,"ct_reason":"SEQ is over the upper bound","first":1001000000000,"count":1}"#
     );
     assert_eq!(f[0].service, Some(a(S)));
 }
@@ -208,21 +215,21 @@ fn many_broken_connections_make_one_storm_start() {
     let f = run(&evs);
     let storms: Vec<_> = f
         .iter()
-        .filter(|x| x.kind == FindingKind::RstStorm)
+        .filter(|x| x.kind() == FindingKind::RstStorm)
         .collect();
     let starts = storms
         .iter()
-        .filter(|x| x.evidence["phase"] == json!("start"))
+        .filter(|x| evidence(x)["phase"] == json!("start"))
         .count();
     let ends = storms
         .iter()
-        .filter(|x| x.evidence["phase"] == json!("end"))
+        .filter(|x| evidence(x)["phase"] == json!("end"))
         .count();
     assert_eq!((starts, ends), (1, 1), "{storms:?}");
     assert_eq!(storms[0].service, Some(a(S)));
     assert_eq!(
         f.iter()
-            .filter(|x| x.kind == FindingKind::UnnatedReply)
+            .filter(|x| x.kind() == FindingKind::UnnatedReply)
             .count(),
         200
     );
@@ -257,9 +264,9 @@ fn quiescent_backend_via_template() {
         ipvs(20, false, Some(0)),
     ]);
     assert_eq!(f.len(), 1, "repeats are merged: {f:?}");
-    assert_eq!(f[0].kind, FindingKind::QuiescentBackend);
+    assert_eq!(f[0].kind(), FindingKind::QuiescentBackend);
     assert_eq!(f[0].backend, Some(a("10.0.1.3:8080")));
-    assert_eq!(f[0].evidence["persistence_template"], json!(true));
+    assert_eq!(evidence(&f[0])["persistence_template"], json!(true));
 }
 
 #[test]
@@ -281,8 +288,12 @@ fn table_full_is_one_finding_with_count_updates() {
     };
     let f = run_with(cfg, &evs);
     assert_eq!(f.len(), 1);
-    assert_eq!(f[0].kind, FindingKind::ConntrackTableFull);
+    assert_eq!(f[0].kind(), FindingKind::ConntrackTableFull);
     assert!(f[0].cause.contains("nf_conntrack_max 64"));
+    assert_eq!(
+        evidence(&f[0]).to_string(),
+        r#"{"count":1,"first":1000000000000,"last":1000000000000,"basis":"init_conntrack failed","example_src":"10.0.0.2:1000","example_dst":"10.96.0.10:2222","nf_conntrack_max":64}"#
+    );
 }
 
 #[test]
@@ -334,7 +345,7 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
         "{}",
         out[0].cause
     );
-    assert_eq!(out[0].evidence["ct_invalid_counter_rise"], json!(1));
+    assert_eq!(evidence(&out[0])["ct_invalid_counter_rise"], json!(1));
     // Without a counter rise, the finding still comes, by the deadline.
     let f = run_with(
         cfg,
@@ -374,7 +385,7 @@ fn drop_counter_with_a_full_table_is_table_full() {
     assert!(f.is_empty(), "drops with room left are not a full table");
     let f = run(&[counters(0, 5, 64), counters(200, 7, 64)]);
     assert_eq!(f.len(), 1, "{f:?}");
-    assert_eq!(f[0].kind, FindingKind::ConntrackTableFull);
+    assert_eq!(f[0].kind(), FindingKind::ConntrackTableFull);
     assert!(f[0].cause.contains("64 of 64"), "{}", f[0].cause);
 }
 
@@ -390,7 +401,7 @@ fn a_connection_reusing_the_client_port_gets_its_own_finding() {
     ]);
     let unnated: Vec<_> = f
         .iter()
-        .filter(|x| x.kind == FindingKind::UnnatedReply)
+        .filter(|x| x.kind() == FindingKind::UnnatedReply)
         .collect();
     assert_eq!(unnated.len(), 2, "{f:?}");
 }
@@ -406,7 +417,7 @@ fn a_reused_port_without_a_new_conntrack_entry_is_reported_again() {
     ]);
     let unnated: Vec<_> = f
         .iter()
-        .filter(|x| x.kind == FindingKind::UnnatedReply)
+        .filter(|x| x.kind() == FindingKind::UnnatedReply)
         .collect();
     assert_eq!(unnated.len(), 2, "{f:?}");
 }

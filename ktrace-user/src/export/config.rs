@@ -369,7 +369,9 @@ fn host_arch() -> &'static str {
     }
 }
 
-fn resource_attributes(
+/// The resource attributes, in order, keys unique (`var` looks a trimmed,
+/// non-empty variable up). Public for the metrics endpoint without OTLP.
+pub fn resource_attributes(
     flags: &ExportFlags,
     var: &dyn Fn(&str) -> Option<String>,
     detected: &Detected,

@@ -15,6 +15,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +39,7 @@ use super::config::{ExportConfig, Protocol};
 use super::logs;
 use super::metrics::{lost_source, Metrics};
 use crate::clock::WallClock;
+use crate::endpoint::{self, Endpoint, EndpointError, Health};
 use crate::engine::Finding;
 use crate::event::Event;
 use crate::hooks::HookStatus;
@@ -91,6 +93,19 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(metrics: Option<Arc<Metrics>>) -> Shared {
+        Shared {
+            dropped: AtomicU64::new(0),
+            reported: AtomicU64::new(0),
+            exported: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            deadline: Mutex::new(None),
+            last_notice: Mutex::new(None),
+            metrics,
+        }
+    }
+
     fn drop_records(&self, n: u64) {
         if n == 0 {
             return;
@@ -110,6 +125,8 @@ struct Inner {
     metrics: Option<Arc<Metrics>>,
     logs: bool,
     done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+    /// What `/healthz` reports (`--metrics-addr`), fed by the pipeline.
+    health: Arc<Health>,
 }
 
 /// The pipeline's handle on the OTLP export. Cheap to clone; every method
@@ -153,16 +170,7 @@ impl Exporter {
             .signals
             .metrics
             .then(|| Arc::new(Metrics::new(res.clone(), scope())));
-        let shared = Arc::new(Shared {
-            dropped: AtomicU64::new(0),
-            reported: AtomicU64::new(0),
-            exported: AtomicU64::new(0),
-            failures: AtomicU64::new(0),
-            failing: AtomicBool::new(false),
-            deadline: Mutex::new(None),
-            last_notice: Mutex::new(None),
-            metrics: metrics.clone(),
-        });
+        let shared = Arc::new(Shared::new(metrics.clone()));
         let (tx, rx) = mpsc::channel(CHANNEL);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
@@ -216,8 +224,46 @@ impl Exporter {
                 metrics,
                 logs,
                 done: Mutex::new(Some(done_rx)),
+                health: Arc::default(),
             }),
         })
+    }
+
+    /// The metrics alone, for `--metrics-addr` without an OTLP endpoint: no
+    /// export thread, no log records; `resource` becomes the labels every
+    /// series carries (as the collector's conversion makes them).
+    pub fn metrics_only(resource: &[(String, String)]) -> Exporter {
+        let res = Resource::builder_empty()
+            .with_attributes(
+                resource
+                    .iter()
+                    .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
+            )
+            .build();
+        let metrics = Some(Arc::new(Metrics::new(res, scope())));
+        Exporter {
+            inner: Arc::new(Inner {
+                endpoint: "none (metrics endpoint only)".into(),
+                tx: Mutex::new(None),
+                clock: Mutex::new(WallClock::now()),
+                shared: Arc::new(Shared::new(metrics.clone())),
+                metrics,
+                logs: false,
+                done: Mutex::new(None),
+                health: Arc::default(),
+            }),
+        }
+    }
+
+    /// Serves these metrics and the health at `addr` (`--metrics-addr`).
+    pub fn serve_metrics(&self, addr: SocketAddr) -> Result<Endpoint, EndpointError> {
+        let metrics = self.inner.metrics.clone().ok_or(EndpointError::NoMetrics)?;
+        endpoint::start(addr, metrics, self.inner.health.clone())
+    }
+
+    /// The pipeline drained the ring buffer (every tick, live): `/healthz`.
+    pub fn drained(&self) {
+        self.inner.health.drained();
     }
 
     pub fn endpoint(&self) -> &str {
@@ -232,6 +278,7 @@ impl Exporter {
 
     /// Which hooks are live (`ktrace.hook.attached`).
     pub fn status(&self, hooks: &[HookStatus]) {
+        self.inner.health.attached(hooks);
         if let Some(m) = &self.inner.metrics {
             m.status(hooks);
         }
@@ -759,7 +806,8 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{FindingKind, Severity};
+    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedReply};
+    use crate::engine::Severity;
     use crate::event::{EventBody, Source};
     use crate::export::{Detected, ExportFlags, Signals};
 
@@ -791,7 +839,6 @@ mod tests {
             .unwrap();
         let x = Exporter::start(cfg).unwrap();
         let f = Finding {
-            kind: FindingKind::UnnatedReply,
             ts_ns: 1,
             severity: Severity::Error,
             service: Some("10.96.0.10:2222".parse().unwrap()),
@@ -799,7 +846,14 @@ mod tests {
             client: Some("10.0.0.2:40000".parse().unwrap()),
             cause: "INVALID".into(),
             remedy: "r".into(),
-            evidence: serde_json::Map::new(),
+            evidence: Evidence::UnnatedReply(UnnatedReply {
+                basis: vec![UnnatedBasis::ClientRstToBackendAddress],
+                rst_reason: None,
+                verdict: None,
+                first: Time::Mono(1),
+                count: 1,
+                ct_invalid_counter_rise: None,
+            }),
         };
         let ev = Event {
             ts_ns: 1,

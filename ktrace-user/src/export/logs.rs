@@ -73,7 +73,7 @@ pub fn fill<R: opentelemetry::logs::LogRecord>(r: &mut R, f: &Finding, clock: &W
     r.set_severity_number(number);
     r.set_severity_text(text);
     r.set_body(AnyValue::String(f.sentence().into()));
-    r.add_attribute(keys::FINDING_KIND, f.kind.as_str());
+    r.add_attribute(keys::FINDING_KIND, f.kind().as_str());
     r.add_attribute("ktrace.finding.severity", f.severity.as_str());
     endpoint(r, keys::SERVER_ADDRESS, keys::SERVER_PORT, f.service);
     endpoint(r, keys::BACKEND_ADDRESS, keys::BACKEND_PORT, f.backend);
@@ -90,36 +90,35 @@ pub fn fill<R: opentelemetry::logs::LogRecord>(r: &mut R, f: &Finding, clock: &W
     }
     r.add_attribute("ktrace.finding.cause", f.cause.clone());
     r.add_attribute("ktrace.finding.remedy", f.remedy.clone());
-    for (k, v) in &f.evidence {
-        let v = match (k.as_str(), v.as_u64()) {
-            // Times in evidence are monotonic ns: wall-clock RFC 3339, as in the JSON.
-            ("first" | "last" | "since", Some(ns)) => AnyValue::String(clock.rfc3339(ns).into()),
-            _ => any(v),
-        };
-        r.add_attribute(Key::from(format!("ktrace.evidence.{k}")), v);
+    // The evidence as in the JSON (times wall-clock RFC 3339), one attribute a key.
+    if let Ok(Value::Object(ev)) = serde_json::to_value(f.evidence.at_wall_clock(clock)) {
+        for (k, v) in &ev {
+            r.add_attribute(Key::from(format!("ktrace.evidence.{k}")), any(v));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::FindingKind;
+    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedReply};
     use opentelemetry::logs::{Logger as _, LoggerProvider as _};
     use opentelemetry_sdk::logs::SdkLoggerProvider;
-    use serde_json::json;
 
     #[test]
     fn a_finding_becomes_a_record() {
         let provider = SdkLoggerProvider::builder().build();
         let logger = provider.logger("t");
         let mut r = logger.create_log_record();
-        let mut evidence = serde_json::Map::new();
-        evidence.insert("basis".into(), json!(["client_rst_to_backend_address"]));
-        evidence.insert("count".into(), json!(1));
-        evidence.insert("first".into(), json!(1_000_000_000u64));
-        evidence.insert("ratio".into(), json!(0.5));
+        let evidence = Evidence::UnnatedReply(UnnatedReply {
+            basis: vec![UnnatedBasis::ClientRstToBackendAddress],
+            rst_reason: None,
+            verdict: None,
+            first: Time::Mono(1_000_000_000),
+            count: 1,
+            ct_invalid_counter_rise: Some(2),
+        });
         let f = Finding {
-            kind: FindingKind::UnnatedReply,
             ts_ns: 2_000_000_000,
             severity: Severity::Error,
             service: Some("10.96.0.10:2222".parse().unwrap()),
@@ -167,7 +166,14 @@ mod tests {
             AnyValue::String("unnated_reply".into())
         );
         assert_eq!(s("ktrace.evidence.count"), AnyValue::Int(1));
-        assert_eq!(s("ktrace.evidence.ratio"), AnyValue::Double(0.5));
+        assert_eq!(
+            s("ktrace.evidence.ct_invalid_counter_rise"),
+            AnyValue::Int(2)
+        );
+        assert!(
+            !attrs.contains_key("ktrace.evidence.rst_reason"),
+            "absent, not empty"
+        );
         assert_eq!(
             s("ktrace.evidence.first"),
             AnyValue::String(clock.rfc3339(1_000_000_000).into())

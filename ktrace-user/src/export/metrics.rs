@@ -20,7 +20,8 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{ManualReader, Pipeline, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::Resource;
 
-use crate::engine::{Finding, FindingKind};
+use crate::engine::storm::Phase;
+use crate::engine::{Evidence, Finding};
 use crate::event::{Event, EventBody};
 use crate::hooks::HookStatus;
 
@@ -282,16 +283,11 @@ impl Metrics {
 
     pub fn finding(&self, f: &Finding) {
         // A storm is one finding; its updates and end are log records only.
-        if f.kind == FindingKind::RstStorm
-            && f.evidence
-                .get("phase")
-                .and_then(|p| p.as_str())
-                .is_some_and(|p| p != "start")
-        {
+        if matches!(&f.evidence, Evidence::RstStorm(s) if s.phase != Phase::Start) {
             return;
         }
         let mut attrs = Vec::with_capacity(5);
-        attrs.push(KeyValue::new(keys::FINDING_KIND, f.kind.as_str()));
+        attrs.push(KeyValue::new(keys::FINDING_KIND, f.kind().as_str()));
         if let Some(s) = f.service {
             attrs.push(KeyValue::new(keys::SERVER_ADDRESS, s.ip().to_string()));
             attrs.push(KeyValue::new(keys::SERVER_PORT, i64::from(s.port())));

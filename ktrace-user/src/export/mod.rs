@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: `--otlp-endpoint`, `--node-name` and the `OTEL_*` variables.
 //! - [`metrics`]: the counters and gauges, their names and labels.
+//! - [`prometheus`]: the same metrics in the Prometheus text format (`--metrics-addr`).
 //! - [`logs`]: a finding as an OTLP log record.
 //! - [`exporter`]: the non-blocking handle the pipeline calls, and the
 //!   export thread with its bounded queue, retries and drop accounting.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod exporter;
 pub mod logs;
 pub mod metrics;
+pub mod prometheus;
 
 pub use config::{ConfigError, Detected, ExportConfig, ExportFlags, Protocol, Signals};
 pub use exporter::{ExportError, ExportSummary, Exporter};

@@ -99,12 +99,26 @@ fn read_format(support: &KernelSupport, cat: &str, name: &str) -> Option<Format>
         .map(|t| Format::parse(&t))
 }
 
-/// Mounts tracefs when it is not (tracepoints need it).
+/// Mounts tracefs when it is not (tracepoints need it). By the syscall,
+/// not mount(8): the container image holds no other binary than ktrace.
 fn ensure_tracefs() {
     if !Path::new("/sys/kernel/tracing/events").is_dir() {
-        let _ = std::process::Command::new("mount")
-            .args(["-t", "tracefs", "tracefs", "/sys/kernel/tracing"])
-            .status();
+        // SAFETY: NUL-terminated constant strings and no data argument.
+        let r = unsafe {
+            libc::mount(
+                c"tracefs".as_ptr(),
+                c"/sys/kernel/tracing".as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if r != 0 {
+            tracing::debug!(
+                "mounting tracefs at /sys/kernel/tracing: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -78,6 +78,10 @@ impl<W: Write> Pipeline<W> {
             e.tick(now_ns, &mut self.findings);
         }
         if let Some(x) = &self.exporter {
+            if self.live {
+                // Live ticks follow a drain of the ring: /healthz.
+                x.drained();
+            }
             x.report_lost(&mut self.out)?;
         }
         self.emit_findings()
@@ -153,7 +157,7 @@ impl<W: Write> Pipeline<W> {
                 continue;
             }
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
-                *self.emitted.entry(f.kind).or_default() += 1;
+                *self.emitted.entry(f.kind()).or_default() += 1;
                 if let Some(x) = &self.exporter {
                     x.finding(&f);
                 }
