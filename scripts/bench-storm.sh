@@ -31,7 +31,8 @@ KTRACE=${KTRACE_BIN:-./target/release/ktrace}
 [ -x "$KTRACE" ] || { echo "build first: cargo build --release -p ktrace" >&2; exit 1; }
 command -v hping3 >/dev/null || { echo "hping3 missing: scripts/setup.sh installs it" >&2; exit 1; }
 
-A=ktr-bench-a B=ktr-bench-b
+# Per-run names: two benches at once must not share (or delete) namespaces.
+A=ktr-bench-$$-a B=ktr-bench-$$-b
 OUT=$(mktemp -d)
 cleanup() {
   for ns in $A $B; do

@@ -231,7 +231,7 @@ async fn source_loop(
                 None => ct_open = false,
             },
             _ = tick.tick() => {
-                // The ring is read lazily (every 50 ms, or 256 KiB): what it
+                // Drains are spaced (ring::MIN_DRAIN_GAP): what the ring
                 // holds goes first, so the counter sample below comes after
                 // the events it may explain, in time and in order.
                 dec.drain(&mut ring, sink)?;
