@@ -28,9 +28,13 @@ maps_kib() {
   done
   echo $((sum / 1024))
 }
-report() { printf "%-6s VmRSS %6s KiB  VmHWM %6s KiB  BPF maps %6s KiB\n" "$1" "$(kib VmRSS)" "$(kib VmHWM)" "$(maps_kib)"; }
+# Kernel events ktrace decoded so far (from its own /metrics): proof the storm reached it.
+events() {
+  python3 -c 'import urllib.request as u; print(int(sum(float(l.rsplit(" ", 1)[1]) for l in u.urlopen("http://127.0.0.1:19464/metrics").read().decode().splitlines() if l.startswith("ktrace_kernel_events_total{"))))'
+}
+report() { printf "%-6s VmRSS %6s KiB  VmHWM %6s KiB  BPF maps %6s KiB  events %s\n" "$1" "$(kib VmRSS)" "$(kib VmHWM)" "$(maps_kib)" "$(events)"; }
 
 sleep "$IDLE"
 report idle
-ROUNDS=1 bash scripts/bench-storm.sh "$STORM" >/dev/null
+ROUNDS=1 bash scripts/bench-storm.sh "$STORM" >&2
 report storm

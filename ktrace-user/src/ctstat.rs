@@ -84,13 +84,34 @@ impl CounterWatch {
     /// The first sample only sets the baseline. Unreadable (nf_conntrack not
     /// loaded) gives nothing.
     pub fn sample(&mut self) -> Option<EventBody> {
+        self.read(false)
+    }
+
+    /// [`CounterWatch::sample`], also when nothing rose (all zeroes): for a
+    /// finding waiting to cite the sample, "no INVALID counted" is news.
+    pub fn sample_now(&mut self) -> Option<EventBody> {
+        self.read(true)
+    }
+
+    fn read(&mut self, always: bool) -> Option<EventBody> {
         let text = std::fs::read_to_string("/proc/net/stat/nf_conntrack").ok()?;
         let stats = parse_stat(&text).ok()?;
-        self.update(
-            &stats,
+        let fill = (
             read_u64("/proc/sys/net/netfilter/nf_conntrack_count"),
             read_u64("/proc/sys/net/netfilter/nf_conntrack_max"),
-        )
+        );
+        let had_baseline = self.last.is_some();
+        match self.update(&stats, fill.0, fill.1) {
+            None if always && had_baseline => Some(EventBody::CtCounters {
+                invalid: 0,
+                drop: 0,
+                early_drop: 0,
+                insert_failed: 0,
+                count: fill.0,
+                max: fill.1,
+            }),
+            r => r,
+        }
     }
 
     /// Whether the last read found the counters (nf_conntrack loaded).

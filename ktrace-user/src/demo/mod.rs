@@ -263,6 +263,10 @@ impl Sink for DemoSink<'_> {
         Sink::finish(&mut self.pipeline)
     }
 
+    fn wants_counters(&self) -> bool {
+        Sink::wants_counters(&self.pipeline)
+    }
+
     fn done(&mut self) -> bool {
         if self.stop.load(Ordering::Relaxed) || Instant::now() >= self.deadline {
             return true;

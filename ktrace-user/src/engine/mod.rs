@@ -388,6 +388,11 @@ impl Engine {
         }
     }
 
+    /// A finding waits for the next conntrack counter sample to cite it.
+    pub fn wants_counter_sample(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Time passes: pending resets expire, storms end, idle flows go.
     pub fn tick(&mut self, now: u64, out: &mut Vec<Finding>) {
         self.last_tick = self.last_tick.max(now.min(u64::MAX - SEC));
@@ -478,7 +483,9 @@ impl Engine {
                 if !flow.has(flow_flags::REPORTED) || quiet {
                     let f = self.unnated_finding(ts, src, flow.service.get(), dst, reason);
                     if self.cfg.ct_counters && !self.cfg.ct_invalid_hook {
-                        // Cite the next conntrack counter sample (every 200 ms).
+                        // Cite the next conntrack counter sample (which
+                        // the live source takes as soon as it sees this
+                        // wants one: `wants_counter_sample`).
                         self.held.push((ts + HOLD_NS, f));
                     } else {
                         out.push(f);

@@ -231,4 +231,10 @@ impl<W: Write> Sink for Pipeline<W> {
     fn finish(&mut self) -> Result<(), PipelineError> {
         Pipeline::finish(self).map_err(PipelineError::Output)
     }
+
+    fn wants_counters(&self) -> bool {
+        self.engine
+            .as_ref()
+            .is_some_and(Engine::wants_counter_sample)
+    }
 }

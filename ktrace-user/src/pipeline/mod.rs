@@ -66,4 +66,9 @@ pub trait Sink {
     fn done(&mut self) -> bool {
         false
     }
+    /// Something waits for a conntrack counter sample (a finding that will
+    /// cite it): the source takes one now rather than at the next tick.
+    fn wants_counters(&self) -> bool {
+        false
+    }
 }

@@ -159,14 +159,14 @@ async fn source_loop(
         }
     }
     drop(ct_tx);
-    // Conntrack counters of this namespace, sampled every tick.
+    // Conntrack counters of this namespace, sampled every tick and on demand.
     let counters_readable = counters.readable();
     status.push(HookStatus {
         name: "ct_counters",
         mechanism: "procfs",
         attached: counters_readable,
         target: if counters_readable {
-            "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms".into()
+            "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms and as soon as a finding waits for it".into()
         } else {
             String::new()
         },
@@ -200,6 +200,11 @@ async fn source_loop(
     };
     tokio::pin!(deadline);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut counter_sample = CounterSample {
+        watch: counters,
+        netns: my_netns.unwrap_or(0),
+        next: tokio::time::Instant::now(),
+    };
     let mut ct_open = true;
     let mut ct_overruns = 0u64;
 
@@ -208,6 +213,9 @@ async fn source_loop(
             r = ring.readable() => {
                 r?;
                 dec.drain(&mut ring, sink)?;
+                if sink.wants_counters() && counter_sample.next <= tokio::time::Instant::now() {
+                    counter_sample.take(monotonic_now_ns(), true, sink)?;
+                }
                 sink.flush()?;
             }
             msg = ct_rx.recv(), if ct_open => match msg {
@@ -238,19 +246,19 @@ async fn source_loop(
                 report_losses(now, &mut ring, &mut dec, sink)?;
                 // Conntrack counters of this namespace: evidence of INVALID
                 // verdicts and table-full drops where no kprobe can see them.
-                if let Some(body) = counters.sample() {
-                    sink.event(&Event {
-                        ts_ns: now,
-                        netns: my_netns.unwrap_or(0),
-                        source: crate::event::Source::Procfs,
-                        body,
-                    })?;
-                }
+                counter_sample.take(now, false, sink)?;
                 sink.tick(now)?;
                 sink.flush()?;
                 if sink.done() {
                     break;
                 }
+            }
+            // A finding waits for the counters: sample now (after the ring,
+            // which may hold what the sample explains), not at the next tick.
+            _ = tokio::time::sleep_until(counter_sample.next), if sink.wants_counters() => {
+                dec.drain(&mut ring, sink)?;
+                counter_sample.take(monotonic_now_ns(), true, sink)?;
+                sink.flush()?;
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -266,6 +274,41 @@ async fn source_loop(
     }
     report_losses(monotonic_now_ns(), &mut ring, &mut dec, sink)?;
     sink.finish()
+}
+
+/// Shortest time between two conntrack counter samples taken on demand:
+/// bounds the /proc reads of a storm of un-NATed replies to 1000 a second.
+const ON_DEMAND_GAP: Duration = Duration::from_millis(1);
+
+/// The conntrack counters of ktrace's namespace, sampled at every tick and
+/// whenever a finding waits to cite them.
+struct CounterSample {
+    watch: crate::ctstat::CounterWatch,
+    netns: u32,
+    /// When the next on-demand sample may be taken.
+    next: tokio::time::Instant,
+}
+
+impl CounterSample {
+    /// Feeds `sink` the counters' rise since the last sample (`always`: also
+    /// when nothing rose).
+    fn take(&mut self, now: u64, always: bool, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        self.next = tokio::time::Instant::now() + ON_DEMAND_GAP;
+        let body = if always {
+            self.watch.sample_now()
+        } else {
+            self.watch.sample()
+        };
+        match body {
+            Some(body) => sink.event(&Event {
+                ts_ns: now,
+                netns: self.netns,
+                source: crate::event::Source::Procfs,
+                body,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Lost lines for what the kernel could not hand over or read, and for
