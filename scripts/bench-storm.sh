@@ -13,7 +13,8 @@
 #                   (a reader that does not read: the kernel must not pay more)
 #   ktrace-events   ktrace watch --json --events (every event printed)
 # and prints per mode the cost against the round's baseline, bytes written
-# per second, and for ktrace: the events it lost, whether its count of the
+# per second, the observer's resident memory at the end of the flood and its
+# peak (VmRSS/VmHWM), and for ktrace: the events it lost, whether its count of the
 # target's resets plus the lost ones equals the kernel's TcpOutRsts, and the
 # nanoseconds per run of its programs (kernel.bpf_stats_enabled,
 # from the programs' fdinfo). The modes run in a rotated order each round; the
@@ -88,6 +89,9 @@ run() {
       awk '/^run_time_ns/ {t=$2} /^run_cnt/ {c=$2} END {if (c > 1000) printf "%d ", t / c}' "$f" 2>/dev/null
     done)
   fi
+  # Resident memory of the observer at the end of the flood, and its peak.
+  local mem="-"
+  [ -n "$obs_pid" ] && mem=$(awk '/^VmRSS/ {r=$2} /^VmHWM/ {h=$2} END {printf "%.1f/%.1fMB", r/1024, h/1024}' "/proc/$obs_pid/status" 2>/dev/null)
   if [ "$mode" = ktrace-stalled ]; then
     kill -CONT "$obs_pid"
     sleep 1 # let it drain what the ring holds and report the loss
@@ -112,8 +116,8 @@ run() {
   fi
   local rate=$(( sent / SECS ))
   echo "$mode $rate" >> "$OUT/rates"
-  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  lost=%-8s seen+lost=kernel:%-4s ns/run=%s\n" \
-    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "$lost" "$match" "${per_run:--}"
+  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  rss/peak=%-13s lost=%-8s seen+lost=kernel:%-4s ns/run=%s\n" \
+    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "${mem:--}" "$lost" "$match" "${per_run:--}"
 }
 
 BASE=0

@@ -31,6 +31,7 @@ pub mod export;
 pub mod hooks;
 pub mod layout;
 pub mod memlock;
+pub mod memory;
 pub mod netns;
 pub mod output;
 pub mod pipeline;

@@ -264,6 +264,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
     };
+    ktrace::memory::configure();
     init_tracing();
     let result = match cli.command {
         Command::Demo(a) => run_demo(a),

@@ -186,7 +186,7 @@ fn the_image_runs_with_the_daemonsets_capabilities_only() {
                 &[
                     "watch",
                     "--duration",
-                    "6",
+                    "10",
                     "--json",
                     "--metrics-addr",
                     &addr,

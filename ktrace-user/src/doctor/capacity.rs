@@ -182,26 +182,11 @@ fn check_counters(ctx: &Ctx) -> Check {
             return Check::unknown(CHECK, e.to_string());
         }
     };
-    // Rates over the sample window, when asked for.
-    let mut rates: BTreeMap<&str, f64> = BTreeMap::new();
-    let mut sample_note = String::new();
-    let mut sampled_secs = None;
-    if let Some(window) = ctx.sample.filter(|d| !d.is_zero()) {
-        let start = std::time::Instant::now();
-        std::thread::sleep(window);
-        let secs = start.elapsed().as_secs_f64();
-        match read_stat(fs) {
-            Ok(second) => {
-                sampled_secs = Some(secs);
-                for name in COUNTERS {
-                    if let (Some(a), Some(b)) = (first.get(name), second.get(name)) {
-                        rates.insert(name, b.saturating_sub(a) as f64 / secs);
-                    }
-                }
-            }
-            Err(e) => sample_note = format!(" The second sample failed: {e}."),
-        }
-    }
+    let Sample {
+        rates,
+        secs: sampled_secs,
+        note: sample_note,
+    } = sample(ctx, &first);
     let missing: Vec<&str> = COUNTERS
         .iter()
         .copied()
@@ -228,55 +213,109 @@ fn check_counters(ctx: &Ctx) -> Check {
         "sample_secs": sampled_secs,
     });
     let expected = "drop, early_drop and insert_failed not rising; invalid low";
-    let t = |n: &str| first.get(n).unwrap_or(0);
-    let r = |n: &str| rates.get(n).copied().unwrap_or(0.0);
     let missing_note = if missing.is_empty() {
         String::new()
     } else {
         format!(" This kernel's table has no {} column.", missing.join("/"))
     };
     let (status, why, fix) = if sampled_secs.is_some() {
-        if r("drop") > 0.0 || r("early_drop") > 0.0 {
-            (
-                Status::Fail,
-                format!(
-                    "the table is full now: {:.1} new connections/s dropped, {:.1} entries/s \
-                     evicted early",
-                    r("drop"),
-                    r("early_drop")
-                ),
-                "raise net.netfilter.nf_conntrack_max (see conntrack_usage)",
-            )
-        } else if r("insert_failed") > 0.0 {
-            (
-                Status::Warn,
-                format!(
-                    "{:.1} inserts/s fail: two packets of one new flow race to create its entry \
-                     (typically UDP DNS through a Service); the loser is dropped and the client \
-                     retries after a timeout",
-                    r("insert_failed")
-                ),
-                "for DNS, use single-request-reopen / TCP, or NodeLocal DNSCache",
-            )
-        } else if r("invalid") > 0.0 {
-            (
-                Status::Warn,
-                format!(
-                    "{:.1} packets/s are INVALID now; without be_liberal or an INVALID-drop rule \
-                     they leave un-NATed (see unnated_reply_protection); `ktrace watch` names them",
-                    r("invalid")
-                ),
-                "run `ktrace watch` to see which flows they are",
-            )
-        } else {
-            (
-                Status::Ok,
-                "no drops, early drops, failed inserts or INVALID verdicts during the sample"
-                    .to_string(),
-                "",
-            )
+        verdict_now(&rates)
+    } else {
+        verdict_since_boot(&first)
+    };
+    Check::new(CHECK, status, value)
+        .expected(expected)
+        .why(format!("{why}.{missing_note}{sample_note}"))
+        .fix(fix)
+        .evidence(evidence)
+}
+
+/// Rates over `--sample`, when asked for.
+struct Sample {
+    rates: BTreeMap<&'static str, f64>,
+    /// How long the sample really took.
+    secs: Option<f64>,
+    /// Why there are no rates although asked for.
+    note: String,
+}
+
+fn sample(ctx: &Ctx, first: &Stats) -> Sample {
+    let mut out = Sample {
+        rates: BTreeMap::new(),
+        secs: None,
+        note: String::new(),
+    };
+    let Some(window) = ctx.sample.filter(|d| !d.is_zero()) else {
+        return out;
+    };
+    let start = std::time::Instant::now();
+    std::thread::sleep(window);
+    let secs = start.elapsed().as_secs_f64();
+    match read_stat(&ctx.fs) {
+        Ok(second) => {
+            out.secs = Some(secs);
+            for name in COUNTERS {
+                if let (Some(a), Some(b)) = (first.get(name), second.get(name)) {
+                    out.rates.insert(name, b.saturating_sub(a) as f64 / secs);
+                }
+            }
         }
-    } else if t("drop") > 0 || t("early_drop") > 0 {
+        Err(e) => out.note = format!(" The second sample failed: {e}."),
+    }
+    out
+}
+
+type Verdict = (Status, String, &'static str);
+
+/// From the rates of a sample: what is happening now.
+fn verdict_now(rates: &BTreeMap<&str, f64>) -> Verdict {
+    let r = |n: &str| rates.get(n).copied().unwrap_or(0.0);
+    if r("drop") > 0.0 || r("early_drop") > 0.0 {
+        (
+            Status::Fail,
+            format!(
+                "the table is full now: {:.1} new connections/s dropped, {:.1} entries/s \
+                 evicted early",
+                r("drop"),
+                r("early_drop")
+            ),
+            "raise net.netfilter.nf_conntrack_max (see conntrack_usage)",
+        )
+    } else if r("insert_failed") > 0.0 {
+        (
+            Status::Warn,
+            format!(
+                "{:.1} inserts/s fail: two packets of one new flow race to create its entry \
+                 (typically UDP DNS through a Service); the loser is dropped and the client \
+                 retries after a timeout",
+                r("insert_failed")
+            ),
+            "for DNS, use single-request-reopen / TCP, or NodeLocal DNSCache",
+        )
+    } else if r("invalid") > 0.0 {
+        (
+            Status::Warn,
+            format!(
+                "{:.1} packets/s are INVALID now; without be_liberal or an INVALID-drop rule \
+                 they leave un-NATed (see unnated_reply_protection); `ktrace watch` names them",
+                r("invalid")
+            ),
+            "run `ktrace watch` to see which flows they are",
+        )
+    } else {
+        (
+            Status::Ok,
+            "no drops, early drops, failed inserts or INVALID verdicts during the sample"
+                .to_string(),
+            "",
+        )
+    }
+}
+
+/// From the totals since boot: what happened, and whether to sample.
+fn verdict_since_boot(first: &Stats) -> Verdict {
+    let t = |n: &str| first.get(n).unwrap_or(0);
+    if t("drop") > 0 || t("early_drop") > 0 {
         (
             Status::Warn,
             format!(
@@ -309,12 +348,7 @@ fn check_counters(ctx: &Ctx) -> Check {
             ),
             "",
         )
-    };
-    Check::new(CHECK, status, value)
-        .expected(expected)
-        .why(format!("{why}.{missing_note}{sample_note}"))
-        .fix(fix)
-        .evidence(evidence)
+    }
 }
 
 #[cfg(test)]

@@ -108,6 +108,9 @@ pub fn check_protection(ctx: &Ctx) -> Check {
     judge(liberal, &sources)
 }
 
+const EXPECTED: &str =
+    "nf_conntrack_tcp_be_liberal=1, or a rule dropping ctstate INVALID on the forward/input path";
+
 /// The verdict from be_liberal and the ruleset sources.
 pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
     let drops: Vec<&InvalidDrop> = sources
@@ -119,13 +122,6 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
         .flatten()
         .collect();
     let protecting: Vec<&&InvalidDrop> = drops.iter().filter(|d| d.protects()).collect();
-    let unread: Vec<String> = sources
-        .iter()
-        .filter_map(|s| match s {
-            Source::Unknown { name, why } => Some(format!("{name}: {why}")),
-            _ => None,
-        })
-        .collect();
     let read_any = sources.iter().any(|s| !matches!(s, Source::Unknown { .. }));
     let evidence = json!({
         "be_liberal": liberal.as_ref().ok(),
@@ -136,7 +132,6 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
             Source::Unknown { name, why } => json!({"source": name, "state": "unknown", "why": why}),
         }).collect::<Vec<_>>(),
     });
-    let expected = "nf_conntrack_tcp_be_liberal=1, or a rule dropping ctstate INVALID on the forward/input path";
     let rule_text = if let Some(d) = protecting.first() {
         let more = protecting.len() - 1;
         if more > 0 {
@@ -149,63 +144,96 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
     } else {
         "no rule drops INVALID".to_string()
     };
-    let unread_note = if unread.is_empty() {
+    let facts = Facts {
+        protected_by_rule: !protecting.is_empty(),
+        read_any,
+        unread_note: unread_note(sources),
+        ignored_note: ignored_note(&drops),
+    };
+    let (status, base, why, fix) = verdict(&liberal, &facts);
+    let check = Check::new(CHECK, status, format!("{base}; {rule_text}"))
+        .expected(EXPECTED)
+        .why(why);
+    match fix {
+        Some(f) => check.fix(f),
+        None => check,
+    }
+    .evidence(evidence)
+}
+
+/// What the verdict depends on besides be_liberal.
+struct Facts {
+    /// A rule that counts drops INVALID.
+    protected_by_rule: bool,
+    /// At least one ruleset source was read.
+    read_any: bool,
+    unread_note: String,
+    ignored_note: String,
+}
+
+fn unread_note(sources: &[Source]) -> String {
+    let unread: Vec<String> = sources
+        .iter()
+        .filter_map(|s| match s {
+            Source::Unknown { name, why } => Some(format!("{name}: {why}")),
+            _ => None,
+        })
+        .collect();
+    if unread.is_empty() {
         String::new()
     } else {
         format!(" Not read: {}.", unread.join("; "))
-    };
+    }
+}
+
+fn ignored_note(drops: &[&InvalidDrop]) -> String {
     let ignored: Vec<String> = drops
         .iter()
         .filter(|d| !d.protects())
         .map(|d| d.describe())
         .collect();
-    let ignored_note = if ignored.is_empty() {
+    if ignored.is_empty() {
         String::new()
     } else {
         format!(
             " Rules that do not count (IPv6 only, or in a chain no hook reaches): {}.",
             ignored.join("; ")
         )
-    };
+    }
+}
 
-    let base = match &liberal {
+/// Status, the be_liberal part of the value, why, and the fix.
+fn verdict(
+    liberal: &Result<u64, ReadError>,
+    f: &Facts,
+) -> (Status, String, String, Option<&'static str>) {
+    let (unread_note, ignored_note) = (&f.unread_note, &f.ignored_note);
+    let base = match liberal {
         Ok(v) if *v >= 1 => {
-            return Check::new(CHECK, Status::Ok, format!("be_liberal={v}; {rule_text}"))
-                .expected(expected)
-                .why(format!(
-                    "conntrack accepts out-of-window TCP segments instead of marking them \
-                     INVALID, so replies are always de-NATed.{ignored_note}"
-                ))
-                .evidence(evidence);
+            let why = format!(
+                "conntrack accepts out-of-window TCP segments instead of marking them \
+                 INVALID, so replies are always de-NATed.{ignored_note}"
+            );
+            return (Status::Ok, format!("be_liberal={v}"), why, None);
         }
         Ok(v) => format!("be_liberal={v}"),
+        Err(e) if f.protected_by_rule => {
+            let why = format!("a rule drops INVALID packets before they reach the client ({e})");
+            return (Status::Ok, "be_liberal=?".into(), why, None);
+        }
         Err(e) => {
-            if !protecting.is_empty() {
-                return Check::new(CHECK, Status::Ok, format!("be_liberal=?; {rule_text}"))
-                    .expected(expected)
-                    .why(format!(
-                        "a rule drops INVALID packets before they reach the client ({e})"
-                    ))
-                    .evidence(evidence);
-            }
-            return Check::new(CHECK, Status::Unknown, format!("be_liberal=?; {rule_text}"))
-                .expected(expected)
-                .why(format!(
-                    "cannot read nf_conntrack_tcp_be_liberal: {e}.{unread_note}{ignored_note}"
-                ))
-                .evidence(evidence);
+            let why =
+                format!("cannot read nf_conntrack_tcp_be_liberal: {e}.{unread_note}{ignored_note}");
+            return (Status::Unknown, "be_liberal=?".into(), why, None);
         }
     };
-
-    if !protecting.is_empty() {
-        return Check::new(CHECK, Status::Ok, format!("{base}; {rule_text}"))
-            .expected(expected)
-            .why(format!(
-                "out-of-window segments are marked INVALID and dropped by the rule, so an \
-                 un-NATed reply never reaches the client (the connection may stall and \
-                 retransmit instead of being reset).{ignored_note}"
-            ))
-            .evidence(evidence);
+    if f.protected_by_rule {
+        let why = format!(
+            "out-of-window segments are marked INVALID and dropped by the rule, so an \
+             un-NATed reply never reaches the client (the connection may stall and \
+             retransmit instead of being reset).{ignored_note}"
+        );
+        return (Status::Ok, base, why, None);
     }
     let risk = "conntrack marks out-of-window TCP segments INVALID and skips their NAT; with \
                 be_liberal=0 and no rule dropping INVALID, a backend's reply reaches the client \
@@ -215,21 +243,15 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
                /etc/sysctl.d/ (with nf_conntrack in /etc/modules-load.d/), or add \
                `iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP` (kube-proxy's iptables \
                mode keeps one in KUBE-FORWARD)";
-    if !read_any {
-        return Check::new(CHECK, Status::Unknown, format!("{base}; {rule_text}"))
-            .expected(expected)
-            .why(format!(
-                "be_liberal=0, and no firewall ruleset could be read to look for an \
-                 INVALID-drop rule.{unread_note} If none exists: {risk}"
-            ))
-            .fix(fix)
-            .evidence(evidence);
+    if !f.read_any {
+        let why = format!(
+            "be_liberal=0, and no firewall ruleset could be read to look for an \
+             INVALID-drop rule.{unread_note} If none exists: {risk}"
+        );
+        return (Status::Unknown, base, why, Some(fix));
     }
-    Check::new(CHECK, Status::Fail, format!("{base}; {rule_text}"))
-        .expected(expected)
-        .why(format!("{risk}.{unread_note}{ignored_note}"))
-        .fix(fix)
-        .evidence(evidence)
+    let why = format!("{risk}.{unread_note}{ignored_note}");
+    (Status::Fail, base, why, Some(fix))
 }
 
 // ---------------------------------------------------------------- sources

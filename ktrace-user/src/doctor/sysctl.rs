@@ -143,59 +143,36 @@ struct Mismatch {
     critical: bool,
 }
 
+const LOAD_ORDER: &str = "sysctl_load_order";
+const LOAD_ORDER_EXPECTED: &str = "every net.netfilter.* / net.ipv4.vs.* / net.bridge.* value in the sysctl files is the live value";
+
 /// Check 2: the module-load-order trap.
 pub fn check_load_order(ctx: &Ctx) -> Check {
-    const CHECK: &str = "sysctl_load_order";
     let fs = &ctx.fs;
     let files = sysctl_files(fs);
     if files.is_empty() {
         return Check::unknown(
-            CHECK,
+            LOAD_ORDER,
             format!(
                 "no sysctl configuration under {} (no /etc/sysctl.conf, no */sysctl.d/*.conf)",
                 fs.root().display()
             ),
         );
     }
-    let mut configured: BTreeMap<String, Configured> = BTreeMap::new();
-    let mut unreadable = Vec::new();
-    for f in &files {
-        match fs.read(f) {
-            Ok(text) => {
-                for (k, v, line) in parse_sysctl_conf(&text) {
-                    if module_of(&k).is_some() {
-                        configured.insert(
-                            k,
-                            Configured {
-                                value: v,
-                                at: format!("{f}:{line}"),
-                            },
-                        );
-                    }
-                }
-            }
-            Err(e) => unreadable.push(e.to_string()),
-        }
-    }
+    let (configured, unreadable) = module_keys_configured(fs, &files);
     let unreadable_note = if unreadable.is_empty() {
         String::new()
     } else {
         format!(" Unreadable: {}.", unreadable.join("; "))
     };
-    let expected = "every net.netfilter.* / net.ipv4.vs.* / net.bridge.* value in the sysctl files is the live value";
     if configured.is_empty() {
-        let status = if unreadable.is_empty() {
-            Status::Ok
+        let (status, value) = if unreadable.is_empty() {
+            (Status::Ok, "no module-dependent keys configured")
         } else {
-            Status::Unknown
+            (Status::Unknown, "sysctl files unreadable")
         };
-        let value = if unreadable.is_empty() {
-            "no module-dependent keys configured"
-        } else {
-            "sysctl files unreadable"
-        };
-        return Check::new(CHECK, status, value)
-            .expected(expected)
+        return Check::new(LOAD_ORDER, status, value)
+            .expected(LOAD_ORDER_EXPECTED)
             .why(format!(
                 "the sysctl files ({}) set no net.netfilter.*, net.nf_conntrack_max, \
                  net.ipv4.vs.* or net.bridge.* key.{unreadable_note}",
@@ -204,8 +181,8 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
             .evidence(json!({"files": files}));
     }
     if ctx.initial_netns == Some(false) {
-        return Check::new(CHECK, Status::Unknown, "not the initial network namespace")
-            .expected(expected)
+        return Check::new(LOAD_ORDER, Status::Unknown, "not the initial network namespace")
+            .expected(LOAD_ORDER_EXPECTED)
             .why(
                 "ktrace runs in a network namespace other than the host's: the sysctl files \
                  were applied to the initial namespace, so per-namespace keys here are not \
@@ -216,10 +193,80 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
     }
 
     let boot_modules = modules_loaded_at_boot(fs);
-    let mut mismatches = Vec::new();
-    let mut matching = 0usize;
-    let mut errors = Vec::new();
-    for (key, conf) in &configured {
+    let cmp = compare_live(fs, &configured);
+    let evidence = json!({
+        "files": files,
+        "configured": configured.len(),
+        "matching": cmp.matching,
+        "mismatches": cmp.mismatches,
+        "modules_load_d": boot_modules,
+        "errors": cmp.errors,
+    });
+    if cmp.mismatches.is_empty() {
+        let status = if cmp.errors.is_empty() && unreadable.is_empty() {
+            Status::Ok
+        } else {
+            Status::Unknown
+        };
+        let err_note = if cmp.errors.is_empty() {
+            String::new()
+        } else {
+            format!(" Could not compare: {}.", cmp.errors.join("; "))
+        };
+        return Check::new(
+            LOAD_ORDER,
+            status,
+            format!("{} configured key(s) in effect", cmp.matching),
+        )
+        .expected(LOAD_ORDER_EXPECTED)
+        .why(format!(
+            "every module-dependent key set in the sysctl files has its configured value \
+             live.{err_note}{unreadable_note}"
+        ))
+        .evidence(evidence);
+    }
+    mismatch_check(ctx, &cmp.mismatches, &boot_modules, &unreadable_note).evidence(evidence)
+}
+
+/// The module-dependent keys the sysctl files set (last assignment wins),
+/// and the files that could not be read.
+fn module_keys_configured(
+    fs: &Fs,
+    files: &[String],
+) -> (BTreeMap<String, Configured>, Vec<String>) {
+    let mut configured = BTreeMap::new();
+    let mut unreadable = Vec::new();
+    for f in files {
+        match fs.read(f) {
+            Ok(text) => {
+                for (k, v, line) in parse_sysctl_conf(&text) {
+                    if module_of(&k).is_some() {
+                        let at = format!("{f}:{line}");
+                        configured.insert(k, Configured { value: v, at });
+                    }
+                }
+            }
+            Err(e) => unreadable.push(e.to_string()),
+        }
+    }
+    (configured, unreadable)
+}
+
+/// Configured against live values.
+struct Comparison {
+    matching: usize,
+    mismatches: Vec<Mismatch>,
+    /// Keys whose live value could not be read.
+    errors: Vec<String>,
+}
+
+fn compare_live(fs: &Fs, configured: &BTreeMap<String, Configured>) -> Comparison {
+    let mut cmp = Comparison {
+        matching: 0,
+        mismatches: Vec::new(),
+        errors: Vec::new(),
+    };
+    for (key, conf) in configured {
         let Some(module) = module_of(key) else {
             continue;
         };
@@ -227,12 +274,12 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
             Ok(v) => Some(normalize(&v)),
             Err(ReadError::Missing { .. }) => None,
             Err(e) => {
-                errors.push(format!("{key}: {e}"));
+                cmp.errors.push(format!("{key}: {e}"));
                 continue;
             }
         };
         if live.as_deref() == Some(conf.value.as_str()) {
-            matching += 1;
+            cmp.matching += 1;
             continue;
         }
         let critical = match key.as_str() {
@@ -244,7 +291,7 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
             }
             _ => false,
         };
-        mismatches.push(Mismatch {
+        cmp.mismatches.push(Mismatch {
             key: key.clone(),
             module,
             configured: conf.value.clone(),
@@ -253,43 +300,25 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
             critical,
         });
     }
-    let evidence = json!({
-        "files": files,
-        "configured": configured.len(),
-        "matching": matching,
-        "mismatches": mismatches,
-        "modules_load_d": boot_modules,
-        "errors": errors,
-    });
-    if mismatches.is_empty() {
-        let status = if errors.is_empty() && unreadable.is_empty() {
-            Status::Ok
-        } else {
-            Status::Unknown
-        };
-        let err_note = if errors.is_empty() {
-            String::new()
-        } else {
-            format!(" Could not compare: {}.", errors.join("; "))
-        };
-        return Check::new(
-            CHECK,
-            status,
-            format!("{matching} configured key(s) in effect"),
-        )
-        .expected(expected)
-        .why(format!(
-            "every module-dependent key set in the sysctl files has its configured value \
-             live.{err_note}{unreadable_note}"
-        ))
-        .evidence(evidence);
-    }
+    cmp
+}
 
-    let first = &mismatches[0];
-    let live_text = |m: &Mismatch| match &m.live {
+fn live_text(m: &Mismatch) -> String {
+    match &m.live {
         Some(v) => format!("live {v}"),
         None => "absent live".to_string(),
-    };
+    }
+}
+
+/// The warning (or failure, when a protective setting is off) for keys
+/// whose live value is not the configured one, with a cause per module.
+fn mismatch_check(
+    ctx: &Ctx,
+    mismatches: &[Mismatch],
+    boot_modules: &BTreeMap<String, String>,
+    unreadable_note: &str,
+) -> Check {
+    let first = &mismatches[0];
     let more = if mismatches.len() > 1 {
         format!(" (+{} more)", mismatches.len() - 1)
     } else {
@@ -305,54 +334,10 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
     let mut modules: Vec<&'static str> = mismatches.iter().map(|m| m.module).collect();
     modules.sort();
     modules.dedup();
-    let mut causes = Vec::new();
-    let mut fixes = Vec::new();
-    for m in &modules {
-        let keys: Vec<String> = mismatches
-            .iter()
-            .filter(|x| x.module == *m)
-            .map(|x| format!("{} = {} ({}, {})", x.key, x.configured, x.at, live_text(x)))
-            .collect();
-        let loaded_now = module_loaded(ctx, m);
-        if let Some(file) = boot_modules.get(*m) {
-            causes.push(format!(
-                "{}: {m} is listed in {file}, so it loads before systemd-sysctl and load order \
-                 is not the cause; something changed the value after boot (kube-proxy sets \
-                 nf_conntrack_max and the TCP timeouts itself), or the module was reloaded",
-                keys.join(", ")
-            ));
-            fixes.push(format!(
-                "find what sets {m}'s keys at run time (kube-proxy's conntrack settings) and \
-                 make the sysctl files agree with it"
-            ));
-        } else {
-            let state = if mismatches
-                .iter()
-                .any(|x| x.module == *m && x.live.is_none())
-            {
-                if loaded_now {
-                    format!("{m} is loaded but the key does not exist on this kernel")
-                } else {
-                    format!(
-                        "{m} is not loaded now, so the setting has nowhere to go; when it \
-                         loads it starts with its defaults"
-                    )
-                }
-            } else {
-                "systemd-sysctl applied the files before the module existed, and it came up \
-                 later with its defaults"
-                    .to_string()
-            };
-            causes.push(format!(
-                "{}: likely cause: {m} loaded after systemd-sysctl ({state})",
-                keys.join(", ")
-            ));
-            fixes.push(format!(
-                "add an /etc/modules-load.d/ entry: `echo {m} > /etc/modules-load.d/{m}.conf` \
-                 so it loads before systemd-sysctl at boot, then apply now with `sysctl --system`"
-            ));
-        }
-    }
+    let (causes, fixes): (Vec<String>, Vec<String>) = modules
+        .iter()
+        .map(|m| module_cause(ctx, m, mismatches, boot_modules))
+        .unzip();
     let critical = mismatches.iter().any(|m| m.critical);
     let status = if critical { Status::Fail } else { Status::Warn };
     let critical_note = if critical {
@@ -361,14 +346,64 @@ pub fn check_load_order(ctx: &Ctx) -> Check {
     } else {
         ""
     };
-    Check::new(CHECK, status, value)
-        .expected(expected)
+    Check::new(LOAD_ORDER, status, value)
+        .expected(LOAD_ORDER_EXPECTED)
         .why(format!(
             "{}.{critical_note}{unreadable_note}",
             causes.join(". ")
         ))
         .fix(fixes.join("; "))
-        .evidence(evidence)
+}
+
+/// Why module `m`'s keys are not in effect, and the fix.
+fn module_cause(
+    ctx: &Ctx,
+    m: &str,
+    mismatches: &[Mismatch],
+    boot_modules: &BTreeMap<String, String>,
+) -> (String, String) {
+    let keys: Vec<String> = mismatches
+        .iter()
+        .filter(|x| x.module == m)
+        .map(|x| format!("{} = {} ({}, {})", x.key, x.configured, x.at, live_text(x)))
+        .collect();
+    if let Some(file) = boot_modules.get(m) {
+        return (
+            format!(
+                "{}: {m} is listed in {file}, so it loads before systemd-sysctl and load order \
+                 is not the cause; something changed the value after boot (kube-proxy sets \
+                 nf_conntrack_max and the TCP timeouts itself), or the module was reloaded",
+                keys.join(", ")
+            ),
+            format!(
+                "find what sets {m}'s keys at run time (kube-proxy's conntrack settings) and \
+                 make the sysctl files agree with it"
+            ),
+        );
+    }
+    let absent = mismatches.iter().any(|x| x.module == m && x.live.is_none());
+    let state = if !absent {
+        "systemd-sysctl applied the files before the module existed, and it came up \
+         later with its defaults"
+            .to_string()
+    } else if module_loaded(ctx, m) {
+        format!("{m} is loaded but the key does not exist on this kernel")
+    } else {
+        format!(
+            "{m} is not loaded now, so the setting has nowhere to go; when it \
+             loads it starts with its defaults"
+        )
+    };
+    (
+        format!(
+            "{}: likely cause: {m} loaded after systemd-sysctl ({state})",
+            keys.join(", ")
+        ),
+        format!(
+            "add an /etc/modules-load.d/ entry: `echo {m} > /etc/modules-load.d/{m}.conf` \
+             so it loads before systemd-sysctl at boot, then apply now with `sysctl --system`"
+        ),
+    )
 }
 
 /// Whether a module is loaded now, from what it registers (modules that

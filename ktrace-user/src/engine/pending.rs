@@ -33,8 +33,14 @@ pub struct Pending {
 impl Pending {
     /// `slots` is rounded up to a power of two.
     pub fn new(slots: usize, window_ns: u64) -> Pending {
+        // Zeroed memory straight from the kernel: pages become resident
+        // only as resets land in them (3 MB for the default size if all
+        // were written up front, on an idle node too).
+        let zeroed = Box::<[PendingReset]>::new_zeroed_slice(slots.next_power_of_two());
         Pending {
-            slots: vec![PendingReset::default(); slots.next_power_of_two()].into_boxed_slice(),
+            // SAFETY: PendingReset is integers and byte arrays only; all
+            // zeros is its Default (an empty slot).
+            slots: unsafe { zeroed.assume_init() },
             hasher: RandomState::default(),
             window_ns,
             dropped: 0,

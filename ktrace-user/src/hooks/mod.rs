@@ -154,6 +154,10 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     let kbtf = KernelBtf::load(Path::new("/")).ok();
     let kernel = Kernel::read(support, kbtf.as_ref());
     let names = reset_reason_names(&kernel, kbtf.as_ref());
+    // The parsed BTF (tens of MB) is not needed past this point: free it
+    // before aya parses its own copy to load the object.
+    drop(kbtf);
+    crate::memory::release_freed();
     let memlock = crate::memlock::prepare(support.release.as_deref());
     let mut ebpf = load_object(&kernel, opts)?;
     // Kernel-side warnings (aya-log) go to ktrace's log on stderr. Started

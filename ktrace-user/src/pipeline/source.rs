@@ -28,7 +28,8 @@ pub struct SourceOptions {
 /// Messages from the ctnetlink thread.
 enum CtMsg {
     Events(Vec<Event>),
-    Overrun,
+    /// Events the socket dropped (ENOBUFS).
+    Overrun(u64),
     /// The listener stopped on this error: no more NAT mappings.
     Died(String),
 }
@@ -110,6 +111,8 @@ async fn source_loop(
         ring_buffer_bytes: opts.ring_buffer_bytes,
     })?;
     let mut ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
+    // aya's copy of the BTF, freed once the programs loaded.
+    crate::memory::release_freed();
     let my_netns = NetnsNames::current();
     let mut counters = crate::ctstat::CounterWatch::default();
     counters.sample();
@@ -224,9 +227,9 @@ async fn source_loop(
                     }
                     sink.flush()?;
                 }
-                Some(CtMsg::Overrun) => {
-                    ct_overruns += 1;
-                    sink.lost(monotonic_now_ns(), 1, ct_overruns, "ctnetlink socket overrun (one or more NAT events)")?;
+                Some(CtMsg::Overrun(n)) => {
+                    ct_overruns += n;
+                    sink.lost(monotonic_now_ns(), n, ct_overruns, "ctnetlink socket overrun (NAT events dropped by the kernel)")?;
                 }
                 Some(CtMsg::Died(why)) => {
                     let mut hook = HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {why}"));
@@ -332,7 +335,7 @@ fn spawn_ctnetlink(mut ct: Ctnetlink, tx: mpsc::Sender<CtMsg>) {
             let msg = match ct.recv() {
                 Ok(Received::Events(evs)) if evs.is_empty() => continue,
                 Ok(Received::Events(evs)) => CtMsg::Events(evs),
-                Ok(Received::Overrun) => CtMsg::Overrun,
+                Ok(Received::Overrun(n)) => CtMsg::Overrun(n),
                 Err(e) => {
                     tracing::warn!("ctnetlink: {e}");
                     let _ = tx.blocking_send(CtMsg::Died(e.to_string()));
