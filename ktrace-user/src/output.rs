@@ -18,6 +18,23 @@ pub struct StatusInfo<'a> {
     pub netns: Option<u32>,
     /// What was done about RLIMIT_MEMLOCK (see `crate::memlock`).
     pub memlock: Option<&'a str>,
+    /// Replaying a recording: which one (the status line's `"replay"`).
+    pub replay: Option<&'a ReplaySource>,
+}
+
+/// The recording a replay reads, as its status line names it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplaySource {
+    pub files: Vec<String>,
+    pub recording_id: String,
+    pub host: String,
+    pub recorded_by: String,
+    pub command: String,
+    pub format_version: String,
+    pub boot_id: Option<String>,
+    /// When the recording started (RFC 3339).
+    pub started: String,
+    pub segments: Vec<u64>,
 }
 
 pub struct Renderer<W: Write> {
@@ -52,7 +69,22 @@ impl<W: Write> Renderer<W> {
         self.out.flush()
     }
 
-    pub fn status(&mut self, hooks: &[HookStatus], info: &StatusInfo) -> io::Result<()> {
+    /// A line for a person (human mode only; JSON has no place for it).
+    pub fn note(&mut self, line: &str) -> io::Result<()> {
+        if self.json {
+            return Ok(());
+        }
+        writeln!(self.out, "{line}")
+    }
+
+    /// The status line, stamped `ts_ns` (when the hooks were attached, or
+    /// when the replayed recording started).
+    pub fn status(
+        &mut self,
+        ts_ns: u64,
+        hooks: &[HookStatus],
+        info: &StatusInfo,
+    ) -> io::Result<()> {
         if self.json {
             let hooks: Vec<Value> = hooks
                 .iter()
@@ -72,7 +104,7 @@ impl<W: Write> Renderer<W> {
                 .collect();
             let mut v = json!({
                 "type": "status",
-                "ts": self.clock.rfc3339(crate::clock::monotonic_now_ns()),
+                "ts": self.clock.rfc3339(ts_ns),
                 "version": env!("CARGO_PKG_VERSION"),
                 "hooks": hooks,
                 "ring_buffer_bytes": info.ring_buffer_bytes,
@@ -85,6 +117,9 @@ impl<W: Write> Renderer<W> {
             }
             if let Some(m) = info.memlock {
                 v["memlock"] = json!(m);
+            }
+            if let Some(r) = info.replay {
+                v["replay"] = json!(r);
             }
             return self.line(&v);
         }
@@ -228,12 +263,13 @@ impl<W: Write> Renderer<W> {
         )
     }
 
-    /// Events the kernel could not hand over, as soon as they are known.
-    pub fn lost(&mut self, count: u64, total: u64, what: &str) -> io::Result<()> {
+    /// Events the kernel could not hand over, as soon as they are known
+    /// (`ts_ns`: when they were found lost).
+    pub fn lost(&mut self, ts_ns: u64, count: u64, total: u64, what: &str) -> io::Result<()> {
         if self.json {
             let v = json!({
                 "type": "lost",
-                "ts": self.clock.rfc3339(crate::clock::monotonic_now_ns()),
+                "ts": self.clock.rfc3339(ts_ns),
                 "count": count,
                 "total": total,
                 "source": what,

@@ -188,6 +188,7 @@ async fn source_loop(
             ring_buffer_bytes: opts.ring_buffer_bytes,
             netns: my_netns,
             memlock: Some(&attached.memlock),
+            replay: None,
         },
         clock,
     )?;
@@ -275,7 +276,7 @@ async fn source_loop(
         }
     }
     report_losses(monotonic_now_ns(), &mut ring, &mut dec, sink)?;
-    sink.finish()
+    sink.finish(monotonic_now_ns())
 }
 
 /// Shortest time between two conntrack counter samples taken on demand:
