@@ -37,7 +37,7 @@ impl Health {
     pub fn attached(&self, hooks: &[HookStatus]) {
         let n = hooks
             .iter()
-            .filter(|h| h.attached && !matches!(h.mechanism, "ctnetlink" | "procfs"))
+            .filter(|h| h.attached && !matches!(&*h.mechanism, "ctnetlink" | "procfs"))
             .count();
         self.hooks.store(n as u64, Ordering::Relaxed);
     }
@@ -84,8 +84,8 @@ mod tests {
 
     fn hook(name: &'static str, mechanism: &'static str, attached: bool) -> HookStatus {
         HookStatus {
-            name,
-            mechanism,
+            name: name.into(),
+            mechanism: mechanism.into(),
             attached,
             target: String::new(),
             reason: None,

@@ -309,8 +309,8 @@ impl Metrics {
             self.hook.record(
                 u64::from(h.attached),
                 &[
-                    KeyValue::new(keys::HOOK_NAME, h.name),
-                    KeyValue::new(keys::HOOK_MECHANISM, h.mechanism),
+                    KeyValue::new(keys::HOOK_NAME, h.name.clone()),
+                    KeyValue::new(keys::HOOK_MECHANISM, h.mechanism.clone()),
                 ],
             );
         }

@@ -3,6 +3,7 @@
 //! from the version number). Every hook ends with a [`HookStatus`] that says
 //! what is live and, for what is not, why.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use aya::{Ebpf, EbpfLoader};
@@ -36,25 +37,28 @@ pub enum HookError {
     NothingAttached(String),
 }
 
-/// Whether and how one hook is live.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Whether and how one hook is live. A recording stores it as is (JSON in
+/// its header); names are borrowed live and owned when read back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HookStatus {
     /// Contract name: `tcp_send_reset`, `ct_invalid`, ...
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     /// `tracepoint`, `kprobe`, `kretprobe`, `ctnetlink` or `none`.
-    pub mechanism: &'static str,
+    pub mechanism: Cow<'static, str>,
     pub attached: bool,
     /// Kernel function(s) or tracepoint used.
+    #[serde(default)]
     pub target: String,
     /// Why it is not attached, or what it cannot see on this kernel.
+    #[serde(default)]
     pub reason: Option<String>,
 }
 
 impl HookStatus {
     fn live(name: &'static str, mechanism: &'static str, target: impl Into<String>) -> Self {
         HookStatus {
-            name,
-            mechanism,
+            name: name.into(),
+            mechanism: mechanism.into(),
             attached: true,
             target: target.into(),
             reason: None,
@@ -63,8 +67,8 @@ impl HookStatus {
 
     pub fn off(name: &'static str, reason: impl Into<String>) -> Self {
         HookStatus {
-            name,
-            mechanism: "none",
+            name: name.into(),
+            mechanism: "none".into(),
             attached: false,
             target: String::new(),
             reason: Some(reason.into()),

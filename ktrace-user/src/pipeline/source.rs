@@ -128,8 +128,8 @@ async fn source_loop(
             .unwrap_or_default();
         let new = if !opts.ctnetlink {
             HookStatus {
-                name: "nat_mapping",
-                mechanism: "none",
+                name: "nat_mapping".into(),
+                mechanism: "none".into(),
                 attached: false,
                 target: String::new(),
                 reason: Some(format!("--no-ctnetlink; kprobe: {kernel_reason}")),
@@ -139,16 +139,16 @@ async fn source_loop(
                 Ok(ct) => {
                     spawn_ctnetlink(ct, ct_tx.clone());
                     HookStatus {
-                        name: "nat_mapping",
-                        mechanism: "ctnetlink",
+                        name: "nat_mapping".into(),
+                        mechanism: "ctnetlink".into(),
                         attached: true,
                         target: "conntrack NEW/DESTROY events of this network namespace".into(),
                         reason: Some(format!("kprobe unavailable: {kernel_reason}")),
                     }
                 }
                 Err(e) => HookStatus {
-                    name: "nat_mapping",
-                    mechanism: "none",
+                    name: "nat_mapping".into(),
+                    mechanism: "none".into(),
                     attached: false,
                     target: String::new(),
                     reason: Some(format!("{e}; kprobe: {kernel_reason}")),
@@ -164,8 +164,8 @@ async fn source_loop(
     // Conntrack counters of this namespace, sampled every tick and on demand.
     let counters_readable = counters.readable();
     status.push(HookStatus {
-        name: "ct_counters",
-        mechanism: "procfs",
+        name: "ct_counters".into(),
+        mechanism: "procfs".into(),
         attached: counters_readable,
         target: if counters_readable {
             "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms and as soon as a finding waits for it".into()
@@ -234,7 +234,7 @@ async fn source_loop(
                 }
                 Some(CtMsg::Died(why)) => {
                     let mut hook = HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {why}"));
-                    hook.mechanism = "ctnetlink";
+                    hook.mechanism = "ctnetlink".into();
                     sink.hook_down(monotonic_now_ns(), &hook)?;
                     ct_open = false;
                 }

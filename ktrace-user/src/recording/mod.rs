@@ -67,71 +67,10 @@ pub struct Context {
     /// `ip netns` names known at start (inode -> name).
     #[serde(default)]
     pub netns_names: BTreeMap<u32, String>,
-    pub hooks: Vec<HookRecord>,
+    pub hooks: Vec<HookStatus>,
     /// The engine settings the recording ran with, so replay correlates
     /// with the same thresholds and quotes the same node settings.
     pub engine: EngineConfig,
-}
-
-/// A [`HookStatus`] as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HookRecord {
-    pub name: String,
-    pub mechanism: String,
-    pub attached: bool,
-    #[serde(default)]
-    pub target: String,
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-impl From<&HookStatus> for HookRecord {
-    fn from(h: &HookStatus) -> Self {
-        HookRecord {
-            name: h.name.to_string(),
-            mechanism: h.mechanism.to_string(),
-            attached: h.attached,
-            target: h.target.clone(),
-            reason: h.reason.clone(),
-        }
-    }
-}
-
-/// A `&'static str` for a stored name: the known ones without allocating,
-/// others leaked (a handful per replayed file).
-fn static_name(s: &str) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "tcp_send_reset",
-        "tcp_receive_reset",
-        "ct_invalid",
-        "ct_invalid_reason",
-        "ct_table_full",
-        "nat_mapping",
-        "ipvs_conn_new",
-        "tracepoint",
-        "kprobe",
-        "kretprobe",
-        "fentry",
-        "ctnetlink",
-        "none",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == s)
-        .copied()
-        .unwrap_or_else(|| Box::leak(s.to_string().into_boxed_str()))
-}
-
-impl HookRecord {
-    pub fn to_status(&self) -> HookStatus {
-        HookStatus {
-            name: static_name(&self.name),
-            mechanism: static_name(&self.mechanism),
-            attached: self.attached,
-            target: self.target.clone(),
-            reason: self.reason.clone(),
-        }
-    }
 }
 
 impl Context {
@@ -142,7 +81,7 @@ impl Context {
     }
 
     pub fn hook_status(&self) -> Vec<HookStatus> {
-        self.hooks.iter().map(HookRecord::to_status).collect()
+        self.hooks.clone()
     }
 }
 
@@ -222,7 +161,7 @@ pub fn live_context(
         ring_buffer_bytes: info.ring_buffer_bytes,
         netns: info.netns,
         netns_names: netns_names_now(),
-        hooks: status.iter().map(HookRecord::from).collect(),
+        hooks: status.to_vec(),
         engine: engine.clone(),
     }
 }

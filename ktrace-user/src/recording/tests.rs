@@ -16,7 +16,7 @@ use super::format::{
 };
 use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
-use super::{Context, HookRecord};
+use super::Context;
 use crate::engine::EngineConfig;
 use crate::event::{Event, EventBody, Source};
 
@@ -75,7 +75,7 @@ pub(crate) fn test_context() -> Context {
         ring_buffer_bytes: 1 << 23,
         netns: Some(4026531840),
         netns_names: BTreeMap::from([(4026531840, "host".to_string())]),
-        hooks: vec![HookRecord {
+        hooks: vec![crate::hooks::HookStatus {
             name: "tcp_send_reset".into(),
             mechanism: "tracepoint".into(),
             attached: true,
@@ -419,7 +419,7 @@ fn every_variant_round_trips_through_a_file() {
     assert_eq!(items, blocks.concat());
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
-    assert_eq!(r.context().hooks[0].to_status().name, "tcp_send_reset");
+    assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
     assert_eq!(r.version(), (1, 0));
 }
 
