@@ -314,6 +314,7 @@ fn replay_recording(
         ring_buffer_bytes: ctx.ring_buffer_bytes,
         netns: ctx.netns,
         memlock: None,
+        exposed: None,
     };
     let files: Vec<String> = rec
         .readers
