@@ -254,7 +254,6 @@ pub struct KernelLayout {
     // struct sk_buff
     pub skb_head: u32,
     pub skb_network_header: u32,
-    pub skb_transport_header: u32,
     pub skb_dev: u32,
     // struct net_device / struct net
     pub dev_nd_net: u32,
@@ -322,7 +321,6 @@ impl KernelLayout {
     pub const UNKNOWN: KernelLayout = KernelLayout {
         skb_head: NO_OFFSET,
         skb_network_header: NO_OFFSET,
-        skb_transport_header: NO_OFFSET,
         skb_dev: NO_OFFSET,
         dev_nd_net: NO_OFFSET,
         net_ns_inum: NO_OFFSET,

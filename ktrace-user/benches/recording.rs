@@ -250,7 +250,7 @@ fn main() {
                 }
             }
         }
-        p.finish().unwrap();
+        p.finish(u64::MAX).unwrap();
         best_replay = best_replay.min(start.elapsed().as_secs_f64());
         findings_bytes = counter.0.get();
     }

@@ -144,7 +144,6 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
     let mut l = KernelLayout::UNKNOWN;
     l.skb_head = or_none(offset_of(b, "sk_buff", "head"));
     l.skb_network_header = or_none(offset_of(b, "sk_buff", "network_header"));
-    l.skb_transport_header = or_none(offset_of(b, "sk_buff", "transport_header"));
     l.skb_dev = or_none(offset_of(b, "sk_buff", "dev"));
     l.dev_nd_net = or_none(offset_of(b, "net_device", "nd_net"));
     l.net_ns_inum = or_none(offset_of(b, "net", "ns.inum"));

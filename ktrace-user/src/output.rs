@@ -21,6 +21,23 @@ pub struct StatusInfo<'a> {
     /// Live: the URLs this process serves (none: nothing is exposed).
     /// `None` in replay, which serves nothing and says nothing of it.
     pub exposed: Option<&'a [String]>,
+    /// Replaying a recording: which one (the status line's `"replay"`).
+    pub replay: Option<&'a ReplaySource>,
+}
+
+/// The recording a replay reads, as its status line names it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ReplaySource {
+    pub files: Vec<String>,
+    pub recording_id: String,
+    pub host: String,
+    pub recorded_by: String,
+    pub command: String,
+    pub format_version: String,
+    pub boot_id: Option<String>,
+    /// When the recording started (RFC 3339).
+    pub started: String,
+    pub segments: Vec<u64>,
 }
 
 pub struct Renderer<W: Write> {
@@ -55,7 +72,22 @@ impl<W: Write> Renderer<W> {
         self.out.flush()
     }
 
-    pub fn status(&mut self, hooks: &[HookStatus], info: &StatusInfo) -> io::Result<()> {
+    /// A line for a person (human mode only; JSON has no place for it).
+    pub fn note(&mut self, line: &str) -> io::Result<()> {
+        if self.json {
+            return Ok(());
+        }
+        writeln!(self.out, "{line}")
+    }
+
+    /// The status line, stamped `ts_ns` (when the hooks were attached, or
+    /// when the replayed recording started).
+    pub fn status(
+        &mut self,
+        ts_ns: u64,
+        hooks: &[HookStatus],
+        info: &StatusInfo,
+    ) -> io::Result<()> {
         if self.json {
             let hooks: Vec<Value> = hooks
                 .iter()
@@ -75,7 +107,7 @@ impl<W: Write> Renderer<W> {
                 .collect();
             let mut v = json!({
                 "type": "status",
-                "ts": self.clock.rfc3339(crate::clock::monotonic_now_ns()),
+                "ts": self.clock.rfc3339(ts_ns),
                 "version": env!("CARGO_PKG_VERSION"),
                 "hooks": hooks,
                 "ring_buffer_bytes": info.ring_buffer_bytes,
@@ -91,6 +123,9 @@ impl<W: Write> Renderer<W> {
             }
             if let Some(x) = info.exposed {
                 v["exposed"] = json!(x);
+            }
+            if let Some(r) = info.replay {
+                v["replay"] = json!(r);
             }
             return self.line(&v);
         }
@@ -237,12 +272,13 @@ impl<W: Write> Renderer<W> {
         )
     }
 
-    /// Events the kernel could not hand over, as soon as they are known.
-    pub fn lost(&mut self, count: u64, total: u64, what: &str) -> io::Result<()> {
+    /// Events the kernel could not hand over, as soon as they are known
+    /// (`ts_ns`: when they were found lost).
+    pub fn lost(&mut self, ts_ns: u64, count: u64, total: u64, what: &str) -> io::Result<()> {
         if self.json {
             let v = json!({
                 "type": "lost",
-                "ts": self.clock.rfc3339(crate::clock::monotonic_now_ns()),
+                "ts": self.clock.rfc3339(ts_ns),
                 "count": count,
                 "total": total,
                 "source": what,

@@ -9,18 +9,14 @@
 //! not mix). Warnings (torn tail, corrupt block, unknown records) go to
 //! stderr and do not change the exit status.
 
-use std::cell::RefCell;
 use std::collections::HashSet;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
-use std::rc::Rc;
-
-use serde_json::{json, Value};
 
 use crate::clock::WallClock;
 use crate::engine::Engine;
 use crate::netns::NetnsNames;
-use crate::output::{Renderer, StatusInfo};
+use crate::output::{Renderer, ReplaySource, StatusInfo};
 use crate::pipeline::Pipeline;
 use crate::recording::format::Item;
 use crate::recording::reader::{FileReader, OpenError, Warning};
@@ -63,29 +59,6 @@ pub struct ReplayReport {
     pub items: u64,
     pub events: u64,
     pub warnings: usize,
-}
-
-/// Stdout shared by the pipeline's renderer and the lines replay writes
-/// itself (status and lost lines with recorded times), in order.
-#[derive(Clone)]
-pub struct SharedOut(Rc<RefCell<Box<dyn Write>>>);
-
-impl SharedOut {
-    pub fn new(w: Box<dyn Write>) -> SharedOut {
-        SharedOut(Rc::new(RefCell::new(w)))
-    }
-}
-
-impl Write for SharedOut {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.borrow_mut().write(buf)
-    }
-    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.0.borrow_mut().write_all(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.borrow_mut().flush()
-    }
 }
 
 /// Parses an RFC 3339 time (`2026-01-02T03:04:05Z`, offsets allowed) to
@@ -131,45 +104,6 @@ fn print_warning(w: &Warning) {
     eprintln!("ktrace: warning: {w}");
 }
 
-/// Renders one line through a scratch renderer, then sets its `"ts"` to
-/// the recorded time (the renderer stamps status and lost lines with now).
-fn line_at(
-    clock: WallClock,
-    json: bool,
-    ts_ns: u64,
-    extra: Option<(&str, Value)>,
-    f: impl FnOnce(&mut Renderer<&mut Vec<u8>>) -> io::Result<()>,
-) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    f(&mut Renderer::new(
-        &mut buf,
-        json,
-        false,
-        clock,
-        NetnsNames::default(),
-    ))?;
-    if !json {
-        return Ok(buf);
-    }
-    let mut out = Vec::with_capacity(buf.len() + 64);
-    for line in buf.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-        match serde_json::from_slice::<Value>(line) {
-            Ok(mut v) => {
-                if v.get("ts").is_some() {
-                    v["ts"] = json!(clock.rfc3339(ts_ns));
-                }
-                if let Some((k, x)) = &extra {
-                    v[*k] = x.clone();
-                }
-                serde_json::to_writer(&mut out, &v)?;
-            }
-            Err(_) => out.extend_from_slice(line),
-        }
-        out.push(b'\n');
-    }
-    Ok(out)
-}
-
 /// The files of one recording, in segment order.
 struct Recording {
     readers: Vec<FileReader>,
@@ -185,12 +119,11 @@ pub fn run_exporting(
     opts: &ReplayOptions,
     export: Option<&crate::export::Exporter>,
 ) -> Result<ReplayReport, ReplayError> {
-    let stdout: Box<dyn Write> = Box::new(BufWriter::with_capacity(1 << 16, io::stdout()));
-    let out = SharedOut::new(stdout);
-    let r = run_inner(opts, out.clone(), &mut print_warning, export);
+    let mut out = BufWriter::with_capacity(1 << 16, io::stdout());
+    let r = run_inner(opts, &mut out, &mut print_warning, export);
     if let Some(x) = export {
         let mut notices = Renderer::new(
-            out,
+            &mut out,
             opts.json,
             false,
             WallClock::now(),
@@ -204,7 +137,7 @@ pub fn run_exporting(
 /// [`run`] with the output and the warnings going where the caller says.
 pub fn run_to(
     opts: &ReplayOptions,
-    out: SharedOut,
+    out: &mut dyn Write,
     warn: &mut dyn FnMut(&Warning),
 ) -> Result<ReplayReport, ReplayError> {
     run_inner(opts, out, warn, None)
@@ -212,7 +145,7 @@ pub fn run_to(
 
 fn run_inner(
     opts: &ReplayOptions,
-    out: SharedOut,
+    out: &mut dyn Write,
     warn: &mut dyn FnMut(&Warning),
     export: Option<&crate::export::Exporter>,
 ) -> Result<ReplayReport, ReplayError> {
@@ -257,16 +190,16 @@ fn run_inner(
     }
     report.recordings = recordings.len();
     for rec in recordings {
-        replay_recording(opts, rec, out.clone(), warn, &mut report, export)?;
+        replay_recording(opts, rec, &mut *out, warn, &mut report, export)?;
     }
-    out.clone().flush().map_err(ReplayError::Output)?;
+    out.flush().map_err(ReplayError::Output)?;
     Ok(report)
 }
 
 fn replay_recording(
     opts: &ReplayOptions,
     mut rec: Recording,
-    mut out: SharedOut,
+    out: &mut dyn Write,
     warn: &mut dyn FnMut(&Warning),
     report: &mut ReplayReport,
     export: Option<&crate::export::Exporter>,
@@ -299,7 +232,7 @@ fn replay_recording(
     }
     let mut p = Pipeline::new(
         Some(Engine::new(cfg.with_hooks(&ctx.hook_status()))),
-        Renderer::new(out.clone(), opts.json, opts.events, clock, names),
+        Renderer::new(out, opts.json, opts.events, clock, names),
     );
     p.print_window = (since, until);
     if let Some(x) = export {
@@ -307,52 +240,10 @@ fn replay_recording(
         p.exporter = Some(x.clone());
     }
 
-    // The recorded status line first.
-    let status = ctx.hook_status();
-    let info = StatusInfo {
-        kernel: ctx.kernel.as_deref(),
-        ring_buffer_bytes: ctx.ring_buffer_bytes,
-        netns: ctx.netns,
-        memlock: None,
-        exposed: None,
-    };
-    let files: Vec<String> = rec
-        .readers
-        .iter()
-        .map(|r| r.path().display().to_string())
-        .collect();
-    let replay_info = json!({
-        "files": files,
-        "recording_id": ctx.recording_id,
-        "host": ctx.host,
-        "recorded_by": ctx.ktrace_version,
-        "command": ctx.command,
-        "format_version": ctx.format_version,
-        "boot_id": ctx.boot_id,
-        "started": clock.rfc3339(ctx.started_mono_ns),
-        "segments": rec.readers.iter().map(|r| r.context().segment).collect::<Vec<_>>(),
-    });
-    let line = line_at(
-        clock,
-        opts.json,
-        ctx.started_mono_ns,
-        Some(("replay", replay_info)),
-        |r| r.status(&status, &info),
-    )
-    .map_err(ReplayError::Output)?;
-    out.write_all(&line).map_err(ReplayError::Output)?;
-    if !opts.json {
-        writeln!(
-            out,
-            "replaying {} file(s) recorded by ktrace {} on {} from {}",
-            files.len(),
-            ctx.ktrace_version,
-            if ctx.host.is_empty() { "?" } else { &ctx.host },
-            clock.rfc3339(ctx.started_mono_ns)
-        )
-        .map_err(ReplayError::Output)?;
-    }
+    print_status(&mut p.out, &ctx, &rec, opts.json).map_err(ReplayError::Output)?;
 
+    // When the replay ends: the last recorded time it went through.
+    let mut last_ts = ctx.started_mono_ns;
     let mut prev_segment: Option<u64> = None;
     let mut dropped_total = 0u64;
     let mut items = Vec::new();
@@ -393,12 +284,14 @@ fn replay_recording(
                 match item {
                     Item::Event(ev) => {
                         if fed(ev.ts_ns) {
+                            last_ts = last_ts.max(ev.ts_ns);
                             report.events += 1;
                             p.handle(&ev).map_err(ReplayError::Output)?;
                         }
                     }
                     Item::Tick { ts_ns } => {
                         if fed(ts_ns) {
+                            last_ts = last_ts.max(ts_ns);
                             p.tick(ts_ns).map_err(ReplayError::Output)?;
                         }
                     }
@@ -409,11 +302,9 @@ fn replay_recording(
                         what,
                     } => {
                         if ts_ns >= since && ts_ns <= until {
-                            let line = line_at(clock, opts.json, ts_ns, None, |r| {
-                                r.lost(count, total, &what)
-                            })
-                            .map_err(ReplayError::Output)?;
-                            out.write_all(&line).map_err(ReplayError::Output)?;
+                            p.out
+                                .lost(ts_ns, count, total, &what)
+                                .map_err(ReplayError::Output)?;
                         }
                     }
                     Item::Dropped {
@@ -424,17 +315,60 @@ fn replay_recording(
                         dropped_total += count;
                         if ts_ns >= since && ts_ns <= until {
                             let what = format!("not recorded ({reason})");
-                            let line = line_at(clock, opts.json, ts_ns, None, |r| {
-                                r.lost(count, dropped_total, &what)
-                            })
-                            .map_err(ReplayError::Output)?;
-                            out.write_all(&line).map_err(ReplayError::Output)?;
+                            p.out
+                                .lost(ts_ns, count, dropped_total, &what)
+                                .map_err(ReplayError::Output)?;
                         }
                     }
                 }
             }
         }
     }
-    p.finish().map_err(ReplayError::Output)?;
+    p.finish(last_ts).map_err(ReplayError::Output)?;
+    Ok(())
+}
+
+/// The recorded status line, stamped when the recording started, naming
+/// the recording; in human mode, a line saying what is replayed.
+fn print_status<W: Write>(
+    out: &mut Renderer<W>,
+    ctx: &Context,
+    rec: &Recording,
+    json: bool,
+) -> io::Result<()> {
+    let clock = ctx.clock();
+    let source = ReplaySource {
+        files: rec
+            .readers
+            .iter()
+            .map(|r| r.path().display().to_string())
+            .collect(),
+        recording_id: ctx.recording_id.clone(),
+        host: ctx.host.clone(),
+        recorded_by: ctx.ktrace_version.clone(),
+        command: ctx.command.clone(),
+        format_version: ctx.format_version.clone(),
+        boot_id: ctx.boot_id.clone(),
+        started: clock.rfc3339(ctx.started_mono_ns),
+        segments: rec.readers.iter().map(|r| r.context().segment).collect(),
+    };
+    let info = StatusInfo {
+        kernel: ctx.kernel.as_deref(),
+        ring_buffer_bytes: ctx.ring_buffer_bytes,
+        netns: ctx.netns,
+        memlock: None,
+        exposed: None,
+        replay: Some(&source),
+    };
+    out.status(ctx.started_mono_ns, &ctx.hook_status(), &info)?;
+    if !json {
+        out.note(&format!(
+            "replaying {} file(s) recorded by ktrace {} on {} from {}",
+            source.files.len(),
+            ctx.ktrace_version,
+            if ctx.host.is_empty() { "?" } else { &ctx.host },
+            source.started
+        ))?;
+    }
     Ok(())
 }

@@ -22,11 +22,7 @@ pub const PROBED_SYMBOLS: &[&str] = &[
 ];
 
 /// Tracepoints ktrace may attach, as `(category, name)`.
-pub const TRACEPOINTS: &[(&str, &str)] = &[
-    ("tcp", "tcp_send_reset"),
-    ("tcp", "tcp_receive_reset"),
-    ("skb", "kfree_skb"),
-];
+pub const TRACEPOINTS: &[(&str, &str)] = &[("tcp", "tcp_send_reset"), ("tcp", "tcp_receive_reset")];
 
 #[derive(Debug, Clone)]
 pub struct KernelSupport {

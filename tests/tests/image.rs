@@ -1,7 +1,7 @@
 //! The container image of `cargo xtask image` (an OCI archive, `$KTRACE_IMAGE`)
 //! loaded into Debian's podman and run with runc on this machine's kernel:
 //! `ktrace doctor --json` and `ktrace watch --duration 2 --json`, privileged
-//! with the host network (as `kubectl debug node` runs it), then `watch`
+//! with the host network and PIDs (as `kubectl debug node` runs it), then `watch`
 //! again with only the DaemonSet's capabilities (BPF, PERFMON, NET_ADMIN,
 //! SYS_RESOURCE), a read-only root and the DaemonSet's mounts, answering
 //! /healthz. The image has ktrace alone: no shell.
@@ -30,6 +30,9 @@ fn archive() -> Option<String> {
         }
     }
 }
+
+/// The DaemonSet's tracefs mount.
+const TRACEFS: &str = "/sys/kernel/tracing:/sys/kernel/tracing:ro";
 
 fn podman(args: &[&str]) -> Output {
     Command::new("podman")
@@ -70,8 +73,6 @@ fn run(extra: &[&str], image: &str, args: &[&str]) -> Output {
         "nofile=1024:4096",
         "--ulimit",
         "nproc=1024:1024",
-        "--volume",
-        "/sys/kernel/tracing:/sys/kernel/tracing:ro",
     ];
     a.extend_from_slice(extra);
     a.push(image);
@@ -118,7 +119,11 @@ fn the_image_runs_doctor_and_watch_in_podman() {
     let shell = run(&["--entrypoint", "/bin/sh"], &image, &["-c", "true"]);
     assert!(!shell.status.success(), "the image has a shell");
 
-    let doctor = run(&["--privileged"], &image, &["doctor", "--json"]);
+    let doctor = run(
+        &["--privileged", "--volume", TRACEFS],
+        &image,
+        &["doctor", "--json"],
+    );
     let stderr = String::from_utf8_lossy(&doctor.stderr);
     // 0: all ok; 1: a check failed on this node (a verdict, not an error).
     assert!(
@@ -142,8 +147,10 @@ fn the_image_runs_doctor_and_watch_in_podman() {
         .expect("hooks_tracepoints");
     assert_eq!(tp["status"], "ok", "{tp}");
 
+    // As `kubectl debug node/... --profile=sysadmin` runs it: privileged,
+    // the host's network and PID namespaces, nothing mounted for it.
     let watch = run(
-        &["--privileged"],
+        &["--privileged", "--pid", "host"],
         &image,
         &["watch", "--duration", "2", "--json"],
     );
@@ -175,6 +182,8 @@ fn the_image_runs_with_the_daemonsets_capabilities_only() {
         "seccomp=unconfined",
         "--volume",
         "/sys/kernel/btf:/sys/kernel/btf:ro",
+        "--volume",
+        TRACEFS,
     ];
     let child = std::thread::spawn({
         let image = image.clone();
@@ -186,7 +195,7 @@ fn the_image_runs_with_the_daemonsets_capabilities_only() {
                 &[
                     "watch",
                     "--duration",
-                    "6",
+                    "10",
                     "--json",
                     "--metrics-addr",
                     &addr,

@@ -260,8 +260,8 @@ impl Sink for DemoSink<'_> {
         Sink::flush(&mut self.pipeline)
     }
 
-    fn finish(&mut self) -> Result<(), PipelineError> {
-        Sink::finish(&mut self.pipeline)
+    fn finish(&mut self, now_ns: u64) -> Result<(), PipelineError> {
+        Sink::finish(&mut self.pipeline, now_ns)
     }
 
     fn wants_counters(&self) -> bool {

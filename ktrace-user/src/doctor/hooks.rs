@@ -156,9 +156,9 @@ fn check_tracepoints(ctx: &Ctx, s: &KernelSupport) -> Check {
         Status::Warn
     };
     let mut why = if missing.is_empty() {
-        "reset and drop tracepoints are there".to_string()
+        "the reset tracepoints are there".to_string()
     } else {
-        "ktrace sees fewer resets and drops: missing tracepoints (old kernel, or CONFIG_TRACEPOINTS off) are replaced by kprobes where possible".to_string()
+        "ktrace sees fewer resets: missing tracepoints (old kernel, or CONFIG_TRACEPOINTS off) are replaced by kprobes where possible".to_string()
     };
     why.push('.');
     why.push_str(send_reset_note);

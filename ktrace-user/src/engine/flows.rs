@@ -462,8 +462,9 @@ impl FlowTable {
     }
 }
 
+/// Starts loading the cache line at `p` (a hint: any address will do).
 #[inline(always)]
-fn prefetch_read(p: *const i8) {
+pub(super) fn prefetch_read(p: *const i8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: a prefetch is a hint; it never faults, whatever the address.
     #[allow(unused_unsafe)]

@@ -364,6 +364,12 @@ impl Engine {
             self.prefetch(ev);
         }
         for (i, ev) in events.iter().enumerate() {
+            if let Some(later) = events.get(i + 2 * AHEAD) {
+                // The event itself, before its flows are looked for.
+                let p: *const i8 = (later as *const Event).cast();
+                flows::prefetch_read(p);
+                flows::prefetch_read(p.wrapping_add(64));
+            }
             if let Some(next) = events.get(i + AHEAD) {
                 self.prefetch(next);
             }

@@ -337,9 +337,13 @@ impl Exporter {
     }
 
     /// Prints the drops [`Exporter::take_lost`] has, as a lost line with source `otlp`.
-    pub fn report_lost<W: std::io::Write>(&self, out: &mut Renderer<W>) -> std::io::Result<()> {
+    pub fn report_lost<W: std::io::Write>(
+        &self,
+        now_ns: u64,
+        out: &mut Renderer<W>,
+    ) -> std::io::Result<()> {
         match self.take_lost() {
-            Some((count, total)) => out.lost(count, total, "otlp"),
+            Some((count, total)) => out.lost(now_ns, count, total, "otlp"),
             None => Ok(()),
         }
     }
@@ -352,7 +356,12 @@ impl Exporter {
     ) -> std::io::Result<ExportSummary> {
         let s = self.shutdown(SHUTDOWN_TIMEOUT);
         if s.unreported > 0 {
-            out.lost(s.unreported, s.dropped, "otlp")?;
+            out.lost(
+                crate::clock::monotonic_now_ns(),
+                s.unreported,
+                s.dropped,
+                "otlp",
+            )?;
         }
         out.flush()?;
         Ok(s)

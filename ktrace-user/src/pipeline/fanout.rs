@@ -73,7 +73,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(r) = &mut self.recorder {
             r.tick(now_ns);
         }
-        self.recorder_notices()?;
+        self.recorder_notices(now_ns)?;
         if let Some(e) = &mut self.engine {
             e.tick(now_ns, &mut self.findings);
         }
@@ -82,7 +82,7 @@ impl<W: Write> Pipeline<W> {
                 // Live ticks follow a drain of the ring: /healthz.
                 x.drained();
             }
-            x.report_lost(&mut self.out)?;
+            x.report_lost(now_ns, &mut self.out)?;
         }
         self.emit_findings()
     }
@@ -95,16 +95,16 @@ impl<W: Write> Pipeline<W> {
         if let Some(x) = &self.exporter {
             x.lost(count, what);
         }
-        self.out.lost(count, total, what)
+        self.out.lost(now_ns, count, total, what)
     }
 
-    /// The end: storms still open are closed (as at the end of `watch`).
-    pub fn finish(&mut self) -> std::io::Result<()> {
+    /// The end (at `now_ns`): storms still open are closed (as at the end of `watch`).
+    pub fn finish(&mut self, now_ns: u64) -> std::io::Result<()> {
         if let Some(e) = &mut self.engine {
             e.tick(u64::MAX, &mut self.findings);
         }
         self.emit_findings()?;
-        self.recorder_notices()?;
+        self.recorder_notices(now_ns)?;
         // What the engine did and what its bounds evicted, on stop.
         if let Some(e) = &self.engine {
             self.out.engine_stats(&e.stats())?;
@@ -112,7 +112,7 @@ impl<W: Write> Pipeline<W> {
         self.out.flush()
     }
 
-    fn recorder_notices(&mut self) -> std::io::Result<()> {
+    fn recorder_notices(&mut self, now_ns: u64) -> std::io::Result<()> {
         let Some(r) = &mut self.recorder else {
             return Ok(());
         };
@@ -132,16 +132,19 @@ impl<W: Write> Pipeline<W> {
                     dropped,
                     total,
                 } => self.out.lost(
+                    now_ns,
                     dropped,
                     total,
                     &format!("recording to {} paused ({error}): events are not recorded until it can write", path.display()),
                 ),
                 Notice::Dropped { path, count, total } => self.out.lost(
+                    now_ns,
                     count,
                     total,
                     &format!("recording to {} still paused: events not recorded", path.display()),
                 ),
                 Notice::Resumed { path, count, total } => self.out.lost(
+                    now_ns,
                     count,
                     total,
                     &format!("recording to {} resumed: events not recorded while it could not write", path.display()),
@@ -187,7 +190,7 @@ impl<W: Write> Sink for Pipeline<W> {
                 .map_err(PipelineError::RecordStart)?;
         }
         self.out
-            .status(status, info)
+            .status(crate::clock::monotonic_now_ns(), status, info)
             .and_then(|_| self.out.flush())
             .map_err(PipelineError::Output)
     }
@@ -228,8 +231,8 @@ impl<W: Write> Sink for Pipeline<W> {
         self.out.flush().map_err(PipelineError::Output)
     }
 
-    fn finish(&mut self) -> Result<(), PipelineError> {
-        Pipeline::finish(self).map_err(PipelineError::Output)
+    fn finish(&mut self, now_ns: u64) -> Result<(), PipelineError> {
+        Pipeline::finish(self, now_ns).map_err(PipelineError::Output)
     }
 
     fn wants_counters(&self) -> bool {

@@ -61,7 +61,8 @@ pub trait Sink {
     fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError>;
     fn tick(&mut self, now_ns: u64) -> Result<(), PipelineError>;
     fn flush(&mut self) -> Result<(), PipelineError>;
-    fn finish(&mut self) -> Result<(), PipelineError>;
+    /// The source stopped at `now_ns`.
+    fn finish(&mut self, now_ns: u64) -> Result<(), PipelineError>;
     /// Checked at every tick: true stops the source as a signal would.
     fn done(&mut self) -> bool {
         false

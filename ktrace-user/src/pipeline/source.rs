@@ -191,6 +191,7 @@ async fn source_loop(
             netns: my_netns,
             memlock: Some(&attached.memlock),
             exposed: Some(&opts.exposed),
+            replay: None,
         },
         clock,
     )?;
@@ -278,7 +279,7 @@ async fn source_loop(
         }
     }
     report_losses(monotonic_now_ns(), &mut ring, &mut dec, sink)?;
-    sink.finish()
+    sink.finish(monotonic_now_ns())
 }
 
 /// Shortest time between two conntrack counter samples taken on demand:
