@@ -48,15 +48,8 @@ struct WatchArgs {
     /// Also print every decoded kernel event.
     #[arg(long)]
     events: bool,
-    /// Stop after this many seconds (or 90s, 10m, 1h).
-    #[arg(long, value_name = "SECS", value_parser = duration_arg, allow_negative_numbers = true)]
-    duration: Option<Duration>,
-    /// Ring buffer size in MiB (a power of two, at most 2048).
-    #[arg(long, value_name = "MIB", default_value_t = 8, value_parser = ring_mb_arg)]
-    ring_buffer_mb: u32,
-    /// Do not subscribe to ctnetlink for NAT mappings.
-    #[arg(long)]
-    no_ctnetlink: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Also record every event to PATH while watching (see `ktrace record`).
     #[arg(long, value_name = "PATH")]
     record: Option<PathBuf>,
@@ -79,6 +72,19 @@ struct RecordArgs {
     /// JSON Lines on stdout (status, lost events, a closing summary).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    source: SourceArgs,
+    #[command(flatten)]
+    rotation: RotationArgs,
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    otlp: OtlpArgs,
+}
+
+/// Where `watch` and `record` take events from.
+#[derive(Args)]
+struct SourceArgs {
     /// Stop after this many seconds (or 90s, 10m, 1h).
     #[arg(long, value_name = "SECS", value_parser = duration_arg, allow_negative_numbers = true)]
     duration: Option<Duration>,
@@ -88,12 +94,17 @@ struct RecordArgs {
     /// Do not subscribe to ctnetlink for NAT mappings.
     #[arg(long)]
     no_ctnetlink: bool,
-    #[command(flatten)]
-    rotation: RotationArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
-    #[command(flatten)]
-    otlp: OtlpArgs,
+}
+
+impl SourceArgs {
+    fn options(&self) -> ktrace::pipeline::SourceOptions {
+        ktrace::pipeline::SourceOptions {
+            duration: self.duration,
+            ring_buffer_bytes: self.ring_buffer_mb << 20,
+            ctnetlink: !self.no_ctnetlink,
+            exposed: Vec::new(),
+        }
+    }
 }
 
 /// Rotation and retention of recordings (docs/recording-format.md).
@@ -348,9 +359,9 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         engine: a.engine.config(),
         json: a.json,
         events: a.events,
-        duration: a.duration,
-        ring_buffer_bytes: a.ring_buffer_mb << 20,
-        ctnetlink: !a.no_ctnetlink,
+        duration: a.source.duration,
+        ring_buffer_bytes: a.source.ring_buffer_mb << 20,
+        ctnetlink: !a.source.no_ctnetlink,
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
@@ -382,12 +393,7 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
     let report = ktrace::record::record(ktrace::record::RecordOptions {
-        source: ktrace::pipeline::SourceOptions {
-            duration: a.duration,
-            ring_buffer_bytes: a.ring_buffer_mb << 20,
-            ctnetlink: !a.no_ctnetlink,
-            exposed: Vec::new(),
-        },
+        source: a.source.options(),
         rotation: a.rotation.config(a.output.clone()),
         json: a.json,
         engine: a.engine.config(),

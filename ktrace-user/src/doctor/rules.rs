@@ -567,19 +567,11 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
             &t.edges,
             hooks.iter().map(|h| (h.to_string(), h.to_string())),
         );
-        for (chain, rule) in &t.candidates {
-            drops.push(InvalidDrop {
-                source: source.to_string(),
-                family: "ip".into(),
-                table: t.name.clone(),
-                chain: chain.clone(),
-                rule: rule.clone(),
-                reached_from: reached
-                    .get(chain)
-                    .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default(),
-            });
-        }
+        drops.extend(table_drops(
+            (source, "ip", &t.name),
+            &t.candidates,
+            &reached,
+        ));
     }
     Ok(Parsed { rules, drops })
 }
@@ -696,6 +688,26 @@ fn reachability(
     reached
 }
 
+/// One table's INVALID-drop `(chain, rule)` candidates, with the hooks
+/// that reach each chain.
+fn table_drops<'a>(
+    (source, family, table): (&'a str, &'a str, &'a str),
+    candidates: &'a [(String, String)],
+    reached: &'a HashMap<String, BTreeSet<String>>,
+) -> impl Iterator<Item = InvalidDrop> + 'a {
+    candidates.iter().map(move |(chain, rule)| InvalidDrop {
+        source: source.to_string(),
+        family: family.to_string(),
+        table: table.to_string(),
+        chain: chain.clone(),
+        rule: rule.clone(),
+        reached_from: reached
+            .get(chain)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default(),
+    })
+}
+
 /// Parses `nft -j list ruleset` output (libnftables' JSON schema).
 pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
     #[derive(Default)]
@@ -746,19 +758,11 @@ pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
             &t.edges,
             t.bases.iter().map(|(c, h)| (c.clone(), h.clone())),
         );
-        for (chain, rule) in &t.candidates {
-            drops.push(InvalidDrop {
-                source: "nftables".into(),
-                family: family.clone(),
-                table: table.clone(),
-                chain: chain.clone(),
-                rule: rule.clone(),
-                reached_from: reached
-                    .get(chain)
-                    .map(|s| s.iter().cloned().collect())
-                    .unwrap_or_default(),
-            });
-        }
+        drops.extend(table_drops(
+            ("nftables", family, table),
+            &t.candidates,
+            &reached,
+        ));
     }
     Ok(Parsed { rules, drops })
 }
