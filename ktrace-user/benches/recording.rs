@@ -21,7 +21,7 @@ use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 use ktrace::pipeline::Pipeline;
 use ktrace::recording::format::Item;
-use ktrace::recording::{Context, EngineSettings, FileReader, Recorder, RotationConfig};
+use ktrace::recording::{Context, FileReader, Recorder, RotationConfig};
 
 struct Rng(u64);
 
@@ -133,7 +133,7 @@ fn context() -> Context {
         netns: None,
         netns_names: BTreeMap::new(),
         hooks: Vec::new(),
-        engine: EngineSettings::from(&EngineConfig::default()),
+        engine: EngineConfig::default(),
     }
 }
 
@@ -196,7 +196,7 @@ fn main() {
     for _ in 0..2 {
         let start = Instant::now();
         let mut rd = FileReader::open(&path).unwrap();
-        let mut engine = Engine::new(rd.context().engine.to_config());
+        let mut engine = Engine::new(rd.context().engine.clone().bounded());
         let mut out = Vec::new();
         let mut block = Vec::new();
         findings = 0;
@@ -228,7 +228,7 @@ fn main() {
         let ctx = rd.context().clone();
         let counter = CountingSink::default();
         let mut p = Pipeline::new(
-            Some(Engine::new(ctx.engine.to_config())),
+            Some(Engine::new(ctx.engine.clone().bounded())),
             Renderer::new(
                 counter.clone(),
                 true,

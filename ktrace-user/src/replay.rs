@@ -206,7 +206,7 @@ fn replay_recording(
 ) -> Result<(), ReplayError> {
     let ctx: Context = rec.readers[0].context().clone();
     let clock = ctx.clock();
-    let mut cfg = ctx.engine.to_config();
+    let mut cfg = ctx.engine.clone().bounded();
     if let Some(t) = opts.storm_threshold {
         cfg.storm_threshold = t.max(1);
     }

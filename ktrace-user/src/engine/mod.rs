@@ -36,8 +36,10 @@ const SEC: u64 = 1_000_000_000;
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
 
-/// Tunables; the defaults suit a node under real traffic.
-#[derive(Debug, Clone)]
+/// Tunables; the defaults suit a node under real traffic. A recording
+/// stores them (JSON in its header); what follows from the hook status is
+/// not stored but set again by [`EngineConfig::with_hooks`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineConfig {
     /// Resets tied to one service within `storm_window_ns` that make a storm.
     pub storm_threshold: u32,
@@ -54,17 +56,22 @@ pub struct EngineConfig {
     pub repeat_ns: u64,
     /// Whether a conntrack INVALID hook is live (changes what a cause can say).
     pub ct_invalid_hook: bool,
+    #[serde(skip)]
     /// Whether the conntrack counters of ktrace's namespace are sampled
     /// (`ct_counters` events): then, without the INVALID hook, an
     /// un-NATed-reply finding waits for the next sample to cite it.
     pub ct_counters: bool,
+    #[serde(skip)]
     /// Whether `init_conntrack` failures are hooked (else table-full comes
     /// from the counters' `drop`).
     pub ct_table_full_hook: bool,
     /// `nf_conntrack_max`, `nf_conntrack_tcp_timeout_established`,
     /// `tcp_keepalive_time`, when the caller could read them.
+    #[serde(default)]
     pub conntrack_max: Option<u64>,
+    #[serde(default)]
     pub ct_timeout_established_s: Option<u64>,
+    #[serde(default)]
     pub keepalive_s: Option<u64>,
 }
 
@@ -89,6 +96,14 @@ impl Default for EngineConfig {
 }
 
 impl EngineConfig {
+    /// Within the bounds the engine needs (a recording's header may say anything).
+    pub fn bounded(mut self) -> EngineConfig {
+        self.storm_threshold = self.storm_threshold.max(1);
+        self.storm_window_ns = self.storm_window_ns.max(1);
+        self.max_flows = self.max_flows.max(16);
+        self
+    }
+
     /// Settings that follow from which hooks are live (the same status
     /// line live and in a recording, so replay reasons alike).
     pub fn with_hooks(mut self, status: &[crate::hooks::HookStatus]) -> EngineConfig {

@@ -13,8 +13,6 @@
 //! strings, network namespaces) and its own timestamp base, so a reader can
 //! skip a corrupt block and decode the next one.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::event::{Event, EventBody, Source};
@@ -256,48 +254,9 @@ impl FrameHeader {
 
 // ---------------------------------------------------------------- hashing
 
-/// FxHash: the dictionaries are hashed per event, and SipHash is the
-/// largest cost of encoding with it. Not DoS-resistant, which is fine for
-/// kernel addresses in a bounded per-block table.
-#[derive(Default, Clone, Copy)]
-pub struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    #[inline]
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(b));
-        }
-    }
-    #[inline]
-    fn write_u8(&mut self, i: u8) {
-        self.write_u64(u64::from(i));
-    }
-    #[inline]
-    fn write_u16(&mut self, i: u16) {
-        self.write_u64(u64::from(i));
-    }
-    #[inline]
-    fn write_u32(&mut self, i: u32) {
-        self.write_u64(u64::from(i));
-    }
-    #[inline]
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    #[inline]
-    fn write_usize(&mut self, i: usize) {
-        self.write_u64(i as u64);
-    }
-    #[inline]
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-type FxMap<K, V> = HashMap<K, V, BuildHasherDefault<FxHasher>>;
+/// The dictionaries are hashed per event, and SipHash would be the largest
+/// cost of encoding with them: foldhash, as the engine's tables use.
+type DictMap<K, V> = foldhash::HashMap<K, V>;
 
 // ---------------------------------------------------------------- encoding
 
@@ -333,9 +292,9 @@ struct EpRef(u32, u16);
 /// Builds the uncompressed payload of one block.
 pub struct BlockEncoder {
     buf: Vec<u8>,
-    ips: FxMap<IpAddr, u32>,
-    strs: FxMap<Box<str>, u32>,
-    netns: FxMap<u32, u32>,
+    ips: DictMap<IpAddr, u32>,
+    strs: DictMap<Box<str>, u32>,
+    netns: DictMap<u32, u32>,
     base_ts: u64,
     prev_ts: u64,
     min_ts: u64,
@@ -365,9 +324,9 @@ impl BlockEncoder {
     pub fn new() -> Self {
         BlockEncoder {
             buf: Vec::with_capacity(1 << 16),
-            ips: FxMap::default(),
-            strs: FxMap::default(),
-            netns: FxMap::default(),
+            ips: DictMap::default(),
+            strs: DictMap::default(),
+            netns: DictMap::default(),
             base_ts: 0,
             prev_ts: 0,
             min_ts: u64::MAX,

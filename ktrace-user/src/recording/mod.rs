@@ -68,7 +68,9 @@ pub struct Context {
     #[serde(default)]
     pub netns_names: BTreeMap<u32, String>,
     pub hooks: Vec<HookRecord>,
-    pub engine: EngineSettings,
+    /// The engine settings the recording ran with, so replay correlates
+    /// with the same thresholds and quotes the same node settings.
+    pub engine: EngineConfig,
 }
 
 /// A [`HookStatus`] as stored.
@@ -128,64 +130,6 @@ impl HookRecord {
             attached: self.attached,
             target: self.target.clone(),
             reason: self.reason.clone(),
-        }
-    }
-}
-
-/// The [`EngineConfig`] the recording ran with, so replay correlates with
-/// the same thresholds and quotes the same node settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EngineSettings {
-    pub storm_threshold: u32,
-    pub storm_window_ns: u64,
-    pub max_flows: usize,
-    pub flow_ttl_ns: u64,
-    pub correlation_ns: u64,
-    pub reorder_ns: u64,
-    pub repeat_ns: u64,
-    pub ct_invalid_hook: bool,
-    #[serde(default)]
-    pub conntrack_max: Option<u64>,
-    #[serde(default)]
-    pub ct_timeout_established_s: Option<u64>,
-    #[serde(default)]
-    pub keepalive_s: Option<u64>,
-}
-
-impl From<&EngineConfig> for EngineSettings {
-    fn from(c: &EngineConfig) -> Self {
-        EngineSettings {
-            storm_threshold: c.storm_threshold,
-            storm_window_ns: c.storm_window_ns,
-            max_flows: c.max_flows,
-            flow_ttl_ns: c.flow_ttl_ns,
-            correlation_ns: c.correlation_ns,
-            reorder_ns: c.reorder_ns,
-            repeat_ns: c.repeat_ns,
-            ct_invalid_hook: c.ct_invalid_hook,
-            conntrack_max: c.conntrack_max,
-            ct_timeout_established_s: c.ct_timeout_established_s,
-            keepalive_s: c.keepalive_s,
-        }
-    }
-}
-
-impl EngineSettings {
-    pub fn to_config(&self) -> EngineConfig {
-        EngineConfig {
-            storm_threshold: self.storm_threshold.max(1),
-            storm_window_ns: self.storm_window_ns.max(1),
-            max_flows: self.max_flows.max(16),
-            flow_ttl_ns: self.flow_ttl_ns,
-            correlation_ns: self.correlation_ns,
-            reorder_ns: self.reorder_ns,
-            repeat_ns: self.repeat_ns,
-            ct_invalid_hook: self.ct_invalid_hook,
-            conntrack_max: self.conntrack_max,
-            ct_timeout_established_s: self.ct_timeout_established_s,
-            keepalive_s: self.keepalive_s,
-            // The rest follows from the recorded hook status (`with_hooks`).
-            ..EngineConfig::default()
         }
     }
 }
@@ -279,6 +223,6 @@ pub fn live_context(
         netns: info.netns,
         netns_names: netns_names_now(),
         hooks: status.iter().map(HookRecord::from).collect(),
-        engine: EngineSettings::from(engine),
+        engine: engine.clone(),
     }
 }

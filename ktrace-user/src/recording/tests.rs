@@ -16,7 +16,7 @@ use super::format::{
 };
 use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
-use super::{Context, EngineSettings, HookRecord};
+use super::{Context, HookRecord};
 use crate::engine::EngineConfig;
 use crate::event::{Event, EventBody, Source};
 
@@ -82,7 +82,7 @@ pub(crate) fn test_context() -> Context {
             target: "tcp:tcp_send_reset".into(),
             reason: None,
         }],
-        engine: EngineSettings::from(&EngineConfig::default()),
+        engine: EngineConfig::default(),
     }
 }
 
@@ -1015,7 +1015,7 @@ fn replay_prints_what_the_live_pipeline_printed() {
         ..Default::default()
     };
     let ctx = Context {
-        engine: EngineSettings::from(&engine),
+        engine: engine.clone(),
         ..test_context()
     };
     let clock = ctx.clock();
