@@ -59,8 +59,8 @@ struct WatchArgs {
     engine: EngineArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
-    /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT (none without it)
-    #[arg(long, value_name = "IP:PORT")]
+    /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT, or on loopback (127.0.0.1) given PORT alone (none without it)
+    #[arg(long, value_name = "[IP:]PORT", value_parser = metrics_addr_arg)]
     metrics_addr: Option<std::net::SocketAddr>,
 }
 
@@ -102,6 +102,7 @@ impl SourceArgs {
             duration: self.duration,
             ring_buffer_bytes: self.ring_buffer_mb << 20,
             ctnetlink: !self.no_ctnetlink,
+            exposed: Vec::new(),
         }
     }
 }
@@ -363,6 +364,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         ctnetlink: !a.source.no_ctnetlink,
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
+        exposed: Vec::new(),
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
@@ -371,7 +373,9 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
             None => ktrace::export::Exporter::metrics_only(&a.otlp.resource()?),
         };
         let ep = x.serve_metrics(addr)?;
-        tracing::info!("serving /metrics and /healthz on http://{}", ep.local_addr);
+        opts.exposed = ["metrics", "healthz"]
+            .map(|p| format!("http://{}/{p}", ep.local_addr))
+            .to_vec();
         opts.export = Some(x);
     }
     ktrace::watch::run(opts)?;
@@ -496,6 +500,20 @@ fn run_doctor(a: DoctorArgs) -> anyhow::Result<ExitCode> {
 
 // Flag values: checked by clap, so a bad one is a usage error (exit 2).
 
+/// `--metrics-addr`: `IP:PORT` (`[v6]:PORT`) as given; `PORT` or `:PORT`
+/// alone on loopback, so nothing is reachable from the network unless an
+/// address says so.
+fn metrics_addr_arg(s: &str) -> Result<std::net::SocketAddr, String> {
+    let t = s.trim();
+    let port = t.strip_prefix(':').unwrap_or(t);
+    if let Ok(port) = port.parse::<u16>() {
+        return Ok((std::net::Ipv4Addr::LOCALHOST, port).into());
+    }
+    t.parse().map_err(|_| {
+        format!("{s:?} is not IP:PORT or PORT (e.g. 9464 for loopback, 0.0.0.0:9464 for every interface)")
+    })
+}
+
 /// `--ring-buffer-mb`: the kernel wants a power-of-two ring; 2048 MiB is
 /// the largest that fits its u32 size.
 fn ring_mb_arg(s: &str) -> Result<u32, String> {
@@ -596,6 +614,19 @@ mod tests {
         assert!(rotate_time_arg("0.5").is_err());
         assert!(window_arg("0").is_err());
         assert!(sample_arg("2d").is_err());
+    }
+
+    #[test]
+    fn metrics_addr_defaults_to_loopback() {
+        let a = |s: &str| metrics_addr_arg(s).map(|a| a.to_string());
+        assert_eq!(a("9464").unwrap(), "127.0.0.1:9464");
+        assert_eq!(a(":9464").unwrap(), "127.0.0.1:9464");
+        assert_eq!(a("0.0.0.0:9464").unwrap(), "0.0.0.0:9464");
+        assert_eq!(a("10.1.2.3:80").unwrap(), "10.1.2.3:80");
+        assert_eq!(a("[::1]:9464").unwrap(), "[::1]:9464");
+        for bad in ["", "x", "70000", "1.2.3.4", "host:80"] {
+            assert!(a(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

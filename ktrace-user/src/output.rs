@@ -18,6 +18,9 @@ pub struct StatusInfo<'a> {
     pub netns: Option<u32>,
     /// What was done about RLIMIT_MEMLOCK (see `crate::memlock`).
     pub memlock: Option<&'a str>,
+    /// Live: the URLs this process serves (none: nothing is exposed).
+    /// `None` in replay, which serves nothing and says nothing of it.
+    pub exposed: Option<&'a [String]>,
     /// Replaying a recording: which one (the status line's `"replay"`).
     pub replay: Option<&'a ReplaySource>,
 }
@@ -118,6 +121,9 @@ impl<W: Write> Renderer<W> {
             if let Some(m) = info.memlock {
                 v["memlock"] = json!(m);
             }
+            if let Some(x) = info.exposed {
+                v["exposed"] = json!(x);
+            }
             if let Some(r) = info.replay {
                 v["replay"] = json!(r);
             }
@@ -131,6 +137,9 @@ impl<W: Write> Renderer<W> {
         )?;
         if let Some(m) = info.memlock {
             writeln!(self.out, "  memlock: {m}")?;
+        }
+        if let Some(x) = info.exposed {
+            writeln!(self.out, "  exposed: {}", exposure(x))?;
         }
         for h in hooks {
             writeln!(
@@ -492,4 +501,25 @@ fn tcp_state(s: u8) -> &'static str {
         12 => "NEW_SYN_RECV",
         _ => "UNKNOWN",
     }
+}
+
+/// The human view of what is served: the URLs and who can reach them.
+fn exposure(urls: &[String]) -> String {
+    if urls.is_empty() {
+        return "nothing (no HTTP endpoint; --metrics-addr serves /metrics and /healthz)".into();
+    }
+    let local = urls.iter().all(|u| {
+        u.starts_with("http://127.")
+            || u.starts_with("http://[::1]")
+            || u.starts_with("http://localhost")
+    });
+    format!(
+        "{} ({})",
+        urls.join(", "),
+        if local {
+            "loopback: this host only"
+        } else {
+            "reachable from the network"
+        }
+    )
 }

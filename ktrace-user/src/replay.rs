@@ -357,6 +357,7 @@ fn print_status<W: Write>(
         ring_buffer_bytes: ctx.ring_buffer_bytes,
         netns: ctx.netns,
         memlock: None,
+        exposed: None,
         replay: Some(&source),
     };
     out.status(ctx.started_mono_ns, &ctx.hook_status(), &info)?;

@@ -22,6 +22,8 @@ pub struct WatchOptions {
     pub record: Option<RotationConfig>,
     /// `--otlp-endpoint`: also export metrics and findings over OTLP.
     pub export: Option<crate::export::Exporter>,
+    /// URLs served (`--metrics-addr`), said in the status line.
+    pub exposed: Vec<String>,
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
@@ -50,6 +52,7 @@ pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
         duration: opts.duration,
         ring_buffer_bytes: opts.ring_buffer_bytes,
         ctnetlink: opts.ctnetlink,
+        exposed: opts.exposed.clone(),
     };
     let r = run_source(&source, clock, &mut p);
     if let Some(rec) = p.recorder.take() {

@@ -312,3 +312,50 @@ fn no_endpoint_without_the_flag() {
     k.stop();
     assert_eq!(listening.trim(), "", "listening sockets: {listening}");
 }
+
+/// A bare `--metrics-addr PORT` binds loopback only, and the status line
+/// says what is served; with no flag it says nothing is.
+#[test]
+fn bare_port_serves_on_loopback_only_and_the_status_says_so() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("lo", 1);
+    let port = "19464";
+    let run = Running::start(&lab.node, &["watch", "--json", "--metrics-addr", port]);
+    let urls = ["metrics", "healthz"].map(|p| format!("http://127.0.0.1:{port}/{p}"));
+    assert_eq!(
+        run.status["exposed"],
+        serde_json::json!(urls),
+        "{}",
+        run.status
+    );
+    let listening = lab.exec_ok(&lab.node, &["ss", "-ltnH", &format!("sport = :{port}")]);
+    let listening = String::from_utf8_lossy(&listening.stdout).into_owned();
+    assert_eq!(listening.lines().count(), 1, "{listening}");
+    assert!(
+        listening.contains(&format!("127.0.0.1:{port}")),
+        "{listening}"
+    );
+    // Not reachable on the node's other addresses.
+    let reach = |ip: &str| {
+        lab.exec(
+            &lab.node,
+            &["bash", "-c", &format!("exec 3<>/dev/tcp/{ip}/{port}")],
+        )
+        .status
+        .success()
+    };
+    assert!(reach("127.0.0.1"));
+    assert!(!reach("10.0.0.1"), "served beyond loopback");
+    run.stop();
+
+    let quiet = Running::start(&lab.node, &["watch", "--json"]);
+    assert_eq!(
+        quiet.status["exposed"],
+        serde_json::json!([]),
+        "{}",
+        quiet.status
+    );
+    quiet.stop();
+}

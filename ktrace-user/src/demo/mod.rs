@@ -203,6 +203,7 @@ fn watch_in_node(
         duration: Some(FINDINGS_TIMEOUT + SETTLE),
         ring_buffer_bytes: 8 << 20,
         ctnetlink: true,
+        exposed: Vec::new(),
     };
     run_source(&source, clock, &mut sink)?;
     Ok(std::mem::take(&mut sink.pipeline.emitted))

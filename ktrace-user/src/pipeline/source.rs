@@ -23,6 +23,8 @@ pub struct SourceOptions {
     pub duration: Option<Duration>,
     pub ring_buffer_bytes: u32,
     pub ctnetlink: bool,
+    /// URLs this process serves, for the status line.
+    pub exposed: Vec<String>,
 }
 
 /// Messages from the ctnetlink thread.
@@ -188,6 +190,7 @@ async fn source_loop(
             ring_buffer_bytes: opts.ring_buffer_bytes,
             netns: my_netns,
             memlock: Some(&attached.memlock),
+            exposed: Some(&opts.exposed),
             replay: None,
         },
         clock,
