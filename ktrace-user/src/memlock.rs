@@ -2,10 +2,15 @@
 //! the accounting to the memory cgroup), and its usual 64 KiB or 8 MiB
 //! default refuses the ring buffer with EPERM, which reads as "not root".
 
+use crate::support::kernel_version;
+
 /// Raises the limit where the running kernel still charges it, and says
 /// what was done, for the status line. `release` is `uname -r`.
 pub fn prepare(release: Option<&str>) -> String {
-    if release.and_then(version).is_some_and(|v| v >= (5, 11)) {
+    if release
+        .and_then(kernel_version)
+        .is_some_and(|v| v >= (5, 11))
+    {
         return "not charged (kernel accounts BPF memory to the cgroup)".into();
     }
     let unlimited = libc::rlimit {
@@ -21,25 +26,9 @@ pub fn prepare(release: Option<&str>) -> String {
     }
 }
 
-/// (major, minor) of a release string such as "5.10.0-28-amd64".
-fn version(release: &str) -> Option<(u32, u32)> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn versions_are_read_from_distribution_releases() {
-        assert_eq!(version("5.10.0-28-amd64"), Some((5, 10)));
-        assert_eq!(version("6.18.44-fc-v769"), Some((6, 18)));
-        assert_eq!(version("4.18.0-553.el8_10.x86_64"), Some((4, 18)));
-        assert_eq!(version("garbage"), None);
-    }
 
     #[test]
     fn new_kernels_are_left_alone() {

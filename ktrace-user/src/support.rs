@@ -17,9 +17,12 @@ pub const PROBED_SYMBOLS: &[&str] = &[
     "__nf_conntrack_alloc",
     "nf_nat_setup_info",
     "ip_vs_conn_new",
-    // Not hooked: its presence (5.5+) lets the programs reuse a tick's time.
-    "bpf_jiffies64",
 ];
+
+/// Kernel functions ktrace looks up without hooking them: their presence
+/// changes what the programs do (bpf_jiffies64, 5.5+, lets them reuse a
+/// tick's time), their absence loses no hook.
+pub const HELPER_SYMBOLS: &[&str] = &["bpf_jiffies64"];
 
 /// Tracepoints ktrace may attach, as `(category, name)`.
 pub const TRACEPOINTS: &[(&str, &str)] = &[("tcp", "tcp_send_reset"), ("tcp", "tcp_receive_reset")];
@@ -39,7 +42,7 @@ pub struct KernelSupport {
     pub tracefs: Option<PathBuf>,
     /// Tracepoints present, as `category/name`.
     pub tracepoints: HashSet<String>,
-    /// Which of [`PROBED_SYMBOLS`] are in kallsyms.
+    /// Which of [`PROBED_SYMBOLS`] and [`HELPER_SYMBOLS`] are in kallsyms.
     pub symbols: HashSet<String>,
     /// Whether kallsyms could be read at all (it is empty to non-root).
     pub kallsyms_readable: bool,
@@ -116,7 +119,7 @@ impl KernelSupport {
     }
 }
 
-/// Returns which of [`PROBED_SYMBOLS`] kallsyms lists (functions only, `t`/`T`),
+/// Returns which of [`PROBED_SYMBOLS`] and [`HELPER_SYMBOLS`] kallsyms lists (functions only, `t`/`T`),
 /// and whether it had any readable (non-zero) address at all.
 /// Not `aya::util::kernel_symbols`: it reads only the live `/proc/kallsyms`
 /// (doctor --root audits dumps), keys by address (all 0 to non-root, so one
@@ -138,7 +141,8 @@ fn read_kallsyms(path: &Path) -> (HashSet<String>, bool) {
         if matches!(ty, "t" | "T") {
             // Compiler clones (e.g. `init_conntrack.constprop.0`) are not the
             // function's entry point: only exact names count.
-            if let Some(sym) = PROBED_SYMBOLS.iter().find(|s| **s == name) {
+            let wanted = PROBED_SYMBOLS.iter().chain(HELPER_SYMBOLS);
+            if let Some(sym) = wanted.into_iter().find(|s| **s == name) {
                 found.insert(sym.to_string());
             }
         }
@@ -147,9 +151,25 @@ fn read_kallsyms(path: &Path) -> (HashSet<String>, bool) {
     (found, readable)
 }
 
+/// `major.minor` of a kernel release string (`6.1.0-18-amd64` → (6, 1)).
+pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let major = it.next()?.parse().ok()?;
+    let minor = it.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn versions_are_read_from_distribution_releases() {
+        assert_eq!(kernel_version("5.10.0-28-amd64"), Some((5, 10)));
+        assert_eq!(kernel_version("6.18.44-fc-v769"), Some((6, 18)));
+        assert_eq!(kernel_version("4.18.0-553.el8_10.x86_64"), Some((4, 18)));
+        assert_eq!(kernel_version("garbage"), None);
+    }
 
     #[test]
     fn probe_reads_a_fixture_root() {

@@ -8,7 +8,8 @@ use std::io::Read as _;
 
 use serde_json::json;
 
-use super::{kernel_version, Check, Ctx, Status};
+use super::{Check, Ctx, Status};
+use crate::support::kernel_version;
 use crate::support::{KernelSupport, PROBED_SYMBOLS, TRACEPOINTS};
 
 pub fn checks(ctx: &Ctx) -> Vec<Check> {
@@ -207,8 +208,6 @@ fn check_symbols(ctx: &Ctx, s: &KernelSupport) -> Check {
         .filter(|n| match *n {
             "ip_vs_conn_new" => ip_vs,
             "tcp_v6_send_reset" => false,
-            // Not a hook: without it the programs read the clock per event.
-            "bpf_jiffies64" => false,
             "nf_ct_l4proto_log_invalid" | "nf_l4proto_log_invalid" => {
                 !s.has_symbol("nf_ct_l4proto_log_invalid")
                     && !s.has_symbol("nf_l4proto_log_invalid")

@@ -26,7 +26,8 @@ use std::net::Ipv4Addr;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{kernel_version, Check, Ctx, Fs, ReadError, Status};
+use super::{Check, Ctx, Fs, ReadError, Status};
+use crate::support::kernel_version;
 
 const VS: &str = "/proc/sys/net/ipv4/vs";
 const IP_VS: &str = "/proc/net/ip_vs";

@@ -480,17 +480,10 @@ fn is_live_root(root: &Path) -> bool {
     std::fs::canonicalize(root).is_ok_and(|p| p == Path::new("/"))
 }
 
-/// `major.minor` of a kernel release string (`6.1.0-18-amd64` → (6, 1)).
-pub fn kernel_version(release: &str) -> Option<(u32, u32)> {
-    let mut it = release.split(|c: char| !c.is_ascii_digit());
-    let major = it.next()?.parse().ok()?;
-    let minor = it.next()?.parse().ok()?;
-    Some((major, minor))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::support::kernel_version;
 
     #[test]
     fn sysctl_names_map_to_paths() {
