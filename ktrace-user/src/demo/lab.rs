@@ -75,26 +75,11 @@ impl Lab {
         for (ns, dev) in [(c, "veth-c"), (n, "veth-nc"), (n, "veth-ns"), (s, "veth-s")] {
             run(&["ip", "-n", ns, "link", "set", dev, "up"])?;
         }
-        run(&[
-            "ip",
-            "-n",
-            c,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{b}.0.1"),
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            s,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.{b}.1.1"),
-        ])?;
+        // The client's subnet is 10.B.0.0/24, the backends' 10.B.1.0/24.
+        for (ns, subnet) in [(c, 0), (s, 1)] {
+            let gateway = format!("10.{b}.{subnet}.1");
+            run(&["ip", "-n", ns, "route", "add", "default", "via", &gateway])?;
+        }
         lab.in_node(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         lab.dnat()?;
         Ok(lab)
