@@ -240,22 +240,7 @@ mod tests {
     fn offsets_from_running_kernel() {
         let root = Path::new("/");
         let Ok(kbtf) = KernelBtf::load(root) else {
-            // Counted as skipped by `cargo xtask test` (see tests/src/lib.rs record_skip).
-            let why = "no /sys/kernel/btf/vmlinux on this kernel";
-            eprintln!("SKIPPED layout::offsets_from_running_kernel: {why}");
-            if let Some(log) = std::env::var_os("KTRACE_SKIP_LOG") {
-                use std::io::Write;
-                let mut f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(log)
-                    .unwrap();
-                writeln!(
-                    f,
-                    "ktrace::layout::tests::offsets_from_running_kernel\t{why}"
-                )
-                .unwrap();
-            }
+            ktrace_tests::record_skip("no /sys/kernel/btf/vmlinux on this kernel");
             return;
         };
         let l = kernel_layout(&kbtf);
