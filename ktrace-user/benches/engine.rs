@@ -81,6 +81,7 @@ fn stream() -> Vec<Event> {
                 service: service(i),
                 backend: backend(i, 0),
                 protocol: 6,
+                snat: None,
             },
         ));
     }
@@ -96,6 +97,7 @@ fn stream() -> Vec<Event> {
                         service: service(i),
                         backend: backend(i, 0),
                         protocol: 6,
+                        snat: None,
                     },
                 ));
                 v.push(ev(
@@ -105,6 +107,7 @@ fn stream() -> Vec<Event> {
                         service: service(i),
                         backend: backend(i, 1),
                         protocol: 6,
+                        snat: None,
                     },
                 ));
                 v.push(rst(ts + 20, backend(i, 1), client(i), 0x18));

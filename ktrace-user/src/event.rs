@@ -97,6 +97,10 @@ pub enum EventBody {
         service: SocketAddr,
         backend: SocketAddr,
         protocol: u8,
+        /// Where conntrack also SNATed the flow (IPS_SRC_NAT: masquerade),
+        /// the address:port the backend sees as its client (the reply
+        /// tuple's destination); its replies go there.
+        snat: Option<SocketAddr>,
     },
     /// Conntrack counters of ktrace's network namespace rose
     /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
@@ -116,6 +120,8 @@ pub enum EventBody {
         service: SocketAddr,
         backend: SocketAddr,
         protocol: u8,
+        /// As for [`EventBody::NatMapping`].
+        snat: Option<SocketAddr>,
     },
 }
 

@@ -438,12 +438,14 @@ pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
             service,
             backend,
             protocol,
+            snat,
         }
         | EventBody::NatDestroy {
             client,
             service,
             backend,
             protocol,
+            snat,
         } => {
             put("src", json!(client.to_string()));
             put("dst", json!(service.to_string()));
@@ -451,6 +453,9 @@ pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
             put("service", json!(service.to_string()));
             put("backend", json!(backend.to_string()));
             put("protocol", json!(protocol));
+            if let Some(n) = snat {
+                put("snat", json!(n.to_string()));
+            }
         }
         EventBody::CtCounters {
             invalid,
