@@ -606,6 +606,7 @@ impl BlockEncoder {
                 drop,
                 early_drop,
                 insert_failed,
+                clash_resolve,
                 count,
                 max,
             } => {
@@ -616,6 +617,10 @@ impl BlockEncoder {
                 // Optional values as value + 1 (0 = unknown).
                 for v in [*count, *max] {
                     put_varint(&mut self.buf, v.map_or(0, |x| x.saturating_add(1)));
+                }
+                // Minor 1: clash resolutions, trailing (older readers skip it).
+                if *clash_resolve > 0 {
+                    put_varint(&mut self.buf, *clash_resolve);
                 }
                 at
             }
@@ -931,11 +936,14 @@ impl<'a> BlockDecoder<'a> {
                 let opt = |v: u64| v.checked_sub(1);
                 let count = opt(b.varint()?);
                 let max = opt(b.varint()?);
+                // Absent before minor 1 and when no clash was resolved.
+                let clash_resolve = if b.is_empty() { 0 } else { b.varint()? };
                 EventBody::CtCounters {
                     invalid,
                     drop,
                     early_drop,
                     insert_failed,
+                    clash_resolve,
                     count,
                     max,
                 }
