@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -555,15 +555,21 @@ impl BlockEncoder {
                 service,
                 backend,
                 protocol,
+                snat,
             }
             | EventBody::NatDestroy {
                 client,
                 service,
                 backend,
                 protocol,
+                snat,
             } => {
                 self.eps(f, &[*client, *service, *backend]);
                 f.push(*protocol);
+                // Minor 1: a trailing SNAT endpoint (older readers skip it).
+                if let Some(n) = snat {
+                    self.ep_field(f, Some(*n));
+                }
             }
             EventBody::CtCounters {
                 invalid,
@@ -886,12 +892,15 @@ impl<'a> BlockDecoder<'a> {
                 let (client, service, backend) =
                     (self.req_ep(b)?, self.req_ep(b)?, self.req_ep(b)?);
                 let protocol = b.u8()?;
+                // Absent before minor 1 and when the flow was not SNATed.
+                let snat = if b.is_empty() { None } else { self.ep(b)? };
                 if t == tag::NAT_MAPPING {
                     EventBody::NatMapping {
                         client,
                         service,
                         backend,
                         protocol,
+                        snat,
                     }
                 } else {
                     EventBody::NatDestroy {
@@ -899,6 +908,7 @@ impl<'a> BlockDecoder<'a> {
                         service,
                         backend,
                         protocol,
+                        snat,
                     }
                 }
             }
