@@ -59,8 +59,7 @@ fn rst(ts: u64, src: SocketAddr, dst: SocketAddr, trigger: u8) -> Event {
             src,
             dst,
             reason: None,
-            has_socket: false,
-            state: 0,
+            socket: None,
             trigger_flags: Some(trigger),
         },
     )

@@ -94,8 +94,7 @@ fn storm(n: usize) -> Vec<Event> {
                 src: client,
                 dst: backend,
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
         );

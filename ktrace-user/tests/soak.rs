@@ -68,8 +68,7 @@ impl Day {
             src,
             dst,
             reason: Some("NO_SOCKET".into()),
-            has_socket: false,
-            state: 0,
+            socket: None,
             trigger_flags: Some(PSH_ACK),
         };
         self.at(dt_ms, POD_NS, body);

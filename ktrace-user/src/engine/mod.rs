@@ -215,7 +215,7 @@ fn flow_key(client: SocketAddr, proto: u8, netns: u32) -> FlowKey {
 /// to a SYN (a refused connection is not an incident).
 fn may_be_an_incident(body: &EventBody) -> bool {
     let EventBody::TcpSendReset {
-        has_socket: false,
+        socket: None,
         trigger_flags,
         ..
     } = body

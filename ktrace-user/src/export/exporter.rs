@@ -963,8 +963,7 @@ mod tests {
                 src: "10.0.0.2:40000".parse().unwrap(),
                 dst: "10.0.1.2:2222".parse().unwrap(),
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: None,
             },
         };

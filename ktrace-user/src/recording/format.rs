@@ -481,17 +481,17 @@ impl BlockEncoder {
                 src: s,
                 dst: d,
                 reason,
-                has_socket,
-                state,
                 trigger_flags,
+                socket,
             } => {
                 let (s, d, r) = (self.ep(*s), self.ep(*d), self.string(reason.as_deref()));
                 let at = self.head(tag::TCP_SEND_RESET, ev.ts_ns, ns, src);
                 self.put_ep(s);
                 self.put_ep(d);
                 put_varint(&mut self.buf, u64::from(r));
-                let flags = u8::from(*has_socket) | (u8::from(trigger_flags.is_some()) << 1);
-                self.buf.extend_from_slice(&[flags, *state]);
+                // The state byte is written as 0 when there is no socket.
+                let flags = u8::from(socket.is_some()) | (u8::from(trigger_flags.is_some()) << 1);
+                self.buf.extend_from_slice(&[flags, socket.unwrap_or(0)]);
                 if let Some(t) = trigger_flags {
                     self.buf.push(*t);
                 }
@@ -840,9 +840,8 @@ impl<'a> BlockDecoder<'a> {
                     src,
                     dst,
                     reason,
-                    has_socket: flags & 1 != 0,
-                    state,
                     trigger_flags,
+                    socket: (flags & 1 != 0).then_some(state),
                 }
             }
             tag::TCP_RECEIVE_RESET => EventBody::TcpReceiveReset {

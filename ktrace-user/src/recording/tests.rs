@@ -102,8 +102,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 src: v4(10, 0, 0, 2, 40000),
                 dst: v4(10, 0, 1, 2, 2222),
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
         ),
@@ -114,8 +113,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 src: v6(1, 443),
                 dst: v6(2, 50000),
                 reason: None,
-                has_socket: true,
-                state: 1,
+                socket: Some(1),
                 trigger_flags: None,
             },
         ),
@@ -331,8 +329,7 @@ fn storm(n: usize, t0: u64) -> Vec<Event> {
                 src: client,
                 dst: backend,
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
             _ => EventBody::TcpReceiveReset {
@@ -968,8 +965,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                     src: c,
                     dst: b1,
                     reason: Some("NO_SOCKET".into()),
-                    has_socket: false,
-                    state: 0,
+                    socket: None,
                     trigger_flags: Some(0x18),
                 },
             );
@@ -992,8 +988,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                     src: b2,
                     dst: c,
                     reason: Some("NO_SOCKET".into()),
-                    has_socket: false,
-                    state: 0,
+                    socket: None,
                     trigger_flags: Some(0x10),
                 },
             );
@@ -1218,18 +1213,16 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             a(),
             a(),
             proptest::option::of("[A-Z_]{0,12}"),
-            any::<bool>(),
-            any::<u8>(),
+            proptest::option::of(any::<u8>()),
             proptest::option::of(any::<u8>())
         )
-            .prop_map(|(src, dst, reason, has_socket, state, trigger_flags)| {
+            .prop_map(|(src, dst, reason, socket, trigger_flags)| {
                 EventBody::TcpSendReset {
                     src,
                     dst,
                     reason,
-                    has_socket,
-                    state,
                     trigger_flags,
+                    socket,
                 }
             }),
         (a(), a(), any::<u64>()).prop_map(|(src, dst, sock_cookie)| EventBody::TcpReceiveReset {
