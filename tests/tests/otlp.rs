@@ -941,6 +941,16 @@ fn watch_for_3s(
     (lines, stderr)
 }
 
+/// A TLS failure case: the receiver's TLS, ktrace's variables, the words
+/// its one line must have, and whether ktrace got as far as a handshake.
+struct Refusal {
+    case: &'static str,
+    server: ServerTls,
+    env: Vec<(&'static str, String)>,
+    words: &'static str,
+    handshake: bool,
+}
+
 /// Each TLS failure: watching runs its course (exit 0, status printed),
 /// stderr has exactly one line that names the cause, nothing panics, and
 /// the receiver gets nothing.
@@ -948,36 +958,41 @@ fn tls_refused(wire: Wire, tag: &str) {
     let lab = Lab::new(tag, 1);
     let files = TlsFiles::new(tag);
     let other = TlsFiles::new(&format!("{tag}x"));
-    // (case, receiver TLS, ktrace's variables, words the line must have,
-    // whether ktrace reached the handshake)
-    let cases: Vec<(&str, ServerTls, Vec<(&'static str, String)>, &str, bool)> = vec![
-        (
-            "wrong CA",
-            other.server(false, false),
-            files.env(false),
-            "not signed by a trusted CA",
-            true,
-        ),
-        (
-            "expired certificate",
-            files.server(true, false),
-            files.env(false),
-            "certificate has expired",
-            true,
-        ),
-        (
-            "missing client key",
-            files.server(false, true),
-            files
+    let cases = [
+        Refusal {
+            case: "wrong CA",
+            server: other.server(false, false),
+            env: files.env(false),
+            words: "not signed by a trusted CA",
+            handshake: true,
+        },
+        Refusal {
+            case: "expired certificate",
+            server: files.server(true, false),
+            env: files.env(false),
+            words: "certificate has expired",
+            handshake: true,
+        },
+        Refusal {
+            case: "missing client key",
+            server: files.server(false, true),
+            env: files
                 .env(true)
                 .into_iter()
                 .filter(|(k, _)| *k != "OTEL_EXPORTER_OTLP_CLIENT_KEY")
                 .collect(),
-            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is set but OTEL_EXPORTER_OTLP_CLIENT_KEY is not",
-            false,
-        ),
+            words: "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is set but OTEL_EXPORTER_OTLP_CLIENT_KEY is not",
+            handshake: false,
+        },
     ];
-    for (case, server, env, words, handshake) in cases {
+    for Refusal {
+        case,
+        server,
+        env,
+        words,
+        handshake,
+    } in cases
+    {
         let rx = Receiver::start_tls(wire, Some(&lab.node), 0, Some(server));
         let (_lines, stderr) = watch_for_3s(&lab.node, &rx.endpoint(), wire, &env_refs(&env));
         assert_eq!(
