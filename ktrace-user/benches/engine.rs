@@ -80,6 +80,7 @@ fn stream() -> Vec<Event> {
                 service: service(i),
                 backend: backend(i, 0),
                 protocol: 6,
+                snat: None,
             },
         ));
     }
@@ -95,6 +96,7 @@ fn stream() -> Vec<Event> {
                         service: service(i),
                         backend: backend(i, 0),
                         protocol: 6,
+                        snat: None,
                     },
                 ));
                 v.push(ev(
@@ -104,6 +106,7 @@ fn stream() -> Vec<Event> {
                         service: service(i),
                         backend: backend(i, 1),
                         protocol: 6,
+                        snat: None,
                     },
                 ));
                 v.push(rst(ts + 20, backend(i, 1), client(i), 0x18));

@@ -82,6 +82,7 @@ fn storm(n: usize) -> Vec<Event> {
                 service,
                 backend,
                 protocol: 6,
+                snat: None,
             },
         );
         push(

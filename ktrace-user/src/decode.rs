@@ -202,6 +202,7 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
                 client: required(endpoint(&mut b)?)?,
                 service: required(endpoint(&mut b)?)?,
                 backend: required(endpoint(&mut b)?)?,
+                snat: endpoint(&mut b)?,
                 protocol: b.get_u8(),
             }
         }

@@ -118,6 +118,11 @@ pub enum EventBody {
         service: SocketAddr,
         backend: SocketAddr,
         protocol: u8,
+        /// Where conntrack also SNATed the flow (IPS_SRC_NAT: masquerade),
+        /// the address:port the backend sees as its client (the reply
+        /// tuple's destination); its replies go there.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snat: Option<SocketAddr>,
     },
     /// Conntrack counters of ktrace's network namespace rose
     /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
@@ -139,6 +144,9 @@ pub enum EventBody {
         service: SocketAddr,
         backend: SocketAddr,
         protocol: u8,
+        /// As for [`EventBody::NatMapping`].
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snat: Option<SocketAddr>,
     },
 }
 

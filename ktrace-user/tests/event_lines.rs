@@ -100,12 +100,14 @@ fn bodies() -> Vec<EventBody> {
             service: a("10.96.0.10:80"),
             backend: a("10.0.1.5:8080"),
             protocol: 6,
+            snat: None,
         },
         EventBody::NatDestroy {
             client: a("[fd00::1]:40000"),
             service: a("[fd00::10]:80"),
             backend: a("[fd00::5]:8080"),
             protocol: 17,
+            snat: None,
         },
         EventBody::CtCounters {
             invalid: 3,

@@ -906,7 +906,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedReply};
+    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedPath, UnnatedReply};
     use crate::engine::Severity;
     use crate::event::{EventBody, Source};
     use crate::export::{Detected, ExportFlags, Signals};
@@ -953,6 +953,8 @@ mod tests {
                 first: Time::Mono(1),
                 count: 1,
                 ct_invalid_counter_rise: None,
+                path: UnnatedPath::ReplyToClient,
+                snat: None,
             }),
         };
         let ev = Event {

@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -574,12 +574,14 @@ impl BlockEncoder {
                 service,
                 backend,
                 protocol,
+                snat,
             }
             | EventBody::NatDestroy {
                 client,
                 service,
                 backend,
                 protocol,
+                snat,
             } => {
                 let t = if matches!(ev.body, EventBody::NatMapping { .. }) {
                     tag::NAT_MAPPING
@@ -587,11 +589,16 @@ impl BlockEncoder {
                     tag::NAT_DESTROY
                 };
                 let (c, s, b) = (self.ep(*client), self.ep(*service), self.ep(*backend));
+                let n = snat.map(|a| self.ep(a));
                 let at = self.head(t, ev.ts_ns, ns, src);
                 for e in [c, s, b] {
                     self.put_ep(e);
                 }
                 self.buf.push(*protocol);
+                // Minor 1: a trailing SNAT endpoint (older readers skip it).
+                if let Some(n) = n {
+                    self.put_ep(n);
+                }
                 at
             }
             EventBody::CtCounters {
@@ -896,12 +903,15 @@ impl<'a> BlockDecoder<'a> {
                 let service = self.req_ep(b)?;
                 let backend = self.req_ep(b)?;
                 let protocol = b.u8()?;
+                // Absent before minor 1 and when the flow was not SNATed.
+                let snat = if b.is_empty() { None } else { self.ep(b)? };
                 if t == tag::NAT_MAPPING {
                     EventBody::NatMapping {
                         client,
                         service,
                         backend,
                         protocol,
+                        snat,
                     }
                 } else {
                     EventBody::NatDestroy {
@@ -909,6 +919,7 @@ impl<'a> BlockDecoder<'a> {
                         service,
                         backend,
                         protocol,
+                        snat,
                     }
                 }
             }

@@ -197,6 +197,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
+                snat: Some(v4(10, 0, 1, 1, 61000)),
             },
         ),
         ev(
@@ -207,6 +208,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
+                snat: None,
             },
         ),
         ev(
@@ -324,6 +326,7 @@ fn storm(n: usize, t0: u64) -> Vec<Event> {
                 service: svc,
                 backend,
                 protocol: 6,
+                snat: None,
             },
             1 | 2 => EventBody::TcpSendReset {
                 src: client,
@@ -417,7 +420,7 @@ fn every_variant_round_trips_through_a_file() {
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
     assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
-    assert_eq!(r.version(), (1, 0));
+    assert_eq!(r.version(), (1, 1));
 }
 
 #[test]
@@ -951,6 +954,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                 service: svc,
                 backend: b1,
                 protocol: 6,
+                snat: None,
             },
         );
     }
@@ -979,6 +983,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                     service: svc,
                     backend: b2,
                     protocol: 6,
+                    snat: None,
                 },
             );
             push(
@@ -1288,23 +1293,33 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
                     weight
                 }
             ),
-        (a(), a(), a(), any::<u8>(), any::<bool>()).prop_map(
-            |(client, service, backend, protocol, destroy)| if destroy {
-                EventBody::NatDestroy {
-                    client,
-                    service,
-                    backend,
-                    protocol,
+        (
+            a(),
+            a(),
+            a(),
+            any::<u8>(),
+            any::<bool>(),
+            proptest::option::of(a())
+        )
+            .prop_map(
+                |(client, service, backend, protocol, destroy, snat)| if destroy {
+                    EventBody::NatDestroy {
+                        client,
+                        service,
+                        backend,
+                        protocol,
+                        snat,
+                    }
+                } else {
+                    EventBody::NatMapping {
+                        client,
+                        service,
+                        backend,
+                        protocol,
+                        snat,
+                    }
                 }
-            } else {
-                EventBody::NatMapping {
-                    client,
-                    service,
-                    backend,
-                    protocol,
-                }
-            }
-        ),
+            ),
     ]
 }
 
