@@ -152,13 +152,17 @@ fn request_to_a_local_service_address_is_named_per_connection() {
     let mut c = lab.client(3);
     let reset = c.unnat_requests(SETTLE);
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "finding",
-        Some("unnated_reply")
-    )
-    .len()
-        >= 3));
+    assert!(
+        watch.wait_for(Duration::from_secs(5), |l| select(
+            l,
+            "finding",
+            Some("unnated_reply")
+        )
+        .len()
+            >= 3),
+        "findings did not arrive: {:?}",
+        watch.lines()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let status = watch.status.clone();
     let lines = watch.stop();
