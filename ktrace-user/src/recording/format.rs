@@ -52,6 +52,7 @@ pub mod tag {
     pub const NAT_MAPPING: u64 = 0x06;
     pub const NAT_DESTROY: u64 = 0x07;
     pub const CT_COUNTERS: u64 = 0x08;
+    pub const CT_CONFIRM_DROP: u64 = 0x09;
     pub const TICK: u64 = 0x40;
     pub const LOST: u64 = 0x41;
     pub const DROPPED: u64 = 0x42;
@@ -301,6 +302,7 @@ fn event_tag(body: &EventBody) -> u64 {
         EventBody::IpvsConnNew { .. } => tag::IPVS_CONN_NEW,
         EventBody::NatMapping(_) => tag::NAT_MAPPING,
         EventBody::NatDestroy(_) => tag::NAT_DESTROY,
+        EventBody::CtConfirmDrop(_) => tag::CT_CONFIRM_DROP,
         EventBody::CtCounters { .. } => tag::CT_COUNTERS,
     }
 }
@@ -550,7 +552,9 @@ impl BlockEncoder {
                     put_varint(f, zigzag(i64::from(*w)));
                 }
             }
-            EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+            EventBody::NatMapping(nat)
+            | EventBody::NatDestroy(nat)
+            | EventBody::CtConfirmDrop(nat) => {
                 self.eps(f, &[nat.client, nat.service, nat.backend]);
                 f.push(nat.protocol);
                 // Minor 1: a trailing SNAT endpoint (older readers skip it).
@@ -880,7 +884,7 @@ impl<'a> BlockDecoder<'a> {
                     },
                 }
             }
-            tag::NAT_MAPPING | tag::NAT_DESTROY => {
+            tag::NAT_MAPPING | tag::NAT_DESTROY | tag::CT_CONFIRM_DROP => {
                 let nat = NatEntry {
                     client: self.req_ep(b)?,
                     service: self.req_ep(b)?,
@@ -889,10 +893,10 @@ impl<'a> BlockDecoder<'a> {
                     // Absent before minor 1 and when the flow was not SNATed.
                     snat: if b.is_empty() { None } else { self.ep(b)? },
                 };
-                if t == tag::NAT_MAPPING {
-                    EventBody::NatMapping(nat)
-                } else {
-                    EventBody::NatDestroy(nat)
+                match t {
+                    tag::NAT_MAPPING => EventBody::NatMapping(nat),
+                    tag::NAT_DESTROY => EventBody::NatDestroy(nat),
+                    _ => EventBody::CtConfirmDrop(nat),
                 }
             }
             tag::CT_COUNTERS => EventBody::CtCounters {
