@@ -9,6 +9,7 @@ use crate::clock::WallClock;
 use crate::engine::Finding;
 use crate::event::{Event, EventBody};
 use crate::hooks::HookStatus;
+use crate::names::{render as names_out, NameResolver, SourceStatus};
 use crate::netns::NetnsNames;
 
 /// Context printed with the status line.
@@ -46,6 +47,8 @@ pub struct Renderer<W: Write> {
     events: bool,
     clock: WallClock,
     netns: NetnsNames,
+    /// Kubernetes names of addresses (none known: addresses as they are).
+    names: NameResolver,
 }
 
 impl<W: Write> Renderer<W> {
@@ -56,7 +59,16 @@ impl<W: Write> Renderer<W> {
             events,
             clock,
             netns,
+            names: NameResolver::default(),
         }
+    }
+
+    pub fn names(&self) -> &NameResolver {
+        &self.names
+    }
+
+    pub fn names_mut(&mut self) -> &mut NameResolver {
+        &mut self.names
     }
 
     pub fn netns_names_mut(&mut self) -> &mut NetnsNames {
@@ -127,6 +139,10 @@ impl<W: Write> Renderer<W> {
             if let Some(r) = info.replay {
                 v["replay"] = json!(r);
             }
+            if let Some(n) = self.names.names() {
+                n.take_status_change();
+                v["names"] = json!(n.status_now());
+            }
             return self.line(&v);
         }
         writeln!(
@@ -140,6 +156,12 @@ impl<W: Write> Renderer<W> {
         }
         if let Some(x) = info.exposed {
             writeln!(self.out, "  exposed: {}", exposure(x))?;
+        }
+        if let Some(n) = self.names.names() {
+            n.take_status_change();
+            for s in n.status_now() {
+                writeln!(self.out, "  names: {}", s.human())?;
+            }
         }
         for h in hooks {
             writeln!(
@@ -171,7 +193,8 @@ impl<W: Write> Renderer<W> {
             return Ok(());
         }
         if self.json {
-            let v = event_json(ev, &self.clock, &self.netns);
+            let mut v = event_json(ev, &self.clock, &self.netns);
+            names_out::add_event_fields(&mut v, &self.names);
             return self.line(&v);
         }
         let t = self.clock.rfc3339(ev.ts_ns);
@@ -265,9 +288,14 @@ impl<W: Write> Renderer<W> {
             ),
         };
         let ns = self.netns_label(ev.netns);
+        let named: Vec<(&str, std::net::SocketAddr)> = [("src", &src), ("dst", &dst)]
+            .into_iter()
+            .filter_map(|(k, a)| a.parse().ok().map(|a| (k, a)))
+            .collect();
+        let names = names_out::event_suffix(&named, &self.names);
         writeln!(
             self.out,
-            "{time} {:<17} {src:>21} -> {dst:<21} {detail}  netns={ns}",
+            "{time} {:<17} {src:>21} -> {dst:<21} {detail}  netns={ns}{names}",
             ev.body.name()
         )
     }
@@ -313,9 +341,38 @@ impl<W: Write> Renderer<W> {
         )
     }
 
-    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+    /// A name source changed state (`{"type":"names", ...}` or human lines).
+    pub fn names_status(&mut self, ts_ns: u64, sources: &[SourceStatus]) -> io::Result<()> {
         if self.json {
-            let v = f.to_json(&self.clock);
+            let v = json!({
+                "type": "names",
+                "ts": self.clock.rfc3339(ts_ns),
+                "sources": sources,
+            });
+            return self.line(&v);
+        }
+        for s in sources {
+            writeln!(self.out, "names: {}", s.human())?;
+        }
+        Ok(())
+    }
+
+    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        let names = self.names.finding(f);
+        self.finding_named(f, names.as_ref())
+    }
+
+    /// A finding with the names of its addresses (looked up once by the caller).
+    pub fn finding_named(
+        &mut self,
+        f: &Finding,
+        names: Option<&crate::names::FindingNames>,
+    ) -> io::Result<()> {
+        if self.json {
+            let mut v = f.to_json(&self.clock);
+            if let Some(n) = names {
+                names_out::add_finding_fields(&mut v, n);
+            }
             return self.line(&v);
         }
         let t = self.clock.rfc3339(f.ts_ns);
@@ -325,7 +382,7 @@ impl<W: Write> Renderer<W> {
             t.get(11..26).unwrap_or(&t),
             f.severity.as_str().to_uppercase(),
             f.kind().as_str(),
-            f.sentence()
+            names_out::sentence(f, names)
         )
     }
 }

@@ -307,6 +307,7 @@ fn replay_recording(
                                 .map_err(ReplayError::Output)?;
                         }
                     }
+                    Item::Name { record, .. } => p.out.names_mut().apply(record),
                     Item::Dropped {
                         ts_ns,
                         count,

@@ -24,6 +24,8 @@ pub struct WatchOptions {
     pub export: Option<crate::export::Exporter>,
     /// URLs served (`--metrics-addr`), said in the status line.
     pub exposed: Vec<String>,
+    /// Kubernetes names of addresses (`None`: `--no-kube-names`).
+    pub names: Option<std::sync::Arc<crate::names::Names>>,
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
@@ -46,6 +48,9 @@ pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
         ),
     );
     p.live = true;
+    if let Some(n) = &opts.names {
+        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
+    }
     p.recorder = recorder;
     p.exporter = opts.export.clone();
     let source = SourceOptions {
