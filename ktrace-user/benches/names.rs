@@ -187,6 +187,7 @@ fn stream(n: u32) -> Vec<Event> {
         out.push(ev(
             u64::from(i) * 1000,
             EventBody::NatMapping {
+                snat: None,
                 client,
                 service: svc,
                 backend: be,
@@ -207,8 +208,7 @@ fn stream(n: u32) -> Vec<Event> {
                 src: be,
                 dst: client,
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
         ));
