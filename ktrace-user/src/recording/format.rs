@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::event::{Event, EventBody, Source};
+use crate::event::{Event, EventBody, NatEntry, Source};
 
 /// First 8 bytes of every recording file (PNG-style: the high byte and the
 /// line endings catch text-mode transfers).
@@ -327,8 +327,8 @@ fn event_tag(body: &EventBody) -> u64 {
         EventBody::CtInvalid { .. } => tag::CT_INVALID,
         EventBody::CtTableFull { .. } => tag::CT_TABLE_FULL,
         EventBody::IpvsConnNew { .. } => tag::IPVS_CONN_NEW,
-        EventBody::NatMapping { .. } => tag::NAT_MAPPING,
-        EventBody::NatDestroy { .. } => tag::NAT_DESTROY,
+        EventBody::NatMapping(_) => tag::NAT_MAPPING,
+        EventBody::NatDestroy(_) => tag::NAT_DESTROY,
         EventBody::CtCounters { .. } => tag::CT_COUNTERS,
     }
 }
@@ -578,25 +578,12 @@ impl BlockEncoder {
                     put_varint(f, zigzag(i64::from(*w)));
                 }
             }
-            EventBody::NatMapping {
-                client,
-                service,
-                backend,
-                protocol,
-                snat,
-            }
-            | EventBody::NatDestroy {
-                client,
-                service,
-                backend,
-                protocol,
-                snat,
-            } => {
-                self.eps(f, &[*client, *service, *backend]);
-                f.push(*protocol);
+            EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+                self.eps(f, &[nat.client, nat.service, nat.backend]);
+                f.push(nat.protocol);
                 // Minor 1: a trailing SNAT endpoint (older readers skip it).
-                if let Some(n) = snat {
-                    self.ep_field(f, Some(*n));
+                if let Some(n) = nat.snat {
+                    self.ep_field(f, Some(n));
                 }
             }
             EventBody::CtCounters {
@@ -921,27 +908,18 @@ impl<'a> BlockDecoder<'a> {
                 }
             }
             tag::NAT_MAPPING | tag::NAT_DESTROY => {
-                let (client, service, backend) =
-                    (self.req_ep(b)?, self.req_ep(b)?, self.req_ep(b)?);
-                let protocol = b.u8()?;
-                // Absent before minor 1 and when the flow was not SNATed.
-                let snat = if b.is_empty() { None } else { self.ep(b)? };
+                let nat = NatEntry {
+                    client: self.req_ep(b)?,
+                    service: self.req_ep(b)?,
+                    backend: self.req_ep(b)?,
+                    protocol: b.u8()?,
+                    // Absent before minor 1 and when the flow was not SNATed.
+                    snat: if b.is_empty() { None } else { self.ep(b)? },
+                };
                 if t == tag::NAT_MAPPING {
-                    EventBody::NatMapping {
-                        client,
-                        service,
-                        backend,
-                        protocol,
-                        snat,
-                    }
+                    EventBody::NatMapping(nat)
                 } else {
-                    EventBody::NatDestroy {
-                        client,
-                        service,
-                        backend,
-                        protocol,
-                        snat,
-                    }
+                    EventBody::NatDestroy(nat)
                 }
             }
             tag::CT_COUNTERS => EventBody::CtCounters {
