@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, Source};
+use ktrace::event::{Event, EventBody, NatEntry, Source};
 use ktrace::names::kube::cache::{self, Cache};
 use ktrace::names::{NameResolver, Names, SourceId};
 use kube::runtime::watcher::Event as WEvent;
@@ -186,13 +186,13 @@ fn stream(n: u32) -> Vec<Event> {
         let be = SocketAddr::new(IpAddr::V4(pod_ip((i % SERVICES) * SLICE_EPS)), 8080);
         out.push(ev(
             u64::from(i) * 1000,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 snat: None,
                 client,
                 service: svc,
                 backend: be,
                 protocol: 6,
-            },
+            }),
         ));
     }
     for i in 0..n {

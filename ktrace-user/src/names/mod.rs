@@ -302,18 +302,12 @@ fn event_addrs(b: &crate::event::EventBody) -> Vec<SocketAddr> {
             real_server,
             ..
         } => vec![*client, *service, *real_server],
-        B::NatMapping {
-            client,
-            service,
-            backend,
-            ..
+        B::NatMapping(n) | B::NatDestroy(n) => {
+            [Some(n.client), Some(n.service), Some(n.backend), n.snat]
+                .into_iter()
+                .flatten()
+                .collect()
         }
-        | B::NatDestroy {
-            client,
-            service,
-            backend,
-            ..
-        } => vec![*client, *service, *backend],
         B::CtCounters { .. } => Vec::new(),
     }
 }
