@@ -200,8 +200,11 @@ pub struct NatEvent {
     pub client: Endpoint,
     pub service: Endpoint,
     pub backend: Endpoint,
+    /// When the flow was SNATed too (masquerade): the reply tuple's
+    /// destination, where the backend's replies go; family 0 otherwise.
+    pub snat: Endpoint,
     pub protocol: u8,
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 7],
 }
 
 /// Offsets of tracepoint fields, read by userspace from tracefs `format`
@@ -388,6 +391,6 @@ const _: () = {
     assert!(core::mem::size_of::<ResetEvent>() == 72);
     assert!(core::mem::size_of::<CtInvalidEvent>() == 184);
     assert!(core::mem::size_of::<IpvsConnEvent>() == 96);
-    assert!(core::mem::size_of::<NatEvent>() == 80);
+    assert!(core::mem::size_of::<NatEvent>() == 104);
     assert!(core::mem::size_of::<TpFields>() == 28);
 };

@@ -159,6 +159,7 @@ fn stash_close(func: u32) -> Option<Stash> {
 
 const NF_ACCEPT: i32 = 1;
 const NF_NAT_MANIP_DST: u64 = 1;
+const IPS_SRC_NAT: u32 = 1 << 4;
 const IPS_DST_NAT: u32 = 1 << 5;
 
 /// Reads `ct->tuplehash[dir].tuple` source or destination as an endpoint.
@@ -342,11 +343,14 @@ pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
     };
     let verdict = ctx.ret::<i64>() as i32;
     let (ct, manip) = (s.ct, s.arg);
-    if verdict != NF_ACCEPT || manip != NF_NAT_MANIP_DST || ct == 0 {
+    if verdict != NF_ACCEPT || ct == 0 {
         return Ok(());
     }
-    let status: u64 = kernel::read(ct, layout!(ct_status))?;
-    if status as u32 & IPS_DST_NAT == 0 {
+    let status = kernel::read::<u64>(ct, layout!(ct_status))? as u32;
+    // DNAT (PREROUTING/OUTPUT) maps the flow; a later SNAT of a DNATed flow
+    // (POSTROUTING masquerade) says where the backend's replies now go.
+    let snat = manip != NF_NAT_MANIP_DST;
+    if status & IPS_DST_NAT == 0 || (snat && status & IPS_SRC_NAT == 0) {
         return Ok(());
     }
     let mut ev = NatEvent {
@@ -355,6 +359,9 @@ pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
         backend: ct_endpoint(ct, 1, false)?,
         ..NatEvent::default()
     };
+    if snat {
+        ev.snat = ct_endpoint(ct, 1, true)?;
+    }
     let tuple = ct + layout!(ct_tuplehash) as u64;
     ev.protocol = kernel::read(tuple, layout!(tuple_dst_protonum)).unwrap_or(0);
     ev.header = ring::header(

@@ -59,8 +59,7 @@ fn rst(ts: u64, src: SocketAddr, dst: SocketAddr, trigger: u8) -> Event {
             src,
             dst,
             reason: None,
-            has_socket: false,
-            state: 0,
+            socket: None,
             trigger_flags: Some(trigger),
         },
     )
@@ -81,6 +80,7 @@ fn stream() -> Vec<Event> {
                 service: service(i),
                 backend: backend(i, 0),
                 protocol: 6,
+                snat: None,
             },
         ));
     }
@@ -96,6 +96,7 @@ fn stream() -> Vec<Event> {
                         service: service(i),
                         backend: backend(i, 0),
                         protocol: 6,
+                        snat: None,
                     },
                 ));
                 v.push(ev(
@@ -105,6 +106,7 @@ fn stream() -> Vec<Event> {
                         service: service(i),
                         backend: backend(i, 1),
                         protocol: 6,
+                        snat: None,
                     },
                 ));
                 v.push(rst(ts + 20, backend(i, 1), client(i), 0x18));

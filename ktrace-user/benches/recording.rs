@@ -82,6 +82,7 @@ fn storm(n: usize) -> Vec<Event> {
                 service,
                 backend,
                 protocol: 6,
+                snat: None,
             },
         );
         push(
@@ -94,8 +95,7 @@ fn storm(n: usize) -> Vec<Event> {
                 src: client,
                 dst: backend,
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
         );

@@ -223,6 +223,14 @@ fn nat_event(msg: &ConntrackMessage) -> Option<EventBody> {
     if !dnat || backend == service {
         return None;
     }
+    // Masqueraded too: the backend's replies go to the reply tuple's
+    // destination, which only conntrack maps back to the client.
+    let reply_dst = reply
+        .dst
+        .zip(reply.dport)
+        .map(|(ip, port)| SocketAddr::new(ip, port));
+    let snat =
+        reply_dst.filter(|d| *d != client && status.is_none_or(|s| s.contains(Status::SrcNat)));
     let protocol = orig.proto;
     Some(if destroy {
         EventBody::NatDestroy {
@@ -230,6 +238,7 @@ fn nat_event(msg: &ConntrackMessage) -> Option<EventBody> {
             service,
             backend,
             protocol,
+            snat,
         }
     } else {
         EventBody::NatMapping {
@@ -237,6 +246,7 @@ fn nat_event(msg: &ConntrackMessage) -> Option<EventBody> {
             service,
             backend,
             protocol,
+            snat,
         }
     })
 }
@@ -315,6 +325,36 @@ mod tests {
                 service: "10.96.0.10:2222".parse().unwrap(),
                 backend: "10.0.1.3:2222".parse().unwrap(),
                 protocol: 6,
+                snat: None,
+            }
+        );
+    }
+
+    #[test]
+    fn a_masqueraded_entry_carries_its_snat_address() {
+        let both = ConntrackMessage::New(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple("10.0.0.2", "10.96.0.10", 40000, 2222)),
+            ConntrackAttribute::CtaTupleReply(tuple("10.0.1.3", "10.0.1.1", 2222, 61000)),
+            ConntrackAttribute::CtaStatus(Status::DstNat | Status::SrcNat | Status::Confirmed),
+        ]);
+        // SNAT without DNAT (a pod's egress) is no Service mapping.
+        let snat_only = ConntrackMessage::New(vec![
+            ConntrackAttribute::CtaTupleOrig(tuple("10.0.0.2", "10.0.1.3", 40001, 2222)),
+            ConntrackAttribute::CtaTupleReply(tuple("10.0.1.3", "10.0.1.1", 2222, 61001)),
+            ConntrackAttribute::CtaStatus(Status::SrcNat | Status::Confirmed),
+        ]);
+        let mut data = datagram(both);
+        data.extend(datagram(snat_only));
+        let evs = parse_datagram(&data, 5, 77);
+        assert_eq!(evs.len(), 1, "{evs:?}");
+        assert_eq!(
+            evs[0].body,
+            EventBody::NatMapping {
+                client: "10.0.0.2:40000".parse().unwrap(),
+                service: "10.96.0.10:2222".parse().unwrap(),
+                backend: "10.0.1.3:2222".parse().unwrap(),
+                protocol: 6,
+                snat: Some("10.0.1.1:61000".parse().unwrap()),
             }
         );
     }

@@ -130,9 +130,8 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
                             .cloned()
                             .unwrap_or_else(|| format!("REASON_{reason}"))
                     }),
-                    has_socket: flags & reset_flags::HAS_SOCKET != 0,
-                    state,
                     trigger_flags: (flags & reset_flags::HAS_TRIGGER != 0).then_some(trigger_flags),
+                    socket: (flags & reset_flags::HAS_SOCKET != 0).then_some(state),
                 }
             } else {
                 EventBody::TcpReceiveReset {
@@ -203,6 +202,7 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
                 client: required(endpoint(&mut b)?)?,
                 service: required(endpoint(&mut b)?)?,
                 backend: required(endpoint(&mut b)?)?,
+                snat: endpoint(&mut b)?,
                 protocol: b.get_u8(),
             }
         }
@@ -276,8 +276,7 @@ mod tests {
                 src: "10.0.0.2:40000".parse().unwrap(),
                 dst: "10.0.1.2:2222".parse().unwrap(),
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: None,
             }
         );

@@ -1,10 +1,18 @@
 //! Decoded kernel events: the one vocabulary of `watch`, `replay`, the
 //! correlation engine and every sink.
+//!
+//! The serde attributes here are the event's JSON fields (`--events
+//! --json`, per the contract): the renderer adds only the line's header
+//! (`type`, `event`, `ts`, `netns`, `source`) and [`EventBody::endpoints`]
+//! as `src`/`dst`.
 
 use std::net::SocketAddr;
 
+use serde::{Serialize, Serializer};
+
 /// Which mechanism produced an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Source {
     Tracepoint,
     RawTracepoint,
@@ -14,20 +22,6 @@ pub enum Source {
     Ctnetlink,
     /// Counters read from /proc by userspace.
     Procfs,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Tracepoint => "tracepoint",
-            Source::RawTracepoint => "raw_tracepoint",
-            Source::Fentry => "fentry",
-            Source::Kprobe => "kprobe",
-            Source::Kretprobe => "kretprobe",
-            Source::Ctnetlink => "ctnetlink",
-            Source::Procfs => "procfs",
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,42 +34,67 @@ pub struct Event {
     pub body: EventBody,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What happened. Field order is JSON order; `src`/`dst` come from
+/// [`EventBody::endpoints`], so the variants' own are not serialised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
 pub enum EventBody {
     /// The kernel sent an RST from `src` to `dst`.
     TcpSendReset {
+        #[serde(skip)]
         src: SocketAddr,
+        #[serde(skip)]
         dst: SocketAddr,
         /// Kernel `sk_rst_reason` name (e.g. `NO_SOCKET`) when given.
+        #[serde(skip_serializing_if = "Option::is_none")]
         reason: Option<String>,
-        /// False for the no-socket case: nothing listened at `src`.
-        has_socket: bool,
-        state: u8,
         /// TCP flags of the segment the RST answers, when known.
+        #[serde(
+            rename = "answers",
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "answers_json"
+        )]
         trigger_flags: Option<u8>,
+        /// The TCP state of the connection socket that sent it (0 when
+        /// unknown); `None` for the no-socket case: nothing listened at
+        /// `src`, or only a listener did.
+        #[serde(flatten, serialize_with = "socket_json")]
+        socket: Option<u8>,
     },
     /// The socket at `dst` accepted an RST sent by `src`.
     TcpReceiveReset {
+        #[serde(skip)]
         src: SocketAddr,
+        #[serde(skip)]
         dst: SocketAddr,
+        #[serde(skip_serializing_if = "is_zero")]
         sock_cookie: u64,
     },
     /// Conntrack marked the packet `src` -> `dst` INVALID.
     CtInvalid {
+        #[serde(skip)]
         src: SocketAddr,
+        #[serde(skip)]
         dst: SocketAddr,
         /// The entry's original direction (client -> service) and reply source (backend).
+        #[serde(rename = "client", skip_serializing_if = "Option::is_none")]
         orig_src: Option<SocketAddr>,
+        #[serde(rename = "service", skip_serializing_if = "Option::is_none")]
         orig_dst: Option<SocketAddr>,
+        #[serde(rename = "backend", skip_serializing_if = "Option::is_none")]
         reply_src: Option<SocketAddr>,
         /// The packet travelled in the reply direction of the entry.
+        #[serde(rename = "direction", serialize_with = "direction_json")]
         reply_dir: bool,
         /// What conntrack's log helper was told, e.g. "SEQ is over the upper bound".
+        #[serde(rename = "reason", skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
     /// Conntrack could not create an entry for `src` -> `dst` (table full).
     CtTableFull {
+        #[serde(skip)]
         src: SocketAddr,
+        #[serde(skip)]
         dst: SocketAddr,
         errno: i32,
     },
@@ -83,12 +102,14 @@ pub enum EventBody {
     IpvsConnNew {
         client: SocketAddr,
         service: SocketAddr,
+        #[serde(rename = "backend")]
         real_server: SocketAddr,
         protocol: u8,
         template: bool,
         conn_flags: u32,
         dest_flags: u32,
         /// `None` when the connection had no destination.
+        #[serde(skip_serializing_if = "Option::is_none")]
         weight: Option<i32>,
     },
     /// `client` -> `service` was DNATed to `backend`.
@@ -97,6 +118,11 @@ pub enum EventBody {
         service: SocketAddr,
         backend: SocketAddr,
         protocol: u8,
+        /// Where conntrack also SNATed the flow (IPS_SRC_NAT: masquerade),
+        /// the address:port the backend sees as its client (the reply
+        /// tuple's destination); its replies go there.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snat: Option<SocketAddr>,
     },
     /// Conntrack counters of ktrace's network namespace rose
     /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
@@ -107,7 +133,9 @@ pub enum EventBody {
         drop: u64,
         early_drop: u64,
         insert_failed: u64,
+        #[serde(rename = "entries", skip_serializing_if = "Option::is_none")]
         count: Option<u64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
         max: Option<u64>,
     },
     /// The conntrack entry of a DNATed flow went away (ctnetlink DESTROY).
@@ -116,6 +144,9 @@ pub enum EventBody {
         service: SocketAddr,
         backend: SocketAddr,
         protocol: u8,
+        /// As for [`EventBody::NatMapping`].
+        #[serde(skip_serializing_if = "Option::is_none")]
+        snat: Option<SocketAddr>,
     },
 }
 
@@ -132,5 +163,78 @@ impl EventBody {
             EventBody::NatDestroy { .. } => "nat_destroy",
             EventBody::CtCounters { .. } => "ct_counters",
         }
+    }
+
+    /// The event's two ends as the contract's `src` and `dst`: the packet's
+    /// addresses, or client and service for a new connection or NAT entry;
+    /// `None` for counters.
+    pub fn endpoints(&self) -> Option<(SocketAddr, SocketAddr)> {
+        match *self {
+            EventBody::TcpSendReset { src, dst, .. }
+            | EventBody::TcpReceiveReset { src, dst, .. }
+            | EventBody::CtInvalid { src, dst, .. }
+            | EventBody::CtTableFull { src, dst, .. } => Some((src, dst)),
+            EventBody::IpvsConnNew {
+                client, service, ..
+            }
+            | EventBody::NatMapping {
+                client, service, ..
+            }
+            | EventBody::NatDestroy {
+                client, service, ..
+            } => Some((client, service)),
+            EventBody::CtCounters { .. } => None,
+        }
+    }
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+fn answers_json<S: Serializer>(flags: &Option<u8>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&tcp_flags(flags.unwrap_or(0)))
+}
+
+fn direction_json<S: Serializer>(reply: &bool, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(if *reply { "reply" } else { "original" })
+}
+
+/// `"socket": bool`, then the socket's `"state"` when it has a known one.
+fn socket_json<S: Serializer>(socket: &Option<u8>, s: S) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut m = s.serialize_map(None)?;
+    m.serialize_entry("socket", &socket.is_some())?;
+    if let Some(state) = socket.filter(|&st| st != 0) {
+        m.serialize_entry("state", tcp_state(state))?;
+    }
+    m.end()
+}
+
+/// `"SYN"`, `"ACK|PSH"`, ... for the flags of a TCP segment.
+pub fn tcp_flags(f: u8) -> String {
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    let v: Vec<&str> = (0..8)
+        .filter(|i| f & (1 << i) != 0)
+        .map(|i| NAMES[i])
+        .collect();
+    v.join("|")
+}
+
+fn tcp_state(s: u8) -> &'static str {
+    match s {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
     }
 }

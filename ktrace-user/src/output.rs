@@ -3,11 +3,14 @@
 
 use std::io::{self, Write};
 
+use std::net::SocketAddr;
+
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::clock::WallClock;
 use crate::engine::Finding;
-use crate::event::{Event, EventBody};
+use crate::event::{Event, EventBody, Source};
 use crate::hooks::HookStatus;
 use crate::incident::plain::{PlainOptions, PlainView};
 use crate::netns::NetnsNames;
@@ -181,104 +184,33 @@ impl<W: Write> Renderer<W> {
             return Ok(());
         }
         if self.json {
-            let v = event_json(ev, &self.clock, &self.netns);
-            return self.line(&v);
+            let (src, dst) = ev.body.endpoints().unzip();
+            let line = EventLine {
+                kind: "event",
+                event: ev.body.name(),
+                ts: self.clock.rfc3339(ev.ts_ns),
+                netns: ev.netns,
+                netns_name: self.netns.name(ev.netns),
+                source: ev.source,
+                src,
+                dst,
+                body: &ev.body,
+            };
+            serde_json::to_writer(&mut self.out, &line)?;
+            return self.out.write_all(b"\n");
         }
         let t = self.clock.rfc3339(ev.ts_ns);
-        let time = t.get(11..26).unwrap_or(&t).to_string();
-        let (src, dst, detail) = match &ev.body {
-            EventBody::TcpSendReset {
-                src,
-                dst,
-                reason,
-                has_socket,
-                ..
-            } => (
-                src.to_string(),
-                dst.to_string(),
-                format!(
-                    "reason={}{}",
-                    reason.as_deref().unwrap_or("-"),
-                    if *has_socket { "" } else { " no-socket" }
-                ),
-            ),
-            EventBody::TcpReceiveReset { src, dst, .. } => {
-                (src.to_string(), dst.to_string(), String::new())
-            }
-            EventBody::CtInvalid {
-                src,
-                dst,
-                orig_dst,
-                message,
-                ..
-            } => (
-                src.to_string(),
-                dst.to_string(),
-                format!(
-                    "{}{}",
-                    message.as_deref().unwrap_or("INVALID"),
-                    orig_dst
-                        .map(|s| format!(" service={s}"))
-                        .unwrap_or_default()
-                ),
-            ),
-            EventBody::CtTableFull { src, dst, errno } => {
-                (src.to_string(), dst.to_string(), format!("errno={errno}"))
-            }
-            EventBody::IpvsConnNew {
-                client,
-                service,
-                real_server,
-                template,
-                weight,
-                ..
-            } => (
-                client.to_string(),
-                service.to_string(),
-                format!(
-                    "real={real_server} weight={}{}",
-                    weight.map_or("-".into(), |w| w.to_string()),
-                    if *template { " template" } else { "" }
-                ),
-            ),
-            EventBody::NatMapping {
-                client,
-                service,
-                backend,
-                ..
-            }
-            | EventBody::NatDestroy {
-                client,
-                service,
-                backend,
-                ..
-            } => (
-                client.to_string(),
-                service.to_string(),
-                format!("backend={backend}"),
-            ),
-            EventBody::CtCounters {
-                invalid,
-                drop,
-                early_drop,
-                insert_failed,
-                count,
-                max,
-            } => (
-                "conntrack".to_string(),
-                "counters".to_string(),
-                format!(
-                    "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed} entries={}/{}",
-                    count.map_or("?".into(), |c| c.to_string()),
-                    max.map_or("?".into(), |m| m.to_string())
-                ),
-            ),
+        let time = t.get(11..26).unwrap_or(&t);
+        let (src, dst) = match ev.body.endpoints() {
+            Some((s, d)) => (s.to_string(), d.to_string()),
+            None => ("conntrack".to_string(), "counters".to_string()),
         };
         let ns = self.netns_label(ev.netns);
         writeln!(
             self.out,
-            "{time} {:<17} {src:>21} -> {dst:<21} {detail}  netns={ns}",
-            ev.body.name()
+            "{time} {:<17} {src:>21} -> {dst:<21} {}  netns={ns}",
+            ev.body.name(),
+            event_detail(&ev.body)
         )
     }
 
@@ -351,127 +283,57 @@ impl<W: Write> Renderer<W> {
     }
 }
 
-/// The JSON object of one event (`"type":"event"`).
-pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
-    let mut m = Map::new();
-    m.insert("type".into(), json!("event"));
-    m.insert("event".into(), json!(ev.body.name()));
-    m.insert("ts".into(), json!(clock.rfc3339(ev.ts_ns)));
-    m.insert("netns".into(), json!(ev.netns));
-    if let Some(n) = netns.name(ev.netns) {
-        m.insert("netns_name".into(), json!(n));
-    }
-    m.insert("source".into(), json!(ev.source.as_str()));
-    let mut put = |k: &str, v: Value| {
-        m.insert(k.into(), v);
-    };
-    match &ev.body {
-        EventBody::TcpSendReset {
-            src,
-            dst,
-            reason,
-            has_socket,
-            state,
-            trigger_flags,
-        } => {
-            put("src", json!(src.to_string()));
-            put("dst", json!(dst.to_string()));
-            if let Some(r) = reason {
-                put("reason", json!(r));
-            }
-            if let Some(f) = trigger_flags {
-                put("answers", json!(tcp_flags(*f)));
-            }
-            put("socket", json!(has_socket));
-            if *has_socket && *state != 0 {
-                put("state", json!(tcp_state(*state)));
-            }
-        }
-        EventBody::TcpReceiveReset {
-            src,
-            dst,
-            sock_cookie,
-        } => {
-            put("src", json!(src.to_string()));
-            put("dst", json!(dst.to_string()));
-            if *sock_cookie != 0 {
-                put("sock_cookie", json!(sock_cookie));
-            }
-        }
+/// One `{"type":"event", ...}` line: the header, then the body's own
+/// fields (their names and order are in `crate::event`).
+#[derive(Serialize)]
+struct EventLine<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    event: &'static str,
+    ts: String,
+    netns: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns_name: Option<&'a str>,
+    source: Source,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    src: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dst: Option<SocketAddr>,
+    #[serde(flatten)]
+    body: &'a EventBody,
+}
+
+/// What the human line says after an event's two ends.
+fn event_detail(body: &EventBody) -> String {
+    match body {
+        EventBody::TcpSendReset { reason, socket, .. } => format!(
+            "reason={}{}",
+            reason.as_deref().unwrap_or("-"),
+            if socket.is_some() { "" } else { " no-socket" }
+        ),
+        EventBody::TcpReceiveReset { .. } => String::new(),
         EventBody::CtInvalid {
-            src,
-            dst,
-            orig_src,
-            orig_dst,
-            reply_src,
-            reply_dir,
-            message,
-        } => {
-            put("src", json!(src.to_string()));
-            put("dst", json!(dst.to_string()));
-            if let Some(s) = orig_src {
-                put("client", json!(s.to_string()));
-            }
-            if let Some(s) = orig_dst {
-                put("service", json!(s.to_string()));
-            }
-            if let Some(s) = reply_src {
-                put("backend", json!(s.to_string()));
-            }
-            put(
-                "direction",
-                json!(if *reply_dir { "reply" } else { "original" }),
-            );
-            if let Some(msg) = message {
-                put("reason", json!(msg));
-            }
-        }
-        EventBody::CtTableFull { src, dst, errno } => {
-            put("src", json!(src.to_string()));
-            put("dst", json!(dst.to_string()));
-            put("errno", json!(errno));
-        }
+            orig_dst, message, ..
+        } => format!(
+            "{}{}",
+            message.as_deref().unwrap_or("INVALID"),
+            orig_dst
+                .map(|s| format!(" service={s}"))
+                .unwrap_or_default()
+        ),
+        EventBody::CtTableFull { errno, .. } => format!("errno={errno}"),
         EventBody::IpvsConnNew {
-            client,
-            service,
             real_server,
-            protocol,
             template,
-            conn_flags,
-            dest_flags,
             weight,
-        } => {
-            put("src", json!(client.to_string()));
-            put("dst", json!(service.to_string()));
-            put("client", json!(client.to_string()));
-            put("service", json!(service.to_string()));
-            put("backend", json!(real_server.to_string()));
-            put("protocol", json!(protocol));
-            put("template", json!(template));
-            put("conn_flags", json!(conn_flags));
-            put("dest_flags", json!(dest_flags));
-            if let Some(w) = weight {
-                put("weight", json!(w));
-            }
-        }
-        EventBody::NatMapping {
-            client,
-            service,
-            backend,
-            protocol,
-        }
-        | EventBody::NatDestroy {
-            client,
-            service,
-            backend,
-            protocol,
-        } => {
-            put("src", json!(client.to_string()));
-            put("dst", json!(service.to_string()));
-            put("client", json!(client.to_string()));
-            put("service", json!(service.to_string()));
-            put("backend", json!(backend.to_string()));
-            put("protocol", json!(protocol));
+            ..
+        } => format!(
+            "real={real_server} weight={}{}",
+            weight.map_or("-".into(), |w| w.to_string()),
+            if *template { " template" } else { "" }
+        ),
+        EventBody::NatMapping { backend, .. } | EventBody::NatDestroy { backend, .. } => {
+            format!("backend={backend}")
         }
         EventBody::CtCounters {
             invalid,
@@ -480,47 +342,11 @@ pub fn event_json(ev: &Event, clock: &WallClock, netns: &NetnsNames) -> Value {
             insert_failed,
             count,
             max,
-        } => {
-            put("invalid", json!(invalid));
-            put("drop", json!(drop));
-            put("early_drop", json!(early_drop));
-            put("insert_failed", json!(insert_failed));
-            if let Some(c) = count {
-                put("entries", json!(c));
-            }
-            if let Some(m) = max {
-                put("max", json!(m));
-            }
-        }
-    }
-    Value::Object(m)
-}
-
-/// `"SYN"`, `"ACK|PSH"`, ... for the flags of a TCP segment.
-pub fn tcp_flags(f: u8) -> String {
-    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    let v: Vec<&str> = (0..8)
-        .filter(|i| f & (1 << i) != 0)
-        .map(|i| NAMES[i])
-        .collect();
-    v.join("|")
-}
-
-fn tcp_state(s: u8) -> &'static str {
-    match s {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
+        } => format!(
+            "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed} entries={}/{}",
+            count.map_or("?".into(), |c| c.to_string()),
+            max.map_or("?".into(), |m| m.to_string())
+        ),
     }
 }
 

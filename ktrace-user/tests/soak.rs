@@ -59,6 +59,7 @@ impl Day {
             service,
             backend,
             protocol,
+            snat: None,
         };
         self.at(dt_ms, NODE_NS, body);
     }
@@ -68,8 +69,7 @@ impl Day {
             src,
             dst,
             reason: Some("NO_SOCKET".into()),
-            has_socket: false,
-            state: 0,
+            socket: None,
             trigger_flags: Some(PSH_ACK),
         };
         self.at(dt_ms, POD_NS, body);
@@ -121,6 +121,7 @@ fn incidents(day: &mut Day) {
         service: svc,
         backend: b1,
         protocol: 6,
+        snat: None,
     };
     day.at(2_500, NODE_NS, body);
     day.map(10, c2, svc, b2);

@@ -12,7 +12,13 @@
                                   out-of-window segment on every connection),
                                   "send" (send on every connection and print
                                   {"results": {port: "ok"|"reset"|...}}),
-                                  "close" (close cleanly), "quit"
+                                  "oowc" (send, from this side, one segment
+                                  far outside the window on every
+                                  connection, acking what was received: the
+                                  request conntrack will mark INVALID),
+                                  "abort" (close with SO_LINGER 0: an
+                                  application reset), "close" (close
+                                  cleanly), "quit"
   lab.py refuse HOST PORT N       N connection attempts that are refused
 
 Only ever talks to addresses inside the lab's own namespaces.
@@ -46,10 +52,12 @@ def checksum(data):
     return ~s & 0xFFFF
 
 
-def send_out_of_window(conn):
+def send_out_of_window(conn, peer=None):
     """Sends one ACK|PSH segment from this socket's address with a sequence
-    number 1 GiB past what the peer expects (SEQ over the upper bound)."""
-    local, peer = conn.getsockname(), conn.getpeername()
+    number 1 GiB past what the peer expects (SEQ over the upper bound),
+    acking exactly what this socket received (so a reset answering it is
+    in this socket's window)."""
+    local, peer = conn.getsockname(), peer or conn.getpeername()
     conn.setsockopt(SOL_TCP, TCP_REPAIR, 1)
     snd_nxt = queue_seq(conn, TCP_SEND_QUEUE)
     rcv_nxt = queue_seq(conn, TCP_RECV_QUEUE)
@@ -122,6 +130,15 @@ def client(host, port, n):
                 except OSError as e:
                     results[p] = "error: %s" % e
             print(json.dumps({"results": results}), flush=True)
+        elif cmd == "oowc":
+            for c in conns:
+                send_out_of_window(c)
+            print(json.dumps({"oowc": len(conns)}), flush=True)
+        elif cmd == "abort":
+            for c in conns:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                c.close()
+            print(json.dumps({"aborted": len(conns)}), flush=True)
         elif cmd == "close":
             for c in conns:
                 c.close()

@@ -224,6 +224,74 @@ impl Lab {
         }
     }
 
+    /// kube-proxy's masquerade (NodePort or LoadBalancer traffic with
+    /// `externalTrafficPolicy: Cluster`, or masquerade-all) in miniature:
+    /// Service traffic leaves for the backends SNATed to the node's address.
+    pub fn masquerade(&self) {
+        self.exec_ok(
+            &self.node,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-o",
+                "veth-ns",
+                "-d",
+                "10.0.1.0/24",
+                "-j",
+                "MASQUERADE",
+            ],
+        );
+    }
+
+    /// IPVS mode's `kube-ipvs0` in miniature: the node holds the Service
+    /// VIP on a local dummy interface (the DNAT rules stay in front of it).
+    /// Kernels without the dummy driver get the VIP on `lo`: as local.
+    pub fn local_vip(&self) {
+        let node = self.node.clone();
+        let dev = if self
+            .exec(&node, &["ip", "link", "add", "kube-ipvs0", "type", "dummy"])
+            .status
+            .success()
+        {
+            self.exec_ok(&node, &["ip", "link", "set", "kube-ipvs0", "up"]);
+            "kube-ipvs0"
+        } else {
+            "lo"
+        };
+        self.exec_ok(
+            &node,
+            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", dev],
+        );
+    }
+
+    /// A second Service, 10.96.0.11:2223, DNATed to a backend port where
+    /// nothing listens: connections to it are refused through NAT.
+    pub fn refusing_service(&self) {
+        self.exec_ok(
+            &self.node,
+            &[
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                "10.96.0.11",
+                "-p",
+                "tcp",
+                "--dport",
+                "2223",
+                "-j",
+                "DNAT",
+                "--to-destination",
+                "10.0.1.2:2223",
+            ],
+        );
+    }
+
     pub fn exec(&self, ns: &str, args: &[&str]) -> std::process::Output {
         Command::new("ip")
             .args(["netns", "exec", ns])
@@ -390,6 +458,20 @@ impl Client {
         self.send_all()
     }
 
+    /// The request-direction incident on every connection: the client
+    /// sends a segment far outside the window; after `settle`, a send on
+    /// every connection. Returns the ports whose send was reset.
+    pub fn unnat_requests(&mut self, settle: Duration) -> Vec<u16> {
+        self.cmd("oowc");
+        std::thread::sleep(settle);
+        self.send_all()
+    }
+
+    /// Closes every connection with SO_LINGER 0 (an application's abort).
+    pub fn abort(&mut self) {
+        self.cmd("abort");
+    }
+
     /// Sends on every connection; returns the ports whose send was reset.
     pub fn send_all(&mut self) -> Vec<u16> {
         let v = self.cmd("send");
@@ -521,6 +603,72 @@ pub fn finding_keys(lines: &[Value]) -> Vec<(String, String, String, String)> {
             )
         })
         .collect()
+}
+
+/// `ktrace replay ARGS`: must succeed; returns (status line, the rest, stderr).
+pub fn replay(args: &[&str]) -> (Value, Vec<Value>, String) {
+    let out = ktrace_output(&[&["replay", "--json"][..], args].concat());
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "replay {args:?} failed ({}): {stderr}",
+        out.status
+    );
+    let mut lines = json_lines(&out.stdout);
+    assert!(!lines.is_empty(), "replay printed nothing");
+    let status = lines.remove(0);
+    assert_eq!(status["type"], "status", "{status}");
+    (status, lines, stderr)
+}
+
+/// Events as replay prints them: live ones also carry `netns_name` (the
+/// names of this host's namespaces), which a recording does not restore.
+pub fn events(lines: &[Value]) -> Vec<Value> {
+    select(lines, "event", None)
+        .into_iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.as_object_mut().unwrap().remove("netns_name");
+            e
+        })
+        .collect()
+}
+
+pub fn findings(lines: &[Value]) -> Vec<Value> {
+    select(lines, "finding", None)
+        .into_iter()
+        .cloned()
+        .collect()
+}
+
+/// The replay of `file` prints exactly what watch printed live.
+pub fn assert_replay_matches(live_status: &Value, live: &[Value], file: &str) {
+    let (status, lines, stderr) = replay(&["--events", file]);
+    assert!(
+        !stderr.contains("warning"),
+        "a clean recording replays without warnings: {stderr}"
+    );
+    assert_eq!(
+        status["hooks"], live_status["hooks"],
+        "the recorded hook status is replayed"
+    );
+    assert_eq!(status["kernel"], live_status["kernel"]);
+    assert_eq!(status["replay"]["command"], "watch");
+    assert_eq!(
+        finding_keys(&lines),
+        finding_keys(live),
+        "(kind, service, backend, client) of every finding"
+    );
+    assert_eq!(
+        findings(&lines),
+        findings(live),
+        "the findings, field for field"
+    );
+    assert_eq!(events(&lines), events(live), "the events");
+    // Without --events: the same findings and nothing else.
+    let (_, quiet, _) = replay(&[file]);
+    assert!(select(&quiet, "event", None).is_empty());
+    assert_eq!(findings(&quiet), findings(live));
 }
 
 /// Any ktrace subcommand running in a namespace, stdout parsed as JSON

@@ -11,75 +11,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use ktrace_tests::{
-    finding_keys, json_lines, ktrace_output, select, skip, Lab, Running, Scratch, BACKENDS, VIP,
+    assert_replay_matches, findings, ktrace_output, replay, select, skip, Lab, Running, Scratch,
+    BACKENDS, VIP,
 };
 use serde_json::Value;
-
-/// `ktrace replay ARGS`: must succeed; returns (status line, the rest, stderr).
-fn replay(args: &[&str]) -> (Value, Vec<Value>, String) {
-    let out = ktrace_output(&[&["replay", "--json"][..], args].concat());
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        out.status.success(),
-        "replay {args:?} failed ({}): {stderr}",
-        out.status
-    );
-    let mut lines = json_lines(&out.stdout);
-    assert!(!lines.is_empty(), "replay printed nothing");
-    let status = lines.remove(0);
-    assert_eq!(status["type"], "status", "{status}");
-    (status, lines, stderr)
-}
-
-/// Events as replay prints them: live ones also carry `netns_name` (the
-/// names of this host's namespaces), which a recording does not restore.
-fn events(lines: &[Value]) -> Vec<Value> {
-    select(lines, "event", None)
-        .into_iter()
-        .map(|e| {
-            let mut e = e.clone();
-            e.as_object_mut().unwrap().remove("netns_name");
-            e
-        })
-        .collect()
-}
-
-fn findings(lines: &[Value]) -> Vec<Value> {
-    select(lines, "finding", None)
-        .into_iter()
-        .cloned()
-        .collect()
-}
-
-/// The replay of `file` prints exactly what watch printed live.
-fn assert_replay_matches(live_status: &Value, live: &[Value], file: &str) {
-    let (status, lines, stderr) = replay(&["--events", file]);
-    assert!(
-        !stderr.contains("warning"),
-        "a clean recording replays without warnings: {stderr}"
-    );
-    assert_eq!(
-        status["hooks"], live_status["hooks"],
-        "the recorded hook status is replayed"
-    );
-    assert_eq!(status["kernel"], live_status["kernel"]);
-    assert_eq!(status["replay"]["command"], "watch");
-    assert_eq!(
-        finding_keys(&lines),
-        finding_keys(live),
-        "(kind, service, backend, client) of every finding"
-    );
-    assert_eq!(
-        findings(&lines),
-        findings(live),
-        "the findings, field for field"
-    );
-    assert_eq!(events(&lines), events(live), "the events");
-    // Without --events: the same findings and nothing else.
-    let (_, quiet, _) = replay(&[file]);
-    assert!(select(&quiet, "event", None).is_empty());
-    assert_eq!(findings(&quiet), findings(live));
-}
 
 /// Incident 2 (conntrack flushed, two backends), recorded while watched.
 #[test]

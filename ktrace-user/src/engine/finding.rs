@@ -79,6 +79,35 @@ pub enum UnnatedBasis {
     CtInvalid,
     /// The conntrack INVALID counter rose around it.
     CtInvalidCounter,
+    /// The node's own stack reset the backend from the address conntrack
+    /// masqueraded the client to (an SNAT mapping ties it to the client).
+    NodeRstToBackendFromSnatAddress,
+    /// The node's own stack reset the client from the Service address,
+    /// which it holds locally: the client's segment was not DNATed.
+    NodeRstFromServiceAddress,
+    /// The flow's conntrack entry had been destroyed (flush, expiry).
+    CtEntryDestroyed,
+}
+
+/// Which way the un-NATed packet went (`path` of the JSON; absent for the
+/// original topology, the backend's reply reaching the client).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnnatedPath {
+    /// The backend's reply reached the client with the backend's address.
+    ReplyToClient,
+    /// The backend's reply went to the node's SNAT (masquerade) address.
+    ReplyToSnatAddress,
+    /// The client's segment reached the Service address held by the node.
+    RequestToLocalService,
+    /// The reply found no conntrack entry at all (flushed or expired).
+    EntryLost,
+}
+
+impl UnnatedPath {
+    fn is_default(&self) -> bool {
+        *self == UnnatedPath::ReplyToClient
+    }
 }
 
 /// Conntrack's INVALID verdict on the reply, as the kprobe saw it.
@@ -106,6 +135,11 @@ pub struct UnnatedReply {
     /// Set when the finding waited for the conntrack counter sample.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ct_invalid_counter_rise: Option<u64>,
+    #[serde(skip_serializing_if = "UnnatedPath::is_default")]
+    pub path: UnnatedPath,
+    /// The node's masquerade address:port the backend replied to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat: Option<SocketAddr>,
 }
 
 /// Evidence of `backend_switch`.
@@ -262,9 +296,18 @@ impl Finding {
         let (svc, be, cl) = (addr(self.service), addr(self.backend), addr(self.client));
         let cause = &self.cause;
         let what = match &self.evidence {
-            Evidence::UnnatedReply(_) => format!(
-                "Service {svc}: reply from backend {be} to client {cl} was not reverse-NATed ({cause}); the client reset it."
-            ),
+            Evidence::UnnatedReply(e) => match e.path {
+                UnnatedPath::ReplyToClient | UnnatedPath::EntryLost => format!(
+                    "Service {svc}: reply from backend {be} to client {cl} was not reverse-NATed ({cause}); the client reset it."
+                ),
+                UnnatedPath::ReplyToSnatAddress => format!(
+                    "Service {svc}: reply from backend {be} to client {cl} (masqueraded as {}) was not reverse-NATed ({cause}); the node reset the backend.",
+                    addr(e.snat)
+                ),
+                UnnatedPath::RequestToLocalService => format!(
+                    "Service {svc}: a segment from client {cl} was not DNATed to backend {be} ({cause}); the node reset the client from the Service address."
+                ),
+            },
             Evidence::BackendSwitch(e) => format!(
                 "Service {svc}: connection from client {cl} was re-mapped mid-stream to backend {be} (was {}), which reset it ({cause}).",
                 e.old_backend

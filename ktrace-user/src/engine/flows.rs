@@ -264,6 +264,10 @@ impl FlowTable {
             Err(_) => (self.insert(key, now), true),
         };
         let s = self.slots[i];
+        // A reported connection whose entry was destroyed and is now picked
+        // up again mid-stream: the same connection, still reported.
+        let lost = flow_flags::DESTROYED | flow_flags::REPORTED;
+        let continues = !inserted && s.flags & lost == lost;
         if inserted || self.eps.lookup(service) != Some(s.service) {
             // New, or the client port now talks to another service: a new flow.
             let ids = (self.eps.acquire(service), self.eps.acquire(backend));
@@ -280,11 +284,13 @@ impl FlowTable {
             s.backend = b;
             s.idle_ms = now.saturating_sub(s.last_seen_ms);
             s.mapped_ms = now;
-            s.flags &= !flow_flags::REPORTED;
+            if !continues {
+                s.flags &= !flow_flags::REPORTED;
+            }
         }
         let s = &mut self.slots[i];
         s.flags &= !flow_flags::DESTROYED;
-        if new_entry {
+        if new_entry && !continues {
             s.flags &= !(flow_flags::REPORTED | flow_flags::UNNATED);
         }
         s.last_seen_ms = s.last_seen_ms.max(now);

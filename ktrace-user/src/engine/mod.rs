@@ -20,15 +20,16 @@ pub mod finding;
 pub mod flows;
 pub mod pending;
 pub mod storm;
+mod unnated;
 
 use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::event::{Event, EventBody};
-use finding::{CtVerdict, UnnatedBasis};
 pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
-use flows::{flow_flags, Ep, FlowKey, FlowTable, TCP};
+use finding::{UnnatedBasis, UnnatedPath};
+use flows::{Ep, FlowKey, FlowTable, TCP};
 use pending::{Pending, PendingReset};
 use storm::{Phase, StormReport, StormTracker};
 
@@ -176,6 +177,8 @@ const MAX_REPEAT_KEYS: usize = 16_384;
 const STORM_KEYS: usize = 4_096;
 const STORM_UNNATED: u8 = 1;
 const STORM_SWITCH: u8 = 2;
+/// SNAT addresses remembered (cleared when full, like the other maps).
+const MAX_SNAT: usize = 262_144;
 
 pub struct Engine {
     cfg: EngineConfig,
@@ -190,6 +193,9 @@ pub struct Engine {
     quiescent: HashMap<(Ep, Ep), Repeat>,
     /// Latest persistence template per (client IP, service): real server.
     templates: HashMap<(Ep, Ep), Ep>,
+    /// Masquerade: the node's SNAT address:port of a DNATed flow -> its
+    /// real client (the backend knows the client only by the former).
+    snat: HashMap<Ep, Ep>,
     messages: HashMap<String, Arc<str>>,
     /// Un-NATed-reply findings waiting (until the deadline) for the next
     /// conntrack counter sample to cite.
@@ -215,7 +221,7 @@ fn flow_key(client: SocketAddr, proto: u8, netns: u32) -> FlowKey {
 /// to a SYN (a refused connection is not an incident).
 fn may_be_an_incident(body: &EventBody) -> bool {
     let EventBody::TcpSendReset {
-        has_socket: false,
+        socket: None,
         trigger_flags,
         ..
     } = body
@@ -235,6 +241,7 @@ impl Engine {
             table_full: None,
             quiescent: HashMap::default(),
             templates: HashMap::default(),
+            snat: HashMap::default(),
             messages: HashMap::default(),
             held: Vec::new(),
             last_tick: 0,
@@ -283,8 +290,15 @@ impl Engine {
                 service,
                 backend,
                 protocol,
+                snat,
             } => {
                 let key = flow_key(*client, *protocol, ev.netns);
+                if let Some(n) = snat {
+                    if self.snat.len() >= MAX_SNAT {
+                        self.snat.clear();
+                    }
+                    self.snat.insert(Ep::new(*n), key.client);
+                }
                 self.on_mapping(ev.ts_ns, key, *service, *backend, out)
             }
             EventBody::NatDestroy {
@@ -309,11 +323,15 @@ impl Engine {
                 orig_src: Some(client),
                 orig_dst: Some(service),
                 reply_src: Some(backend),
-                reply_dir: true,
+                reply_dir,
                 message,
                 ..
             } => {
-                if self.flows.find(Ep::new(*client), TCP, ev.netns).is_none() && backend != service
+                // A reply (or, for a Service held locally, a request) judged
+                // INVALID: either explains a reset of this client's flow.
+                if *reply_dir
+                    && self.flows.find(Ep::new(*client), TCP, ev.netns).is_none()
+                    && backend != service
                 {
                     let key = flow_key(*client, TCP, ev.netns);
                     let (service, backend) = (Ep::new(*service), Ep::new(*backend));
@@ -425,7 +443,7 @@ impl Engine {
                 .partition(|(deadline, _)| *deadline <= now);
             self.held = keep;
             for (_, mut f) in due {
-                f.cause = NO_INVALID_COUNTED.into();
+                self.settle_held(&mut f, 0);
                 out.push(f);
             }
         }
@@ -479,71 +497,6 @@ impl Engine {
         }
     }
 
-    fn on_no_socket_reset(
-        &mut self,
-        ts: u64,
-        netns: u32,
-        src: SocketAddr,
-        dst: SocketAddr,
-        reason: Option<&str>,
-        out: &mut Vec<Finding>,
-    ) {
-        let now_ms = self.flows.ms(ts);
-        let (src_ep, dst_ep) = (Ep::new(src), Ep::new(dst));
-        // Un-NATed reply: the client (src) resets the backend's own address.
-        if let Some(id) = self.flows.find(src_ep, TCP, netns) {
-            let flow = self.flows.get(id);
-            if flow.service != dst_ep && (flow.backend == dst_ep || flow.previous_backend == dst_ep)
-            {
-                // A flow already reported that was quiet for a while is a new
-                // connection on a reused client port: conntrack may revive
-                // its entry without a NEW event (SYN on a CLOSE entry).
-                let quiet = now_ms.saturating_sub(flow.last_seen_ms) >= REPORT_AGAIN_MS;
-                self.flows
-                    .touch(id, now_ms, flow_flags::UNNATED | flow_flags::REPORTED);
-                if !flow.has(flow_flags::REPORTED) || quiet {
-                    let f = self.unnated_finding(ts, src, flow.service.get(), dst, reason);
-                    if self.cfg.ct_counters && !self.cfg.ct_invalid_hook {
-                        // Cite the next conntrack counter sample (which
-                        // the live source takes as soon as it sees this
-                        // wants one: `wants_counter_sample`).
-                        self.held.push((ts + HOLD_NS, f));
-                    } else {
-                        out.push(f);
-                    }
-                }
-                self.count_storm(flow.service, dst_ep, src_ep, STORM_UNNATED, ts, out);
-                return;
-            }
-        }
-        // Backend switch: the new backend (src) resets the client (dst).
-        if let Some(id) = self.flows.find(dst_ep, TCP, netns) {
-            let flow = self.flows.get(id);
-            if flow.backend == src_ep {
-                let recent =
-                    now_ms.abs_diff(flow.mapped_ms) as u64 * 1_000_000 <= self.cfg.correlation_ns;
-                if !flow.previous_backend.is_none() && recent {
-                    self.flows.set_flags(id, flow_flags::REPORTED);
-                    if !flow.has(flow_flags::REPORTED) {
-                        out.push(self.switch_finding(ts, dst, &flow, reason));
-                    }
-                    self.count_storm(flow.service, src_ep, dst_ep, STORM_SWITCH, ts, out);
-                } else if flow.has(flow_flags::UNNATED) {
-                    // The backend, having accepted the client's RST, resets
-                    // the client's next segment: same incident.
-                    self.count_storm(flow.service, src_ep, dst_ep, STORM_UNNATED, ts, out);
-                }
-                return;
-            }
-            if flow.previous_backend.is_none() && flow.service != src_ep {
-                // The mapping may not have caught up yet (ctnetlink lags).
-                self.defer(ts, netns, src, dst);
-            }
-            return;
-        }
-        self.defer(ts, netns, src, dst);
-    }
-
     /// Keeps a reset nothing explains yet, keyed by its destination (the
     /// client, if a backend switch explains it later).
     fn defer(&mut self, ts: u64, netns: u32, src: SocketAddr, dst: SocketAddr) {
@@ -572,65 +525,6 @@ impl Engine {
         }
     }
 
-    fn unnated_finding(
-        &self,
-        ts: u64,
-        client: SocketAddr,
-        service: SocketAddr,
-        backend: SocketAddr,
-        reason: Option<&str>,
-    ) -> Finding {
-        let seen = self
-            .invalid
-            .get(&Ep::new(client))
-            .filter(|s| ts.abs_diff(s.ts) <= self.cfg.correlation_ns);
-        let mut basis = vec![UnnatedBasis::ClientRstToBackendAddress];
-        let cause = match seen {
-            Some(s) => {
-                basis.push(UnnatedBasis::CtInvalid);
-                match &s.message {
-                    Some(m) => format!("conntrack INVALID: {m}"),
-                    None => "conntrack INVALID".to_string(),
-                }
-            }
-            None if self.cfg.ct_invalid_hook => {
-                "conntrack reported no INVALID verdict for it: the reply bypassed reverse NAT".to_string()
-            }
-            None => "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from the client's no-socket RST to the backend's own address".to_string(),
-        };
-        let evidence = Evidence::UnnatedReply(finding::UnnatedReply {
-            basis,
-            rst_reason: reason.map(str::to_string),
-            verdict: seen.map(|s| CtVerdict {
-                ct_verdict: "INVALID",
-                ct_invalid_count: s.count,
-                ct_reason: s.message.clone(),
-            }),
-            first: Time::Mono(ts),
-            count: 1,
-            ct_invalid_counter_rise: None,
-        });
-        let max = self
-            .cfg
-            .conntrack_max
-            .map(|m| format!(" (nf_conntrack_max is {m})"))
-            .unwrap_or_default();
-        Finding {
-            ts_ns: ts,
-            severity: Severity::Error,
-            service: Some(service),
-            backend: Some(backend),
-            client: Some(client),
-            cause,
-            remedy: format!(
-                "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from /etc/modules-load.d/ so the sysctl applies at boot), \
-                 or drop ctstate INVALID in FORWARD (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); \
-                 if the table is near full, raise nf_conntrack_max{max}"
-            ),
-            evidence,
-        }
-    }
-
     fn switch_finding(
         &self,
         ts: u64,
@@ -645,6 +539,22 @@ impl Engine {
             rst_reason: reason.map(str::to_string),
             first: Time::Mono(ts),
         });
+        Finding {
+            ts_ns: ts,
+            severity: Severity::Error,
+            service: Some(flow.service.get()),
+            backend: Some(flow.backend.get()),
+            client: Some(client),
+            cause: format!(
+                "the conntrack entry was lost mid-connection (flushed, or expired after {idle_s:.1}s idle) and DNAT sent the next segment to another backend"
+            ),
+            remedy: self.keepalive_remedy(),
+            evidence,
+        }
+    }
+
+    /// What keeps a connection's conntrack entry alive.
+    fn keepalive_remedy(&self) -> String {
         let timeout = self
             .cfg
             .ct_timeout_established_s
@@ -657,20 +567,9 @@ impl Engine {
             .map_or("TCP keepalive".to_string(), |k| {
                 format!("TCP keepalive (tcp_keepalive_time {k}s)")
             });
-        Finding {
-            ts_ns: ts,
-            severity: Severity::Error,
-            service: Some(flow.service.get()),
-            backend: Some(flow.backend.get()),
-            client: Some(client),
-            cause: format!(
-                "the conntrack entry was lost mid-connection (flushed, or expired after {idle_s:.1}s idle) and DNAT sent the next segment to another backend"
-            ),
-            remedy: format!(
-                "keep {keepalive} shorter than {timeout} so idle connections keep their entry; do not flush conntrack on nodes with live Service traffic"
-            ),
-            evidence,
-        }
+        format!(
+            "keep {keepalive} shorter than {timeout} so idle connections keep their entry; do not flush conntrack on nodes with live Service traffic"
+        )
     }
 
     fn storm_finding(&self, r: &StormReport, ts: u64) -> Finding {
@@ -727,17 +626,7 @@ impl Engine {
                 .partition(|(deadline, f)| f.ts_ns <= ts && ts <= *deadline);
             self.held = keep;
             for (_, mut f) in ready {
-                if invalid > 0 {
-                    f.cause = format!(
-                        "conntrack INVALID: the node's conntrack counted {invalid} INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot attach on this kernel, so the exact reason is unknown)"
-                    );
-                    if let Evidence::UnnatedReply(e) = &mut f.evidence {
-                        e.ct_invalid_counter_rise = Some(invalid);
-                        e.basis.push(UnnatedBasis::CtInvalidCounter);
-                    }
-                } else {
-                    f.cause = NO_INVALID_COUNTED.into();
-                }
+                self.settle_held(&mut f, invalid);
                 out.push(f);
             }
         }

@@ -33,6 +33,7 @@ fn map(ts: u64, client: &str, service: &str, backend: &str) -> Event {
             service: a(service),
             backend: a(backend),
             protocol: 6,
+            snat: None,
         },
     )
 }
@@ -45,6 +46,7 @@ fn destroy(ts: u64, client: &str, service: &str, backend: &str) -> Event {
             service: a(service),
             backend: a(backend),
             protocol: 6,
+            snat: None,
         },
     )
 }
@@ -56,8 +58,7 @@ fn rst(ts: u64, src: &str, dst: &str, trigger: Option<u8>) -> Event {
             src: a(src),
             dst: a(dst),
             reason: Some("NO_SOCKET".into()),
-            has_socket: false,
-            state: 0,
+            socket: None,
             trigger_flags: trigger,
         },
     )
@@ -195,8 +196,7 @@ fn refused_connections_and_unrelated_resets_are_not_incidents() {
                 src: a(C),
                 dst: a(B1),
                 reason: None,
-                has_socket: true,
-                state: 1,
+                socket: Some(1),
                 trigger_flags: None,
             },
         ),
@@ -420,4 +420,176 @@ fn a_reused_port_without_a_new_conntrack_entry_is_reported_again() {
         .filter(|x| x.kind() == FindingKind::UnnatedReply)
         .collect();
     assert_eq!(unnated.len(), 2, "{f:?}");
+}
+
+fn map_snat(ts: u64, client: &str, service: &str, backend: &str, snat: &str) -> Event {
+    ev(
+        ts,
+        EventBody::NatMapping {
+            client: a(client),
+            service: a(service),
+            backend: a(backend),
+            protocol: 6,
+            snat: Some(a(snat)),
+        },
+    )
+}
+
+fn kinds(f: &[Finding]) -> Vec<FindingKind> {
+    f.iter().map(Finding::kind).collect()
+}
+
+/// The flush re-maps the connection; the old backend's next segment (its
+/// FIN, say) then reaches the client un-NATed and is reset too: still the
+/// one connection, and the one backend_switch naming the flush.
+#[test]
+fn old_backend_reset_after_a_switch_is_the_same_connection() {
+    let f = run(&[
+        map(0, C, S, B1),
+        destroy(30_000, C, S, B1),
+        map(30_010, C, S, B2),
+        rst(30_011, B2, C, PSH_ACK),
+        // 2 s later: past the reused-port quiet time, still no new finding.
+        rst(32_100, C, B1, Some(0x11)),
+    ]);
+    assert_eq!(kinds(&f), vec![FindingKind::BackendSwitch], "{f:?}");
+}
+
+/// The old backend speaks first after the flush (no entry: un-NATed), the
+/// client resets it, then the client's own send is re-mapped and reset:
+/// one finding, naming the lost entry, not INVALID.
+#[test]
+fn flushed_entry_then_remap_is_one_finding_naming_the_flush() {
+    let f = run(&[
+        map(0, C, S, B1),
+        destroy(30_000, C, S, B1),
+        rst(30_005, C, B1, PSH_ACK),
+        map(30_010, C, S, B2),
+        rst(30_011, B2, C, PSH_ACK),
+    ]);
+    assert_eq!(kinds(&f), vec![FindingKind::UnnatedReply], "{f:?}");
+    assert!(f[0].cause.contains("flushed"), "{}", f[0].cause);
+    assert!(
+        f[0].remedy.contains("do not flush conntrack"),
+        "{}",
+        f[0].remedy
+    );
+    let e = evidence(&f[0]);
+    assert_eq!(e["path"], "entry_lost");
+    assert_eq!(
+        e["basis"],
+        json!(["client_rst_to_backend_address", "ct_entry_destroyed"])
+    );
+}
+
+/// Same, when the DESTROY event lags the reset and the finding waits for
+/// the counter sample: no INVALID counted, the entry was destroyed.
+#[test]
+fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
+    let cfg = EngineConfig {
+        ct_counters: true,
+        ..EngineConfig::default()
+    };
+    let counters = |ts| {
+        ev(
+            ts,
+            EventBody::CtCounters {
+                invalid: 0,
+                drop: 0,
+                early_drop: 0,
+                insert_failed: 0,
+                count: None,
+                max: None,
+            },
+        )
+    };
+    let f = run_with(
+        cfg,
+        &[
+            map(0, C, S, B1),
+            rst(30_000, C, B1, PSH_ACK),
+            destroy(30_001, C, S, B1),
+            counters(30_100),
+        ],
+    );
+    assert_eq!(kinds(&f), vec![FindingKind::UnnatedReply], "{f:?}");
+    assert!(f[0].cause.contains("flushed"), "{}", f[0].cause);
+}
+
+const SNAT: &str = "10.0.1.1:61000";
+
+/// Masquerade: the node resets the backend from its SNAT address; later
+/// the backend resets the SNAT address (the client's next send). One
+/// finding, naming the real client.
+#[test]
+fn masqueraded_reply_reset_by_the_node_names_the_real_client() {
+    let f = run(&[
+        map_snat(0, C, S, B1, SNAT),
+        rst(1_000, SNAT, B1, PSH_ACK),
+        rst(2_000, B1, SNAT, PSH_ACK),
+    ]);
+    assert_eq!(kinds(&f), vec![FindingKind::UnnatedReply], "{f:?}");
+    assert_eq!(
+        (f[0].service, f[0].backend, f[0].client),
+        (Some(a(S)), Some(a(B1)), Some(a(C)))
+    );
+    let e = evidence(&f[0]);
+    assert_eq!(e["path"], "reply_to_snat_address");
+    assert_eq!(e["snat"], SNAT);
+    assert_eq!(e["basis"], json!(["node_rst_to_backend_from_snat_address"]));
+    assert!(f[0].cause.contains("masquerade address 10.0.1.1:61000"));
+    assert!(f[0].remedy.contains("INPUT"), "{}", f[0].remedy);
+}
+
+/// Masqueraded flows still give backend switches, with the real client.
+#[test]
+fn masqueraded_flush_is_a_switch_of_the_real_client() {
+    let f = run(&[
+        map_snat(0, C, S, B1, SNAT),
+        destroy(30_000, C, S, B1),
+        map_snat(30_010, C, S, B2, "10.0.1.1:61001"),
+        rst(30_011, B2, "10.0.1.1:61001", PSH_ACK),
+    ]);
+    assert_eq!(kinds(&f), vec![FindingKind::BackendSwitch], "{f:?}");
+    assert_eq!(f[0].client, Some(a(C)));
+}
+
+/// Request direction: the node, holding the VIP, resets the client from it.
+#[test]
+fn node_reset_from_the_service_address_is_the_request_direction() {
+    let f = run(&[
+        map(0, C, S, B1),
+        rst(1_000, S, C, PSH_ACK),
+        // A refused new connection to the VIP is not an incident.
+        map(2_000, "10.0.0.2:40001", S, B1),
+        rst(2_001, S, "10.0.0.2:40001", Some(0x02)),
+    ]);
+    assert_eq!(kinds(&f), vec![FindingKind::UnnatedReply], "{f:?}");
+    assert_eq!(
+        (f[0].service, f[0].backend, f[0].client),
+        (Some(a(S)), Some(a(B1)), Some(a(C)))
+    );
+    let e = evidence(&f[0]);
+    assert_eq!(e["path"], "request_to_local_service");
+    assert_eq!(e["basis"], json!(["node_rst_from_service_address"]));
+    assert!(
+        f[0].cause.contains("in the client's window"),
+        "{}",
+        f[0].cause
+    );
+}
+
+/// Without a NAT mapping (or with the SNAT address of nobody), resets near
+/// the node's addresses are not incidents.
+#[test]
+fn node_resets_without_a_mapping_are_not_incidents() {
+    let f = run(&[
+        rst(1_000, SNAT, B1, PSH_ACK),
+        rst(1_001, B1, SNAT, PSH_ACK),
+        rst(1_002, S, C, PSH_ACK),
+        map_snat(2_000, C, S, B1, SNAT),
+        // The node resets some other peer from the SNAT address.
+        rst(2_500, SNAT, "10.0.1.9:2222", PSH_ACK),
+    ]);
+    assert!(f.is_empty(), "{f:?}");
 }

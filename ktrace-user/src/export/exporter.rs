@@ -815,7 +815,7 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedReply};
+    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedPath, UnnatedReply};
     use crate::engine::Severity;
     use crate::event::{EventBody, Source};
     use crate::export::{Detected, ExportFlags, Signals};
@@ -862,6 +862,8 @@ mod tests {
                 first: Time::Mono(1),
                 count: 1,
                 ct_invalid_counter_rise: None,
+                path: UnnatedPath::ReplyToClient,
+                snat: None,
             }),
         };
         let ev = Event {
@@ -872,8 +874,7 @@ mod tests {
                 src: "10.0.0.2:40000".parse().unwrap(),
                 dst: "10.0.1.2:2222".parse().unwrap(),
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: None,
             },
         };

@@ -101,7 +101,7 @@ pub fn fill<R: opentelemetry::logs::LogRecord>(r: &mut R, f: &Finding, clock: &W
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedReply};
+    use crate::engine::finding::{Evidence, Time, UnnatedBasis, UnnatedPath, UnnatedReply};
     use opentelemetry::logs::{Logger as _, LoggerProvider as _};
     use opentelemetry_sdk::logs::SdkLoggerProvider;
 
@@ -117,6 +117,8 @@ mod tests {
             first: Time::Mono(1_000_000_000),
             count: 1,
             ct_invalid_counter_rise: Some(2),
+            path: UnnatedPath::ReplyToClient,
+            snat: None,
         });
         let f = Finding {
             ts_ns: 2_000_000_000,

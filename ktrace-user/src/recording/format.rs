@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 0;
+pub const VERSION_MINOR: u16 = 1;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -481,17 +481,17 @@ impl BlockEncoder {
                 src: s,
                 dst: d,
                 reason,
-                has_socket,
-                state,
                 trigger_flags,
+                socket,
             } => {
                 let (s, d, r) = (self.ep(*s), self.ep(*d), self.string(reason.as_deref()));
                 let at = self.head(tag::TCP_SEND_RESET, ev.ts_ns, ns, src);
                 self.put_ep(s);
                 self.put_ep(d);
                 put_varint(&mut self.buf, u64::from(r));
-                let flags = u8::from(*has_socket) | (u8::from(trigger_flags.is_some()) << 1);
-                self.buf.extend_from_slice(&[flags, *state]);
+                // The state byte is written as 0 when there is no socket.
+                let flags = u8::from(socket.is_some()) | (u8::from(trigger_flags.is_some()) << 1);
+                self.buf.extend_from_slice(&[flags, socket.unwrap_or(0)]);
                 if let Some(t) = trigger_flags {
                     self.buf.push(*t);
                 }
@@ -574,12 +574,14 @@ impl BlockEncoder {
                 service,
                 backend,
                 protocol,
+                snat,
             }
             | EventBody::NatDestroy {
                 client,
                 service,
                 backend,
                 protocol,
+                snat,
             } => {
                 let t = if matches!(ev.body, EventBody::NatMapping { .. }) {
                     tag::NAT_MAPPING
@@ -587,11 +589,16 @@ impl BlockEncoder {
                     tag::NAT_DESTROY
                 };
                 let (c, s, b) = (self.ep(*client), self.ep(*service), self.ep(*backend));
+                let n = snat.map(|a| self.ep(a));
                 let at = self.head(t, ev.ts_ns, ns, src);
                 for e in [c, s, b] {
                     self.put_ep(e);
                 }
                 self.buf.push(*protocol);
+                // Minor 1: a trailing SNAT endpoint (older readers skip it).
+                if let Some(n) = n {
+                    self.put_ep(n);
+                }
                 at
             }
             EventBody::CtCounters {
@@ -840,9 +847,8 @@ impl<'a> BlockDecoder<'a> {
                     src,
                     dst,
                     reason,
-                    has_socket: flags & 1 != 0,
-                    state,
                     trigger_flags,
+                    socket: (flags & 1 != 0).then_some(state),
                 }
             }
             tag::TCP_RECEIVE_RESET => EventBody::TcpReceiveReset {
@@ -897,12 +903,15 @@ impl<'a> BlockDecoder<'a> {
                 let service = self.req_ep(b)?;
                 let backend = self.req_ep(b)?;
                 let protocol = b.u8()?;
+                // Absent before minor 1 and when the flow was not SNATed.
+                let snat = if b.is_empty() { None } else { self.ep(b)? };
                 if t == tag::NAT_MAPPING {
                     EventBody::NatMapping {
                         client,
                         service,
                         backend,
                         protocol,
+                        snat,
                     }
                 } else {
                     EventBody::NatDestroy {
@@ -910,6 +919,7 @@ impl<'a> BlockDecoder<'a> {
                         service,
                         backend,
                         protocol,
+                        snat,
                     }
                 }
             }

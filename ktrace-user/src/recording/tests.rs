@@ -102,8 +102,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 src: v4(10, 0, 0, 2, 40000),
                 dst: v4(10, 0, 1, 2, 2222),
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
         ),
@@ -114,8 +113,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 src: v6(1, 443),
                 dst: v6(2, 50000),
                 reason: None,
-                has_socket: true,
-                state: 1,
+                socket: Some(1),
                 trigger_flags: None,
             },
         ),
@@ -199,6 +197,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
+                snat: Some(v4(10, 0, 1, 1, 61000)),
             },
         ),
         ev(
@@ -209,6 +208,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
+                snat: None,
             },
         ),
         ev(
@@ -326,13 +326,13 @@ fn storm(n: usize, t0: u64) -> Vec<Event> {
                 service: svc,
                 backend,
                 protocol: 6,
+                snat: None,
             },
             1 | 2 => EventBody::TcpSendReset {
                 src: client,
                 dst: backend,
                 reason: Some("NO_SOCKET".into()),
-                has_socket: false,
-                state: 0,
+                socket: None,
                 trigger_flags: Some(0x18),
             },
             _ => EventBody::TcpReceiveReset {
@@ -420,7 +420,7 @@ fn every_variant_round_trips_through_a_file() {
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
     assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
-    assert_eq!(r.version(), (1, 0));
+    assert_eq!(r.version(), (1, 1));
 }
 
 #[test]
@@ -954,6 +954,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                 service: svc,
                 backend: b1,
                 protocol: 6,
+                snat: None,
             },
         );
     }
@@ -968,8 +969,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                     src: c,
                     dst: b1,
                     reason: Some("NO_SOCKET".into()),
-                    has_socket: false,
-                    state: 0,
+                    socket: None,
                     trigger_flags: Some(0x18),
                 },
             );
@@ -983,6 +983,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                     service: svc,
                     backend: b2,
                     protocol: 6,
+                    snat: None,
                 },
             );
             push(
@@ -992,8 +993,7 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
                     src: b2,
                     dst: c,
                     reason: Some("NO_SOCKET".into()),
-                    has_socket: false,
-                    state: 0,
+                    socket: None,
                     trigger_flags: Some(0x10),
                 },
             );
@@ -1219,18 +1219,16 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             a(),
             a(),
             proptest::option::of("[A-Z_]{0,12}"),
-            any::<bool>(),
-            any::<u8>(),
+            proptest::option::of(any::<u8>()),
             proptest::option::of(any::<u8>())
         )
-            .prop_map(|(src, dst, reason, has_socket, state, trigger_flags)| {
+            .prop_map(|(src, dst, reason, socket, trigger_flags)| {
                 EventBody::TcpSendReset {
                     src,
                     dst,
                     reason,
-                    has_socket,
-                    state,
                     trigger_flags,
+                    socket,
                 }
             }),
         (a(), a(), any::<u64>()).prop_map(|(src, dst, sock_cookie)| EventBody::TcpReceiveReset {
@@ -1296,23 +1294,33 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
                     weight
                 }
             ),
-        (a(), a(), a(), any::<u8>(), any::<bool>()).prop_map(
-            |(client, service, backend, protocol, destroy)| if destroy {
-                EventBody::NatDestroy {
-                    client,
-                    service,
-                    backend,
-                    protocol,
+        (
+            a(),
+            a(),
+            a(),
+            any::<u8>(),
+            any::<bool>(),
+            proptest::option::of(a())
+        )
+            .prop_map(
+                |(client, service, backend, protocol, destroy, snat)| if destroy {
+                    EventBody::NatDestroy {
+                        client,
+                        service,
+                        backend,
+                        protocol,
+                        snat,
+                    }
+                } else {
+                    EventBody::NatMapping {
+                        client,
+                        service,
+                        backend,
+                        protocol,
+                        snat,
+                    }
                 }
-            } else {
-                EventBody::NatMapping {
-                    client,
-                    service,
-                    backend,
-                    protocol,
-                }
-            }
-        ),
+            ),
     ]
 }
 

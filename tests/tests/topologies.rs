@@ -1,0 +1,235 @@
+//! The un-NATed packet in the other topologies of the incident, reproduced
+//! with the real kernel in network namespaces: masquerade (SNAT) in the
+//! path, and the request direction to a Service address the node holds
+//! locally (IPVS mode's `kube-ipvs0`). Each scenario asserts the exact
+//! finding per reset connection, live and in replay; each control runs the
+//! same topology with ordinary traffic, refused connections and
+//! application aborts (SO_LINGER 0), and must give no finding.
+//!
+//! Needs root; skipped (saying so) otherwise. Run serially
+//! (`--test-threads=1`): kernel hooks are global.
+
+use std::time::Duration;
+
+use ktrace_tests::{
+    assert_replay_matches, hook, select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+};
+use serde_json::Value;
+
+const SETTLE: Duration = Duration::from_millis(1000);
+
+fn vip() -> String {
+    format!("{VIP}:2222")
+}
+
+fn backend() -> String {
+    format!("{}:2222", BACKENDS[0])
+}
+
+/// The `unnated_reply` findings, one per reset port, each naming the
+/// Service, the backend and the client as it connected, with `path`.
+fn assert_one_finding_per_connection(lines: &[Value], reset: &[u16], path: &str) -> Vec<Value> {
+    let found = select(lines, "finding", Some("unnated_reply"));
+    assert_eq!(
+        found.len(),
+        reset.len(),
+        "one finding per connection: {found:?}"
+    );
+    let mut mine = Vec::new();
+    for p in reset {
+        let client = format!("{CLIENT_IP}:{p}");
+        let f: Vec<&&Value> = found.iter().filter(|f| f["client"] == client).collect();
+        assert_eq!(f.len(), 1, "port {p}: {found:?}");
+        let f = f[0];
+        assert_eq!(f["service"], vip().as_str(), "{f}");
+        assert_eq!(f["backend"], backend().as_str(), "{f}");
+        assert_eq!(f["evidence"]["path"], path, "{f}");
+        mine.push((*f).clone());
+    }
+    for kind in [
+        "backend_switch",
+        "quiescent_backend",
+        "conntrack_table_full",
+    ] {
+        assert!(select(lines, "finding", Some(kind)).is_empty(), "{kind}");
+    }
+    mine
+}
+
+/// Where the INVALID hook cannot attach, the cause cites the counter.
+fn assert_cause_cites_invalid(status: &Value, f: &Value) {
+    if hook(status, "ct_invalid")["attached"] == false
+        && hook(status, "ct_counters")["attached"] == true
+    {
+        assert!(
+            f["evidence"]["ct_invalid_counter_rise"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 1,
+            "{f}"
+        );
+    } else {
+        assert!(f["cause"].as_str().unwrap().contains("INVALID"), "{f}");
+    }
+}
+
+/// NodePort / LoadBalancer with `externalTrafficPolicy: Cluster`: the
+/// flow is DNATed and masqueraded; the backend's out-of-window reply goes
+/// to the node's SNAT address, where the node's own stack resets the
+/// backend; the client is reset on its next send.
+#[test]
+fn masqueraded_reply_is_named_per_connection() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("sn", 1);
+    lab.masquerade();
+    lab.start_server();
+    let scratch = Scratch::new("snat");
+    let file = scratch.path("snat.rec");
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let mut c = lab.client(3);
+    let reset = c.unnat_all(SETTLE);
+    assert_eq!(reset, {
+        let mut p = c.ports.clone();
+        p.sort();
+        p
+    });
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "finding",
+        Some("unnated_reply")
+    )
+    .len()
+        >= 3));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    let node_ns = lab.inode(&lab.node);
+    for f in assert_one_finding_per_connection(&lines, &reset, "reply_to_snat_address") {
+        let snat = f["evidence"]["snat"].as_str().unwrap();
+        assert!(snat.starts_with("10.0.1.1:"), "{f}");
+        assert_eq!(
+            f["evidence"]["basis"][0], "node_rst_to_backend_from_snat_address",
+            "{f}"
+        );
+        // The node's own reset of the backend, from the SNAT address.
+        let rst: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
+            .into_iter()
+            .filter(|e| e["src"] == snat && e["dst"] == backend().as_str())
+            .collect();
+        assert_eq!(rst.len(), 1, "{f}: {rst:?}");
+        assert_eq!(rst[0]["socket"], false);
+        assert_eq!(rst[0]["netns"], node_ns);
+        // The NAT mapping carries the SNAT address.
+        assert!(
+            select(&lines, "event", Some("nat_mapping"))
+                .iter()
+                .any(|e| e["client"] == f["client"] && e["snat"] == snat),
+            "{f}"
+        );
+        assert_cause_cites_invalid(&status, &f);
+        assert!(f["remedy"].as_str().unwrap().contains("INPUT"), "{f}");
+    }
+    assert_replay_matches(&status, &lines, &file);
+}
+
+/// The request direction: the client's out-of-window segment is INVALID,
+/// is not DNATed and reaches the VIP the node holds; the node answers with
+/// an in-window reset from the VIP, which the client takes as legitimate.
+#[test]
+fn request_to_a_local_service_address_is_named_per_connection() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("rq", 1);
+    lab.local_vip();
+    lab.start_server();
+    let scratch = Scratch::new("req");
+    let file = scratch.path("req.rec");
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let mut c = lab.client(3);
+    let reset = c.unnat_requests(SETTLE);
+    assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "finding",
+        Some("unnated_reply")
+    )
+    .len()
+        >= 3));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    let node_ns = lab.inode(&lab.node);
+    for f in assert_one_finding_per_connection(&lines, &reset, "request_to_local_service") {
+        assert_eq!(f["evidence"]["basis"][0], "node_rst_from_service_address");
+        let cause = f["cause"].as_str().unwrap();
+        assert!(cause.contains("in the client's window"), "{f}");
+        // The node's reset from the VIP, answering the client's segment.
+        let rst: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
+            .into_iter()
+            .filter(|e| e["src"] == vip().as_str() && e["dst"] == f["client"])
+            .collect();
+        assert_eq!(rst.len(), 1, "{f}: {rst:?}");
+        assert_eq!(rst[0]["socket"], false);
+        assert_eq!(rst[0]["netns"], node_ns);
+        assert_cause_cites_invalid(&status, &f);
+    }
+    assert_replay_matches(&status, &lines, &file);
+}
+
+/// Ordinary traffic in a topology: echo and clean close, refused through
+/// a VIP, refused without NAT, and application aborts (SO_LINGER 0).
+/// With `local_vip`, also a port of the VIP that nothing DNATs: the node
+/// itself refuses it.
+fn control(lab: &mut Lab, local_vip: bool) {
+    lab.refusing_service();
+    lab.start_server();
+    let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
+    let mut c = lab.client(5);
+    assert!(c.send_all().is_empty());
+    c.cmd("close");
+    assert_eq!(lab.refuse("10.96.0.11", 2223, 5), 5);
+    assert_eq!(lab.refuse(BACKENDS[0], 2224, 5), 5);
+    if local_vip {
+        assert_eq!(lab.refuse(VIP, 2224, 5), 5);
+    }
+    let mut aborted = lab.client(5);
+    assert!(aborted.send_all().is_empty());
+    aborted.abort();
+    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
+        l,
+        "event",
+        Some("tcp_send_reset")
+    )
+    .len()
+        >= 15));
+    std::thread::sleep(Duration::from_millis(1500));
+    let lines = watch.stop();
+    let findings = select(&lines, "finding", None);
+    assert!(
+        findings.is_empty(),
+        "control traffic gave findings: {findings:?}"
+    );
+}
+
+#[test]
+fn masquerade_control_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("sc", 1);
+    lab.masquerade();
+    control(&mut lab, false);
+}
+
+#[test]
+fn local_service_address_control_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("rc", 1);
+    lab.local_vip();
+    control(&mut lab, true);
+}
