@@ -9,7 +9,7 @@ use ratatui::crossterm::style::Stylize;
 
 use super::Group;
 use crate::clock::WallClock;
-use crate::engine::finding::{TableFull, UnnatedReply};
+use crate::engine::finding::{TableFull, UnnatedPath, UnnatedReply};
 use crate::engine::storm::Phase;
 use crate::engine::{Evidence, Finding, Severity};
 
@@ -113,9 +113,12 @@ fn unnated_cause(e: &UnnatedReply) -> String {
             None => format!("INVALID (x{})", v.ct_invalid_count),
         };
     }
-    match e.ct_invalid_counter_rise {
-        Some(n) if n > 0 => format!("INVALID (counter +{n})"),
-        _ => "not reverse-NATed (client RST)".to_string(),
+    match (e.ct_invalid_counter_rise, e.path) {
+        (Some(n), _) if n > 0 => format!("INVALID (counter +{n})"),
+        (_, UnnatedPath::EntryLost) => "no conntrack entry".to_string(),
+        (_, UnnatedPath::ReplyToSnatAddress) => "reply to SNAT address".to_string(),
+        (_, UnnatedPath::RequestToLocalService) => "request not DNATed".to_string(),
+        (_, UnnatedPath::ReplyToClient) => "not reverse-NATed (client RST)".to_string(),
     }
 }
 
@@ -269,6 +272,8 @@ mod tests {
                 first: Time::Mono(5_000_000_000),
                 count: 1,
                 ct_invalid_counter_rise: rise,
+                path: UnnatedPath::ReplyToClient,
+                snat: None,
             }),
         }
     }

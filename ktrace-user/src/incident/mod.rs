@@ -252,6 +252,8 @@ mod tests {
                 first: Time::Mono(ts_ns),
                 count: 1,
                 ct_invalid_counter_rise: Some(8),
+                path: crate::engine::finding::UnnatedPath::ReplyToClient,
+                snat: None,
             }),
         }
     }
