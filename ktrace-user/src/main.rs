@@ -181,7 +181,7 @@ struct ReplayArgs {
 /// OTLP export to an OpenTelemetry Collector or Grafana Alloy (docs/otlp.md).
 #[derive(Args)]
 struct OtlpArgs {
-    /// Export metrics and findings over OTLP to URL: http://HOST:4317 (gRPC) or http://HOST:4318 (HTTP) [env: OTEL_EXPORTER_OTLP_ENDPOINT]
+    /// Export metrics and findings over OTLP to URL: http[s]://HOST:4317 (gRPC) or http[s]://HOST:4318 (HTTP); TLS files from OTEL_EXPORTER_OTLP_CERTIFICATE etc. [env: OTEL_EXPORTER_OTLP_ENDPOINT]
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
     /// grpc or http/protobuf [default: grpc for port 4317, else http/protobuf; env: OTEL_EXPORTER_OTLP_PROTOCOL]
@@ -207,7 +207,15 @@ impl OtlpArgs {
         };
         let detected = detected.unwrap_or_else(Detected::this_host);
         let cfg = ExportConfig::resolve(&flags, &|k| std::env::var(k).ok(), &detected, signals)?;
-        Ok(cfg.map(Exporter::start).transpose()?)
+        match cfg.map(Exporter::start).transpose() {
+            // A TLS file missing or unusable: said once; the command itself
+            // goes on (a DaemonSet keeps watching while the Secret is fixed).
+            Err(e @ ktrace::export::ExportError::Tls(_)) => {
+                eprintln!("ktrace: {e}; going on without OTLP export");
+                Ok(None)
+            }
+            r => Ok(r?),
+        }
     }
 
     /// The resource attributes an export would carry (`--node-name`,
@@ -349,9 +357,12 @@ fn usage_conflict(msg: &str) -> ! {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KTRACE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    use std::io::IsTerminal as _;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours on a terminal only: not as escape codes in `kubectl logs`.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -6,6 +6,10 @@
 //! lab's node namespace, where `ktrace watch` runs), keeps every request,
 //! and can be stopped hard (listener and connections closed) and started
 //! again on the same port, as a collector that crashes and comes back.
+//!
+//! With [`ServerTls`] it speaks TLS (rustls), optionally requiring a client
+//! certificate (mTLS), and keeps every failed handshake; [`Pki`] makes the
+//! CA and certificates (rcgen) in the test.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -55,6 +59,8 @@ pub struct Store {
     pub headers: Vec<BTreeMap<String, String>>,
     /// Paths of the HTTP requests.
     pub paths: Vec<String>,
+    /// Why each failed TLS handshake failed (rustls' words).
+    pub tls_failures: Vec<String>,
 }
 
 /// One received log record, flattened for assertions.
@@ -365,11 +371,142 @@ fn bind_in(netns: Option<&str>, port: u16) -> std::io::Result<std::net::TcpListe
     Ok(l)
 }
 
+/// A CA made by the test, and certificates it signs (all for 127.0.0.1).
+pub struct Pki {
+    pub ca_pem: String,
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = params.self_signed(&key).unwrap().pem();
+        Pki {
+            ca_pem,
+            ca: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate and its key (PEM) for 127.0.0.1, as a server or a
+    /// client; `expired`: valid in 2020 only.
+    fn leaf(&self, client: bool, expired: bool) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params.extended_key_usages = vec![if client {
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 12, 31);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    pub fn server(&self, expired: bool) -> (String, String) {
+        self.leaf(false, expired)
+    }
+
+    pub fn client(&self) -> (String, String) {
+        self.leaf(true, false)
+    }
+}
+
+/// The receiver's TLS: its certificate chain and key (PEM), and the CA a
+/// client certificate must chain to (`Some`: mTLS, a client without one is
+/// refused).
+#[derive(Clone)]
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: Option<String>,
+}
+
+impl ServerTls {
+    fn acceptor(&self, wire: Wire) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::pem::PemObject as _;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |pem: &str| -> Vec<CertificateDer<'static>> {
+            CertificateDer::pem_slice_iter(pem.as_bytes())
+                .map(Result::unwrap)
+                .collect()
+        };
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match &self.client_ca_pem {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(certs(ca));
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    roots.into(),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let mut config = builder
+            .with_single_cert(certs(&self.cert_pem), key)
+            .unwrap();
+        config.alpn_protocols = vec![match wire {
+            Wire::Grpc => b"h2".to_vec(),
+            Wire::Http => b"http/1.1".to_vec(),
+        }];
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+/// Accepts connections and does the TLS handshake of each (failures go to
+/// the store); the connections that made it, as tonic's incoming stream.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    store: Shared,
+) -> tokio_stream::wrappers::ReceiverStream<
+    std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, store, tx) = (acceptor.clone(), store.clone(), tx.clone());
+            tokio::spawn(async move {
+                match acceptor.accept(conn).await {
+                    Ok(tls) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Err(e) => store.lock().unwrap().tls_failures.push(e.to_string()),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 /// A running receiver. Dropping it stops it.
 pub struct Receiver {
     pub addr: SocketAddr,
     pub store: Shared,
     delay: Arc<Mutex<Duration>>,
+    tls: bool,
     stop: Option<std::sync::mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -377,7 +514,17 @@ pub struct Receiver {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1:`port` (0: any) of `netns`.
     pub fn start(wire: Wire, netns: Option<&str>, port: u16) -> Receiver {
-        Self::try_start(wire, netns, port, Arc::new(Mutex::new(Store::default())))
+        Self::start_tls(wire, netns, port, None)
+    }
+
+    /// [`Receiver::start`], speaking TLS when `tls` is given.
+    pub fn start_tls(
+        wire: Wire,
+        netns: Option<&str>,
+        port: u16,
+        tls: Option<ServerTls>,
+    ) -> Receiver {
+        Self::try_start(wire, netns, port, Arc::default(), tls)
             .unwrap_or_else(|e| panic!("binding the OTLP receiver on 127.0.0.1:{port}: {e}"))
     }
 
@@ -386,7 +533,10 @@ impl Receiver {
         netns: Option<&str>,
         port: u16,
         store: Shared,
+        tls: Option<ServerTls>,
     ) -> std::io::Result<Receiver> {
+        let acceptor = tls.as_ref().map(|t| t.acceptor(wire));
+        let is_tls = acceptor.is_some();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let delay = Arc::new(Mutex::new(Duration::ZERO));
@@ -412,14 +562,19 @@ impl Receiver {
                             store: s.clone(),
                             delay: d.clone(),
                         };
-                        tokio::spawn(
-                            tonic::transport::Server::builder()
-                                .add_service(LogsServiceServer::new(svc()))
-                                .add_service(MetricsServiceServer::new(svc()))
-                                .serve_with_incoming(
-                                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                                ),
-                        );
+                        let router = tonic::transport::Server::builder()
+                            .add_service(LogsServiceServer::new(svc()))
+                            .add_service(MetricsServiceServer::new(svc()));
+                        match acceptor {
+                            None => tokio::spawn(router.serve_with_incoming(
+                                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                            )),
+                            Some(a) => tokio::spawn(router.serve_with_incoming(tls_incoming(
+                                listener,
+                                a,
+                                s.clone(),
+                            ))),
+                        };
                     }
                     Wire::Http => {
                         tokio::spawn(async move {
@@ -427,14 +582,27 @@ impl Receiver {
                                 let Ok((conn, _)) = listener.accept().await else {
                                     continue;
                                 };
-                                let (s, d) = (s.clone(), d.clone());
+                                let (s, d, a) = (s.clone(), d.clone(), acceptor.clone());
                                 tokio::spawn(async move {
-                                    let svc = hyper::service::service_fn(move |req| {
-                                        http_handle(s.clone(), d.clone(), req)
+                                    let svc = hyper::service::service_fn({
+                                        let s = s.clone();
+                                        move |req| http_handle(s.clone(), d.clone(), req)
                                     });
-                                    let _ = hyper::server::conn::http1::Builder::new()
-                                        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
-                                        .await;
+                                    let http = hyper::server::conn::http1::Builder::new();
+                                    let Some(a) = a else {
+                                        let io = hyper_util::rt::TokioIo::new(conn);
+                                        let _ = http.serve_connection(io, svc).await;
+                                        return;
+                                    };
+                                    match a.accept(conn).await {
+                                        Ok(tls) => {
+                                            let io = hyper_util::rt::TokioIo::new(tls);
+                                            let _ = http.serve_connection(io, svc).await;
+                                        }
+                                        Err(e) => {
+                                            s.lock().unwrap().tls_failures.push(e.to_string())
+                                        }
+                                    }
                                 });
                             }
                         });
@@ -451,14 +619,16 @@ impl Receiver {
             addr,
             store,
             delay,
+            tls: is_tls,
             stop: Some(stop_tx),
             thread: Some(thread),
         })
     }
 
-    /// `http://127.0.0.1:PORT`, as `--otlp-endpoint` takes it.
+    /// `http[s]://127.0.0.1:PORT`, as `--otlp-endpoint` takes it.
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Answers every request only after `d` (a slow collector).
@@ -476,7 +646,7 @@ impl Receiver {
     pub fn restart(wire: Wire, netns: Option<&str>, addr: SocketAddr, store: Shared) -> Receiver {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            match Self::try_start(wire, netns, addr.port(), store.clone()) {
+            match Self::try_start(wire, netns, addr.port(), store.clone(), None) {
                 Ok(r) => return r,
                 Err(e) if Instant::now() > deadline => {
                     panic!("restarting the OTLP receiver on {addr}: {e}")

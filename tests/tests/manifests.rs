@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Container, Namespace, PodSpec, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use ktrace_tests::workspace;
 use serde::de::DeserializeOwned;
@@ -19,9 +19,11 @@ use serde::{Deserialize as _, Serialize};
 use serde_json::Value;
 
 const BASE: &str = "deploy/kubernetes";
-const OVERLAYS: [&str; 2] = [
+const OVERLAYS: [&str; 4] = [
     "deploy/kubernetes/overlays/recording",
     "deploy/kubernetes/overlays/privileged",
+    "deploy/kubernetes/overlays/otlp-tls",
+    "deploy/kubernetes/overlays/otlp-mtls",
 ];
 
 /// `kubectl kustomize DIR` (the machine image ships kubectl with kustomize).
@@ -253,13 +255,104 @@ fn the_base_renders_and_validates_with_least_privilege() {
     assert_eq!(port.unwrap().container_port, 9464);
 }
 
+/// The value of the container's variable `name`.
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env
+        .as_deref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
+}
+
+/// The file the variable `var` names, as (Secret, key in it, file mode):
+/// its directory must be a read-only mount of a Secret volume.
+fn secret_file(pod: &PodSpec, c: &Container, var: &str) -> (String, String, i32) {
+    let path = env_value(c, var).unwrap_or_else(|| panic!("{var} is not set"));
+    let (dir, file) = path.rsplit_once('/').unwrap();
+    let mount = c
+        .volume_mounts
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|m| m.mount_path == dir)
+        .unwrap_or_else(|| panic!("{var}={path}: {dir} is not mounted"));
+    assert_eq!(mount.read_only, Some(true), "{dir}");
+    let vol = pod
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == mount.name)
+        .unwrap();
+    let secret = vol
+        .secret
+        .as_ref()
+        .unwrap_or_else(|| panic!("{var}: volume {} is not a Secret", vol.name));
+    assert_ne!(
+        secret.optional,
+        Some(true),
+        "{var}: the Secret must be there"
+    );
+    (
+        secret.secret_name.clone().unwrap(),
+        file.to_string(),
+        secret.default_mode.unwrap_or(0o644),
+    )
+}
+
+/// overlays/otlp-tls and otlp-mtls: an https:// endpoint, the CA (and for
+/// mTLS the client certificate and key) mounted from Secrets, the base's
+/// other variables kept.
+fn check_otlp_tls(pod: &PodSpec, mtls: bool) {
+    let c = &pod.containers[0];
+    let url = env_value(c, "OTEL_EXPORTER_OTLP_ENDPOINT").unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    assert!(env_value(c, "OTEL_RESOURCE_ATTRIBUTES").is_some());
+    assert!(c
+        .env
+        .as_deref()
+        .unwrap()
+        .iter()
+        .any(|e| e.name == "NODE_NAME"));
+    // The names a cert-manager Certificate's Secret uses.
+    let (secret, key, _) = secret_file(pod, c, "OTEL_EXPORTER_OTLP_CERTIFICATE");
+    assert_eq!(
+        (secret.as_str(), key.as_str()),
+        ("ktrace-otlp-ca", "ca.crt")
+    );
+    let client = [
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ];
+    if !mtls {
+        for var in client {
+            assert_eq!(env_value(c, var), None, "{var}");
+        }
+        return;
+    }
+    let (secret, key, _) = secret_file(pod, c, client[0]);
+    assert_eq!(
+        (secret.as_str(), key.as_str()),
+        ("ktrace-otlp-client", "tls.crt")
+    );
+    let (secret, key, mode) = secret_file(pod, c, client[1]);
+    assert_eq!(
+        (secret.as_str(), key.as_str()),
+        ("ktrace-otlp-client", "tls.key")
+    );
+    assert_eq!(mode & 0o077, 0, "the key is the owner's only: {mode:o}");
+}
+
 #[test]
 fn the_overlays_render_and_validate() {
     for dir in OVERLAYS {
         let o = validate(dir);
         let pod = o.daemonset.unwrap().spec.unwrap().template.spec.unwrap();
         let c = &pod.containers[0];
-        if dir.ends_with("recording") {
+        if dir.ends_with("otlp-tls") || dir.ends_with("otlp-mtls") {
+            check_otlp_tls(&pod, dir.ends_with("otlp-mtls"));
+        } else if dir.ends_with("recording") {
             let args = c.args.as_deref().unwrap();
             assert!(
                 args.iter()

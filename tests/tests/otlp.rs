@@ -3,7 +3,9 @@
 //! namespace while an incident happens there, and the tests check the exact
 //! log records and counters it gets, over gRPC and over HTTP/protobuf; then
 //! that an endpoint that is down, or slow, changes nothing on stdout and
-//! that export recovers when the receiver comes back.
+//! that export recovers when the receiver comes back; then the same over
+//! TLS and mTLS with a CA made by the test, and the TLS failures (wrong CA,
+//! expired certificate, missing client key) that must cost one line only.
 //!
 //! Needs root (skipped, saying so, otherwise). Run serially
 //! (`--test-threads=1`): kernel hooks are global.
@@ -16,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ktrace_tests::{hook, ktrace_bin, select, skip, Lab, Running, BACKENDS, CLIENT_IP, VIP};
-use otlp_receiver::{LogRec, Receiver, Series, Store, Wire};
+use otlp_receiver::{LogRec, Pki, Receiver, Series, ServerTls, Store, Wire};
 use serde_json::{json, Value};
 
 const NODE_NAME: &str = "lab-node-1";
@@ -770,6 +772,265 @@ fn record_exports_counters_and_replay_backfills_findings() {
         assert_eq!(r[0].resource["host.name"], json!(hostname.trim()));
         assert_eq!(r[0].resource["k8s.node.name"], json!(NODE_NAME));
     }
+}
+
+// ---------------------------------------------------------------------------
+// TLS: the receiver speaks TLS (optionally mTLS) with certificates of a CA
+// the test makes; ktrace gets the standard OTEL_EXPORTER_OTLP_* variables.
+
+/// A CA, and its files written where ktrace reads them.
+struct TlsFiles {
+    pki: Pki,
+    dir: ktrace_tests::Scratch,
+}
+
+impl TlsFiles {
+    fn new(tag: &str) -> TlsFiles {
+        TlsFiles {
+            pki: Pki::new(tag),
+            dir: ktrace_tests::Scratch::new(&format!("otlp-tls-{tag}")),
+        }
+    }
+
+    /// Writes `pem` to `name` in the scratch directory; returns its path.
+    fn write(&self, name: &str, pem: &str) -> String {
+        let path = self.dir.path(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    }
+
+    /// The receiver's TLS with a certificate of this CA (`mtls`: it also
+    /// requires a client certificate of this CA).
+    fn server(&self, expired: bool, mtls: bool) -> ServerTls {
+        let (cert_pem, key_pem) = self.pki.server(expired);
+        ServerTls {
+            cert_pem,
+            key_pem,
+            client_ca_pem: mtls.then(|| self.pki.ca_pem.clone()),
+        }
+    }
+
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` (this CA) and, with `client`, a
+    /// client certificate and key of this CA.
+    fn env(&self, client: bool) -> Vec<(&'static str, String)> {
+        let mut env = vec![(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            self.write("ca.pem", &self.pki.ca_pem),
+        )];
+        if client {
+            let (cert, key) = self.pki.client();
+            env.push((
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+                self.write("client.pem", &cert),
+            ));
+            env.push((
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+                self.write("client.key", &key),
+            ));
+        }
+        env
+    }
+}
+
+fn env_refs<'a>(env: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    env.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Metrics and the incident's finding reach a TLS receiver (`mtls`: one
+/// that requires ktrace's client certificate), and no handshake failed.
+fn over_tls(wire: Wire, mtls: bool, tag: &str) {
+    let mut lab = Lab::new(tag, 1);
+    lab.start_server();
+    let files = TlsFiles::new(tag);
+    let rx = Receiver::start_tls(wire, Some(&lab.node), 0, Some(files.server(false, mtls)));
+    assert!(rx.endpoint().starts_with("https://127.0.0.1:"));
+    let env = files.env(mtls);
+    let k = Ktrace::start(&lab, &rx.endpoint(), wire, &env_refs(&env));
+    assert!(
+        rx.wait_for(Duration::from_secs(5), |s| s
+            .points()
+            .iter()
+            .any(|p| p.name == "ktrace.hook.attached")),
+        "no metrics over TLS within 5 s; stderr: {}; handshakes failed: {:?}",
+        k.stderr(),
+        rx.store.lock().unwrap().tls_failures
+    );
+    let ports = incident(&lab, 1);
+    assert!(k.wait_for(Duration::from_secs(5), |l| unnated_for(l, &ports) == 1));
+    let client = format!("{CLIENT_IP}:{}", ports[0]);
+    assert!(
+        rx.wait_for(Duration::from_secs(3), |s| s
+            .log_records()
+            .iter()
+            .any(|r| r.attrs.get("ktrace.client") == Some(&json!(client)))),
+        "the finding's log record did not arrive over TLS; stderr: {}",
+        k.stderr()
+    );
+    let (_lines, stderr, _) = k.stop();
+    assert!(!stderr.contains("failing"), "{stderr}");
+    let store = rx.store.lock().unwrap();
+    assert!(store.tls_failures.is_empty(), "{:?}", store.tls_failures);
+    // The headers variable still applies over TLS.
+    assert!(store
+        .headers
+        .iter()
+        .all(|h| h.get("x-ktrace-test").map(String::as_str) == Some("wire ok")));
+}
+
+#[test]
+fn grpc_over_tls() {
+    if skip() {
+        return;
+    }
+    over_tls(Wire::Grpc, false, "otg");
+}
+
+#[test]
+fn http_over_tls() {
+    if skip() {
+        return;
+    }
+    over_tls(Wire::Http, false, "oth");
+}
+
+#[test]
+fn grpc_over_mtls() {
+    if skip() {
+        return;
+    }
+    over_tls(Wire::Grpc, true, "omg");
+}
+
+#[test]
+fn http_over_mtls() {
+    if skip() {
+        return;
+    }
+    over_tls(Wire::Http, true, "omh");
+}
+
+/// `ktrace watch --json --duration 3` in `ns`, exporting to `endpoint`
+/// with `env`: runs to its end; returns stdout's lines and stderr's.
+fn watch_for_3s(
+    ns: &str,
+    endpoint: &str,
+    wire: Wire,
+    env: &[(&str, &str)],
+) -> (Vec<Value>, Vec<String>) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", ns])
+        .arg(ktrace_bin())
+        .args(["watch", "--json", "--duration", "3"]);
+    otlp_env(&mut cmd, endpoint, wire, env);
+    let out = cmd.output().unwrap();
+    let stderr: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(
+        out.status.success(),
+        "watch must go on and end at --duration with 0: {}; stderr: {stderr:?}",
+        out.status
+    );
+    let lines = ktrace_tests::json_lines(&out.stdout);
+    assert_eq!(
+        lines.first().map(|l| &l["type"]),
+        Some(&json!("status")),
+        "{lines:?}"
+    );
+    (lines, stderr)
+}
+
+/// A TLS failure case: the receiver's TLS, ktrace's variables, the words
+/// its one line must have, and whether ktrace got as far as a handshake.
+struct Refusal {
+    case: &'static str,
+    server: ServerTls,
+    env: Vec<(&'static str, String)>,
+    words: &'static str,
+    handshake: bool,
+}
+
+/// Each TLS failure: watching runs its course (exit 0, status printed),
+/// stderr has exactly one line that names the cause, nothing panics, and
+/// the receiver gets nothing.
+fn tls_refused(wire: Wire, tag: &str) {
+    let lab = Lab::new(tag, 1);
+    let files = TlsFiles::new(tag);
+    let other = TlsFiles::new(&format!("{tag}x"));
+    let cases = [
+        Refusal {
+            case: "wrong CA",
+            server: other.server(false, false),
+            env: files.env(false),
+            words: "not signed by a trusted CA",
+            handshake: true,
+        },
+        Refusal {
+            case: "expired certificate",
+            server: files.server(true, false),
+            env: files.env(false),
+            words: "certificate has expired",
+            handshake: true,
+        },
+        Refusal {
+            case: "missing client key",
+            server: files.server(false, true),
+            env: files
+                .env(true)
+                .into_iter()
+                .filter(|(k, _)| *k != "OTEL_EXPORTER_OTLP_CLIENT_KEY")
+                .collect(),
+            words: "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE is set but OTEL_EXPORTER_OTLP_CLIENT_KEY is not",
+            handshake: false,
+        },
+    ];
+    for Refusal {
+        case,
+        server,
+        env,
+        words,
+        handshake,
+    } in cases
+    {
+        let rx = Receiver::start_tls(wire, Some(&lab.node), 0, Some(server));
+        let (_lines, stderr) = watch_for_3s(&lab.node, &rx.endpoint(), wire, &env_refs(&env));
+        assert_eq!(
+            stderr.len(),
+            1,
+            "{case}: one line on stderr, got {stderr:#?}"
+        );
+        eprintln!("{case}: {}", stderr[0]);
+        assert!(stderr[0].contains(words), "{case}: {:?}", stderr[0]);
+        assert!(!stderr[0].contains("panicked"), "{case}: {:?}", stderr[0]);
+        let store = rx.store.lock().unwrap();
+        assert!(
+            store.logs.is_empty() && store.metrics.is_empty(),
+            "{case}: nothing may be exported"
+        );
+        assert_eq!(
+            !store.tls_failures.is_empty(),
+            handshake,
+            "{case}: handshakes failed: {:?}",
+            store.tls_failures
+        );
+    }
+}
+
+#[test]
+fn grpc_tls_failures_are_one_line_and_watching_goes_on() {
+    if skip() {
+        return;
+    }
+    tls_refused(Wire::Grpc, "otf");
+}
+
+#[test]
+fn http_tls_failures_are_one_line_and_watching_goes_on() {
+    if skip() {
+        return;
+    }
+    tls_refused(Wire::Http, "ohf");
 }
 
 /// `VmRSS` of a process, in KiB.

@@ -14,10 +14,17 @@
 //!   them. No endpoint anywhere: no export (the SDK would send to localhost).
 //! - protocol: `--otlp-protocol`, `OTEL_EXPORTER_OTLP_PROTOCOL`; else `grpc`
 //!   when the endpoint's port is 4317, `http/protobuf` otherwise.
+//! - TLS, per signal: `https://` endpoints, and for gRPC a `host:port`
+//!   without a scheme unless `OTEL_EXPORTER_OTLP_[SIGNAL_]INSECURE=true` (the
+//!   SDK applies that rule itself; it is mirrored here to know which
+//!   connections need the files). The files, `..._CERTIFICATE`,
+//!   `..._CLIENT_CERTIFICATE` and `..._CLIENT_KEY` (the signal's variable,
+//!   else the generic one), are only named here; [`super::tls`] reads them.
 //! - resource: detected (`host.name`, kernel release, ...), then `NODE_NAME`,
 //!   then `OTEL_RESOURCE_ATTRIBUTES`, then `OTEL_SERVICE_NAME`, then `--node-name`.
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 /// The OTLP transport.
@@ -111,6 +118,79 @@ impl Detected {
     }
 }
 
+/// One exported signal, for its own `OTEL_EXPORTER_OTLP_{SIGNAL}_*` variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Metrics,
+    Logs,
+}
+
+impl Signal {
+    pub const ALL: [Signal; 2] = [Signal::Metrics, Signal::Logs];
+
+    /// `metrics` or `logs`, as messages and the failure counter name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+        }
+    }
+
+    /// The OTLP/HTTP path of the signal.
+    pub fn http_path(self) -> &'static str {
+        match self {
+            Signal::Metrics => "/v1/metrics",
+            Signal::Logs => "/v1/logs",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    /// `OTEL_EXPORTER_OTLP_{SIGNAL}_{what}`, else `OTEL_EXPORTER_OTLP_{what}`:
+    /// the name that gave the value, and the value.
+    fn lookup(self, var: &dyn Fn(&str) -> Option<String>, what: &str) -> Option<(String, String)> {
+        let signal = format!(
+            "OTEL_EXPORTER_OTLP_{}_{what}",
+            self.as_str().to_ascii_uppercase()
+        );
+        let generic = format!("OTEL_EXPORTER_OTLP_{what}");
+        [signal, generic]
+            .into_iter()
+            .find_map(|name| var(&name).map(|v| (name, v)))
+    }
+}
+
+/// A PEM file named by a variable (the name is kept for messages).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFile {
+    pub var: String,
+    pub path: PathBuf,
+}
+
+/// What a TLS connection to the collector uses; files not given are absent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// `..._CERTIFICATE`: the CA the collector's certificate must chain to
+    /// (absent: the Mozilla roots built in).
+    pub ca: Option<TlsFile>,
+    /// `..._CLIENT_CERTIFICATE` and `..._CLIENT_KEY`: ktrace's own
+    /// certificate for mTLS (both or neither; [`super::tls`] says which is missing).
+    pub client_cert: Option<TlsFile>,
+    pub client_key: Option<TlsFile>,
+}
+
+/// How one signal travels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transport {
+    /// `None`: plain text (`http://`, or INSECURE for gRPC).
+    pub tls: Option<TlsSettings>,
+    /// `OTEL_EXPORTER_OTLP_[SIGNAL_]TIMEOUT`: given to the HTTP client ktrace
+    /// builds for TLS (the SDK reads it itself otherwise).
+    pub timeout: Duration,
+}
+
 /// Which signals are exported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signals {
@@ -137,12 +217,16 @@ pub struct ExportConfig {
     /// Resource attributes, in order, keys unique.
     pub resource: Vec<(String, String)>,
     pub signals: Signals,
+    /// Per [`Signal`], in [`Signal::ALL`] order.
+    pub transports: [Transport; 2],
 }
 
 pub const DEFAULT_METRIC_INTERVAL: Duration = Duration::from_secs(15);
 pub const DEFAULT_LOG_DELAY: Duration = Duration::from_millis(200);
 pub const DEFAULT_MAX_QUEUE: usize = 2048;
 pub const DEFAULT_MAX_BATCH: usize = 512;
+/// The SDK's default export timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl ExportConfig {
     /// Resolves the flags and the environment (`env` looks a variable up).
@@ -172,17 +256,7 @@ impl ExportConfig {
             (None, Some(e)) => (e, "OTEL_EXPORTER_OTLP_ENDPOINT"),
             (None, None) => return Ok(None),
         };
-        let port = check_url(&endpoint, from)?;
-        if flag_endpoint.is_none() {
-            for signal_var in [
-                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-                "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
-            ] {
-                if let Some(u) = var(signal_var) {
-                    check_url(&u, signal_var)?;
-                }
-            }
-        }
+        let (port, _) = check_url(&endpoint, from)?;
         // The SDK picks a transport from OTEL_EXPORTER_OTLP_PROTOCOL only when
         // built by `build()`, silently falls back on a bad value, and has no
         // default from the port: decided here.
@@ -225,6 +299,19 @@ impl ExportConfig {
                     }),
             }
         };
+        let transports = Signal::ALL.map(|signal| {
+            // The URL this signal goes to, as the SDK picks it.
+            let (url, from) = match flag_endpoint {
+                Some(e) => (e.to_string(), "--otlp-endpoint".to_string()),
+                None => match signal.lookup(&var, "ENDPOINT") {
+                    Some((name, url)) => (url, name),
+                    None => (endpoint.clone(), from.to_string()),
+                },
+            };
+            transport(signal, &url, &from, protocol, &var, &ms)
+        });
+        let [metrics_transport, logs_transport] = transports;
+        let transports = [metrics_transport?, logs_transport?];
         let max_queue = count("OTEL_BLRP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE)?;
         let max_batch = count("OTEL_BLRP_MAX_EXPORT_BATCH_SIZE", DEFAULT_MAX_BATCH)?.min(max_queue);
 
@@ -238,6 +325,7 @@ impl ExportConfig {
             max_batch,
             resource: resource_attributes(flags, &var, detected)?,
             signals,
+            transports,
         }))
     }
 
@@ -267,6 +355,11 @@ impl ExportConfig {
         })
     }
 
+    /// How `signal` travels.
+    pub fn transport(&self, signal: Signal) -> &Transport {
+        &self.transports[signal.index()]
+    }
+
     pub fn resource_value(&self, key: &str) -> Option<&str> {
         self.resource
             .iter()
@@ -275,36 +368,91 @@ impl ExportConfig {
     }
 }
 
-/// Checks an endpoint URL: `http://host[:port][/path]`; returns its port.
-/// (The SDK would only fail at the first export, and on `https://` with a
-/// TLS error this build cannot avoid.)
-fn check_url(url: &str, from: &str) -> Result<u16, ConfigError> {
+/// An endpoint's scheme.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme {
+    Http,
+    Https,
+    /// `host:port`: TLS unless INSECURE (gRPC only).
+    None,
+}
+
+/// Checks an endpoint URL: `http[s]://host[:port][/path]` or `host:port`;
+/// returns its port and scheme. (The SDK would only fail at the first export.)
+fn check_url(url: &str, from: &str) -> Result<(u16, Scheme), ConfigError> {
     let bad = |why: &str| ConfigError(format!("{from}: {url:?} {why}"));
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| bad("is not a URL like http://collector:4317"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => return Err(bad(
-            "uses TLS, which this build of ktrace does not include: send to a collector on the node or in the cluster over http:// (docs/otlp.md)",
-        )),
-        _ => return Err(bad("is not a URL like http://collector:4317")),
-    }
+    let like = "is not a URL like http://collector:4317 or https://collector:4317";
+    let uri: http::Uri = url.parse().map_err(|_| bad(like))?;
+    let scheme = match uri.scheme_str() {
+        Some("http") => Scheme::Http,
+        Some("https") => Scheme::Https,
+        None if uri.path_and_query().is_none_or(|p| p.as_str().is_empty()) => Scheme::None,
+        _ => return Err(bad(like)),
+    };
     let authority = uri.authority().map(|a| a.as_str()).unwrap_or("");
     if uri.host().is_none_or(str::is_empty) || authority.contains('@') {
         return Err(bad("has no host"));
     }
-    match uri.port() {
+    let port = match uri.port() {
         Some(p) => p
             .as_str()
             .parse::<u16>()
             .ok()
             .filter(|&p| p != 0)
-            .ok_or_else(|| bad("has a malformed port")),
+            .ok_or_else(|| bad("has a malformed port"))?,
         // A port that is not a u16 leaves more than the host in the authority.
-        None if Some(authority) != uri.host() => Err(bad("has a malformed port")),
-        None => Ok(80),
-    }
+        None if Some(authority) != uri.host() => return Err(bad("has a malformed port")),
+        None if scheme == Scheme::None => return Err(bad(like)),
+        None if scheme == Scheme::Https => 443,
+        None => 80,
+    };
+    Ok((port, scheme))
+}
+
+/// How `signal` travels to `url` (named by `from`): TLS or not, which
+/// files, which timeout.
+fn transport(
+    signal: Signal,
+    url: &str,
+    from: &str,
+    protocol: Protocol,
+    var: &dyn Fn(&str) -> Option<String>,
+    ms: &dyn Fn(&str, Duration) -> Result<Duration, ConfigError>,
+) -> Result<Transport, ConfigError> {
+    let (_, scheme) = check_url(url, from)?;
+    let insecure = || {
+        signal
+            .lookup(var, "INSECURE")
+            .is_some_and(|(_, v)| v.eq_ignore_ascii_case("true"))
+    };
+    let tls = match scheme {
+        Scheme::Http => false,
+        Scheme::Https => true,
+        Scheme::None if protocol == Protocol::Grpc => !insecure(),
+        Scheme::None => {
+            return Err(ConfigError(format!(
+                "{from}: {url:?} has no scheme: OTLP/HTTP needs http:// or https://"
+            )))
+        }
+    };
+    let file = |what: &str| {
+        signal.lookup(var, what).map(|(var, path)| TlsFile {
+            var,
+            path: PathBuf::from(path),
+        })
+    };
+    let timeout = match signal.lookup(var, "TIMEOUT") {
+        Some((name, _)) => ms(&name, DEFAULT_TIMEOUT)?,
+        None => DEFAULT_TIMEOUT,
+    };
+    Ok(Transport {
+        tls: tls.then(|| TlsSettings {
+            ca: file("CERTIFICATE"),
+            client_cert: file("CLIENT_CERTIFICATE"),
+            client_key: file("CLIENT_KEY"),
+        }),
+        timeout,
+    })
 }
 
 /// `key1=value1,key2=value2` (W3C baggage-like, values percent-encoded), as
@@ -566,7 +714,7 @@ mod tests {
             &ExportFlags::default(),
             &[
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
-                ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "https://m:4318"),
+                ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "ftp://m:4318"),
             ],
         )
         .unwrap_err();
@@ -585,8 +733,9 @@ mod tests {
         .unwrap_err();
         assert!(e.0.contains("http/json is not supported"), "{e}");
         for bad in [
-            "collector:4317",
-            "https://c:4317",
+            "collector:4318",
+            "collector",
+            "ftp://c:4317",
             "http://",
             "http://c:99999",
             "http://c:x/",
@@ -600,6 +749,102 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_ENDPOINT"), "{e}");
+    }
+
+    #[test]
+    fn tls_per_signal_from_scheme_and_variables() {
+        let tls = |c: &ExportConfig, s: Signal| c.transport(s).tls.clone();
+        // http:// is plain text even with a CA given.
+        let c = resolve(
+            &flag("http://c:4317"),
+            &[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem")],
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(tls(&c, Signal::Metrics), None);
+        assert_eq!(tls(&c, Signal::Logs), None);
+        // https://: the signal's variable wins over the generic one.
+        let env = [
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE", "/logs-ca.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/me.pem"),
+            ("OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY", "/me.key"),
+            ("OTEL_EXPORTER_OTLP_LOGS_TIMEOUT", "2500"),
+        ];
+        let c = resolve(&flag("https://c:4318"), &env).unwrap().unwrap();
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        let file = |var: &str, path: &str| {
+            Some(TlsFile {
+                var: var.into(),
+                path: path.into(),
+            })
+        };
+        let m = tls(&c, Signal::Metrics).unwrap();
+        assert_eq!(m.ca, file("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem"));
+        assert_eq!(
+            m.client_cert,
+            file("OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE", "/me.pem")
+        );
+        assert_eq!(
+            m.client_key,
+            file("OTEL_EXPORTER_OTLP_METRICS_CLIENT_KEY", "/me.key")
+        );
+        let l = tls(&c, Signal::Logs).unwrap();
+        assert_eq!(
+            l.ca,
+            file("OTEL_EXPORTER_OTLP_LOGS_CERTIFICATE", "/logs-ca.pem")
+        );
+        // The logs key is missing: said when the files are read (tls.rs).
+        assert_eq!(l.client_key, None);
+        assert_eq!(
+            c.transport(Signal::Logs).timeout,
+            Duration::from_millis(2500)
+        );
+        assert_eq!(c.transport(Signal::Metrics).timeout, DEFAULT_TIMEOUT);
+        // Per-signal endpoints (no flag): each its own scheme.
+        let c = resolve(
+            &ExportFlags::default(),
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                (
+                    "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT",
+                    "https://loki:443/otlp/v1/logs",
+                ),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert!(tls(&c, Signal::Metrics).is_none());
+        assert!(tls(&c, Signal::Logs).is_some());
+        // gRPC host:port without a scheme: TLS unless INSECURE (per signal too).
+        let c = resolve(&flag("collector:4317"), &[]).unwrap().unwrap();
+        assert_eq!(c.protocol, Protocol::Grpc);
+        assert!(tls(&c, Signal::Metrics).is_some());
+        let c = resolve(
+            &flag("collector:4317"),
+            &[
+                ("OTEL_EXPORTER_OTLP_INSECURE", "true"),
+                ("OTEL_EXPORTER_OTLP_LOGS_INSECURE", "false"),
+            ],
+        )
+        .unwrap()
+        .unwrap();
+        assert!(tls(&c, Signal::Metrics).is_none());
+        assert!(tls(&c, Signal::Logs).is_some());
+        // INSECURE does not turn an https:// endpoint into plain text.
+        let c = resolve(
+            &flag("https://collector:4317"),
+            &[("OTEL_EXPORTER_OTLP_INSECURE", "true")],
+        )
+        .unwrap()
+        .unwrap();
+        assert!(tls(&c, Signal::Metrics).is_some());
+        let e = resolve(
+            &flag("https://c:4318"),
+            &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")],
+        )
+        .unwrap_err();
+        assert!(e.0.starts_with("OTEL_EXPORTER_OTLP_TIMEOUT"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use opentelemetry::logs::{Logger as _, LoggerProvider as _};
 use opentelemetry::{InstrumentationScope, KeyValue};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::logs::{
     LogBatch, LogExporter as _, LogProcessor, SdkLogRecord, SdkLogger, SdkLoggerProvider,
@@ -35,9 +35,10 @@ use opentelemetry_sdk::metrics::Temporality;
 use opentelemetry_sdk::Resource;
 use tokio::sync::mpsc;
 
-use super::config::{ExportConfig, Protocol};
+use super::config::{ExportConfig, Protocol, Signal};
 use super::logs;
 use super::metrics::{lost_source, Metrics};
+use super::tls::{self, LastError, Tls, TlsError};
 use crate::clock::WallClock;
 use crate::endpoint::{self, Endpoint, EndpointError, Health};
 use crate::engine::Finding;
@@ -64,6 +65,9 @@ pub enum ExportError {
     Setup { endpoint: String, message: String },
     #[error("cannot start the OTLP export thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// A TLS file is missing or unusable: nothing could be sent.
+    #[error("OTLP export off: {0}")]
+    Tls(#[from] TlsError),
 }
 
 /// How the export ended, for the closing notice.
@@ -165,6 +169,8 @@ impl Exporter {
     /// refuse; an endpoint that does not answer is not an error (it is
     /// retried for as long as ktrace runs).
     pub fn start(cfg: ExportConfig) -> Result<Exporter, ExportError> {
+        // Files first: a missing key is said before any thread starts.
+        let tls = load_tls(&cfg)?;
         let res = resource(&cfg);
         let metrics = cfg
             .signals
@@ -192,7 +198,8 @@ impl Exporter {
                     }
                 };
                 rt.block_on(async move {
-                    let worker = match Worker::new(cfg, res, rx, thread_shared, thread_metrics) {
+                    let worker = match Worker::new(cfg, tls, res, rx, thread_shared, thread_metrics)
+                    {
                         Ok(w) => w,
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
@@ -480,6 +487,8 @@ struct Worker {
     in_flight: usize,
     log_backoff: Backoff,
     metric_backoff: Backoff,
+    /// Where the HTTP clients leave the cause of a failure, per signal.
+    last_errors: [LastError; 2],
     /// Last error said on stderr per signal (metrics, logs): said again
     /// only when it changes.
     said: [Option<String>; 2],
@@ -492,28 +501,86 @@ type Exporters = (
     Option<opentelemetry_otlp::MetricExporter>,
 );
 
+/// The checked TLS material of each exported signal that uses TLS, in
+/// [`Signal::ALL`] order.
+type SignalTls = [Option<Tls>; 2];
+
+fn load_tls(cfg: &ExportConfig) -> Result<SignalTls, TlsError> {
+    let wanted = |s: Signal| match s {
+        Signal::Metrics => cfg.signals.metrics,
+        Signal::Logs => cfg.signals.logs,
+    };
+    let mut out: SignalTls = [None, None];
+    for (i, s) in Signal::ALL.into_iter().enumerate() {
+        if let (true, Some(settings)) = (wanted(s), &cfg.transport(s).tls) {
+            out[i] = Some(Tls::load(settings)?);
+        }
+    }
+    Ok(out)
+}
+
 /// The transport and, when a flag gave it, the endpoint; headers, timeouts
 /// and the endpoint variables are left to the SDK, which reads them itself.
-fn transport<B: WithExportConfig>(b: B, cfg: &ExportConfig, path: &str) -> B {
+fn transport<B: WithExportConfig>(b: B, cfg: &ExportConfig, signal: Signal) -> B {
     let b = b.with_protocol(match cfg.protocol {
         Protocol::Grpc => opentelemetry_otlp::Protocol::Grpc,
         Protocol::HttpProtobuf => opentelemetry_otlp::Protocol::HttpBinary,
     });
-    match cfg.signal_endpoint(path) {
+    match cfg.signal_endpoint(signal.http_path()) {
         Some(url) => b.with_endpoint(url),
         None => b,
     }
 }
 
+/// gRPC: tonic's TLS when the signal uses it.
+fn grpc<B: WithExportConfig + WithTonicConfig>(
+    b: B,
+    cfg: &ExportConfig,
+    signal: Signal,
+    tls: Option<&Tls>,
+) -> B {
+    let b = transport(b, cfg, signal);
+    match tls {
+        Some(t) => b.with_tls_config(t.tonic()),
+        None => b,
+    }
+}
+
+/// HTTP: ktrace's client (TLS, or the SDK's plain one), keeping the cause
+/// of failures in `last_error`.
+fn http<B: WithExportConfig + WithHttpConfig>(
+    b: B,
+    cfg: &ExportConfig,
+    signal: Signal,
+    tls: Option<&Tls>,
+    last_error: LastError,
+) -> B {
+    let b = transport(b, cfg, signal);
+    let timeout = cfg.transport(signal).timeout;
+    match tls {
+        Some(t) => b.with_http_client(t.http_client(timeout, last_error)),
+        None => b.with_http_client(tls::Explained {
+            inner: opentelemetry_http::hyper::HyperClient::with_default_connector(timeout, None),
+            last_error,
+        }),
+    }
+}
+
 /// Builds the OTLP exporters (inside the thread's runtime: gRPC channels
 /// are created lazily on it).
-fn build_exporters(cfg: &ExportConfig) -> Result<Exporters, String> {
+fn build_exporters(
+    cfg: &ExportConfig,
+    tls: &SignalTls,
+    last_errors: &[LastError; 2],
+) -> Result<Exporters, String> {
     use opentelemetry_otlp::{LogExporter, MetricExporter};
+    let (m, l) = (Signal::Metrics as usize, Signal::Logs as usize);
     let logs = if cfg.signals.logs {
         let b = LogExporter::builder();
+        let (tls, last) = (tls[l].as_ref(), last_errors[l].clone());
         let built = match cfg.protocol {
-            Protocol::Grpc => transport(b.with_tonic(), cfg, "/v1/logs").build(),
-            Protocol::HttpProtobuf => transport(b.with_http(), cfg, "/v1/logs").build(),
+            Protocol::Grpc => grpc(b.with_tonic(), cfg, Signal::Logs, tls).build(),
+            Protocol::HttpProtobuf => http(b.with_http(), cfg, Signal::Logs, tls, last).build(),
         };
         Some(built.map_err(|e| format!("log exporter: {e}"))?)
     } else {
@@ -521,9 +588,10 @@ fn build_exporters(cfg: &ExportConfig) -> Result<Exporters, String> {
     };
     let metrics = if cfg.signals.metrics {
         let b = MetricExporter::builder().with_temporality(Temporality::Cumulative);
+        let (tls, last) = (tls[m].as_ref(), last_errors[m].clone());
         let built = match cfg.protocol {
-            Protocol::Grpc => transport(b.with_tonic(), cfg, "/v1/metrics").build(),
-            Protocol::HttpProtobuf => transport(b.with_http(), cfg, "/v1/metrics").build(),
+            Protocol::Grpc => grpc(b.with_tonic(), cfg, Signal::Metrics, tls).build(),
+            Protocol::HttpProtobuf => http(b.with_http(), cfg, Signal::Metrics, tls, last).build(),
         };
         Some(built.map_err(|e| format!("metric exporter: {e}"))?)
     } else {
@@ -536,9 +604,18 @@ fn signal_index(signal: &str) -> usize {
     usize::from(signal == "logs")
 }
 
-/// A short, one-line reason from an export error.
-fn reason(e: &OTelSdkError) -> String {
+/// A short, one-line reason from an export error: TLS failures in plain
+/// words (from the HTTP client's own cause when it kept one), else the
+/// SDK's text.
+fn reason(e: &OTelSdkError, http_cause: Option<String>) -> String {
     let s = e.to_string();
+    if let Some(plain) = tls::explain(&s).or_else(|| http_cause.as_deref().and_then(tls::explain)) {
+        return plain;
+    }
+    let s = match http_cause {
+        Some(cause) if s.contains("network error") => format!("{s}: {cause}"),
+        _ => s,
+    };
     let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
     if s.len() > 300 {
         let mut end = 300;
@@ -554,12 +631,14 @@ fn reason(e: &OTelSdkError) -> String {
 impl Worker {
     fn new(
         cfg: ExportConfig,
+        tls: SignalTls,
         res: Resource,
         rx: mpsc::Receiver<Msg>,
         shared: Arc<Shared>,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Worker, String> {
-        let (log_exporter, metric_exporter) = build_exporters(&cfg)?;
+        let last_errors: [LastError; 2] = Default::default();
+        let (log_exporter, metric_exporter) = build_exporters(&cfg, &tls, &last_errors)?;
         let log_exporter = log_exporter.map(|mut x| {
             x.set_resource(&res);
             Arc::new(x)
@@ -586,6 +665,7 @@ impl Worker {
             log_backoff: Backoff::new(),
             metric_backoff: Backoff::new(),
             said: [None, None],
+            last_errors,
             closing: false,
             cfg,
         })
@@ -639,15 +719,26 @@ impl Worker {
         if let Some(m) = &self.metrics {
             m.export_failed(signal);
         }
-        let why = reason(e);
+        let i = signal_index(signal);
+        let http_cause = self.last_errors[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let why = reason(e, http_cause);
         self.shared.failing.store(true, Ordering::Relaxed);
-        let said = &mut self.said[signal_index(signal)];
+        // Both signals usually fail for the same reason: said once.
+        let already = self.said.iter().any(|s| s.as_deref() == Some(why.as_str()));
+        let said = &mut self.said[i];
         if self.closing {
-            tracing::warn!(
-                "OTLP export to {} failed as ktrace stops ({signal}: {why})",
-                self.cfg.endpoint
-            );
-        } else if said.as_deref() != Some(why.as_str()) {
+            if !already {
+                tracing::warn!(
+                    "OTLP export to {} failed as ktrace stops ({signal}: {why})",
+                    self.cfg.endpoint
+                );
+            }
+        } else if already {
+            *said = Some(why);
+        } else {
             tracing::warn!(
                 "OTLP export to {} failing ({signal}: {why}); watching goes on, findings are queued (up to {}) and retried in {:.0?}",
                 self.cfg.endpoint,

@@ -3,6 +3,7 @@
 //!
 //! - [`config`]: `--otlp-endpoint`, `--node-name` and the `OTEL_*` variables.
 //! - [`metrics`]: the counters and gauges, their names and labels.
+//! - [`tls`]: TLS to the collector (the standard certificate variables).
 //! - [`prometheus`]: the same metrics in the Prometheus text format (`--metrics-addr`).
 //! - [`logs`]: a finding as an OTLP log record.
 //! - [`exporter`]: the non-blocking handle the pipeline calls, and the
@@ -16,6 +17,7 @@ pub mod exporter;
 pub mod logs;
 pub mod metrics;
 pub mod prometheus;
+pub mod tls;
 
-pub use config::{ConfigError, Detected, ExportConfig, ExportFlags, Protocol, Signals};
+pub use config::{ConfigError, Detected, ExportConfig, ExportFlags, Protocol, Signal, Signals};
 pub use exporter::{ExportError, ExportSummary, Exporter};
