@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, Source};
+use ktrace::event::{Event, EventBody, NatEntry, Source};
 
 const FLOWS: u32 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
@@ -75,13 +75,13 @@ fn stream() -> Vec<Event> {
         ts += 1_000; // 1 M mappings/s
         v.push(ev(
             ts,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client: client(i),
                 service: service(i),
                 backend: backend(i, 0),
                 protocol: 6,
                 snat: None,
-            },
+            }),
         ));
     }
     for i in 0..FLOWS {
@@ -91,23 +91,23 @@ fn stream() -> Vec<Event> {
             1 => {
                 v.push(ev(
                     ts,
-                    EventBody::NatDestroy {
+                    EventBody::NatDestroy(NatEntry {
                         client: client(i),
                         service: service(i),
                         backend: backend(i, 0),
                         protocol: 6,
                         snat: None,
-                    },
+                    }),
                 ));
                 v.push(ev(
                     ts + 10,
-                    EventBody::NatMapping {
+                    EventBody::NatMapping(NatEntry {
                         client: client(i),
                         service: service(i),
                         backend: backend(i, 1),
                         protocol: 6,
                         snat: None,
-                    },
+                    }),
                 ));
                 v.push(rst(ts + 20, backend(i, 1), client(i), 0x18));
             }

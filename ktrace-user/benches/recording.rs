@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, Source};
+use ktrace::event::{Event, EventBody, NatEntry, Source};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 use ktrace::pipeline::Pipeline;
@@ -77,13 +77,13 @@ fn storm(n: usize) -> Vec<Event> {
             jitter(r >> 3),
             node_ns,
             Source::Ctnetlink,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client,
                 service,
                 backend,
                 protocol: 6,
                 snat: None,
-            },
+            }),
         );
         push(
             &mut out,

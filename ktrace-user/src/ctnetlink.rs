@@ -14,7 +14,7 @@ use netlink_packet_netfilter::{NetfilterMessage, NetfilterMessageInner};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
 
 use crate::clock::monotonic_now_ns;
-use crate::event::{Event, EventBody, Source};
+use crate::event::{Event, EventBody, NatEntry, Source};
 
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
@@ -231,23 +231,17 @@ fn nat_event(msg: &ConntrackMessage) -> Option<EventBody> {
         .map(|(ip, port)| SocketAddr::new(ip, port));
     let snat =
         reply_dst.filter(|d| *d != client && status.is_none_or(|s| s.contains(Status::SrcNat)));
-    let protocol = orig.proto;
+    let nat = NatEntry {
+        client,
+        service,
+        backend,
+        protocol: orig.proto,
+        snat,
+    };
     Some(if destroy {
-        EventBody::NatDestroy {
-            client,
-            service,
-            backend,
-            protocol,
-            snat,
-        }
+        EventBody::NatDestroy(nat)
     } else {
-        EventBody::NatMapping {
-            client,
-            service,
-            backend,
-            protocol,
-            snat,
-        }
+        EventBody::NatMapping(nat)
     })
 }
 
@@ -320,13 +314,13 @@ mod tests {
         assert_eq!(evs[0].netns, 77);
         assert_eq!(
             evs[0].body,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client: "10.0.0.2:40000".parse().unwrap(),
                 service: "10.96.0.10:2222".parse().unwrap(),
                 backend: "10.0.1.3:2222".parse().unwrap(),
                 protocol: 6,
                 snat: None,
-            }
+            })
         );
     }
 
@@ -349,13 +343,13 @@ mod tests {
         assert_eq!(evs.len(), 1, "{evs:?}");
         assert_eq!(
             evs[0].body,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client: "10.0.0.2:40000".parse().unwrap(),
                 service: "10.96.0.10:2222".parse().unwrap(),
                 backend: "10.0.1.3:2222".parse().unwrap(),
                 protocol: 6,
                 snat: Some("10.0.1.1:61000".parse().unwrap()),
-            }
+            })
         );
     }
 

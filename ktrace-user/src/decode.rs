@@ -11,7 +11,7 @@ use ktrace_common::{
     ResetEvent, AF_INET, AF_INET6, CT_MESSAGE_LEN,
 };
 
-use crate::event::{Event, EventBody, Source};
+use crate::event::{Event, EventBody, NatEntry, Source};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -198,13 +198,13 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
         }
         kind::NAT_MAPPING => {
             need(record, size_of::<NatEvent>(), "NAT event")?;
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client: required(endpoint(&mut b)?)?,
                 service: required(endpoint(&mut b)?)?,
                 backend: required(endpoint(&mut b)?)?,
                 snat: endpoint(&mut b)?,
                 protocol: b.get_u8(),
-            }
+            })
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };

@@ -113,17 +113,7 @@ pub enum EventBody {
         weight: Option<i32>,
     },
     /// `client` -> `service` was DNATed to `backend`.
-    NatMapping {
-        client: SocketAddr,
-        service: SocketAddr,
-        backend: SocketAddr,
-        protocol: u8,
-        /// Where conntrack also SNATed the flow (IPS_SRC_NAT: masquerade),
-        /// the address:port the backend sees as its client (the reply
-        /// tuple's destination); its replies go there.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        snat: Option<SocketAddr>,
-    },
+    NatMapping(NatEntry),
     /// Conntrack counters of ktrace's network namespace rose
     /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
     /// previous sample, with the table's fill when readable. Evidence where
@@ -139,15 +129,21 @@ pub enum EventBody {
         max: Option<u64>,
     },
     /// The conntrack entry of a DNATed flow went away (ctnetlink DESTROY).
-    NatDestroy {
-        client: SocketAddr,
-        service: SocketAddr,
-        backend: SocketAddr,
-        protocol: u8,
-        /// As for [`EventBody::NatMapping`].
-        #[serde(skip_serializing_if = "Option::is_none")]
-        snat: Option<SocketAddr>,
-    },
+    NatDestroy(NatEntry),
+}
+
+/// A DNAT conntrack entry: `client` -> `service` goes to `backend`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NatEntry {
+    pub client: SocketAddr,
+    pub service: SocketAddr,
+    pub backend: SocketAddr,
+    pub protocol: u8,
+    /// Where conntrack also SNATed the flow (IPS_SRC_NAT: masquerade),
+    /// the address:port the backend sees as its client (the reply
+    /// tuple's destination); its replies go there.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snat: Option<SocketAddr>,
 }
 
 impl EventBody {
@@ -159,8 +155,8 @@ impl EventBody {
             EventBody::CtInvalid { .. } => "ct_invalid",
             EventBody::CtTableFull { .. } => "ct_table_full",
             EventBody::IpvsConnNew { .. } => "ipvs_conn_new",
-            EventBody::NatMapping { .. } => "nat_mapping",
-            EventBody::NatDestroy { .. } => "nat_destroy",
+            EventBody::NatMapping(_) => "nat_mapping",
+            EventBody::NatDestroy(_) => "nat_destroy",
             EventBody::CtCounters { .. } => "ct_counters",
         }
     }
@@ -177,12 +173,12 @@ impl EventBody {
             EventBody::IpvsConnNew {
                 client, service, ..
             }
-            | EventBody::NatMapping {
+            | EventBody::NatMapping(NatEntry {
                 client, service, ..
-            }
-            | EventBody::NatDestroy {
+            })
+            | EventBody::NatDestroy(NatEntry {
                 client, service, ..
-            } => Some((client, service)),
+            }) => Some((client, service)),
             EventBody::CtCounters { .. } => None,
         }
     }

@@ -311,8 +311,8 @@ fn event_detail(body: &EventBody) -> String {
             weight.map_or("-".into(), |w| w.to_string()),
             if *template { " template" } else { "" }
         ),
-        EventBody::NatMapping { backend, .. } | EventBody::NatDestroy { backend, .. } => {
-            format!("backend={backend}")
+        EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+            format!("backend={}", nat.backend)
         }
         EventBody::CtCounters {
             invalid,

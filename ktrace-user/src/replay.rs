@@ -196,6 +196,53 @@ fn run_inner(
     Ok(report)
 }
 
+/// Which recorded times (monotonic ns) a replay feeds to the engine and prints.
+struct Window {
+    since: u64,
+    until: u64,
+    /// Events before --since still feed the engine (flows it needs to
+    /// explain later resets), as far back as it remembers flows.
+    warm_from: u64,
+}
+
+impl Window {
+    fn new(opts: &ReplayOptions, clock: WallClock, flow_ttl_ns: u64) -> Window {
+        let to_mono =
+            |wall: i128| -> u64 { (wall - clock.offset_ns).clamp(0, i128::from(u64::MAX)) as u64 };
+        let since = opts.since.map_or(0, to_mono);
+        Window {
+            since,
+            until: opts.until.map_or(u64::MAX, to_mono),
+            warm_from: if opts.since.is_some() {
+                since.saturating_sub(flow_ttl_ns)
+            } else {
+                0
+            },
+        }
+    }
+
+    fn feeds(&self, ts: u64) -> bool {
+        ts >= self.warm_from && ts <= self.until
+    }
+
+    fn prints(&self, ts: u64) -> bool {
+        ts >= self.since && ts <= self.until
+    }
+}
+
+/// The engine settings of a recording, with the command line's overrides.
+fn engine_config(opts: &ReplayOptions, ctx: &Context) -> crate::engine::EngineConfig {
+    let mut cfg = ctx.engine.clone().bounded();
+    if let Some(t) = opts.storm_threshold {
+        cfg.storm_threshold = t.max(1);
+    }
+    if let Some(w) = opts.storm_window_ns {
+        cfg.storm_window_ns = w.max(1);
+    }
+    cfg
+}
+
+/// One recording through its own pipeline: status, then every file's items.
 fn replay_recording(
     opts: &ReplayOptions,
     mut rec: Recording,
@@ -206,26 +253,8 @@ fn replay_recording(
 ) -> Result<(), ReplayError> {
     let ctx: Context = rec.readers[0].context().clone();
     let clock = ctx.clock();
-    let mut cfg = ctx.engine.clone().bounded();
-    if let Some(t) = opts.storm_threshold {
-        cfg.storm_threshold = t.max(1);
-    }
-    if let Some(w) = opts.storm_window_ns {
-        cfg.storm_window_ns = w.max(1);
-    }
-    let to_mono =
-        |wall: i128| -> u64 { (wall - clock.offset_ns).clamp(0, i128::from(u64::MAX)) as u64 };
-    let since = opts.since.map_or(0, to_mono);
-    let until = opts.until.map_or(u64::MAX, to_mono);
-    // Events before --since still feed the engine (flows it needs to
-    // explain later resets), as far back as it remembers flows.
-    let warm_from = if opts.since.is_some() {
-        since.saturating_sub(cfg.flow_ttl_ns)
-    } else {
-        0
-    };
-    let fed = |ts: u64| ts >= warm_from && ts <= until;
-
+    let cfg = engine_config(opts, &ctx);
+    let window = Window::new(opts, clock, cfg.flow_ttl_ns);
     let mut names = NetnsNames::default();
     for (inum, name) in &ctx.netns_names {
         names.insert(*inum, name.clone());
@@ -234,37 +263,61 @@ fn replay_recording(
         Some(Engine::new(cfg.with_hooks(&ctx.hook_status()))),
         Renderer::new(out, opts.json, opts.events, clock, names),
     );
-    p.print_window = (since, until);
+    p.print_window = (window.since, window.until);
     if let Some(x) = export {
         x.set_clock(clock);
         p.exporter = Some(x.clone());
     }
-
     print_status(&mut p.out, &ctx, &rec, opts.json).map_err(ReplayError::Output)?;
 
-    // When the replay ends: the last recorded time it went through.
-    let mut last_ts = ctx.started_mono_ns;
+    let mut feed = Feed {
+        p,
+        window,
+        last_ts: ctx.started_mono_ns,
+        dropped_total: 0,
+    };
     let mut prev_segment: Option<u64> = None;
-    let mut dropped_total = 0u64;
-    let mut items = Vec::new();
     for r in &mut rec.readers {
         let seg = r.context().segment;
-        if let Some(prev) = prev_segment {
-            if seg > prev + 1 {
-                report.warnings += 1;
-                warn(&Warning {
-                    path: r.path().to_path_buf(),
-                    offset: 0,
-                    kind: crate::recording::reader::WarningKind::Corrupt,
-                    message: format!("segments {}..{} of this recording are missing; events between them were not replayed", prev + 1, seg - 1),
-                });
-            }
+        if let Some(prev) = prev_segment.filter(|&prev| seg > prev + 1) {
+            report.warnings += 1;
+            warn(&Warning {
+                path: r.path().to_path_buf(),
+                offset: 0,
+                kind: crate::recording::reader::WarningKind::Corrupt,
+                message: format!("segments {}..{} of this recording are missing; events between them were not replayed", prev + 1, seg - 1),
+            });
         }
         prev_segment = Some(seg);
+        feed.file(r, warn, report)?;
+    }
+    feed.p.finish(feed.last_ts).map_err(ReplayError::Output)
+}
+
+/// Recorded items into a recording's pipeline.
+struct Feed<'a> {
+    p: Pipeline<&'a mut dyn Write>,
+    window: Window,
+    /// When the replay ends: the last recorded time it went through.
+    last_ts: u64,
+    /// Events the recorder could not write, so far.
+    dropped_total: u64,
+}
+
+impl Feed<'_> {
+    /// Every block of one file the window wants.
+    fn file(
+        &mut self,
+        r: &mut FileReader,
+        warn: &mut dyn FnMut(&Warning),
+        report: &mut ReplayReport,
+    ) -> Result<(), ReplayError> {
         let path = r.path().display().to_string();
         let mut warned = Vec::new();
+        let mut items = Vec::new();
+        let (from, until) = (self.window.warm_from, self.window.until);
         let want =
-            |h: &crate::recording::format::FrameHeader| h.max_ts >= warm_from && h.min_ts <= until;
+            |h: &crate::recording::format::FrameHeader| h.max_ts >= from && h.min_ts <= until;
         loop {
             let more = r
                 .next_block(&mut items, &mut |w| warned.push(w), &want)
@@ -277,55 +330,47 @@ fn replay_recording(
                 warn(&w);
             }
             if !more {
-                break;
+                return Ok(());
             }
             for item in items.drain(..) {
                 report.items += 1;
-                match item {
-                    Item::Event(ev) => {
-                        if fed(ev.ts_ns) {
-                            last_ts = last_ts.max(ev.ts_ns);
-                            report.events += 1;
-                            p.handle(&ev).map_err(ReplayError::Output)?;
-                        }
-                    }
-                    Item::Tick { ts_ns } => {
-                        if fed(ts_ns) {
-                            last_ts = last_ts.max(ts_ns);
-                            p.tick(ts_ns).map_err(ReplayError::Output)?;
-                        }
-                    }
-                    Item::Lost {
-                        ts_ns,
-                        count,
-                        total,
-                        what,
-                    } => {
-                        if ts_ns >= since && ts_ns <= until {
-                            p.out
-                                .lost(ts_ns, count, total, &what)
-                                .map_err(ReplayError::Output)?;
-                        }
-                    }
-                    Item::Dropped {
-                        ts_ns,
-                        count,
-                        reason,
-                    } => {
-                        dropped_total += count;
-                        if ts_ns >= since && ts_ns <= until {
-                            let what = format!("not recorded ({reason})");
-                            p.out
-                                .lost(ts_ns, count, dropped_total, &what)
-                                .map_err(ReplayError::Output)?;
-                        }
-                    }
-                }
+                self.item(item, report).map_err(ReplayError::Output)?;
             }
         }
     }
-    p.finish(last_ts).map_err(ReplayError::Output)?;
-    Ok(())
+
+    fn item(&mut self, item: Item, report: &mut ReplayReport) -> io::Result<()> {
+        match item {
+            Item::Event(ev) if self.window.feeds(ev.ts_ns) => {
+                self.last_ts = self.last_ts.max(ev.ts_ns);
+                report.events += 1;
+                self.p.handle(&ev)
+            }
+            Item::Tick { ts_ns } if self.window.feeds(ts_ns) => {
+                self.last_ts = self.last_ts.max(ts_ns);
+                self.p.tick(ts_ns)
+            }
+            Item::Lost {
+                ts_ns,
+                count,
+                total,
+                what,
+            } if self.window.prints(ts_ns) => self.p.out.lost(ts_ns, count, total, &what),
+            Item::Dropped {
+                ts_ns,
+                count,
+                reason,
+            } => {
+                self.dropped_total += count;
+                if !self.window.prints(ts_ns) {
+                    return Ok(());
+                }
+                let what = format!("not recorded ({reason})");
+                self.p.out.lost(ts_ns, count, self.dropped_total, &what)
+            }
+            Item::Event(_) | Item::Tick { .. } | Item::Lost { .. } => Ok(()),
+        }
+    }
 }
 
 /// The recorded status line, stamped when the recording started, naming

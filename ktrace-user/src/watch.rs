@@ -8,7 +8,7 @@ use crate::clock::WallClock;
 use crate::engine::{Engine, EngineConfig};
 use crate::netns::NetnsNames;
 use crate::output::Renderer;
-use crate::pipeline::{run_source, source, Pipeline, PipelineError, SourceOptions};
+use crate::pipeline::{run_source, Pipeline, PipelineError, SourceOptions};
 use crate::recording::{Recorder, RotationConfig};
 
 pub struct WatchOptions {
@@ -27,7 +27,6 @@ pub struct WatchOptions {
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
-    source::check_ring_size(opts.ring_buffer_bytes)?;
     // Checked before attaching: a bad --record path fails fast.
     let recorder = match &opts.record {
         Some(cfg) => Some(Recorder::create(cfg.clone(), "watch", opts.engine.clone())?),

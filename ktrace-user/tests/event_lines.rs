@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ktrace::clock::WallClock;
-use ktrace::event::{Event, EventBody, Source};
+use ktrace::event::{Event, EventBody, NatEntry, Source};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 
@@ -95,20 +95,20 @@ fn bodies() -> Vec<EventBody> {
             dest_flags: 0,
             weight: None,
         },
-        EventBody::NatMapping {
+        EventBody::NatMapping(NatEntry {
             client: a("10.0.0.1:40000"),
             service: a("10.96.0.10:80"),
             backend: a("10.0.1.5:8080"),
             protocol: 6,
             snat: None,
-        },
-        EventBody::NatDestroy {
+        }),
+        EventBody::NatDestroy(NatEntry {
             client: a("[fd00::1]:40000"),
             service: a("[fd00::10]:80"),
             backend: a("[fd00::5]:8080"),
             protocol: 17,
             snat: None,
-        },
+        }),
         EventBody::CtCounters {
             invalid: 3,
             drop: 0,

@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ktrace::engine::{Engine, EngineConfig, Finding};
-use ktrace::event::{Event, EventBody, Source};
+use ktrace::event::{Event, EventBody, NatEntry, Source};
 
 const SEC: u64 = 1_000_000_000;
 const DAY: u64 = 86_400 * SEC;
@@ -54,13 +54,13 @@ impl Day {
         backend: SocketAddr,
         protocol: u8,
     ) {
-        let body = EventBody::NatMapping {
+        let body = EventBody::NatMapping(NatEntry {
             client,
             service,
             backend,
             protocol,
             snat: None,
-        };
+        });
         self.at(dt_ms, NODE_NS, body);
     }
 
@@ -116,13 +116,13 @@ fn incidents(day: &mut Day) {
     // Flush, re-mapping to another backend, which resets the client.
     let c2 = ep(10, 0, 0, 3, 40_001);
     day.map(1_000, c2, svc, b1);
-    let body = EventBody::NatDestroy {
+    let body = EventBody::NatDestroy(NatEntry {
         client: c2,
         service: svc,
         backend: b1,
         protocol: 6,
         snat: None,
-    };
+    });
     day.at(2_500, NODE_NS, body);
     day.map(10, c2, svc, b2);
     day.rst(10, b2, c2);

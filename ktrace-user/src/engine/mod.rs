@@ -26,7 +26,7 @@ use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::event::{Event, EventBody};
+use crate::event::{Event, EventBody, NatEntry};
 pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use finding::{UnnatedBasis, UnnatedPath};
 use flows::{Ep, FlowKey, FlowTable, TCP};
@@ -285,13 +285,13 @@ impl Engine {
             self.tick(ev.ts_ns, out);
         }
         match &ev.body {
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client,
                 service,
                 backend,
                 protocol,
                 snat,
-            } => {
+            }) => {
                 let key = flow_key(*client, *protocol, ev.netns);
                 if let Some(n) = snat {
                     if self.snat.len() >= MAX_SNAT {
@@ -301,12 +301,12 @@ impl Engine {
                 }
                 self.on_mapping(ev.ts_ns, key, *service, *backend, out)
             }
-            EventBody::NatDestroy {
+            EventBody::NatDestroy(NatEntry {
                 client,
                 service,
                 protocol,
                 ..
-            } => self
+            }) => self
                 .flows
                 .destroyed(flow_key(*client, *protocol, ev.netns), Ep::new(*service)),
             EventBody::TcpSendReset {
@@ -413,12 +413,9 @@ impl Engine {
     /// Starts loading the flows `ev` will look up.
     pub fn prefetch(&self, ev: &Event) {
         match &ev.body {
-            EventBody::NatMapping {
-                client, protocol, ..
+            EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+                self.flows.prefetch(Ep::new(nat.client), nat.protocol)
             }
-            | EventBody::NatDestroy {
-                client, protocol, ..
-            } => self.flows.prefetch(Ep::new(*client), *protocol),
             EventBody::TcpSendReset { src, dst, .. } if may_be_an_incident(&ev.body) => {
                 self.flows.prefetch(Ep::new(*src), TCP);
                 self.flows.prefetch(Ep::new(*dst), TCP);

@@ -28,26 +28,26 @@ fn ev(ts_ms: u64, body: EventBody) -> Event {
 fn map(ts: u64, client: &str, service: &str, backend: &str) -> Event {
     ev(
         ts,
-        EventBody::NatMapping {
+        EventBody::NatMapping(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol: 6,
             snat: None,
-        },
+        }),
     )
 }
 
 fn destroy(ts: u64, client: &str, service: &str, backend: &str) -> Event {
     ev(
         ts,
-        EventBody::NatDestroy {
+        EventBody::NatDestroy(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol: 6,
             snat: None,
-        },
+        }),
     )
 }
 
@@ -425,13 +425,13 @@ fn a_reused_port_without_a_new_conntrack_entry_is_reported_again() {
 fn map_snat(ts: u64, client: &str, service: &str, backend: &str, snat: &str) -> Event {
     ev(
         ts,
-        EventBody::NatMapping {
+        EventBody::NatMapping(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol: 6,
             snat: Some(a(snat)),
-        },
+        }),
     )
 }
 

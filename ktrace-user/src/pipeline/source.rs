@@ -36,15 +36,6 @@ enum CtMsg {
     Died(String),
 }
 
-pub fn check_ring_size(bytes: u32) -> Result<(), PipelineError> {
-    if !bytes.is_power_of_two() || bytes < 4096 {
-        return Err(PipelineError::Output(std::io::Error::other(
-            "--ring-buffer-mb must be a power of two",
-        )));
-    }
-    Ok(())
-}
-
 /// Attaches the hooks and feeds `sink` until SIGINT, SIGTERM or the
 /// duration; then drains what the kernel still holds and calls `finish`.
 pub fn run_source(
@@ -52,7 +43,6 @@ pub fn run_source(
     clock: WallClock,
     sink: &mut dyn Sink,
 ) -> Result<(), PipelineError> {
-    check_ring_size(opts.ring_buffer_bytes)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -104,6 +94,7 @@ impl Decoder {
     }
 }
 
+/// Attaches, says what is live, then runs [`Live`] until it stops.
 async fn source_loop(
     opts: &SourceOptions,
     clock: WallClock,
@@ -112,7 +103,7 @@ async fn source_loop(
     let mut attached = hooks::load_and_attach(&LoadOptions {
         ring_buffer_bytes: opts.ring_buffer_bytes,
     })?;
-    let mut ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
+    let ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
     // aya's copy of the BTF, freed once the programs loaded, and the code
     // only start-up ran.
     crate::memory::release_startup();
@@ -121,69 +112,12 @@ async fn source_loop(
     counters.sample();
 
     // NAT mappings from ctnetlink where no kernel hook gives them.
-    let (ct_tx, mut ct_rx) = mpsc::channel::<CtMsg>(4096);
+    let (ct_tx, ct_rx) = mpsc::channel::<CtMsg>(4096);
     let mut status = attached.status.clone();
     if !attached.nat_from_kernel {
-        let nat = status.iter_mut().find(|s| s.name == "nat_mapping");
-        let kernel_reason = nat
-            .as_ref()
-            .and_then(|s| s.reason.clone())
-            .unwrap_or_default();
-        let new = if !opts.ctnetlink {
-            HookStatus {
-                name: "nat_mapping".into(),
-                mechanism: "none".into(),
-                attached: false,
-                target: String::new(),
-                reason: Some(format!("--no-ctnetlink; kprobe: {kernel_reason}")),
-            }
-        } else {
-            match Ctnetlink::subscribe(my_netns.unwrap_or(0)) {
-                Ok(ct) => {
-                    spawn_ctnetlink(ct, ct_tx.clone());
-                    HookStatus {
-                        name: "nat_mapping".into(),
-                        mechanism: "ctnetlink".into(),
-                        attached: true,
-                        target: "conntrack NEW/DESTROY events of this network namespace".into(),
-                        reason: Some(format!("kprobe unavailable: {kernel_reason}")),
-                    }
-                }
-                Err(e) => HookStatus {
-                    name: "nat_mapping".into(),
-                    mechanism: "none".into(),
-                    attached: false,
-                    target: String::new(),
-                    reason: Some(format!("{e}; kprobe: {kernel_reason}")),
-                },
-            }
-        };
-        match nat {
-            Some(s) => *s = new,
-            None => status.push(new),
-        }
+        nat_from_ctnetlink(&mut status, opts.ctnetlink, my_netns.unwrap_or(0), ct_tx);
     }
-    drop(ct_tx);
-    // Conntrack counters of this namespace, sampled every tick and on demand.
-    let counters_readable = counters.readable();
-    status.push(HookStatus {
-        name: "ct_counters".into(),
-        mechanism: "procfs".into(),
-        attached: counters_readable,
-        target: if counters_readable {
-            "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms and as soon as a finding waits for it".into()
-        } else {
-            String::new()
-        },
-        reason: (!counters_readable)
-            .then(|| "nf_conntrack is not loaded (no /proc/net/stat/nf_conntrack)".to_string()),
-    });
-
-    let mut dec = Decoder {
-        names: attached.names.clone(),
-        errors: 0,
-        reported: 0,
-    };
+    status.push(counters_status(counters.readable()));
     sink.start(
         &status,
         &StatusInfo {
@@ -196,91 +130,209 @@ async fn source_loop(
         },
         clock,
     )?;
+    let mut live = Live {
+        ring,
+        dec: Decoder {
+            names: attached.names.clone(),
+            errors: 0,
+            reported: 0,
+        },
+        counters: CounterSample {
+            watch: counters,
+            netns: my_netns.unwrap_or(0),
+            next: tokio::time::Instant::now(),
+        },
+        ct_rx,
+        ct_open: true,
+        ct_overruns: 0,
+    };
+    live.run(opts.duration, sink).await?;
+    live.finish(sink)
+}
 
-    let mut sigint = signal(SignalKind::interrupt()).map_err(PipelineError::Runtime)?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(PipelineError::Runtime)?;
-    let deadline = async {
-        match opts.duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
+/// Replaces the kernel's `nat_mapping` status with ctnetlink's (spawning
+/// its listener, which sends on `tx`), or says why there is none.
+fn nat_from_ctnetlink(
+    status: &mut Vec<HookStatus>,
+    enabled: bool,
+    netns: u32,
+    tx: mpsc::Sender<CtMsg>,
+) {
+    let nat = status.iter_mut().find(|s| s.name == "nat_mapping");
+    let kernel_reason = nat
+        .as_ref()
+        .and_then(|s| s.reason.clone())
+        .unwrap_or_default();
+    let new = if !enabled {
+        HookStatus::off(
+            "nat_mapping",
+            format!("--no-ctnetlink; kprobe: {kernel_reason}"),
+        )
+    } else {
+        match Ctnetlink::subscribe(netns) {
+            Ok(ct) => {
+                spawn_ctnetlink(ct, tx);
+                HookStatus {
+                    name: "nat_mapping".into(),
+                    mechanism: "ctnetlink".into(),
+                    attached: true,
+                    target: "conntrack NEW/DESTROY events of this network namespace".into(),
+                    reason: Some(format!("kprobe unavailable: {kernel_reason}")),
+                }
+            }
+            Err(e) => HookStatus::off("nat_mapping", format!("{e}; kprobe: {kernel_reason}")),
         }
     };
-    tokio::pin!(deadline);
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    let mut counter_sample = CounterSample {
-        watch: counters,
-        netns: my_netns.unwrap_or(0),
-        next: tokio::time::Instant::now(),
-    };
-    let mut ct_open = true;
-    let mut ct_overruns = 0u64;
+    match nat {
+        Some(s) => *s = new,
+        None => status.push(new),
+    }
+}
 
-    loop {
-        tokio::select! {
-            r = ring.readable() => {
-                r?;
-                dec.drain(&mut ring, sink)?;
-                if sink.wants_counters() && counter_sample.next <= tokio::time::Instant::now() {
-                    counter_sample.take(monotonic_now_ns(), true, sink)?;
-                }
-                sink.flush()?;
+/// The `ct_counters` hook: conntrack counters of this namespace, sampled
+/// every tick and on demand.
+fn counters_status(readable: bool) -> HookStatus {
+    if !readable {
+        let mut off = HookStatus::off(
+            "ct_counters",
+            "nf_conntrack is not loaded (no /proc/net/stat/nf_conntrack)",
+        );
+        off.mechanism = "procfs".into();
+        return off;
+    }
+    HookStatus {
+        name: "ct_counters".into(),
+        mechanism: "procfs".into(),
+        attached: true,
+        target: "/proc/net/stat/nf_conntrack of this network namespace, every 200 ms and as soon as a finding waits for it".into(),
+        reason: None,
+    }
+}
+
+/// The running source: the ring buffer, the ctnetlink listener's channel
+/// and the counter sampler, fed to a sink.
+struct Live {
+    ring: RingReader,
+    dec: Decoder,
+    counters: CounterSample,
+    ct_rx: mpsc::Receiver<CtMsg>,
+    ct_open: bool,
+    ct_overruns: u64,
+}
+
+impl Live {
+    /// Feeds `sink` until SIGINT, SIGTERM, the duration or `sink.done()`.
+    async fn run(
+        &mut self,
+        duration: Option<Duration>,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PipelineError> {
+        let mut sigint = signal(SignalKind::interrupt()).map_err(PipelineError::Runtime)?;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(PipelineError::Runtime)?;
+        let deadline = async {
+            match duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
             }
-            msg = ct_rx.recv(), if ct_open => match msg {
-                Some(CtMsg::Events(evs)) => {
-                    for ev in &evs {
-                        sink.event(ev)?;
+        };
+        tokio::pin!(deadline);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                r = self.ring.readable() => {
+                    r?;
+                    self.dec.drain(&mut self.ring, sink)?;
+                    if sink.wants_counters() && self.counters.next <= tokio::time::Instant::now() {
+                        self.counters.take(monotonic_now_ns(), true, sink)?;
                     }
                     sink.flush()?;
                 }
-                Some(CtMsg::Overrun(n)) => {
-                    ct_overruns += n;
-                    sink.lost(monotonic_now_ns(), n, ct_overruns, "ctnetlink socket overrun (NAT events dropped by the kernel)")?;
+                msg = self.ct_rx.recv(), if self.ct_open => self.ctnetlink(msg, sink)?,
+                _ = tick.tick() => {
+                    if self.tick(sink)? {
+                        return Ok(());
+                    }
                 }
-                Some(CtMsg::Died(why)) => {
-                    let mut hook = HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {why}"));
-                    hook.mechanism = "ctnetlink".into();
-                    sink.hook_down(monotonic_now_ns(), &hook)?;
-                    ct_open = false;
+                // A finding waits for the counters: sample now (after the ring,
+                // which may hold what the sample explains), not at the next tick.
+                _ = tokio::time::sleep_until(self.counters.next), if sink.wants_counters() => {
+                    self.dec.drain(&mut self.ring, sink)?;
+                    self.counters.take(monotonic_now_ns(), true, sink)?;
+                    sink.flush()?;
                 }
-                None => ct_open = false,
-            },
-            _ = tick.tick() => {
-                // Drains are spaced (ring::MIN_DRAIN_GAP): what the ring
-                // holds goes first, so the counter sample below comes after
-                // the events it may explain, in time and in order.
-                dec.drain(&mut ring, sink)?;
-                let now = monotonic_now_ns();
-                report_losses(now, &mut ring, &mut dec, sink)?;
-                // Conntrack counters of this namespace: evidence of INVALID
-                // verdicts and table-full drops where no kprobe can see them.
-                counter_sample.take(now, false, sink)?;
-                sink.tick(now)?;
-                sink.flush()?;
-                if sink.done() {
-                    break;
-                }
+                _ = sigint.recv() => return Ok(()),
+                _ = sigterm.recv() => return Ok(()),
+                _ = &mut deadline => return Ok(()),
             }
-            // A finding waits for the counters: sample now (after the ring,
-            // which may hold what the sample explains), not at the next tick.
-            _ = tokio::time::sleep_until(counter_sample.next), if sink.wants_counters() => {
-                dec.drain(&mut ring, sink)?;
-                counter_sample.take(monotonic_now_ns(), true, sink)?;
-                sink.flush()?;
-            }
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
-            _ = &mut deadline => break,
         }
     }
-    // Flush what the kernel still holds before leaving.
-    dec.drain(&mut ring, sink)?;
-    while let Ok(CtMsg::Events(evs)) = ct_rx.try_recv() {
-        for ev in &evs {
-            sink.event(ev)?;
+
+    /// One message of the ctnetlink listener (`None`: it is gone).
+    fn ctnetlink(&mut self, msg: Option<CtMsg>, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        match msg {
+            Some(CtMsg::Events(evs)) => {
+                for ev in &evs {
+                    sink.event(ev)?;
+                }
+                sink.flush()?;
+            }
+            Some(CtMsg::Overrun(n)) => {
+                self.ct_overruns += n;
+                sink.lost(
+                    monotonic_now_ns(),
+                    n,
+                    self.ct_overruns,
+                    "ctnetlink socket overrun (NAT events dropped by the kernel)",
+                )?;
+            }
+            Some(CtMsg::Died(why)) => {
+                let mut hook =
+                    HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {why}"));
+                hook.mechanism = "ctnetlink".into();
+                sink.hook_down(monotonic_now_ns(), &hook)?;
+                self.ct_open = false;
+            }
+            None => self.ct_open = false,
         }
+        Ok(())
     }
-    report_losses(monotonic_now_ns(), &mut ring, &mut dec, sink)?;
-    sink.finish(monotonic_now_ns())
+
+    /// The 200 ms tick; true when the sink is done.
+    fn tick(&mut self, sink: &mut dyn Sink) -> Result<bool, PipelineError> {
+        // Drains are spaced (ring::MIN_DRAIN_GAP): what the ring holds goes
+        // first, so the counter sample below comes after the events it may
+        // explain, in time and in order.
+        self.dec.drain(&mut self.ring, sink)?;
+        let now = monotonic_now_ns();
+        self.report_losses(now, sink)?;
+        // Conntrack counters of this namespace: evidence of INVALID
+        // verdicts and table-full drops where no kprobe can see them.
+        self.counters.take(now, false, sink)?;
+        sink.tick(now)?;
+        sink.flush()?;
+        Ok(sink.done())
+    }
+
+    /// Flushes what the kernel and the listener still hold, then stops the sink.
+    fn finish(&mut self, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        self.dec.drain(&mut self.ring, sink)?;
+        while let Ok(CtMsg::Events(evs)) = self.ct_rx.try_recv() {
+            for ev in &evs {
+                sink.event(ev)?;
+            }
+        }
+        self.report_losses(monotonic_now_ns(), sink)?;
+        sink.finish(monotonic_now_ns())
+    }
+
+    /// Lost lines for what the kernel could not hand over or read, and for
+    /// records that did not decode, since the last report.
+    fn report_losses(&mut self, now: u64, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        for l in self.ring.new_losses() {
+            sink.lost(now, l.count, l.total, &l.what)?;
+        }
+        self.dec.report(now, sink)
+    }
 }
 
 /// Shortest time between two conntrack counter samples taken on demand:
@@ -316,20 +368,6 @@ impl CounterSample {
             None => Ok(()),
         }
     }
-}
-
-/// Lost lines for what the kernel could not hand over or read, and for
-/// records that did not decode, since the last report.
-fn report_losses(
-    now: u64,
-    ring: &mut RingReader,
-    dec: &mut Decoder,
-    sink: &mut dyn Sink,
-) -> Result<(), PipelineError> {
-    for l in ring.new_losses() {
-        sink.lost(now, l.count, l.total, &l.what)?;
-    }
-    dec.report(now, sink)
 }
 
 /// Reads ctnetlink on its own thread (the socket blocks) and forwards events.

@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::event::{Event, EventBody, Source};
+use crate::event::{Event, EventBody, NatEntry, Source};
 
 /// First 8 bytes of every recording file (PNG-style: the high byte and the
 /// line endings catch text-mode transfers).
@@ -174,6 +174,11 @@ impl<'a> Cursor<'a> {
     pub fn varint_u32(&mut self) -> Result<u32, Malformed> {
         u32::try_from(self.varint()?).map_err(|_| Malformed("value exceeds 32 bits"))
     }
+
+    /// A zigzag varint that must fit an i32 (`what` says which otherwise).
+    pub fn varint_i32(&mut self, what: &'static str) -> Result<i32, Malformed> {
+        i32::try_from(unzigzag(self.varint()?)).map_err(|_| Malformed(what))
+    }
 }
 
 // ---------------------------------------------------------------- frames
@@ -285,13 +290,27 @@ fn source_from(c: u8) -> Result<Source, Malformed> {
     })
 }
 
-/// An endpoint as written: IP dictionary reference (0 = absent) and port.
-#[derive(Clone, Copy)]
-struct EpRef(u32, u16);
+/// Every variant has its own tag: a new EventBody variant fails to compile
+/// here until it gets one (and its fields an encoder and a decoder arm).
+fn event_tag(body: &EventBody) -> u64 {
+    match body {
+        EventBody::TcpSendReset { .. } => tag::TCP_SEND_RESET,
+        EventBody::TcpReceiveReset { .. } => tag::TCP_RECEIVE_RESET,
+        EventBody::CtInvalid { .. } => tag::CT_INVALID,
+        EventBody::CtTableFull { .. } => tag::CT_TABLE_FULL,
+        EventBody::IpvsConnNew { .. } => tag::IPVS_CONN_NEW,
+        EventBody::NatMapping(_) => tag::NAT_MAPPING,
+        EventBody::NatDestroy(_) => tag::NAT_DESTROY,
+        EventBody::CtCounters { .. } => tag::CT_COUNTERS,
+    }
+}
 
 /// Builds the uncompressed payload of one block.
 pub struct BlockEncoder {
     buf: Vec<u8>,
+    /// The fields of the event being encoded (its dictionary entries go
+    /// into `buf` first).
+    fields: Vec<u8>,
     ips: DictMap<IpAddr, u32>,
     strs: DictMap<Box<str>, u32>,
     netns: DictMap<u32, u32>,
@@ -324,6 +343,7 @@ impl BlockEncoder {
     pub fn new() -> Self {
         BlockEncoder {
             buf: Vec::with_capacity(1 << 16),
+            fields: Vec::with_capacity(64),
             ips: DictMap::default(),
             strs: DictMap::default(),
             netns: DictMap::default(),
@@ -397,16 +417,6 @@ impl BlockEncoder {
         i + 1
     }
 
-    #[inline]
-    fn ep(&mut self, a: SocketAddr) -> EpRef {
-        EpRef(self.ip(a.ip()), a.port())
-    }
-
-    #[inline]
-    fn opt_ep(&mut self, a: Option<SocketAddr>) -> EpRef {
-        a.map_or(EpRef(0, 0), |a| self.ep(a))
-    }
-
     fn string(&mut self, s: Option<&str>) -> u32 {
         let Some(s) = s else { return 0 };
         if let Some(&i) = self.strs.get(s) {
@@ -462,88 +472,64 @@ impl BlockEncoder {
         }
     }
 
-    #[inline]
-    fn put_ep(&mut self, e: EpRef) {
-        put_varint(&mut self.buf, u64::from(e.0));
-        if e.0 != 0 {
-            self.buf.extend_from_slice(&e.1.to_be_bytes());
-        }
-    }
-
     /// Appends one event (and the dictionary entries it needs first).
     pub fn push_event(&mut self, ev: &Event) {
         let ns = self.netns(ev.netns);
-        let src = source_code(ev.source);
-        // Every variant has its own tag: a new EventBody variant fails to
-        // compile here until it gets one (and a decoder arm).
-        let at = match &ev.body {
+        let mut fields = std::mem::take(&mut self.fields);
+        fields.clear();
+        self.event_fields(&ev.body, &mut fields);
+        let at = self.head(event_tag(&ev.body), ev.ts_ns, ns, source_code(ev.source));
+        self.buf.extend_from_slice(&fields);
+        self.end(at);
+        self.fields = fields;
+        self.events += 1;
+    }
+
+    /// Writes the fields of `body` into `f` (and the dictionary entries
+    /// they name into the block), as [`BlockDecoder::event_body`] reads them.
+    fn event_fields(&mut self, body: &EventBody, f: &mut Vec<u8>) {
+        match body {
             EventBody::TcpSendReset {
-                src: s,
-                dst: d,
+                src,
+                dst,
                 reason,
                 trigger_flags,
                 socket,
             } => {
-                let (s, d, r) = (self.ep(*s), self.ep(*d), self.string(reason.as_deref()));
-                let at = self.head(tag::TCP_SEND_RESET, ev.ts_ns, ns, src);
-                self.put_ep(s);
-                self.put_ep(d);
-                put_varint(&mut self.buf, u64::from(r));
-                // The state byte is written as 0 when there is no socket.
+                self.eps(f, &[*src, *dst]);
+                self.str_field(f, reason.as_deref());
+                // The state byte is 0 without a socket.
                 let flags = u8::from(socket.is_some()) | (u8::from(trigger_flags.is_some()) << 1);
-                self.buf.extend_from_slice(&[flags, socket.unwrap_or(0)]);
-                if let Some(t) = trigger_flags {
-                    self.buf.push(*t);
-                }
-                at
+                f.extend_from_slice(&[flags, socket.unwrap_or(0)]);
+                f.extend(*trigger_flags);
             }
             EventBody::TcpReceiveReset {
-                src: s,
-                dst: d,
+                src,
+                dst,
                 sock_cookie,
             } => {
-                let (s, d) = (self.ep(*s), self.ep(*d));
-                let at = self.head(tag::TCP_RECEIVE_RESET, ev.ts_ns, ns, src);
-                self.put_ep(s);
-                self.put_ep(d);
-                put_varint(&mut self.buf, *sock_cookie);
-                at
+                self.eps(f, &[*src, *dst]);
+                put_varint(f, *sock_cookie);
             }
             EventBody::CtInvalid {
-                src: s,
-                dst: d,
+                src,
+                dst,
                 orig_src,
                 orig_dst,
                 reply_src,
                 reply_dir,
                 message,
             } => {
-                let (s, d) = (self.ep(*s), self.ep(*d));
-                let (os, od, rs) = (
-                    self.opt_ep(*orig_src),
-                    self.opt_ep(*orig_dst),
-                    self.opt_ep(*reply_src),
-                );
-                let m = self.string(message.as_deref());
-                let at = self.head(tag::CT_INVALID, ev.ts_ns, ns, src);
-                for e in [s, d, os, od, rs] {
-                    self.put_ep(e);
+                self.eps(f, &[*src, *dst]);
+                for e in [orig_src, orig_dst, reply_src] {
+                    self.ep_field(f, *e);
                 }
-                self.buf.push(u8::from(*reply_dir));
-                put_varint(&mut self.buf, u64::from(m));
-                at
+                f.push(u8::from(*reply_dir));
+                self.str_field(f, message.as_deref());
             }
-            EventBody::CtTableFull {
-                src: s,
-                dst: d,
-                errno,
-            } => {
-                let (s, d) = (self.ep(*s), self.ep(*d));
-                let at = self.head(tag::CT_TABLE_FULL, ev.ts_ns, ns, src);
-                self.put_ep(s);
-                self.put_ep(d);
-                put_varint(&mut self.buf, zigzag(i64::from(*errno)));
-                at
+            EventBody::CtTableFull { src, dst, errno } => {
+                self.eps(f, &[*src, *dst]);
+                put_varint(f, zigzag(i64::from(*errno)));
             }
             EventBody::IpvsConnNew {
                 client,
@@ -555,51 +541,22 @@ impl BlockEncoder {
                 dest_flags,
                 weight,
             } => {
-                let (c, s, r) = (self.ep(*client), self.ep(*service), self.ep(*real_server));
-                let at = self.head(tag::IPVS_CONN_NEW, ev.ts_ns, ns, src);
-                for e in [c, s, r] {
-                    self.put_ep(e);
-                }
+                self.eps(f, &[*client, *service, *real_server]);
                 let flags = u8::from(*template) | (u8::from(weight.is_some()) << 1);
-                self.buf.extend_from_slice(&[*protocol, flags]);
-                put_varint(&mut self.buf, u64::from(*conn_flags));
-                put_varint(&mut self.buf, u64::from(*dest_flags));
+                f.extend_from_slice(&[*protocol, flags]);
+                put_varint(f, u64::from(*conn_flags));
+                put_varint(f, u64::from(*dest_flags));
                 if let Some(w) = weight {
-                    put_varint(&mut self.buf, zigzag(i64::from(*w)));
+                    put_varint(f, zigzag(i64::from(*w)));
                 }
-                at
             }
-            EventBody::NatMapping {
-                client,
-                service,
-                backend,
-                protocol,
-                snat,
-            }
-            | EventBody::NatDestroy {
-                client,
-                service,
-                backend,
-                protocol,
-                snat,
-            } => {
-                let t = if matches!(ev.body, EventBody::NatMapping { .. }) {
-                    tag::NAT_MAPPING
-                } else {
-                    tag::NAT_DESTROY
-                };
-                let (c, s, b) = (self.ep(*client), self.ep(*service), self.ep(*backend));
-                let n = snat.map(|a| self.ep(a));
-                let at = self.head(t, ev.ts_ns, ns, src);
-                for e in [c, s, b] {
-                    self.put_ep(e);
-                }
-                self.buf.push(*protocol);
+            EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+                self.eps(f, &[nat.client, nat.service, nat.backend]);
+                f.push(nat.protocol);
                 // Minor 1: a trailing SNAT endpoint (older readers skip it).
-                if let Some(n) = n {
-                    self.put_ep(n);
+                if let Some(n) = nat.snat {
+                    self.ep_field(f, Some(n));
                 }
-                at
             }
             EventBody::CtCounters {
                 invalid,
@@ -609,19 +566,40 @@ impl BlockEncoder {
                 count,
                 max,
             } => {
-                let at = self.head(tag::CT_COUNTERS, ev.ts_ns, ns, src);
                 for v in [*invalid, *drop, *early_drop, *insert_failed] {
-                    put_varint(&mut self.buf, v);
+                    put_varint(f, v);
                 }
                 // Optional values as value + 1 (0 = unknown).
                 for v in [*count, *max] {
-                    put_varint(&mut self.buf, v.map_or(0, |x| x.saturating_add(1)));
+                    put_varint(f, v.map_or(0, |x| x.saturating_add(1)));
                 }
-                at
             }
+        }
+    }
+
+    /// An endpoint field: its IP's dictionary reference (0 = absent), then
+    /// the port (big-endian) when present.
+    #[inline]
+    fn ep_field(&mut self, f: &mut Vec<u8>, a: Option<SocketAddr>) {
+        let Some(a) = a else {
+            put_varint(f, 0);
+            return;
         };
-        self.end(at);
-        self.events += 1;
+        put_varint(f, u64::from(self.ip(a.ip())));
+        f.extend_from_slice(&a.port().to_be_bytes());
+    }
+
+    #[inline]
+    fn eps(&mut self, f: &mut Vec<u8>, eps: &[SocketAddr]) {
+        for e in eps {
+            self.ep_field(f, Some(*e));
+        }
+    }
+
+    /// A string field: its dictionary reference (0 = absent).
+    fn str_field(&mut self, f: &mut Vec<u8>, s: Option<&str>) {
+        let r = self.string(s);
+        put_varint(f, u64::from(r));
     }
 
     /// Common prefix of an event record: tag, length, ts delta, netns, source.
@@ -835,19 +813,28 @@ impl<'a> BlockDecoder<'a> {
             .and_then(|i| self.netns.get(i))
             .ok_or(Malformed("netns reference outside the block's dictionary"))?;
         let source = source_from(b.u8()?)?;
-        let body = match t {
+        let body = self.event_body(t, b)?;
+        // Bytes left in `b` are fields a newer minor version appended: ignored.
+        Ok(Item::Event(Event {
+            ts_ns,
+            netns,
+            source,
+            body,
+        }))
+    }
+
+    /// The fields of an event record after its header, as
+    /// [`BlockEncoder::event_fields`] wrote them.
+    fn event_body(&self, t: u64, b: &mut Cursor) -> Result<EventBody, Malformed> {
+        Ok(match t {
             tag::TCP_SEND_RESET => {
-                let src = self.req_ep(b)?;
-                let dst = self.req_ep(b)?;
-                let reason = self.string(b)?;
-                let flags = b.u8()?;
-                let state = b.u8()?;
-                let trigger_flags = if flags & 2 != 0 { Some(b.u8()?) } else { None };
+                let (src, dst, reason) = (self.req_ep(b)?, self.req_ep(b)?, self.string(b)?);
+                let (flags, state) = (b.u8()?, b.u8()?);
                 EventBody::TcpSendReset {
                     src,
                     dst,
                     reason,
-                    trigger_flags,
+                    trigger_flags: if flags & 2 != 0 { Some(b.u8()?) } else { None },
                     socket: (flags & 1 != 0).then_some(state),
                 }
             }
@@ -868,87 +855,52 @@ impl<'a> BlockDecoder<'a> {
             tag::CT_TABLE_FULL => EventBody::CtTableFull {
                 src: self.req_ep(b)?,
                 dst: self.req_ep(b)?,
-                errno: i32::try_from(unzigzag(b.varint()?))
-                    .map_err(|_| Malformed("errno out of range"))?,
+                errno: b.varint_i32("errno out of range")?,
             },
             tag::IPVS_CONN_NEW => {
-                let client = self.req_ep(b)?;
-                let service = self.req_ep(b)?;
-                let real_server = self.req_ep(b)?;
-                let protocol = b.u8()?;
-                let flags = b.u8()?;
-                let conn_flags = b.varint_u32()?;
-                let dest_flags = b.varint_u32()?;
-                let weight = if flags & 2 != 0 {
-                    Some(
-                        i32::try_from(unzigzag(b.varint()?))
-                            .map_err(|_| Malformed("weight out of range"))?,
-                    )
-                } else {
-                    None
-                };
+                let eps = (self.req_ep(b)?, self.req_ep(b)?, self.req_ep(b)?);
+                let (protocol, flags) = (b.u8()?, b.u8()?);
                 EventBody::IpvsConnNew {
-                    client,
-                    service,
-                    real_server,
+                    client: eps.0,
+                    service: eps.1,
+                    real_server: eps.2,
                     protocol,
                     template: flags & 1 != 0,
-                    conn_flags,
-                    dest_flags,
-                    weight,
+                    conn_flags: b.varint_u32()?,
+                    dest_flags: b.varint_u32()?,
+                    weight: if flags & 2 != 0 {
+                        Some(b.varint_i32("weight out of range")?)
+                    } else {
+                        None
+                    },
                 }
             }
             tag::NAT_MAPPING | tag::NAT_DESTROY => {
-                let client = self.req_ep(b)?;
-                let service = self.req_ep(b)?;
-                let backend = self.req_ep(b)?;
-                let protocol = b.u8()?;
-                // Absent before minor 1 and when the flow was not SNATed.
-                let snat = if b.is_empty() { None } else { self.ep(b)? };
+                let nat = NatEntry {
+                    client: self.req_ep(b)?,
+                    service: self.req_ep(b)?,
+                    backend: self.req_ep(b)?,
+                    protocol: b.u8()?,
+                    // Absent before minor 1 and when the flow was not SNATed.
+                    snat: if b.is_empty() { None } else { self.ep(b)? },
+                };
                 if t == tag::NAT_MAPPING {
-                    EventBody::NatMapping {
-                        client,
-                        service,
-                        backend,
-                        protocol,
-                        snat,
-                    }
+                    EventBody::NatMapping(nat)
                 } else {
-                    EventBody::NatDestroy {
-                        client,
-                        service,
-                        backend,
-                        protocol,
-                        snat,
-                    }
+                    EventBody::NatDestroy(nat)
                 }
             }
-            tag::CT_COUNTERS => {
-                let invalid = b.varint()?;
-                let drop = b.varint()?;
-                let early_drop = b.varint()?;
-                let insert_failed = b.varint()?;
-                let opt = |v: u64| v.checked_sub(1);
-                let count = opt(b.varint()?);
-                let max = opt(b.varint()?);
-                EventBody::CtCounters {
-                    invalid,
-                    drop,
-                    early_drop,
-                    insert_failed,
-                    count,
-                    max,
-                }
-            }
+            tag::CT_COUNTERS => EventBody::CtCounters {
+                invalid: b.varint()?,
+                drop: b.varint()?,
+                early_drop: b.varint()?,
+                insert_failed: b.varint()?,
+                // Optional values as value + 1 (0 = unknown).
+                count: b.varint()?.checked_sub(1),
+                max: b.varint()?.checked_sub(1),
+            },
             _ => return Err(Malformed("unknown event tag")),
-        };
-        // Bytes left in `b` are fields a newer minor version appended: ignored.
-        Ok(Item::Event(Event {
-            ts_ns,
-            netns,
-            source,
-            body,
-        }))
+        })
     }
 }
 

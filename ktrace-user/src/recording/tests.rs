@@ -18,7 +18,7 @@ use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
 use super::Context;
 use crate::engine::EngineConfig;
-use crate::event::{Event, EventBody, Source};
+use crate::event::{Event, EventBody, NatEntry, Source};
 
 // ------------------------------------------------------------ helpers
 
@@ -192,24 +192,24 @@ fn every_variant(ts: u64) -> Vec<Event> {
         ev(
             8,
             Source::Ctnetlink,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client: v4(10, 0, 0, 2, 40001),
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
                 snat: Some(v4(10, 0, 1, 1, 61000)),
-            },
+            }),
         ),
         ev(
             9,
             Source::Ctnetlink,
-            EventBody::NatDestroy {
+            EventBody::NatDestroy(NatEntry {
                 client: v4(10, 0, 0, 2, 40001),
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
                 snat: None,
-            },
+            }),
         ),
         ev(
             10,
@@ -321,13 +321,13 @@ fn storm(n: usize, t0: u64) -> Vec<Event> {
         );
         let backend = v4(10, 0, 1, 2 + (i % 3) as u8, 2222);
         let body = match i % 4 {
-            0 => EventBody::NatMapping {
+            0 => EventBody::NatMapping(NatEntry {
                 client,
                 service: svc,
                 backend,
                 protocol: 6,
                 snat: None,
-            },
+            }),
             1 | 2 => EventBody::TcpSendReset {
                 src: client,
                 dst: backend,
@@ -949,13 +949,13 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
         push(
             &mut evs,
             1_000_000,
-            EventBody::NatMapping {
+            EventBody::NatMapping(NatEntry {
                 client: c,
                 service: svc,
                 backend: b1,
                 protocol: 6,
                 snat: None,
-            },
+            }),
         );
     }
     for i in 0..30u16 {
@@ -978,13 +978,13 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
             push(
                 &mut evs,
                 2_000_000,
-                EventBody::NatMapping {
+                EventBody::NatMapping(NatEntry {
                     client: c,
                     service: svc,
                     backend: b2,
                     protocol: 6,
                     snat: None,
-                },
+                }),
             );
             push(
                 &mut evs,
@@ -1301,25 +1301,20 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             any::<bool>(),
             proptest::option::of(a())
         )
-            .prop_map(
-                |(client, service, backend, protocol, destroy, snat)| if destroy {
-                    EventBody::NatDestroy {
-                        client,
-                        service,
-                        backend,
-                        protocol,
-                        snat,
-                    }
+            .prop_map(|(client, service, backend, protocol, destroy, snat)| {
+                let nat = NatEntry {
+                    client,
+                    service,
+                    backend,
+                    protocol,
+                    snat,
+                };
+                if destroy {
+                    EventBody::NatDestroy(nat)
                 } else {
-                    EventBody::NatMapping {
-                        client,
-                        service,
-                        backend,
-                        protocol,
-                        snat,
-                    }
+                    EventBody::NatMapping(nat)
                 }
-            ),
+            }),
     ]
 }
 
