@@ -340,10 +340,16 @@ fn event_detail(body: &EventBody) -> String {
             drop,
             early_drop,
             insert_failed,
+            clash_resolve,
             count,
             max,
         } => format!(
-            "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed} entries={}/{}",
+            "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed}{} entries={}/{}",
+            if *clash_resolve > 0 {
+                format!(" clash_resolve+{clash_resolve}")
+            } else {
+                String::new()
+            },
             count.map_or("?".into(), |c| c.to_string()),
             max.map_or("?".into(), |m| m.to_string())
         ),

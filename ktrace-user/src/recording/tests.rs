@@ -219,6 +219,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 drop: 0,
                 early_drop: 1,
                 insert_failed: 0,
+                clash_resolve: 7,
                 count: Some(0),
                 max: None,
             },
