@@ -267,6 +267,7 @@ impl Metrics {
                 drop,
                 early_drop,
                 insert_failed,
+                clash_resolve,
                 ..
             } => {
                 for (name, n) in [
@@ -274,6 +275,7 @@ impl Metrics {
                     ("drop", drop),
                     ("early_drop", early_drop),
                     ("insert_failed", insert_failed),
+                    ("clash_resolve", clash_resolve),
                 ] {
                     if *n > 0 {
                         self.ct_stat

@@ -100,6 +100,26 @@ pub fn sentence(f: &Finding, n: Option<&FindingNames>) -> String {
     }
 }
 
+/// `Service payments/ledger:grpc, backend pod payments/ledger-1 on node-a,
+/// client node/node-b` (what is known), for a line of its own.
+pub fn summary(n: &FindingNames) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some((_, s)) = &n.service {
+        parts.push(format!("Service {s}"));
+    }
+    match (&n.backend, &n.backend_service) {
+        (Some(p), _) => parts.push(format!("backend {}", peer_words(p))),
+        (None, Some((_, s))) if n.service.is_none() => {
+            parts.push(format!("backend: endpoint of {s}"))
+        }
+        _ => {}
+    }
+    if let Some(p) = &n.client {
+        parts.push(format!("client {}", peer_words(p)));
+    }
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 /// Address fields of an event's JSON that can be named.
 const EVENT_ADDRS: [&str; 5] = ["src", "dst", "client", "service", "backend"];
 
