@@ -1086,6 +1086,7 @@ fn replay_prints_what_the_live_pipeline_printed() {
                 until: None,
                 storm_threshold: None,
                 storm_window_ns: None,
+                plain: Default::default(),
             },
             &mut replay_buf,
             &mut |w| warnings.push(w.clone()),
