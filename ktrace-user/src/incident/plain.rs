@@ -192,7 +192,7 @@ mod tests {
         let clock = WallClock { offset_ns: 0 };
         let mut out = Vec::new();
         for f in findings {
-            v.finding(f, &clock, &mut out).unwrap();
+            v.finding(f, None, &clock, &mut out).unwrap();
             v.tick(f.ts_ns, &clock, &mut out).unwrap();
         }
         v.finish(end_ns, &clock, &mut out).unwrap();
@@ -242,7 +242,7 @@ mod tests {
         let clock = WallClock { offset_ns: 0 };
         let mut out = Vec::new();
         for f in storm_of_unnated(5) {
-            v.finding(&f, &clock, &mut out).unwrap();
+            v.finding(&f, None, &clock, &mut out).unwrap();
         }
         v.tick(1_500_000_000, &clock, &mut out).unwrap();
         assert!(!String::from_utf8_lossy(&out).contains("so far"));
