@@ -38,6 +38,9 @@ struct DemoArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Print every finding with its explanation and remedy (by default, once per incident group).
+    #[arg(long, conflicts_with = "json")]
+    explain: bool,
 }
 
 #[derive(Args)]
@@ -45,6 +48,9 @@ struct WatchArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Print every finding with its explanation and remedy (by default, once per incident group).
+    #[arg(long, conflicts_with = "json")]
+    explain: bool,
     /// Also print every decoded kernel event.
     #[arg(long)]
     events: bool,
@@ -59,6 +65,8 @@ struct WatchArgs {
     engine: EngineArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    names: NamesArgs,
     /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT, or on loopback (127.0.0.1) given PORT alone (none without it)
     #[arg(long, value_name = "[IP:]PORT", value_parser = metrics_addr_arg)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -80,6 +88,52 @@ struct RecordArgs {
     engine: EngineArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    names: NamesArgs,
+}
+
+/// Kubernetes names of addresses (docs/kubernetes-names.md).
+#[derive(Args)]
+struct NamesArgs {
+    /// Print addresses only: no names from kube-proxy's rules nor from the Kubernetes API.
+    #[arg(long)]
+    no_kube_names: bool,
+    /// Kubeconfig of the Kubernetes API source [default: the Pod's service account, else KUBECONFIG, else ~/.kube/config]
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Pods to watch for names: this node's (node), the whole cluster's (cluster: remote clients named too), or none (off)
+    #[arg(long, value_name = "WHICH", default_value = "node", value_parser = ["node", "cluster", "off"])]
+    kube_pods: String,
+}
+
+impl NamesArgs {
+    /// Starts the name sources (none with --no-kube-names).
+    fn start(&self, node_name: Option<&str>) -> Option<std::sync::Arc<ktrace::names::Names>> {
+        use ktrace::names::{kube, rules, Names};
+        if self.no_kube_names {
+            return None;
+        }
+        let names = Names::new();
+        rules::start(names.clone(), std::time::Duration::from_secs(5));
+        let pods = match self.kube_pods.as_str() {
+            "cluster" => kube::Pods::Cluster,
+            "off" => kube::Pods::Off,
+            _ => kube::Pods::Node,
+        };
+        let node = node_name
+            .map(str::to_string)
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .unwrap_or_else(ktrace::recording::host_name);
+        kube::start(
+            names.clone(),
+            kube::KubeOptions {
+                kubeconfig: self.kubeconfig.clone(),
+                pods,
+                node,
+            },
+        );
+        Some(names)
+    }
 }
 
 /// Where `watch` and `record` take events from.
@@ -150,6 +204,9 @@ struct ReplayArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Print every finding with its explanation and remedy (by default, once per incident group).
+    #[arg(long, conflicts_with = "json")]
+    explain: bool,
     /// Also print every recorded event.
     #[arg(long)]
     events: bool,
@@ -376,6 +433,8 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
+        names: a.names.start(a.otlp.node_name.as_deref()),
+        explain: a.explain,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
@@ -395,11 +454,16 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
 
 fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     use ktrace::demo::{DemoOptions, Outcome};
-    Ok(match ktrace::demo::run(DemoOptions { json: a.json })? {
-        Outcome::Complete => ExitCode::SUCCESS,
-        // As a shell reports a command stopped by SIGINT.
-        Outcome::Interrupted => ExitCode::from(130),
-    })
+    Ok(
+        match ktrace::demo::run(DemoOptions {
+            json: a.json,
+            explain: a.explain,
+        })? {
+            Outcome::Complete => ExitCode::SUCCESS,
+            // As a shell reports a command stopped by SIGINT.
+            Outcome::Interrupted => ExitCode::from(130),
+        },
+    )
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
@@ -408,6 +472,7 @@ fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         rotation: a.rotation.config(a.output.clone()),
         json: a.json,
         engine: a.engine.config(),
+        names: a.names.start(a.otlp.node_name.as_deref()),
         // No engine runs while recording: the event counters only.
         export: a.otlp.start(
             ktrace::export::Signals {
@@ -465,6 +530,7 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         until: a.until,
         storm_threshold: a.storm_threshold,
         storm_window_ns: a.storm_window.map(duration_ns),
+        plain: ktrace::incident::plain::PlainOptions::for_stdout(a.explain),
     };
     match ktrace::replay::run_exporting(&opts, export.as_ref()) {
         Ok(_) => Ok(ExitCode::SUCCESS),

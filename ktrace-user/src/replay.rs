@@ -33,6 +33,8 @@ pub struct ReplayOptions {
     /// Overrides of the recorded engine settings.
     pub storm_threshold: Option<u32>,
     pub storm_window_ns: Option<u64>,
+    /// The human view's colours, width and `--explain`.
+    pub plain: crate::incident::plain::PlainOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +263,7 @@ fn replay_recording(
     }
     let mut p = Pipeline::new(
         Some(Engine::new(cfg.with_hooks(&ctx.hook_status()))),
-        Renderer::new(out, opts.json, opts.events, clock, names),
+        Renderer::new(out, opts.json, opts.events, clock, names).with_plain(opts.plain),
     );
     p.print_window = (window.since, window.until);
     if let Some(x) = export {
@@ -367,6 +369,10 @@ impl Feed<'_> {
                 }
                 let what = format!("not recorded ({reason})");
                 self.p.out.lost(ts_ns, count, self.dropped_total, &what)
+            }
+            Item::Name { record, .. } => {
+                self.p.out.names_mut().apply(record);
+                Ok(())
             }
             Item::Event(_) | Item::Tick { .. } | Item::Lost { .. } => Ok(()),
         }

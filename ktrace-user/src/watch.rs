@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::clock::WallClock;
 use crate::engine::{Engine, EngineConfig};
+use crate::incident::plain::PlainOptions;
 use crate::netns::NetnsNames;
 use crate::output::Renderer;
 use crate::pipeline::{run_source, Pipeline, PipelineError, SourceOptions};
@@ -24,6 +25,10 @@ pub struct WatchOptions {
     pub export: Option<crate::export::Exporter>,
     /// URLs served (`--metrics-addr`), said in the status line.
     pub exposed: Vec<String>,
+    /// `--explain`: every finding with its explanation and remedy.
+    pub explain: bool,
+    /// Kubernetes names of addresses (`None`: `--no-kube-names`).
+    pub names: Option<std::sync::Arc<crate::names::Names>>,
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
@@ -42,9 +47,13 @@ pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
             opts.events,
             clock,
             NetnsNames::load(),
-        ),
+        )
+        .with_plain(PlainOptions::for_stdout(opts.explain)),
     );
     p.live = true;
+    if let Some(n) = &opts.names {
+        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
+    }
     p.recorder = recorder;
     p.exporter = opts.export.clone();
     let source = SourceOptions {
