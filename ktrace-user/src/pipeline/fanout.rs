@@ -31,6 +31,8 @@ pub struct Pipeline<W: Write> {
     pub only_service: Option<std::net::SocketAddr>,
     /// Findings passed on so far, by kind.
     pub emitted: std::collections::HashMap<FindingKind, u64>,
+    /// A copy of what passes for another view (the dashboard).
+    pub tap: Option<Box<dyn super::Tap>>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -45,6 +47,7 @@ impl<W: Write> Pipeline<W> {
             exporter: None,
             only_service: None,
             emitted: Default::default(),
+            tap: None,
         }
     }
 
@@ -61,6 +64,9 @@ impl<W: Write> Pipeline<W> {
         }
         if let Some(x) = &self.exporter {
             x.event(ev);
+        }
+        if let Some(t) = &mut self.tap {
+            t.event(ev);
         }
         if let Some(e) = &mut self.engine {
             e.process(ev, &mut self.findings);
@@ -85,6 +91,9 @@ impl<W: Write> Pipeline<W> {
             x.report_lost(now_ns, &mut self.out)?;
         }
         self.emit_findings()?;
+        if let Some(t) = &mut self.tap {
+            t.tick(now_ns);
+        }
         self.out.tick(now_ns)
     }
 
@@ -95,6 +104,9 @@ impl<W: Write> Pipeline<W> {
         }
         if let Some(x) = &self.exporter {
             x.lost(count, what);
+        }
+        if let Some(t) = &mut self.tap {
+            t.lost(now_ns, count);
         }
         self.out.lost(now_ns, count, total, what)
     }
@@ -166,6 +178,9 @@ impl<W: Write> Pipeline<W> {
                 if let Some(x) = &self.exporter {
                     x.finding(&f);
                 }
+                if let Some(t) = &mut self.tap {
+                    t.finding(&f);
+                }
                 self.out.finding(&f)?;
             }
         }
@@ -190,6 +205,9 @@ impl<W: Write> Sink for Pipeline<W> {
         if let Some(r) = &mut self.recorder {
             r.start(status, info, clock)
                 .map_err(PipelineError::RecordStart)?;
+        }
+        if let Some(t) = &mut self.tap {
+            t.status(status, info.kernel, clock);
         }
         self.out
             .status(crate::clock::monotonic_now_ns(), status, info)
@@ -235,6 +253,10 @@ impl<W: Write> Sink for Pipeline<W> {
 
     fn finish(&mut self, now_ns: u64) -> Result<(), PipelineError> {
         Pipeline::finish(self, now_ns).map_err(PipelineError::Output)
+    }
+
+    fn done(&mut self) -> bool {
+        self.tap.as_ref().is_some_and(|t| t.done())
     }
 
     fn wants_counters(&self) -> bool {

@@ -39,6 +39,20 @@ pub enum PipelineError {
     RecordStart(#[source] std::io::Error),
 }
 
+/// A copy of what passes through a [`Pipeline`] for another view (the
+/// dashboard): called on the event path, so it must not block.
+pub trait Tap {
+    fn status(&mut self, _hooks: &[HookStatus], _kernel: Option<&str>, _clock: WallClock) {}
+    fn event(&mut self, _ev: &Event) {}
+    fn finding(&mut self, _f: &crate::engine::Finding) {}
+    fn lost(&mut self, _now_ns: u64, _count: u64) {}
+    fn tick(&mut self, _now_ns: u64) {}
+    /// True stops the source (the view was closed).
+    fn done(&self) -> bool {
+        false
+    }
+}
+
 /// What the event source feeds: the status once, then events, lost-event
 /// counts and clock ticks (every 200 ms) until it stops, then `finish`.
 pub trait Sink {

@@ -1087,6 +1087,7 @@ fn replay_prints_what_the_live_pipeline_printed() {
                 storm_threshold: None,
                 storm_window_ns: None,
                 plain: Default::default(),
+                timeline: None,
             },
             &mut replay_buf,
             &mut |w| warnings.push(w.clone()),
