@@ -29,6 +29,8 @@ pub struct WatchOptions {
     pub explain: bool,
     /// `--tui`: the live dashboard instead of the stream.
     pub tui: bool,
+    /// Kubernetes names of addresses (`None`: `--no-kube-names`).
+    pub names: Option<std::sync::Arc<crate::names::Names>>,
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
@@ -71,6 +73,9 @@ fn run_pipeline<W: std::io::Write>(
 ) -> Result<(), PipelineError> {
     let mut p = Pipeline::new(Some(Engine::new(opts.engine.clone())), out);
     p.live = true;
+    if let Some(n) = &opts.names {
+        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
+    }
     p.recorder = recorder;
     p.exporter = opts.export.clone();
     p.tap = tap;
