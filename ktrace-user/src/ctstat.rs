@@ -71,12 +71,12 @@ pub fn parse_stat(text: &str) -> Result<Stats, String> {
 }
 
 /// Counter columns ktrace follows, in [`EventBody::CtCounters`] order.
-const COLUMNS: [&str; 4] = ["invalid", "drop", "early_drop", "insert_failed"];
+const COLUMNS: [&str; 5] = ["invalid", "drop", "early_drop", "insert_failed", "clashres"];
 
 /// Samples the counters and reports their increases since the last sample.
 #[derive(Debug, Default)]
 pub struct CounterWatch {
-    last: Option<[u64; 4]>,
+    last: Option<[u64; 5]>,
 }
 
 impl CounterWatch {
@@ -107,6 +107,7 @@ impl CounterWatch {
                 drop: 0,
                 early_drop: 0,
                 insert_failed: 0,
+                clash_resolve: 0,
                 count: fill.0,
                 max: fill.1,
             }),
@@ -135,6 +136,7 @@ impl CounterWatch {
             drop: d[1],
             early_drop: d[2],
             insert_failed: d[3],
+            clash_resolve: d[4],
             count,
             max,
         })
@@ -167,6 +169,7 @@ mod tests {
                 drop: 2,
                 early_drop: 0,
                 insert_failed: 0,
+                clash_resolve: 0,
                 count: Some(64),
                 max: Some(64)
             })

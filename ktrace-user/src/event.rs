@@ -123,6 +123,10 @@ pub enum EventBody {
         drop: u64,
         early_drop: u64,
         insert_failed: u64,
+        /// Races to confirm an entry that the kernel resolved (5.10+:
+        /// the `clashres` column) instead of dropping the packet.
+        #[serde(skip_serializing_if = "is_zero")]
+        clash_resolve: u64,
         #[serde(rename = "entries", skip_serializing_if = "Option::is_none")]
         count: Option<u64>,
         #[serde(skip_serializing_if = "Option::is_none")]

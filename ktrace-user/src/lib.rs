@@ -29,6 +29,7 @@ pub mod engine;
 pub mod event;
 pub mod export;
 pub mod hooks;
+pub mod incident;
 pub mod layout;
 pub mod memlock;
 pub mod memory;

@@ -38,6 +38,9 @@ struct DemoArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Print every finding with its explanation and remedy (by default, once per incident group).
+    #[arg(long, conflicts_with = "json")]
+    explain: bool,
 }
 
 #[derive(Args)]
@@ -45,6 +48,9 @@ struct WatchArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Print every finding with its explanation and remedy (by default, once per incident group).
+    #[arg(long, conflicts_with = "json")]
+    explain: bool,
     /// Also print every decoded kernel event.
     #[arg(long)]
     events: bool,
@@ -150,6 +156,9 @@ struct ReplayArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
+    /// Print every finding with its explanation and remedy (by default, once per incident group).
+    #[arg(long, conflicts_with = "json")]
+    explain: bool,
     /// Also print every recorded event.
     #[arg(long)]
     events: bool,
@@ -376,6 +385,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
+        explain: a.explain,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
@@ -395,11 +405,16 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
 
 fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     use ktrace::demo::{DemoOptions, Outcome};
-    Ok(match ktrace::demo::run(DemoOptions { json: a.json })? {
-        Outcome::Complete => ExitCode::SUCCESS,
-        // As a shell reports a command stopped by SIGINT.
-        Outcome::Interrupted => ExitCode::from(130),
-    })
+    Ok(
+        match ktrace::demo::run(DemoOptions {
+            json: a.json,
+            explain: a.explain,
+        })? {
+            Outcome::Complete => ExitCode::SUCCESS,
+            // As a shell reports a command stopped by SIGINT.
+            Outcome::Interrupted => ExitCode::from(130),
+        },
+    )
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
@@ -465,6 +480,7 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         until: a.until,
         storm_threshold: a.storm_threshold,
         storm_window_ns: a.storm_window.map(duration_ns),
+        plain: ktrace::incident::plain::PlainOptions::for_stdout(a.explain),
     };
     match ktrace::replay::run_exporting(&opts, export.as_ref()) {
         Ok(_) => Ok(ExitCode::SUCCESS),

@@ -12,6 +12,7 @@ use crate::clock::WallClock;
 use crate::engine::Finding;
 use crate::event::{Event, EventBody, Source};
 use crate::hooks::HookStatus;
+use crate::incident::plain::{PlainOptions, PlainView};
 use crate::netns::NetnsNames;
 
 /// Context printed with the status line.
@@ -49,6 +50,8 @@ pub struct Renderer<W: Write> {
     events: bool,
     clock: WallClock,
     netns: NetnsNames,
+    /// The human view's findings, grouped into incidents.
+    plain: PlainView,
 }
 
 impl<W: Write> Renderer<W> {
@@ -59,7 +62,14 @@ impl<W: Write> Renderer<W> {
             events,
             clock,
             netns,
+            plain: PlainView::default(),
         }
+    }
+
+    /// The human view's colours, width and `--explain`.
+    pub fn with_plain(mut self, opts: PlainOptions) -> Self {
+        self.plain = PlainView::new(opts);
+        self
     }
 
     pub fn netns_names_mut(&mut self) -> &mut NetnsNames {
@@ -245,20 +255,31 @@ impl<W: Write> Renderer<W> {
         )
     }
 
+    /// A finding: its JSON object, or in the human view a compact line
+    /// (with the remedy the first time its incident group shows; see
+    /// `crate::incident::plain`).
     pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
         if self.json {
             let v = f.to_json(&self.clock);
             return self.line(&v);
         }
-        let t = self.clock.rfc3339(f.ts_ns);
-        writeln!(
-            self.out,
-            "{} {:<8} {:<20} {}",
-            t.get(11..26).unwrap_or(&t),
-            f.severity.as_str().to_uppercase(),
-            f.kind().as_str(),
-            f.sentence()
-        )
+        self.plain.finding(f, &self.clock, &mut self.out)
+    }
+
+    /// Time passes (`now_ns`): the human view's group summaries.
+    pub fn tick(&mut self, now_ns: u64) -> io::Result<()> {
+        if self.json {
+            return Ok(());
+        }
+        self.plain.tick(now_ns, &self.clock, &mut self.out)
+    }
+
+    /// The end: the human view's last summary of each incident group.
+    pub fn close_groups(&mut self, now_ns: u64) -> io::Result<()> {
+        if self.json {
+            return Ok(());
+        }
+        self.plain.finish(now_ns, &self.clock, &mut self.out)
     }
 }
 
@@ -319,10 +340,16 @@ fn event_detail(body: &EventBody) -> String {
             drop,
             early_drop,
             insert_failed,
+            clash_resolve,
             count,
             max,
         } => format!(
-            "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed} entries={}/{}",
+            "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed}{} entries={}/{}",
+            if *clash_resolve > 0 {
+                format!(" clash_resolve+{clash_resolve}")
+            } else {
+                String::new()
+            },
             count.map_or("?".into(), |c| c.to_string()),
             max.map_or("?".into(), |m| m.to_string())
         ),

@@ -33,6 +33,8 @@ pub struct ReplayOptions {
     /// Overrides of the recorded engine settings.
     pub storm_threshold: Option<u32>,
     pub storm_window_ns: Option<u64>,
+    /// The human view's colours, width and `--explain`.
+    pub plain: crate::incident::plain::PlainOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,7 +263,7 @@ fn replay_recording(
     }
     let mut p = Pipeline::new(
         Some(Engine::new(cfg.with_hooks(&ctx.hook_status()))),
-        Renderer::new(out, opts.json, opts.events, clock, names),
+        Renderer::new(out, opts.json, opts.events, clock, names).with_plain(opts.plain),
     );
     p.print_window = (window.since, window.until);
     if let Some(x) = export {

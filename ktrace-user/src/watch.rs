@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use crate::clock::WallClock;
 use crate::engine::{Engine, EngineConfig};
+use crate::incident::plain::PlainOptions;
 use crate::netns::NetnsNames;
 use crate::output::Renderer;
 use crate::pipeline::{run_source, Pipeline, PipelineError, SourceOptions};
@@ -24,6 +25,8 @@ pub struct WatchOptions {
     pub export: Option<crate::export::Exporter>,
     /// URLs served (`--metrics-addr`), said in the status line.
     pub exposed: Vec<String>,
+    /// `--explain`: every finding with its explanation and remedy.
+    pub explain: bool,
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
@@ -42,7 +45,8 @@ pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
             opts.events,
             clock,
             NetnsNames::load(),
-        ),
+        )
+        .with_plain(PlainOptions::for_stdout(opts.explain)),
     );
     p.live = true;
     p.recorder = recorder;

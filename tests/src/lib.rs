@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod race;
+
 pub const VIP: &str = "10.96.0.10";
 pub const PORT: u16 = 2222;
 pub const CLIENT_IP: &str = "10.0.0.2";
@@ -290,6 +292,54 @@ impl Lab {
                 "10.0.1.2:2223",
             ],
         );
+    }
+
+    /// A UDP Service, VIP:53, DNATed at random to both backends' :53 (a
+    /// cluster DNS Service in miniature).
+    pub fn udp_service(&self) {
+        for (i, b) in BACKENDS.iter().enumerate() {
+            let mut args = vec![
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                VIP,
+                "-p",
+                "udp",
+                "--dport",
+                "53",
+            ];
+            if i == 0 {
+                args.extend([
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    "0.5",
+                ]);
+            }
+            let to = format!("{b}:53");
+            args.extend(["-j", "DNAT", "--to-destination", &to]);
+            self.exec_ok(&self.node, &args);
+        }
+    }
+
+    /// The node namespace's conntrack counter `column`, summed over CPUs.
+    pub fn ct_stat(&self, column: &str) -> u64 {
+        let out = self.exec_ok(&self.node, &["cat", "/proc/net/stat/nf_conntrack"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+        let Some(i) = header.iter().position(|c| *c == column) else {
+            return 0;
+        };
+        lines
+            .filter_map(|l| l.split_whitespace().nth(i))
+            .filter_map(|v| u64::from_str_radix(v, 16).ok())
+            .sum()
     }
 
     pub fn exec(&self, ns: &str, args: &[&str]) -> std::process::Output {

@@ -363,8 +363,9 @@ fn ipv6_resets_are_decoded() {
     assert!(select(&lines, "finding", None).is_empty());
 }
 
-/// The human view names the incident with service, backend and client,
-/// within a second of the reset.
+/// The human view names the incident on one compact line (service,
+/// backend, client, short cause) within a second of the reset, with its
+/// remedy once.
 #[test]
 fn human_view_names_the_incident() {
     if skip() {
@@ -396,7 +397,7 @@ fn human_view_names_the_incident() {
     let port = c.ports[0];
     let reset_at = std::time::Instant::now();
     assert_eq!(c.send_all(), vec![port]);
-    let want = format!("client {CLIENT_IP}:{port}");
+    let want = format!("{CLIENT_IP}:{port}");
     let mut text = String::new();
     while reset_at.elapsed() < Duration::from_secs(1) {
         text = std::fs::read_to_string(&out).unwrap();
@@ -405,18 +406,40 @@ fn human_view_names_the_incident() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let line = text
-        .lines()
-        .find(|l| l.contains("unnated_reply"))
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.contains("unnated_reply"))
         .unwrap_or_else(|| panic!("no unnated_reply line within a second:\n{text}"));
-    assert!(line.contains("ERROR"), "{line}");
-    assert!(line.contains(&format!("Service {VIP}:2222")), "{line}");
+    // One compact line: time, severity, kind, Service, backend, client, cause.
+    let line = lines[at];
+    let cols: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(cols[1], "ERR", "{line}");
+    assert_eq!(cols[2], "unnated_reply", "{line}");
+    assert_eq!(cols[3], format!("{VIP}:2222"), "{line}");
+    assert_eq!(cols[4], format!("{}:2222", BACKENDS[0]), "{line}");
+    assert_eq!(cols[5], format!("{CLIENT_IP}:{port}"), "{line}");
+    assert!(cols[6].starts_with("INVALID"), "the short cause: {line}");
+    assert!(line.chars().count() <= 120, "fits 120 columns: {line}");
+    // The group's first finding: its explanation and remedy follow, once.
+    let why = lines[at + 1].trim_start();
     assert!(
-        line.contains(&format!("backend {}:2222", BACKENDS[0])),
-        "{line}"
+        why.starts_with(&format!("why: Service {VIP}:2222: reply from backend")),
+        "{text}"
     );
-    assert!(line.contains(&want), "{line}");
-    assert!(line.contains("Fix: "), "{line}");
+    let fix: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.trim_start().starts_with("fix: "))
+        .collect();
+    assert_eq!(fix.len(), 1, "one remedy: {text}");
+    assert!(fix[0].contains("nf_conntrack_tcp_be_liberal"), "{text}");
+    let header = lines.iter().position(|l| l.starts_with("TIME ")).unwrap();
+    assert!(header < at, "a column header above the findings: {text}");
+    assert!(
+        lines[header..].iter().all(|l| l.chars().count() <= 120),
+        "{text}"
+    );
+    assert!(!text.contains('\x1b'), "no colour into a file: {text:?}");
     let _ = std::process::Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

@@ -11,6 +11,7 @@
 
 use std::time::Duration;
 
+use ktrace_tests::race::udp_pairs;
 use ktrace_tests::{
     assert_replay_matches, hook, select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
 };
@@ -151,13 +152,17 @@ fn request_to_a_local_service_address_is_named_per_connection() {
     let mut c = lab.client(3);
     let reset = c.unnat_requests(SETTLE);
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "finding",
-        Some("unnated_reply")
-    )
-    .len()
-        >= 3));
+    assert!(
+        watch.wait_for(Duration::from_secs(5), |l| select(
+            l,
+            "finding",
+            Some("unnated_reply")
+        )
+        .len()
+            >= 3),
+        "findings did not arrive: {:?}",
+        watch.lines()
+    );
     std::thread::sleep(Duration::from_millis(500));
     let status = watch.status.clone();
     let lines = watch.stop();
@@ -232,4 +237,94 @@ fn local_service_address_control_gives_no_findings() {
     let mut lab = Lab::new("rc", 1);
     lab.local_vip();
     control(&mut lab, true);
+}
+
+/// The conntrack insert race: 1,000 pairs of datagrams, each pair from one
+/// socket on two CPUs at once, to a UDP Service DNATed to two backends.
+/// The node's counters say whether the kernel resolved the clashes or
+/// dropped the losers; the finding must say the same, and replay too.
+#[test]
+fn udp_insert_race_is_named() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("ur", 2);
+    lab.udp_service();
+    let scratch = Scratch::new("race");
+    let file = scratch.path("race.rec");
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let (clash0, failed0) = (lab.ct_stat("clashres"), lab.ct_stat("insert_failed"));
+    let to = format!("{VIP}:53").parse().unwrap();
+    let mut rounds = 0;
+    // The race is won by chance: more rounds until a counter moves.
+    while lab.ct_stat("clashres") == clash0 && lab.ct_stat("insert_failed") == failed0 {
+        assert!(rounds < 10, "no clash in {rounds}000 pairs");
+        assert_eq!(udp_pairs(&lab.client, to, 1000, true), 2000);
+        rounds += 1;
+    }
+    let clashes = lab.ct_stat("clashres") - clash0;
+    let failed = lab.ct_stat("insert_failed") - failed0;
+    eprintln!("{rounds}000 pairs: clash_resolve +{clashes}, insert_failed +{failed}");
+    let race = |l: &[Value]| select(l, "finding", Some("conntrack_insert_race")).len();
+    assert!(watch.wait_for(Duration::from_secs(5), |l| race(l) >= 1));
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    // What ktrace sampled is what the node counted.
+    let sampled: u64 = select(&lines, "event", Some("ct_counters"))
+        .iter()
+        .map(|e| e["clash_resolve"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(sampled, clashes);
+    let found = select(&lines, "finding", Some("conntrack_insert_race"));
+    let outcomes: Vec<&str> = found
+        .iter()
+        .map(|f| f["evidence"]["outcome"].as_str().unwrap())
+        .collect();
+    let mut want = Vec::new();
+    if clashes > 0 {
+        want.push("resolved");
+    }
+    let confirm_hooked = status["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["name"] == "ct_insert_race" && h["attached"] == true);
+    if failed > 0 && !confirm_hooked {
+        want.push("dropped");
+    }
+    let mut got = outcomes.clone();
+    got.sort();
+    got.dedup();
+    assert_eq!(got, want, "{found:?}");
+    for f in &found {
+        let e = &f["evidence"];
+        assert!(e["count"].as_u64().unwrap() >= 1, "{f}");
+        if e["outcome"] == "resolved" {
+            assert_eq!(f["severity"], "warning");
+            assert!(e["count"].as_u64().unwrap() <= clashes, "{f}");
+        }
+    }
+    assert_eq!(select(&lines, "finding", None).len(), found.len());
+    assert_replay_matches(&status, &lines, &file);
+}
+
+/// The same UDP Service, each pair's datagrams one after the other: the
+/// second finds the entry confirmed, no race, no finding.
+#[test]
+fn udp_without_a_race_gives_no_finding() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("uc", 2);
+    lab.udp_service();
+    let watch = lab.watch(&["--events"]);
+    let clash0 = lab.ct_stat("clashres");
+    let to = format!("{VIP}:53").parse().unwrap();
+    assert_eq!(udp_pairs(&lab.client, to, 1000, false), 2000);
+    std::thread::sleep(Duration::from_millis(1000));
+    let lines = watch.stop();
+    assert_eq!(lab.ct_stat("clashres"), clash0);
+    let findings = select(&lines, "finding", None);
+    assert!(findings.is_empty(), "{findings:?}");
 }

@@ -34,6 +34,8 @@ const EXPECTED: [FindingKind; 2] = [FindingKind::UnnatedReply, FindingKind::Back
 
 pub struct DemoOptions {
     pub json: bool,
+    /// `--explain`: every finding with its explanation and remedy.
+    pub explain: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,7 +189,10 @@ fn watch_in_node(
             false,
             clock,
             NetnsNames::load(),
-        ),
+        )
+        .with_plain(crate::incident::plain::PlainOptions::for_stdout(
+            opts.explain,
+        )),
     );
     pipeline.live = true;
     pipeline.only_service = Some(lab.service_addr());

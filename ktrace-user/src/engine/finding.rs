@@ -20,6 +20,7 @@ pub enum FindingKind {
     BackendSwitch,
     QuiescentBackend,
     ConntrackTableFull,
+    ConntrackInsertRace,
 }
 
 impl FindingKind {
@@ -30,6 +31,7 @@ impl FindingKind {
             FindingKind::BackendSwitch => "backend_switch",
             FindingKind::QuiescentBackend => "quiescent_backend",
             FindingKind::ConntrackTableFull => "conntrack_table_full",
+            FindingKind::ConntrackInsertRace => "conntrack_insert_race",
         }
     }
 }
@@ -183,6 +185,21 @@ pub struct TableFull {
     pub nf_conntrack_max: Option<u64>,
 }
 
+/// Evidence of `conntrack_insert_race`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InsertRace {
+    /// `dropped` (the packet lost the race and was dropped) or `resolved`
+    /// (the kernel resolved the clash: nothing was lost).
+    pub outcome: &'static str,
+    /// What showed it: `confirm_drop` (the packet's own drop, hooked),
+    /// `insert_failed_counter` or `clash_resolve_counter`.
+    pub basis: &'static str,
+    /// Packets in this episode (one for a hooked drop).
+    pub count: u64,
+    pub first: Time,
+    pub last: Time,
+}
+
 /// Evidence of `quiescent_backend`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct QuiescentBackend {
@@ -202,6 +219,7 @@ pub enum Evidence {
     BackendSwitch(BackendSwitch),
     QuiescentBackend(QuiescentBackend),
     ConntrackTableFull(TableFull),
+    ConntrackInsertRace(InsertRace),
 }
 
 impl Evidence {
@@ -212,6 +230,7 @@ impl Evidence {
             Evidence::BackendSwitch(_) => FindingKind::BackendSwitch,
             Evidence::QuiescentBackend(_) => FindingKind::QuiescentBackend,
             Evidence::ConntrackTableFull(_) => FindingKind::ConntrackTableFull,
+            Evidence::ConntrackInsertRace(_) => FindingKind::ConntrackInsertRace,
         }
     }
 
@@ -224,6 +243,7 @@ impl Evidence {
             Evidence::BackendSwitch(x) => vec![&mut x.first],
             Evidence::QuiescentBackend(x) => vec![&mut x.first],
             Evidence::ConntrackTableFull(x) => vec![&mut x.first, &mut x.last],
+            Evidence::ConntrackInsertRace(x) => vec![&mut x.first, &mut x.last],
         };
         for t in times {
             t.make_wall(clock);
@@ -332,6 +352,12 @@ impl Finding {
             Evidence::ConntrackTableFull(_) => {
                 format!("Conntrack table full: new connections are being dropped ({cause}).")
             }
+            Evidence::ConntrackInsertRace(e) => match self.client {
+                Some(_) => format!(
+                    "Service {svc}: a packet from client {cl} to backend {be} was dropped: it lost the race to confirm its conntrack entry ({cause})."
+                ),
+                None => format!("Conntrack insert race, {} ({cause}).", e.outcome),
+            },
         };
         format!("{what} Fix: {}", self.remedy)
     }

@@ -19,6 +19,7 @@ pub mod endpoints;
 pub mod finding;
 pub mod flows;
 pub mod pending;
+mod race;
 pub mod storm;
 mod unnated;
 
@@ -66,6 +67,10 @@ pub struct EngineConfig {
     /// Whether `init_conntrack` failures are hooked (else table-full comes
     /// from the counters' `drop`).
     pub ct_table_full_hook: bool,
+    #[serde(skip)]
+    /// Whether `__nf_conntrack_confirm` drops are hooked (else insert-race
+    /// drops come from the counters' `insert_failed`).
+    pub ct_confirm_hook: bool,
     /// `nf_conntrack_max`, `nf_conntrack_tcp_timeout_established`,
     /// `tcp_keepalive_time`, when the caller could read them.
     #[serde(default)]
@@ -89,6 +94,7 @@ impl Default for EngineConfig {
             ct_invalid_hook: false,
             ct_counters: false,
             ct_table_full_hook: false,
+            ct_confirm_hook: false,
             conntrack_max: None,
             ct_timeout_established_s: None,
             keepalive_s: None,
@@ -111,6 +117,7 @@ impl EngineConfig {
         let live = |n: &str| status.iter().any(|h| h.name == n && h.attached);
         self.ct_invalid_hook = live("ct_invalid");
         self.ct_table_full_hook = live("ct_table_full");
+        self.ct_confirm_hook = live("ct_insert_race");
         self.ct_counters = live("ct_counters");
         self
     }
@@ -190,6 +197,8 @@ pub struct Engine {
     /// with a FIFO of keys for expiry.
     pending: Pending,
     table_full: Option<Repeat>,
+    /// Insert-race episodes from the counters: dropped, resolved.
+    races: [Option<Repeat>; 2],
     quiescent: HashMap<(Ep, Ep), Repeat>,
     /// Latest persistence template per (client IP, service): real server.
     templates: HashMap<(Ep, Ep), Ep>,
@@ -239,6 +248,7 @@ impl Engine {
             invalid: HashMap::default(),
             pending: Pending::new(MAX_PENDING, cfg.reorder_ns),
             table_full: None,
+            races: [None, None],
             quiescent: HashMap::default(),
             templates: HashMap::default(),
             snat: HashMap::default(),
@@ -363,10 +373,20 @@ impl Engine {
             EventBody::CtCounters {
                 invalid,
                 drop,
+                insert_failed,
+                clash_resolve,
                 count,
                 max,
                 ..
-            } => self.on_counters(ev.ts_ns, *invalid, *drop, *count, *max, out),
+            } => {
+                if *insert_failed > 0 && !self.cfg.ct_confirm_hook {
+                    self.on_race_counter(ev.ts_ns, race::Outcome::Dropped, *insert_failed, out);
+                }
+                if *clash_resolve > 0 {
+                    self.on_race_counter(ev.ts_ns, race::Outcome::Resolved, *clash_resolve, out);
+                }
+                self.on_counters(ev.ts_ns, *invalid, *drop, *count, *max, out)
+            }
             EventBody::IpvsConnNew {
                 client,
                 service,

@@ -328,6 +328,7 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
                 drop,
                 early_drop: 0,
                 insert_failed: 0,
+                clash_resolve: 0,
                 count: Some(3),
                 max: Some(262144),
             },
@@ -376,6 +377,7 @@ fn drop_counter_with_a_full_table_is_table_full() {
                 drop,
                 early_drop: 0,
                 insert_failed: 0,
+                clash_resolve: 0,
                 count: Some(count),
                 max: Some(64),
             },
@@ -498,6 +500,7 @@ fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
                 drop: 0,
                 early_drop: 0,
                 insert_failed: 0,
+                clash_resolve: 0,
                 count: None,
                 max: None,
             },
@@ -592,4 +595,52 @@ fn node_resets_without_a_mapping_are_not_incidents() {
         rst(2_500, SNAT, "10.0.1.9:2222", PSH_ACK),
     ]);
     assert!(f.is_empty(), "{f:?}");
+}
+
+fn race_counters(ts: u64, insert_failed: u64, clash_resolve: u64) -> Event {
+    ev(
+        ts,
+        EventBody::CtCounters {
+            invalid: 0,
+            drop: 0,
+            early_drop: 0,
+            insert_failed,
+            clash_resolve,
+            count: None,
+            max: None,
+        },
+    )
+}
+
+/// The counters say which of the two happened: a resolved clash is a
+/// warning, a drop an error; repeats within the window are merged.
+#[test]
+fn insert_race_counters_say_resolved_or_dropped() {
+    let f = run(&[
+        race_counters(0, 0, 3),
+        race_counters(200, 0, 4),
+        race_counters(400, 2, 0),
+    ]);
+    assert_eq!(
+        kinds(&f),
+        vec![
+            FindingKind::ConntrackInsertRace,
+            FindingKind::ConntrackInsertRace
+        ],
+        "{f:?}"
+    );
+    let (resolved, dropped) = (evidence(&f[0]), evidence(&f[1]));
+    assert_eq!(resolved["outcome"], "resolved");
+    assert_eq!(resolved["basis"], "clash_resolve_counter");
+    assert_eq!(f[0].severity, Severity::Warning);
+    assert_eq!(dropped["outcome"], "dropped");
+    assert_eq!(dropped["count"], 2);
+    assert_eq!(f[1].severity, Severity::Error);
+    assert!(f[1].remedy.contains("single-request-reopen"));
+    // With the confirm hook live, drops come per packet, not from the counter.
+    let cfg = EngineConfig {
+        ct_confirm_hook: true,
+        ..EngineConfig::default()
+    };
+    assert!(run_with(cfg, &[race_counters(0, 2, 0)]).is_empty());
 }

@@ -263,6 +263,7 @@ impl Metrics {
                 drop,
                 early_drop,
                 insert_failed,
+                clash_resolve,
                 ..
             } => {
                 for (name, n) in [
@@ -270,6 +271,7 @@ impl Metrics {
                     ("drop", drop),
                     ("early_drop", early_drop),
                     ("insert_failed", insert_failed),
+                    ("clash_resolve", clash_resolve),
                 ] {
                     if *n > 0 {
                         self.ct_stat

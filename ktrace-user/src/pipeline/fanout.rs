@@ -84,7 +84,8 @@ impl<W: Write> Pipeline<W> {
             }
             x.report_lost(now_ns, &mut self.out)?;
         }
-        self.emit_findings()
+        self.emit_findings()?;
+        self.out.tick(now_ns)
     }
 
     /// Events the kernel could not hand over.
@@ -104,6 +105,7 @@ impl<W: Write> Pipeline<W> {
             e.tick(u64::MAX, &mut self.findings);
         }
         self.emit_findings()?;
+        self.out.close_groups(now_ns)?;
         self.recorder_notices(now_ns)?;
         // What the engine did and what its bounds evicted, on stop.
         if let Some(e) = &self.engine {

@@ -111,8 +111,9 @@ async fn source_loop(
         ring_buffer_bytes: opts.ring_buffer_bytes,
     })?;
     let ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
-    // aya's copy of the BTF, freed once the programs loaded.
-    crate::memory::release_freed();
+    // aya's copy of the BTF, freed once the programs loaded, and the code
+    // only start-up ran.
+    crate::memory::release_startup();
     let my_netns = NetnsNames::current();
     let mut counters = crate::ctstat::CounterWatch::default();
     counters.sample();

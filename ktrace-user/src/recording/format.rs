@@ -563,6 +563,7 @@ impl BlockEncoder {
                 drop,
                 early_drop,
                 insert_failed,
+                clash_resolve,
                 count,
                 max,
             } => {
@@ -572,6 +573,10 @@ impl BlockEncoder {
                 // Optional values as value + 1 (0 = unknown).
                 for v in [*count, *max] {
                     put_varint(f, v.map_or(0, |x| x.saturating_add(1)));
+                }
+                // Minor 1: clash resolutions, trailing (older readers skip it).
+                if *clash_resolve > 0 {
+                    put_varint(f, *clash_resolve);
                 }
             }
         }
@@ -898,6 +903,8 @@ impl<'a> BlockDecoder<'a> {
                 // Optional values as value + 1 (0 = unknown).
                 count: b.varint()?.checked_sub(1),
                 max: b.varint()?.checked_sub(1),
+                // Absent before minor 1 and when no clash was resolved.
+                clash_resolve: if b.is_empty() { 0 } else { b.varint()? },
             },
             _ => return Err(Malformed("unknown event tag")),
         })
