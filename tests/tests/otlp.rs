@@ -909,6 +909,41 @@ fn http_over_mtls() {
     over_tls(Wire::Http, true, "omh");
 }
 
+/// gRPC to `host:port` without a scheme: TLS, unless
+/// `OTEL_EXPORTER_OTLP_INSECURE=true` (the specification's rule).
+#[test]
+fn grpc_host_port_is_tls_unless_insecure() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("oi", 1);
+    let files = TlsFiles::new("oi");
+    let got_metrics =
+        |rx: &Receiver| rx.wait_for(Duration::from_secs(5), |s| !s.metrics.is_empty());
+    let tls = Receiver::start_tls(
+        Wire::Grpc,
+        Some(&lab.node),
+        0,
+        Some(files.server(false, false)),
+    );
+    let env = files.env(false);
+    let k = Ktrace::start(&lab, &tls.addr.to_string(), Wire::Grpc, &env_refs(&env));
+    assert!(got_metrics(&tls), "no metrics over TLS: {}", k.stderr());
+    let (_, stderr, _) = k.stop();
+    assert!(!stderr.contains("failing"), "{stderr}");
+
+    let plain = Receiver::start(Wire::Grpc, Some(&lab.node), 0);
+    let k = Ktrace::start(
+        &lab,
+        &plain.addr.to_string(),
+        Wire::Grpc,
+        &[("OTEL_EXPORTER_OTLP_INSECURE", "true")],
+    );
+    assert!(got_metrics(&plain), "no metrics in clear: {}", k.stderr());
+    let (_, stderr, _) = k.stop();
+    assert!(!stderr.contains("failing"), "{stderr}");
+}
+
 /// `ktrace watch --json --duration 3` in `ns`, exporting to `endpoint`
 /// with `env`: runs to its end; returns stdout's lines and stderr's.
 fn watch_for_3s(

@@ -189,6 +189,9 @@ pub struct Transport {
     /// `OTEL_EXPORTER_OTLP_[SIGNAL_]TIMEOUT`: given to the HTTP client ktrace
     /// builds for TLS (the SDK reads it itself otherwise).
     pub timeout: Duration,
+    /// Plain text although a TLS file variable is set (say so: the data
+    /// goes in clear): that variable's name.
+    pub tls_file_unused: Option<String>,
 }
 
 /// Which signals are exported.
@@ -432,13 +435,23 @@ fn transport(
         Some((name, _)) => ms(&name, DEFAULT_TIMEOUT)?,
         None => DEFAULT_TIMEOUT,
     };
+    let settings = TlsSettings {
+        ca: file("CERTIFICATE"),
+        client_cert: file("CLIENT_CERTIFICATE"),
+        client_key: file("CLIENT_KEY"),
+    };
+    let tls_file_unused = match tls {
+        true => None,
+        false => [&settings.ca, &settings.client_cert, &settings.client_key]
+            .into_iter()
+            .flatten()
+            .map(|f| f.var.clone())
+            .next(),
+    };
     Ok(Transport {
-        tls: tls.then(|| TlsSettings {
-            ca: file("CERTIFICATE"),
-            client_cert: file("CLIENT_CERTIFICATE"),
-            client_key: file("CLIENT_KEY"),
-        }),
+        tls: tls.then_some(settings),
         timeout,
+        tls_file_unused,
     })
 }
 
@@ -750,6 +763,10 @@ mod tests {
         .unwrap();
         assert_eq!(tls(&c, Signal::Metrics), None);
         assert_eq!(tls(&c, Signal::Logs), None);
+        assert_eq!(
+            c.transport(Signal::Logs).tls_file_unused.as_deref(),
+            Some("OTEL_EXPORTER_OTLP_CERTIFICATE")
+        );
         // https://: the signal's variable wins over the generic one.
         let env = [
             ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/ca.pem"),

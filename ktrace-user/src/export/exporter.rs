@@ -171,6 +171,14 @@ impl Exporter {
     pub fn start(cfg: ExportConfig) -> Result<Exporter, ExportError> {
         // Files first: a missing key is said before any thread starts.
         let tls = load_tls(&cfg)?;
+        if let Some((signal, var)) = Signal::ALL.iter().find_map(|s| {
+            let t = cfg.transport(*s);
+            Some((s.as_str(), t.tls_file_unused.clone()?))
+        }) {
+            tracing::warn!(
+                "{var} is set but the OTLP {signal} endpoint is not TLS: sending in clear (use https://)"
+            );
+        }
         let res = resource(&cfg);
         let metrics = cfg
             .signals
