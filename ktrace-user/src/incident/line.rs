@@ -102,6 +102,7 @@ pub fn short_cause(f: &Finding) -> String {
             }
         ),
         Evidence::ConntrackTableFull(e) => table_full_cause(e),
+        Evidence::ConntrackInsertRace(e) => format!("race {}: {} packet(s)", e.outcome, e.count),
     }
 }
 

@@ -109,6 +109,7 @@ impl Group {
                 self.ended = s.phase == Phase::End;
             }
             Evidence::ConntrackTableFull(t) => self.connections += t.count,
+            Evidence::ConntrackInsertRace(r) => self.connections += r.count,
             _ => self.connections += 1,
         }
         if let Some(c) = f.client {
