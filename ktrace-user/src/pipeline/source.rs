@@ -125,6 +125,10 @@ async fn source_loop(
         nat_from_ctnetlink(&mut status, opts.ctnetlink, my_netns.unwrap_or(0), ct_tx);
     }
     status.push(counters_status(counters.readable()));
+    // Ctrl-C and SIGTERM are handled from before the status line: one that
+    // comes right after it stops cleanly instead of killing the process.
+    let sigint = signal(SignalKind::interrupt()).map_err(PipelineError::Runtime)?;
+    let sigterm = signal(SignalKind::terminate()).map_err(PipelineError::Runtime)?;
     sink.start(
         &status,
         &StatusInfo {
@@ -152,6 +156,8 @@ async fn source_loop(
         ct_rx,
         ct_open: true,
         ct_overruns: 0,
+        sigint,
+        sigterm,
     };
     live.run(opts.duration, sink).await?;
     live.finish(sink)
@@ -225,6 +231,8 @@ struct Live {
     ct_rx: mpsc::Receiver<CtMsg>,
     ct_open: bool,
     ct_overruns: u64,
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
 }
 
 impl Live {
@@ -234,8 +242,6 @@ impl Live {
         duration: Option<Duration>,
         sink: &mut dyn Sink,
     ) -> Result<(), PipelineError> {
-        let mut sigint = signal(SignalKind::interrupt()).map_err(PipelineError::Runtime)?;
-        let mut sigterm = signal(SignalKind::terminate()).map_err(PipelineError::Runtime)?;
         let deadline = async {
             match duration {
                 Some(d) => tokio::time::sleep(d).await,
@@ -267,8 +273,8 @@ impl Live {
                     self.counters.take(monotonic_now_ns(), true, sink)?;
                     sink.flush()?;
                 }
-                _ = sigint.recv() => return Ok(()),
-                _ = sigterm.recv() => return Ok(()),
+                _ = self.sigint.recv() => return Ok(()),
+                _ = self.sigterm.recv() => return Ok(()),
                 _ = &mut deadline => return Ok(()),
             }
         }
