@@ -16,6 +16,7 @@
 //! - [`recording`]: the recording file format, its writer and reader.
 //! - [`watch`], [`record`], [`replay`]: the commands, assembled from these.
 //! - [`demo`]: a real incident in namespaces of its own, through `watch`'s pipeline.
+//! - [`names`]: Kubernetes names of addresses (kube-proxy's rules, the API).
 //! - [`endpoint`]: `/metrics` (Prometheus) and `/healthz` for `watch --metrics-addr`.
 
 pub mod clock;
@@ -33,6 +34,7 @@ pub mod incident;
 pub mod layout;
 pub mod memlock;
 pub mod memory;
+pub mod names;
 pub mod netns;
 pub mod output;
 pub mod pipeline;

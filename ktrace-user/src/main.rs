@@ -65,6 +65,8 @@ struct WatchArgs {
     engine: EngineArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    names: NamesArgs,
     /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT, or on loopback (127.0.0.1) given PORT alone (none without it)
     #[arg(long, value_name = "[IP:]PORT", value_parser = metrics_addr_arg)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -86,6 +88,52 @@ struct RecordArgs {
     engine: EngineArgs,
     #[command(flatten)]
     otlp: OtlpArgs,
+    #[command(flatten)]
+    names: NamesArgs,
+}
+
+/// Kubernetes names of addresses (docs/kubernetes-names.md).
+#[derive(Args)]
+struct NamesArgs {
+    /// Print addresses only: no names from kube-proxy's rules nor from the Kubernetes API.
+    #[arg(long)]
+    no_kube_names: bool,
+    /// Kubeconfig of the Kubernetes API source [default: the Pod's service account, else KUBECONFIG, else ~/.kube/config]
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// Pods to watch for names: this node's (node), the whole cluster's (cluster: remote clients named too), or none (off)
+    #[arg(long, value_name = "WHICH", default_value = "node", value_parser = ["node", "cluster", "off"])]
+    kube_pods: String,
+}
+
+impl NamesArgs {
+    /// Starts the name sources (none with --no-kube-names).
+    fn start(&self, node_name: Option<&str>) -> Option<std::sync::Arc<ktrace::names::Names>> {
+        use ktrace::names::{kube, rules, Names};
+        if self.no_kube_names {
+            return None;
+        }
+        let names = Names::new();
+        rules::start(names.clone(), std::time::Duration::from_secs(5));
+        let pods = match self.kube_pods.as_str() {
+            "cluster" => kube::Pods::Cluster,
+            "off" => kube::Pods::Off,
+            _ => kube::Pods::Node,
+        };
+        let node = node_name
+            .map(str::to_string)
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .unwrap_or_else(ktrace::recording::host_name);
+        kube::start(
+            names.clone(),
+            kube::KubeOptions {
+                kubeconfig: self.kubeconfig.clone(),
+                pods,
+                node,
+            },
+        );
+        Some(names)
+    }
 }
 
 /// Where `watch` and `record` take events from.
@@ -385,6 +433,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
+        names: a.names.start(a.otlp.node_name.as_deref()),
         explain: a.explain,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
@@ -423,6 +472,7 @@ fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         rotation: a.rotation.config(a.output.clone()),
         json: a.json,
         engine: a.engine.config(),
+        names: a.names.start(a.otlp.node_name.as_deref()),
         // No engine runs while recording: the event counters only.
         export: a.otlp.start(
             ktrace::export::Signals {

@@ -13,6 +13,7 @@ use crate::engine::Finding;
 use crate::event::{Event, EventBody, Source};
 use crate::hooks::HookStatus;
 use crate::incident::plain::{PlainOptions, PlainView};
+use crate::names::{render as names_out, NameResolver, SourceStatus};
 use crate::netns::NetnsNames;
 
 /// Context printed with the status line.
@@ -50,6 +51,8 @@ pub struct Renderer<W: Write> {
     events: bool,
     clock: WallClock,
     netns: NetnsNames,
+    /// Kubernetes names of addresses (none known: addresses as they are).
+    names: NameResolver,
     /// The human view's findings, grouped into incidents.
     plain: PlainView,
 }
@@ -62,8 +65,17 @@ impl<W: Write> Renderer<W> {
             events,
             clock,
             netns,
+            names: NameResolver::default(),
             plain: PlainView::default(),
         }
+    }
+
+    pub fn names(&self) -> &NameResolver {
+        &self.names
+    }
+
+    pub fn names_mut(&mut self) -> &mut NameResolver {
+        &mut self.names
     }
 
     /// The human view's colours, width and `--explain`.
@@ -140,6 +152,10 @@ impl<W: Write> Renderer<W> {
             if let Some(r) = info.replay {
                 v["replay"] = json!(r);
             }
+            if let Some(n) = self.names.names() {
+                n.take_status_change();
+                v["names"] = json!(n.status_now());
+            }
             return self.line(&v);
         }
         writeln!(
@@ -153,6 +169,12 @@ impl<W: Write> Renderer<W> {
         }
         if let Some(x) = info.exposed {
             writeln!(self.out, "  exposed: {}", exposure(x))?;
+        }
+        if let Some(n) = self.names.names() {
+            n.take_status_change();
+            for s in n.status_now() {
+                writeln!(self.out, "  names: {}", s.human())?;
+            }
         }
         for h in hooks {
             writeln!(
@@ -196,7 +218,13 @@ impl<W: Write> Renderer<W> {
                 dst,
                 body: &ev.body,
             };
-            serde_json::to_writer(&mut self.out, &line)?;
+            if self.names.is_off() {
+                serde_json::to_writer(&mut self.out, &line)?;
+            } else {
+                let mut v = serde_json::to_value(&line)?;
+                names_out::add_event_fields(&mut v, &self.names);
+                serde_json::to_writer(&mut self.out, &v)?;
+            }
             return self.out.write_all(b"\n");
         }
         let t = self.clock.rfc3339(ev.ts_ns);
@@ -206,9 +234,14 @@ impl<W: Write> Renderer<W> {
             None => ("conntrack".to_string(), "counters".to_string()),
         };
         let ns = self.netns_label(ev.netns);
+        let named: Vec<(&str, std::net::SocketAddr)> = ev
+            .body
+            .endpoints()
+            .map_or(Vec::new(), |(s, d)| vec![("src", s), ("dst", d)]);
+        let names = names_out::event_suffix(&named, &self.names);
         writeln!(
             self.out,
-            "{time} {:<17} {src:>21} -> {dst:<21} {}  netns={ns}",
+            "{time} {:<17} {src:>21} -> {dst:<21} {}  netns={ns}{names}",
             ev.body.name(),
             event_detail(&ev.body)
         )
@@ -255,15 +288,44 @@ impl<W: Write> Renderer<W> {
         )
     }
 
-    /// A finding: its JSON object, or in the human view a compact line
-    /// (with the remedy the first time its incident group shows; see
-    /// `crate::incident::plain`).
-    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+    /// A name source changed state (`{"type":"names", ...}` or human lines).
+    pub fn names_status(&mut self, ts_ns: u64, sources: &[SourceStatus]) -> io::Result<()> {
         if self.json {
-            let v = f.to_json(&self.clock);
+            let v = json!({
+                "type": "names",
+                "ts": self.clock.rfc3339(ts_ns),
+                "sources": sources,
+            });
             return self.line(&v);
         }
-        self.plain.finding(f, &self.clock, &mut self.out)
+        for s in sources {
+            writeln!(self.out, "names: {}", s.human())?;
+        }
+        Ok(())
+    }
+
+    pub fn finding(&mut self, f: &Finding) -> io::Result<()> {
+        let names = self.names.finding(f);
+        self.finding_named(f, names.as_ref())
+    }
+
+    /// A finding with the names of its addresses (looked up once by the
+    /// caller): its JSON object, or in the human view a compact line (with
+    /// the remedy the first time its incident group shows; see
+    /// `crate::incident::plain`).
+    pub fn finding_named(
+        &mut self,
+        f: &Finding,
+        names: Option<&crate::names::FindingNames>,
+    ) -> io::Result<()> {
+        if self.json {
+            let mut v = f.to_json(&self.clock);
+            if let Some(n) = names {
+                names_out::add_finding_fields(&mut v, n);
+            }
+            return self.line(&v);
+        }
+        self.plain.finding(f, names, &self.clock, &mut self.out)
     }
 
     /// Time passes (`now_ns`): the human view's group summaries.

@@ -18,6 +18,8 @@ pub struct RecordOptions {
     pub engine: EngineConfig,
     /// `--otlp-endpoint`: also export the event counters over OTLP.
     pub export: Option<crate::export::Exporter>,
+    /// Kubernetes names of the events' addresses, stored in the recording.
+    pub names: Option<std::sync::Arc<crate::names::Names>>,
 }
 
 /// What `ktrace record` did, for its closing line.
@@ -43,6 +45,9 @@ pub fn record(opts: RecordOptions) -> Result<RecordReport, PipelineError> {
         ),
     );
     p.recorder = Some(recorder);
+    if let Some(n) = &opts.names {
+        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
+    }
     p.exporter = opts.export.clone();
     let r = run_source(&opts.source, clock, &mut p);
     let summary = p.recorder.take().map(Recorder::finish).unwrap_or_default();

@@ -370,6 +370,10 @@ impl Feed<'_> {
                 let what = format!("not recorded ({reason})");
                 self.p.out.lost(ts_ns, count, self.dropped_total, &what)
             }
+            Item::Name { record, .. } => {
+                self.p.out.names_mut().apply(record);
+                Ok(())
+            }
             Item::Event(_) | Item::Tick { .. } | Item::Lost { .. } => Ok(()),
         }
     }

@@ -27,6 +27,8 @@ pub struct WatchOptions {
     pub exposed: Vec<String>,
     /// `--explain`: every finding with its explanation and remedy.
     pub explain: bool,
+    /// Kubernetes names of addresses (`None`: `--no-kube-names`).
+    pub names: Option<std::sync::Arc<crate::names::Names>>,
 }
 
 pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
@@ -49,6 +51,9 @@ pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
         .with_plain(PlainOptions::for_stdout(opts.explain)),
     );
     p.live = true;
+    if let Some(n) = &opts.names {
+        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
+    }
     p.recorder = recorder;
     p.exporter = opts.export.clone();
     let source = SourceOptions {

@@ -252,6 +252,14 @@ impl Evidence {
     }
 }
 
+/// Which of a finding's addresses a label is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Service,
+    Backend,
+    Client,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
     /// CLOCK_MONOTONIC ns of the event that completed the finding.
@@ -312,8 +320,18 @@ impl Finding {
 
     /// One human sentence: who, what, why, and the fix.
     pub fn sentence(&self) -> String {
-        let addr = |a: Option<SocketAddr>| a.map_or("?".to_string(), |s| s.to_string());
-        let (svc, be, cl) = (addr(self.service), addr(self.backend), addr(self.client));
+        self.sentence_with(&|_, a| a.to_string())
+    }
+
+    /// [`sentence`](Self::sentence) with each address written by `label`
+    /// (the human view adds Kubernetes names to them).
+    pub fn sentence_with(&self, label: &dyn Fn(Role, SocketAddr) -> String) -> String {
+        let addr = |r: Role, a: Option<SocketAddr>| a.map_or("?".to_string(), |s| label(r, s));
+        let (svc, be, cl) = (
+            addr(Role::Service, self.service),
+            addr(Role::Backend, self.backend),
+            addr(Role::Client, self.client),
+        );
         let cause = &self.cause;
         let what = match &self.evidence {
             Evidence::UnnatedReply(e) => match e.path {
@@ -322,7 +340,7 @@ impl Finding {
                 ),
                 UnnatedPath::ReplyToSnatAddress => format!(
                     "Service {svc}: reply from backend {be} to client {cl} (masqueraded as {}) was not reverse-NATed ({cause}); the node reset the backend.",
-                    addr(e.snat)
+                    e.snat.map_or("?".to_string(), |s| s.to_string())
                 ),
                 UnnatedPath::RequestToLocalService => format!(
                     "Service {svc}: a segment from client {cl} was not DNATed to backend {be} ({cause}); the node reset the client from the Service address."
@@ -334,8 +352,8 @@ impl Finding {
             ),
             Evidence::RstStorm(e) => {
                 let target = match (self.service, self.backend) {
-                    (Some(s), _) => format!("Service {s}"),
-                    (None, Some(b)) => format!("backend {b}"),
+                    (Some(_), _) => format!("Service {svc}"),
+                    (None, Some(_)) => format!("backend {be}"),
                     _ => "?".into(),
                 };
                 // The window as the JSON writes it (`5.0`, not `5`).

@@ -13,6 +13,7 @@
 //! refusing only delays the exporter thread. Memory is bounded by the queue
 //! (`OTEL_BLRP_MAX_QUEUE_SIZE` records) and the metric attribute sets.
 
+use crate::names::FindingNames;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -57,7 +58,7 @@ pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 const LOST_NOTICE_EVERY: Duration = Duration::from_secs(1);
 
 /// A finding and the clock that dates it, on its way to the exporter thread.
-type Msg = Box<(Finding, WallClock)>;
+type Msg = Box<(Finding, WallClock, Option<FindingNames>)>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -309,8 +310,13 @@ impl Exporter {
     /// A finding: counted, and queued as a log record (dropped, counted,
     /// when the queue is full).
     pub fn finding(&self, f: &Finding) {
+        self.finding_named(f, None);
+    }
+
+    /// [`finding`](Self::finding) with the Kubernetes names of its addresses.
+    pub fn finding_named(&self, f: &Finding, names: Option<&FindingNames>) {
         if let Some(m) = &self.inner.metrics {
-            m.finding(f);
+            m.finding(f, names);
         }
         if !self.inner.logs {
             return;
@@ -318,7 +324,9 @@ impl Exporter {
         let clock = *self.inner.clock.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
         let sent = match tx.as_ref() {
-            Some(tx) => tx.try_send(Box::new((f.clone(), clock))).is_ok(),
+            Some(tx) => tx
+                .try_send(Box::new((f.clone(), clock, names.cloned())))
+                .is_ok(),
             None => false,
         };
         if !sent {
@@ -682,13 +690,16 @@ impl Worker {
 
     /// A finding from the pipeline: a log record in the queue, or dropped.
     fn accept(&mut self, msg: Msg) {
-        let (f, clock) = *msg;
+        let (f, clock, names) = *msg;
         if self.pending.len() + self.in_flight >= self.cfg.max_queue {
             self.shared.drop_records(1);
             return;
         }
         let mut r = self.logger.create_log_record();
         logs::fill(&mut r, &f, &clock);
+        if let Some(n) = &names {
+            logs::names(&mut r, n);
+        }
         self.logger.emit(r);
         let mut c = self.collected.lock().unwrap_or_else(|e| e.into_inner());
         self.pending.extend(c.drain(..));

@@ -98,6 +98,45 @@ pub fn fill<R: opentelemetry::logs::LogRecord>(r: &mut R, f: &Finding, clock: &W
     }
 }
 
+/// The Kubernetes names of a finding's addresses, as OpenTelemetry's
+/// semantic conventions name them: the Service as `k8s.namespace.name` and
+/// `k8s.service.name` (the finding is about it), the backend and the client
+/// under `ktrace.backend.` and `ktrace.client.` (`k8s.pod.name`,
+/// `k8s.namespace.name`, `k8s.node.name`; the resource's own
+/// `k8s.node.name` is the node ktrace runs on).
+pub fn names<R: opentelemetry::logs::LogRecord>(r: &mut R, n: &crate::names::FindingNames) {
+    use crate::names::Peer;
+    if let Some((_, s)) = n.service.as_ref().or(n.backend_service.as_ref()) {
+        r.add_attribute(keys::K8S_NAMESPACE, s.namespace.to_string());
+        r.add_attribute(keys::K8S_SERVICE, s.name.to_string());
+        if !s.port.is_empty() {
+            r.add_attribute(keys::K8S_SERVICE_PORT, s.port.to_string());
+        }
+    }
+    for (prefix, peer) in [
+        ("ktrace.backend.", &n.backend),
+        ("ktrace.client.", &n.client),
+    ] {
+        match peer {
+            Some(Peer::Pod(p)) => {
+                r.add_attribute(
+                    format!("{prefix}k8s.namespace.name"),
+                    p.namespace.to_string(),
+                );
+                r.add_attribute(format!("{prefix}k8s.pod.name"), p.name.to_string());
+                if let Some(node) = &p.node {
+                    r.add_attribute(format!("{prefix}k8s.node.name"), node.to_string());
+                }
+            }
+            Some(Peer::Node(node)) => {
+                r.add_attribute(format!("{prefix}k8s.node.name"), node.to_string());
+            }
+            Some(Peer::External) => r.add_attribute(format!("{prefix}name"), "external"),
+            None => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

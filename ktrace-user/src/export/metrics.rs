@@ -60,6 +60,10 @@ pub mod keys {
     pub const HOOK_NAME: &str = "ktrace.hook.name";
     pub const HOOK_MECHANISM: &str = "ktrace.hook.mechanism";
     pub const SIGNAL: &str = "ktrace.otlp.signal";
+    /// OpenTelemetry's Kubernetes conventions (the finding's Service).
+    pub const K8S_NAMESPACE: &str = "k8s.namespace.name";
+    pub const K8S_SERVICE: &str = "k8s.service.name";
+    pub const K8S_SERVICE_PORT: &str = "ktrace.k8s.service.port.name";
 }
 
 /// `ktrace.lost.source` of a lost-event notice, from its free-text `what`.
@@ -283,7 +287,10 @@ impl Metrics {
         }
     }
 
-    pub fn finding(&self, f: &Finding) {
+    /// Counted by kind, Service and backend; the Service's Kubernetes name
+    /// is a label too (bounded: one per Service port), the client's Pod is
+    /// not (one per client would be unbounded).
+    pub fn finding(&self, f: &Finding, names: Option<&crate::names::FindingNames>) {
         // A storm is one finding; its updates and end are log records only.
         if matches!(&f.evidence, Evidence::RstStorm(s) if s.phase != Phase::Start) {
             return;
@@ -297,6 +304,10 @@ impl Metrics {
         if let Some(b) = f.backend {
             attrs.push(KeyValue::new(keys::BACKEND_ADDRESS, b.ip().to_string()));
             attrs.push(KeyValue::new(keys::BACKEND_PORT, i64::from(b.port())));
+        }
+        if let Some((_, s)) = names.and_then(|n| n.service.as_ref()) {
+            attrs.push(KeyValue::new(keys::K8S_NAMESPACE, s.namespace.to_string()));
+            attrs.push(KeyValue::new(keys::K8S_SERVICE, s.name.to_string()));
         }
         self.findings.add(1, &attrs);
     }

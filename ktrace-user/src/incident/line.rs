@@ -12,6 +12,7 @@ use crate::clock::WallClock;
 use crate::engine::finding::{TableFull, UnnatedPath, UnnatedReply};
 use crate::engine::storm::Phase;
 use crate::engine::{Evidence, Finding, Severity};
+use crate::names::FindingNames;
 
 /// The width the lines fit when stdout is not a terminal (or its width is unknown).
 pub const DEFAULT_WIDTH: usize = 120;
@@ -224,8 +225,8 @@ pub fn fit(s: &str, width: usize) -> String {
 
 /// The explanation printed under a group's first line: what happened
 /// (the finding's sentence) and what to do, wrapped and indented.
-pub fn explanation(f: &Finding, style: &Style) -> Vec<String> {
-    let sentence = f.sentence();
+pub fn explanation(f: &Finding, names: Option<&FindingNames>, style: &Style) -> Vec<String> {
+    let sentence = crate::names::render::sentence(f, names);
     let what = sentence
         .strip_suffix(&format!(" Fix: {}", f.remedy))
         .unwrap_or(&sentence);
@@ -235,6 +236,14 @@ pub fn explanation(f: &Finding, style: &Style) -> Vec<String> {
         lines = lines.into_iter().map(|l| l.dim().to_string()).collect();
     }
     lines
+}
+
+/// The Kubernetes names of a finding printed without its explanation
+/// (the explanation's sentence carries them otherwise), indented like it.
+pub fn names(n: &FindingNames, style: &Style) -> Option<String> {
+    let text = crate::names::render::summary(n)?;
+    let l = wrapped("names: ", &text, style.width).join("\n");
+    Some(if style.color { l.dim().to_string() } else { l })
 }
 
 /// `text` wrapped to `width` columns, the first line starting with
@@ -320,7 +329,7 @@ mod tests {
     #[test]
     fn explanations_wrap_within_the_width() {
         let f = finding(None, Some(8));
-        let lines = explanation(&f, &Style::default());
+        let lines = explanation(&f, None, &Style::default());
         assert!(lines[0]
             .trim_start()
             .starts_with("why: Service 10.96.0.10:2222"));

@@ -18,6 +18,7 @@ use super::line::{self, Style};
 use super::{Group, GroupKey, Groups};
 use crate::clock::WallClock;
 use crate::engine::{Finding, FindingKind};
+use crate::names::FindingNames;
 
 /// Findings of a group printed one per line before they are summarised.
 pub const LINES_PER_GROUP: u64 = 3;
@@ -79,6 +80,7 @@ impl PlainView {
     pub fn finding(
         &mut self,
         f: &Finding,
+        names: Option<&FindingNames>,
         clock: &WallClock,
         out: &mut dyn Write,
     ) -> io::Result<()> {
@@ -101,9 +103,11 @@ impl PlainView {
         }
         writeln!(out, "{}", line::finding_line(f, clock, &style))?;
         if new || self.opts.explain {
-            for l in line::explanation(f, &style) {
+            for l in line::explanation(f, names, &style) {
                 writeln!(out, "{l}")?;
             }
+        } else if let Some(l) = names.and_then(|n| line::names(n, &style)) {
+            writeln!(out, "{l}")?;
         }
         Ok(())
     }
@@ -188,7 +192,7 @@ mod tests {
         let clock = WallClock { offset_ns: 0 };
         let mut out = Vec::new();
         for f in findings {
-            v.finding(f, &clock, &mut out).unwrap();
+            v.finding(f, None, &clock, &mut out).unwrap();
             v.tick(f.ts_ns, &clock, &mut out).unwrap();
         }
         v.finish(end_ns, &clock, &mut out).unwrap();
@@ -238,7 +242,7 @@ mod tests {
         let clock = WallClock { offset_ns: 0 };
         let mut out = Vec::new();
         for f in storm_of_unnated(5) {
-            v.finding(&f, &clock, &mut out).unwrap();
+            v.finding(&f, None, &clock, &mut out).unwrap();
         }
         v.tick(1_500_000_000, &clock, &mut out).unwrap();
         assert!(!String::from_utf8_lossy(&out).contains("so far"));

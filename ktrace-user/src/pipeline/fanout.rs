@@ -53,7 +53,17 @@ impl<W: Write> Pipeline<W> {
     }
 
     pub fn handle(&mut self, ev: &Event) -> std::io::Result<()> {
+        if let Some(e) = &mut self.engine {
+            e.process(ev, &mut self.findings);
+        }
+        // The names its findings use go into the recording before the
+        // event, so replay knows them when the event completes the finding.
+        self.record_names();
         if let Some(r) = &mut self.recorder {
+            if self.engine.is_none() && !self.out.names().is_off() {
+                // `record`: no findings to take names from; the events' own.
+                r.names(&self.out.names().event_records(ev));
+            }
             r.event(ev);
         }
         if self.printed(ev.ts_ns) {
@@ -62,20 +72,43 @@ impl<W: Write> Pipeline<W> {
         if let Some(x) = &self.exporter {
             x.event(ev);
         }
-        if let Some(e) = &mut self.engine {
-            e.process(ev, &mut self.findings);
-        }
         self.emit_findings()
+    }
+
+    /// Names of the findings about to be emitted, into the recording.
+    fn record_names(&mut self) {
+        let Some(r) = &mut self.recorder else {
+            return;
+        };
+        if self.findings.is_empty() || self.out.names().is_off() {
+            return;
+        }
+        for f in &self.findings {
+            if let Some(n) = self.out.names().finding(f) {
+                r.names(&n.records(f));
+            }
+        }
     }
 
     /// Time passes (every 200 ms live; at the recorded ticks in replay).
     pub fn tick(&mut self, now_ns: u64) -> std::io::Result<()> {
+        if let Some(e) = &mut self.engine {
+            e.tick(now_ns, &mut self.findings);
+        }
+        self.record_names();
         if let Some(r) = &mut self.recorder {
             r.tick(now_ns);
         }
         self.recorder_notices(now_ns)?;
-        if let Some(e) = &mut self.engine {
-            e.tick(now_ns, &mut self.findings);
+        if self.live {
+            let change = self
+                .out
+                .names()
+                .names()
+                .and_then(|n| n.take_status_change());
+            if let Some(sources) = change {
+                self.out.names_status(now_ns, &sources)?;
+            }
         }
         if let Some(x) = &self.exporter {
             if self.live {
@@ -104,6 +137,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(e) = &mut self.engine {
             e.tick(u64::MAX, &mut self.findings);
         }
+        self.record_names();
         self.emit_findings()?;
         self.out.close_groups(now_ns)?;
         self.recorder_notices(now_ns)?;
@@ -163,10 +197,11 @@ impl<W: Write> Pipeline<W> {
             }
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
                 *self.emitted.entry(f.kind()).or_default() += 1;
+                let names = self.out.names().finding(&f);
                 if let Some(x) = &self.exporter {
-                    x.finding(&f);
+                    x.finding_named(&f, names.as_ref());
                 }
-                self.out.finding(&f)?;
+                self.out.finding_named(&f, names.as_ref())?;
             }
         }
         Ok(())

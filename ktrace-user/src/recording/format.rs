@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 2;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -58,6 +58,10 @@ pub mod tag {
     pub const DEF_IP: u64 = 0x60;
     pub const DEF_STR: u64 = 0x61;
     pub const DEF_NETNS: u64 = 0x62;
+    /// A Kubernetes name of an address (minor version 1; see
+    /// `crate::names::record`). No timestamp: a reader that skips it keeps
+    /// the timestamp chain.
+    pub const DEF_NAME: u64 = 0x63;
 }
 
 /// One thing a recording holds, in the order the live pipeline saw it.
@@ -80,13 +84,21 @@ pub enum Item {
         count: u64,
         reason: String,
     },
+    /// A Kubernetes name known at this point (`ts_ns`: the record before it).
+    Name {
+        ts_ns: u64,
+        record: crate::names::NameRecord,
+    },
 }
 
 impl Item {
     pub fn ts_ns(&self) -> u64 {
         match self {
             Item::Event(e) => e.ts_ns,
-            Item::Tick { ts_ns } | Item::Lost { ts_ns, .. } | Item::Dropped { ts_ns, .. } => *ts_ns,
+            Item::Tick { ts_ns }
+            | Item::Lost { ts_ns, .. }
+            | Item::Dropped { ts_ns, .. }
+            | Item::Name { ts_ns, .. } => *ts_ns,
         }
     }
 }
@@ -169,6 +181,22 @@ impl<'a> Cursor<'a> {
             }
         }
         Err(Malformed("varint overflows 64 bits"))
+    }
+
+    /// An address: family (4 or 6), then 4 or 16 bytes.
+    pub fn ip(&mut self) -> Result<IpAddr, Malformed> {
+        Ok(match self.u8()? {
+            4 => {
+                let o = self.bytes(4)?;
+                IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3]))
+            }
+            6 => {
+                let mut o = [0u8; 16];
+                o.copy_from_slice(self.bytes(16)?);
+                IpAddr::V6(Ipv6Addr::from(o))
+            }
+            _ => return Err(Malformed("unknown address family")),
+        })
     }
 
     pub fn varint_u32(&mut self) -> Result<u32, Malformed> {
@@ -653,7 +681,15 @@ impl BlockEncoder {
                 count,
                 reason,
             } => self.push_dropped(*ts_ns, *count, reason),
+            Item::Name { record, .. } => self.push_name(record),
         }
+    }
+
+    /// A Kubernetes name (a definition-like record: no timestamp).
+    pub fn push_name(&mut self, r: &crate::names::NameRecord) {
+        let mut body = Vec::with_capacity(48);
+        r.encode(&mut body);
+        self.def(tag::DEF_NAME, &body);
     }
 
     /// Appends a record with an arbitrary tag and body (tests of unknown tags).
@@ -719,18 +755,7 @@ impl<'a> BlockDecoder<'a> {
         let mut b = Cursor::new(body);
         match t {
             tag::DEF_IP => {
-                let ip = match b.u8()? {
-                    4 => {
-                        let o = b.bytes(4)?;
-                        IpAddr::V4(Ipv4Addr::new(o[0], o[1], o[2], o[3]))
-                    }
-                    6 => {
-                        let mut o = [0u8; 16];
-                        o.copy_from_slice(b.bytes(16)?);
-                        IpAddr::V6(Ipv6Addr::from(o))
-                    }
-                    _ => return Err(Malformed("unknown address family in IP definition")),
-                };
+                let ip = b.ip()?;
                 self.ips.push(ip);
                 Ok(Decoded::Definition)
             }
@@ -745,6 +770,13 @@ impl<'a> BlockDecoder<'a> {
                 self.netns.push(n);
                 Ok(Decoded::Definition)
             }
+            tag::DEF_NAME => match crate::names::NameRecord::decode(body) {
+                Ok(record) => Ok(Decoded::Item(Item::Name {
+                    ts_ns: self.prev_ts,
+                    record,
+                })),
+                Err(e) => Ok(Decoded::Bad(t, e)),
+            },
             tag::TCP_SEND_RESET..=tag::CT_COUNTERS | tag::TICK | tag::LOST | tag::DROPPED => {
                 // The timestamp chain must advance even when the rest of
                 // the body is bad, or every later delta would be off.

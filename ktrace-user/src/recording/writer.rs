@@ -676,6 +676,9 @@ pub struct Recorder {
     last_seal: Instant,
     queue_dropped: u64,
     queue_dropped_since: u64,
+    /// Names already in the current block (each block stands alone, so
+    /// a name is written again in the next one).
+    names_in_block: std::collections::HashSet<crate::names::NameRecord>,
 }
 
 impl Recorder {
@@ -716,6 +719,7 @@ impl Recorder {
             last_seal: Instant::now(),
             queue_dropped: 0,
             queue_dropped_since: 0,
+            names_in_block: Default::default(),
         })
     }
 
@@ -761,6 +765,15 @@ impl Recorder {
         }
     }
 
+    /// Kubernetes names a finding used, so `replay` prints them too.
+    pub fn names(&mut self, records: &[crate::names::NameRecord]) {
+        for r in records {
+            if self.names_in_block.insert(r.clone()) {
+                self.enc.push_name(r);
+            }
+        }
+    }
+
     pub fn lost(&mut self, ts_ns: u64, count: u64, total: u64, what: &str) {
         self.enc.push_lost(ts_ns, count, total, what);
     }
@@ -785,6 +798,7 @@ impl Recorder {
         if self.enc.is_empty() {
             return;
         }
+        self.names_in_block.clear();
         let raw = self.enc.take();
         match &mut self.backend {
             Backend::Inline(sw) => sw.write_block(&raw),

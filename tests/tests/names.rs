@@ -1,0 +1,226 @@
+//! Kubernetes names in findings (issue 15), from kube-proxy's own rules:
+//! the lab's Service installed in the node namespace as kube-proxy installs
+//! it (iptables mode: KUBE-SERVICES / KUBE-SVC / KUBE-SEP chains with their
+//! comments; nftables mode: the `kube-proxy` table), the un-NATed reply
+//! incident run through it, and the findings, live and replayed, checked
+//! for the names. Needs root; skipped (saying so) otherwise.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ktrace_tests::{
+    json_lines, ktrace_output, record_skip, select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+};
+use serde_json::Value;
+
+const SERVICE: &str = "payments/ledger:grpc";
+const IPTABLES_RESTORE: &[&str] = &["iptables-restore", "--noflush"];
+
+/// kube-proxy's iptables-mode rules for one Service port with one endpoint
+/// (as `iptables-save` prints what `pkg/proxy/iptables/proxier.go` writes),
+/// plus a rule whose comment is not a Service name (must be skipped, counted).
+fn iptables_rules(backend: &str) -> String {
+    format!(
+        r#"*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-LEDGER2GRPC7XQWZ - [0:0]
+:KUBE-SEP-LEDGERA4BHT2KQ5M - [0:0]
+:KUBE-SEP-BROKENXXXXXXXXXX - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d {VIP}/32 -p tcp -m comment --comment "{SERVICE} cluster IP" -m tcp --dport 2222 -j KUBE-SVC-LEDGER2GRPC7XQWZ
+-A KUBE-SVC-LEDGER2GRPC7XQWZ -m comment --comment "{SERVICE} -> {backend}:2222" -j KUBE-SEP-LEDGERA4BHT2KQ5M
+-A KUBE-SEP-LEDGERA4BHT2KQ5M -s {backend}/32 -m comment --comment "{SERVICE}" -j KUBE-MARK-MASQ
+-A KUBE-SEP-LEDGERA4BHT2KQ5M -p tcp -m comment --comment "{SERVICE}" -m tcp -j DNAT --to-destination {backend}:2222
+-A KUBE-SEP-BROKENXXXXXXXXXX -p tcp -m comment --comment "Not A Service Name" -m tcp -j DNAT --to-destination 10.0.1.9:2222
+COMMIT
+"#
+    )
+}
+
+/// kube-proxy's nftables-mode table for the same Service (the commands
+/// knftables sends, per `pkg/proxy/nftables/proxier.go`).
+fn nft_rules(backend: &str) -> String {
+    let svc = "service-AB12CD34-payments/ledger/tcp/grpc";
+    let ep = format!("endpoint-EF56GH78-payments/ledger/tcp/grpc__{backend}/2222");
+    format!(
+        r#"add table ip kube-proxy {{ comment "rules for kube-proxy" ; }}
+add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority -100 ; }}
+add chain ip kube-proxy services
+add chain ip kube-proxy mark-for-masquerade
+add map ip kube-proxy service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment "ClusterIP, ExternalIP and LoadBalancer IP traffic" ; }}
+add rule ip kube-proxy nat-prerouting jump services
+add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips
+add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000
+add chain ip kube-proxy {svc}
+add chain ip kube-proxy {ep}
+add rule ip kube-proxy {ep} ip saddr {backend} jump mark-for-masquerade
+add rule ip kube-proxy {ep} meta l4proto tcp dnat to {backend}:2222
+add rule ip kube-proxy {svc} numgen random mod 1 vmap {{ 0 : goto {ep} }}
+add element ip kube-proxy service-ips {{ {VIP} . tcp . 2222 : goto {svc} }}
+"#
+    )
+}
+
+/// A one-backend lab whose node namespace has kube-proxy's rules instead
+/// of the lab's plain DNAT: `rules` fed to `cmd` (iptables-restore or nft).
+fn lab_with_rules(tag: &str, cmd: &[&str], rules: &str) -> Lab {
+    let lab = Lab::new(tag, 1);
+    lab.exec_ok(&lab.node, &["iptables", "-t", "nat", "-F", "PREROUTING"]);
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.node])
+        .args(cmd)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(rules.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success(), "{cmd:?} failed");
+    lab
+}
+
+/// Runs the un-NATed reply incident (3 connections) under `watch`, with a
+/// recording; returns the live output and the replayed one.
+fn incident(lab: &mut Lab, scratch: &Scratch) -> (Value, Vec<Value>, Vec<Value>) {
+    lab.start_server();
+    let rec = scratch.path("names.ktr");
+    let watch = lab.watch(&["--record", &rec]);
+    let mut c = lab.client(3);
+    let reset = c.unnat_all(Duration::from_millis(1000));
+    assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
+    assert!(
+        watch.wait_for(Duration::from_secs(5), |l| select(
+            l,
+            "finding",
+            Some("unnated_reply")
+        )
+        .len()
+            >= 3),
+        "unnated_reply findings did not arrive in time"
+    );
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    let out = ktrace_output(&["replay", &rec, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (status, lines, json_lines(&out.stdout))
+}
+
+fn names_source<'a>(status: &'a Value, source: &str) -> &'a Value {
+    status["names"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no names in {status}"))
+        .iter()
+        .find(|s| s["source"] == source)
+        .unwrap_or_else(|| panic!("no {source} in {status}"))
+}
+
+/// Every finding names the Service and its endpoint; the client, which
+/// nothing names, stays an address.
+fn check_findings(lines: &[Value], what: &str) {
+    let f = select(lines, "finding", Some("unnated_reply"));
+    assert_eq!(f.len(), 3, "{what}: {lines:?}");
+    for f in f {
+        assert_eq!(f["service"], format!("{VIP}:2222"), "{what}: {f}");
+        assert_eq!(f["service_name"], SERVICE, "{what}: {f}");
+        assert_eq!(f["backend"], format!("{}:2222", BACKENDS[0]), "{what}: {f}");
+        assert_eq!(f["backend_service"], SERVICE, "{what}: {f}");
+        assert!(f["client"].as_str().unwrap().starts_with(CLIENT_IP), "{f}");
+        assert!(
+            f.get("client_name").is_none(),
+            "{what}: unnamed client named: {f}"
+        );
+        // The names sit right after the addresses, before cause.
+        let keys: Vec<&String> = f.as_object().unwrap().keys().collect();
+        let at = |k: &str| keys.iter().position(|x| *x == k).unwrap();
+        assert!(
+            at("client") < at("service_name") && at("backend_service") < at("cause"),
+            "{f}"
+        );
+    }
+}
+
+#[test]
+fn kube_proxy_iptables_rules_name_the_incident() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab_with_rules("ni", IPTABLES_RESTORE, &iptables_rules(BACKENDS[0]));
+    let scratch = Scratch::new("names-ipt");
+    let (status, live, replayed) = incident(&mut lab, &scratch);
+
+    let rules = names_source(&status, "kube-proxy-rules");
+    assert_eq!(rules["state"], "live", "{rules}");
+    assert_eq!(rules["mode"], "iptables", "{rules}");
+    assert_eq!(rules["services"], 1, "{rules}");
+    assert_eq!(rules["endpoints"], 1, "{rules}");
+    assert_eq!(
+        rules["skipped"], 1,
+        "the malformed rule is counted: {rules}"
+    );
+    let api = names_source(&status, "kubernetes-api");
+    assert_eq!(api["state"], "off", "{api}");
+    assert!(
+        api["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "{api}"
+    );
+
+    check_findings(&live, "live");
+    check_findings(&replayed, "replayed");
+}
+
+#[test]
+fn kube_proxy_nftables_rules_name_the_incident() {
+    if skip() {
+        return;
+    }
+    if Command::new("nft").arg("--version").output().is_err() {
+        record_skip("nft is not installed: the nftables mode of kube-proxy cannot be set up");
+        return;
+    }
+    let mut lab = lab_with_rules("nn", &["nft", "-f", "-"], &nft_rules(BACKENDS[0]));
+    let scratch = Scratch::new("names-nft");
+    let (status, live, replayed) = incident(&mut lab, &scratch);
+
+    let rules = names_source(&status, "kube-proxy-rules");
+    assert_eq!(rules["state"], "live", "{rules}");
+    assert_eq!(rules["mode"], "nftables", "{rules}");
+    assert_eq!(rules["services"], 1, "{rules}");
+    assert_eq!(rules["endpoints"], 1, "{rules}");
+    check_findings(&live, "live");
+    check_findings(&replayed, "replayed");
+}
+
+/// `--no-kube-names`: the same rules, findings with addresses only.
+#[test]
+fn no_kube_names_prints_addresses_only() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab_with_rules("nx", IPTABLES_RESTORE, &iptables_rules(BACKENDS[0]));
+    lab.start_server();
+    let watch = lab.watch(&["--no-kube-names"]);
+    assert!(watch.status.get("names").is_none(), "{}", watch.status);
+    let mut c = lab.client(1);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 1);
+    assert!(
+        watch.wait_for(Duration::from_secs(5), |l| !select(l, "finding", None)
+            .is_empty())
+    );
+    let lines = watch.stop();
+    for f in select(&lines, "finding", None) {
+        assert!(
+            f.get("service_name").is_none() && f.get("backend_service").is_none(),
+            "{f}"
+        );
+    }
+}
