@@ -62,7 +62,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(r) = &mut self.recorder {
             if self.engine.is_none() && !self.out.names().is_off() {
                 // `record`: no findings to take names from; the events' own.
-                r.names(&self.out.names().event_records(ev));
+                r.event_names(ev, self.out.names());
             }
             r.event(ev);
         }
