@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ktrace::clock::WallClock;
-use ktrace::event::{Event, EventBody, NatEntry, Source};
+use ktrace::event::{CounterRise, Event, EventBody, NatEntry, Source};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 
@@ -109,7 +109,7 @@ fn bodies() -> Vec<EventBody> {
             protocol: 17,
             snat: None,
         }),
-        EventBody::CtCounters {
+        EventBody::CtCounters(CounterRise {
             invalid: 3,
             drop: 0,
             early_drop: 1,
@@ -117,8 +117,8 @@ fn bodies() -> Vec<EventBody> {
             clash_resolve: 0,
             count: Some(100),
             max: Some(65536),
-        },
-        EventBody::CtCounters {
+        }),
+        EventBody::CtCounters(CounterRise {
             invalid: 0,
             drop: 0,
             early_drop: 0,
@@ -126,7 +126,7 @@ fn bodies() -> Vec<EventBody> {
             clash_resolve: 0,
             count: None,
             max: None,
-        },
+        }),
     ]
 }
 

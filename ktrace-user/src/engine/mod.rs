@@ -27,7 +27,7 @@ use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::event::{Event, EventBody, NatEntry};
+use crate::event::{CounterRise, Event, EventBody, NatEntry};
 pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use finding::{UnnatedBasis, UnnatedPath};
 use flows::{Ep, FlowKey, FlowTable, TCP};
@@ -370,7 +370,7 @@ impl Engine {
                 "init_conntrack failed",
                 out,
             ),
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid,
                 drop,
                 insert_failed,
@@ -378,7 +378,7 @@ impl Engine {
                 count,
                 max,
                 ..
-            } => {
+            }) => {
                 if *insert_failed > 0 && !self.cfg.ct_confirm_hook {
                     self.on_race_counter(ev.ts_ns, race::Outcome::Dropped, *insert_failed, out);
                 }

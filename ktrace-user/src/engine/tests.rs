@@ -323,7 +323,7 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
     let counters = |ts, invalid, drop| {
         ev(
             ts,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid,
                 drop,
                 early_drop: 0,
@@ -331,7 +331,7 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
                 clash_resolve: 0,
                 count: Some(3),
                 max: Some(262144),
-            },
+            }),
         )
     };
     let mut e = Engine::new(cfg.clone());
@@ -372,7 +372,7 @@ fn drop_counter_with_a_full_table_is_table_full() {
     let counters = |ts, drop, count| {
         ev(
             ts,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid: 0,
                 drop,
                 early_drop: 0,
@@ -380,7 +380,7 @@ fn drop_counter_with_a_full_table_is_table_full() {
                 clash_resolve: 0,
                 count: Some(count),
                 max: Some(64),
-            },
+            }),
         )
     };
     let f = run(&[counters(0, 5, 20)]);
@@ -495,7 +495,7 @@ fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
     let counters = |ts| {
         ev(
             ts,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid: 0,
                 drop: 0,
                 early_drop: 0,
@@ -503,7 +503,7 @@ fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
                 clash_resolve: 0,
                 count: None,
                 max: None,
-            },
+            }),
         )
     };
     let f = run_with(
@@ -600,7 +600,7 @@ fn node_resets_without_a_mapping_are_not_incidents() {
 fn race_counters(ts: u64, insert_failed: u64, clash_resolve: u64) -> Event {
     ev(
         ts,
-        EventBody::CtCounters {
+        EventBody::CtCounters(CounterRise {
             invalid: 0,
             drop: 0,
             early_drop: 0,
@@ -608,7 +608,7 @@ fn race_counters(ts: u64, insert_failed: u64, clash_resolve: u64) -> Event {
             clash_resolve,
             count: None,
             max: None,
-        },
+        }),
     )
 }
 

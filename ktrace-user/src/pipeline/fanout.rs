@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use super::{PipelineError, Sink};
+use super::{Loss, PipelineError, Sink};
 use crate::clock::WallClock;
 use crate::engine::{Engine, Finding, FindingKind};
 use crate::event::Event;
@@ -65,7 +65,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(r) = &mut self.recorder {
             if self.engine.is_none() && !self.out.names().is_off() {
                 // `record`: no findings to take names from; the events' own.
-                r.names(&self.out.names().event_records(ev));
+                r.event_names(ev, self.out.names());
             }
             r.event(ev);
         }
@@ -254,14 +254,8 @@ impl<W: Write> Sink for Pipeline<W> {
         self.handle(ev).map_err(PipelineError::Output)
     }
 
-    fn lost(
-        &mut self,
-        now_ns: u64,
-        count: u64,
-        total: u64,
-        what: &str,
-    ) -> Result<(), PipelineError> {
-        Pipeline::lost(self, now_ns, count, total, what).map_err(PipelineError::Output)
+    fn lost(&mut self, now_ns: u64, l: &Loss) -> Result<(), PipelineError> {
+        Pipeline::lost(self, now_ns, l.count, l.total, &l.what).map_err(PipelineError::Output)
     }
 
     /// The hook metric drops to 0 and a lost line (count 0) says what

@@ -22,6 +22,7 @@ use crate::event::Event;
 use crate::hooks::{self, HookStatus};
 use crate::output::StatusInfo;
 use crate::recording::writer::RecordError;
+pub use crate::ring::Loss;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -63,13 +64,7 @@ pub trait Sink {
         clock: WallClock,
     ) -> Result<(), PipelineError>;
     fn event(&mut self, ev: &Event) -> Result<(), PipelineError>;
-    fn lost(
-        &mut self,
-        now_ns: u64,
-        count: u64,
-        total: u64,
-        what: &str,
-    ) -> Result<(), PipelineError>;
+    fn lost(&mut self, now_ns: u64, loss: &Loss) -> Result<(), PipelineError>;
     /// A source stopped mid-run: `hook` is its status now (not attached,
     /// the reason why).
     fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError>;

@@ -18,7 +18,7 @@ use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
 use super::Context;
 use crate::engine::EngineConfig;
-use crate::event::{Event, EventBody, NatEntry, Source};
+use crate::event::{CounterRise, Event, EventBody, NatEntry, Source};
 
 // ------------------------------------------------------------ helpers
 
@@ -214,7 +214,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
         ev(
             10,
             Source::Procfs,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid: 2,
                 drop: 0,
                 early_drop: 1,
@@ -222,7 +222,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 clash_resolve: 7,
                 count: Some(0),
                 max: None,
-            },
+            }),
         ),
     ]
 }
