@@ -63,7 +63,7 @@ impl Counter {
         match &ev.body {
             EventBody::TcpSendReset { .. } => self.resets += 1,
             EventBody::CtInvalid { .. } if self.invalid_hook => self.invalid += 1,
-            EventBody::CtCounters { invalid, .. } if !self.invalid_hook => self.invalid += invalid,
+            EventBody::CtCounters(c) if !self.invalid_hook => self.invalid += c.invalid,
             _ => {}
         }
     }
