@@ -177,6 +177,16 @@ pub fn start_live() -> (ChannelTap, Live) {
         quit: quit.clone(),
         dropped: Arc::new(AtomicU64::new(0)),
     };
+    // SIGINT/SIGTERM before the pipeline handles them (while it attaches)
+    // would kill the process with the terminal still raw and on the
+    // alternate screen: they end the dashboard instead, which restores it.
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        let quit = quit.clone();
+        // SAFETY: the action only stores to an atomic (async-signal-safe).
+        let _ = unsafe {
+            signal_hook_registry::register(sig, move || quit.store(true, Ordering::Relaxed))
+        };
+    }
     let thread = std::thread::Builder::new()
         .name("dashboard".into())
         .spawn(move || {
@@ -206,6 +216,9 @@ fn run_live(rx: Receiver<Update>, quit: &AtomicBool) -> std::io::Result<()> {
     let mut view = View::default();
     let mut next_draw = Instant::now();
     loop {
+        if quit.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         loop {
             match rx.try_recv() {
                 Ok(u) => board.apply(u),
