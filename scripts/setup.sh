@@ -5,7 +5,7 @@ set -euo pipefail
 
 need_apt=()
 want=(rustc-web cargo-web libstd-rust-web-dev-bpf llvm-22-dev libpolly-22-dev
-      iproute2 iptables nftables conntrack python3 hping3 tcpdump kmod
+      iproute2 iptables nftables conntrack python3 hping3 tcpdump kmod tmux
       qemu-system-x86 busybox-static cpio ipvsadm zstd xz-utils
       buildah podman runc prometheus)
 for p in "${want[@]}"; do

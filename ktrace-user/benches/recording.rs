@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ktrace::engine::{Engine, EngineConfig};
@@ -149,111 +149,15 @@ fn main() {
     std::fs::create_dir_all(&dir).unwrap();
     let path: PathBuf = dir.join("storm.rec");
 
-    // --- Record on one core: encode, compress, write, inline.
-    let mut best_rec = f64::MAX;
-    let mut bytes = 0;
-    for _ in 0..3 {
-        let _ = std::fs::remove_file(&path);
-        let mut cfg = RotationConfig::new(&path);
-        cfg.threaded = false;
-        let start = Instant::now();
-        let mut r = Recorder::create(cfg, "bench", EngineConfig::default()).unwrap();
-        r.start_with(context()).unwrap();
-        for (i, e) in events.iter().enumerate() {
-            r.event(e);
-            // The live pipeline ticks every 200 ms; at 2 M events/s that
-            // is one tick per 400 k events.
-            if i % 400_000 == 0 {
-                r.tick(e.ts_ns);
-            }
-        }
-        let s = r.finish();
-        best_rec = best_rec.min(start.elapsed().as_secs_f64());
-        bytes = std::fs::metadata(&path).unwrap().len();
-        assert_eq!(s.events as usize, n);
-    }
-
-    // --- Decode only.
-    let mut best_dec = f64::MAX;
-    for _ in 0..3 {
-        let start = Instant::now();
-        let mut rd = FileReader::open(&path).unwrap();
-        let mut block = Vec::new();
+    let (best_rec, bytes) = best_of(3, || record(&path, &events));
+    let (best_dec, count) = best_of(3, || {
         let mut count = 0usize;
-        while rd
-            .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
-            .unwrap()
-        {
-            count += block.iter().filter(|i| matches!(i, Item::Event(_))).count();
-        }
-        best_dec = best_dec.min(start.elapsed().as_secs_f64());
-        assert_eq!(count, n);
-    }
-
-    // --- Decode and correlate (findings made, not rendered).
-    let mut best_engine = f64::MAX;
-    let mut findings = 0usize;
-    for _ in 0..2 {
-        let start = Instant::now();
-        let mut rd = FileReader::open(&path).unwrap();
-        let mut engine = Engine::new(rd.context().engine.clone().bounded());
-        let mut out = Vec::new();
-        let mut block = Vec::new();
-        findings = 0;
-        while rd
-            .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
-            .unwrap()
-        {
-            for item in block.drain(..) {
-                match item {
-                    Item::Event(e) => engine.process(&e, &mut out),
-                    Item::Tick { ts_ns } => engine.tick(ts_ns, &mut out),
-                    _ => {}
-                }
-                findings += out.len();
-                out.clear();
-            }
-        }
-        engine.tick(u64::MAX, &mut out);
-        findings += out.len();
-        best_engine = best_engine.min(start.elapsed().as_secs_f64());
-    }
-
-    // --- Replay: decode, engine, renderer (JSON findings to a sink).
-    let mut best_replay = f64::MAX;
-    let mut findings_bytes = 0u64;
-    for _ in 0..2 {
-        let start = Instant::now();
-        let mut rd = FileReader::open(&path).unwrap();
-        let ctx = rd.context().clone();
-        let counter = CountingSink::default();
-        let mut p = Pipeline::new(
-            Some(Engine::new(ctx.engine.clone().bounded())),
-            Renderer::new(
-                counter.clone(),
-                true,
-                false,
-                ctx.clock(),
-                NetnsNames::default(),
-            ),
-        );
-        let mut block = Vec::new();
-        while rd
-            .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
-            .unwrap()
-        {
-            for item in block.drain(..) {
-                match item {
-                    Item::Event(e) => p.handle(&e).unwrap(),
-                    Item::Tick { ts_ns } => p.tick(ts_ns).unwrap(),
-                    _ => {}
-                }
-            }
-        }
-        p.finish(u64::MAX).unwrap();
-        best_replay = best_replay.min(start.elapsed().as_secs_f64());
-        findings_bytes = counter.0.get();
-    }
+        each_item(&path, |i| count += usize::from(matches!(i, Item::Event(_))));
+        count
+    });
+    assert_eq!(count, n);
+    let (best_engine, findings) = best_of(2, || correlate(&path));
+    let (best_replay, findings_bytes) = best_of(2, || replay(&path));
     let _ = std::fs::remove_dir_all(&dir);
 
     let per_event = bytes as f64 / n as f64;
@@ -275,6 +179,94 @@ fn main() {
         "  replay (decode+engine+JSON renderer): {:>6.2} M events/s   ({findings_bytes} bytes of JSON findings)",
         n as f64 / best_replay / 1e6
     );
+}
+
+/// The fastest of `runs` runs of `f`, in seconds, and what the last returned.
+fn best_of<T>(runs: usize, mut f: impl FnMut() -> T) -> (f64, T) {
+    let mut best = f64::MAX;
+    let mut last = None;
+    for _ in 0..runs {
+        let start = Instant::now();
+        last = Some(f());
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    (best, last.expect("at least one run"))
+}
+
+/// Records `events` on one core (encode, compress, write, inline); the
+/// file's size.
+fn record(path: &Path, events: &[Event]) -> u64 {
+    let _ = std::fs::remove_file(path);
+    let mut cfg = RotationConfig::new(path);
+    cfg.threaded = false;
+    let mut r = Recorder::create(cfg, "bench", EngineConfig::default()).unwrap();
+    r.start_with(context()).unwrap();
+    for (i, e) in events.iter().enumerate() {
+        r.event(e);
+        // The live pipeline ticks every 200 ms; at 2 M events/s that
+        // is one tick per 400 k events.
+        if i % 400_000 == 0 {
+            r.tick(e.ts_ns);
+        }
+    }
+    let s = r.finish();
+    assert_eq!(s.events as usize, events.len());
+    std::fs::metadata(path).unwrap().len()
+}
+
+/// Decodes every item of the recording at `path` into `f`.
+fn each_item(path: &Path, mut f: impl FnMut(Item)) {
+    let mut rd = FileReader::open(path).unwrap();
+    let mut block = Vec::new();
+    while rd
+        .next_block(&mut block, &mut |w| panic!("{w}"), &|_| true)
+        .unwrap()
+    {
+        block.drain(..).for_each(&mut f);
+    }
+}
+
+/// Decode and correlate (findings made, not rendered); the findings.
+fn correlate(path: &Path) -> usize {
+    let engine = FileReader::open(path).unwrap().context().engine.clone();
+    let mut engine = Engine::new(engine.bounded());
+    let mut out = Vec::new();
+    let mut findings = 0;
+    each_item(path, |item| {
+        match item {
+            Item::Event(e) => engine.process(&e, &mut out),
+            Item::Tick { ts_ns } => engine.tick(ts_ns, &mut out),
+            _ => {}
+        }
+        findings += out.len();
+        out.clear();
+    });
+    engine.tick(u64::MAX, &mut out);
+    findings + out.len()
+}
+
+/// Replay: decode, engine, renderer (JSON findings to a counting sink);
+/// the bytes of JSON.
+fn replay(path: &Path) -> u64 {
+    let ctx = FileReader::open(path).unwrap().context().clone();
+    let counter = CountingSink::default();
+    let mut p = Pipeline::new(
+        Some(Engine::new(ctx.engine.clone().bounded())),
+        Renderer::new(
+            counter.clone(),
+            true,
+            false,
+            ctx.clock(),
+            NetnsNames::default(),
+        ),
+    );
+    each_item(path, |item| match item {
+        Item::Event(e) => p.handle(&e).unwrap(),
+        Item::Tick { ts_ns } => p.tick(ts_ns).unwrap(),
+        _ => {}
+    });
+    p.finish(u64::MAX).unwrap();
+    counter.0.get()
 }
 
 /// Counts what the renderer writes.

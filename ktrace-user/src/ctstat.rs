@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::event::EventBody;
+use crate::event::{CounterRise, EventBody};
 use crate::sysctl::read_u64;
 
 /// `/proc/net/stat/nf_conntrack`, summed.
@@ -102,7 +102,7 @@ impl CounterWatch {
         );
         let had_baseline = self.last.is_some();
         match self.update(&stats, fill.0, fill.1) {
-            None if always && had_baseline => Some(EventBody::CtCounters {
+            None if always && had_baseline => Some(EventBody::CtCounters(CounterRise {
                 invalid: 0,
                 drop: 0,
                 early_drop: 0,
@@ -110,7 +110,7 @@ impl CounterWatch {
                 clash_resolve: 0,
                 count: fill.0,
                 max: fill.1,
-            }),
+            })),
             r => r,
         }
     }
@@ -131,7 +131,7 @@ impl CounterWatch {
         if d.iter().all(|&x| x == 0) {
             return None;
         }
-        Some(EventBody::CtCounters {
+        Some(EventBody::CtCounters(CounterRise {
             invalid: d[0],
             drop: d[1],
             early_drop: d[2],
@@ -139,7 +139,7 @@ impl CounterWatch {
             clash_resolve: d[4],
             count,
             max,
-        })
+        }))
     }
 }
 
@@ -164,7 +164,7 @@ mod tests {
         assert_eq!(w.update(&t(4, 0), None, None), None, "no change");
         assert_eq!(
             w.update(&t(6, 2), Some(64), Some(64)),
-            Some(EventBody::CtCounters {
+            Some(EventBody::CtCounters(CounterRise {
                 invalid: 2,
                 drop: 2,
                 early_drop: 0,
@@ -172,7 +172,7 @@ mod tests {
                 clash_resolve: 0,
                 count: Some(64),
                 max: Some(64)
-            })
+            }))
         );
     }
 }

@@ -111,70 +111,11 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
     let body = match h.kind {
         kind::TCP_SEND_RESET | kind::TCP_RECEIVE_RESET => {
             need(record, size_of::<ResetEvent>(), "reset event")?;
-            let src = required(endpoint(&mut b)?)?;
-            let dst = required(endpoint(&mut b)?)?;
-            let reason = b.get_u32_ne();
-            let state = b.get_u8();
-            let flags = b.get_u8();
-            let trigger_flags = b.get_u8();
-            b.advance(1);
-            let sock_cookie = b.get_u64_ne();
-            if h.kind == kind::TCP_SEND_RESET {
-                EventBody::TcpSendReset {
-                    src,
-                    dst,
-                    reason: (flags & reset_flags::HAS_REASON != 0).then(|| {
-                        names
-                            .reset_reasons
-                            .get(&reason)
-                            .cloned()
-                            .unwrap_or_else(|| format!("REASON_{reason}"))
-                    }),
-                    trigger_flags: (flags & reset_flags::HAS_TRIGGER != 0).then_some(trigger_flags),
-                    socket: (flags & reset_flags::HAS_SOCKET != 0).then_some(state),
-                }
-            } else {
-                EventBody::TcpReceiveReset {
-                    src,
-                    dst,
-                    sock_cookie,
-                }
-            }
+            reset(h.kind, &mut b, names)?
         }
         kind::CT_INVALID | kind::CT_TABLE_FULL => {
             need(record, size_of::<CtInvalidEvent>(), "conntrack event")?;
-            let src = required(endpoint(&mut b)?)?;
-            let dst = required(endpoint(&mut b)?)?;
-            let orig_src = endpoint(&mut b)?;
-            let orig_dst = endpoint(&mut b)?;
-            let reply_src = endpoint(&mut b)?;
-            let reason = b.get_u8();
-            let ctinfo = b.get_u8();
-            let _protocol = b.get_u8();
-            b.advance(1);
-            let verdict = b.get_i32_ne();
-            let mut msg = [0u8; CT_MESSAGE_LEN];
-            b.copy_to_slice(&mut msg);
-            if h.kind == kind::CT_TABLE_FULL {
-                EventBody::CtTableFull {
-                    src,
-                    dst,
-                    errno: -verdict,
-                }
-            } else {
-                let end = msg.iter().position(|&c| c == 0).unwrap_or(msg.len());
-                let message = (reason == invalid_reason::MESSAGE && end > 0)
-                    .then(|| clean_message(&String::from_utf8_lossy(&msg[..end])));
-                EventBody::CtInvalid {
-                    src,
-                    dst,
-                    orig_src,
-                    orig_dst,
-                    reply_src,
-                    reply_dir: ctinfo >= 3,
-                    message,
-                }
-            }
+            conntrack(h.kind, &mut b)?
         }
         kind::IPVS_CONN_NEW => {
             need(record, size_of::<IpvsConnEvent>(), "IPVS event")?;
@@ -218,6 +159,75 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
         netns: h.netns,
         source: source(h.hook),
         body,
+    })
+}
+
+/// A reset sent or received ([`ResetEvent`]).
+fn reset(k: u16, b: &mut &[u8], names: &Names) -> Result<EventBody, DecodeError> {
+    let src = required(endpoint(b)?)?;
+    let dst = required(endpoint(b)?)?;
+    let reason = b.get_u32_ne();
+    let state = b.get_u8();
+    let flags = b.get_u8();
+    let trigger_flags = b.get_u8();
+    b.advance(1);
+    let sock_cookie = b.get_u64_ne();
+    Ok(if k == kind::TCP_SEND_RESET {
+        EventBody::TcpSendReset {
+            src,
+            dst,
+            reason: (flags & reset_flags::HAS_REASON != 0).then(|| {
+                names
+                    .reset_reasons
+                    .get(&reason)
+                    .cloned()
+                    .unwrap_or_else(|| format!("REASON_{reason}"))
+            }),
+            trigger_flags: (flags & reset_flags::HAS_TRIGGER != 0).then_some(trigger_flags),
+            socket: (flags & reset_flags::HAS_SOCKET != 0).then_some(state),
+        }
+    } else {
+        EventBody::TcpReceiveReset {
+            src,
+            dst,
+            sock_cookie,
+        }
+    })
+}
+
+/// A conntrack INVALID verdict or failed entry creation ([`CtInvalidEvent`]).
+fn conntrack(k: u16, b: &mut &[u8]) -> Result<EventBody, DecodeError> {
+    let src = required(endpoint(b)?)?;
+    let dst = required(endpoint(b)?)?;
+    let orig_src = endpoint(b)?;
+    let orig_dst = endpoint(b)?;
+    let reply_src = endpoint(b)?;
+    let reason = b.get_u8();
+    let ctinfo = b.get_u8();
+    let _protocol = b.get_u8();
+    b.advance(1);
+    let verdict = b.get_i32_ne();
+    let mut msg = [0u8; CT_MESSAGE_LEN];
+    b.copy_to_slice(&mut msg);
+    Ok(if k == kind::CT_TABLE_FULL {
+        EventBody::CtTableFull {
+            src,
+            dst,
+            errno: -verdict,
+        }
+    } else {
+        let end = msg.iter().position(|&c| c == 0).unwrap_or(msg.len());
+        let message = (reason == invalid_reason::MESSAGE && end > 0)
+            .then(|| clean_message(&String::from_utf8_lossy(&msg[..end])));
+        EventBody::CtInvalid {
+            src,
+            dst,
+            orig_src,
+            orig_dst,
+            reply_src,
+            reply_dir: ctinfo >= 3,
+            message,
+        }
     })
 }
 

@@ -118,20 +118,7 @@ pub enum EventBody {
     /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
     /// previous sample, with the table's fill when readable. Evidence where
     /// the conntrack kprobes cannot attach.
-    CtCounters {
-        invalid: u64,
-        drop: u64,
-        early_drop: u64,
-        insert_failed: u64,
-        /// Races to confirm an entry that the kernel resolved (5.10+:
-        /// the `clashres` column) instead of dropping the packet.
-        #[serde(skip_serializing_if = "is_zero")]
-        clash_resolve: u64,
-        #[serde(rename = "entries", skip_serializing_if = "Option::is_none")]
-        count: Option<u64>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        max: Option<u64>,
-    },
+    CtCounters(CounterRise),
     /// The conntrack entry of a DNATed flow went away (ctnetlink DESTROY).
     NatDestroy(NatEntry),
     /// `__nf_conntrack_confirm` dropped a packet of this flow: it lost the
@@ -153,6 +140,24 @@ pub struct NatEntry {
     pub snat: Option<SocketAddr>,
 }
 
+/// Increases of the conntrack counters since the previous sample, with
+/// the table's fill when readable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CounterRise {
+    pub invalid: u64,
+    pub drop: u64,
+    pub early_drop: u64,
+    pub insert_failed: u64,
+    /// Races to confirm an entry that the kernel resolved (5.10+:
+    /// the `clashres` column) instead of dropping the packet.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub clash_resolve: u64,
+    #[serde(rename = "entries", skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<u64>,
+}
+
 impl EventBody {
     /// The contract name of the event (`"event"` field of the JSON).
     pub fn name(&self) -> &'static str {
@@ -165,7 +170,7 @@ impl EventBody {
             EventBody::NatMapping(_) => "nat_mapping",
             EventBody::NatDestroy(_) => "nat_destroy",
             EventBody::CtConfirmDrop(_) => "ct_confirm_drop",
-            EventBody::CtCounters { .. } => "ct_counters",
+            EventBody::CtCounters(_) => "ct_counters",
         }
     }
 
@@ -190,7 +195,7 @@ impl EventBody {
             | EventBody::CtConfirmDrop(NatEntry {
                 client, service, ..
             }) => Some((client, service)),
-            EventBody::CtCounters { .. } => None,
+            EventBody::CtCounters(_) => None,
         }
     }
 }

@@ -45,4 +45,5 @@ pub mod ring;
 pub mod support;
 pub mod sysctl;
 pub mod tracefs;
+pub mod tui;
 pub mod watch;

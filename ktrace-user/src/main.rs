@@ -51,6 +51,9 @@ struct WatchArgs {
     /// Print every finding with its explanation and remedy (by default, once per incident group).
     #[arg(long, conflicts_with = "json")]
     explain: bool,
+    /// A live dashboard in the terminal (incidents by Service, rates, detail) instead of the stream; q quits.
+    #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
+    tui: bool,
     /// Also print every decoded kernel event.
     #[arg(long)]
     events: bool,
@@ -207,6 +210,9 @@ struct ReplayArgs {
     /// Print every finding with its explanation and remedy (by default, once per incident group).
     #[arg(long, conflicts_with = "json")]
     explain: bool,
+    /// The recording through the live dashboard, with keys to step through time; q quits.
+    #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
+    tui: bool,
     /// Also print every recorded event.
     #[arg(long)]
     events: bool,
@@ -435,6 +441,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         exposed: Vec::new(),
         names: a.names.start(a.otlp.node_name.as_deref()),
         explain: a.explain,
+        tui: a.tui,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
@@ -531,7 +538,15 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         storm_threshold: a.storm_threshold,
         storm_window_ns: a.storm_window.map(duration_ns),
         plain: ktrace::incident::plain::PlainOptions::for_stdout(a.explain),
+        timeline: None,
     };
+    if a.tui {
+        if export.is_some() {
+            usage_conflict("--tui shows the recording; export it without --tui");
+        }
+        ktrace::replay::run_dashboard(&opts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     match ktrace::replay::run_exporting(&opts, export.as_ref()) {
         Ok(_) => Ok(ExitCode::SUCCESS),
         // A closed pipe (`ktrace replay ... | head`) is not an error of ours.

@@ -399,23 +399,19 @@ fn event_detail(body: &EventBody) -> String {
         | EventBody::CtConfirmDrop(nat) => {
             format!("backend={}", nat.backend)
         }
-        EventBody::CtCounters {
-            invalid,
-            drop,
-            early_drop,
-            insert_failed,
-            clash_resolve,
-            count,
-            max,
-        } => format!(
-            "invalid+{invalid} drop+{drop} early_drop+{early_drop} insert_failed+{insert_failed}{} entries={}/{}",
-            if *clash_resolve > 0 {
-                format!(" clash_resolve+{clash_resolve}")
+        EventBody::CtCounters(c) => format!(
+            "invalid+{} drop+{} early_drop+{} insert_failed+{}{} entries={}/{}",
+            c.invalid,
+            c.drop,
+            c.early_drop,
+            c.insert_failed,
+            if c.clash_resolve > 0 {
+                format!(" clash_resolve+{}", c.clash_resolve)
             } else {
                 String::new()
             },
-            count.map_or("?".into(), |c| c.to_string()),
-            max.map_or("?".into(), |m| m.to_string())
+            c.count.map_or("?".into(), |n| n.to_string()),
+            c.max.map_or("?".into(), |m| m.to_string())
         ),
     }
 }

@@ -35,6 +35,8 @@ pub struct ReplayOptions {
     pub storm_window_ns: Option<u64>,
     /// The human view's colours, width and `--explain`.
     pub plain: crate::incident::plain::PlainOptions,
+    /// `--tui`: also collect what the dashboard shows.
+    pub timeline: Option<std::rc::Rc<std::cell::RefCell<crate::tui::Timeline>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +136,26 @@ pub fn run_exporting(
         x.close(&mut notices).map_err(ReplayError::Output)?;
     }
     r
+}
+
+/// `replay --tui`: the recording's timeline, then the dashboard over it
+/// (warnings first, on stderr, before the terminal is taken).
+pub fn run_dashboard(opts: &ReplayOptions) -> Result<ReplayReport, ReplayError> {
+    let timeline = std::rc::Rc::new(std::cell::RefCell::new(crate::tui::Timeline::default()));
+    let opts = ReplayOptions {
+        timeline: Some(timeline.clone()),
+        json: false,
+        events: false,
+        paths: opts.paths.clone(),
+        plain: opts.plain,
+        ..*opts
+    };
+    let report = run_inner(&opts, &mut io::sink(), &mut print_warning, None)?;
+    let host = FileReader::open(&opts.paths[0])
+        .map(|r| r.context().host.clone())
+        .unwrap_or_default();
+    crate::tui::run_replay(&timeline.borrow(), &host).map_err(ReplayError::Output)?;
+    Ok(report)
 }
 
 /// [`run`] with the output and the warnings going where the caller says.
@@ -266,6 +288,12 @@ fn replay_recording(
         Renderer::new(out, opts.json, opts.events, clock, names).with_plain(opts.plain),
     );
     p.print_window = (window.since, window.until);
+    if let Some(t) = &opts.timeline {
+        use crate::pipeline::Tap;
+        t.borrow_mut()
+            .status(&ctx.hook_status(), ctx.kernel.as_deref(), clock);
+        p.tap = Some(Box::new(t.clone()));
+    }
     if let Some(x) = export {
         x.set_clock(clock);
         p.exporter = Some(x.clone());

@@ -27,6 +27,8 @@ pub struct WatchOptions {
     pub exposed: Vec<String>,
     /// `--explain`: every finding with its explanation and remedy.
     pub explain: bool,
+    /// `--tui`: the live dashboard instead of the stream.
+    pub tui: bool,
     /// Kubernetes names of addresses (`None`: `--no-kube-names`).
     pub names: Option<std::sync::Arc<crate::names::Names>>,
 }
@@ -38,24 +40,45 @@ pub fn run(opts: WatchOptions) -> Result<(), PipelineError> {
         None => None,
     };
     let clock = WallClock::now();
-    let stdout = std::io::stdout().lock();
-    let mut p = Pipeline::new(
-        Some(Engine::new(opts.engine.clone())),
-        Renderer::new(
-            std::io::BufWriter::with_capacity(1 << 16, stdout),
-            opts.json,
-            opts.events,
-            clock,
-            NetnsNames::load(),
-        )
-        .with_plain(PlainOptions::for_stdout(opts.explain)),
-    );
+    if opts.tui {
+        // The dashboard draws; the renderer writes nowhere.
+        let (tap, live) = crate::tui::start_live();
+        let out = Renderer::new(std::io::sink(), false, false, clock, NetnsNames::load());
+        let r = run_pipeline(&opts, recorder, clock, out, Some(Box::new(tap)));
+        let drawn = live
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the dashboard panicked")));
+        r?;
+        return drawn.map_err(PipelineError::Output);
+    }
+    let out = Renderer::new(
+        std::io::BufWriter::with_capacity(1 << 16, std::io::stdout().lock()),
+        opts.json,
+        opts.events,
+        clock,
+        NetnsNames::load(),
+    )
+    .with_plain(PlainOptions::for_stdout(opts.explain));
+    run_pipeline(&opts, recorder, clock, out, None)
+}
+
+/// The live pipeline into `out` (and `tap`) until the source stops.
+fn run_pipeline<W: std::io::Write>(
+    opts: &WatchOptions,
+    recorder: Option<Recorder>,
+    clock: WallClock,
+    out: Renderer<W>,
+    tap: Option<Box<dyn crate::pipeline::Tap>>,
+) -> Result<(), PipelineError> {
+    let mut p = Pipeline::new(Some(Engine::new(opts.engine.clone())), out);
     p.live = true;
     if let Some(n) = &opts.names {
         *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
     }
     p.recorder = recorder;
     p.exporter = opts.export.clone();
+    p.tap = tap;
     let source = SourceOptions {
         duration: opts.duration,
         ring_buffer_bytes: opts.ring_buffer_bytes,

@@ -224,3 +224,34 @@ fn no_kube_names_prints_addresses_only() {
         );
     }
 }
+
+/// `record` runs no engine: it stores the names of its events' addresses,
+/// and `replay` of its recording elsewhere names the findings.
+#[test]
+fn record_stores_names_for_replay() {
+    if skip() {
+        return;
+    }
+    let mut lab = lab_with_rules("nr", IPTABLES_RESTORE, &iptables_rules(BACKENDS[0]));
+    lab.start_server();
+    let scratch = Scratch::new("names-rec");
+    let file = scratch.path("rec.ktr");
+    let rec = ktrace_tests::Running::start(&lab.node, &["record", "--json", "--output", &file]);
+    let mut c = lab.client(2);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 2);
+    std::thread::sleep(Duration::from_millis(1000));
+    rec.stop();
+    let out = ktrace_output(&["replay", &file, "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = json_lines(&out.stdout);
+    let f = select(&lines, "finding", Some("unnated_reply"));
+    assert_eq!(f.len(), 2, "{lines:?}");
+    for f in f {
+        assert_eq!(f["service_name"], SERVICE, "{f}");
+        assert_eq!(f["backend_service"], SERVICE, "{f}");
+    }
+}

@@ -503,11 +503,8 @@ fn kill(child: &mut Child) {
     let _ = child.wait();
 }
 
-/// Boots the kernel and follows its console until the guest powers off,
-/// panics, goes silent for `silence` seconds or runs past `timeout`.
-fn boot(k: &Kernel, initramfs: &Path, timeout: u64, silence: u64, kvm: bool) -> Result<Outcome> {
-    let log_path = k.dir.join("console.log");
-    let mut log = std::fs::File::create(&log_path)?;
+/// The QEMU command line: the host's root read-only, the console on stdio.
+fn qemu(k: &Kernel, initramfs: &Path, kvm: bool) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     if kvm {
         cmd.args(["-accel", "kvm", "-cpu", "host"]);
@@ -538,6 +535,51 @@ fn boot(k: &Kernel, initramfs: &Path, timeout: u64, silence: u64, kvm: bool) -> 
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    cmd
+}
+
+/// Passed, or why not, from the guest's panic line, its result line and
+/// how the run ended.
+fn verdict(
+    panic: Option<String>,
+    result: Option<String>,
+    failure: Option<String>,
+) -> (bool, String) {
+    let mut reason = String::new();
+    let passed = match (&panic, &result, &failure) {
+        (Some(p), _, _) => {
+            reason = format!("guest kernel panic: {p}");
+            false
+        }
+        (None, _, Some(f)) if result.as_deref() != Some("PASS") => {
+            reason = f.clone();
+            false
+        }
+        (None, Some(r), _) if r == "PASS" => true,
+        (None, Some(r), _) => {
+            reason = r
+                .strip_prefix("FAIL")
+                .unwrap_or(r)
+                .trim()
+                .trim_start_matches(':')
+                .trim()
+                .to_string();
+            false
+        }
+        (None, None, _) => {
+            reason = "the guest powered off without reporting a result".into();
+            false
+        }
+    };
+    (passed, reason)
+}
+
+/// Boots the kernel and follows its console until the guest powers off,
+/// panics, goes silent for `silence` seconds or runs past `timeout`.
+fn boot(k: &Kernel, initramfs: &Path, timeout: u64, silence: u64, kvm: bool) -> Result<Outcome> {
+    let log_path = k.dir.join("console.log");
+    let mut log = std::fs::File::create(&log_path)?;
+    let mut cmd = qemu(k, initramfs, kvm);
     eprintln!(
         "xtask: booting {} under QEMU ({}), limits {timeout}s in all / {silence}s silent; console: {}",
         k.release,
@@ -612,32 +654,7 @@ fn boot(k: &Kernel, initramfs: &Path, timeout: u64, silence: u64, kvm: bool) -> 
             }
         }
     };
-    let mut reason = String::new();
-    let passed = match (&panic, &result, &failure) {
-        (Some(p), _, _) => {
-            reason = format!("guest kernel panic: {p}");
-            false
-        }
-        (None, _, Some(f)) if result.as_deref() != Some("PASS") => {
-            reason = f.clone();
-            false
-        }
-        (None, Some(r), _) if r == "PASS" => true,
-        (None, Some(r), _) => {
-            reason = r
-                .strip_prefix("FAIL")
-                .unwrap_or(r)
-                .trim()
-                .trim_start_matches(':')
-                .trim()
-                .to_string();
-            false
-        }
-        (None, None, _) => {
-            reason = "the guest powered off without reporting a result".into();
-            false
-        }
-    };
+    let (passed, reason) = verdict(panic, result, failure);
     Ok(Outcome {
         release: k.release.clone(),
         passed,

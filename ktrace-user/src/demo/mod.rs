@@ -24,7 +24,7 @@ use crate::event::Event;
 use crate::hooks::HookStatus;
 use crate::netns::NetnsNames;
 use crate::output::{Renderer, StatusInfo};
-use crate::pipeline::{run_source, Pipeline, PipelineError, Sink, SourceOptions};
+use crate::pipeline::{run_source, Loss, Pipeline, PipelineError, Sink, SourceOptions};
 
 /// Longest the pipeline waits for the findings once the hooks are attached.
 const FINDINGS_TIMEOUT: Duration = Duration::from_secs(20);
@@ -243,14 +243,8 @@ impl Sink for DemoSink<'_> {
         self.pipeline.event(ev)
     }
 
-    fn lost(
-        &mut self,
-        now_ns: u64,
-        count: u64,
-        total: u64,
-        what: &str,
-    ) -> Result<(), PipelineError> {
-        Sink::lost(&mut self.pipeline, now_ns, count, total, what)
+    fn lost(&mut self, now_ns: u64, loss: &Loss) -> Result<(), PipelineError> {
+        Sink::lost(&mut self.pipeline, now_ns, loss)
     }
 
     fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError> {

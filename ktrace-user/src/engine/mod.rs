@@ -27,7 +27,7 @@ use foldhash::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use crate::event::{Event, EventBody, NatEntry};
+use crate::event::{CounterRise, Event, EventBody, NatEntry};
 pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use finding::{UnnatedBasis, UnnatedPath};
 use flows::{Ep, FlowKey, FlowTable, TCP};
@@ -177,6 +177,9 @@ const MAX_PENDING: usize = 65_536;
 const REPORT_AGAIN_MS: u32 = 1_000;
 /// How long an un-NATed-reply finding waits for a counter sample.
 const HOLD_NS: u64 = 450_000_000;
+/// How long before a reset a counter sample's INVALID rise still counts as
+/// that connection's (a few sample intervals).
+const RECENT_RISE_NS: u64 = 1_000_000_000;
 const MAX_HELD: usize = 4_096;
 const NO_INVALID_COUNTED: &str = "conntrack counted no INVALID packet in ktrace's namespace around it: the reply bypassed reverse NAT some other way (or conntrack judged it in another namespace)";
 const MAX_INVALID: usize = 65_536;
@@ -209,6 +212,10 @@ pub struct Engine {
     /// Un-NATed-reply findings waiting (until the deadline) for the next
     /// conntrack counter sample to cite.
     held: Vec<(u64, Finding)>,
+    /// The last counter sample that saw INVALID packets (time, count): a
+    /// sample taken between a connection's INVALID packet and its reset
+    /// has already counted it, so the next sample shows none.
+    last_invalid_rise: Option<(u64, u64)>,
     last_tick: u64,
     last_sweep: u64,
     stats: EngineStats,
@@ -254,6 +261,7 @@ impl Engine {
             snat: HashMap::default(),
             messages: HashMap::default(),
             held: Vec::new(),
+            last_invalid_rise: None,
             last_tick: 0,
             last_sweep: 0,
             stats: EngineStats::default(),
@@ -376,7 +384,7 @@ impl Engine {
                 "init_conntrack failed",
                 out,
             ),
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid,
                 drop,
                 insert_failed,
@@ -384,7 +392,7 @@ impl Engine {
                 count,
                 max,
                 ..
-            } => {
+            }) => {
                 if *insert_failed > 0 && !self.cfg.ct_confirm_hook {
                     self.on_race_counter(ev.ts_ns, race::Outcome::Dropped, *insert_failed, out);
                 }
@@ -652,6 +660,9 @@ impl Engine {
                 self.settle_held(&mut f, invalid);
                 out.push(f);
             }
+        }
+        if invalid > 0 {
+            self.last_invalid_rise = Some((ts, invalid));
         }
         if self.held.len() > MAX_HELD {
             let extra: Vec<_> = self.held.drain(..self.held.len() - MAX_HELD).collect();

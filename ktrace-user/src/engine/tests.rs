@@ -323,7 +323,7 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
     let counters = |ts, invalid, drop| {
         ev(
             ts,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid,
                 drop,
                 early_drop: 0,
@@ -331,7 +331,7 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
                 clash_resolve: 0,
                 count: Some(3),
                 max: Some(262144),
-            },
+            }),
         )
     };
     let mut e = Engine::new(cfg.clone());
@@ -367,12 +367,53 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
     assert!(f[0].cause.contains("no INVALID"), "{}", f[0].cause);
 }
 
+/// A sample taken between a connection's INVALID packet and its reset has
+/// already counted the packet: the next sample shows none, and the rise
+/// just before still belongs to that connection; an old rise does not.
+#[test]
+fn a_counter_rise_just_before_the_reset_is_cited() {
+    let cfg = EngineConfig {
+        ct_counters: true,
+        ..EngineConfig::default()
+    };
+    let counters = |ts, invalid| {
+        ev(
+            ts,
+            EventBody::CtCounters(CounterRise {
+                invalid,
+                drop: 0,
+                early_drop: 0,
+                insert_failed: 0,
+                clash_resolve: 0,
+                count: Some(3),
+                max: Some(262144),
+            }),
+        )
+    };
+    let (c2, c3) = ("10.0.0.2:40001", "10.0.0.2:40002");
+    let mut e = Engine::new(cfg);
+    let mut out = Vec::new();
+    for c in [C, c2, c3] {
+        e.process(&map(0, c, S, B1), &mut out);
+    }
+    e.process(&rst(1_000, C, B1, PSH_ACK), &mut out);
+    e.process(&counters(1_150, 2), &mut out);
+    e.process(&rst(1_300, c2, B1, PSH_ACK), &mut out);
+    e.process(&counters(1_350, 0), &mut out);
+    e.process(&rst(3_000, c3, B1, PSH_ACK), &mut out);
+    e.process(&counters(3_100, 0), &mut out);
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(evidence(&out[0])["ct_invalid_counter_rise"], json!(2));
+    assert_eq!(evidence(&out[1])["ct_invalid_counter_rise"], json!(2));
+    assert!(out[2].cause.contains("no INVALID"), "{}", out[2].cause);
+}
+
 #[test]
 fn drop_counter_with_a_full_table_is_table_full() {
     let counters = |ts, drop, count| {
         ev(
             ts,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid: 0,
                 drop,
                 early_drop: 0,
@@ -380,7 +421,7 @@ fn drop_counter_with_a_full_table_is_table_full() {
                 clash_resolve: 0,
                 count: Some(count),
                 max: Some(64),
-            },
+            }),
         )
     };
     let f = run(&[counters(0, 5, 20)]);
@@ -495,7 +536,7 @@ fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
     let counters = |ts| {
         ev(
             ts,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid: 0,
                 drop: 0,
                 early_drop: 0,
@@ -503,7 +544,7 @@ fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
                 clash_resolve: 0,
                 count: None,
                 max: None,
-            },
+            }),
         )
     };
     let f = run_with(
@@ -600,7 +641,7 @@ fn node_resets_without_a_mapping_are_not_incidents() {
 fn race_counters(ts: u64, insert_failed: u64, clash_resolve: u64) -> Event {
     ev(
         ts,
-        EventBody::CtCounters {
+        EventBody::CtCounters(CounterRise {
             invalid: 0,
             drop: 0,
             early_drop: 0,
@@ -608,7 +649,7 @@ fn race_counters(ts: u64, insert_failed: u64, clash_resolve: u64) -> Event {
             clash_resolve,
             count: None,
             max: None,
-        },
+        }),
     )
 }
 

@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use super::finding::{self, CtVerdict, Evidence, Finding, Severity, Time};
 use super::flows::{flow_flags, Ep, Flow, FlowId, TCP};
 use super::{
-    Engine, UnnatedBasis, UnnatedPath, HOLD_NS, NO_INVALID_COUNTED, REPORT_AGAIN_MS, STORM_SWITCH,
-    STORM_UNNATED,
+    Engine, UnnatedBasis, UnnatedPath, HOLD_NS, NO_INVALID_COUNTED, RECENT_RISE_NS,
+    REPORT_AGAIN_MS, STORM_SWITCH, STORM_UNNATED,
 };
 
 /// Who a broken connection's finding names, and how its packet went.
@@ -237,6 +237,11 @@ impl Engine {
             let id = self.flows.find(Ep::new(c), TCP, 0)?;
             Some(self.flows.get(id).has(flow_flags::DESTROYED))
         });
+        // None in this sample, but one just before the reset counted it.
+        let invalid = match self.last_invalid_rise {
+            Some((at, n)) if invalid == 0 && at <= f.ts_ns && f.ts_ns - at <= RECENT_RISE_NS => n,
+            _ => invalid,
+        };
         if invalid > 0 {
             let verdict = format!(
                 "conntrack INVALID: the node's conntrack counted {invalid} INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot attach on this kernel, so the exact reason is unknown)"

@@ -332,19 +332,6 @@ impl ExportConfig {
         }))
     }
 
-    /// [`ExportConfig::resolve`] with this process's environment and this host.
-    pub fn from_env(
-        flags: &ExportFlags,
-        signals: Signals,
-    ) -> Result<Option<ExportConfig>, ConfigError> {
-        Self::resolve(
-            flags,
-            &|k| std::env::var(k).ok(),
-            &Detected::this_host(),
-            signals,
-        )
-    }
-
     /// The URL to give the SDK's exporter for one signal (`path` is
     /// `/v1/metrics` or `/v1/logs`): the flag's, or `None` to let the SDK
     /// read the variables.

@@ -505,9 +505,10 @@ struct Worker {
     metric_backoff: Backoff,
     /// Where the HTTP clients leave the cause of a failure, per signal.
     last_errors: [LastError; 2],
-    /// Last error said on stderr per signal (metrics, logs): said again
-    /// only when it changes.
-    said: [Option<String>; 2],
+    /// The reasons said on stderr per signal (metrics, logs) since the
+    /// export last worked: each once per outage, even when failures
+    /// alternate between two (a TLS alert, then the broken pipe it leaves).
+    said: [Vec<String>; 2],
     /// Shutting down: nothing is retried any more.
     closing: bool,
 }
@@ -680,7 +681,7 @@ impl Worker {
             in_flight: 0,
             log_backoff: Backoff::new(),
             metric_backoff: Backoff::new(),
-            said: [None, None],
+            said: Default::default(),
             last_errors,
             closing: false,
             cfg,
@@ -746,17 +747,14 @@ impl Worker {
         let why = reason(e, http_cause);
         self.shared.failing.store(true, Ordering::Relaxed);
         // Both signals usually fail for the same reason: said once.
-        let already = self.said.iter().any(|s| s.as_deref() == Some(why.as_str()));
-        let said = &mut self.said[i];
-        if self.closing {
-            if !already {
-                tracing::warn!(
-                    "OTLP export to {} failed as ktrace stops ({signal}: {why})",
-                    self.cfg.endpoint
-                );
-            }
-        } else if already {
-            *said = Some(why);
+        let already = self.said.iter().flatten().any(|s| *s == why);
+        if already {
+            // (Said for the other signal: this one is failing too.)
+        } else if self.closing {
+            tracing::warn!(
+                "OTLP export to {} failed as ktrace stops ({signal}: {why})",
+                self.cfg.endpoint
+            );
         } else {
             tracing::warn!(
                 "OTLP export to {} failing ({signal}: {why}); watching goes on, findings are queued (up to {}) and retried in {:.0?}",
@@ -764,12 +762,15 @@ impl Worker {
                 self.cfg.max_queue,
                 retry_in
             );
-            *said = Some(why);
+        }
+        // Bounded: a few distinct reasons per outage at most.
+        if !self.said[i].contains(&why) && self.said[i].len() < 8 {
+            self.said[i].push(why);
         }
     }
 
     fn succeeded(&mut self, signal: &'static str) {
-        if self.said[signal_index(signal)].take().is_some() {
+        if !std::mem::take(&mut self.said[signal_index(signal)]).is_empty() {
             let dropped = self.shared.dropped.load(Ordering::Relaxed);
             tracing::warn!(
                 "OTLP export to {} recovered ({signal}){}",
@@ -781,7 +782,7 @@ impl Worker {
                 }
             );
         }
-        if self.said.iter().all(Option::is_none) {
+        if self.said.iter().all(Vec::is_empty) {
             self.shared.failing.store(false, Ordering::Relaxed);
         }
     }

@@ -262,24 +262,17 @@ impl Metrics {
                 ],
             ),
             EventBody::CtTableFull { src, .. } => self.ct_table_full.add(1, &[net_type(src)]),
-            EventBody::CtCounters {
-                invalid,
-                drop,
-                early_drop,
-                insert_failed,
-                clash_resolve,
-                ..
-            } => {
+            EventBody::CtCounters(c) => {
                 for (name, n) in [
-                    ("invalid", invalid),
-                    ("drop", drop),
-                    ("early_drop", early_drop),
-                    ("insert_failed", insert_failed),
-                    ("clash_resolve", clash_resolve),
+                    ("invalid", c.invalid),
+                    ("drop", c.drop),
+                    ("early_drop", c.early_drop),
+                    ("insert_failed", c.insert_failed),
+                    ("clash_resolve", c.clash_resolve),
                 ] {
-                    if *n > 0 {
+                    if n > 0 {
                         self.ct_stat
-                            .add(*n, &[KeyValue::new(keys::CT_COUNTER, name)]);
+                            .add(n, &[KeyValue::new(keys::CT_COUNTER, name)]);
                     }
                 }
             }

@@ -175,7 +175,7 @@ pub fn rank(s: Severity) -> u8 {
 }
 
 /// The open groups, by key.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Groups {
     open: HashMap<GroupKey, Group>,
 }
@@ -233,11 +233,11 @@ impl Groups {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::finding::{Time, UnnatedBasis, UnnatedReply};
 
-    pub(crate) fn unnated(ts_ns: u64, client_port: u16) -> Finding {
+    pub fn unnated(ts_ns: u64, client_port: u16) -> Finding {
         Finding {
             ts_ns,
             severity: Severity::Error,

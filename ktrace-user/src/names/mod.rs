@@ -233,24 +233,35 @@ impl NameResolver {
         (!n.is_empty()).then_some(n)
     }
 
-    /// Name records of every address an event carries (`record`, which
-    /// runs no engine, stores these instead of the findings' names).
-    pub fn event_records(&self, ev: &crate::event::Event) -> Vec<NameRecord> {
+    /// Name records of the addresses an event carries that are not in
+    /// `seen` yet (`record`, which runs no engine, stores these instead of
+    /// the findings' names; `seen` is the recorder's set for the current
+    /// block, so an address costs its lookups once per block).
+    pub fn event_records(
+        &self,
+        ev: &crate::event::Event,
+        seen: &mut std::collections::HashSet<SocketAddr, foldhash::fast::RandomState>,
+    ) -> Vec<NameRecord> {
         let mut out = Vec::new();
         if self.is_off() {
             return out;
         }
+        let proto = event_proto(&ev.body);
         for a in event_addrs(&ev.body) {
-            if let Some((p, s)) = self.service(a) {
-                let key = (a.ip(), a.port(), p);
+            if !seen.insert(a) {
+                continue;
+            }
+            let found = |f: &dyn Fn(&Layer) -> Option<Arc<ServiceName>>| self.find(f);
+            if let Some(s) = found(&|l| l.service(a, Some(proto)).cloned()) {
+                let key = (a.ip(), a.port(), proto);
                 out.push(NameRecord::Service {
                     key,
                     name: (*s).clone(),
                 });
                 continue;
             }
-            if let Some((p, s)) = self.endpoint(a) {
-                let key = (a.ip(), a.port(), p);
+            if let Some(s) = found(&|l| l.endpoint(a, Some(proto)).cloned()) {
+                let key = (a.ip(), a.port(), proto);
                 out.push(NameRecord::Endpoint {
                     key,
                     name: (*s).clone(),
@@ -276,6 +287,17 @@ impl NameResolver {
         }
         self.endpoint(a).map(|(_, s)| format!("endpoint of {s}"))
     }
+}
+
+/// The transport protocol of an event's addresses.
+fn event_proto(b: &crate::event::EventBody) -> Proto {
+    use crate::event::EventBody as B;
+    let code = match b {
+        B::IpvsConnNew { protocol, .. } => *protocol,
+        B::NatMapping(n) | B::NatDestroy(n) => n.protocol,
+        _ => 6,
+    };
+    Proto::from_code(code).unwrap_or(Proto::Tcp)
 }
 
 /// The addresses an event carries.

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use super::{PipelineError, Sink};
+use super::{Loss, PipelineError, Sink};
 use crate::clock::WallClock;
 use crate::engine::{Engine, Finding, FindingKind};
 use crate::event::Event;
@@ -31,6 +31,8 @@ pub struct Pipeline<W: Write> {
     pub only_service: Option<std::net::SocketAddr>,
     /// Findings passed on so far, by kind.
     pub emitted: std::collections::HashMap<FindingKind, u64>,
+    /// A copy of what passes for another view (the dashboard).
+    pub tap: Option<Box<dyn super::Tap>>,
 }
 
 impl<W: Write> Pipeline<W> {
@@ -45,6 +47,7 @@ impl<W: Write> Pipeline<W> {
             exporter: None,
             only_service: None,
             emitted: Default::default(),
+            tap: None,
         }
     }
 
@@ -62,7 +65,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(r) = &mut self.recorder {
             if self.engine.is_none() && !self.out.names().is_off() {
                 // `record`: no findings to take names from; the events' own.
-                r.names(&self.out.names().event_records(ev));
+                r.event_names(ev, self.out.names());
             }
             r.event(ev);
         }
@@ -71,6 +74,9 @@ impl<W: Write> Pipeline<W> {
         }
         if let Some(x) = &self.exporter {
             x.event(ev);
+        }
+        if let Some(t) = &mut self.tap {
+            t.event(ev);
         }
         self.emit_findings()
     }
@@ -118,6 +124,9 @@ impl<W: Write> Pipeline<W> {
             x.report_lost(now_ns, &mut self.out)?;
         }
         self.emit_findings()?;
+        if let Some(t) = &mut self.tap {
+            t.tick(now_ns);
+        }
         self.out.tick(now_ns)
     }
 
@@ -128,6 +137,9 @@ impl<W: Write> Pipeline<W> {
         }
         if let Some(x) = &self.exporter {
             x.lost(count, what);
+        }
+        if let Some(t) = &mut self.tap {
+            t.lost(now_ns, count);
         }
         self.out.lost(now_ns, count, total, what)
     }
@@ -201,6 +213,9 @@ impl<W: Write> Pipeline<W> {
                 if let Some(x) = &self.exporter {
                     x.finding_named(&f, names.as_ref());
                 }
+                if let Some(t) = &mut self.tap {
+                    t.finding(&f);
+                }
                 self.out.finding_named(&f, names.as_ref())?;
             }
         }
@@ -226,6 +241,9 @@ impl<W: Write> Sink for Pipeline<W> {
             r.start(status, info, clock)
                 .map_err(PipelineError::RecordStart)?;
         }
+        if let Some(t) = &mut self.tap {
+            t.status(status, info.kernel, clock);
+        }
         self.out
             .status(crate::clock::monotonic_now_ns(), status, info)
             .and_then(|_| self.out.flush())
@@ -236,14 +254,8 @@ impl<W: Write> Sink for Pipeline<W> {
         self.handle(ev).map_err(PipelineError::Output)
     }
 
-    fn lost(
-        &mut self,
-        now_ns: u64,
-        count: u64,
-        total: u64,
-        what: &str,
-    ) -> Result<(), PipelineError> {
-        Pipeline::lost(self, now_ns, count, total, what).map_err(PipelineError::Output)
+    fn lost(&mut self, now_ns: u64, l: &Loss) -> Result<(), PipelineError> {
+        Pipeline::lost(self, now_ns, l.count, l.total, &l.what).map_err(PipelineError::Output)
     }
 
     /// The hook metric drops to 0 and a lost line (count 0) says what
@@ -270,6 +282,10 @@ impl<W: Write> Sink for Pipeline<W> {
 
     fn finish(&mut self, now_ns: u64) -> Result<(), PipelineError> {
         Pipeline::finish(self, now_ns).map_err(PipelineError::Output)
+    }
+
+    fn done(&mut self) -> bool {
+        self.tap.as_ref().is_some_and(|t| t.done())
     }
 
     fn wants_counters(&self) -> bool {

@@ -22,6 +22,7 @@ use crate::event::Event;
 use crate::hooks::{self, HookStatus};
 use crate::output::StatusInfo;
 use crate::recording::writer::RecordError;
+pub use crate::ring::Loss;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -39,6 +40,20 @@ pub enum PipelineError {
     RecordStart(#[source] std::io::Error),
 }
 
+/// A copy of what passes through a [`Pipeline`] for another view (the
+/// dashboard): called on the event path, so it must not block.
+pub trait Tap {
+    fn status(&mut self, _hooks: &[HookStatus], _kernel: Option<&str>, _clock: WallClock) {}
+    fn event(&mut self, _ev: &Event) {}
+    fn finding(&mut self, _f: &crate::engine::Finding) {}
+    fn lost(&mut self, _now_ns: u64, _count: u64) {}
+    fn tick(&mut self, _now_ns: u64) {}
+    /// True stops the source (the view was closed).
+    fn done(&self) -> bool {
+        false
+    }
+}
+
 /// What the event source feeds: the status once, then events, lost-event
 /// counts and clock ticks (every 200 ms) until it stops, then `finish`.
 pub trait Sink {
@@ -49,13 +64,7 @@ pub trait Sink {
         clock: WallClock,
     ) -> Result<(), PipelineError>;
     fn event(&mut self, ev: &Event) -> Result<(), PipelineError>;
-    fn lost(
-        &mut self,
-        now_ns: u64,
-        count: u64,
-        total: u64,
-        what: &str,
-    ) -> Result<(), PipelineError>;
+    fn lost(&mut self, now_ns: u64, loss: &Loss) -> Result<(), PipelineError>;
     /// A source stopped mid-run: `hook` is its status now (not attached,
     /// the reason why).
     fn hook_down(&mut self, now_ns: u64, hook: &HookStatus) -> Result<(), PipelineError>;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
-use super::{PipelineError, Sink};
+use super::{Loss, PipelineError, Sink};
 use crate::clock::{monotonic_now_ns, WallClock};
 use crate::ctnetlink::{Ctnetlink, Received};
 use crate::decode::decode;
@@ -77,7 +77,14 @@ impl Decoder {
         if self.errors > self.reported {
             let new = self.errors - self.reported;
             self.reported = self.errors;
-            sink.lost(now, new, self.errors, "undecodable ring-buffer record")?;
+            sink.lost(
+                now,
+                &Loss {
+                    count: new,
+                    total: self.errors,
+                    what: "undecodable ring-buffer record".into(),
+                },
+            )?;
         }
         Ok(())
     }
@@ -284,12 +291,12 @@ impl Live {
             }
             Some(CtMsg::Overrun(n)) => {
                 self.ct_overruns += n;
-                sink.lost(
-                    monotonic_now_ns(),
-                    n,
-                    self.ct_overruns,
-                    "ctnetlink socket overrun (NAT events dropped by the kernel)",
-                )?;
+                let loss = Loss {
+                    count: n,
+                    total: self.ct_overruns,
+                    what: "ctnetlink socket overrun (NAT events dropped by the kernel)".into(),
+                };
+                sink.lost(monotonic_now_ns(), &loss)?;
             }
             Some(CtMsg::Died(why)) => {
                 let mut hook =
@@ -335,7 +342,7 @@ impl Live {
     /// records that did not decode, since the last report.
     fn report_losses(&mut self, now: u64, sink: &mut dyn Sink) -> Result<(), PipelineError> {
         for l in self.ring.new_losses() {
-            sink.lost(now, l.count, l.total, &l.what)?;
+            sink.lost(now, &l)?;
         }
         self.dec.report(now, sink)
     }

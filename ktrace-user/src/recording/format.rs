@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::event::{Event, EventBody, NatEntry, Source};
+use crate::event::{CounterRise, Event, EventBody, NatEntry, Source};
 
 /// First 8 bytes of every recording file (PNG-style: the high byte and the
 /// line endings catch text-mode transfers).
@@ -331,7 +331,7 @@ fn event_tag(body: &EventBody) -> u64 {
         EventBody::NatMapping(_) => tag::NAT_MAPPING,
         EventBody::NatDestroy(_) => tag::NAT_DESTROY,
         EventBody::CtConfirmDrop(_) => tag::CT_CONFIRM_DROP,
-        EventBody::CtCounters { .. } => tag::CT_COUNTERS,
+        EventBody::CtCounters(_) => tag::CT_COUNTERS,
     }
 }
 
@@ -590,25 +590,17 @@ impl BlockEncoder {
                     self.ep_field(f, Some(n));
                 }
             }
-            EventBody::CtCounters {
-                invalid,
-                drop,
-                early_drop,
-                insert_failed,
-                clash_resolve,
-                count,
-                max,
-            } => {
-                for v in [*invalid, *drop, *early_drop, *insert_failed] {
+            EventBody::CtCounters(c) => {
+                for v in [c.invalid, c.drop, c.early_drop, c.insert_failed] {
                     put_varint(f, v);
                 }
                 // Optional values as value + 1 (0 = unknown).
-                for v in [*count, *max] {
+                for v in [c.count, c.max] {
                     put_varint(f, v.map_or(0, |x| x.saturating_add(1)));
                 }
                 // Minor 1: clash resolutions, trailing (older readers skip it).
-                if *clash_resolve > 0 {
-                    put_varint(f, *clash_resolve);
+                if c.clash_resolve > 0 {
+                    put_varint(f, c.clash_resolve);
                 }
             }
         }
@@ -931,7 +923,7 @@ impl<'a> BlockDecoder<'a> {
                     _ => EventBody::CtConfirmDrop(nat),
                 }
             }
-            tag::CT_COUNTERS => EventBody::CtCounters {
+            tag::CT_COUNTERS => EventBody::CtCounters(CounterRise {
                 invalid: b.varint()?,
                 drop: b.varint()?,
                 early_drop: b.varint()?,
@@ -941,7 +933,7 @@ impl<'a> BlockDecoder<'a> {
                 max: b.varint()?.checked_sub(1),
                 // Absent before minor 1 and when no clash was resolved.
                 clash_resolve: if b.is_empty() { 0 } else { b.varint()? },
-            },
+            }),
             _ => return Err(Malformed("unknown event tag")),
         })
     }

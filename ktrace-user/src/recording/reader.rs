@@ -255,6 +255,15 @@ impl<R: Read> FileReader<R> {
         });
     }
 
+    /// The bytes left are an incomplete write (the recorder stopped while
+    /// writing them): counted, skipped and said.
+    fn torn_tail(&mut self, warn: &mut dyn FnMut(Warning), offset: u64, message: String) {
+        let n = self.src.avail().len();
+        self.stats.torn_tail_bytes += n as u64;
+        self.src.consume(n);
+        self.warn(warn, offset, WarningKind::TornTail, message);
+    }
+
     /// Reads the items of the next block into `out` (cleared first),
     /// skipping blocks `want` rejects without decoding them. `Ok(false)` at
     /// the end of the file. Errors are I/O errors only.
@@ -278,14 +287,7 @@ impl<R: Read> FileReader<R> {
             }
             if a.len() < FRAME_HEADER_LEN {
                 let n = a.len();
-                self.stats.torn_tail_bytes += n as u64;
-                self.src.consume(n);
-                self.warn(
-                    warn,
-                    offset,
-                    WarningKind::TornTail,
-                    format!("torn tail: the last {n} bytes (offset {offset}) are an incomplete block header (the recorder stopped while writing); everything before was read"),
-                );
+                self.torn_tail(warn, offset, format!("torn tail: the last {n} bytes (offset {offset}) are an incomplete block header (the recorder stopped while writing); everything before was read"));
                 continue;
             }
             let h = match FrameHeader::decode(&a[..FRAME_HEADER_LEN]) {
@@ -300,12 +302,9 @@ impl<R: Read> FileReader<R> {
             let a = self.src.avail();
             if a.len() < total {
                 let n = a.len();
-                self.stats.torn_tail_bytes += n as u64;
-                self.src.consume(n);
-                self.warn(
+                self.torn_tail(
                     warn,
                     offset,
-                    WarningKind::TornTail,
                     format!(
                         "torn tail: the last block (offset {offset}, {n} of {total} bytes, {} events) is incomplete (the recorder stopped while writing it); everything before was read",
                         h.events

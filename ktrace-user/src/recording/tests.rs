@@ -18,7 +18,7 @@ use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
 use super::Context;
 use crate::engine::EngineConfig;
-use crate::event::{Event, EventBody, NatEntry, Source};
+use crate::event::{CounterRise, Event, EventBody, NatEntry, Source};
 
 // ------------------------------------------------------------ helpers
 
@@ -214,7 +214,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
         ev(
             10,
             Source::Procfs,
-            EventBody::CtCounters {
+            EventBody::CtCounters(CounterRise {
                 invalid: 2,
                 drop: 0,
                 early_drop: 1,
@@ -222,7 +222,18 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 clash_resolve: 7,
                 count: Some(0),
                 max: None,
-            },
+            }),
+        ),
+        ev(
+            11,
+            Source::Kretprobe,
+            EventBody::CtConfirmDrop(NatEntry {
+                client: v4(10, 0, 0, 2, 40002),
+                service: v4(10, 96, 0, 10, 53),
+                backend: v4(10, 0, 1, 3, 53),
+                protocol: 17,
+                snat: None,
+            }),
         ),
     ]
 }
@@ -1100,6 +1111,7 @@ fn replay_prints_what_the_live_pipeline_printed() {
                 storm_threshold: None,
                 storm_window_ns: None,
                 plain: Default::default(),
+                timeline: None,
             },
             &mut replay_buf,
             &mut |w| warnings.push(w.clone()),

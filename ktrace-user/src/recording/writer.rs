@@ -679,6 +679,8 @@ pub struct Recorder {
     /// Names already in the current block (each block stands alone, so
     /// a name is written again in the next one).
     names_in_block: std::collections::HashSet<crate::names::NameRecord>,
+    /// Addresses whose names were looked up in the current block (`record`).
+    addrs_in_block: std::collections::HashSet<std::net::SocketAddr, foldhash::fast::RandomState>,
 }
 
 impl Recorder {
@@ -720,6 +722,7 @@ impl Recorder {
             queue_dropped: 0,
             queue_dropped_since: 0,
             names_in_block: Default::default(),
+            addrs_in_block: Default::default(),
         })
     }
 
@@ -774,6 +777,15 @@ impl Recorder {
         }
     }
 
+    /// The names of an event's addresses (`record`, which has no findings),
+    /// each address looked up once per block.
+    pub fn event_names(&mut self, ev: &Event, names: &crate::names::NameResolver) {
+        let recs = names.event_records(ev, &mut self.addrs_in_block);
+        if !recs.is_empty() {
+            self.names(&recs);
+        }
+    }
+
     pub fn lost(&mut self, ts_ns: u64, count: u64, total: u64, what: &str) {
         self.enc.push_lost(ts_ns, count, total, what);
     }
@@ -799,6 +811,7 @@ impl Recorder {
             return;
         }
         self.names_in_block.clear();
+        self.addrs_in_block.clear();
         let raw = self.enc.take();
         match &mut self.backend {
             Backend::Inline(sw) => sw.write_block(&raw),

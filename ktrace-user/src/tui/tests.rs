@@ -1,0 +1,143 @@
+//! The dashboard's layout, drawn on ratatui's test backend.
+
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
+
+use super::board::{Board, Update};
+use super::*;
+use crate::incident::tests::unnated;
+
+/// The screen as lines of text.
+fn screen(board: &Board, view: &View, w: u16, h: u16) -> Vec<String> {
+    let mut t = Terminal::new(TestBackend::new(w, h)).unwrap();
+    t.draw(|f| draw::draw(f, board, view)).unwrap();
+    let buf = t.backend().buffer().clone();
+    (0..h)
+        .map(|y| (0..w).map(|x| buf[(x, y)].symbol().to_string()).collect())
+        .collect()
+}
+
+fn board_with_incident() -> Board {
+    let mut b = Board::new("node-a".into());
+    let hooks = vec![
+        HookStatus {
+            name: "tcp_send_reset".into(),
+            mechanism: "raw_tracepoint".into(),
+            attached: true,
+            target: String::new(),
+            reason: None,
+        },
+        HookStatus::off("ct_invalid", "kprobes not supported"),
+    ];
+    b.apply(Update::status(
+        &hooks,
+        Some("6.18.0"),
+        WallClock { offset_ns: 0 },
+    ));
+    for i in 0..6 {
+        b.apply(Update::Finding(Box::new(unnated(
+            1_000_000_000 + i * 1_000_000,
+            40000 + i as u16,
+        ))));
+    }
+    b.apply(Update::Counts {
+        now_ns: 1_500_000_000,
+        resets: 6,
+        invalid: 8,
+    });
+    b.apply(Update::Lost(3));
+    b
+}
+
+#[test]
+fn the_dashboard_names_the_service_backend_and_count() {
+    let lines = screen(&board_with_incident(), &View::default(), 120, 30);
+    let text = lines.join("\n");
+    assert!(
+        lines[0].contains("node node-a") && lines[0].contains("kernel 6.18.0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hooks live: tcp_send_reset  (off: 1)"),
+        "{text}"
+    );
+    assert!(text.contains("lost events: 3"), "{text}");
+    assert!(text.contains("resets/s: 6 now"), "{text}");
+    assert!(text.contains("INVALID/s: 8 now"), "{text}");
+    let row = lines
+        .iter()
+        .find(|l| l.contains("unnated_reply"))
+        .unwrap_or_else(|| panic!("no incident row:\n{text}"));
+    let cols: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    // SEV KIND SERVICE BACKEND RESETS CLIENTS RATE SINCE LAST
+    assert_eq!(
+        &cols[..6],
+        [
+            "ERR",
+            "unnated_reply",
+            "10.96.0.10:2222",
+            "10.0.1.2:2222",
+            "6",
+            "1"
+        ],
+        "{row}"
+    );
+    assert!(text.contains("cause:    INVALID (counter +8)"), "{text}");
+    assert!(
+        text.contains("remedy:   set nf_conntrack_tcp_be_liberal=1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("evidence:") && text.contains("{\"basis\":[\"ct_invalid_counter\"]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn filters_narrow_the_table_and_keys_cycle_them() {
+    let board = board_with_incident();
+    let mut view = View::default();
+    let key = |c| KeyEvent::new(KeyCode::Char(c), KeyModifiers::NONE);
+    assert_eq!(view.key(key('k'), &board), Action::None);
+    assert_eq!(
+        view.filter.kind,
+        Some(crate::engine::FindingKind::UnnatedReply)
+    );
+    let text = screen(&board, &view, 120, 30).join("\n");
+    assert!(text.contains("incidents (1) kind=unnated_reply"), "{text}");
+    view.key(key('k'), &board);
+    assert_eq!(view.filter.kind, None, "back to all after the last kind");
+    view.key(key('s'), &board);
+    assert_eq!(
+        view.filter.service,
+        Some("10.96.0.10:2222".parse().unwrap())
+    );
+    assert_eq!(view.key(key('q'), &board), Action::Quit);
+    let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
+    assert_eq!(view.key(ctrl_c, &board), Action::Quit);
+}
+
+#[test]
+fn an_empty_board_says_so() {
+    let text = screen(&Board::new("n".into()), &View::default(), 100, 24).join("\n");
+    assert!(text.contains("no incident (yet)"), "{text}");
+}
+
+#[test]
+fn a_timeline_rebuilds_the_board_at_any_time() {
+    let mut t = Timeline::default();
+    for i in 0..4u64 {
+        t.finding(&unnated(1_000_000_000 * (i + 1), 40000 + i as u16));
+    }
+    assert_eq!(t.span(), (1_000_000_000, 4_000_000_000));
+    let b = t.board_at("n", 2_500_000_000);
+    assert_eq!(b.rows(&Filter::default())[0].connections, 2);
+    assert_eq!(
+        step(2_500_000_000, -10, 1_000_000_000, 4_000_000_000),
+        1_000_000_000
+    );
+    assert_eq!(
+        step(2_500_000_000, 1, 1_000_000_000, 4_000_000_000),
+        3_500_000_000
+    );
+}
