@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -773,7 +773,7 @@ impl<'a> BlockDecoder<'a> {
                 })),
                 Err(e) => Ok(Decoded::Bad(t, e)),
             },
-            tag::TCP_SEND_RESET..=tag::CT_COUNTERS | tag::TICK | tag::LOST | tag::DROPPED => {
+            tag::TCP_SEND_RESET..=tag::CT_CONFIRM_DROP | tag::TICK | tag::LOST | tag::DROPPED => {
                 // The timestamp chain must advance even when the rest of
                 // the body is bad, or every later delta would be off.
                 let delta = match b.varint() {
