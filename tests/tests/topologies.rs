@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ktrace_tests::race::udp_pairs;
 use ktrace_tests::{
-    assert_replay_matches, backend, hook, select, skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+    assert_no_findings, assert_replay_matches, backend, hook, select, skip, vip, Lab, Scratch,
+    CLIENT_IP, VIP,
 };
 use serde_json::Value;
 
@@ -172,11 +173,7 @@ fn control(lab: &mut Lab, local_vip: bool) {
     lab.refusing_service();
     lab.start_server();
     let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
-    let mut c = lab.client(5);
-    assert!(c.send_all().is_empty());
-    c.cmd("close");
-    assert_eq!(lab.refuse("10.96.0.11", 2223, 5), 5);
-    assert_eq!(lab.refuse(BACKENDS[0], 2224, 5), 5);
+    lab.ordinary_traffic(5);
     if local_vip {
         assert_eq!(lab.refuse(VIP, 2224, 5), 5);
     }
@@ -186,11 +183,7 @@ fn control(lab: &mut Lab, local_vip: bool) {
     assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 15));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
-    let findings = select(&lines, "finding", None);
-    assert!(
-        findings.is_empty(),
-        "control traffic gave findings: {findings:?}"
-    );
+    assert_no_findings(&lines);
 }
 
 #[test]
