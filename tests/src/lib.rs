@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod kube_proxy;
 pub mod race;
 
 pub const VIP: &str = "10.96.0.10";
