@@ -27,6 +27,27 @@ pub const PORT: u16 = 2222;
 pub const CLIENT_IP: &str = "10.0.0.2";
 pub const BACKENDS: [&str; 2] = ["10.0.1.2", "10.0.1.3"];
 
+/// The Service address as ktrace prints it: `VIP:PORT`.
+pub fn vip() -> String {
+    format!("{VIP}:{PORT}")
+}
+
+/// The client's address on `port` as ktrace prints it.
+pub fn client(port: u16) -> String {
+    format!("{CLIENT_IP}:{port}")
+}
+
+/// The first backend's address as ktrace prints it (the only one in a
+/// one-backend lab).
+pub fn backend() -> String {
+    format!("{}:{PORT}", BACKENDS[0])
+}
+
+/// Every backend's address as ktrace prints it.
+pub fn backends() -> std::collections::BTreeSet<String> {
+    BACKENDS.iter().map(|b| format!("{b}:{PORT}")).collect()
+}
+
 /// Why a test cannot run here (it then passes, saying so), or `None`.
 pub fn skip_reason() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
@@ -438,6 +459,21 @@ impl Lab {
         }
     }
 
+    /// Incident 2's trigger: flushes the node's conntrack table, then sends
+    /// on every connection of `c`; returns the ports whose send was reset.
+    /// With two backends each connection survives a flush with probability
+    /// 1/2, so a few connections may all survive: up to three flushes.
+    pub fn flush_until_reset(&self, c: &mut Client) -> Vec<u16> {
+        for _ in 0..3 {
+            self.exec_ok(&self.node, &["conntrack", "-F"]);
+            let reset = c.send_all();
+            if !reset.is_empty() {
+                return reset;
+            }
+        }
+        panic!("no connection was reset by three conntrack flushes");
+    }
+
     /// Runs `lab.py refuse` in the client namespace: `n` refused connections.
     pub fn refuse(&self, host: &str, port: u16, n: usize) -> u64 {
         let out = self.exec_ok(
@@ -569,6 +605,12 @@ impl Watch {
     /// Waits until `pred` holds for the output, up to `timeout`.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Value]) -> bool) -> bool {
         self.run.wait_for(timeout, |lines, _| pred(lines))
+    }
+
+    /// Waits until at least `n` lines of `"type": ty` (named `name` when
+    /// given, as in [`select`]) arrived, up to `timeout`.
+    pub fn wait_count(&self, timeout: Duration, ty: &str, name: Option<&str>, n: usize) -> bool {
+        self.wait_for(timeout, |l| select(l, ty, name).len() >= n)
     }
 
     /// Stops ktrace with SIGINT (as Ctrl-C would) and returns all its output.

@@ -68,13 +68,7 @@ fn incident(lab: &mut Lab, scratch: &Scratch) -> (Value, Vec<Value>, Vec<Value>)
     let reset = c.unnat_all(Duration::from_millis(1000));
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
     assert!(
-        watch.wait_for(Duration::from_secs(5), |l| select(
-            l,
-            "finding",
-            Some("unnated_reply")
-        )
-        .len()
-            >= 3),
+        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
         "unnated_reply findings did not arrive in time"
     );
     let status = watch.status.clone();
@@ -185,10 +179,7 @@ fn no_kube_names_prints_addresses_only() {
     assert!(watch.status.get("names").is_none(), "{}", watch.status);
     let mut c = lab.client(1);
     assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 1);
-    assert!(
-        watch.wait_for(Duration::from_secs(5), |l| !select(l, "finding", None)
-            .is_empty())
-    );
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", None, 1));
     let lines = watch.stop();
     for f in select(&lines, "finding", None) {
         assert!(

@@ -13,20 +13,12 @@ use std::time::Duration;
 
 use ktrace_tests::race::udp_pairs;
 use ktrace_tests::{
-    assert_replay_matches, hook, kube_proxy, record_skip, select, skip, Lab, Scratch, BACKENDS,
-    CLIENT_IP, VIP,
+    assert_replay_matches, backend, hook, kube_proxy, record_skip, select, skip, vip, Lab, Scratch,
+    BACKENDS, CLIENT_IP, VIP,
 };
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_millis(1000);
-
-fn vip() -> String {
-    format!("{VIP}:2222")
-}
-
-fn backend() -> String {
-    format!("{}:2222", BACKENDS[0])
-}
 
 /// The `unnated_reply` findings, one per reset port, each naming the
 /// Service, the backend and the client as it connected, with `path`.
@@ -99,13 +91,7 @@ fn masqueraded_reply_is_named_per_connection() {
         p.sort();
         p
     });
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "finding",
-        Some("unnated_reply")
-    )
-    .len()
-        >= 3));
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3));
     std::thread::sleep(Duration::from_millis(500));
     let status = watch.status.clone();
     let lines = watch.stop();
@@ -156,13 +142,7 @@ fn request_to_a_local_service_address_is_named_per_connection() {
     let reset = c.unnat_requests(SETTLE);
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
     assert!(
-        watch.wait_for(Duration::from_secs(5), |l| select(
-            l,
-            "finding",
-            Some("unnated_reply")
-        )
-        .len()
-            >= 3),
+        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
         "findings did not arrive: {:?}",
         watch.lines()
     );
@@ -205,13 +185,7 @@ fn control(lab: &mut Lab, refused: &[(&str, u16)]) {
     let mut aborted = lab.client(5);
     assert!(aborted.send_all().is_empty());
     aborted.abort();
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "event",
-        Some("tcp_send_reset")
-    )
-    .len()
-        >= 15));
+    assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 15));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
     let findings = select(&lines, "finding", None);
@@ -403,13 +377,7 @@ fn nftables_mode_reply_is_named_per_connection() {
     ports.sort();
     assert_eq!(reset, ports, "every connection dies");
     assert!(
-        watch.wait_for(Duration::from_secs(5), |l| select(
-            l,
-            "finding",
-            Some("unnated_reply")
-        )
-        .len()
-            >= 3),
+        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
         "findings did not arrive: {:?}",
         watch.lines()
     );
