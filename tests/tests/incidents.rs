@@ -245,6 +245,7 @@ fn control_run_gives_no_findings() {
     // Echo and clean close, refused through a VIP, refused without NAT,
     // and refused on loopback.
     lab.ordinary_traffic(10);
+    assert_eq!(lab.refuse("10.96.0.11", 2223, 10), 10);
     assert_eq!(lab.refuse("127.0.0.1", 9, 10), 10);
     assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 30));
     std::thread::sleep(Duration::from_millis(1500));
