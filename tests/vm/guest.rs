@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ktrace_tests::{
-    backend, backends, between, client, hook, select, vip, workspace, Lab, BACKENDS, PORT, VIP,
+    backend, backends, between, client, hook, select, vip, workspace, Lab, BACKENDS, CLIENT_IP,
+    PORT, VIP,
 };
 use serde_json::Value;
 
