@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use ktrace_tests::race::udp_pairs;
 use ktrace_tests::{
-    assert_replay_matches, backend, hook, kube_proxy, record_skip, select, skip, vip, Lab, Scratch,
-    BACKENDS, CLIENT_IP, VIP,
+    assert_no_findings, assert_replay_matches, backend, hook, kube_proxy, record_skip, select,
+    skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
 };
 use serde_json::Value;
 
@@ -175,10 +175,7 @@ fn request_to_a_local_service_address_is_named_per_connection() {
 fn control(lab: &mut Lab, refused: &[(&str, u16)]) {
     lab.start_server();
     let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
-    let mut c = lab.client(5);
-    assert!(c.send_all().is_empty());
-    c.cmd("close");
-    assert_eq!(lab.refuse(BACKENDS[0], 2224, 5), 5);
+    lab.ordinary_traffic(5);
     for (host, port) in refused {
         assert_eq!(lab.refuse(host, *port, 5), 5, "{host}:{port}");
     }
@@ -188,11 +185,7 @@ fn control(lab: &mut Lab, refused: &[(&str, u16)]) {
     assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 15));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
-    let findings = select(&lines, "finding", None);
-    assert!(
-        findings.is_empty(),
-        "control traffic gave findings: {findings:?}"
-    );
+    assert_no_findings(&lines);
 }
 
 #[test]

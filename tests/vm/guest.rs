@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ktrace_tests::{
-    backend, backends, client, hook, select, vip, workspace, Lab, BACKENDS, PORT, VIP,
+    backend, backends, between, client, hook, select, vip, workspace, Lab, BACKENDS, PORT, VIP,
 };
 use serde_json::Value;
 
@@ -118,10 +118,7 @@ fn unnated_reply_names_the_conntrack_verdict() {
     for p in &c.ports {
         // The no-socket RST, through fentry or a kprobe on tcp_v4_send_reset
         // (the 6.1 tracepoint misses it).
-        let sent: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str())
-            .collect();
+        let sent = between(&lines, "tcp_send_reset", &client(*p), &backend);
         assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
         assert_eq!(sent[0]["socket"], false, "{}", sent[0]);
         assert_eq!(sent[0]["netns"], client_ns, "{}", sent[0]);
