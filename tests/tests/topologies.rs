@@ -11,10 +11,10 @@
 
 use std::time::Duration;
 
-use ktrace_tests::race::udp_pairs;
+use ktrace_tests::race::{self, udp_pairs};
 use ktrace_tests::{
-    assert_no_findings, assert_replay_matches, backend, hook, kube_proxy, record_skip, select,
-    skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+    assert_no_findings, assert_replay_matches, backend, backends, hook, kube_proxy, record_skip,
+    select, skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
 };
 use serde_json::Value;
 
@@ -277,6 +277,52 @@ fn udp_insert_race_is_named() {
         }
     }
     assert_eq!(select(&lines, "finding", None).len(), found.len());
+    assert_replay_matches(&status, &lines, &file);
+}
+
+/// The insert race that the kernel cannot resolve: the same TCP SYN sent
+/// twice at once on two CPUs to VIP:2222 (two backends at random). The
+/// second SYN loses `__nf_conntrack_confirm` and is dropped (TCP clashes
+/// are never resolved): one `dropped` finding per dropped packet, naming
+/// its client, the Service and the backend DNAT chose, live and in replay.
+/// Without the confirm hook the counter alone speaks (no endpoints).
+#[test]
+fn tcp_insert_race_drop_is_named_per_packet() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("tr", 2);
+    let scratch = Scratch::new("tcprace");
+    let file = scratch.path("tcprace.rec");
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let raced = race::tcp_race_until_dropped(&lab, 100, 50);
+    eprintln!("{raced:?}");
+    assert!(raced.insert_failed > 0, "no SYN was dropped: {raced:?}");
+    let race = |l: &[Value]| select(l, "finding", Some("conntrack_insert_race")).len();
+    assert!(watch.wait_for(Duration::from_secs(5), |l| race(l) >= 1));
+    std::thread::sleep(Duration::from_millis(1500));
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    if hook(&status, "ct_insert_race")["attached"] == true {
+        let found =
+            race::assert_one_finding_per_drop(&lines, raced.insert_failed, &vip(), &backends());
+        for f in &found {
+            assert!(f["cause"].as_str().unwrap().contains("TCP"), "{f}");
+        }
+        // Nothing else: the refused SYNs and resolved clashes aside.
+        let others: Vec<&Value> = select(&lines, "finding", None)
+            .into_iter()
+            .filter(|f| f["evidence"]["basis"] != "clash_resolve_counter")
+            .collect();
+        assert_eq!(others.len(), found.len(), "{others:?}");
+    } else {
+        let dropped = select(&lines, "finding", Some("conntrack_insert_race"))
+            .into_iter()
+            .filter(|f| f["evidence"]["outcome"] == "dropped")
+            .map(|f| f["evidence"]["count"].as_u64().unwrap())
+            .sum::<u64>();
+        assert_eq!(dropped, raced.insert_failed);
+    }
     assert_replay_matches(&status, &lines, &file);
 }
 

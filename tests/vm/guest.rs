@@ -531,6 +531,14 @@ fn local_traffic_pairs_each_call_with_its_own_return() {
 /// two backends. A packet that loses the race is a `dropped` finding of its
 /// own (client, Service, backend), as many as `insert_failed` rose; clashes
 /// the kernel resolved are one `resolved` finding from the counters.
+///
+/// On 6.1 and 6.12 no datagram is dropped: since 5.6 the kernel resolves a
+/// UDP clash even when DNAT sent the two packets to different backends
+/// (the loser's entry is inserted for its reply direction only, as
+/// `IPS_NAT_CLASH`, and `clash_resolve` counts it; the kernel's own
+/// conntrack_clash selftest expects this). So here the counters rise as
+/// `clash_resolve`, the finding is `resolved`, and `insert_failed` stays 0;
+/// the drop path is exercised by the TCP race below, which no kernel resolves.
 #[test]
 fn conntrack_insert_race_per_dropped_packet() {
     if !in_vm() {
@@ -583,4 +591,41 @@ fn conntrack_insert_race_per_dropped_packet() {
         .filter(|f| f["evidence"]["outcome"] == "resolved")
         .count();
     assert_eq!(resolved > 0, clashes > 0, "{found:?}");
+}
+
+/// The insert race no kernel resolves: the same TCP SYN twice at once from
+/// the guest's two CPUs to VIP:2222 (two backends at random). The loser is
+/// dropped by `__nf_conntrack_confirm` (TCP clashes are never resolved);
+/// the kretprobe makes each drop its own finding, naming the client, the
+/// Service and the backend, as many as `insert_failed` rose.
+#[test]
+fn tcp_insert_race_drop_is_named_per_packet() {
+    if !in_vm() {
+        return;
+    }
+    let lab = Lab::new("tr", 2);
+    let watch = lab.watch(&["--events"]);
+    check_all_hooks(&watch.status);
+    let raced = ktrace_tests::race::tcp_race_until_dropped(&lab, 100, 20);
+    eprintln!("{raced:?}");
+    assert!(raced.insert_failed > 0, "no SYN was dropped: {raced:?}");
+    let dropped = |l: &[Value]| {
+        select(l, "finding", Some("conntrack_insert_race"))
+            .iter()
+            .filter(|f| f["evidence"]["outcome"] == "dropped")
+            .count() as u64
+    };
+    assert!(
+        watch.wait_for(Duration::from_secs(20), |l| dropped(l)
+            >= raced.insert_failed),
+        "findings did not arrive: {raced:?}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let lines = watch.stop();
+    ktrace_tests::race::assert_one_finding_per_drop(
+        &lines,
+        raced.insert_failed,
+        &vip(),
+        &backends(),
+    );
 }

@@ -8,12 +8,15 @@
 //! A hooked drop is a finding per packet, naming the flow; the counters
 //! give one finding per episode (repeats merged like table-full).
 
-use std::net::SocketAddr;
-
 use super::finding::{self, Evidence, Finding, Severity, Time};
 use super::{Engine, Repeat};
+use crate::event::NatEntry;
 
 const REMEDY_DROPPED: &str = "in the client Pod's resolv.conf add `options single-request-reopen` (glibc: the A and AAAA queries then use separate sockets) or `use-vc` (DNS over TCP), or run NodeLocal DNSCache (queries to its node-local address are not DNATed); kernels from 5.6 on resolve most UDP clashes instead of dropping";
+const CAUSE_UDP: &str = "the packet lost the race to confirm its new conntrack entry against another packet of the same flow sent at the same time from another CPU (a resolver's A and AAAA queries from one socket), and the kernel dropped it: the client waits for its timeout (5 s for DNS) before retrying";
+const CAUSE_TCP: &str = "the segment lost the race to confirm its new conntrack entry against another segment of the same new connection handled at the same time on another CPU (a SYN and its duplicate), and the kernel dropped it: the kernel never resolves a TCP clash; the sender retransmits after its timeout (1 s for a SYN)";
+const REMEDY_TCP: &str = "find what sends the connection's first segment twice at once (a duplicating network path, a retransmission racing its original); the connection recovers on retransmission, so only repeated drops cost latency";
+const IPPROTO_TCP: u8 = 6;
 const REMEDY_RESOLVED: &str = "nothing to do on this kernel; on kernels that cannot resolve the clash the same race drops the packet (insert_failed) and lookups wait 5 s: there, `options single-request-reopen` in resolv.conf or NodeLocal DNSCache";
 
 #[derive(Clone, Copy)]
@@ -23,15 +26,13 @@ pub(super) enum Outcome {
 }
 
 impl Engine {
-    /// `__nf_conntrack_confirm` dropped this packet of `client` -> `service`.
-    pub(super) fn on_confirm_drop(
-        &mut self,
-        ts: u64,
-        client: SocketAddr,
-        service: SocketAddr,
-        backend: SocketAddr,
-        out: &mut Vec<Finding>,
-    ) {
+    /// `__nf_conntrack_confirm` dropped this packet of the flow `nat`.
+    pub(super) fn on_confirm_drop(&mut self, ts: u64, nat: &NatEntry, out: &mut Vec<Finding>) {
+        let (cause, remedy) = if nat.protocol == IPPROTO_TCP {
+            (CAUSE_TCP, REMEDY_TCP)
+        } else {
+            (CAUSE_UDP, REMEDY_DROPPED)
+        };
         let evidence = Evidence::ConntrackInsertRace(finding::InsertRace {
             outcome: "dropped",
             basis: "confirm_drop",
@@ -42,11 +43,11 @@ impl Engine {
         out.push(Finding {
             ts_ns: ts,
             severity: Severity::Error,
-            service: Some(service),
-            backend: (backend != service).then_some(backend),
-            client: Some(client),
-            cause: "the packet lost the race to confirm its new conntrack entry against another packet of the same flow sent at the same time from another CPU (a resolver's A and AAAA queries from one socket), and the kernel dropped it: the client waits for its timeout (5 s for DNS) before retrying".into(),
-            remedy: REMEDY_DROPPED.into(),
+            service: Some(nat.service),
+            backend: (nat.backend != nat.service).then_some(nat.backend),
+            client: Some(nat.client),
+            cause: cause.into(),
+            remedy: remedy.into(),
             evidence,
         });
     }

@@ -685,3 +685,54 @@ fn insert_race_counters_say_resolved_or_dropped() {
     };
     assert!(run_with(cfg, &[race_counters(0, 2, 0)]).is_empty());
 }
+
+fn confirm_drop(ts: u64, client: &str, service: &str, backend: &str, protocol: u8) -> Event {
+    ev(
+        ts,
+        EventBody::CtConfirmDrop(NatEntry {
+            client: a(client),
+            service: a(service),
+            backend: a(backend),
+            protocol,
+            snat: None,
+        }),
+    )
+}
+
+/// Each hooked drop is its own finding naming the flow; the cause and
+/// remedy fit the protocol (a DNS query, or a TCP segment, which no kernel
+/// resolves).
+#[test]
+fn each_confirm_drop_is_a_finding_of_its_flow() {
+    let f = run(&[
+        confirm_drop(0, "10.0.0.2:40000", "10.96.0.10:53", "10.0.1.2:53", 17),
+        confirm_drop(
+            1,
+            "[fd00::2]:40001",
+            "[fd00:96::10]:2222",
+            "[fd00:1::3]:2222",
+            6,
+        ),
+    ]);
+    assert_eq!(f.len(), 2, "{f:?}");
+    for x in &f {
+        assert_eq!(x.kind(), FindingKind::ConntrackInsertRace);
+        assert_eq!(evidence(x)["outcome"], "dropped");
+        assert_eq!(evidence(x)["basis"], "confirm_drop");
+        assert_eq!(x.severity, Severity::Error);
+    }
+    assert_eq!(f[0].client, Some(a("10.0.0.2:40000")));
+    assert_eq!(f[0].backend, Some(a("10.0.1.2:53")));
+    assert!(
+        f[0].remedy.contains("single-request-reopen"),
+        "{}",
+        f[0].remedy
+    );
+    assert_eq!(f[1].service, Some(a("[fd00:96::10]:2222")));
+    assert!(
+        f[1].cause.contains("never resolves a TCP clash"),
+        "{}",
+        f[1].cause
+    );
+    assert!(!f[1].remedy.contains("resolv.conf"), "{}", f[1].remedy);
+}
