@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Traffic for ktrace's network-namespace lab (stdlib only).
 
-  lab.py server PORT              echo server on 0.0.0.0:PORT; a line "OOW"
+  lab.py server PORT [ADDR]       echo server on ADDR:PORT (0.0.0.0; "::" for
+                                  IPv6); a line "OOW"
                                   makes it answer "ok" and then send one
                                   segment far outside the TCP window from its
                                   own address (the reply conntrack will mark
@@ -52,6 +53,14 @@ def checksum(data):
     return ~s & 0xFFFF
 
 
+def pseudo_header(src, dst, length):
+    """The TCP checksum's pseudo-header, IPv4 or IPv6 by the address."""
+    if ":" in src:
+        return (socket.inet_pton(socket.AF_INET6, src) + socket.inet_pton(socket.AF_INET6, dst)
+                + struct.pack("!IxxxB", length, 6))
+    return socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, length)
+
+
 def send_out_of_window(conn, peer=None):
     """Sends one ACK|PSH segment from this socket's address with a sequence
     number 1 GiB past what the peer expects (SEQ over the upper bound),
@@ -65,10 +74,15 @@ def send_out_of_window(conn, peer=None):
     payload = b"x"
     seq = (snd_nxt + (1 << 30)) & 0xFFFFFFFF
     hdr = struct.pack("!HHIIBBHHH", local[1], peer[1], seq, rcv_nxt, 5 << 4, 0x18, 65535, 0, 0)
-    pseudo = socket.inet_aton(local[0]) + socket.inet_aton(peer[0]) + struct.pack("!BBH", 0, 6, len(hdr) + len(payload))
+    pseudo = pseudo_header(local[0], peer[0], len(hdr) + len(payload))
     csum = checksum(pseudo + hdr + payload)
     hdr = hdr[:16] + struct.pack("!H", csum) + hdr[18:]
-    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    if ":" in local[0]:
+        # IPv6 raw sockets leave the TCP checksum to us (computed above).
+        raw = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        raw.bind((local[0], 0))
+    else:
+        raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
     raw.sendto(hdr + payload, (peer[0], 0))
     raw.close()
 
@@ -89,10 +103,12 @@ def serve_conn(conn):
         conn.close()
 
 
-def server(port):
-    s = socket.socket()
+def server(port, addr):
+    s = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port))
+    if ":" in addr:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, port))
     s.listen(512)
     print("listening", flush=True)
     while True:
@@ -160,7 +176,7 @@ def refuse(host, port, n):
 if __name__ == "__main__":
     cmd = sys.argv[1]
     if cmd == "server":
-        server(int(sys.argv[2]))
+        server(int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else "0.0.0.0")
     elif cmd == "client":
         client(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
     elif cmd == "refuse":

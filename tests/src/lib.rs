@@ -19,8 +19,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod ipv6;
 pub mod kube_proxy;
 pub mod race;
+
+pub use ipv6::IPV6;
 
 pub const VIP: &str = "10.96.0.10";
 pub const PORT: u16 = 2222;
@@ -47,6 +50,54 @@ pub fn backend() -> String {
 pub fn backends() -> std::collections::BTreeSet<String> {
     BACKENDS.iter().map(|b| format!("{b}:{PORT}")).collect()
 }
+
+/// The lab's addresses in one IP family: IPv4, or the IPv6 side of a
+/// dual-stack Service (`Lab::ipv6`). Same namespaces and links either way.
+#[derive(Debug)]
+pub struct Family {
+    /// The rule tool of this family (`iptables`, `ip6tables`).
+    pub iptables: &'static str,
+    pub vip: &'static str,
+    pub client_ip: &'static str,
+    pub backends: [&'static str; 2],
+    /// A second Service, DNATed to the first backend's closed port 2223.
+    pub refusing_vip: &'static str,
+    /// What the echo server binds.
+    pub any: &'static str,
+}
+
+impl Family {
+    /// `ip` and `port` as ktrace prints them (`[ip]:port` for IPv6).
+    pub fn sock(&self, ip: &str, port: u16) -> String {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    }
+
+    pub fn vip(&self) -> String {
+        self.sock(self.vip, PORT)
+    }
+
+    pub fn client(&self, port: u16) -> String {
+        self.sock(self.client_ip, port)
+    }
+
+    /// The first backend (the only one in a one-backend lab).
+    pub fn backend(&self) -> String {
+        self.sock(self.backends[0], PORT)
+    }
+}
+
+pub const IPV4: Family = Family {
+    iptables: "iptables",
+    vip: VIP,
+    client_ip: CLIENT_IP,
+    backends: BACKENDS,
+    refusing_vip: "10.96.0.11",
+    any: "0.0.0.0",
+};
 
 /// Why a test cannot run here (it then passes, saying so), or `None`.
 pub fn skip_reason() -> Option<String> {
@@ -147,6 +198,8 @@ pub struct Lab {
     pub client: String,
     pub node: String,
     pub server: String,
+    /// The addresses the helpers use: IPv4 unless `ipv6` switched them.
+    pub family: &'static Family,
     children: Vec<Child>,
 }
 
@@ -158,6 +211,7 @@ impl Lab {
             client: format!("ktr-{id}-c"),
             node: format!("ktr-{id}-n"),
             server: format!("ktr-{id}-s"),
+            family: &IPV4,
             children: Vec::new(),
         };
         for ns in [&lab.client, &lab.node, &lab.server] {
@@ -220,7 +274,7 @@ impl Lab {
 
     /// Appends `rule` (words split on spaces) to the node's `nat` table.
     pub fn nat(&self, rule: &str) {
-        let mut args = vec!["iptables", "-t", "nat"];
+        let mut args = vec![self.family.iptables, "-t", "nat"];
         args.extend(rule.split_whitespace());
         self.exec_ok(&self.node, &args);
     }
@@ -234,7 +288,8 @@ impl Lab {
     /// DNAT of VIP:`port` at random over the first `n` backends' `port`
     /// (kube-proxy's iptables mode: rule i takes 1/(n-i) of what is left).
     fn dnat_spread(&self, proto: &str, port: u16, n: usize) {
-        for (i, b) in BACKENDS.iter().take(n).enumerate() {
+        let f = self.family;
+        for (i, b) in f.backends.iter().take(n).enumerate() {
             let left = n - i;
             let random = if left > 1 {
                 format!(
@@ -245,7 +300,9 @@ impl Lab {
                 String::new()
             };
             self.nat(&format!(
-                "-A PREROUTING -d {VIP} -p {proto} --dport {port} {random} -j DNAT --to-destination {b}:{port}"
+                "-A PREROUTING -d {} -p {proto} --dport {port} {random} -j DNAT --to-destination {}",
+                f.vip,
+                f.sock(b, port)
             ));
         }
     }
@@ -281,7 +338,12 @@ impl Lab {
     /// A second Service, 10.96.0.11:2223, DNATed to a backend port where
     /// nothing listens: connections to it are refused through NAT.
     pub fn refusing_service(&self) {
-        self.nat("-A PREROUTING -d 10.96.0.11 -p tcp --dport 2223 -j DNAT --to-destination 10.0.1.2:2223");
+        let f = self.family;
+        self.nat(&format!(
+            "-A PREROUTING -d {} -p tcp --dport 2223 -j DNAT --to-destination {}",
+            f.refusing_vip,
+            f.sock(f.backends[0], 2223)
+        ));
     }
 
     /// A UDP Service, VIP:53, DNATed at random to both backends' :53 (a
@@ -333,7 +395,7 @@ impl Lab {
         workspace().join("tests/lab/lab.py").display().to_string()
     }
 
-    /// Starts the echo server on :2222 in the server namespace.
+    /// Starts the echo server on :2222 (of the lab's family) in the server namespace.
     pub fn start_server(&mut self) {
         let mut child = Command::new("ip")
             .args([
@@ -344,6 +406,7 @@ impl Lab {
                 &Self::lab_script(),
                 "server",
                 "2222",
+                self.family.any,
             ])
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -357,9 +420,9 @@ impl Lab {
         self.children.push(child);
     }
 
-    /// Opens `n` connections from the client to VIP:2222 (each echoes once).
+    /// Opens `n` connections from the client to the family's VIP:2222 (each echoes once).
     pub fn client(&self, n: usize) -> Client {
-        self.client_to(VIP, PORT, n)
+        self.client_to(self.family.vip, PORT, n)
     }
 
     pub fn client_to(&self, host: &str, port: u16, n: usize) -> Client {
@@ -422,7 +485,7 @@ impl Lab {
         let mut c = self.client(n);
         assert!(c.send_all().is_empty());
         c.cmd("close");
-        assert_eq!(self.refuse(BACKENDS[0], 2224, n), n as u64);
+        assert_eq!(self.refuse(self.family.backends[0], 2224, n), n as u64);
     }
 
     /// Runs `lab.py refuse` in the client namespace: `n` refused connections.

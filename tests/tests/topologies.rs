@@ -13,16 +13,27 @@ use std::time::Duration;
 
 use ktrace_tests::race::{self, udp_pairs};
 use ktrace_tests::{
-    assert_no_findings, assert_replay_matches, backend, backends, hook, kube_proxy, record_skip,
-    select, skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+    assert_no_findings, assert_replay_matches, backend, backends, between, hook, kube_proxy,
+    record_skip, select, skip, vip, Family, Lab, Scratch, BACKENDS, IPV4, IPV6, VIP,
 };
 use serde_json::Value;
 
 const SETTLE: Duration = Duration::from_millis(1000);
 
 /// The `unnated_reply` findings, one per reset port, each naming the
-/// Service, the backend and the client as it connected, with `path`.
+/// Service, the backend and the client as it connected (in the lab's
+/// IPv4 addresses), with `path`.
 fn assert_one_finding_per_connection(lines: &[Value], reset: &[u16], path: &str) -> Vec<Value> {
+    assert_one_finding_per_connection_in(&IPV4, lines, reset, path)
+}
+
+/// [`assert_one_finding_per_connection`] in the addresses of `family`.
+fn assert_one_finding_per_connection_in(
+    family: &Family,
+    lines: &[Value],
+    reset: &[u16],
+    path: &str,
+) -> Vec<Value> {
     let found = select(lines, "finding", Some("unnated_reply"));
     assert_eq!(
         found.len(),
@@ -31,12 +42,12 @@ fn assert_one_finding_per_connection(lines: &[Value], reset: &[u16], path: &str)
     );
     let mut mine = Vec::new();
     for p in reset {
-        let client = format!("{CLIENT_IP}:{p}");
+        let client = family.client(*p);
         let f: Vec<&&Value> = found.iter().filter(|f| f["client"] == client).collect();
         assert_eq!(f.len(), 1, "port {p}: {found:?}");
         let f = f[0];
-        assert_eq!(f["service"], vip().as_str(), "{f}");
-        assert_eq!(f["backend"], backend().as_str(), "{f}");
+        assert_eq!(f["service"], family.vip().as_str(), "{f}");
+        assert_eq!(f["backend"], family.backend().as_str(), "{f}");
         // The client's own reset is the default path, left out of the JSON.
         let got = f["evidence"]["path"].as_str().unwrap_or("reply_to_client");
         assert_eq!(got, path, "{f}");
@@ -457,4 +468,84 @@ fn nftables_mode_control_gives_no_findings() {
         return;
     }
     control(&mut lab, &[("10.96.0.11", 2223)]);
+}
+
+/// The lab with the IPv6 side of a dual-stack Service as its family, or
+/// `None` (the skip recorded) when the kernel has no IPv6 NAT.
+fn ipv6_lab(tag: &str) -> Option<Lab> {
+    let mut lab = Lab::new(tag, 1);
+    match lab.ipv6(1) {
+        Ok(()) => Some(lab),
+        Err(why) => {
+            record_skip(&why);
+            None
+        }
+    }
+}
+
+/// A dual-stack Service's IPv6 side: ip6tables DNAT from the IPv6 VIP to
+/// the backend. The backend's out-of-window reply is INVALID, leaves
+/// un-NATed from the backend's own address, and the client resets it
+/// (`tcp_v6_send_reset`, no socket); the client is reset on its next send.
+/// One finding per reset connection, in IPv6 addresses, live and in replay.
+#[test]
+fn ipv6_reply_is_named_per_connection() {
+    if skip() {
+        return;
+    }
+    let Some(mut lab) = ipv6_lab("v6") else {
+        return;
+    };
+    lab.start_server();
+    let scratch = Scratch::new("ipv6");
+    let file = scratch.path("ipv6.rec");
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let mut c = lab.client(3);
+    let reset = c.unnat_all(SETTLE);
+    let mut ports = c.ports.clone();
+    ports.sort();
+    assert_eq!(reset, ports, "every connection dies");
+    assert!(
+        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
+        "findings did not arrive: {:?}",
+        watch.lines()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    let found = assert_one_finding_per_connection_in(&IPV6, &lines, &reset, "reply_to_client");
+    for f in found {
+        assert_eq!(
+            f["evidence"]["basis"][0], "client_rst_to_backend_address",
+            "{f}"
+        );
+        let client = f["client"].as_str().unwrap();
+        // The client's own reset of the backend's IPv6 address, no socket.
+        let rst = between(&lines, "tcp_send_reset", client, &IPV6.backend());
+        assert_eq!(rst.len(), 1, "{f}: {rst:?}");
+        assert_eq!(rst[0]["socket"], false, "{rst:?}");
+        // The IPv6 NAT mapping the finding rests on.
+        let mapped = select(&lines, "event", Some("nat_mapping"))
+            .into_iter()
+            .filter(|e| e["client"] == client && e["service"] == IPV6.vip().as_str())
+            .filter(|e| e["backend"] == IPV6.backend().as_str())
+            .count();
+        assert_eq!(mapped, 1, "{f}");
+        assert_cause_cites_invalid(&status, &f);
+    }
+    assert_replay_matches(&status, &lines, &file);
+}
+
+/// The IPv6 side carrying ordinary traffic, connections refused through a
+/// Service and without NAT, and application aborts: no finding.
+#[test]
+fn ipv6_control_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let Some(mut lab) = ipv6_lab("v6c") else {
+        return;
+    };
+    lab.refusing_service();
+    control(&mut lab, &[(IPV6.refusing_vip, 2223)]);
 }
