@@ -14,7 +14,7 @@ use std::time::Duration;
 use ktrace_tests::race::{self, udp_pairs};
 use ktrace_tests::{
     assert_no_findings, assert_replay_matches, backend, backends, between, hook, kube_proxy,
-    record_skip, select, skip, vip, Family, Lab, Scratch, BACKENDS, IPV4, IPV6, VIP,
+    record_skip, select, skip, vip, Family, Lab, Scratch, Watch, BACKENDS, IPV4, IPV6, VIP,
 };
 use serde_json::Value;
 
@@ -61,6 +61,32 @@ fn assert_one_finding_per_connection_in(
         assert!(select(lines, "finding", Some(kind)).is_empty(), "{kind}");
     }
     mine
+}
+
+/// Three connections to the lab's VIP, each killed by the backend's
+/// out-of-window reply; waits for their three findings and stops `watch`.
+/// Returns its status, its output and the reset ports (every port).
+fn unnat_three_replies(lab: &Lab, watch: Watch) -> (Value, Vec<Value>, Vec<u16>) {
+    let mut c = lab.client(3);
+    let reset = c.unnat_all(SETTLE);
+    let mut ports = c.ports.clone();
+    ports.sort();
+    assert_eq!(reset, ports, "every connection dies");
+    let (status, lines) = stop_after_unnated(watch, 3);
+    (status, lines, reset)
+}
+
+/// Waits for `n` `unnated_reply` findings, lets late output arrive, and
+/// stops `watch`: its status and output.
+fn stop_after_unnated(watch: Watch, n: usize) -> (Value, Vec<Value>) {
+    assert!(
+        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), n),
+        "findings did not arrive: {:?}",
+        watch.lines()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    (status, watch.stop())
 }
 
 /// Where the INVALID hook cannot attach, the cause cites the counter.
@@ -152,14 +178,7 @@ fn request_to_a_local_service_address_is_named_per_connection() {
     let mut c = lab.client(3);
     let reset = c.unnat_requests(SETTLE);
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
-    assert!(
-        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
-        "findings did not arrive: {:?}",
-        watch.lines()
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let status = watch.status.clone();
-    let lines = watch.stop();
+    let (status, lines) = stop_after_unnated(watch, 3);
     let node_ns = lab.inode(&lab.node);
     for f in assert_one_finding_per_connection(&lines, &reset, "request_to_local_service") {
         assert_eq!(f["evidence"]["basis"][0], "node_rst_from_service_address");
@@ -431,19 +450,7 @@ fn nftables_mode_reply_is_named_per_connection() {
         .unwrap_or_else(|| panic!("no kube-proxy-rules names source: {names}"));
     assert_eq!(rules["mode"], "nftables", "{rules}");
     assert_eq!(rules["services"], 3, "{rules}");
-    let mut c = lab.client(3);
-    let reset = c.unnat_all(SETTLE);
-    let mut ports = c.ports.clone();
-    ports.sort();
-    assert_eq!(reset, ports, "every connection dies");
-    assert!(
-        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
-        "findings did not arrive: {:?}",
-        watch.lines()
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let status = watch.status.clone();
-    let lines = watch.stop();
+    let (status, lines, reset) = unnat_three_replies(&lab, watch);
     for f in assert_one_finding_per_connection(&lines, &reset, "reply_to_client") {
         assert_eq!(f["service_name"], "payments/ledger:grpc", "{f}");
         assert_eq!(f["backend_service"], "payments/ledger:grpc", "{f}");
@@ -500,19 +507,7 @@ fn ipv6_reply_is_named_per_connection() {
     let scratch = Scratch::new("ipv6");
     let file = scratch.path("ipv6.rec");
     let watch = lab.watch(&["--events", "--record", &file]);
-    let mut c = lab.client(3);
-    let reset = c.unnat_all(SETTLE);
-    let mut ports = c.ports.clone();
-    ports.sort();
-    assert_eq!(reset, ports, "every connection dies");
-    assert!(
-        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
-        "findings did not arrive: {:?}",
-        watch.lines()
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let status = watch.status.clone();
-    let lines = watch.stop();
+    let (status, lines, reset) = unnat_three_replies(&lab, watch);
     let found = assert_one_finding_per_connection_in(&IPV6, &lines, &reset, "reply_to_client");
     for f in found {
         assert_eq!(
