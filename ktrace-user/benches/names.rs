@@ -10,19 +10,22 @@
 //!
 //! Run: `cargo bench -p ktrace --bench names`.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
+use common::ev;
 use k8s_openapi::api::core::v1::{
     ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, NatEntry, Source};
+use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
 use ktrace::names::{NameResolver, Names, SourceId};
 use kube::runtime::watcher::Event as WEvent;
@@ -162,15 +165,6 @@ fn per_object<K: kube::Resource>(
         store(cache, WEvent::Apply(make(i)));
     }
     (heap() - before) as f64 / f64::from(n)
-}
-
-fn ev(ts: u64, body: EventBody) -> Event {
-    Event {
-        ts_ns: ts,
-        netns: 1,
-        source: Source::Tracepoint,
-        body,
-    }
 }
 
 /// NAT mappings, then each client resetting its backend's own address (an
