@@ -12,8 +12,12 @@
 #   ktrace-stalled  ktrace record stopped with SIGSTOP for the whole flood
 #                   (a reader that does not read: the kernel must not pay more)
 #   ktrace-events   ktrace watch --json --events (every event printed)
+#   ktrace-tui      ktrace watch --tui, the dashboard in a 120x40 tmux
+#                   terminal: whether it kept up (its resets/s against the
+#                   kernel's, updates it skipped) and the screen it showed
 # and prints per mode the cost against the round's baseline, bytes written
-# per second, the observer's resident memory at the end of the flood and its
+# per second, the observer's CPU time during the flood (user+system, in % of
+# one CPU), its resident memory at the end of the flood and its
 # peak (VmRSS/VmHWM), and for ktrace: the events it lost, whether its count of the
 # target's resets plus the lost ones equals the kernel's TcpOutRsts, and the
 # nanoseconds per run of its programs (kernel.bpf_stats_enabled,
@@ -26,15 +30,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 ROUNDS=${ROUNDS:-3}
-MODES=${MODES:-tcpdump ktrace-watch ktrace-record ktrace-stalled ktrace-events}
+MODES=${MODES:-tcpdump ktrace-watch ktrace-record ktrace-stalled ktrace-events ktrace-tui}
 KTRACE=${KTRACE_BIN:-./target/release/ktrace}
 [ -x "$KTRACE" ] || { echo "build first: cargo build --release -p ktrace" >&2; exit 1; }
 command -v hping3 >/dev/null || { echo "hping3 missing: scripts/setup.sh installs it" >&2; exit 1; }
+if [[ " $MODES " == *" ktrace-tui "* ]] && ! command -v tmux >/dev/null; then
+  echo "tmux missing (scripts/setup.sh installs it): ktrace-tui left out" >&2
+  MODES=${MODES//ktrace-tui/}
+fi
+KTRACE=$(realpath "$KTRACE")
 
 # Per-run names: two benches at once must not share (or delete) namespaces.
 A=ktr-bench-$$-a B=ktr-bench-$$-b
 OUT=$(mktemp -d)
+TMUX_SOCK=ktr-bench-$$
 cleanup() {
+  tmux -L "$TMUX_SOCK" kill-server 2>/dev/null || true
   for ns in $A $B; do
     for p in $(ip netns pids $ns 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
     ip netns del $ns 2>/dev/null || true
@@ -61,6 +72,10 @@ sum_lost() {
 }
 # Send-reset events of the target namespace in a JSON Lines stream.
 count_resets() { grep -c "\"event\":\"tcp_send_reset\",[^}]*\"netns\":$B_INUM," || true; }
+# CPU time of process $1 so far (user + system), in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# Waits up to 10 s for process $1 (not a child of this shell) to end.
+wait_gone() { for _ in $(seq 100); do [ -e "/proc/$1" ] || return 0; sleep 0.1; done; }
 
 # run MODE: floods for SECS seconds while MODE's observer runs; prints one row
 # and appends "MODE RATE" to $OUT/rates.
@@ -75,13 +90,22 @@ run() {
     ktrace-events) "$KTRACE" watch --json --events > "$file" 2>"$OUT/err" & obs_pid=$! ;;
     ktrace-record|ktrace-stalled)
       "$KTRACE" record --json --output "$OUT/rec.krec" > "$OUT/$mode.json" 2>"$OUT/err" & obs_pid=$! ;;
+    ktrace-tui)
+      tmux -L "$TMUX_SOCK" new-session -d -x 120 -y 40 "exec $KTRACE watch --tui 2>$OUT/err"
+      obs_pid=$(tmux -L "$TMUX_SOCK" display -p '#{pane_pid}') ;;
   esac
   sleep 1.5
   [ "$mode" = ktrace-stalled ] && kill -STOP "$obs_pid"
   local before; before=$(rsts)
+  local ticks0=0; [ -n "$obs_pid" ] && ticks0=$(cpu_ticks "$obs_pid")
   ip netns exec $A timeout "$SECS" hping3 -q -S -p 9 --flood 10.200.0.2 >/dev/null 2>&1 || true
   sleep 0.5
   local after; after=$(rsts)
+  local cpu="-"
+  [ -n "$obs_pid" ] && cpu=$(python3 -c "print(f'{($(cpu_ticks "$obs_pid") - $ticks0) / $(getconf CLK_TCK) / $SECS * 100:.0f}%')")
+  # The dashboard as it was at the end of the flood (its sparkline's
+  # window holds the flood's seconds).
+  [ "$mode" = ktrace-tui ] && tmux -L "$TMUX_SOCK" capture-pane -p > "$OUT/tui.screen"
   local per_run=""
   if [ -n "$obs_pid" ] && [[ $mode == ktrace-* ]]; then
     # Nanoseconds per program run, from the fdinfo of ktrace's BPF programs.
@@ -96,7 +120,12 @@ run() {
     kill -CONT "$obs_pid"
     sleep 1 # let it drain what the ring holds and report the loss
   fi
-  [ -n "$obs_pid" ] && { kill -INT "$obs_pid" 2>/dev/null || true; wait "$obs_pid" 2>/dev/null || true; }
+  if [ "$mode" = ktrace-tui ]; then
+    kill -INT "$obs_pid" 2>/dev/null || true; wait_gone "$obs_pid"
+    tmux -L "$TMUX_SOCK" kill-server 2>/dev/null || true
+  elif [ -n "$obs_pid" ]; then
+    kill -INT "$obs_pid" 2>/dev/null || true; wait "$obs_pid" 2>/dev/null || true
+  fi
   local bytes; bytes=$(stat -c %s "$file")
   local sent=$(( after - before ))
   local lost="-" seen="-" match="-"
@@ -108,6 +137,19 @@ run() {
       rm -f "$OUT"/rec.krec* ;;
     ktrace-events) lost=$(sum_lost "$file"); seen=$(count_resets < "$file") ;;
     ktrace-watch) lost=$(sum_lost "$file") ;;
+    ktrace-tui)
+      # Kept up: no event lost, no update skipped, and the highest
+      # resets/s it drew is at least 90 % of the kernel's mean rate.
+      lost=$(grep -o 'lost events: [0-9]*' "$OUT/tui.screen" | awk '{print $3}' || true)
+      local skipped max
+      skipped=$(grep -o 'dashboard behind: [0-9]*' "$OUT/tui.screen" | awk '{print $3}' || true)
+      max=$(grep -o 'resets/s: [0-9]* now, max [0-9]*' "$OUT/tui.screen" | awk '{print $NF}' || true)
+      if [ -n "$max" ] && [ "${lost:-1}" = 0 ] && [ -z "$skipped" ] && [ "$max" -ge $(( sent * 9 / 10 / SECS )) ]; then
+        match="kept-up(max ${max}/s)"
+      else
+        match="BEHIND(max ${max:-?}/s, skipped ${skipped:-0})"
+      fi
+      cp "$OUT/tui.screen" "$OUT/tui.last" ;;
   esac
   if [ "$seen" != "-" ]; then
     # Every reset the kernel sent is either an event or counted as lost
@@ -116,8 +158,8 @@ run() {
   fi
   local rate=$(( sent / SECS ))
   echo "$mode $rate" >> "$OUT/rates"
-  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  rss/peak=%-13s lost=%-8s seen+lost=kernel:%-4s ns/run=%s\n" \
-    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "${mem:--}" "$lost" "$match" "${per_run:--}"
+  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  cpu=%-5s rss/peak=%-13s lost=%-8s seen+lost=kernel:%-4s ns/run=%s\n" \
+    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "$cpu" "${mem:--}" "$lost" "$match" "${per_run:--}"
 }
 
 BASE=0
@@ -137,6 +179,10 @@ for round in $(seq 1 "$ROUNDS"); do
   for i in $(seq 0 $((n - 1))); do run "${modes[$(( (i + round - 1) % n ))]}"; done
 done
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ -s "$OUT/tui.last" ]; then
+  echo "the dashboard (watch --tui, 120x40) at the end of the last round's flood:"
+  cat "$OUT/tui.last"
+fi
 
 # Per mode: the cost against each round's baseline, median and spread; and
 # the stalled reader against the running one (same round).

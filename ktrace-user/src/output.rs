@@ -12,9 +12,14 @@ use crate::clock::WallClock;
 use crate::engine::Finding;
 use crate::event::{Event, EventBody, Source};
 use crate::hooks::HookStatus;
+use crate::incident::line::{hanging, DEFAULT_WIDTH};
 use crate::incident::plain::{PlainOptions, PlainView};
 use crate::names::{render as names_out, NameResolver, SourceStatus};
 use crate::netns::NetnsNames;
+
+/// Where a `names:` status line continues: under the source's state
+/// (`  names: ` and the 18-column source name).
+const NAMES_INDENT: usize = 28;
 
 /// Context printed with the status line.
 pub struct StatusInfo<'a> {
@@ -173,22 +178,28 @@ impl<W: Write> Renderer<W> {
         if let Some(n) = self.names.names() {
             n.take_status_change();
             for s in n.status_now() {
-                writeln!(self.out, "  names: {}", s.human())?;
+                for l in hanging("  names: ", &s.human(), NAMES_INDENT, DEFAULT_WIDTH) {
+                    writeln!(self.out, "{l}")?;
+                }
             }
         }
         for h in hooks {
-            writeln!(
-                self.out,
-                "  {:<18} {:<10} {:<4} {}{}",
+            let head = format!(
+                "  {:<18} {:<10} {:<4} ",
                 h.name,
                 h.mechanism,
                 if h.attached { "live" } else { "off" },
-                h.target,
-                h.reason
-                    .as_ref()
-                    .map(|r| format!("{}{r}", if h.target.is_empty() { "" } else { "  -- " }))
-                    .unwrap_or_default()
-            )?;
+            );
+            let detail = match (&h.reason, h.target.is_empty()) {
+                (None, _) => h.target.clone(),
+                (Some(r), true) => r.clone(),
+                (Some(r), false) => format!("{}  -- {r}", h.target),
+            };
+            // Long details continue under the detail column, so the block
+            // fits the same width as the finding lines.
+            for l in hanging(&head, &detail, head.len(), DEFAULT_WIDTH) {
+                writeln!(self.out, "{}", l.trim_end())?;
+            }
         }
         Ok(())
     }
@@ -299,7 +310,9 @@ impl<W: Write> Renderer<W> {
             return self.line(&v);
         }
         for s in sources {
-            writeln!(self.out, "names: {}", s.human())?;
+            for l in hanging("names: ", &s.human(), NAMES_INDENT - 2, DEFAULT_WIDTH) {
+                writeln!(self.out, "{l}")?;
+            }
         }
         Ok(())
     }

@@ -5,23 +5,12 @@
 //! Run serially (`--test-threads=1`): kernel hooks are global, so one
 //! test's traffic would show up in another's ktrace.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ktrace_tests::{hook, select, skip, Lab, BACKENDS, CLIENT_IP, VIP};
+use ktrace_tests::{
+    assert_no_findings, backend, backends, between, client, hook, select, skip, vip, Lab, CLIENT_IP,
+};
 use serde_json::Value;
-
-fn vip() -> String {
-    format!("{VIP}:2222")
-}
-
-fn client(port: u16) -> String {
-    format!("{CLIENT_IP}:{port}")
-}
-
-fn backends() -> BTreeSet<String> {
-    BACKENDS.iter().map(|b| format!("{b}:2222")).collect()
-}
 
 /// The status line is honest about this kernel.
 fn check_status(status: &Value) {
@@ -63,16 +52,7 @@ fn conntrack_flush_with_two_backends() {
     let watch = lab.watch(&["--events"]);
     check_status(&watch.status);
     let mut c = lab.client(12);
-    let mut reset = Vec::new();
-    // 12 connections: all survive a flush with probability 1/4096; retry then.
-    for _ in 0..3 {
-        lab.exec_ok(&lab.node, &["conntrack", "-F"]);
-        reset = c.send_all();
-        if !reset.is_empty() {
-            break;
-        }
-    }
-    assert!(!reset.is_empty(), "no connection was reset by the flush");
+    let reset = lab.flush_until_reset(&mut c);
     let survivors: Vec<u16> = c
         .ports
         .iter()
@@ -81,13 +61,12 @@ fn conntrack_flush_with_two_backends() {
         .collect();
     let want = reset.len();
     assert!(
-        watch.wait_for(Duration::from_secs(5), |l| select(
-            l,
+        watch.wait_count(
+            Duration::from_secs(5),
             "finding",
-            Some("backend_switch")
-        )
-        .len()
-            >= want),
+            Some("backend_switch"),
+            want
+        ),
         "backend_switch findings did not arrive in time"
     );
     let lines = watch.stop();
@@ -160,34 +139,23 @@ fn unnated_reply_out_of_window() {
     let mut c = lab.client(3);
     let reset = c.unnat_all(Duration::from_millis(1000));
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "finding",
-        Some("unnated_reply")
-    )
-    .len()
-        >= 3));
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3));
     let status = watch.status.clone();
     let lines = watch.stop();
     let (client_ns, server_ns) = (lab.inode(&lab.client), lab.inode(&lab.server));
-    let backend = format!("{}:2222", BACKENDS[0]);
+    let backend = backend();
 
     for p in &c.ports {
         // The client answers the backend's own address: no socket for it.
-        let sent: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str())
-            .collect();
+        let sent = between(&lines, "tcp_send_reset", &client(*p), &backend);
         assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
         assert_eq!(sent[0]["reason"], "NO_SOCKET");
         assert_eq!(sent[0]["socket"], false);
         assert_eq!(sent[0]["netns"], client_ns);
         // The backend accepts that reset: the connection is gone.
-        let got = select(&lines, "event", Some("tcp_receive_reset"))
+        let got = between(&lines, "tcp_receive_reset", &client(*p), &backend)
             .into_iter()
-            .filter(|e| {
-                e["src"] == client(*p) && e["dst"] == backend.as_str() && e["netns"] == server_ns
-            })
+            .filter(|e| e["netns"] == server_ns)
             .count();
         assert_eq!(got, 1, "port {p}");
         let f: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
@@ -240,12 +208,7 @@ fn reset_burst_gives_one_storm() {
     let watch = lab.watch(&["--storm-threshold", "10", "--storm-window", "5"]);
     let mut c = lab.client(30);
     assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 30);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| !select(
-        l,
-        "finding",
-        Some("rst_storm")
-    )
-    .is_empty()));
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("rst_storm"), 1));
     std::thread::sleep(Duration::from_millis(500));
     let lines = watch.stop();
     assert!(
@@ -277,49 +240,17 @@ fn control_run_gives_no_findings() {
     let mut lab = Lab::new("ct", 2);
     lab.start_server();
     // A second service whose backend port has no listener: refused connections.
-    lab.exec_ok(
-        &lab.node,
-        &[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.96.0.11",
-            "-p",
-            "tcp",
-            "--dport",
-            "2223",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.0.1.2:2223",
-        ],
-    );
+    lab.refusing_service();
     let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
-    // Ordinary connections: echo, then clean close.
-    let mut c = lab.client(10);
-    assert!(c.send_all().is_empty());
-    c.cmd("close");
-    // Refused through a VIP, refused without NAT, refused on loopback.
+    // Echo and clean close, refused through a VIP, refused without NAT,
+    // and refused on loopback.
+    lab.ordinary_traffic(10);
     assert_eq!(lab.refuse("10.96.0.11", 2223, 10), 10);
-    assert_eq!(lab.refuse("10.0.1.2", 2224, 10), 10);
     assert_eq!(lab.refuse("127.0.0.1", 9, 10), 10);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "event",
-        Some("tcp_send_reset")
-    )
-    .len()
-        >= 30));
+    assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 30));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
-    let findings = select(&lines, "finding", None);
-    assert!(
-        findings.is_empty(),
-        "control traffic gave findings: {findings:?}"
-    );
+    assert_no_findings(&lines);
     // On stop, the engine says what it tracked and what its bounds evicted.
     let stats = select(&lines, "stats", None);
     assert_eq!(stats.len(), 1, "{stats:?}");
@@ -397,7 +328,7 @@ fn human_view_names_the_incident() {
     let port = c.ports[0];
     let reset_at = std::time::Instant::now();
     assert_eq!(c.send_all(), vec![port]);
-    let want = format!("{CLIENT_IP}:{port}");
+    let want = client(port);
     let mut text = String::new();
     while reset_at.elapsed() < Duration::from_secs(1) {
         text = std::fs::read_to_string(&out).unwrap();
@@ -416,15 +347,15 @@ fn human_view_names_the_incident() {
     let cols: Vec<&str> = line.split_whitespace().collect();
     assert_eq!(cols[1], "ERR", "{line}");
     assert_eq!(cols[2], "unnated_reply", "{line}");
-    assert_eq!(cols[3], format!("{VIP}:2222"), "{line}");
-    assert_eq!(cols[4], format!("{}:2222", BACKENDS[0]), "{line}");
-    assert_eq!(cols[5], format!("{CLIENT_IP}:{port}"), "{line}");
+    assert_eq!(cols[3], vip(), "{line}");
+    assert_eq!(cols[4], backend(), "{line}");
+    assert_eq!(cols[5], client(port), "{line}");
     assert!(cols[6].starts_with("INVALID"), "the short cause: {line}");
     assert!(line.chars().count() <= 120, "fits 120 columns: {line}");
     // The group's first finding: its explanation and remedy follow, once.
     let why = lines[at + 1].trim_start();
     assert!(
-        why.starts_with(&format!("why: Service {VIP}:2222: reply from backend")),
+        why.starts_with(&format!("why: Service {}: reply from backend", vip())),
         "{text}"
     );
     let fix: Vec<&&str> = lines

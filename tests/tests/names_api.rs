@@ -178,13 +178,7 @@ fn api_names_survive_watch_events_cuts_and_410() {
 
     let mut c = lab.client(2);
     assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 2);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "finding",
-        Some("unnated_reply")
-    )
-    .len()
-        >= 2));
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 2));
     let status = watch.status.clone();
     let lines = watch.stop();
 

@@ -28,23 +28,14 @@ fn replay_of_conntrack_flush_matches_live() {
     lab.start_server();
     let watch = lab.watch(&["--events", "--record", &file]);
     let mut c = lab.client(12);
-    let mut reset = Vec::new();
-    for _ in 0..3 {
-        lab.exec_ok(&lab.node, &["conntrack", "-F"]);
-        reset = c.send_all();
-        if !reset.is_empty() {
-            break;
-        }
-    }
-    assert!(!reset.is_empty(), "no connection was reset by the flush");
+    let reset = lab.flush_until_reset(&mut c);
     let want = reset.len();
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
+    assert!(watch.wait_count(
+        Duration::from_secs(5),
         "finding",
-        Some("backend_switch")
-    )
-    .len()
-        >= want));
+        Some("backend_switch"),
+        want
+    ));
     let status = watch.status.clone();
     let live = watch.stop();
     assert_eq!(select(&live, "finding", Some("backend_switch")).len(), want);
@@ -64,13 +55,7 @@ fn replay_of_unnated_reply_matches_live() {
     let watch = lab.watch(&["--events", "--record", &file]);
     let mut c = lab.client(3);
     assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 3);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "finding",
-        Some("unnated_reply")
-    )
-    .len()
-        >= 3));
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3));
     let status = watch.status.clone();
     let live = watch.stop();
     assert_eq!(select(&live, "finding", Some("unnated_reply")).len(), 3);
@@ -105,12 +90,7 @@ fn replay_of_reset_storm_matches_live_across_rotation() {
     ]);
     let mut c = lab.client(30);
     assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 30);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| !select(
-        l,
-        "finding",
-        Some("rst_storm")
-    )
-    .is_empty()));
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("rst_storm"), 1));
     std::thread::sleep(Duration::from_millis(500));
     let status = watch.status.clone();
     let live = watch.stop();
@@ -164,13 +144,7 @@ fn replay_of_control_run_finds_nothing() {
     assert!(c.send_all().is_empty());
     c.cmd("close");
     assert_eq!(lab.refuse("10.0.1.2", 2224, 10), 10);
-    assert!(watch.wait_for(Duration::from_secs(5), |l| select(
-        l,
-        "event",
-        Some("tcp_send_reset")
-    )
-    .len()
-        >= 10));
+    assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 10));
     let status = watch.status.clone();
     let live = watch.stop();
     assert!(findings(&live).is_empty());
@@ -399,13 +373,7 @@ fn write_golden_recording() {
         &file,
     ]);
     // Incident 2: conntrack flushed, connections re-mapped and reset.
-    let mut flushed = lab.client(4);
-    for _ in 0..3 {
-        lab.exec_ok(&lab.node, &["conntrack", "-F"]);
-        if !flushed.send_all().is_empty() {
-            break;
-        }
-    }
+    lab.flush_until_reset(&mut lab.client(4));
     // Incident 1 (and a storm of it): un-NATed replies.
     lab.set_backends(1);
     let mut c = lab.client(5);

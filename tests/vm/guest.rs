@@ -9,7 +9,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ktrace_tests::{hook, select, workspace, Lab, BACKENDS, CLIENT_IP, PORT, VIP};
+use ktrace_tests::{
+    backend, backends, between, client, hook, select, vip, workspace, Lab, BACKENDS, PORT, VIP,
+};
 use serde_json::Value;
 
 /// True inside the vmtest guest; elsewhere prints why the test is skipped.
@@ -24,18 +26,6 @@ fn in_vm() -> bool {
         panic!("the vmtest guest cannot run the lab: {why}");
     }
     true
-}
-
-fn vip() -> String {
-    format!("{VIP}:{PORT}")
-}
-
-fn client(port: u16) -> String {
-    format!("{CLIENT_IP}:{port}")
-}
-
-fn backends() -> BTreeSet<String> {
-    BACKENDS.iter().map(|b| format!("{b}:{PORT}")).collect()
 }
 
 fn has_tracepoint_field(event: &str, field: &str) -> bool {
@@ -117,27 +107,18 @@ fn unnated_reply_names_the_conntrack_verdict() {
     let reset = c.unnat_all(Duration::from_millis(2500));
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
     assert!(
-        watch.wait_for(Duration::from_secs(15), |l| select(
-            l,
-            "finding",
-            Some("unnated_reply")
-        )
-        .len()
-            >= 3),
+        watch.wait_count(Duration::from_secs(15), "finding", Some("unnated_reply"), 3),
         "unnated_reply findings did not arrive: {:?}",
         watch.lines()
     );
     let lines = watch.stop();
     let (client_ns, node_ns) = (lab.inode(&lab.client), lab.inode(&lab.node));
-    let backend = format!("{}:{PORT}", BACKENDS[0]);
+    let backend = backend();
 
     for p in &c.ports {
         // The no-socket RST, through fentry or a kprobe on tcp_v4_send_reset
         // (the 6.1 tracepoint misses it).
-        let sent: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str())
-            .collect();
+        let sent = between(&lines, "tcp_send_reset", &client(*p), &backend);
         assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
         assert_eq!(sent[0]["socket"], false, "{}", sent[0]);
         assert_eq!(sent[0]["netns"], client_ns, "{}", sent[0]);
@@ -250,12 +231,12 @@ fn conntrack_table_full() {
     );
     assert_eq!(tried["connected"], 0, "the table should be full: {tried}");
     assert!(
-        watch.wait_for(Duration::from_secs(10), |l| !select(
-            l,
+        watch.wait_count(
+            Duration::from_secs(10),
             "finding",
-            Some("conntrack_table_full")
-        )
-        .is_empty()),
+            Some("conntrack_table_full"),
+            1
+        ),
         "no conntrack_table_full finding: {:?}",
         watch.lines()
     );
@@ -484,7 +465,7 @@ fn local_traffic_pairs_each_call_with_its_own_return() {
             "-j",
             "DNAT",
             "--to-destination",
-            &format!("{}:2222", BACKENDS[0]),
+            &backend(),
         ],
     );
     let watch = lab.watch(&["--events"]);
@@ -532,11 +513,7 @@ fn local_traffic_pairs_each_call_with_its_own_return() {
         }
         assert!(local.contains(&c), "a mapping for no local connection: {e}");
         assert_eq!(e["service"], vip().as_str(), "{e}");
-        assert_eq!(
-            e["backend"],
-            format!("{}:{PORT}", BACKENDS[0]).as_str(),
-            "{e}"
-        );
+        assert_eq!(e["backend"], backend().as_str(), "{e}");
         assert!(seen.insert(c), "two mappings for one connection: {e}");
     }
     assert!(

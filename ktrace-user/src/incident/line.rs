@@ -250,9 +250,17 @@ pub fn names(n: &FindingNames, style: &Style) -> Option<String> {
 /// `label` and all indented under the severity column.
 fn wrapped(label: &str, text: &str, width: usize) -> Vec<String> {
     let first = format!("{:13}{label}", "");
-    let rest = " ".repeat(first.len());
+    let indent = first.len();
+    hanging(&first, text, indent, width)
+}
+
+/// `head` followed by `text` wrapped to `width` columns, the lines after
+/// the first indented by `indent` spaces (under where `text` starts when
+/// `indent` is `head`'s length).
+pub fn hanging(head: &str, text: &str, indent: usize, width: usize) -> Vec<String> {
+    let rest = " ".repeat(indent);
     let opts = textwrap::Options::new(width.max(40))
-        .initial_indent(&first)
+        .initial_indent(head)
         .subsequent_indent(&rest)
         .break_words(true);
     textwrap::wrap(text, opts)

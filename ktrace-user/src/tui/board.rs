@@ -89,6 +89,9 @@ pub struct Board {
     pub hooks: Vec<(String, bool)>,
     pub clock: WallClock,
     pub lost: u64,
+    /// Updates the dashboard missed because it was behind the pipeline
+    /// (live only; counted by the tap, never hidden).
+    pub behind: u64,
     pub groups: Groups,
     /// The latest time seen (monotonic ns).
     pub now_ns: u64,
@@ -107,6 +110,7 @@ impl Board {
             hooks: Vec::new(),
             clock: WallClock { offset_ns: 0 },
             lost: 0,
+            behind: 0,
             groups: Groups::default(),
             now_ns: 0,
             resets: VecDeque::new(),

@@ -70,10 +70,19 @@ fn draw_header(frame: &mut Frame, area: Rect, board: &Board, view: &View) {
     } else {
         Span::raw("lost events: 0")
     };
+    let behind = if board.behind > 0 {
+        Span::styled(
+            format!("   dashboard behind: {} updates skipped", board.behind),
+            Style::new().fg(Color::Red),
+        )
+    } else {
+        Span::raw("")
+    };
     let text = vec![
         Line::from(format!("hooks live: {}  (off: {off})", live.join(" "))),
         Line::from(vec![
             lost,
+            behind,
             Span::raw(format!(
                 "   incidents: {}   at {}",
                 board.groups.len(),

@@ -181,16 +181,13 @@ pub fn start_live() -> (ChannelTap, Live) {
     // would kill the process with the terminal still raw and on the
     // alternate screen: they end the dashboard instead, which restores it.
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        let quit = quit.clone();
-        // SAFETY: the action only stores to an atomic (async-signal-safe).
-        let _ = unsafe {
-            signal_hook_registry::register(sig, move || quit.store(true, Ordering::Relaxed))
-        };
+        let _ = signal_hook::flag::register(sig, quit.clone());
     }
+    let dropped = tap.dropped.clone();
     let thread = std::thread::Builder::new()
         .name("dashboard".into())
         .spawn(move || {
-            let r = run_live(rx, &quit);
+            let r = run_live(rx, &quit, &dropped);
             // However it ended, the source stops too.
             quit.store(true, Ordering::Relaxed);
             r
@@ -208,7 +205,7 @@ impl Drop for Restore {
     }
 }
 
-fn run_live(rx: Receiver<Update>, quit: &AtomicBool) -> std::io::Result<()> {
+fn run_live(rx: Receiver<Update>, quit: &AtomicBool, dropped: &AtomicU64) -> std::io::Result<()> {
     let mut terminal = ratatui::try_init()?;
     let _restore = Restore;
     let mut board = Board::new(board::node_name());
@@ -227,6 +224,7 @@ fn run_live(rx: Receiver<Update>, quit: &AtomicBool) -> std::io::Result<()> {
                 Err(TryRecvError::Disconnected) => return Ok(()),
             }
         }
+        board.behind = dropped.load(Ordering::Relaxed);
         let now = Instant::now();
         if now >= next_draw {
             let shown = frozen.as_ref().unwrap_or(&board);
@@ -331,6 +329,7 @@ pub fn run_replay(timeline: &Timeline, node: &str) -> std::io::Result<()> {
     let mut playing = false;
     let mut dirty = true;
     let mut last_step = Instant::now();
+    let mut board = timeline.board_at(node, at);
     loop {
         if playing && last_step.elapsed() >= Duration::from_secs(1) {
             last_step = Instant::now();
@@ -338,8 +337,10 @@ pub fn run_replay(timeline: &Timeline, node: &str) -> std::io::Result<()> {
             playing = at < last;
             dirty = true;
         }
-        let board = timeline.board_at(node, at);
         if dirty {
+            // Rebuilt only when the cursor moved or a key changed the view:
+            // a long recording has millions of updates.
+            board = timeline.board_at(node, at);
             view.replay = Some(format!(
                 "at {} (+{:.1}s of {:.1}s){}",
                 crate::incident::line::clock_time(&board.clock, at),

@@ -141,3 +141,32 @@ fn a_timeline_rebuilds_the_board_at_any_time() {
         3_500_000_000
     );
 }
+
+#[test]
+fn updates_the_dashboard_skipped_are_shown_not_hidden() {
+    let mut b = board_with_incident();
+    let text = screen(&b, &View::default(), 120, 30).join("\n");
+    assert!(!text.contains("dashboard behind"), "{text}");
+    b.behind = 42;
+    let text = screen(&b, &View::default(), 120, 30).join("\n");
+    assert!(
+        text.contains("lost events: 3   dashboard behind: 42 updates skipped"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_full_channel_counts_what_the_tap_drops() {
+    let (tx, rx) = mpsc::sync_channel(2);
+    let mut tap = ChannelTap {
+        tx,
+        counter: Counter::default(),
+        quit: Arc::new(AtomicBool::new(false)),
+        dropped: Arc::new(AtomicU64::new(0)),
+    };
+    for t in 0..5 {
+        tap.tick(t);
+    }
+    assert_eq!(tap.dropped.load(Ordering::Relaxed), 3);
+    assert_eq!(rx.try_iter().count(), 2);
+}
