@@ -60,14 +60,7 @@ fn check_usage(ctx: &Ctx) -> Check {
         fs.sysctl_u64("net.netfilter.nf_conntrack_max"),
     ) {
         (Ok(c), Ok(m)) => (c, m),
-        (Err(e), _) | (_, Err(e)) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        (Err(e), _) | (_, Err(e)) => return ctx.unreadable(CHECK, &e),
     };
     let netns_note = if ctx.initial_netns == Some(false) {
         " The count is this network namespace's; nf_conntrack_max is shared by all of them."
@@ -126,14 +119,7 @@ fn check_buckets(ctx: &Ctx) -> Check {
         fs.sysctl_u64("net.netfilter.nf_conntrack_max"),
     ) {
         (Ok(b), Ok(m)) => (b, m),
-        (Err(e), _) | (_, Err(e)) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        (Err(e), _) | (_, Err(e)) => return ctx.unreadable(CHECK, &e),
     };
     if buckets == 0 {
         return Check::unknown(
@@ -215,17 +201,9 @@ impl CtSample {
 
 fn check_counters(ctx: &Ctx) -> Check {
     const CHECK: &str = "conntrack_counters";
-    let fs = &ctx.fs;
     let first = match &ctx.ct.first {
         Ok(s) => s,
-        Err(e) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, e),
     };
     let rates: BTreeMap<&str, f64> = COUNTERS
         .iter()
@@ -335,14 +313,7 @@ pub fn check_insert_race(ctx: &Ctx) -> Check {
     const CHECK: &str = "conntrack_insert_race";
     let first = match &ctx.ct.first {
         Ok(s) => s,
-        Err(e) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(&ctx.fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, e),
     };
     let failed = ctx.ct.rise("insert_failed");
     let resolved = ctx.ct.rise("clashres");

@@ -37,9 +37,7 @@ impl Mode {
 struct Signs {
     /// In precedence order; the first is the mode.
     modes: Vec<(Mode, String)>,
-    /// Ruleset sources that could not be read.
-    unread: Vec<String>,
-    /// At least one source was read (or is known to hold no rules).
+    /// At least one ruleset source was read (or is known to hold no rules).
     read_any: bool,
 }
 
@@ -57,7 +55,6 @@ fn signs(ctx: &Ctx) -> Signs {
             modes.push((Mode::Ipvs, format!("{n} IPVS virtual services")));
         }
     }
-    let mut unread = Vec::new();
     for s in &ctx.rulesets {
         match s {
             Source::Read {
@@ -72,7 +69,6 @@ fn signs(ctx: &Ctx) -> Signs {
                 kube_proxy: true,
                 ..
             } => modes.push((Mode::Iptables, format!("{name} nat/KUBE-SERVICES"))),
-            Source::Unknown { name, why } => unread.push(format!("{name}: {why}")),
             _ => {}
         }
     }
@@ -81,11 +77,7 @@ fn signs(ctx: &Ctx) -> Signs {
         .rulesets
         .iter()
         .any(|s| !matches!(s, Source::Unknown { .. }));
-    Signs {
-        modes,
-        unread,
-        read_any,
-    }
+    Signs { modes, read_any }
 }
 
 pub fn checks(ctx: &Ctx) -> Vec<Check> {
@@ -97,14 +89,11 @@ pub fn checks(ctx: &Ctx) -> Vec<Check> {
 fn check_mode(s: &Signs) -> Check {
     const CHECK: &str = "kube_proxy_mode";
     let seen: Vec<&str> = s.modes.iter().map(|(_, w)| w.as_str()).collect();
-    let evidence = json!({"mode": s.modes.first().map(|(m, _)| m.as_str()), "signs": seen, "unread": s.unread});
+    let evidence = json!({"mode": s.modes.first().map(|(m, _)| m.as_str()), "signs": seen});
     let Some((mode, _)) = s.modes.first() else {
         if !s.read_any {
-            return Check::unknown(
-                CHECK,
-                format!("no ruleset could be read: {}", s.unread.join("; ")),
-            )
-            .evidence(evidence);
+            let why = "no ruleset could be read (see unnated_reply_protection)";
+            return Check::unknown(CHECK, why).evidence(evidence);
         }
         return Check::new(CHECK, Status::Ok, "none found")
             .expected("informational")
@@ -117,8 +106,9 @@ fn check_mode(s: &Signs) -> Check {
     };
     let why = match mode {
         Mode::Iptables => {
-            "kube-proxy's iptables mode: Services are DNATed by KUBE-SERVICES chains; \
-                           it drops ctstate INVALID in KUBE-FORWARD"
+            "kube-proxy's iptables mode: Services are DNATed by KUBE-SERVICES chains, \
+             and kube-proxy drops ctstate INVALID in KUBE-FORWARD (kube_proxy_invalid_drop \
+             says whether the rule is there)"
         }
         Mode::Ipvs => {
             "kube-proxy's IPVS mode (deprecated in Kubernetes 1.35): every Service \

@@ -83,23 +83,6 @@ pub enum Status {
     Fail,
 }
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Unknown => "unknown",
-            Status::Warn => "warn",
-            Status::Fail => "fail",
-        }
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// One row of the report. `fix` is empty when there is nothing to do.
 #[derive(Debug, Clone, Serialize)]
 pub struct Check {
@@ -428,6 +411,19 @@ pub struct Ctx {
     pub support: KernelSupport,
     /// Whether the audited network namespace is the initial one.
     pub initial_netns: Option<bool>,
+}
+
+impl Ctx {
+    /// The `unknown` check for an input that could not be read ("nf_conntrack
+    /// not loaded" when that is why it is missing).
+    pub fn unreadable(&self, check: &str, e: &ReadError) -> Check {
+        if e.is_missing() {
+            if let Some(c) = self.conntrack.unavailable(&self.fs, check) {
+                return c;
+            }
+        }
+        Check::unknown(check, e.to_string())
+    }
 }
 
 /// Runs every check. Never fails: unreadable inputs give `unknown` checks.

@@ -191,35 +191,26 @@ struct Facts {
     ignored_note: String,
 }
 
-fn unread_note(sources: &[Source]) -> String {
-    let unread: Vec<String> = sources
-        .iter()
-        .filter_map(|s| match s {
-            Source::Unknown { name, why } => Some(format!("{name}: {why}")),
-            _ => None,
-        })
-        .collect();
-    if unread.is_empty() {
-        String::new()
-    } else {
-        format!(" Not read: {}.", unread.join("; "))
+/// ` What: a; b.`, or nothing when there are no items.
+fn note(what: &str, items: Vec<String>) -> String {
+    if items.is_empty() {
+        return String::new();
     }
+    format!(" {what}: {}.", items.join("; "))
+}
+
+fn unread_note(sources: &[Source]) -> String {
+    let unread = sources.iter().filter_map(|s| match s {
+        Source::Unknown { name, why } => Some(format!("{name}: {why}")),
+        _ => None,
+    });
+    note("Not read", unread.collect())
 }
 
 fn ignored_note(drops: &[&InvalidDrop]) -> String {
-    let ignored: Vec<String> = drops
-        .iter()
-        .filter(|d| !d.protects())
-        .map(|d| d.describe())
-        .collect();
-    if ignored.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " Rules that do not count (IPv6 only, or in a chain no hook reaches): {}.",
-            ignored.join("; ")
-        )
-    }
+    let ignored = drops.iter().filter(|d| !d.protects()).map(|d| d.describe());
+    let what = "Rules that do not count (IPv6 only, or in a chain no hook reaches)";
+    note(what, ignored.collect())
 }
 
 /// Status, the be_liberal part of the value, why, and the fix.
@@ -438,13 +429,11 @@ fn find_in_path(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Runs a ruleset tool and returns its stdout, or why it could not.
+/// Runs a ruleset tool and returns its stdout, or why it could not. A tool
+/// stuck (on the xtables lock, say) is killed after [`TOOL_TIMEOUT`].
 fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
-    let Some(path) = find_in_path(tool) else {
-        return Err(format!("{tool} is not installed"));
-    };
-    let shown = format!("{tool} {}", args.join(" "));
-    let shown = shown.trim();
+    let path = find_in_path(tool).ok_or_else(|| format!("{tool} is not installed"))?;
+    let shown = format!("{tool} {}", args.join(" ")).trim().to_string();
     let mut child = Command::new(&path)
         .args(args)
         .stdin(Stdio::null())
@@ -452,54 +441,44 @@ fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    // Drained on threads so a large ruleset cannot block the child.
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let start = Instant::now();
-    // Read the pipes on threads so a large ruleset cannot block the child.
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let out_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(o) = stdout.as_mut() {
-            let _ = std::io::Read::read_to_end(o, &mut s);
-        }
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(o) = stderr.as_mut() {
-            let _ = std::io::Read::read_to_end(o, &mut s);
-        }
-        s
-    });
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
             Ok(None) if start.elapsed() > TOOL_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{shown} did not finish in {}s",
-                    TOOL_TIMEOUT.as_secs()
-                ));
+                let secs = TOOL_TIMEOUT.as_secs();
+                return Err(format!("{shown} did not finish in {secs}s"));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("waiting for {shown}: {e}")),
         }
     };
-    let out = out_t.join().unwrap_or_default();
-    let err = err_t.join().unwrap_or_default();
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     if !status.success() {
         let msg = String::from_utf8_lossy(&err);
-        let line = msg
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
-        return Err(format!(
-            "{shown} failed ({status}): {}",
-            super::shorten(line, 160)
-        ));
+        let line = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let line = super::shorten(line.trim(), 160);
+        return Err(format!("{shown} failed ({status}): {line}"));
     }
     String::from_utf8(out).map_err(|_| format!("{shown} printed non-UTF-8 output"))
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 // ---------------------------------------------------------------- parsing

@@ -425,14 +425,7 @@ pub fn check_timeout_established(ctx: &Ctx) -> Check {
     let timeout = fs.sysctl_u64("net.netfilter.nf_conntrack_tcp_timeout_established");
     let timeout = match timeout {
         Ok(t) => t,
-        Err(e) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, &e),
     };
     let keepalive = match fs.sysctl_u64("net.ipv4.tcp_keepalive_time") {
         Ok(k) => k,
@@ -479,14 +472,7 @@ pub fn check_tcp_loose(ctx: &Ctx) -> Check {
     let fs = &ctx.fs;
     let loose = match fs.sysctl_u64("net.netfilter.nf_conntrack_tcp_loose") {
         Ok(v) => v,
-        Err(e) => {
-            if e.is_missing() && ctx.conntrack != Conntrack::Loaded {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, &e),
     };
     let evidence = json!({"tcp_loose": loose});
     if loose >= 1 {
