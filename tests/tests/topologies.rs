@@ -353,6 +353,16 @@ fn nftables_mode_reply_is_named_per_connection() {
     if !nftables_mode(&lab) {
         return;
     }
+    // doctor on this node: nftables mode, no INVALID drop, be_liberal=0.
+    let bin = ktrace_tests::ktrace_bin();
+    let out = lab.exec(&lab.node, &[bin.to_str().unwrap(), "doctor", "--json"]);
+    let checks = ktrace_tests::json_lines(&out.stdout);
+    let check = |name: &str| checks.iter().find(|c| c["check"] == name).unwrap().clone();
+    let drop = check("kube_proxy_invalid_drop");
+    assert_eq!(drop["evidence"]["mode"], "nftables", "{drop}");
+    assert_eq!(drop["evidence"]["invalid_drop"], "none_by_design", "{drop}");
+    assert_eq!(drop["evidence"]["be_liberal"], 0, "{drop}");
+    assert_eq!(check("unnated_reply_protection")["status"], "fail");
     lab.start_server();
     let scratch = Scratch::new("nftm");
     let file = scratch.path("nft.rec");

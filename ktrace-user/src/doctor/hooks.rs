@@ -221,7 +221,7 @@ fn check_symbols(ctx: &Ctx, s: &KernelSupport) -> Check {
                     && (s.nf_conntrack_loaded
                         || ctx.fs.exists("/proc/sys/net/netfilter/nf_conntrack_max"))
             }
-            "nf_conntrack_tcp_packet" | "nf_nat_setup_info" => {
+            "nf_conntrack_tcp_packet" | "nf_nat_setup_info" | "__nf_conntrack_confirm" => {
                 s.nf_conntrack_loaded || ctx.fs.exists("/proc/sys/net/netfilter/nf_conntrack_max")
             }
             _ => true,

@@ -43,19 +43,27 @@ pub struct Configured {
     pub at: String,
 }
 
-/// The sysctl files under the root, in application order.
-pub fn sysctl_files(fs: &Fs) -> Vec<String> {
+/// The `*.conf` files of `dirs`, by file name, a name in an earlier
+/// directory masking the same name in later ones (systemd's rule).
+fn conf_files(fs: &Fs, dirs: &[&str]) -> Vec<String> {
     let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-    for dir in SYSCTL_DIRS {
-        for name in fs.list_dir(dir) {
-            if name.ends_with(".conf") {
-                by_name
-                    .entry(name.clone())
-                    .or_insert(format!("{dir}/{name}"));
-            }
+    for dir in dirs {
+        for name in fs
+            .list_dir(dir)
+            .into_iter()
+            .filter(|n| n.ends_with(".conf"))
+        {
+            by_name
+                .entry(name.clone())
+                .or_insert(format!("{dir}/{name}"));
         }
     }
-    let mut files: Vec<String> = by_name.into_values().collect();
+    by_name.into_values().collect()
+}
+
+/// The sysctl files under the root, in application order.
+pub fn sysctl_files(fs: &Fs) -> Vec<String> {
+    let mut files = conf_files(fs, SYSCTL_DIRS);
     if fs.exists("/etc/sysctl.conf") {
         files.push("/etc/sysctl.conf".to_string());
     }
@@ -104,15 +112,7 @@ pub fn module_of(key: &str) -> Option<&'static str> {
 /// Modules named in modules-load.d files (and Debian's `/etc/modules`),
 /// with the file that names them.
 pub fn modules_loaded_at_boot(fs: &Fs) -> BTreeMap<String, String> {
-    let mut files: BTreeMap<String, String> = BTreeMap::new();
-    for dir in MODULES_LOAD_DIRS {
-        for name in fs.list_dir(dir) {
-            if name.ends_with(".conf") {
-                files.entry(name.clone()).or_insert(format!("{dir}/{name}"));
-            }
-        }
-    }
-    let mut paths: Vec<String> = files.into_values().collect();
+    let mut paths = conf_files(fs, MODULES_LOAD_DIRS);
     paths.push("/etc/modules".into());
     let mut out = BTreeMap::new();
     for p in paths {

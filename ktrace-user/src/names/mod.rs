@@ -367,7 +367,7 @@ fn event_addrs(b: &crate::event::EventBody) -> impl Iterator<Item = SocketAddr> 
             None,
             None,
         ],
-        B::NatMapping(n) | B::NatDestroy(n) => [
+        B::NatMapping(n) | B::NatDestroy(n) | B::CtConfirmDrop(n) => [
             Some(n.client),
             Some(n.service),
             Some(n.backend),
