@@ -22,6 +22,9 @@ pub mod kind {
     pub const IPVS_CONN_NEW: u16 = 5;
     /// A DNAT mapping was set up ([`super::NatEvent`]).
     pub const NAT_MAPPING: u16 = 6;
+    /// `__nf_conntrack_confirm` dropped a packet: it lost the race to
+    /// insert its new entry ([`super::NatEvent`], `snat` unused).
+    pub const CT_CONFIRM_DROP: u16 = 7;
 }
 
 /// Which kernel program produced a record. Stored in [`EventHeader::hook`].
@@ -40,6 +43,7 @@ pub mod hook {
     pub const RAW_TP_TCP_RECEIVE_RESET: u8 = 11;
     pub const FENTRY_TCP_V4_SEND_RESET: u8 = 12;
     pub const FENTRY_TCP_V6_SEND_RESET: u8 = 13;
+    pub const KRETPROBE_NF_CONNTRACK_CONFIRM: u8 = 14;
 }
 
 pub const AF_INET: u8 = 2;
@@ -318,6 +322,8 @@ pub struct KernelLayout {
     /// tick with the same time; 0: every event reads it. See
     /// `EventHeader::ts_ns`.
     pub tick_clock: u32,
+    /// `sk_buff._nfct`: the conntrack entry and ctinfo (`& 7`).
+    pub skb_nfct: u32,
 }
 
 impl KernelLayout {
@@ -365,6 +371,7 @@ impl KernelLayout {
         send_reset_has_reason: 0,
         send_reset_tp_has_reason: 0,
         tick_clock: 0,
+        skb_nfct: NO_OFFSET,
     };
 }
 

@@ -41,6 +41,7 @@ pub struct Stash {
 const TCP_PACKET: u32 = 0;
 const INIT_CONNTRACK: u32 = 1;
 const NAT_SETUP: u32 = 2;
+const CONFIRM: u32 = 3;
 
 /// One pending call: the task, the function and how many calls of it the
 /// task had already open (0 for the outermost).
@@ -325,6 +326,20 @@ pub fn try_init_conntrack_return(ctx: &RetProbeContext) -> Result<(), i64> {
     Ok(())
 }
 
+/// The flow of entry `ct`: client, service (original destination),
+/// backend (reply source) and protocol; the header is the caller's.
+#[inline(always)]
+fn flow_event(ct: u64) -> Result<NatEvent, i64> {
+    let tuple = ct + layout!(ct_tuplehash) as u64;
+    Ok(NatEvent {
+        client: ct_endpoint(ct, 0, false)?,
+        service: ct_endpoint(ct, 0, true)?,
+        backend: ct_endpoint(ct, 1, false)?,
+        protocol: kernel::read(tuple, layout!(tuple_dst_protonum)).unwrap_or(0),
+        ..NatEvent::default()
+    })
+}
+
 /// kprobe `nf_nat_setup_info(ct, range, maniptype)`.
 #[inline(always)]
 pub fn try_nat_setup_entry(ctx: &ProbeContext) -> Result<(), i64> {
@@ -353,20 +368,51 @@ pub fn try_nat_setup_return(ctx: &RetProbeContext) -> Result<(), i64> {
     if status & IPS_DST_NAT == 0 || (snat && status & IPS_SRC_NAT == 0) {
         return Ok(());
     }
-    let mut ev = NatEvent {
-        client: ct_endpoint(ct, 0, false)?,
-        service: ct_endpoint(ct, 0, true)?,
-        backend: ct_endpoint(ct, 1, false)?,
-        ..NatEvent::default()
-    };
+    let mut ev = flow_event(ct)?;
     if snat {
         ev.snat = ct_endpoint(ct, 1, true)?;
     }
-    let tuple = ct + layout!(ct_tuplehash) as u64;
-    ev.protocol = kernel::read(tuple, layout!(tuple_dst_protonum)).unwrap_or(0);
     ev.header = ring::header(
         kind::NAT_MAPPING,
         hook::KRETPROBE_NF_NAT_SETUP_INFO,
+        ct_netns(ct),
+    );
+    ring::emit(ev);
+    Ok(())
+}
+
+/// NF_DROP, what `__nf_conntrack_confirm` returns for a packet that lost
+/// the race to insert its entry.
+const NF_DROP: i32 = 0;
+
+/// kprobe `__nf_conntrack_confirm(skb)`: the entry hangs off `skb->_nfct`.
+#[inline(always)]
+pub fn try_confirm_entry(ctx: &ProbeContext) -> Result<(), i64> {
+    let s = stash_open(CONFIRM)?;
+    s.skb = ctx.arg(0).unwrap_or(0);
+    s.ct = 0;
+    if s.skb != 0 {
+        let nfct: u64 = kernel::read(s.skb, layout!(skb_nfct)).unwrap_or(0);
+        s.ct = nfct & !7;
+    }
+    Ok(())
+}
+
+/// kretprobe `__nf_conntrack_confirm`: NF_DROP is the insert race lost
+/// (the entry is still referenced by the skb, freed after this returns).
+#[inline(always)]
+pub fn try_confirm_return(ctx: &RetProbeContext) -> Result<(), i64> {
+    let Some(s) = stash_close(CONFIRM) else {
+        return Ok(());
+    };
+    if ctx.ret::<i64>() as i32 != NF_DROP || s.ct == 0 {
+        return Ok(());
+    }
+    let ct = s.ct;
+    let mut ev = flow_event(ct)?;
+    ev.header = ring::header(
+        kind::CT_CONFIRM_DROP,
+        hook::KRETPROBE_NF_CONNTRACK_CONFIRM,
         ct_netns(ct),
     );
     ring::emit(ev);

@@ -131,6 +131,16 @@ pub fn nf_nat_setup_info_ret(ctx: RetProbeContext) -> u32 {
     done(&ctx, conntrack::try_nat_setup_return(&ctx))
 }
 
+#[kprobe]
+pub fn ct_confirm(ctx: ProbeContext) -> u32 {
+    done(&ctx, conntrack::try_confirm_entry(&ctx))
+}
+
+#[kretprobe]
+pub fn ct_confirm_ret(ctx: RetProbeContext) -> u32 {
+    done(&ctx, conntrack::try_confirm_return(&ctx))
+}
+
 #[kretprobe]
 pub fn ip_vs_conn_new_ret(ctx: RetProbeContext) -> u32 {
     done(&ctx, ipvs::try_ip_vs_conn_new_return(&ctx))

@@ -137,15 +137,20 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
                 weight: (weight >= 0).then_some(weight),
             }
         }
-        kind::NAT_MAPPING => {
+        kind::NAT_MAPPING | kind::CT_CONFIRM_DROP => {
             need(record, size_of::<NatEvent>(), "NAT event")?;
-            EventBody::NatMapping(NatEntry {
+            let nat = NatEntry {
                 client: required(endpoint(&mut b)?)?,
                 service: required(endpoint(&mut b)?)?,
                 backend: required(endpoint(&mut b)?)?,
                 snat: endpoint(&mut b)?,
                 protocol: b.get_u8(),
-            })
+            };
+            if h.kind == kind::NAT_MAPPING {
+                EventBody::NatMapping(nat)
+            } else {
+                EventBody::CtConfirmDrop(nat)
+            }
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };

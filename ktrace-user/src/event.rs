@@ -121,6 +121,9 @@ pub enum EventBody {
     CtCounters(CounterRise),
     /// The conntrack entry of a DNATed flow went away (ctnetlink DESTROY).
     NatDestroy(NatEntry),
+    /// `__nf_conntrack_confirm` dropped a packet of this flow: it lost the
+    /// race to insert its new entry (`snat` is never set).
+    CtConfirmDrop(NatEntry),
 }
 
 /// A DNAT conntrack entry: `client` -> `service` goes to `backend`.
@@ -166,6 +169,7 @@ impl EventBody {
             EventBody::IpvsConnNew { .. } => "ipvs_conn_new",
             EventBody::NatMapping(_) => "nat_mapping",
             EventBody::NatDestroy(_) => "nat_destroy",
+            EventBody::CtConfirmDrop(_) => "ct_confirm_drop",
             EventBody::CtCounters(_) => "ct_counters",
         }
     }
@@ -186,6 +190,9 @@ impl EventBody {
                 client, service, ..
             })
             | EventBody::NatDestroy(NatEntry {
+                client, service, ..
+            })
+            | EventBody::CtConfirmDrop(NatEntry {
                 client, service, ..
             }) => Some((client, service)),
             EventBody::CtCounters(_) => None,

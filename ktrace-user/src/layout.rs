@@ -145,6 +145,7 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
     l.skb_head = or_none(offset_of(b, "sk_buff", "head"));
     l.skb_network_header = or_none(offset_of(b, "sk_buff", "network_header"));
     l.skb_dev = or_none(offset_of(b, "sk_buff", "dev"));
+    l.skb_nfct = or_none(offset_of(b, "sk_buff", "_nfct"));
     l.dev_nd_net = or_none(offset_of(b, "net_device", "nd_net"));
     l.net_ns_inum = or_none(offset_of(b, "net", "ns.inum"));
     l.sk_net = or_none(offset_of(b, "sock_common", "skc_net"));
@@ -221,6 +222,7 @@ pub fn missing_conntrack_fields(l: &KernelLayout) -> Vec<&'static str> {
         ("nf_conn.tuplehash", l.ct_tuplehash),
         ("nf_conn.status", l.ct_status),
         ("nf_conn.ct_net", l.ct_net),
+        ("sk_buff._nfct", l.skb_nfct),
         ("nf_conntrack_tuple.src.u3", l.tuple_src_u3),
         ("nf_conntrack_tuple.dst.u3", l.tuple_dst_u3),
     ] {

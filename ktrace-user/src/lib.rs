@@ -17,15 +17,16 @@
 //! - [`watch`], [`record`], [`replay`]: the commands, assembled from these.
 //! - [`demo`]: a real incident in namespaces of its own, through `watch`'s pipeline.
 //! - [`names`]: Kubernetes names of addresses (kube-proxy's rules, the API).
-//! - [`endpoint`]: `/metrics` (Prometheus) and `/healthz` for `watch --metrics-addr`.
+//! - [`metrics_server`]: the HTTP server of `/metrics` (Prometheus) and `/healthz`
+//!   for `watch --metrics-addr`.
 
+pub mod background;
 pub mod clock;
 pub mod ctnetlink;
 pub mod ctstat;
 pub mod decode;
 pub mod demo;
 pub mod doctor;
-pub mod endpoint;
 pub mod engine;
 pub mod event;
 pub mod export;
@@ -34,6 +35,7 @@ pub mod incident;
 pub mod layout;
 pub mod memlock;
 pub mod memory;
+pub mod metrics_server;
 pub mod names;
 pub mod netns;
 pub mod output;

@@ -407,7 +407,7 @@ fn event_detail(body: &EventBody) -> String {
             weight.map_or("-".into(), |w| w.to_string()),
             if *template { " template" } else { "" }
         ),
-        EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+        EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) | EventBody::CtConfirmDrop(nat) => {
             format!("backend={}", nat.backend)
         }
         EventBody::CtCounters(c) => format!(

@@ -17,6 +17,8 @@ pub const PROBED_SYMBOLS: &[&str] = &[
     "__nf_conntrack_alloc",
     "nf_nat_setup_info",
     "ip_vs_conn_new",
+    // The conntrack insert race (a packet losing it is dropped here).
+    "__nf_conntrack_confirm",
 ];
 
 /// Kernel functions ktrace looks up without hooking them: their presence

@@ -125,10 +125,14 @@ fn doctor_healthy_node_is_all_ok() {
         "healthy",
         &[
             ("unnated_reply_protection", "ok"),
+            ("kube_proxy_mode", "ok"),
+            ("kube_proxy_invalid_drop", "ok"),
+            ("kernel_conntrack", "ok"),
             ("sysctl_load_order", "ok"),
             ("conntrack_usage", "ok"),
             ("conntrack_buckets", "ok"),
             ("conntrack_counters", "ok"),
+            ("conntrack_insert_race", "ok"),
             ("conntrack_timeout_established", "ok"),
             ("conntrack_tcp_loose", "ok"),
             ("ipvs_expire_quiescent_template", "ok"),
@@ -144,8 +148,14 @@ fn doctor_healthy_node_is_all_ok() {
             ("hooks_ip_vs_btf", "ok"),
         ],
     );
-    assert_eq!(r.checks.len(), 18, "{}", r.stdout);
+    assert_eq!(r.checks.len(), 22, "{}", r.stdout);
     assert!(!r.checks.contains_key("ipvs"));
+    // IPVS virtual services beside KUBE-SERVICES: the IPVS mode, whose
+    // KUBE-FORWARD drops INVALID.
+    assert!(r.field("kube_proxy_mode", "value").starts_with("ipvs"));
+    assert!(r
+        .field("kube_proxy_invalid_drop", "value")
+        .starts_with("in place"));
     assert_eq!(r.code, 0);
     // The /etc file masks the /usr/lib one of the same name.
     assert!(r
@@ -376,7 +386,7 @@ fn doctor_empty_dump_is_unknown_not_a_crash() {
     let r = doctor("empty", &[]);
     let unknown: Vec<(&str, &str)> = r.checks.keys().map(|k| (k.as_str(), "unknown")).collect();
     assert_statuses(&r, "empty", &unknown);
-    assert_eq!(r.checks.len(), 14, "{}", r.stdout);
+    assert_eq!(r.checks.len(), 18, "{}", r.stdout);
     assert_eq!(r.code, 0);
     assert_eq!(doctor("empty", &["--warn-fails"]).code, 0);
 }

@@ -1,7 +1,7 @@
 //! Every event kind, with and without its optional fields, as `--events`
 //! prints it (JSON Lines and the human view). The golden recording covers
 //! only the kinds its lab gives; this covers the rest (ct_invalid,
-//! ct_table_full, ipvs_conn_new, IPv6, absent fields) byte for byte.
+//! ct_table_full, ipvs_conn_new, ct_confirm_drop, IPv6, absent fields) byte for byte.
 //!
 //! The expected files were written by the renderer before event JSON was
 //! derived by serde; when the output changes on purpose they are updated
@@ -126,6 +126,20 @@ fn bodies() -> Vec<EventBody> {
             clash_resolve: 0,
             count: None,
             max: None,
+        }),
+        EventBody::CtConfirmDrop(NatEntry {
+            client: a("10.0.0.1:40002"),
+            service: a("10.96.0.10:53"),
+            backend: a("10.0.1.6:53"),
+            protocol: 17,
+            snat: None,
+        }),
+        EventBody::CtConfirmDrop(NatEntry {
+            client: a("[fd00::1]:40003"),
+            service: a("[fd00::10]:53"),
+            backend: a("[fd00::6]:53"),
+            protocol: 17,
+            snat: None,
         }),
     ]
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod kube_proxy;
 pub mod race;
 
 pub const VIP: &str = "10.96.0.10";
@@ -217,33 +218,35 @@ impl Lab {
         lab
     }
 
+    /// Appends `rule` (words split on spaces) to the node's `nat` table.
+    pub fn nat(&self, rule: &str) {
+        let mut args = vec!["iptables", "-t", "nat"];
+        args.extend(rule.split_whitespace());
+        self.exec_ok(&self.node, &args);
+    }
+
     /// Replaces the DNAT rules: VIP:2222 spread over the first `n` backends.
     pub fn set_backends(&self, n: usize) {
-        let node = self.node.clone();
-        self.exec_ok(&node, &["iptables", "-t", "nat", "-F", "PREROUTING"]);
-        let vip_args = ["-d", VIP, "-p", "tcp", "--dport", "2222"];
+        self.nat("-F PREROUTING");
+        self.dnat_spread("tcp", PORT, n);
+    }
+
+    /// DNAT of VIP:`port` at random over the first `n` backends' `port`
+    /// (kube-proxy's iptables mode: rule i takes 1/(n-i) of what is left).
+    fn dnat_spread(&self, proto: &str, port: u16, n: usize) {
         for (i, b) in BACKENDS.iter().take(n).enumerate() {
-            let mut args: Vec<String> = ["iptables", "-t", "nat", "-A", "PREROUTING"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            args.extend(vip_args.iter().map(|s| s.to_string()));
             let left = n - i;
-            if left > 1 {
-                let p = format!("{:.4}", 1.0 / left as f64);
-                args.extend(
-                    ["-m", "statistic", "--mode", "random", "--probability", &p]
-                        .iter()
-                        .map(|s| s.to_string()),
-                );
-            }
-            args.extend(
-                ["-j", "DNAT", "--to-destination", &format!("{b}:2222")]
-                    .iter()
-                    .map(|s| s.to_string()),
-            );
-            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-            self.exec_ok(&node, &refs);
+            let random = if left > 1 {
+                format!(
+                    "-m statistic --mode random --probability {:.4}",
+                    1.0 / left as f64
+                )
+            } else {
+                String::new()
+            };
+            self.nat(&format!(
+                "-A PREROUTING -d {VIP} -p {proto} --dport {port} {random} -j DNAT --to-destination {b}:{port}"
+            ));
         }
     }
 
@@ -251,22 +254,7 @@ impl Lab {
     /// `externalTrafficPolicy: Cluster`, or masquerade-all) in miniature:
     /// Service traffic leaves for the backends SNATed to the node's address.
     pub fn masquerade(&self) {
-        self.exec_ok(
-            &self.node,
-            &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "POSTROUTING",
-                "-o",
-                "veth-ns",
-                "-d",
-                "10.0.1.0/24",
-                "-j",
-                "MASQUERADE",
-            ],
-        );
+        self.nat("-A POSTROUTING -o veth-ns -d 10.0.1.0/24 -j MASQUERADE");
     }
 
     /// IPVS mode's `kube-ipvs0` in miniature: the node holds the Service
@@ -293,59 +281,13 @@ impl Lab {
     /// A second Service, 10.96.0.11:2223, DNATed to a backend port where
     /// nothing listens: connections to it are refused through NAT.
     pub fn refusing_service(&self) {
-        self.exec_ok(
-            &self.node,
-            &[
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-d",
-                "10.96.0.11",
-                "-p",
-                "tcp",
-                "--dport",
-                "2223",
-                "-j",
-                "DNAT",
-                "--to-destination",
-                "10.0.1.2:2223",
-            ],
-        );
+        self.nat("-A PREROUTING -d 10.96.0.11 -p tcp --dport 2223 -j DNAT --to-destination 10.0.1.2:2223");
     }
 
     /// A UDP Service, VIP:53, DNATed at random to both backends' :53 (a
     /// cluster DNS Service in miniature).
     pub fn udp_service(&self) {
-        for (i, b) in BACKENDS.iter().enumerate() {
-            let mut args = vec![
-                "iptables",
-                "-t",
-                "nat",
-                "-A",
-                "PREROUTING",
-                "-d",
-                VIP,
-                "-p",
-                "udp",
-                "--dport",
-                "53",
-            ];
-            if i == 0 {
-                args.extend([
-                    "-m",
-                    "statistic",
-                    "--mode",
-                    "random",
-                    "--probability",
-                    "0.5",
-                ]);
-            }
-            let to = format!("{b}:53");
-            args.extend(["-j", "DNAT", "--to-destination", &to]);
-            self.exec_ok(&self.node, &args);
-        }
+        self.dnat_spread("udp", 53, BACKENDS.len());
     }
 
     /// The node namespace's conntrack counter `column`, summed over CPUs.
@@ -471,6 +413,16 @@ impl Lab {
             }
         }
         panic!("no connection was reset by three conntrack flushes");
+    }
+
+    /// Traffic that must give no finding: `n` connections to the VIP echo
+    /// and close cleanly, and `n` are refused by a backend port where
+    /// nothing listens (no NAT on the way).
+    pub fn ordinary_traffic(&self, n: usize) {
+        let mut c = self.client(n);
+        assert!(c.send_all().is_empty());
+        c.cmd("close");
+        assert_eq!(self.refuse(BACKENDS[0], 2224, n), n as u64);
     }
 
     /// Runs `lab.py refuse` in the client namespace: `n` refused connections.
@@ -625,6 +577,23 @@ pub fn select<'a>(lines: &'a [Value], ty: &str, name: Option<&str>) -> Vec<&'a V
         .filter(|v| v["type"] == ty)
         .filter(|v| name.is_none_or(|n| v["event"] == n || v["kind"] == n))
         .collect()
+}
+
+/// The events named `event` from `src` to `dst`.
+pub fn between<'a>(lines: &'a [Value], event: &str, src: &str, dst: &str) -> Vec<&'a Value> {
+    select(lines, "event", Some(event))
+        .into_iter()
+        .filter(|e| e["src"] == src && e["dst"] == dst)
+        .collect()
+}
+
+/// A control run's verdict: no finding at all.
+pub fn assert_no_findings(lines: &[Value]) {
+    let findings = select(lines, "finding", None);
+    assert!(
+        findings.is_empty(),
+        "control traffic gave findings: {findings:?}"
+    );
 }
 
 /// The hook entry named `name` of a status line.

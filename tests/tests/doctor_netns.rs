@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{bail, Context, Result};
+use ktrace_tests::kube_proxy;
 use serde_json::Value;
 
 /// A network namespace created by this test, deleted on drop.
@@ -318,6 +319,158 @@ fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
         }
     } else {
         ktrace_tests::record_skip("iptables part: iptables is not installed");
+    }
+    drop(ns);
+    Ok(())
+}
+
+/// kube-proxy's iptables-mode rules that doctor looks for (as
+/// `pkg/proxy/iptables/proxier.go` writes them): the Service portal chain
+/// in `nat`, and `KUBE-FORWARD` with its ctstate INVALID drop in `filter`.
+const IPTABLES_MODE: &str = r#"*filter
+:KUBE-FORWARD - [0:0]
+-A FORWARD -m comment --comment "kubernetes forwarding rules" -j KUBE-FORWARD
+-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP
+-A KUBE-FORWARD -m comment --comment "kubernetes forwarding rules" -j ACCEPT
+COMMIT
+*nat
+:KUBE-SERVICES - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+COMMIT
+"#;
+
+/// Runs doctor and checks `kube_proxy_mode`'s mode (`""`: none) and
+/// `kube_proxy_invalid_drop`'s verdict and status; returns the checks.
+fn expect_kube_proxy(
+    ns: &Netns,
+    bin: &Path,
+    (mode, verdict, status): (&str, &str, &str),
+) -> Result<BTreeMap<String, Value>> {
+    let (_, c) = doctor(ns, bin)?;
+    let got_mode = c["kube_proxy_mode"]["evidence"]["mode"]
+        .as_str()
+        .unwrap_or_default();
+    let drop = &c["kube_proxy_invalid_drop"];
+    assert_eq!(
+        (got_mode, &drop["evidence"]["invalid_drop"], &drop["status"]),
+        (mode, &Value::from(verdict), &Value::from(status)),
+        "{}\n{}",
+        describe(&c, "kube_proxy_mode"),
+        describe(&c, "kube_proxy_invalid_drop")
+    );
+    Ok(c)
+}
+
+/// iptables mode: the rule in place; then gone (kube-proxy before 1.15, or
+/// 1.29+ given be_liberal), exposed with be_liberal=0 and not with 1.
+fn iptables_mode(ns: &Netns, bin: &Path) -> Result<()> {
+    kube_proxy::feed(&ns.name, IPTABLES_RESTORE, IPTABLES_MODE);
+    let c = expect_kube_proxy(ns, bin, ("iptables", "in_place", "ok"))?;
+    assert_eq!(status(&c, "unnated_reply_protection"), "ok");
+    let rule = ["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"];
+    let mut delete = vec!["iptables", "-D", "KUBE-FORWARD"];
+    delete.extend(rule);
+    ns.run(&delete)?;
+    let c = expect_kube_proxy(ns, bin, ("iptables", "absent", "warn"))?;
+    assert_eq!(status(&c, "unnated_reply_protection"), "fail");
+    ns.sysctl(BE_LIBERAL, "1")?;
+    expect_kube_proxy(ns, bin, ("iptables", "absent", "ok"))?;
+    ns.sysctl(BE_LIBERAL, "0")?;
+    for table in ["filter", "nat"] {
+        ns.run(&["iptables", "-t", table, "-F"])?;
+        ns.run(&["iptables", "-t", table, "-X"])?;
+    }
+    Ok(())
+}
+
+/// nftables mode: no INVALID drop by design, so be_liberal decides.
+fn nftables_mode(ns: &Netns, bin: &Path) -> Result<()> {
+    let endpoints = ["10.0.1.2:2222".to_string()];
+    let rules = kube_proxy::nftables_ruleset(&[kube_proxy::ServicePort {
+        name: "payments/ledger",
+        port_name: "grpc",
+        vip: "10.96.0.10",
+        port: 2222,
+        endpoints: &endpoints,
+    }]);
+    kube_proxy::feed(&ns.name, &["nft", "-f", "-"], &rules);
+    let c = expect_kube_proxy(ns, bin, ("nftables", "none_by_design", "warn"))?;
+    let fix = c["kube_proxy_invalid_drop"]["fix"].as_str().unwrap_or("");
+    assert!(fix.contains("be_liberal=1"), "{fix}");
+    assert_eq!(status(&c, "unnated_reply_protection"), "fail");
+    ns.sysctl(BE_LIBERAL, "1")?;
+    let c = expect_kube_proxy(ns, bin, ("nftables", "none_by_design", "ok"))?;
+    assert_eq!(status(&c, "unnated_reply_protection"), "ok");
+    ns.sysctl(BE_LIBERAL, "0")?;
+    ns.run(&["nft", "delete", "table", "ip", "kube-proxy"])
+}
+
+/// IPVS mode: the Service addresses on kube-ipvs0, the Service portal
+/// chain and KUBE-FORWARD beside it. This kernel may lack the dummy driver
+/// (and ip_vs, so no /proc/net/ip_vs): a veth named kube-ipvs0 stands in,
+/// since doctor goes by the interface's name.
+fn ipvs_mode(ns: &Netns, bin: &Path) -> Result<()> {
+    if ns
+        .run(&["ip", "link", "add", "kube-ipvs0", "type", "dummy"])
+        .is_err()
+    {
+        let veth = "type veth peer name kipvs-peer";
+        let mut args = vec!["ip", "link", "add", "kube-ipvs0"];
+        args.extend(veth.split(' '));
+        ns.run(&args)?;
+    }
+    kube_proxy::feed(&ns.name, IPTABLES_RESTORE, IPTABLES_MODE);
+    expect_kube_proxy(ns, bin, ("ipvs", "in_place", "ok")).map(drop)
+}
+
+const BE_LIBERAL: &str = "net.netfilter.nf_conntrack_tcp_be_liberal";
+const IPTABLES_RESTORE: &[&str] = &["iptables-restore", "--noflush"];
+
+/// `ktrace doctor` in a namespace set up as each of kube-proxy's modes
+/// reports that mode and the mode's INVALID-drop verdict; the kernel and
+/// insert-race checks are there, and sampled.
+#[test]
+fn doctor_names_the_kube_proxy_mode() -> Result<()> {
+    if let Some(why) = skip_reason() {
+        ktrace_tests::record_skip(&why);
+        return Ok(());
+    }
+    let bin = ktrace_bin();
+    assert!(bin.is_file(), "{} not found", bin.display());
+    let ns = Netns::create(format!("ktr-dkp-{}", std::process::id()))?;
+    let probe = ns.exec(&["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])?;
+    if !probe.status.success() {
+        ktrace_tests::record_skip("nf_conntrack is not loaded");
+        return Ok(());
+    }
+    ns.sysctl(BE_LIBERAL, "0")?;
+    let c = expect_kube_proxy(&ns, &bin, ("", "no_kube_proxy", "ok"))?;
+    assert_eq!(status(&c, "kube_proxy_mode"), "ok");
+    assert_eq!(
+        status(&c, "kernel_conntrack"),
+        "ok",
+        "{}",
+        describe(&c, "kernel_conntrack")
+    );
+    let race = &c["conntrack_insert_race"];
+    assert_eq!(race["status"], "ok", "{race}");
+    let secs = race["evidence"]["sample_secs"].as_f64().unwrap_or(0.0);
+    assert!(secs >= 0.9, "a live audit samples for a second: {race}");
+
+    if !in_path("iptables-restore") {
+        ktrace_tests::record_skip(
+            "iptables and IPVS mode parts: iptables-restore is not installed",
+        );
+    } else {
+        iptables_mode(&ns, &bin)?;
+    }
+    if kube_proxy::have_nft() {
+        nftables_mode(&ns, &bin)?;
+    } else {
+        ktrace_tests::record_skip("nftables mode part: nft is not installed");
+    }
+    if in_path("iptables-restore") {
+        ipvs_mode(&ns, &bin)?;
     }
     drop(ns);
     Ok(())

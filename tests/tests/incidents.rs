@@ -7,7 +7,9 @@
 
 use std::time::Duration;
 
-use ktrace_tests::{backend, backends, client, hook, select, skip, vip, Lab, CLIENT_IP};
+use ktrace_tests::{
+    assert_no_findings, backend, backends, between, client, hook, select, skip, vip, Lab, CLIENT_IP,
+};
 use serde_json::Value;
 
 /// The status line is honest about this kernel.
@@ -145,20 +147,15 @@ fn unnated_reply_out_of_window() {
 
     for p in &c.ports {
         // The client answers the backend's own address: no socket for it.
-        let sent: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str())
-            .collect();
+        let sent = between(&lines, "tcp_send_reset", &client(*p), &backend);
         assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
         assert_eq!(sent[0]["reason"], "NO_SOCKET");
         assert_eq!(sent[0]["socket"], false);
         assert_eq!(sent[0]["netns"], client_ns);
         // The backend accepts that reset: the connection is gone.
-        let got = select(&lines, "event", Some("tcp_receive_reset"))
+        let got = between(&lines, "tcp_receive_reset", &client(*p), &backend)
             .into_iter()
-            .filter(|e| {
-                e["src"] == client(*p) && e["dst"] == backend.as_str() && e["netns"] == server_ns
-            })
+            .filter(|e| e["netns"] == server_ns)
             .count();
         assert_eq!(got, 1, "port {p}");
         let f: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
@@ -245,22 +242,15 @@ fn control_run_gives_no_findings() {
     // A second service whose backend port has no listener: refused connections.
     lab.refusing_service();
     let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
-    // Ordinary connections: echo, then clean close.
-    let mut c = lab.client(10);
-    assert!(c.send_all().is_empty());
-    c.cmd("close");
-    // Refused through a VIP, refused without NAT, refused on loopback.
+    // Echo and clean close, refused through a VIP, refused without NAT,
+    // and refused on loopback.
+    lab.ordinary_traffic(10);
     assert_eq!(lab.refuse("10.96.0.11", 2223, 10), 10);
-    assert_eq!(lab.refuse("10.0.1.2", 2224, 10), 10);
     assert_eq!(lab.refuse("127.0.0.1", 9, 10), 10);
     assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 30));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
-    let findings = select(&lines, "finding", None);
-    assert!(
-        findings.is_empty(),
-        "control traffic gave findings: {findings:?}"
-    );
+    assert_no_findings(&lines);
     // On stop, the engine says what it tracked and what its bounds evicted.
     let stats = select(&lines, "stats", None);
     assert_eq!(stats.len(), 1, "{stats:?}");

@@ -5,12 +5,11 @@
 //! incident run through it, and the findings, live and replayed, checked
 //! for the names. Needs root; skipped (saying so) otherwise.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ktrace_tests::{
-    json_lines, ktrace_output, record_skip, select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+    json_lines, ktrace_output, kube_proxy, record_skip, select, skip, Lab, Scratch, BACKENDS,
+    CLIENT_IP, VIP,
 };
 use serde_json::Value;
 
@@ -40,48 +39,22 @@ COMMIT
     )
 }
 
-/// kube-proxy's nftables-mode table for the same Service (the commands
-/// knftables sends, per `pkg/proxy/nftables/proxier.go`).
+/// kube-proxy's nftables-mode table for the same Service.
 fn nft_rules(backend: &str) -> String {
-    let svc = "service-AB12CD34-payments/ledger/tcp/grpc";
-    let ep = format!("endpoint-EF56GH78-payments/ledger/tcp/grpc__{backend}/2222");
-    format!(
-        r#"add table ip kube-proxy {{ comment "rules for kube-proxy" ; }}
-add chain ip kube-proxy nat-prerouting {{ type nat hook prerouting priority -100 ; }}
-add chain ip kube-proxy services
-add chain ip kube-proxy mark-for-masquerade
-add map ip kube-proxy service-ips {{ type ipv4_addr . inet_proto . inet_service : verdict ; comment "ClusterIP, ExternalIP and LoadBalancer IP traffic" ; }}
-add rule ip kube-proxy nat-prerouting jump services
-add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips
-add rule ip kube-proxy mark-for-masquerade mark set mark or 0x4000
-add chain ip kube-proxy {svc}
-add chain ip kube-proxy {ep}
-add rule ip kube-proxy {ep} ip saddr {backend} jump mark-for-masquerade
-add rule ip kube-proxy {ep} meta l4proto tcp dnat to {backend}:2222
-add rule ip kube-proxy {svc} numgen random mod 1 vmap {{ 0 : goto {ep} }}
-add element ip kube-proxy service-ips {{ {VIP} . tcp . 2222 : goto {svc} }}
-"#
-    )
+    kube_proxy::nftables_ruleset(&[kube_proxy::ServicePort {
+        name: "payments/ledger",
+        port_name: "grpc",
+        vip: VIP,
+        port: 2222,
+        endpoints: &[format!("{backend}:2222")],
+    }])
 }
 
 /// A one-backend lab whose node namespace has kube-proxy's rules instead
 /// of the lab's plain DNAT: `rules` fed to `cmd` (iptables-restore or nft).
 fn lab_with_rules(tag: &str, cmd: &[&str], rules: &str) -> Lab {
     let lab = Lab::new(tag, 1);
-    lab.exec_ok(&lab.node, &["iptables", "-t", "nat", "-F", "PREROUTING"]);
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.node])
-        .args(cmd)
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success(), "{cmd:?} failed");
+    kube_proxy::install(&lab, cmd, rules);
     lab
 }
 
@@ -177,7 +150,7 @@ fn kube_proxy_nftables_rules_name_the_incident() {
     if skip() {
         return;
     }
-    if Command::new("nft").arg("--version").output().is_err() {
+    if !kube_proxy::have_nft() {
         record_skip("nft is not installed: the nftables mode of kube-proxy cannot be set up");
         return;
     }

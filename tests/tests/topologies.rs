@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use ktrace_tests::race::udp_pairs;
 use ktrace_tests::{
-    assert_replay_matches, backend, hook, select, skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
+    assert_no_findings, assert_replay_matches, backend, hook, kube_proxy, record_skip, select,
+    skip, vip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
 };
 use serde_json::Value;
 
@@ -36,7 +37,9 @@ fn assert_one_finding_per_connection(lines: &[Value], reset: &[u16], path: &str)
         let f = f[0];
         assert_eq!(f["service"], vip().as_str(), "{f}");
         assert_eq!(f["backend"], backend().as_str(), "{f}");
-        assert_eq!(f["evidence"]["path"], path, "{f}");
+        // The client's own reset is the default path, left out of the JSON.
+        let got = f["evidence"]["path"].as_str().unwrap_or("reply_to_client");
+        assert_eq!(got, path, "{f}");
         mine.push((*f).clone());
     }
     for kind in [
@@ -164,21 +167,17 @@ fn request_to_a_local_service_address_is_named_per_connection() {
     assert_replay_matches(&status, &lines, &file);
 }
 
-/// Ordinary traffic in a topology: echo and clean close, refused through
-/// a VIP, refused without NAT, and application aborts (SO_LINGER 0).
-/// With `local_vip`, also a port of the VIP that nothing DNATs: the node
-/// itself refuses it.
-fn control(lab: &mut Lab, local_vip: bool) {
-    lab.refusing_service();
+/// Ordinary traffic in a topology: echo and clean close, refused without
+/// NAT, and application aborts (SO_LINGER 0); then five connections
+/// refused at each of `refused` (through a VIP whose backend port is
+/// closed; with a local VIP, a port of it nothing DNATs, which the node
+/// itself refuses).
+fn control(lab: &mut Lab, refused: &[(&str, u16)]) {
     lab.start_server();
     let watch = lab.watch(&["--events", "--storm-threshold", "5"]);
-    let mut c = lab.client(5);
-    assert!(c.send_all().is_empty());
-    c.cmd("close");
-    assert_eq!(lab.refuse("10.96.0.11", 2223, 5), 5);
-    assert_eq!(lab.refuse(BACKENDS[0], 2224, 5), 5);
-    if local_vip {
-        assert_eq!(lab.refuse(VIP, 2224, 5), 5);
+    lab.ordinary_traffic(5);
+    for (host, port) in refused {
+        assert_eq!(lab.refuse(host, *port, 5), 5, "{host}:{port}");
     }
     let mut aborted = lab.client(5);
     assert!(aborted.send_all().is_empty());
@@ -186,11 +185,7 @@ fn control(lab: &mut Lab, local_vip: bool) {
     assert!(watch.wait_count(Duration::from_secs(5), "event", Some("tcp_send_reset"), 15));
     std::thread::sleep(Duration::from_millis(1500));
     let lines = watch.stop();
-    let findings = select(&lines, "finding", None);
-    assert!(
-        findings.is_empty(),
-        "control traffic gave findings: {findings:?}"
-    );
+    assert_no_findings(&lines);
 }
 
 #[test]
@@ -200,7 +195,8 @@ fn masquerade_control_gives_no_findings() {
     }
     let mut lab = Lab::new("sc", 1);
     lab.masquerade();
-    control(&mut lab, false);
+    lab.refusing_service();
+    control(&mut lab, &[("10.96.0.11", 2223)]);
 }
 
 #[test]
@@ -210,7 +206,8 @@ fn local_service_address_control_gives_no_findings() {
     }
     let mut lab = Lab::new("rc", 1);
     lab.local_vip();
-    control(&mut lab, true);
+    lab.refusing_service();
+    control(&mut lab, &[("10.96.0.11", 2223), (VIP, 2224)]);
 }
 
 /// The conntrack insert race: 1,000 pairs of datagrams, each pair from one
@@ -301,4 +298,117 @@ fn udp_without_a_race_gives_no_finding() {
     assert_eq!(lab.ct_stat("clashres"), clash0);
     let findings = select(&lines, "finding", None);
     assert!(findings.is_empty(), "{findings:?}");
+}
+
+/// The lab's Service in kube-proxy's nftables mode: `payments/ledger:grpc`
+/// at VIP:2222 on one backend, a Service DNATed to a backend port where
+/// nothing listens (10.96.0.11:2223), and one without endpoints
+/// (10.96.0.12:2224, rejected by kube-proxy's `reject-chain`). False when
+/// `nft` is missing (the skip is recorded).
+fn nftables_mode(lab: &Lab) -> bool {
+    if !kube_proxy::have_nft() {
+        record_skip("nft is not installed (scripts/setup.sh installs nftables)");
+        return false;
+    }
+    let ledger = [format!("{}:2222", BACKENDS[0])];
+    let refusing = [format!("{}:2223", BACKENDS[0])];
+    let rules = kube_proxy::nftables_ruleset(&[
+        kube_proxy::ServicePort {
+            name: "payments/ledger",
+            port_name: "grpc",
+            vip: VIP,
+            port: 2222,
+            endpoints: &ledger,
+        },
+        kube_proxy::ServicePort {
+            name: "payments/refusing",
+            port_name: "http",
+            vip: "10.96.0.11",
+            port: 2223,
+            endpoints: &refusing,
+        },
+        kube_proxy::ServicePort {
+            name: "payments/empty",
+            port_name: "http",
+            vip: "10.96.0.12",
+            port: 2224,
+            endpoints: &[],
+        },
+    ]);
+    kube_proxy::install(lab, &["nft", "-f", "-"], &rules);
+    true
+}
+
+/// kube-proxy's nftables mode installs no ctstate INVALID drop: with
+/// be_liberal=0 the backend's out-of-window reply leaves un-NATed and the
+/// client resets, as in the iptables mode without its KUBE-FORWARD rule.
+/// One finding per reset connection, named from the `kube-proxy` table,
+/// live and in replay.
+#[test]
+fn nftables_mode_reply_is_named_per_connection() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("nf", 1);
+    if !nftables_mode(&lab) {
+        return;
+    }
+    // doctor on this node: nftables mode, no INVALID drop, be_liberal=0.
+    let bin = ktrace_tests::ktrace_bin();
+    let out = lab.exec(&lab.node, &[bin.to_str().unwrap(), "doctor", "--json"]);
+    let checks = ktrace_tests::json_lines(&out.stdout);
+    let check = |name: &str| checks.iter().find(|c| c["check"] == name).unwrap().clone();
+    let drop = check("kube_proxy_invalid_drop");
+    assert_eq!(drop["evidence"]["mode"], "nftables", "{drop}");
+    assert_eq!(drop["evidence"]["invalid_drop"], "none_by_design", "{drop}");
+    assert_eq!(drop["evidence"]["be_liberal"], 0, "{drop}");
+    assert_eq!(check("unnated_reply_protection")["status"], "fail");
+    lab.start_server();
+    let scratch = Scratch::new("nftm");
+    let file = scratch.path("nft.rec");
+    let watch = lab.watch(&["--events", "--record", &file]);
+    let names = &watch.status["names"];
+    let rules = names
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["source"] == "kube-proxy-rules"))
+        .unwrap_or_else(|| panic!("no kube-proxy-rules names source: {names}"));
+    assert_eq!(rules["mode"], "nftables", "{rules}");
+    assert_eq!(rules["services"], 3, "{rules}");
+    let mut c = lab.client(3);
+    let reset = c.unnat_all(SETTLE);
+    let mut ports = c.ports.clone();
+    ports.sort();
+    assert_eq!(reset, ports, "every connection dies");
+    assert!(
+        watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3),
+        "findings did not arrive: {:?}",
+        watch.lines()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let status = watch.status.clone();
+    let lines = watch.stop();
+    for f in assert_one_finding_per_connection(&lines, &reset, "reply_to_client") {
+        assert_eq!(f["service_name"], "payments/ledger:grpc", "{f}");
+        assert_eq!(f["backend_service"], "payments/ledger:grpc", "{f}");
+        assert_eq!(
+            f["evidence"]["basis"][0], "client_rst_to_backend_address",
+            "{f}"
+        );
+        assert_cause_cites_invalid(&status, &f);
+    }
+    assert_replay_matches(&status, &lines, &file);
+}
+
+/// The nftables-mode node carrying ordinary traffic, connections refused
+/// through a Service and without NAT, and application aborts: no finding.
+#[test]
+fn nftables_mode_control_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("nc", 1);
+    if !nftables_mode(&lab) {
+        return;
+    }
+    control(&mut lab, &[("10.96.0.11", 2223)]);
 }

@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use ktrace_tests::{
-    backend, backends, client, hook, select, vip, workspace, Lab, BACKENDS, PORT, VIP,
+    backend, backends, between, client, hook, select, vip, workspace, Lab, BACKENDS, CLIENT_IP,
+    PORT, VIP,
 };
 use serde_json::Value;
 
@@ -43,6 +44,7 @@ fn check_all_hooks(status: &Value) {
         ("ct_table_full", Some("kretprobe")),
         ("nat_mapping", Some("kretprobe")),
         ("ipvs_conn_new", Some("kretprobe")),
+        ("ct_insert_race", Some("kretprobe")),
     ];
     for (name, mechanism) in want {
         let h = hook(status, name);
@@ -118,10 +120,7 @@ fn unnated_reply_names_the_conntrack_verdict() {
     for p in &c.ports {
         // The no-socket RST, through fentry or a kprobe on tcp_v4_send_reset
         // (the 6.1 tracepoint misses it).
-        let sent: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == client(*p) && e["dst"] == backend.as_str())
-            .collect();
+        let sent = between(&lines, "tcp_send_reset", &client(*p), &backend);
         assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
         assert_eq!(sent[0]["socket"], false, "{}", sent[0]);
         assert_eq!(sent[0]["netns"], client_ns, "{}", sent[0]);
@@ -525,4 +524,63 @@ fn local_traffic_pairs_each_call_with_its_own_return() {
         local.difference(&seen).collect::<Vec<_>>()
     );
     assert_eq!(seen, local);
+}
+
+/// The conntrack insert race with `__nf_conntrack_confirm` hooked: pairs of
+/// datagrams from one socket on the guest's two CPUs to a UDP Service with
+/// two backends. A packet that loses the race is a `dropped` finding of its
+/// own (client, Service, backend), as many as `insert_failed` rose; clashes
+/// the kernel resolved are one `resolved` finding from the counters.
+#[test]
+fn conntrack_insert_race_per_dropped_packet() {
+    if !in_vm() {
+        return;
+    }
+    let lab = Lab::new("ur", 2);
+    lab.udp_service();
+    let watch = lab.watch(&["--events"]);
+    check_all_hooks(&watch.status);
+    let (clash0, failed0) = (lab.ct_stat("clashres"), lab.ct_stat("insert_failed"));
+    let to = format!("{VIP}:53").parse().unwrap();
+    let mut rounds = 0;
+    while lab.ct_stat("clashres") == clash0 && lab.ct_stat("insert_failed") == failed0 {
+        assert!(rounds < 10, "no race in {rounds}00 pairs");
+        ktrace_tests::race::udp_pairs(&lab.client, to, 100, true);
+        rounds += 1;
+    }
+    let clashes = lab.ct_stat("clashres") - clash0;
+    let failed = lab.ct_stat("insert_failed") - failed0;
+    eprintln!("{rounds}00 pairs: clash_resolve +{clashes}, insert_failed +{failed}");
+    let race = |l: &[Value]| select(l, "finding", Some("conntrack_insert_race")).len();
+    assert!(
+        watch.wait_for(Duration::from_secs(15), |l| race(l) >= 1),
+        "no conntrack_insert_race finding: {:?}",
+        watch.lines()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let lines = watch.stop();
+    let found = select(&lines, "finding", Some("conntrack_insert_race"));
+    let dropped: Vec<&&Value> = found
+        .iter()
+        .filter(|f| f["evidence"]["outcome"] == "dropped")
+        .collect();
+    assert_eq!(
+        dropped.len() as u64,
+        failed,
+        "one finding per dropped packet: {found:?}"
+    );
+    for f in &dropped {
+        assert_eq!(f["evidence"]["basis"], "confirm_drop", "{f}");
+        assert_eq!(f["service"], format!("{VIP}:53"), "{f}");
+        assert!(f["client"].as_str().unwrap().starts_with(CLIENT_IP), "{f}");
+        let b = f["backend"].as_str().unwrap();
+        assert!(BACKENDS.iter().any(|x| b == format!("{x}:53")), "{f}");
+    }
+    let drops = select(&lines, "event", Some("ct_confirm_drop")).len() as u64;
+    assert_eq!(drops, failed);
+    let resolved = found
+        .iter()
+        .filter(|f| f["evidence"]["outcome"] == "resolved")
+        .count();
+    assert_eq!(resolved > 0, clashes > 0, "{found:?}");
 }

@@ -125,9 +125,7 @@ fn preflight() -> Result<(), DemoError> {
 /// so every step can wind down and the namespaces are deleted.
 fn watch_signals(stop: &Arc<AtomicBool>) -> Result<(), DemoError> {
     for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let stop = stop.clone();
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        unsafe { signal_hook_registry::register(sig, move || stop.store(true, Ordering::Relaxed)) }
+        signal_hook::flag::register(sig, stop.clone())
             .map_err(|e| DemoError::Tool(format!("cannot handle signal {sig}: {e}")))?;
     }
     Ok(())

@@ -4,7 +4,9 @@
 //!   full table;
 //! - `conntrack_counters`: `invalid`, `drop`, `early_drop`, `insert_failed`
 //!   from `/proc/net/stat/nf_conntrack`, summed over CPUs, with rates when
-//!   sampled (`--sample SECS`).
+//!   sampled;
+//! - `conntrack_insert_race`: `insert_failed` (and `clashres`) rising over
+//!   the sample.
 //!
 //! `/proc/net/stat/nf_conntrack` has a header of column names and one row of
 //! hexadecimal numbers per CPU. Columns are found by name: they changed
@@ -42,7 +44,12 @@ fn read_stat(fs: &Fs) -> Result<Stats, ReadError> {
 }
 
 pub fn checks(ctx: &Ctx) -> Vec<Check> {
-    vec![check_usage(ctx), check_buckets(ctx), check_counters(ctx)]
+    vec![
+        check_usage(ctx),
+        check_buckets(ctx),
+        check_counters(ctx),
+        check_insert_race(ctx),
+    ]
 }
 
 fn check_usage(ctx: &Ctx) -> Check {
@@ -53,14 +60,7 @@ fn check_usage(ctx: &Ctx) -> Check {
         fs.sysctl_u64("net.netfilter.nf_conntrack_max"),
     ) {
         (Ok(c), Ok(m)) => (c, m),
-        (Err(e), _) | (_, Err(e)) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        (Err(e), _) | (_, Err(e)) => return ctx.unreadable(CHECK, &e),
     };
     let netns_note = if ctx.initial_netns == Some(false) {
         " The count is this network namespace's; nf_conntrack_max is shared by all of them."
@@ -119,14 +119,7 @@ fn check_buckets(ctx: &Ctx) -> Check {
         fs.sysctl_u64("net.netfilter.nf_conntrack_max"),
     ) {
         (Ok(b), Ok(m)) => (b, m),
-        (Err(e), _) | (_, Err(e)) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        (Err(e), _) | (_, Err(e)) => return ctx.unreadable(CHECK, &e),
     };
     if buckets == 0 {
         return Check::unknown(
@@ -168,30 +161,55 @@ fn check_buckets(ctx: &Ctx) -> Check {
     }
 }
 
+/// The conntrack counters read once, and again after the sample window.
+pub struct CtSample {
+    pub first: Result<Stats, ReadError>,
+    /// The second read and the seconds between the two; `None` when not
+    /// sampled (offline audit, `--sample 0`, or the first read failed).
+    pub second: Option<(Result<Stats, ReadError>, f64)>,
+}
+
+impl CtSample {
+    /// Reads the table, and again `window` later when there is one.
+    pub fn take(fs: &Fs, window: Option<std::time::Duration>) -> CtSample {
+        let first = read_stat(fs);
+        let window = window.filter(|d| !d.is_zero() && first.is_ok());
+        let second = window.map(|w| {
+            let start = std::time::Instant::now();
+            std::thread::sleep(w);
+            (read_stat(fs), start.elapsed().as_secs_f64())
+        });
+        CtSample { first, second }
+    }
+
+    /// How much `name` rose over the sample, and in how many seconds.
+    pub fn rise(&self, name: &str) -> Option<(u64, f64)> {
+        let (Ok(a), Some((Ok(b), secs))) = (&self.first, &self.second) else {
+            return None;
+        };
+        Some((b.get(name)?.saturating_sub(a.get(name)?), *secs))
+    }
+
+    /// Why the second read failed, for a check's `why`.
+    fn second_note(&self) -> String {
+        match &self.second {
+            Some((Err(e), _)) => format!(" The second sample failed: {e}."),
+            _ => String::new(),
+        }
+    }
+}
+
 fn check_counters(ctx: &Ctx) -> Check {
     const CHECK: &str = "conntrack_counters";
-    let fs = &ctx.fs;
-    let first = match read_stat(fs) {
+    let first = match &ctx.ct.first {
         Ok(s) => s,
-        Err(e) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, e),
     };
-    let Sample {
-        rates,
-        secs: sampled_secs,
-        note: sample_note,
-    } = sample(ctx, &first);
-    let missing: Vec<&str> = COUNTERS
+    let rates: BTreeMap<&str, f64> = COUNTERS
         .iter()
-        .copied()
-        .filter(|n| first.get(n).is_none())
+        .filter_map(|n| ctx.ct.rise(n).map(|(d, secs)| (*n, d as f64 / secs)))
         .collect();
+    let sampled_secs = ctx.ct.rise("invalid").map(|(_, secs)| secs);
     let totals: BTreeMap<&str, Option<u64>> = COUNTERS.iter().map(|n| (*n, first.get(n))).collect();
     let value = COUNTERS
         .iter()
@@ -212,62 +230,22 @@ fn check_counters(ctx: &Ctx) -> Check {
         "rates_per_sec": rates,
         "sample_secs": sampled_secs,
     });
-    let expected = "drop, early_drop and insert_failed not rising; invalid low";
-    let missing_note = if missing.is_empty() {
-        String::new()
-    } else {
-        format!(" This kernel's table has no {} column.", missing.join("/"))
-    };
     let (status, why, fix) = if sampled_secs.is_some() {
         verdict_now(&rates)
     } else {
-        verdict_since_boot(&first)
+        verdict_since_boot(first)
     };
     Check::new(CHECK, status, value)
-        .expected(expected)
-        .why(format!("{why}.{missing_note}{sample_note}"))
+        .expected("drop and early_drop not rising; invalid low")
+        .why(format!("{why}.{}", ctx.ct.second_note()))
         .fix(fix)
         .evidence(evidence)
 }
 
-/// Rates over `--sample`, when asked for.
-struct Sample {
-    rates: BTreeMap<&'static str, f64>,
-    /// How long the sample really took.
-    secs: Option<f64>,
-    /// Why there are no rates although asked for.
-    note: String,
-}
-
-fn sample(ctx: &Ctx, first: &Stats) -> Sample {
-    let mut out = Sample {
-        rates: BTreeMap::new(),
-        secs: None,
-        note: String::new(),
-    };
-    let Some(window) = ctx.sample.filter(|d| !d.is_zero()) else {
-        return out;
-    };
-    let start = std::time::Instant::now();
-    std::thread::sleep(window);
-    let secs = start.elapsed().as_secs_f64();
-    match read_stat(&ctx.fs) {
-        Ok(second) => {
-            out.secs = Some(secs);
-            for name in COUNTERS {
-                if let (Some(a), Some(b)) = (first.get(name), second.get(name)) {
-                    out.rates.insert(name, b.saturating_sub(a) as f64 / secs);
-                }
-            }
-        }
-        Err(e) => out.note = format!(" The second sample failed: {e}."),
-    }
-    out
-}
-
 type Verdict = (Status, String, &'static str);
 
-/// From the rates of a sample: what is happening now.
+/// From the rates of a sample: what is happening now. (Failed inserts are
+/// `conntrack_insert_race`'s.)
 fn verdict_now(rates: &BTreeMap<&str, f64>) -> Verdict {
     let r = |n: &str| rates.get(n).copied().unwrap_or(0.0);
     if r("drop") > 0.0 || r("early_drop") > 0.0 {
@@ -280,17 +258,6 @@ fn verdict_now(rates: &BTreeMap<&str, f64>) -> Verdict {
                 r("early_drop")
             ),
             "raise net.netfilter.nf_conntrack_max (see conntrack_usage)",
-        )
-    } else if r("insert_failed") > 0.0 {
-        (
-            Status::Warn,
-            format!(
-                "{:.1} inserts/s fail: two packets of one new flow race to create its entry \
-                 (typically UDP DNS through a Service); the loser is dropped and the client \
-                 retries after a timeout",
-                r("insert_failed")
-            ),
-            "for DNS, use single-request-reopen / TCP, or NodeLocal DNSCache",
         )
     } else if r("invalid") > 0.0 {
         (
@@ -305,14 +272,13 @@ fn verdict_now(rates: &BTreeMap<&str, f64>) -> Verdict {
     } else {
         (
             Status::Ok,
-            "no drops, early drops, failed inserts or INVALID verdicts during the sample"
-                .to_string(),
+            "no drops, early drops or INVALID verdicts during the sample".to_string(),
             "",
         )
     }
 }
 
-/// From the totals since boot: what happened, and whether to sample.
+/// From the totals since boot (no sample): what happened.
 fn verdict_since_boot(first: &Stats) -> Verdict {
     let t = |n: &str| first.get(n).unwrap_or(0);
     if t("drop") > 0 || t("early_drop") > 0 {
@@ -327,28 +293,66 @@ fn verdict_since_boot(first: &Stats) -> Verdict {
             ),
             "raise net.netfilter.nf_conntrack_max if it recurs (see conntrack_usage)",
         )
-    } else if t("insert_failed") > 0 {
-        (
-            Status::Warn,
-            format!(
-                "{} inserts failed since boot: two packets of one new flow raced to create its \
-                 entry (typically UDP DNS through a Service), the loser was dropped; use \
-                 --sample SECS to see whether it is happening now",
-                t("insert_failed")
-            ),
-            "for DNS, use single-request-reopen / TCP, or NodeLocal DNSCache",
-        )
     } else {
         (
             Status::Ok,
             format!(
-                "the table was never full and no insert failed; {} INVALID verdicts since boot \
-                 (use --sample SECS for rates)",
+                "the table was never full; {} INVALID verdicts since boot (use --sample SECS \
+                 for rates)",
                 t("invalid")
             ),
             "",
         )
     }
+}
+
+/// `conntrack_insert_race`: packets of new flows (UDP DNS, typically)
+/// dropped because they lost the race to confirm their conntrack entry
+/// (`insert_failed`), or races the kernel resolved (`clashres`, 5.10+).
+pub fn check_insert_race(ctx: &Ctx) -> Check {
+    const CHECK: &str = "conntrack_insert_race";
+    let first = match &ctx.ct.first {
+        Ok(s) => s,
+        Err(e) => return ctx.unreadable(CHECK, e),
+    };
+    let failed = ctx.ct.rise("insert_failed");
+    let resolved = ctx.ct.rise("clashres");
+    let evidence = json!({
+        "insert_failed": first.get("insert_failed"),
+        "clash_resolve": first.get("clashres"),
+        "insert_failed_rise": failed.map(|r| r.0),
+        "clash_resolve_rise": resolved.map(|r| r.0),
+        "sample_secs": failed.map(|r| r.1),
+    });
+    let fix = "in the pods' resolv.conf (spec.dnsConfig.options) add `single-request-reopen` \
+               (glibc: A and AAAA from separate sockets) or `use-vc` (DNS over TCP); or run \
+               NodeLocal DNSCache so pods do not send DNS through a Service DNAT";
+    let c = match (failed, resolved) {
+        (Some((f, secs)), _) if f > 0 => Check::new(CHECK, Status::Fail, format!("insert_failed +{f} in {secs:.1}s"))
+            .why(
+                "two packets of one new flow (a DNS client's A and AAAA queries from one socket) \
+                 raced through DNAT on two CPUs and the loser was dropped now: the client waits \
+                 for its timeout (5 s for DNS) before it retries (finding conntrack_insert_race)",
+            )
+            .fix(fix),
+        (Some((_, secs)), Some((r, _))) if r > 0 => Check::new(CHECK, Status::Ok, format!("clash_resolve +{r} in {secs:.1}s, insert_failed +0"))
+            .why("new flows race to confirm their conntrack entry and the kernel resolves the clashes: no packet was dropped"),
+        (Some((_, secs)), _) => Check::new(CHECK, Status::Ok, format!("no failed insert in {secs:.1}s"))
+            .why(format!("no packet lost the race to confirm its conntrack entry during the sample.{}", ctx.ct.second_note())),
+        (None, _) => match first.get("insert_failed") {
+            Some(n) if n > 0 => Check::new(CHECK, Status::Warn, format!("insert_failed={n} since boot"))
+                .why(format!(
+                    "{n} packets lost the race to confirm their conntrack entry since boot (or since \
+                     this network namespace was created) and were dropped; sample (--sample SECS on \
+                     a live node) to see whether it happens now"
+                ))
+                .fix(fix),
+            Some(_) => Check::new(CHECK, Status::Ok, "insert_failed=0 since boot")
+                .why("no packet ever lost the race to confirm its conntrack entry"),
+            None => Check::unknown(CHECK, "this kernel's /proc/net/stat/nf_conntrack has no insert_failed column"),
+        },
+    };
+    c.expected("insert_failed not rising").evidence(evidence)
 }
 
 #[cfg(test)]

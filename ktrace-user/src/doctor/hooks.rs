@@ -77,22 +77,24 @@ fn check_kprobes(s: &KernelSupport) -> Check {
     }
 }
 
+/// Informational: ktrace attaches kprobes and tracepoints, not fentry.
 fn check_fentry(s: &KernelSupport) -> Check {
-    const CHECK: &str = "hooks_fentry";
-    match s.fentry {
-        None if !s.btf_vmlinux => Check::new(CHECK, Status::Ok, "not available")
-            .expected("informational: ktrace does not need fentry")
-            .why("fentry needs vmlinux BTF, which this kernel lacks; ktrace attaches kprobes and tracepoints, which it does not need"),
-        None => Check::new(CHECK, Status::Unknown, "not probed")
-            .expected("BPF tracing programs load")
-            .why("an offline audit cannot load a program; vmlinux BTF is there, so fentry is likely (5.5+)"),
-        Some(true) => Check::new(CHECK, Status::Ok, "available")
-            .expected("informational: ktrace does not need fentry")
-            .why("BPF tracing programs load; ktrace itself attaches kprobes (the conntrack log helpers are variadic and ip_vs_conn_new has seven arguments, which fentry cannot take before 6.6) and tracepoints"),
-        Some(false) => Check::new(CHECK, Status::Ok, "not available")
-            .expected("informational: ktrace does not need fentry")
-            .why("a BPF tracing program (fentry on bpf_fentry_test1) did not load: kernel before 5.5, no BPF trampoline here, or lockdown; ktrace attaches kprobes and tracepoints, which it does not need"),
-    }
+    let (status, value, why) = match s.fentry {
+        None if s.btf_vmlinux => (
+            Status::Unknown,
+            "not probed",
+            "an offline audit cannot load a program; vmlinux BTF is there, so fentry is likely",
+        ),
+        Some(true) => (Status::Ok, "available", "BPF tracing programs load"),
+        _ => (
+            Status::Ok,
+            "not available",
+            "BPF tracing programs do not load (no BTF, kernel before 5.5, or lockdown)",
+        ),
+    };
+    Check::new("hooks_fentry", status, value)
+        .expected("informational: ktrace does not need fentry")
+        .why(why)
 }
 
 fn check_tracepoints(ctx: &Ctx, s: &KernelSupport) -> Check {
@@ -219,7 +221,7 @@ fn check_symbols(ctx: &Ctx, s: &KernelSupport) -> Check {
                     && (s.nf_conntrack_loaded
                         || ctx.fs.exists("/proc/sys/net/netfilter/nf_conntrack_max"))
             }
-            "nf_conntrack_tcp_packet" | "nf_nat_setup_info" => {
+            "nf_conntrack_tcp_packet" | "nf_nat_setup_info" | "__nf_conntrack_confirm" => {
                 s.nf_conntrack_loaded || ctx.fs.exists("/proc/sys/net/netfilter/nf_conntrack_max")
             }
             _ => true,

@@ -12,9 +12,11 @@
 //! | family | checks | module |
 //! | --- | --- | --- |
 //! | un-NATed replies | `unnated_reply_protection` | [`rules`] |
+//! | kube-proxy | `kube_proxy_mode`, `kube_proxy_invalid_drop` | [`kube_proxy`] |
+//! | kernel | `kernel_conntrack` | [`kernel`] |
 //! | sysctl files | `sysctl_load_order` | [`sysctl`] |
 //! | TCP timeouts | `conntrack_timeout_established`, `conntrack_tcp_loose` | [`sysctl`] |
-//! | capacity | `conntrack_usage`, `conntrack_buckets`, `conntrack_counters` | [`capacity`] |
+//! | capacity | `conntrack_usage`, `conntrack_buckets`, `conntrack_counters`, `conntrack_insert_race` | [`capacity`] |
 //! | IPVS | `ipvs` (when not loaded), else `ipvs_expire_quiescent_template`, `ipvs_expire_nodest_conn`, `ipvs_conntrack`, `ipvs_conn_reuse_mode`, `ipvs_weight0_backends` | [`ipvs`] |
 //! | hook support | `hooks_btf`, `hooks_kprobes`, `hooks_fentry`, `hooks_tracepoints`, `hooks_symbols`, `hooks_ip_vs_btf` | [`hooks`] |
 //!
@@ -22,7 +24,8 @@
 //!
 //! - `/proc/sys/net/netfilter/*`, `/proc/sys/net/ipv4/tcp_keepalive_time`,
 //!   `/proc/sys/net/ipv4/vs/*`, and any live key named in the sysctl files;
-//! - `/proc/net/stat/nf_conntrack`, `/proc/net/ip_vs`;
+//! - `/proc/net/stat/nf_conntrack` (twice, a second apart on a live audit),
+//!   `/proc/net/ip_vs`, `/sys/class/net/kube-ipvs0`;
 //! - `/etc/sysctl.conf`, `{/etc,/run,/usr/local/lib,/usr/lib,/lib}/sysctl.d/*.conf`,
 //!   `{/etc,/run,/usr/local/lib,/usr/lib,/lib}/modules-load.d/*.conf`, `/etc/modules`;
 //! - for hook support (see [`crate::support`]): `/proc/sys/kernel/osrelease`,
@@ -50,6 +53,8 @@
 pub mod capacity;
 pub mod hooks;
 pub mod ipvs;
+pub mod kernel;
+pub mod kube_proxy;
 pub mod render;
 pub mod rules;
 pub mod sysctl;
@@ -65,6 +70,9 @@ use crate::support::KernelSupport;
 /// Largest file read whole (a `/proc/net/ip_vs` of a big cluster fits).
 const MAX_FILE_BYTES: u64 = 64 << 20;
 
+/// How long a live audit samples the conntrack counters without `--sample`.
+const DEFAULT_SAMPLE: Duration = Duration::from_secs(1);
+
 /// The verdict of one check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -73,23 +81,6 @@ pub enum Status {
     Unknown,
     Warn,
     Fail,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Ok => "ok",
-            Status::Unknown => "unknown",
-            Status::Warn => "warn",
-            Status::Fail => "fail",
-        }
-    }
-}
-
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// One row of the report. `fix` is empty when there is nothing to do.
@@ -154,7 +145,8 @@ impl Check {
 pub struct Options {
     /// `/` for this node, or a captured dump.
     pub root: PathBuf,
-    /// Sample the conntrack counters over this long to give rates.
+    /// Sample the conntrack counters over this long to give rates (a live
+    /// audit samples for a second when not told; zero: no sample).
     pub sample: Option<Duration>,
 }
 
@@ -411,11 +403,27 @@ impl Conntrack {
 pub struct Ctx {
     pub fs: Fs,
     pub live: bool,
-    pub sample: Option<Duration>,
     pub conntrack: Conntrack,
+    /// Firewall rulesets (see [`rules::read_sources`]).
+    pub rulesets: Vec<rules::Source>,
+    /// The conntrack counters, sampled.
+    pub ct: capacity::CtSample,
     pub support: KernelSupport,
     /// Whether the audited network namespace is the initial one.
     pub initial_netns: Option<bool>,
+}
+
+impl Ctx {
+    /// The `unknown` check for an input that could not be read ("nf_conntrack
+    /// not loaded" when that is why it is missing).
+    pub fn unreadable(&self, check: &str, e: &ReadError) -> Check {
+        if e.is_missing() {
+            if let Some(c) = self.conntrack.unavailable(&self.fs, check) {
+                return c;
+            }
+        }
+        Check::unknown(check, e.to_string())
+    }
 }
 
 /// Runs every check. Never fails: unreadable inputs give `unknown` checks.
@@ -447,17 +455,24 @@ pub fn run(opts: &Options) -> Report {
     } else {
         (None, None)
     };
+    let window = match opts.sample {
+        Some(w) => Some(w),
+        None if live => Some(DEFAULT_SAMPLE),
+        None => None,
+    };
     let ctx = Ctx {
         conntrack: Conntrack::detect(&fs),
+        rulesets: rules::read_sources(&fs, live),
+        ct: capacity::CtSample::take(&fs, window),
         fs,
         live,
-        sample: opts.sample,
         support,
         initial_netns,
     };
 
-    let mut checks = Vec::new();
-    checks.push(rules::check_protection(&ctx));
+    let mut checks = vec![rules::check_protection(&ctx)];
+    checks.extend(kube_proxy::checks(&ctx));
+    checks.push(kernel::check(&ctx));
     checks.push(sysctl::check_load_order(&ctx));
     checks.extend(capacity::checks(&ctx));
     checks.push(sysctl::check_timeout_established(&ctx));
@@ -524,83 +539,13 @@ mod tests {
     /// Random mixes of the tokens the parsers look for: none may panic.
     #[test]
     fn parsers_survive_garbage() {
-        const TOKENS: &[&str] = &[
-            "table",
-            "chain",
-            "ip",
-            "inet",
-            "ip6",
-            "{",
-            "}",
-            "{ ",
-            " }",
-            "type",
-            "filter",
-            "hook",
-            "forward",
-            "input",
-            "prerouting",
-            "priority",
-            "raw",
-            "-",
-            "+",
-            "10",
-            ";",
-            ":",
-            ",",
-            "ct",
-            "state",
-            "invalid",
-            "!=",
-            "==",
-            "vmap",
-            "drop",
-            "reject",
-            "jump",
-            "goto",
-            "\"",
-            "\\",
-            "*filter",
-            "*raw",
-            ":FORWARD",
-            "-A",
-            "-I",
-            "FORWARD",
-            "-j",
-            "-g",
-            "DROP",
-            "--ctstate",
-            "--state",
-            "INVALID",
-            "!",
-            "COMMIT",
-            "#",
-            "TCP",
-            "FWM",
-            "->",
-            "[",
-            "]",
-            "[::1]",
-            "0A600001:0050",
-            "zz",
-            "persistent",
-            "entries",
-            "invalid",
-            "0000000a",
-            "ffffffffffffffffff",
-            "=",
-            "net.netfilter.x",
-            "net/netfilter/y",
-            "-",
-            "\u{0}",
-            "é",
-            "\u{fffd}",
-            " ",
-            "\t",
-            "\n",
-            "\n",
-            "\n",
-        ];
+        const WORDS: &str = "table chain ip inet ip6 { } type filter hook forward input \
+            prerouting priority raw - + 10 ; : , ct state invalid != == vmap drop reject jump \
+            goto \" \\ *filter *raw :FORWARD -A -I FORWARD -j -g DROP --ctstate --state \
+            INVALID ! COMMIT # TCP FWM -> [ ] [::1] 0A600001:0050 zz persistent entries \
+            0000000a ffffffffffffffffff = net.netfilter.x net/netfilter/y \u{0} é \u{fffd}";
+        let mut tokens: Vec<&str> = WORDS.split_whitespace().collect();
+        tokens.extend(["{ ", " }", " ", "\t", "\n", "\n", "\n"]);
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             seed ^= seed << 13;
@@ -612,7 +557,7 @@ mod tests {
             let len = (next() % 60) as usize;
             let mut text = String::new();
             for _ in 0..len {
-                text.push_str(TOKENS[(next() % TOKENS.len() as u64) as usize]);
+                text.push_str(tokens[(next() % tokens.len() as u64) as usize]);
                 if next() % 3 == 0 {
                     text.push(' ');
                 }

@@ -32,6 +32,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{Check, Ctx, ReadError, Status};
+use crate::names::rules::split_words;
 
 const CHECK: &str = "unnated_reply_protection";
 
@@ -81,6 +82,8 @@ pub enum Source {
         name: String,
         rules: usize,
         drops: Vec<InvalidDrop>,
+        /// kube-proxy's rules are in it (see [`Parsed::kube_proxy`]).
+        kube_proxy: bool,
     },
     /// Cannot hold rules here (tool or table not present): counts as read.
     Absent { name: String, why: String },
@@ -100,12 +103,29 @@ pub fn check_protection(ctx: &Ctx) -> Check {
             }
         }
     }
-    let sources = if ctx.live {
-        live_sources(ctx)
+    judge(liberal, &ctx.rulesets)
+}
+
+/// The ruleset sources of the audited node: the tools on a live audit, the
+/// dump's files otherwise. Read once; several checks use them.
+pub fn read_sources(fs: &super::Fs, live: bool) -> Vec<Source> {
+    if live {
+        live_sources(fs)
     } else {
-        dump_sources(ctx)
-    };
-    judge(liberal, &sources)
+        dump_sources(fs)
+    }
+}
+
+/// The rules that drop INVALID where it protects, over all sources.
+pub fn protecting_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop> {
+    sources
+        .iter()
+        .filter_map(|s| match s {
+            Source::Read { drops, .. } => Some(drops.iter()),
+            _ => None,
+        })
+        .flatten()
+        .filter(|d| d.protects())
 }
 
 const EXPECTED: &str =
@@ -127,7 +147,7 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
         "be_liberal": liberal.as_ref().ok(),
         "invalid_drop_rules": drops,
         "sources": sources.iter().map(|s| match s {
-            Source::Read { name, rules, drops } => json!({"source": name, "state": "read", "rules": rules, "invalid_drop_rules": drops.len()}),
+            Source::Read { name, rules, drops, .. } => json!({"source": name, "state": "read", "rules": rules, "invalid_drop_rules": drops.len()}),
             Source::Absent { name, why } => json!({"source": name, "state": "absent", "why": why}),
             Source::Unknown { name, why } => json!({"source": name, "state": "unknown", "why": why}),
         }).collect::<Vec<_>>(),
@@ -171,35 +191,26 @@ struct Facts {
     ignored_note: String,
 }
 
-fn unread_note(sources: &[Source]) -> String {
-    let unread: Vec<String> = sources
-        .iter()
-        .filter_map(|s| match s {
-            Source::Unknown { name, why } => Some(format!("{name}: {why}")),
-            _ => None,
-        })
-        .collect();
-    if unread.is_empty() {
-        String::new()
-    } else {
-        format!(" Not read: {}.", unread.join("; "))
+/// ` What: a; b.`, or nothing when there are no items.
+fn note(what: &str, items: Vec<String>) -> String {
+    if items.is_empty() {
+        return String::new();
     }
+    format!(" {what}: {}.", items.join("; "))
+}
+
+fn unread_note(sources: &[Source]) -> String {
+    let unread = sources.iter().filter_map(|s| match s {
+        Source::Unknown { name, why } => Some(format!("{name}: {why}")),
+        _ => None,
+    });
+    note("Not read", unread.collect())
 }
 
 fn ignored_note(drops: &[&InvalidDrop]) -> String {
-    let ignored: Vec<String> = drops
-        .iter()
-        .filter(|d| !d.protects())
-        .map(|d| d.describe())
-        .collect();
-    if ignored.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " Rules that do not count (IPv6 only, or in a chain no hook reaches): {}.",
-            ignored.join("; ")
-        )
-    }
+    let ignored = drops.iter().filter(|d| !d.protects()).map(|d| d.describe());
+    let what = "Rules that do not count (IPv6 only, or in a chain no hook reaches)";
+    note(what, ignored.collect())
 }
 
 /// Status, the be_liberal part of the value, why, and the fix.
@@ -257,7 +268,7 @@ fn verdict(
 // ---------------------------------------------------------------- sources
 
 /// Rulesets of the running node, from the tools, in this network namespace.
-fn live_sources(ctx: &Ctx) -> Vec<Source> {
+fn live_sources(fs: &super::Fs) -> Vec<Source> {
     let mut out = Vec::new();
     let have = |tool: &str| find_in_path(tool).is_some();
     let legacy_tool = have("iptables-legacy-save");
@@ -266,7 +277,7 @@ fn live_sources(ctx: &Ctx) -> Vec<Source> {
     if legacy_tool {
         // iptables-legacy-save may load ip_tables: only run it when legacy
         // tables exist (ip_tables lists them per network namespace).
-        match ctx.fs.read("/proc/net/ip_tables_names") {
+        match fs.read("/proc/net/ip_tables_names") {
             Ok(names) if names.trim().is_empty() => out.push(Source::Absent {
                 name: "iptables-legacy".into(),
                 why: "no legacy tables (/proc/net/ip_tables_names is empty)".into(),
@@ -311,7 +322,7 @@ fn live_sources(ctx: &Ctx) -> Vec<Source> {
 }
 
 /// Rulesets captured in `<root>/ktrace-dump/`.
-fn dump_sources(ctx: &Ctx) -> Vec<Source> {
+fn dump_sources(fs: &super::Fs) -> Vec<Source> {
     let dir = "/ktrace-dump";
     let mut out = Vec::new();
     let mut any_iptables = false;
@@ -320,7 +331,7 @@ fn dump_sources(ctx: &Ctx) -> Vec<Source> {
         ("iptables-nft-save.txt", "iptables-nft"),
         ("iptables-save.txt", "iptables"),
     ] {
-        match ctx.fs.read(&format!("{dir}/{file}")) {
+        match fs.read(&format!("{dir}/{file}")) {
             Ok(text) => {
                 any_iptables = true;
                 out.push(iptables_source(name, Ok(text)));
@@ -341,11 +352,11 @@ fn dump_sources(ctx: &Ctx) -> Vec<Source> {
             why: format!(
                 "not captured (no iptables-legacy-save.txt, iptables-nft-save.txt or \
                  iptables-save.txt in {})",
-                ctx.fs.display(dir)
+                fs.display(dir)
             ),
         });
     }
-    match ctx.fs.read(&format!("{dir}/nft-ruleset.json")) {
+    match fs.read(&format!("{dir}/nft-ruleset.json")) {
         Ok(text) => out.push(nft_source(Ok(text))),
         Err(e) if e.is_missing() => out.push(Source::Unknown {
             name: "nftables".into(),
@@ -386,6 +397,7 @@ fn iptables_source(name: &str, text: Result<String, String>) -> Source {
             name: name.into(),
             rules: p.rules,
             drops: p.drops,
+            kube_proxy: p.kube_proxy,
         },
         Err(why) => Source::Unknown {
             name: name.into(),
@@ -400,6 +412,7 @@ fn nft_source(text: Result<String, String>) -> Source {
             name: "nftables".into(),
             rules: p.rules,
             drops: p.drops,
+            kube_proxy: p.kube_proxy,
         },
         Err(why) => Source::Unknown {
             name: "nftables".into(),
@@ -416,13 +429,11 @@ fn find_in_path(tool: &str) -> Option<std::path::PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Runs a ruleset tool and returns its stdout, or why it could not.
+/// Runs a ruleset tool and returns its stdout, or why it could not. A tool
+/// stuck (on the xtables lock, say) is killed after [`TOOL_TIMEOUT`].
 fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
-    let Some(path) = find_in_path(tool) else {
-        return Err(format!("{tool} is not installed"));
-    };
-    let shown = format!("{tool} {}", args.join(" "));
-    let shown = shown.trim();
+    let path = find_in_path(tool).ok_or_else(|| format!("{tool} is not installed"))?;
+    let shown = format!("{tool} {}", args.join(" ")).trim().to_string();
     let mut child = Command::new(&path)
         .args(args)
         .stdin(Stdio::null())
@@ -430,54 +441,44 @@ fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    // Drained on threads so a large ruleset cannot block the child.
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
     let start = Instant::now();
-    // Read the pipes on threads so a large ruleset cannot block the child.
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let out_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(o) = stdout.as_mut() {
-            let _ = std::io::Read::read_to_end(o, &mut s);
-        }
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = Vec::new();
-        if let Some(o) = stderr.as_mut() {
-            let _ = std::io::Read::read_to_end(o, &mut s);
-        }
-        s
-    });
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
             Ok(None) if start.elapsed() > TOOL_TIMEOUT => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{shown} did not finish in {}s",
-                    TOOL_TIMEOUT.as_secs()
-                ));
+                let secs = TOOL_TIMEOUT.as_secs();
+                return Err(format!("{shown} did not finish in {secs}s"));
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => return Err(format!("waiting for {shown}: {e}")),
         }
     };
-    let out = out_t.join().unwrap_or_default();
-    let err = err_t.join().unwrap_or_default();
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
     if !status.success() {
         let msg = String::from_utf8_lossy(&err);
-        let line = msg
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("")
-            .trim();
-        return Err(format!(
-            "{shown} failed ({status}): {}",
-            super::shorten(line, 160)
-        ));
+        let line = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let line = super::shorten(line.trim(), 160);
+        return Err(format!("{shown} failed ({status}): {line}"));
     }
     String::from_utf8(out).map_err(|_| format!("{shown} printed non-UTF-8 output"))
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }
 
 // ---------------------------------------------------------------- parsing
@@ -487,6 +488,10 @@ fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
 pub struct Parsed {
     pub rules: usize,
     pub drops: Vec<InvalidDrop>,
+    /// kube-proxy's rules are there: a `KUBE-SERVICES` chain in the `nat`
+    /// table (iptables and IPVS modes), or an `ip`/`ip6` table named
+    /// `kube-proxy` (nftables mode).
+    pub kube_proxy: bool,
 }
 
 /// Built-in chains from which an INVALID drop protects, per table.
@@ -510,6 +515,7 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
     let mut rules = 0usize;
     let mut recognised = 0usize;
     let mut strange = 0usize;
+    let mut kube_proxy = false;
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -527,6 +533,7 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
         } else if let Some(decl) = line.strip_prefix(':') {
             recognised += 1;
             if let (Some(t), Some(chain)) = (tables.last_mut(), decl.split_whitespace().next()) {
+                kube_proxy |= t.name == "nat" && chain == "KUBE-SERVICES";
                 t.edges.entry(chain.to_string()).or_default();
             }
         } else if line.starts_with("-A ") || line.starts_with("-I ") {
@@ -536,16 +543,15 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
                 strange += 1;
                 continue;
             };
-            let words = shell_words(line);
+            let words = split_words(line).unwrap_or_default();
             let Some(chain) = words.get(1).cloned() else {
                 strange += 1;
                 continue;
             };
             let target = option_value(&words, &["-j", "--jump", "-g", "--goto"]);
+            // Built-in targets (DROP, DNAT...) become chains nothing leaves.
             if let Some(tg) = &target {
-                if !is_builtin_target(tg) {
-                    t.edges.entry(chain.clone()).or_default().insert(tg.clone());
-                }
+                t.edges.entry(chain.clone()).or_default().insert(tg.clone());
             }
             let drops = matches!(target.as_deref(), Some("DROP") | Some("REJECT"));
             if drops && matches_invalid_iptables(&words) {
@@ -573,41 +579,11 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
             &reached,
         ));
     }
-    Ok(Parsed { rules, drops })
-}
-
-fn is_builtin_target(t: &str) -> bool {
-    matches!(
-        t,
-        "ACCEPT"
-            | "DROP"
-            | "REJECT"
-            | "RETURN"
-            | "LOG"
-            | "MARK"
-            | "CONNMARK"
-            | "MASQUERADE"
-            | "SNAT"
-            | "DNAT"
-            | "REDIRECT"
-            | "NOTRACK"
-            | "CT"
-            | "TCPMSS"
-            | "NFLOG"
-            | "NFQUEUE"
-            | "CHECKSUM"
-            | "TPROXY"
-            | "TRACE"
-            | "AUDIT"
-            | "SET"
-            | "CLASSIFY"
-            | "DSCP"
-            | "TOS"
-            | "TTL"
-            | "HL"
-            | "NETMAP"
-            | "ULOG"
-    )
+    Ok(Parsed {
+        rules,
+        drops,
+        kube_proxy,
+    })
 }
 
 /// The word after the first of `opts`.
@@ -628,43 +604,6 @@ fn matches_invalid_iptables(words: &[String]) -> bool {
                 .get(i + 1)
                 .is_some_and(|l| l.split(',').any(|s| s.eq_ignore_ascii_case("INVALID")))
     })
-}
-
-/// Splits a line into words, honouring double quotes and backslashes.
-fn shell_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut cur = String::new();
-    let mut in_word = false;
-    let mut quoted = false;
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-                in_word = true;
-            }
-            '"' => {
-                quoted = !quoted;
-                in_word = true;
-            }
-            c if c.is_whitespace() && !quoted => {
-                if in_word {
-                    words.push(std::mem::take(&mut cur));
-                    in_word = false;
-                }
-            }
-            c => {
-                cur.push(c);
-                in_word = true;
-            }
-        }
-    }
-    if in_word {
-        words.push(cur);
-    }
-    words
 }
 
 /// For each chain, the hooks it is reached from, following jumps from the
@@ -726,8 +665,12 @@ pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
     let mut tables: BTreeMap<(String, String), Table> = BTreeMap::new();
     let mut rules = 0usize;
     let str_of = |o: &Value, k: &str| o.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+    let mut kube_proxy = false;
     for item in items {
-        if let Some(c) = item.get("chain") {
+        if let Some(t) = item.get("table") {
+            kube_proxy |= str_of(t, "name") == "kube-proxy"
+                && matches!(str_of(t, "family").as_str(), "ip" | "ip6");
+        } else if let Some(c) = item.get("chain") {
             let t = tables
                 .entry((str_of(c, "family"), str_of(c, "table")))
                 .or_default();
@@ -764,7 +707,11 @@ pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
             &reached,
         ));
     }
-    Ok(Parsed { rules, drops })
+    Ok(Parsed {
+        rules,
+        drops,
+        kube_proxy,
+    })
 }
 
 /// The hook of a base chain whose INVALID drops protect: forward, input,
@@ -863,6 +810,27 @@ COMMIT\n";
     }
 
     #[test]
+    fn kube_proxy_rules_are_recognised() {
+        let nat = "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\nCOMMIT\n";
+        assert!(parse_iptables_save(nat, "iptables-nft").unwrap().kube_proxy);
+        let filter_only = parse_iptables_save(KUBE, "iptables-nft").unwrap();
+        assert!(
+            !filter_only.kube_proxy,
+            "KUBE-FORWARD alone is not the Service rules"
+        );
+        let nft =
+            r#"{"nftables": [{"table": {"family": "ip", "name": "kube-proxy", "handle": 1}}]}"#;
+        assert!(parse_nft_json(nft).unwrap().kube_proxy);
+        let inet = nft.replace("\"ip\"", "\"inet\"");
+        assert!(!parse_nft_json(&inet).unwrap().kube_proxy);
+        assert!(
+            !parse_nft_json(include_str!("nft-forms.json"))
+                .unwrap()
+                .kube_proxy
+        );
+    }
+
+    #[test]
     fn negated_unreached_and_raw_rules_do_not_protect() {
         let text = "*filter\n:INPUT ACCEPT [0:0]\n:ORPHAN - [0:0]\n\
 -A INPUT -m conntrack ! --ctstate INVALID -j DROP\n\
@@ -926,6 +894,7 @@ COMMIT\n";
             name: "iptables-nft".into(),
             rules: 0,
             drops: vec![],
+            kube_proxy: false,
         }];
         assert_eq!(judge(Ok(0), &none).status, Status::Fail);
         assert_eq!(judge(Ok(1), &none).status, Status::Ok);
@@ -939,6 +908,7 @@ COMMIT\n";
             name: "iptables-nft".into(),
             rules: p.rules,
             drops: p.drops,
+            kube_proxy: p.kube_proxy,
         }];
         assert_eq!(judge(Ok(0), &with).status, Status::Ok);
         let missing = Err(ReadError::Missing { path: "x".into() });

@@ -43,19 +43,27 @@ pub struct Configured {
     pub at: String,
 }
 
-/// The sysctl files under the root, in application order.
-pub fn sysctl_files(fs: &Fs) -> Vec<String> {
+/// The `*.conf` files of `dirs`, by file name, a name in an earlier
+/// directory masking the same name in later ones (systemd's rule).
+fn conf_files(fs: &Fs, dirs: &[&str]) -> Vec<String> {
     let mut by_name: BTreeMap<String, String> = BTreeMap::new();
-    for dir in SYSCTL_DIRS {
-        for name in fs.list_dir(dir) {
-            if name.ends_with(".conf") {
-                by_name
-                    .entry(name.clone())
-                    .or_insert(format!("{dir}/{name}"));
-            }
+    for dir in dirs {
+        for name in fs
+            .list_dir(dir)
+            .into_iter()
+            .filter(|n| n.ends_with(".conf"))
+        {
+            by_name
+                .entry(name.clone())
+                .or_insert(format!("{dir}/{name}"));
         }
     }
-    let mut files: Vec<String> = by_name.into_values().collect();
+    by_name.into_values().collect()
+}
+
+/// The sysctl files under the root, in application order.
+pub fn sysctl_files(fs: &Fs) -> Vec<String> {
+    let mut files = conf_files(fs, SYSCTL_DIRS);
     if fs.exists("/etc/sysctl.conf") {
         files.push("/etc/sysctl.conf".to_string());
     }
@@ -104,15 +112,7 @@ pub fn module_of(key: &str) -> Option<&'static str> {
 /// Modules named in modules-load.d files (and Debian's `/etc/modules`),
 /// with the file that names them.
 pub fn modules_loaded_at_boot(fs: &Fs) -> BTreeMap<String, String> {
-    let mut files: BTreeMap<String, String> = BTreeMap::new();
-    for dir in MODULES_LOAD_DIRS {
-        for name in fs.list_dir(dir) {
-            if name.ends_with(".conf") {
-                files.entry(name.clone()).or_insert(format!("{dir}/{name}"));
-            }
-        }
-    }
-    let mut paths: Vec<String> = files.into_values().collect();
+    let mut paths = conf_files(fs, MODULES_LOAD_DIRS);
     paths.push("/etc/modules".into());
     let mut out = BTreeMap::new();
     for p in paths {
@@ -425,14 +425,7 @@ pub fn check_timeout_established(ctx: &Ctx) -> Check {
     let timeout = fs.sysctl_u64("net.netfilter.nf_conntrack_tcp_timeout_established");
     let timeout = match timeout {
         Ok(t) => t,
-        Err(e) => {
-            if e.is_missing() {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, &e),
     };
     let keepalive = match fs.sysctl_u64("net.ipv4.tcp_keepalive_time") {
         Ok(k) => k,
@@ -479,14 +472,7 @@ pub fn check_tcp_loose(ctx: &Ctx) -> Check {
     let fs = &ctx.fs;
     let loose = match fs.sysctl_u64("net.netfilter.nf_conntrack_tcp_loose") {
         Ok(v) => v,
-        Err(e) => {
-            if e.is_missing() && ctx.conntrack != Conntrack::Loaded {
-                if let Some(c) = ctx.conntrack.unavailable(fs, CHECK) {
-                    return c;
-                }
-            }
-            return Check::unknown(CHECK, e.to_string());
-        }
+        Err(e) => return ctx.unreadable(CHECK, &e),
     };
     let evidence = json!({"tcp_loose": loose});
     if loose >= 1 {

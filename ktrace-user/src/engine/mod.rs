@@ -319,6 +319,12 @@ impl Engine {
                 }
                 self.on_mapping(ev.ts_ns, key, *service, *backend, out)
             }
+            EventBody::CtConfirmDrop(NatEntry {
+                client,
+                service,
+                backend,
+                ..
+            }) => self.on_confirm_drop(ev.ts_ns, *client, *service, *backend, out),
             EventBody::NatDestroy(NatEntry {
                 client,
                 service,

@@ -8,6 +8,8 @@
 //! A hooked drop is a finding per packet, naming the flow; the counters
 //! give one finding per episode (repeats merged like table-full).
 
+use std::net::SocketAddr;
+
 use super::finding::{self, Evidence, Finding, Severity, Time};
 use super::{Engine, Repeat};
 
@@ -21,6 +23,34 @@ pub(super) enum Outcome {
 }
 
 impl Engine {
+    /// `__nf_conntrack_confirm` dropped this packet of `client` -> `service`.
+    pub(super) fn on_confirm_drop(
+        &mut self,
+        ts: u64,
+        client: SocketAddr,
+        service: SocketAddr,
+        backend: SocketAddr,
+        out: &mut Vec<Finding>,
+    ) {
+        let evidence = Evidence::ConntrackInsertRace(finding::InsertRace {
+            outcome: "dropped",
+            basis: "confirm_drop",
+            count: 1,
+            first: Time::Mono(ts),
+            last: Time::Mono(ts),
+        });
+        out.push(Finding {
+            ts_ns: ts,
+            severity: Severity::Error,
+            service: Some(service),
+            backend: (backend != service).then_some(backend),
+            client: Some(client),
+            cause: "the packet lost the race to confirm its new conntrack entry against another packet of the same flow sent at the same time from another CPU (a resolver's A and AAAA queries from one socket), and the kernel dropped it: the client waits for its timeout (5 s for DNS) before retrying".into(),
+            remedy: REMEDY_DROPPED.into(),
+            evidence,
+        });
+    }
+
     /// The counters rose by `n` races of `outcome` (where drops cannot be
     /// hooked, or for clashes the kernel resolved).
     pub(super) fn on_race_counter(

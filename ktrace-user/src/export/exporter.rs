@@ -40,11 +40,12 @@ use super::config::{ExportConfig, Protocol, Signal};
 use super::logs;
 use super::metrics::{lost_source, Metrics};
 use super::tls::{self, LastError, Tls, TlsError};
+use crate::background;
 use crate::clock::WallClock;
-use crate::endpoint::{self, Endpoint, EndpointError, Health};
 use crate::engine::Finding;
 use crate::event::Event;
 use crate::hooks::HookStatus;
+use crate::metrics_server::{self, Health, MetricsServer, MetricsServerError};
 use crate::output::Renderer;
 
 /// Findings in flight from the pipeline to the exporter thread.
@@ -193,34 +194,27 @@ impl Exporter {
         let logs = cfg.signals.logs;
         let thread_shared = shared.clone();
         let thread_metrics = metrics.clone();
-        std::thread::Builder::new()
-            .name("ktrace-otlp".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
+        let failed_tx = ready_tx.clone();
+        background::spawn(
+            "ktrace-otlp",
+            move || async move {
+                // Dropped when the worker has flushed and stopped.
+                let _done = done_tx;
+                let worker = match Worker::new(cfg, tls, res, rx, thread_shared, thread_metrics) {
+                    Ok(w) => w,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot start its event loop: {e}")));
+                        let _ = ready_tx.send(Err(e));
                         return;
                     }
                 };
-                rt.block_on(async move {
-                    let worker = match Worker::new(cfg, tls, res, rx, thread_shared, thread_metrics)
-                    {
-                        Ok(w) => w,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
-                    let _ = ready_tx.send(Ok(()));
-                    worker.run().await;
-                });
-                drop(done_tx);
-            })
-            .map_err(ExportError::Thread)?;
+                let _ = ready_tx.send(Ok(()));
+                worker.run().await;
+            },
+            move |why| {
+                let _ = failed_tx.send(Err(why));
+            },
+        )
+        .map_err(ExportError::Thread)?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(message)) => return Err(ExportError::Setup { endpoint, message }),
@@ -272,9 +266,13 @@ impl Exporter {
     }
 
     /// Serves these metrics and the health at `addr` (`--metrics-addr`).
-    pub fn serve_metrics(&self, addr: SocketAddr) -> Result<Endpoint, EndpointError> {
-        let metrics = self.inner.metrics.clone().ok_or(EndpointError::NoMetrics)?;
-        endpoint::start(addr, metrics, self.inner.health.clone())
+    pub fn serve_metrics(&self, addr: SocketAddr) -> Result<MetricsServer, MetricsServerError> {
+        let metrics = self
+            .inner
+            .metrics
+            .clone()
+            .ok_or(MetricsServerError::NoMetrics)?;
+        metrics_server::start(addr, metrics, self.inner.health.clone())
     }
 
     /// The pipeline drained the ring buffer (every tick, live): `/healthz`.

@@ -6,14 +6,25 @@ use aya::Ebpf;
 use super::attach::{self, kprobe_blocker};
 use super::{HookStatus, Kernel, NO_BTF};
 
-/// `ct_invalid`, `ct_invalid_reason`, `ct_table_full` and `nat_mapping`,
-/// in that order.
+/// `ct_invalid`, `ct_invalid_reason`, `ct_table_full`, `nat_mapping` and
+/// `ct_insert_race`, in that order.
 pub(super) fn attach(ebpf: &mut Ebpf, k: &Kernel) -> Vec<HookStatus> {
     let invalid = kretprobe_pair(ebpf, k, "ct_invalid", "nf_conntrack_tcp_packet");
     let reason = invalid_reason(ebpf, k, invalid.attached);
     let full = table_full(ebpf, k);
     let nat = kretprobe_pair(ebpf, k, "nat_mapping", "nf_nat_setup_info");
-    vec![invalid, reason, full, nat]
+    // A packet that loses the race to insert its entry: NF_DROP from
+    // __nf_conntrack_confirm (global; the counters cover the rest).
+    let race = match blocker(k, "__nf_conntrack_confirm") {
+        Some(r) => HookStatus::off("ct_insert_race", r),
+        None => pair(
+            ebpf,
+            "ct_insert_race",
+            "ct_confirm",
+            "__nf_conntrack_confirm",
+        ),
+    };
+    vec![invalid, reason, full, nat, race]
 }
 
 /// Why the conntrack kprobe on `sym` cannot be used, if it cannot.

@@ -324,7 +324,7 @@ fn event_addrs(b: &crate::event::EventBody) -> Vec<SocketAddr> {
             real_server,
             ..
         } => vec![*client, *service, *real_server],
-        B::NatMapping(n) | B::NatDestroy(n) => {
+        B::NatMapping(n) | B::NatDestroy(n) | B::CtConfirmDrop(n) => {
             [Some(n.client), Some(n.service), Some(n.backend), n.snat]
                 .into_iter()
                 .flatten()

@@ -63,8 +63,10 @@ impl<W: Write> Pipeline<W> {
         // event, so replay knows them when the event completes the finding.
         self.record_names();
         if let Some(r) = &mut self.recorder {
-            if self.engine.is_none() && !self.out.names().is_off() {
-                // `record`: no findings to take names from; the events' own.
+            if !self.out.names().is_off() {
+                // The event's own names (`record` has no findings to take
+                // names from; `watch --record --events` printed them live on
+                // events that come before any finding, and replay must too).
                 r.event_names(ev, self.out.names());
             }
             r.event(ev);

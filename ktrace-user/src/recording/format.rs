@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 2;
+pub const VERSION_MINOR: u16 = 3;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -52,6 +52,7 @@ pub mod tag {
     pub const NAT_MAPPING: u64 = 0x06;
     pub const NAT_DESTROY: u64 = 0x07;
     pub const CT_COUNTERS: u64 = 0x08;
+    pub const CT_CONFIRM_DROP: u64 = 0x09;
     pub const TICK: u64 = 0x40;
     pub const LOST: u64 = 0x41;
     pub const DROPPED: u64 = 0x42;
@@ -329,6 +330,7 @@ fn event_tag(body: &EventBody) -> u64 {
         EventBody::IpvsConnNew { .. } => tag::IPVS_CONN_NEW,
         EventBody::NatMapping(_) => tag::NAT_MAPPING,
         EventBody::NatDestroy(_) => tag::NAT_DESTROY,
+        EventBody::CtConfirmDrop(_) => tag::CT_CONFIRM_DROP,
         EventBody::CtCounters(_) => tag::CT_COUNTERS,
     }
 }
@@ -578,7 +580,9 @@ impl BlockEncoder {
                     put_varint(f, zigzag(i64::from(*w)));
                 }
             }
-            EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) => {
+            EventBody::NatMapping(nat)
+            | EventBody::NatDestroy(nat)
+            | EventBody::CtConfirmDrop(nat) => {
                 self.eps(f, &[nat.client, nat.service, nat.backend]);
                 f.push(nat.protocol);
                 // Minor 1: a trailing SNAT endpoint (older readers skip it).
@@ -769,7 +773,7 @@ impl<'a> BlockDecoder<'a> {
                 })),
                 Err(e) => Ok(Decoded::Bad(t, e)),
             },
-            tag::TCP_SEND_RESET..=tag::CT_COUNTERS | tag::TICK | tag::LOST | tag::DROPPED => {
+            tag::TCP_SEND_RESET..=tag::CT_CONFIRM_DROP | tag::TICK | tag::LOST | tag::DROPPED => {
                 // The timestamp chain must advance even when the rest of
                 // the body is bad, or every later delta would be off.
                 let delta = match b.varint() {
@@ -904,7 +908,7 @@ impl<'a> BlockDecoder<'a> {
                     },
                 }
             }
-            tag::NAT_MAPPING | tag::NAT_DESTROY => {
+            tag::NAT_MAPPING | tag::NAT_DESTROY | tag::CT_CONFIRM_DROP => {
                 let nat = NatEntry {
                     client: self.req_ep(b)?,
                     service: self.req_ep(b)?,
@@ -913,10 +917,10 @@ impl<'a> BlockDecoder<'a> {
                     // Absent before minor 1 and when the flow was not SNATed.
                     snat: if b.is_empty() { None } else { self.ep(b)? },
                 };
-                if t == tag::NAT_MAPPING {
-                    EventBody::NatMapping(nat)
-                } else {
-                    EventBody::NatDestroy(nat)
+                match t {
+                    tag::NAT_MAPPING => EventBody::NatMapping(nat),
+                    tag::NAT_DESTROY => EventBody::NatDestroy(nat),
+                    _ => EventBody::CtConfirmDrop(nat),
                 }
             }
             tag::CT_COUNTERS => EventBody::CtCounters(CounterRise {

@@ -224,6 +224,17 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 max: None,
             }),
         ),
+        ev(
+            11,
+            Source::Kretprobe,
+            EventBody::CtConfirmDrop(NatEntry {
+                client: v4(10, 0, 0, 2, 40002),
+                service: v4(10, 96, 0, 10, 53),
+                backend: v4(10, 0, 1, 3, 53),
+                protocol: 17,
+                snat: None,
+            }),
+        ),
     ]
 }
 
@@ -407,7 +418,7 @@ fn every_variant_round_trips_through_a_block() {
         .filter(|i| !matches!(i, Item::Name { .. }))
         .count();
     assert_eq!(raw.items as usize, counted);
-    assert_eq!(raw.events, 11);
+    assert_eq!(raw.events, 12);
     assert_eq!(raw.min_ts, 0);
     assert_eq!(raw.max_ts, u64::MAX);
     assert_eq!(items_of(decode_payload(&raw.payload, raw.base_ts)), items);
@@ -426,7 +437,7 @@ fn every_variant_round_trips_through_a_file() {
     let path = dir.path("rec");
     let blocks = vec![every_item(1_000), every_item(9_000_000_000), vec![]];
     let s = write_recording(&path, inline_config(&path), &blocks);
-    assert_eq!(s.events, 22);
+    assert_eq!(s.events, 24);
     assert_eq!(s.files, vec![path.clone()]);
     let (items, warnings) = read_file(&path);
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -434,7 +445,7 @@ fn every_variant_round_trips_through_a_file() {
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
     assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
-    assert_eq!(r.version(), (1, 2));
+    assert_eq!(r.version(), (1, 3));
 }
 
 #[test]

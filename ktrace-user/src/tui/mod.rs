@@ -181,11 +181,7 @@ pub fn start_live() -> (ChannelTap, Live) {
     // would kill the process with the terminal still raw and on the
     // alternate screen: they end the dashboard instead, which restores it.
     for sig in [libc::SIGINT, libc::SIGTERM] {
-        let quit = quit.clone();
-        // SAFETY: the action only stores to an atomic (async-signal-safe).
-        let _ = unsafe {
-            signal_hook_registry::register(sig, move || quit.store(true, Ordering::Relaxed))
-        };
+        let _ = signal_hook::flag::register(sig, quit.clone());
     }
     let dropped = tap.dropped.clone();
     let thread = std::thread::Builder::new()

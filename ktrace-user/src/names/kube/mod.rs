@@ -21,6 +21,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 
+use crate::background;
+
 use super::status::{SourceState, SourceStatus};
 use super::{Names, SourceId};
 use cache::Cache;
@@ -66,23 +68,16 @@ pub fn start(names: Arc<Names>, opts: KubeOptions) {
     st.mode = resources(opts.pods);
     names.set_status(st);
     let n = names.clone();
-    let spawned = std::thread::Builder::new()
-        .name("ktrace-names-api".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    n.set_status(SourceStatus::off(SOURCE, format!("no runtime: {e}")));
-                    return;
-                }
-            };
-            if let Err(why) = rt.block_on(run(&n, &opts)) {
+    let failed = names.clone();
+    let spawned = background::spawn(
+        "ktrace-names-api",
+        move || async move {
+            if let Err(why) = run(&n, &opts).await {
                 n.set_status(SourceStatus::off(SOURCE, why));
             }
-        });
+        },
+        move |why| failed.set_status(SourceStatus::off(SOURCE, why)),
+    );
     if let Err(e) = spawned {
         names.set_status(SourceStatus::off(SOURCE, format!("cannot start: {e}")));
     }

@@ -11,7 +11,7 @@ use crate::hooks::HookStatus;
 /// A drain older than this makes ktrace unhealthy.
 pub const STALE_AFTER: Duration = Duration::from_secs(10);
 
-/// Shared by the pipeline (which updates it) and the endpoint (which reads it).
+/// Shared by the pipeline (which updates it) and the metrics server (which reads it).
 #[derive(Debug)]
 pub struct Health {
     epoch: Instant,

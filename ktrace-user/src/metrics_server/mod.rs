@@ -1,5 +1,6 @@
-//! `watch --metrics-addr HOST:PORT`: an HTTP endpoint for Prometheus and
-//! the kubelet.
+//! `watch --metrics-addr HOST:PORT`: the HTTP server Prometheus and the
+//! kubelet scrape (named so, not "endpoint": an endpoint in ktrace is an
+//! address and port of the traffic it watches).
 //!
 //! - `GET /metrics`: the metrics of the OTLP export ([`crate::export::metrics`],
 //!   the same instruments, collected from the same reader) in the
@@ -26,12 +27,13 @@ use hyper_util::rt::TokioIo;
 use opentelemetry_sdk::metrics::data::ResourceMetrics;
 use opentelemetry_sdk::metrics::reader::MetricReader as _;
 
+use crate::background;
 use crate::export::metrics::Metrics;
 use crate::export::prometheus;
 pub use health::Health;
 
 #[derive(Debug, thiserror::Error)]
-pub enum EndpointError {
+pub enum MetricsServerError {
     #[error("--metrics-addr {addr}: cannot listen: {source}")]
     Bind {
         addr: SocketAddr,
@@ -44,9 +46,9 @@ pub enum EndpointError {
     NoMetrics,
 }
 
-/// The running endpoint (it serves until the process exits).
+/// The running server (it serves until the process exits).
 #[derive(Debug)]
-pub struct Endpoint {
+pub struct MetricsServer {
     /// The address bound (the port the system chose, for port 0).
     pub local_addr: SocketAddr,
 }
@@ -56,28 +58,18 @@ pub(crate) fn start(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-) -> Result<Endpoint, EndpointError> {
-    let bind = |source| EndpointError::Bind { addr, source };
+) -> Result<MetricsServer, MetricsServerError> {
+    let bind = |source| MetricsServerError::Bind { addr, source };
     let listener = TcpListener::bind(addr).map_err(bind)?;
     listener.set_nonblocking(true).map_err(bind)?;
     let local_addr = listener.local_addr().map_err(bind)?;
-    std::thread::Builder::new()
-        .name("ktrace-metrics".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("metrics endpoint: cannot start its event loop: {e}");
-                    return;
-                }
-            };
-            rt.block_on(serve(listener, metrics, health));
-        })
-        .map_err(EndpointError::Thread)?;
-    Ok(Endpoint { local_addr })
+    background::spawn(
+        "ktrace-metrics",
+        move || serve(listener, metrics, health),
+        |why| tracing::error!("metrics endpoint: {why}"),
+    )
+    .map_err(MetricsServerError::Thread)?;
+    Ok(MetricsServer { local_addr })
 }
 
 async fn serve(listener: TcpListener, metrics: Arc<Metrics>, health: Arc<Health>) {
