@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::Event;
 
-use crate::names::model::{valid_label, Interner, Key, Layer, PodName, Proto, ServiceName};
+use crate::names::model::{
+    valid_label, Interner, Key, Layer, Peer, PodName, PortRole, Proto, ServiceName,
+};
 
 /// `namespace/name` of an object.
 pub type ObjKey = (Box<str>, Box<str>);
@@ -293,18 +295,16 @@ impl Cache {
         let mut svc_names: SvcNames = HashMap::new();
         for ((ns, name), e) in &self.services.map {
             for (key, port) in &e.ports {
-                l.services
-                    .insert(*key, svc_name(&mut svc_names, &mut i, ns, name, port));
+                let n = svc_name(&mut svc_names, &mut i, ns, name, port);
+                l.add_port(PortRole::Vip, *key, n);
             }
         }
         for ((ns, _), e) in &self.slices.map {
             for ep in &e.eps {
-                l.endpoints.insert(
-                    ep.key,
-                    svc_name(&mut svc_names, &mut i, ns, &e.service, &ep.port_name),
-                );
+                let n = svc_name(&mut svc_names, &mut i, ns, &e.service, &ep.port_name);
+                l.add_port(PortRole::Endpoint, ep.key, n);
                 if let Some(pod) = &ep.pod {
-                    l.pods.entry(ep.key.0).or_insert_with(|| PodName {
+                    l.set_pod_if_unknown(ep.key.0, || PodName {
                         namespace: i.get(ns),
                         name: pod.clone(),
                         node: ep.node.as_deref().map(|n| i.get(n)),
@@ -315,23 +315,21 @@ impl Cache {
         for ((ns, name), p) in &self.pods.map {
             let node = p.node.as_deref().map(|n| i.get(n));
             if let (Some(h), Some(n)) = (p.host_ip, &node) {
-                l.nodes.insert(h, n.clone());
+                l.set_peer(h, Peer::Node(n.clone()));
             }
             for ip in &p.ips {
                 if p.host_network {
                     if let Some(n) = &node {
-                        l.nodes.insert(*ip, n.clone());
+                        l.set_peer(*ip, Peer::Node(n.clone()));
                     }
                     continue;
                 }
-                l.pods.insert(
-                    *ip,
-                    PodName {
-                        namespace: i.get(ns),
-                        name: name.clone(),
-                        node: node.clone(),
-                    },
-                );
+                let pod = PodName {
+                    namespace: i.get(ns),
+                    name: name.clone(),
+                    node: node.clone(),
+                };
+                l.set_peer(*ip, Peer::Pod(Arc::new(pod)));
             }
         }
         l

@@ -175,7 +175,7 @@ async fn run(names: &Names, opts: &KubeOptions) -> Result<(), String> {
                 if dirty {
                     dirty = false;
                     let layer = cache.layer();
-                    nodes = layer.nodes.len() as u64;
+                    nodes = layer.counts().nodes as u64;
                     names.publish(SourceId::Api, layer);
                     names.set_complete(opts.pods == Pods::Cluster && cache.pods.synced);
                 }
