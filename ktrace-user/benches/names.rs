@@ -18,6 +18,8 @@
 //!
 //! Run: `cargo bench -p ktrace --bench names` (`KTRACE_BENCH_RUNS`, default 7).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,13 +27,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
+use common::ev;
 use k8s_openapi::api::core::v1::{
     ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, NatEntry, Source};
+use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
 use ktrace::names::kube::lenient::Lenient;
 use ktrace::names::{NameResolver, Names, SourceId};
@@ -173,15 +176,6 @@ fn per_object<K: kube::Resource>(
         store(cache, WEvent::Apply(Lenient::Ok(make(i))));
     }
     (heap() - before) as f64 / f64::from(n)
-}
-
-fn ev(ts: u64, body: EventBody) -> Event {
-    Event {
-        ts_ns: ts,
-        netns: 1,
-        source: Source::Tracepoint,
-        body,
-    }
 }
 
 fn nat(ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr) -> Event {
