@@ -281,12 +281,22 @@ fn api_names_nodes_and_malformed_objects() {
     api.kubeconfig(&kubeconfig);
     lab.start_server();
     let watch = lab.watch(&["--kubeconfig", &kubeconfig, "--node-name", NODE]);
+    // The source may be live by the time the status line is printed (then
+    // no `names` line follows until something changes).
+    let at_start: Vec<Value> = watch.status["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["source"] == "kubernetes-api")
+        .cloned()
+        .collect();
+    let states = |l: &[Value]| [at_start.clone(), api_states(l)].concat();
     assert!(
-        watch.wait_for(Duration::from_secs(30), |l| api_states(l)
+        watch.wait_for(Duration::from_secs(30), |l| states(l)
             .last()
             .is_some_and(|s| s["state"] == "live")),
         "the API source did not go live: {:?}",
-        api_states(&watch.lines())
+        states(&watch.lines())
     );
     assert!(
         count(&api.requests(), Res::Nodes, true) >= 1,
@@ -311,7 +321,7 @@ fn api_names_nodes_and_malformed_objects() {
     assert!(
         watch.wait_for(Duration::from_secs(10), |l| api_states(l)
             .last()
-            .is_some_and(|s| s["skipped"].as_u64() >= Some(4) && s["nodes"] == 2)),
+            .is_some_and(|s| s["skipped"].as_u64() >= Some(4))),
         "the malformed objects were not all counted: {:?}",
         api_states(&watch.lines())
     );
@@ -323,7 +333,7 @@ fn api_names_nodes_and_malformed_objects() {
     let stderr = watch.stderr();
     let lines = watch.stop();
 
-    let states = api_states(&lines);
+    let states = states(&lines);
     assert!(
         states.iter().all(|s| s["state"] != "failing"),
         "a malformed object failed the watch: {states:?}"
