@@ -332,7 +332,8 @@ struct DoctorArgs {
     /// Read /proc, /sys and /etc under this directory (a dump of another node).
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
-    /// Sample the conntrack counters over this many seconds to give rates.
+    /// Sample the conntrack counters over this many seconds to give rates
+    /// (a live audit samples 1 s unless told; 0: totals since boot only).
     #[arg(long, value_name = "SECS", value_parser = sample_arg, allow_negative_numbers = true)]
     sample: Option<Duration>,
     /// Exit 1 on warnings too, not only on failures.
