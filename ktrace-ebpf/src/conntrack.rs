@@ -259,7 +259,7 @@ pub fn try_tcp_packet_return(ctx: &RetProbeContext) -> Result<(), i64> {
     ev.verdict = verdict;
     ev.ctinfo = s.arg as u8;
     ev.protocol = 6;
-    if let Ok(pkt) = kernel::skb_packet(skb) {
+    if let Ok(pkt) = kernel::skb_packet::<false>(skb) {
         ev.src = pkt.src;
         ev.dst = pkt.dst;
     }

@@ -157,9 +157,66 @@ fn skb_fields(skb: u64) -> Result<(u64, u16, u64), i64> {
 #[map]
 static HDR_SCRATCH: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
 
+/// `skb->head`, `skb->network_header` and `skb->dev` as plain loads, for
+/// programs whose `skb` argument the verifier types from BTF (fentry,
+/// tp_btf): it turns each into a load guarded by an exception-table entry,
+/// with no helper call (the probe read of [`skb_fields`] is about 40 ns of
+/// a reset storm's budget). Never call it with an untyped `skb` (kprobe,
+/// raw tracepoint): the verifier refuses the program.
 #[inline(always)]
-pub fn skb_packet(skb: u64) -> Result<PacketInfo, i64> {
-    let (head, nh, dev) = skb_fields(skb)?;
+fn skb_fields_typed(skb: u64) -> Result<(u64, u16, u64), i64> {
+    let (head_off, nh_off, dev_off) =
+        (layout!(skb_head), layout!(skb_network_header), layout!(skb_dev));
+    if head_off == NO_OFFSET || nh_off == NO_OFFSET || dev_off == NO_OFFSET {
+        return Err(-1);
+    }
+    let p = skb as *const u8;
+    // SAFETY: typed loads at BTF offsets of `struct sk_buff`; a bad
+    // pointer reads as zero (the load's exception handler), never faults.
+    let (head, nh, dev) = unsafe {
+        (
+            core::ptr::read_volatile(p.wrapping_add(head_off as usize) as *const u64),
+            core::ptr::read_volatile(p.wrapping_add(nh_off as usize) as *const u16),
+            core::ptr::read_volatile(p.wrapping_add(dev_off as usize) as *const u64),
+        )
+    };
+    // The verifier may type `dev` as a `struct net_device` pointer; from
+    // here on it is a plain number (cached, compared, probe-read).
+    let dev = untyped(dev);
+    Ok((head, nh, dev))
+}
+
+/// Per-CPU slot through which a BTF-typed value becomes a plain number.
+#[map]
+static UNTYPED: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// `v` as a plain number the verifier knows nothing about. The verifier
+/// assumes some BTF-typed arguments are never NULL (tp_btf arguments on
+/// 6.2 – 6.12) and would wire a NULL test on them to "not NULL", although
+/// `tcp_send_reset` passes a NULL socket or packet; a value stored to and
+/// loaded back from a map is a number, and tests on it stay.
+#[inline(always)]
+pub fn untyped(v: u64) -> u64 {
+    match UNTYPED.get_ptr_mut(0) {
+        // SAFETY: a per-CPU slot, used by one program run at a time;
+        // volatile so the compiler keeps the round trip.
+        Some(slot) => unsafe {
+            core::ptr::write_volatile(slot, v);
+            core::ptr::read_volatile(slot)
+        },
+        None => 0,
+    }
+}
+
+/// The packet in `skb`; `TYPED` when `skb` is a BTF-typed argument (see
+/// [`skb_fields_typed`]) and already tested non-NULL through [`untyped`].
+#[inline(always)]
+pub fn skb_packet<const TYPED: bool>(skb: u64) -> Result<PacketInfo, i64> {
+    let (head, nh, dev) = if TYPED {
+        skb_fields_typed(skb)?
+    } else {
+        skb_fields(skb)?
+    };
     let ip = head + nh as u64;
     let mut info = PacketInfo {
         src: Endpoint::default(),

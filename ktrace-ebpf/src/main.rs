@@ -12,9 +12,10 @@ mod reset;
 mod ring;
 
 use aya_ebpf::{
-    macros::{fentry, kprobe, kretprobe, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, fentry, kprobe, kretprobe, raw_tracepoint, tracepoint},
     programs::{
-        FEntryContext, ProbeContext, RawTracePointContext, RetProbeContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, RetProbeContext,
+        TracePointContext,
     },
     EbpfContext,
 };
@@ -52,6 +53,11 @@ pub fn tcp_receive_reset(ctx: TracePointContext) -> u32 {
 #[raw_tracepoint(tracepoint = "tcp_send_reset")]
 pub fn raw_tcp_send_reset(ctx: RawTracePointContext) -> u32 {
     done(&ctx, reset::try_raw_tcp_send_reset(&ctx))
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn btf_tcp_send_reset(ctx: BtfTracePointContext) -> u32 {
+    done(&ctx, reset::try_btf_tcp_send_reset(&ctx))
 }
 
 #[raw_tracepoint(tracepoint = "tcp_receive_reset")]

@@ -2,7 +2,9 @@
 //! `tcp_v{4,6}_send_reset` where the tracepoint misses the no-socket case)
 //! and received by a socket (tracepoint).
 
-use aya_ebpf::programs::{FEntryContext, ProbeContext, RawTracePointContext, TracePointContext};
+use aya_ebpf::programs::{
+    BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, TracePointContext,
+};
 use ktrace_common::{
     hook, kind, reset_flags, Endpoint, ResetEvent, TpFields, AF_INET, AF_INET6, NO_FIELD,
 };
@@ -128,7 +130,7 @@ pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let mut from_skb = false;
     let mut dev = 0;
     if skb != 0 {
-        if let Ok(pkt) = kernel::skb_packet(skb) {
+        if let Ok(pkt) = kernel::skb_packet::<false>(skb) {
             dev = pkt.dev;
             ev.trigger_flags = pkt.tcp_flags;
             ev.flags |= reset_flags::HAS_TRIGGER;
@@ -181,12 +183,29 @@ pub fn try_tp_tcp_receive_reset(ctx: &TracePointContext) -> Result<(), i64> {
 /// arguments: the RST answers the segment in `skb` (its addresses are that
 /// segment's, reversed); without a segment (an active reset) they are the
 /// socket's own.
+///
+/// `TYPED`: `sk` and `skb` are BTF-typed arguments (fentry, tp_btf): the
+/// packet's `sk_buff` fields are read by plain loads, and NULL is tested on
+/// their [`kernel::untyped`] values (the verifier may assume a typed
+/// argument is never NULL and drop a test on the argument itself).
 #[inline(always)]
-fn emit_send_reset(sk: u64, skb: u64, reason: Option<u32>, which: u8) -> Result<(), i64> {
+fn emit_send_reset<const TYPED: bool>(
+    sk_arg: u64,
+    skb_arg: u64,
+    reason: Option<u32>,
+    which: u8,
+) -> Result<(), i64> {
+    let (sk, skb) = if TYPED {
+        (kernel::untyped(sk_arg), kernel::untyped(skb_arg))
+    } else {
+        (sk_arg, skb_arg)
+    };
     let mut ev = ResetEvent::default();
     let mut dev = 0;
-    if skb != 0 {
-        let pkt = kernel::skb_packet(skb)?;
+    // The second test is for kernels that type the argument "maybe NULL"
+    // (the verifier then wants the test on the argument itself).
+    if skb != 0 && skb_arg != 0 {
+        let pkt = kernel::skb_packet::<TYPED>(skb_arg)?;
         // The kernel never answers an RST with an RST: it returns early.
         if pkt.tcp_flags & TCP_FLAG_RST != 0 {
             return Ok(());
@@ -226,7 +245,7 @@ pub fn try_kprobe_send_reset(ctx: &ProbeContext, which: u8) -> Result<(), i64> {
     let skb: u64 = ctx.arg(1).ok_or(-1i64)?;
     let reason =
         (layout!(send_reset_has_reason) == 1).then(|| ctx.arg::<u64>(2).unwrap_or(0) as u32);
-    emit_send_reset(sk, skb, reason, which)
+    emit_send_reset::<false>(sk, skb, reason, which)
 }
 
 /// fentry on `tcp_v4_send_reset(sk, skb[, reason])` / `tcp_v6_send_reset`:
@@ -236,7 +255,7 @@ pub fn try_fentry_send_reset(ctx: &FEntryContext, which: u8) -> Result<(), i64> 
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
     let reason = (layout!(send_reset_has_reason) == 1).then(|| ctx.arg::<u64>(2) as u32);
-    emit_send_reset(sk, skb, reason, which)
+    emit_send_reset::<true>(sk, skb, reason, which)
 }
 
 /// Raw tracepoint `tcp_send_reset(sk, skb[, reason])`: the tracepoint's own
@@ -246,7 +265,17 @@ pub fn try_raw_tcp_send_reset(ctx: &RawTracePointContext) -> Result<(), i64> {
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
     let reason = (layout!(send_reset_tp_has_reason) == 1).then(|| ctx.arg::<u64>(2) as u32);
-    emit_send_reset(sk, skb, reason, hook::RAW_TP_TCP_SEND_RESET)
+    emit_send_reset::<false>(sk, skb, reason, hook::RAW_TP_TCP_SEND_RESET)
+}
+
+/// The same raw tracepoint with BTF-typed arguments (tp_btf, 5.5+): the
+/// packet's `sk_buff` fields by plain loads instead of a probe read.
+#[inline(always)]
+pub fn try_btf_tcp_send_reset(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let reason = (layout!(send_reset_tp_has_reason) == 1).then(|| ctx.arg::<u64>(2) as u32);
+    emit_send_reset::<true>(sk, skb, reason, hook::RAW_TP_TCP_SEND_RESET)
 }
 
 /// Raw tracepoint `tcp_receive_reset(sk)`: the socket accepted an RST from

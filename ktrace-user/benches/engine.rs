@@ -11,12 +11,15 @@
 //! Events are fed in batches, as a ring drain or a recording block hands
 //! them over (`Engine::process_batch`, which prefetches flows ahead).
 
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use common::ev;
 use hdrhistogram::Histogram;
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, NatEntry, Source};
+use ktrace::event::{Event, EventBody, NatEntry};
 
 const FLOWS: u32 = 1_000_000;
 const SEC: u64 = 1_000_000_000;
@@ -41,15 +44,6 @@ fn backend(i: u32, gen: u32) -> SocketAddr {
         )),
         8443,
     )
-}
-
-fn ev(ts: u64, body: EventBody) -> Event {
-    Event {
-        ts_ns: ts,
-        netns: 1,
-        source: Source::Tracepoint,
-        body,
-    }
 }
 
 fn rst(ts: u64, src: SocketAddr, dst: SocketAddr, trigger: u8) -> Event {

@@ -5,26 +5,40 @@
 //!   objects converted from real k8s-openapi types as the watcher hands them);
 //! - ns per lookup: a finding's names, an event's names (what `record`
 //!   does per event);
-//! - the engine's events/s without names, with a finding's names looked up
-//!   per finding (what `watch` does), and with an event's names per event.
+//! - the engine's events/s without names and with each finding's names
+//!   (what `watch` does), for the worst case (every connection a finding,
+//!   each from a different client Pod) and a typical mix (1 connection in
+//!   100 a finding, clients that come back);
+//! - the recorder's events/s (encode + zstd + write, one core) without
+//!   names and with each event's names (what `record` does).
 //!
-//! Run: `cargo bench -p ktrace --bench names`.
+//! Each pair (without, with) runs back to back, several times: the change
+//! is given as the median and the spread over the pairs, so a noisy
+//! machine shows as a wide spread rather than as a wrong figure.
+//!
+//! Run: `cargo bench -p ktrace --bench names` (`KTRACE_BENCH_RUNS`, default 7).
+
+mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
+use common::ev;
 use k8s_openapi::api::core::v1::{
     ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, NatEntry, Source};
+use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
+use ktrace::names::kube::lenient::Lenient;
 use ktrace::names::{NameResolver, Names, SourceId};
+use ktrace::recording::{Context, Recorder, RotationConfig};
 use kube::runtime::watcher::Event as WEvent;
 
 struct Counting;
@@ -154,106 +168,194 @@ fn pod(p: u32) -> Pod {
 fn per_object<K: kube::Resource>(
     n: u32,
     make: impl Fn(u32) -> K,
-    store: impl Fn(&mut Cache, WEvent<K>),
+    store: impl Fn(&mut Cache, WEvent<Lenient<K>>),
     cache: &mut Cache,
 ) -> f64 {
     let before = heap();
     for i in 0..n {
-        store(cache, WEvent::Apply(make(i)));
+        store(cache, WEvent::Apply(Lenient::Ok(make(i))));
     }
     (heap() - before) as f64 / f64::from(n)
 }
 
-fn ev(ts: u64, body: EventBody) -> Event {
-    Event {
-        ts_ns: ts,
-        netns: 1,
-        source: Source::Tracepoint,
-        body,
-    }
+fn nat(ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr) -> Event {
+    ev(
+        ts,
+        EventBody::NatMapping(NatEntry {
+            snat: None,
+            client,
+            service,
+            backend,
+            protocol: 6,
+        }),
+    )
 }
 
-/// NAT mappings, then each client resetting its backend's own address (an
-/// un-NATed reply: one finding per connection), over Services and Pods the
-/// cache knows.
-fn stream(n: u32) -> Vec<Event> {
-    let mut out = Vec::with_capacity(2 * n as usize);
-    for i in 0..n {
-        let client = SocketAddr::new(
+/// The client's no-socket RST to the backend's own address (an un-NATed
+/// reply: a finding).
+fn reset(ts: u64, client: SocketAddr, backend: SocketAddr) -> Event {
+    ev(
+        ts,
+        EventBody::TcpSendReset {
+            src: client,
+            dst: backend,
+            reason: Some("NO_SOCKET".into()),
+            socket: None,
+            trigger_flags: Some(0x18),
+        },
+    )
+}
+
+fn svc_addr(i: u32) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(vip(i % SERVICES)), 8080)
+}
+
+fn backend_addr(i: u32) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(pod_ip((i % SERVICES) * SLICE_EPS)), 8080)
+}
+
+/// The worst case: NAT mappings, then each client resetting its backend's
+/// own address: every connection a finding, the clients spread over all
+/// 100k Pods (a new client address almost every event).
+fn worst(n: u32) -> Vec<Event> {
+    let client = |i: u32| {
+        SocketAddr::new(
             IpAddr::V4(pod_ip((i * 7919) % PODS)),
             20_000 + (i % 40_000) as u16,
-        );
-        let svc = SocketAddr::new(IpAddr::V4(vip(i % SERVICES)), 8080);
-        let be = SocketAddr::new(IpAddr::V4(pod_ip((i % SERVICES) * SLICE_EPS)), 8080);
-        out.push(ev(
+        )
+    };
+    let mut out = Vec::with_capacity(2 * n as usize);
+    for i in 0..n {
+        out.push(nat(
             u64::from(i) * 1000,
-            EventBody::NatMapping(NatEntry {
-                snat: None,
-                client,
-                service: svc,
-                backend: be,
-                protocol: 6,
-            }),
+            client(i),
+            svc_addr(i),
+            backend_addr(i),
         ));
     }
     for i in 0..n {
-        let client = SocketAddr::new(
-            IpAddr::V4(pod_ip((i * 7919) % PODS)),
-            20_000 + (i % 40_000) as u16,
-        );
-        let be = SocketAddr::new(IpAddr::V4(pod_ip((i % SERVICES) * SLICE_EPS)), 8080);
         let ts = u64::from(n + i) * 1000;
-        out.push(ev(
-            ts,
-            EventBody::TcpSendReset {
-                src: client,
-                dst: be,
-                reason: Some("NO_SOCKET".into()),
-                socket: None,
-                trigger_flags: Some(0x18),
-            },
-        ));
+        out.push(reset(ts, client(i), backend_addr(i)));
     }
     out
 }
 
-#[derive(Clone, Copy)]
-enum Mode {
-    Plain,
-    Findings,
-    Events,
+/// A typical mix: connections opened and closed (NAT mapping, then its
+/// destroy), 2000 client Pods that come back, 1 connection in 100 reset
+/// mid-stream (a finding).
+fn typical(n: u32) -> Vec<Event> {
+    let mut out = Vec::with_capacity(2 * n as usize + n as usize / 100);
+    let mut ts = 0u64;
+    for i in 0..n {
+        let client = SocketAddr::new(
+            IpAddr::V4(pod_ip((i * 7919) % 2000 * 50)),
+            20_000 + (i % 40_000) as u16,
+        );
+        let entry = NatEntry {
+            snat: None,
+            client,
+            service: svc_addr(i * 31),
+            backend: backend_addr(i * 31),
+            protocol: 6,
+        };
+        ts += 1000;
+        out.push(ev(ts, EventBody::NatMapping(entry.clone())));
+        ts += 1000;
+        if i % 100 == 0 {
+            out.push(reset(ts, client, entry.backend));
+        } else {
+            out.push(ev(ts, EventBody::NatDestroy(entry)));
+        }
+    }
+    out
 }
 
-/// Events a recording block holds, about (the recorder looks an address
-/// up once per block).
-const BLOCK_EVENTS: usize = 4096;
-
-fn run(events: &[Event], r: &NameResolver, mode: Mode) -> (f64, usize) {
+/// Events/s of the engine over `events`, naming each finding when `r` is given.
+fn engine(events: &[Event], r: Option<&NameResolver>) -> (f64, usize) {
     let mut e = Engine::new(EngineConfig::default());
     let mut found = Vec::new();
     let mut named = 0usize;
-    let mut seen = std::collections::HashSet::with_hasher(foldhash::fast::RandomState::default());
     let t = Instant::now();
     for x in events {
         e.process(x, &mut found);
-        match mode {
-            Mode::Plain => {}
-            Mode::Findings => {
-                for f in found.drain(..) {
-                    named += usize::from(r.finding(&f).is_some());
-                }
-            }
-            Mode::Events => {
-                if named.is_multiple_of(BLOCK_EVENTS) {
-                    seen.clear();
-                }
-                named += 1;
-                std::hint::black_box(r.event_records(x, &mut seen));
+        if let Some(r) = r {
+            for f in &found {
+                named += usize::from(std::hint::black_box(r.finding(f)).is_some());
             }
         }
         found.clear();
     }
     (events.len() as f64 / t.elapsed().as_secs_f64(), named)
+}
+
+fn context() -> Context {
+    Context {
+        format: "ktrace-recording".into(),
+        format_version: "1.0".into(),
+        ktrace_version: env!("CARGO_PKG_VERSION").into(),
+        command: "record".into(),
+        host: "bench".into(),
+        kernel: None,
+        boot_id: None,
+        wall_offset_ns: 1_700_000_000_000_000_000,
+        recording_id: "00000000000000be".into(),
+        segment: 0,
+        started_mono_ns: 0,
+        segment_started_mono_ns: 0,
+        ring_buffer_bytes: 1 << 23,
+        netns: None,
+        netns_names: BTreeMap::new(),
+        hooks: Vec::new(),
+        engine: EngineConfig::default(),
+    }
+}
+
+/// Events/s `record` writes (encode + zstd + write, inline on one core),
+/// writing each event's names when `r` is given; the file's size.
+fn record(path: &Path, events: &[Event], r: Option<&NameResolver>) -> (f64, u64) {
+    let _ = std::fs::remove_file(path);
+    let mut cfg = RotationConfig::new(path);
+    cfg.threaded = false;
+    let mut rec = Recorder::create(cfg, "record", EngineConfig::default()).unwrap();
+    rec.start_with(context()).unwrap();
+    let t = Instant::now();
+    for (i, e) in events.iter().enumerate() {
+        if let Some(r) = r {
+            rec.event_names(e, r);
+        }
+        rec.event(e);
+        if i % 400_000 == 0 {
+            rec.tick(e.ts_ns);
+        }
+    }
+    rec.finish();
+    let eps = events.len() as f64 / t.elapsed().as_secs_f64();
+    (eps, std::fs::metadata(path).unwrap().len())
+}
+
+/// Runs each (without, with) pair `runs` times back to back: the best
+/// events/s of each, and the change with names per pair, sorted.
+fn pairs(runs: usize, mut f: impl FnMut(bool) -> f64) -> (f64, f64, Vec<f64>) {
+    let (mut best_off, mut best_on, mut deltas) = (0f64, 0f64, Vec::new());
+    for _ in 0..runs {
+        let off = f(false);
+        let on = f(true);
+        best_off = best_off.max(off);
+        best_on = best_on.max(on);
+        deltas.push((on / off - 1.0) * 100.0);
+    }
+    deltas.sort_by(f64::total_cmp);
+    (best_off, best_on, deltas)
+}
+
+fn report(what: &str, (off, on, d): (f64, f64, Vec<f64>)) {
+    println!(
+        "  {what:<44} {off:>10.0} -> {on:>10.0} events/s   change with names: median {:+.1} % (from {:+.1} to {:+.1} over {} pairs)",
+        d[d.len() / 2],
+        d[0],
+        d[d.len() - 1],
+        d.len()
+    );
 }
 
 fn main() {
@@ -294,33 +396,38 @@ fn main() {
     let before = heap();
     let layer = c.layer();
     let lb = heap() - before;
+    let n = layer.counts();
     println!(
-        "lookup layer built from it: {:.1} MiB ({} VIPs, {} endpoints, {} pod IPs, {} node IPs): {:.0} B per endpoint+Pod",
+        "lookup layer built from it: {:.1} MiB ({} VIP ports, {} endpoints, {} pod IPs, {} node IPs): {:.0} B per endpoint+Pod",
         lb as f64 / f64::from(1 << 20),
-        layer.services.len(),
-        layer.endpoints.len(),
-        layer.pods.len(),
-        layer.nodes.len(),
-        lb as f64 / (layer.endpoints.len() + layer.pods.len()) as f64
+        n.vips,
+        n.endpoints,
+        n.pods,
+        n.nodes,
+        lb as f64 / (n.endpoints + n.pods) as f64
     );
     let names = Names::new();
     names.publish(SourceId::Api, layer);
     let r = NameResolver::live(names);
 
-    let events = stream(500_000);
+    let worst = worst(500_000);
+    let typical = typical(500_000);
     // Lookup cost alone: an event's names with every address looked up
     // (no per-block memory), and a finding's names.
     let t = Instant::now();
     let mut n = 0usize;
-    for x in &events {
+    let mut out = Vec::new();
+    for x in &worst {
         let mut seen = Default::default();
-        n += r.event_records(x, &mut seen).len();
+        r.event_records(x, &mut seen, &mut out);
+        n += out.len();
+        out.clear();
     }
-    let per_event = t.elapsed().as_nanos() as f64 / events.len() as f64;
+    let per_event = t.elapsed().as_nanos() as f64 / worst.len() as f64;
     println!("names of one event's addresses, every one looked up: {per_event:.0} ns ({n} names)");
     let mut e = Engine::new(EngineConfig::default());
     let mut fs = Vec::new();
-    for x in &events {
+    for x in &worst {
         e.process(x, &mut fs);
     }
     let t = Instant::now();
@@ -331,38 +438,31 @@ fn main() {
         fs.len()
     );
 
-    let off = NameResolver::default();
     let runs = std::env::var("KTRACE_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let mut best = [0f64; 3];
-    let mut found = [0usize; 3];
-    for _ in 0..runs {
-        for (i, (res, mode)) in [
-            (&off, Mode::Plain),
-            (&r, Mode::Findings),
-            (&r, Mode::Events),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (eps, f) = run(&events, res, mode);
-            best[i] = best[i].max(eps);
-            found[i] = f;
-        }
+        .unwrap_or(7);
+    for (what, events) in [("worst case", &worst), ("typical mix", &typical)] {
+        let (_, named) = engine(events, Some(&r));
+        println!("{what}: {} events, {named} findings named", events.len());
+        report(
+            "engine (watch: each finding's names)",
+            pairs(runs, |on| engine(events, on.then_some(&r)).0),
+        );
+        let dir = std::env::temp_dir().join(format!("ktrace-bench-names-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("names.rec");
+        let (_, plain) = record(&path, events, None);
+        let (_, with) = record(&path, events, Some(&r));
+        report(
+            "recorder (record: each event's names)",
+            pairs(runs, |on| record(&path, events, on.then_some(&r)).0),
+        );
+        println!(
+            "  recording size: {:.2} -> {:.2} bytes/event with names",
+            plain as f64 / events.len() as f64,
+            with as f64 / events.len() as f64
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
-    println!("engine events/s (best of {runs}):");
-    println!("  without names:                         {:>10.0}", best[0]);
-    println!(
-        "  with each finding's names (watch):     {:>10.0}  ({:+.1} %, {} findings named)",
-        best[1],
-        (best[1] / best[0] - 1.0) * 100.0,
-        found[1]
-    );
-    println!(
-        "  with each event's names, per block (record path): {:>10.0}  ({:+.1} %)",
-        best[2],
-        (best[2] / best[0] - 1.0) * 100.0
-    );
 }

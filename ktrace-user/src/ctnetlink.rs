@@ -284,6 +284,18 @@ mod tests {
         ]
     }
 
+    /// The mapping of the tests' flow: 10.0.0.2:40000 -> 10.96.0.10:2222
+    /// DNATed to 10.0.1.3:2222, SNATed to `snat` when given.
+    fn mapping(snat: Option<&str>) -> EventBody {
+        EventBody::NatMapping(NatEntry {
+            client: "10.0.0.2:40000".parse().unwrap(),
+            service: "10.96.0.10:2222".parse().unwrap(),
+            backend: "10.0.1.3:2222".parse().unwrap(),
+            protocol: 6,
+            snat: snat.map(|s| s.parse().unwrap()),
+        })
+    }
+
     fn datagram(msg: ConntrackMessage) -> Vec<u8> {
         let nf = NetfilterMessage::new(NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0), msg);
         let mut header = NetlinkHeader::default();
@@ -312,16 +324,7 @@ mod tests {
         let evs = parse_datagram(&data, 5, 77);
         assert_eq!(evs.len(), 1);
         assert_eq!(evs[0].netns, 77);
-        assert_eq!(
-            evs[0].body,
-            EventBody::NatMapping(NatEntry {
-                client: "10.0.0.2:40000".parse().unwrap(),
-                service: "10.96.0.10:2222".parse().unwrap(),
-                backend: "10.0.1.3:2222".parse().unwrap(),
-                protocol: 6,
-                snat: None,
-            })
-        );
+        assert_eq!(evs[0].body, mapping(None));
     }
 
     #[test]
@@ -341,16 +344,7 @@ mod tests {
         data.extend(datagram(snat_only));
         let evs = parse_datagram(&data, 5, 77);
         assert_eq!(evs.len(), 1, "{evs:?}");
-        assert_eq!(
-            evs[0].body,
-            EventBody::NatMapping(NatEntry {
-                client: "10.0.0.2:40000".parse().unwrap(),
-                service: "10.96.0.10:2222".parse().unwrap(),
-                backend: "10.0.1.3:2222".parse().unwrap(),
-                protocol: 6,
-                snat: Some("10.0.1.1:61000".parse().unwrap()),
-            })
-        );
+        assert_eq!(evs[0].body, mapping(Some("10.0.1.1:61000")));
     }
 
     #[test]

@@ -142,7 +142,7 @@ pub struct NatEntry {
 
 /// Increases of the conntrack counters since the previous sample, with
 /// the table's fill when readable.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct CounterRise {
     pub invalid: u64,
     pub drop: u64,

@@ -33,8 +33,9 @@ enum Command {
     Replay(ReplayArgs),
 }
 
+/// How findings are printed (`demo`, `watch`, `replay`).
 #[derive(Args)]
-struct DemoArgs {
+struct ViewArgs {
     /// JSON Lines on stdout instead of the human view.
     #[arg(long)]
     json: bool,
@@ -44,13 +45,15 @@ struct DemoArgs {
 }
 
 #[derive(Args)]
+struct DemoArgs {
+    #[command(flatten)]
+    view: ViewArgs,
+}
+
+#[derive(Args)]
 struct WatchArgs {
-    /// JSON Lines on stdout instead of the human view.
-    #[arg(long)]
-    json: bool,
-    /// Print every finding with its explanation and remedy (by default, once per incident group).
-    #[arg(long, conflicts_with = "json")]
-    explain: bool,
+    #[command(flatten)]
+    view: ViewArgs,
     /// A live dashboard in the terminal (incidents by Service, rates, detail) instead of the stream; q quits.
     #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
     tui: bool,
@@ -204,12 +207,8 @@ struct ReplayArgs {
     /// Recordings, in any order; PATH of a rotated set brings its PATH.1, PATH.2, ... too.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
-    /// JSON Lines on stdout instead of the human view.
-    #[arg(long)]
-    json: bool,
-    /// Print every finding with its explanation and remedy (by default, once per incident group).
-    #[arg(long, conflicts_with = "json")]
-    explain: bool,
+    #[command(flatten)]
+    view: ViewArgs,
     /// The recording through the live dashboard, with keys to step through time; q quits.
     #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
     tui: bool,
@@ -333,7 +332,8 @@ struct DoctorArgs {
     /// Read /proc, /sys and /etc under this directory (a dump of another node).
     #[arg(long, value_name = "DIR", default_value = "/")]
     root: PathBuf,
-    /// Sample the conntrack counters over this many seconds to give rates.
+    /// Sample the conntrack counters over this many seconds to give rates
+    /// (a live audit samples 1 s unless told; 0: totals since boot only).
     #[arg(long, value_name = "SECS", value_parser = sample_arg, allow_negative_numbers = true)]
     sample: Option<Duration>,
     /// Exit 1 on warnings too, not only on failures.
@@ -431,7 +431,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     }
     let mut opts = ktrace::watch::WatchOptions {
         engine: a.engine.config(),
-        json: a.json,
+        json: a.view.json,
         events: a.events,
         duration: a.source.duration,
         ring_buffer_bytes: a.source.ring_buffer_mb << 20,
@@ -440,7 +440,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         export: None,
         exposed: Vec::new(),
         names: a.names.start(a.otlp.node_name.as_deref()),
-        explain: a.explain,
+        explain: a.view.explain,
         tui: a.tui,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
@@ -463,8 +463,8 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
     use ktrace::demo::{DemoOptions, Outcome};
     Ok(
         match ktrace::demo::run(DemoOptions {
-            json: a.json,
-            explain: a.explain,
+            json: a.view.json,
+            explain: a.view.explain,
         })? {
             Outcome::Complete => ExitCode::SUCCESS,
             // As a shell reports a command stopped by SIGINT.
@@ -531,13 +531,13 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     )?;
     let opts = ktrace::replay::ReplayOptions {
         paths: a.paths,
-        json: a.json,
+        json: a.view.json,
         events: a.events,
         since: a.since,
         until: a.until,
         storm_threshold: a.storm_threshold,
         storm_window_ns: a.storm_window.map(duration_ns),
-        plain: ktrace::incident::plain::PlainOptions::for_stdout(a.explain),
+        plain: ktrace::incident::plain::PlainOptions::for_stdout(a.view.explain),
         timeline: None,
     };
     if a.tui {

@@ -399,6 +399,10 @@ fn doctor_sample_gives_rates() {
     assert!(ev["sample_secs"].as_f64().is_some_and(|s| s >= 0.2), "{ev}");
     assert_eq!(ev["rates_per_sec"]["drop"], 0.0);
     assert!(r.field("conntrack_counters", "value").contains("/s)"));
+    // The same two reads decide the insert race: nothing rose.
+    let race = &r.checks["conntrack_insert_race"];
+    assert_eq!(race["status"], "ok", "{race}");
+    assert_eq!(race["evidence"]["insert_failed_rise"], 0, "{race}");
 }
 
 #[test]

@@ -315,8 +315,14 @@ pub fn check_insert_race(ctx: &Ctx) -> Check {
         Ok(s) => s,
         Err(e) => return ctx.unreadable(CHECK, e),
     };
-    let failed = ctx.ct.rise("insert_failed");
-    let resolved = ctx.ct.rise("clashres");
+    insert_race(first, &ctx.ct)
+}
+
+/// The insert-race verdict from the first read and the sample.
+fn insert_race(first: &Stats, ct: &CtSample) -> Check {
+    const CHECK: &str = "conntrack_insert_race";
+    let failed = ct.rise("insert_failed");
+    let resolved = ct.rise("clashres");
     let evidence = json!({
         "insert_failed": first.get("insert_failed"),
         "clash_resolve": first.get("clashres"),
@@ -338,7 +344,7 @@ pub fn check_insert_race(ctx: &Ctx) -> Check {
         (Some((_, secs)), Some((r, _))) if r > 0 => Check::new(CHECK, Status::Ok, format!("clash_resolve +{r} in {secs:.1}s, insert_failed +0"))
             .why("new flows race to confirm their conntrack entry and the kernel resolves the clashes: no packet was dropped"),
         (Some((_, secs)), _) => Check::new(CHECK, Status::Ok, format!("no failed insert in {secs:.1}s"))
-            .why(format!("no packet lost the race to confirm its conntrack entry during the sample.{}", ctx.ct.second_note())),
+            .why(format!("no packet lost the race to confirm its conntrack entry during the sample.{}", ct.second_note())),
         (None, _) => match first.get("insert_failed") {
             Some(n) if n > 0 => Check::new(CHECK, Status::Warn, format!("insert_failed={n} since boot"))
                 .why(format!(
@@ -381,6 +387,39 @@ mod tests {
         let s = parse_stat(text).unwrap();
         assert_eq!(s.get("invalid"), Some(2));
         assert!(s.get("clashres").is_none());
+    }
+
+    /// Two reads of a table with `insert_failed` and `clashres` columns.
+    fn sample(first: (u64, u64), second: Option<(u64, u64)>) -> (Stats, CtSample) {
+        let table = |(failed, clash): (u64, u64)| {
+            parse_stat(&format!(
+                "entries clashres insert_failed\n1 {clash:x} {failed:x}\n"
+            ))
+        };
+        let a = table(first).unwrap();
+        let ct = CtSample {
+            first: Ok(a.clone()),
+            second: second.map(|b| (Ok(table(b).unwrap()), 1.0)),
+        };
+        (a, ct)
+    }
+
+    #[test]
+    fn insert_race_verdicts() {
+        let verdict = |first, second| {
+            let (a, ct) = sample(first, second);
+            let c = insert_race(&a, &ct);
+            (c.status, c.value)
+        };
+        let (st, v) = verdict((3, 0), Some((5, 0)));
+        assert_eq!((st, v.as_str()), (Status::Fail, "insert_failed +2 in 1.0s"));
+        let (st, v) = verdict((3, 7), Some((3, 9)));
+        assert_eq!(st, Status::Ok, "resolved clashes drop nothing: {v}");
+        assert!(v.starts_with("clash_resolve +2"), "{v}");
+        assert_eq!(verdict((3, 7), Some((3, 7))).0, Status::Ok);
+        // No sample (offline): totals since boot.
+        assert_eq!(verdict((3, 0), None).0, Status::Warn);
+        assert_eq!(verdict((0, 0), None).0, Status::Ok);
     }
 
     #[test]

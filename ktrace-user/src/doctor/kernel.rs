@@ -27,6 +27,11 @@ pub fn check(ctx: &Ctx) -> Check {
             ),
         );
     };
+    against_changes(release)
+}
+
+/// The verdict for kernel `release`.
+fn against_changes(release: &str) -> Check {
     let Some(v) = kernel_version(release) else {
         return Check::unknown(CHECK, format!("{release:?} is not a kernel release"));
     };
@@ -73,7 +78,7 @@ pub fn check(ctx: &Ctx) -> Check {
     Check::new(
         CHECK,
         Status::Warn,
-        format!("{release}: {} conntrack change(s) missing", gaps.len()),
+        format!("{release}: {} change(s) missing", gaps.len()),
     )
     .expected(expected)
     .why(format!(
@@ -85,4 +90,22 @@ pub fn check(ctx: &Ctx) -> Check {
              and, for DNS, single-request-reopen or NodeLocal DNSCache",
     )
     .evidence(evidence)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_against_the_changes() {
+        let c = against_changes("6.1.0-18-amd64");
+        assert_eq!(c.status, Status::Ok, "{}", c.value);
+        let c = against_changes("5.10.0-28-amd64");
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.value.contains("2 change"), "6.1, 5.13: {}", c.value);
+        let c = against_changes("5.4.0-150-generic");
+        assert!(c.value.contains("3 change"), "{}", c.value);
+        assert!(c.why.contains("5 s") && c.why.contains("5.13"), "{}", c.why);
+        assert_eq!(against_changes("garbage").status, Status::Unknown);
+    }
 }

@@ -303,22 +303,7 @@ impl Engine {
             self.tick(ev.ts_ns, out);
         }
         match &ev.body {
-            EventBody::NatMapping(NatEntry {
-                client,
-                service,
-                backend,
-                protocol,
-                snat,
-            }) => {
-                let key = flow_key(*client, *protocol, ev.netns);
-                if let Some(n) = snat {
-                    if self.snat.len() >= MAX_SNAT {
-                        self.snat.clear();
-                    }
-                    self.snat.insert(Ep::new(*n), key.client);
-                }
-                self.on_mapping(ev.ts_ns, key, *service, *backend, out)
-            }
+            EventBody::NatMapping(nat) => self.on_nat_mapping(ev.ts_ns, ev.netns, nat, out),
             EventBody::CtConfirmDrop(nat) => self.on_confirm_drop(ev.ts_ns, nat, out),
             EventBody::NatDestroy(NatEntry {
                 client,
@@ -346,30 +331,8 @@ impl Engine {
                 message,
                 ..
             } => {
-                // A reply (or, for a Service held locally, a request) judged
-                // INVALID: either explains a reset of this client's flow.
-                if *reply_dir
-                    && self.flows.find(Ep::new(*client), TCP, ev.netns).is_none()
-                    && backend != service
-                {
-                    let key = flow_key(*client, TCP, ev.netns);
-                    let (service, backend) = (Ep::new(*service), Ep::new(*backend));
-                    self.flows.map(key, service, backend, ev.ts_ns, false);
-                }
-                let message = message.as_ref().map(|m| self.intern(m));
-                if self.invalid.len() >= MAX_INVALID {
-                    self.invalid.clear();
-                }
-                let seen = self.invalid.entry(Ep::new(*client)).or_insert(InvalidSeen {
-                    ts: ev.ts_ns,
-                    count: 0,
-                    message: None,
-                });
-                seen.ts = ev.ts_ns;
-                seen.count += 1;
-                if message.is_some() {
-                    seen.message = message;
-                }
+                let tuple = (*client, *service, *backend);
+                self.on_invalid(ev.ts_ns, ev.netns, tuple, *reply_dir, message.as_deref());
             }
             EventBody::CtInvalid { .. } => {}
             EventBody::CtTableFull { src, dst, .. } => self.on_table_full(
@@ -379,23 +342,7 @@ impl Engine {
                 "init_conntrack failed",
                 out,
             ),
-            EventBody::CtCounters(CounterRise {
-                invalid,
-                drop,
-                insert_failed,
-                clash_resolve,
-                count,
-                max,
-                ..
-            }) => {
-                if *insert_failed > 0 && !self.cfg.ct_confirm_hook {
-                    self.on_race_counter(ev.ts_ns, race::Outcome::Dropped, *insert_failed, out);
-                }
-                if *clash_resolve > 0 {
-                    self.on_race_counter(ev.ts_ns, race::Outcome::Resolved, *clash_resolve, out);
-                }
-                self.on_counters(ev.ts_ns, *invalid, *drop, *count, *max, out)
-            }
+            EventBody::CtCounters(rise) => self.on_counter_rise(ev.ts_ns, rise, out),
             EventBody::IpvsConnNew {
                 client,
                 service,
@@ -415,6 +362,68 @@ impl Engine {
             ),
         }
         self.stats.findings += (out.len() - before) as u64;
+    }
+
+    /// A DNAT mapping from the kernel or ctnetlink; with SNAT too, the
+    /// node's address it masquerades the client as (to recognise the
+    /// node's own resets of the backend, sent from that address).
+    fn on_nat_mapping(&mut self, ts: u64, netns: u32, nat: &NatEntry, out: &mut Vec<Finding>) {
+        let key = flow_key(nat.client, nat.protocol, netns);
+        if let Some(n) = nat.snat {
+            if self.snat.len() >= MAX_SNAT {
+                self.snat.clear();
+            }
+            self.snat.insert(Ep::new(n), key.client);
+        }
+        self.on_mapping(ts, key, nat.service, nat.backend, out)
+    }
+
+    /// A packet conntrack judged INVALID, of the flow `(client, service,
+    /// backend)`. A reply (or, for a Service held locally, a request)
+    /// judged INVALID explains a reset of this client's flow: the flow is
+    /// learned from it when no mapping was seen, and the verdict is kept
+    /// for the reset to cite.
+    fn on_invalid(
+        &mut self,
+        ts: u64,
+        netns: u32,
+        (client, service, backend): (SocketAddr, SocketAddr, SocketAddr),
+        reply_dir: bool,
+        message: Option<&str>,
+    ) {
+        if reply_dir && self.flows.find(Ep::new(client), TCP, netns).is_none() && backend != service
+        {
+            let key = flow_key(client, TCP, netns);
+            let (service, backend) = (Ep::new(service), Ep::new(backend));
+            self.flows.map(key, service, backend, ts, false);
+        }
+        let message = message.map(|m| self.intern(m));
+        if self.invalid.len() >= MAX_INVALID {
+            self.invalid.clear();
+        }
+        let seen = self.invalid.entry(Ep::new(client)).or_insert(InvalidSeen {
+            ts,
+            count: 0,
+            message: None,
+        });
+        seen.ts = ts;
+        seen.count += 1;
+        if message.is_some() {
+            seen.message = message;
+        }
+    }
+
+    /// A rise of the node's conntrack counters: insert races (counted
+    /// drops only where the per-packet hook is off), then INVALID, drops
+    /// and the table's fill.
+    fn on_counter_rise(&mut self, ts: u64, rise: &CounterRise, out: &mut Vec<Finding>) {
+        if rise.insert_failed > 0 && !self.cfg.ct_confirm_hook {
+            self.on_race_counter(ts, race::Outcome::Dropped, rise.insert_failed, out);
+        }
+        if rise.clash_resolve > 0 {
+            self.on_race_counter(ts, race::Outcome::Resolved, rise.clash_resolve, out);
+        }
+        self.on_counters(ts, rise.invalid, rise.drop, rise.count, rise.max, out)
     }
 
     /// [`Engine::process`] over a batch, loading each event's flows from

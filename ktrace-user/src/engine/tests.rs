@@ -326,11 +326,9 @@ fn unnated_reply_cites_the_invalid_counter_where_no_hook_can() {
             EventBody::CtCounters(CounterRise {
                 invalid,
                 drop,
-                early_drop: 0,
-                insert_failed: 0,
-                clash_resolve: 0,
                 count: Some(3),
                 max: Some(262144),
+                ..CounterRise::default()
             }),
         )
     };
@@ -381,12 +379,9 @@ fn a_counter_rise_just_before_the_reset_is_cited() {
             ts,
             EventBody::CtCounters(CounterRise {
                 invalid,
-                drop: 0,
-                early_drop: 0,
-                insert_failed: 0,
-                clash_resolve: 0,
                 count: Some(3),
                 max: Some(262144),
+                ..CounterRise::default()
             }),
         )
     };
@@ -414,13 +409,10 @@ fn drop_counter_with_a_full_table_is_table_full() {
         ev(
             ts,
             EventBody::CtCounters(CounterRise {
-                invalid: 0,
                 drop,
-                early_drop: 0,
-                insert_failed: 0,
-                clash_resolve: 0,
                 count: Some(count),
                 max: Some(64),
+                ..CounterRise::default()
             }),
         )
     };
@@ -533,20 +525,7 @@ fn a_held_finding_whose_entry_was_destroyed_names_the_flush() {
         ct_counters: true,
         ..EngineConfig::default()
     };
-    let counters = |ts| {
-        ev(
-            ts,
-            EventBody::CtCounters(CounterRise {
-                invalid: 0,
-                drop: 0,
-                early_drop: 0,
-                insert_failed: 0,
-                clash_resolve: 0,
-                count: None,
-                max: None,
-            }),
-        )
-    };
+    let counters = |ts| ev(ts, EventBody::CtCounters(CounterRise::default()));
     let f = run_with(
         cfg,
         &[
@@ -642,13 +621,9 @@ fn race_counters(ts: u64, insert_failed: u64, clash_resolve: u64) -> Event {
     ev(
         ts,
         EventBody::CtCounters(CounterRise {
-            invalid: 0,
-            drop: 0,
-            early_drop: 0,
             insert_failed,
             clash_resolve,
-            count: None,
-            max: None,
+            ..CounterRise::default()
         }),
     )
 }

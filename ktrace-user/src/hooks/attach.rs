@@ -2,7 +2,7 @@
 //! tracepoint), each loading the program first, with errors as the one-line
 //! reasons a [`super::HookStatus`] carries.
 
-use aya::programs::{FEntry, KProbe, RawTracePoint, TracePoint};
+use aya::programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint, TracePoint};
 use aya::Ebpf;
 
 use crate::support::KernelSupport;
@@ -47,6 +47,21 @@ pub(super) fn kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), Stri
 }
 
 /// fentry needs the kernel's BTF for the function's prototype.
+/// A raw tracepoint whose program reads its arguments typed by BTF
+/// (`tp_btf`, 5.5+).
+pub(super) fn btf_tracepoint(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    prog: &str,
+    name: &str,
+) -> Result<(), String> {
+    let p: &mut BtfTracePoint = program(ebpf, prog)?;
+    p.load(name, btf).map_err(|e| refused(prog, e))?;
+    p.attach()
+        .map_err(|e| format!("attach to BTF raw tracepoint {name} failed: {e}"))?;
+    Ok(())
+}
+
 pub(super) fn fentry(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,

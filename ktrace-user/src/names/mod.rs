@@ -20,13 +20,12 @@ pub mod render;
 pub mod rules;
 pub mod status;
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-pub use model::{Interner, Layer, Peer, PodName, Proto, ServiceName};
+pub use model::{AddrNames, Interner, Layer, Peer, PodName, PortRole, Proto, ServiceName};
 pub use record::NameRecord;
 pub use status::{SourceState, SourceStatus};
 
@@ -39,26 +38,21 @@ pub enum SourceId {
     Rules = 1,
 }
 
-/// The live names of this process: one layer per source, swapped in whole.
-pub struct Names {
-    layers: [ArcSwap<Layer>; 2],
+/// What the sources know at one moment, swapped in whole: the event path
+/// loads it once per finding or event and never waits for a source.
+#[derive(Default, Clone)]
+struct Snapshot {
+    layers: [Arc<Layer>; 2],
     /// The API knows every Pod of the cluster (`--kube-pods cluster`, listed):
     /// an address it does not name is `external`.
-    complete: AtomicBool,
-    status: Mutex<status::Board>,
+    complete: bool,
 }
 
-impl Default for Names {
-    fn default() -> Self {
-        Names {
-            layers: [
-                ArcSwap::from_pointee(Layer::default()),
-                ArcSwap::from_pointee(Layer::default()),
-            ],
-            complete: AtomicBool::new(false),
-            status: Mutex::new(status::Board::default()),
-        }
-    }
+/// The live names of this process: one layer per source.
+#[derive(Default)]
+pub struct Names {
+    now: ArcSwap<Snapshot>,
+    status: Mutex<status::Board>,
 }
 
 impl Names {
@@ -68,11 +62,21 @@ impl Names {
 
     /// A source's new layer replaces its old one.
     pub fn publish(&self, src: SourceId, layer: Layer) {
-        self.layers[src as usize].store(Arc::new(layer));
+        let layer = Arc::new(layer);
+        self.now.rcu(|s| {
+            let mut s = Snapshot::clone(s);
+            s.layers[src as usize] = layer.clone();
+            s
+        });
     }
 
     pub fn set_complete(&self, yes: bool) {
-        self.complete.store(yes, Ordering::Relaxed);
+        if self.now.load().complete != yes {
+            self.now.rcu(|s| Snapshot {
+                complete: yes,
+                ..Snapshot::clone(s)
+            });
+        }
     }
 
     /// A source says what it is doing (printed as a `names` line when it changes).
@@ -90,10 +94,6 @@ impl Names {
 
     pub fn status_now(&self) -> Vec<SourceStatus> {
         self.status.lock().unwrap_or_else(|e| e.into_inner()).all()
-    }
-
-    fn layers(&self) -> [arc_swap::Guard<Arc<Layer>>; 2] {
-        [self.layers[0].load(), self.layers[1].load()]
     }
 }
 
@@ -122,13 +122,13 @@ impl FindingNames {
         if let (Some(a), Some((p, s))) = (f.service, &self.service) {
             out.push(NameRecord::Service {
                 key: (a.ip(), a.port(), *p),
-                name: (**s).clone(),
+                name: s.clone(),
             });
         }
         if let (Some(a), Some((p, s))) = (f.backend, &self.backend_service) {
             out.push(NameRecord::Endpoint {
                 key: (a.ip(), a.port(), *p),
-                name: (**s).clone(),
+                name: s.clone(),
             });
         }
         for (a, peer) in [(f.backend, &self.backend), (f.client, &self.client)] {
@@ -147,6 +147,55 @@ pub struct NameResolver {
     live: Option<Arc<Names>>,
     recorded: Layer,
     interner: Interner,
+}
+
+/// The layers to ask, in precedence order, for one lookup.
+struct View<'a> {
+    snap: Option<arc_swap::Guard<Arc<Snapshot>>>,
+    recorded: &'a Layer,
+}
+
+/// What every layer knows about one IP address (one hash lookup each).
+struct At<'a> {
+    found: [Option<&'a AddrNames>; 3],
+    complete: bool,
+}
+
+impl View<'_> {
+    fn at(&self, ip: IpAddr) -> At<'_> {
+        let mut found = [None; 3];
+        if let Some(s) = &self.snap {
+            found[0] = s.layers[0].get(ip);
+            found[1] = s.layers[1].get(ip);
+        }
+        found[2] = self.recorded.get(ip);
+        At {
+            found,
+            complete: self.snap.as_ref().is_some_and(|s| s.complete),
+        }
+    }
+}
+
+impl At<'_> {
+    fn entries(&self) -> impl Iterator<Item = &AddrNames> {
+        self.found.iter().flatten().copied()
+    }
+
+    /// The Service port at `port` in `role` (any protocol; TCP first).
+    fn port(&self, role: PortRole, port: u16) -> Option<(Proto, Arc<ServiceName>)> {
+        self.entries()
+            .find_map(|e| e.port(role, port, None))
+            .map(|(p, s)| (p, s.clone()))
+    }
+
+    /// The Pod or node; `external` only when the whole cluster's Pods are
+    /// known and none is there (nor a Service VIP).
+    fn peer(&self) -> Option<Peer> {
+        if let Some(p) = self.entries().find_map(|e| e.peer.as_ref()) {
+            return Some(p.clone());
+        }
+        (self.complete && !self.entries().any(AddrNames::is_vip)).then_some(Peer::External)
+    }
 }
 
 impl NameResolver {
@@ -171,107 +220,78 @@ impl NameResolver {
         r.apply(&mut self.recorded, &mut self.interner);
     }
 
+    fn view(&self) -> View<'_> {
+        View {
+            snap: self.live.as_ref().map(|n| n.now.load()),
+            recorded: &self.recorded,
+        }
+    }
+
     /// The Service port at `a` (any protocol; TCP first).
     pub fn service(&self, a: SocketAddr) -> Option<(Proto, Arc<ServiceName>)> {
-        self.find(|l| {
-            Proto::ALL
-                .iter()
-                .find_map(|p| l.service(a, Some(*p)).map(|s| (*p, s.clone())))
-        })
+        self.view().at(a.ip()).port(PortRole::Vip, a.port())
     }
 
     /// The Service port whose endpoint `a` is.
     pub fn endpoint(&self, a: SocketAddr) -> Option<(Proto, Arc<ServiceName>)> {
-        self.find(|l| {
-            Proto::ALL
-                .iter()
-                .find_map(|p| l.endpoint(a, Some(*p)).map(|s| (*p, s.clone())))
-        })
+        self.view().at(a.ip()).port(PortRole::Endpoint, a.port())
     }
 
     /// The Pod or node at `a`; `external` only when the whole cluster's
     /// Pods are known and none is there.
     pub fn peer(&self, a: SocketAddr) -> Option<Peer> {
-        if let Some(p) = self.find(|l| l.peer(a.ip())) {
-            return Some(p);
-        }
-        let complete = self
-            .live
-            .as_ref()
-            .is_some_and(|n| n.complete.load(Ordering::Relaxed));
-        (complete && self.service(a).is_none()).then_some(Peer::External)
+        self.view().at(a.ip()).peer()
     }
 
-    fn find<T>(&self, f: impl Fn(&Layer) -> Option<T>) -> Option<T> {
-        if let Some(n) = &self.live {
-            for l in n.layers() {
-                if let Some(v) = f(&l) {
-                    return Some(v);
-                }
-            }
-        }
-        f(&self.recorded)
-    }
-
-    /// The names of a finding's addresses, `None` when nothing is named.
+    /// The names of a finding's addresses, `None` when nothing is named:
+    /// one snapshot load and one hash lookup per address and layer.
     pub fn finding(&self, f: &Finding) -> Option<FindingNames> {
         if self.is_off() {
             return None;
         }
-        let backend_service = f.backend.and_then(|b| self.endpoint(b));
-        let service = match f.service {
-            Some(s) => self.service(s),
-            None => None,
-        }
-        .or_else(|| backend_service.clone());
+        let v = self.view();
+        let (backend, backend_service) = match f.backend {
+            Some(b) => {
+                let at = v.at(b.ip());
+                (at.peer(), at.port(PortRole::Endpoint, b.port()))
+            }
+            None => (None, None),
+        };
+        let service = f
+            .service
+            .and_then(|s| v.at(s.ip()).port(PortRole::Vip, s.port()))
+            .or_else(|| backend_service.clone());
         let n = FindingNames {
             service,
-            backend: f.backend.and_then(|b| self.peer(b)),
+            backend,
             backend_service,
-            client: f.client.and_then(|c| self.peer(c)),
+            client: f.client.and_then(|c| v.at(c.ip()).peer()),
         };
         (!n.is_empty()).then_some(n)
     }
 
-    /// Name records of the addresses an event carries that are not in
-    /// `seen` yet (`record`, which runs no engine, stores these instead of
-    /// the findings' names; `seen` is the recorder's set for the current
-    /// block, so an address costs its lookups once per block).
+    /// Name records of the IP addresses an event carries that are not in
+    /// `seen` yet: what each is, and the Service ports at it (`record`,
+    /// which runs no engine, stores these instead of the findings' names;
+    /// `seen` is the recorder's set for the current block, so an address
+    /// costs its lookup once per block, whatever its ports).
     pub fn event_records(
         &self,
         ev: &crate::event::Event,
-        seen: &mut std::collections::HashSet<SocketAddr, foldhash::fast::RandomState>,
-    ) -> Vec<NameRecord> {
-        let mut out = Vec::new();
+        seen: &mut std::collections::HashSet<IpAddr, foldhash::fast::RandomState>,
+        out: &mut Vec<NameRecord>,
+    ) {
         if self.is_off() {
-            return out;
+            return;
         }
-        let proto = event_proto(&ev.body);
+        let mut view = None;
         for a in event_addrs(&ev.body) {
-            if !seen.insert(a) {
+            if !seen.insert(a.ip()) {
                 continue;
             }
-            let found = |f: &dyn Fn(&Layer) -> Option<Arc<ServiceName>>| self.find(f);
-            if let Some(s) = found(&|l| l.service(a, Some(proto)).cloned()) {
-                let key = (a.ip(), a.port(), proto);
-                out.push(NameRecord::Service {
-                    key,
-                    name: (*s).clone(),
-                });
-                continue;
-            }
-            if let Some(s) = found(&|l| l.endpoint(a, Some(proto)).cloned()) {
-                let key = (a.ip(), a.port(), proto);
-                out.push(NameRecord::Endpoint {
-                    key,
-                    name: (*s).clone(),
-                });
-            }
-            if let Some(peer) = self.find(|l| l.peer(a.ip())) {
-                out.push(NameRecord::peer(a.ip(), &peer));
-            }
+            let v = view.get_or_insert_with(|| self.view());
+            addr_records(a.ip(), &v.at(a.ip()), out);
         }
-        out
     }
 
     /// The name of an event's address: a Service port, else a Pod or node.
@@ -279,34 +299,54 @@ impl NameResolver {
         if self.is_off() {
             return None;
         }
-        if let Some((_, s)) = self.service(a) {
+        let v = self.view();
+        let at = v.at(a.ip());
+        if let Some((_, s)) = at.port(PortRole::Vip, a.port()) {
             return Some(s.to_string());
         }
-        if let Some(p) = self.find(|l| l.peer(a.ip())) {
+        if let Some(p) = at.peer().filter(|p| *p != Peer::External) {
             return Some(p.to_string());
         }
-        self.endpoint(a).map(|(_, s)| format!("endpoint of {s}"))
+        at.port(PortRole::Endpoint, a.port())
+            .map(|(_, s)| format!("endpoint of {s}"))
     }
 }
 
-/// The transport protocol of an event's addresses.
-fn event_proto(b: &crate::event::EventBody) -> Proto {
-    use crate::event::EventBody as B;
-    let code = match b {
-        B::IpvsConnNew { protocol, .. } => *protocol,
-        B::NatMapping(n) | B::NatDestroy(n) => n.protocol,
-        _ => 6,
-    };
-    Proto::from_code(code).unwrap_or(Proto::Tcp)
+/// The records of all that is known about `ip`: its Pod or node, and each
+/// Service port at it, from the layer of highest precedence that names it.
+fn addr_records(ip: IpAddr, at: &At<'_>, out: &mut Vec<NameRecord>) {
+    let first = out.len();
+    for e in at.entries() {
+        for p in &e.ports {
+            let key = (ip, p.port, p.proto);
+            let r = match p.role {
+                PortRole::Vip => NameRecord::Service {
+                    key,
+                    name: p.name.clone(),
+                },
+                PortRole::Endpoint => NameRecord::Endpoint {
+                    key,
+                    name: p.name.clone(),
+                },
+            };
+            // A lower layer's name for a key already written is not the name.
+            if !out[first..].iter().any(|o| o.same_key(&r)) {
+                out.push(r);
+            }
+        }
+    }
+    if let Some(p) = at.entries().find_map(|e| e.peer.as_ref()) {
+        out.push(NameRecord::peer(ip, p));
+    }
 }
 
-/// The addresses an event carries.
-fn event_addrs(b: &crate::event::EventBody) -> Vec<SocketAddr> {
+/// The addresses an event carries (no allocation: this runs per event).
+fn event_addrs(b: &crate::event::EventBody) -> impl Iterator<Item = SocketAddr> {
     use crate::event::EventBody as B;
-    match b {
+    let all = match b {
         B::TcpSendReset { src, dst, .. }
         | B::TcpReceiveReset { src, dst, .. }
-        | B::CtTableFull { src, dst, .. } => vec![*src, *dst],
+        | B::CtTableFull { src, dst, .. } => [Some(*src), Some(*dst), None, None, None],
         B::CtInvalid {
             src,
             dst,
@@ -314,22 +354,27 @@ fn event_addrs(b: &crate::event::EventBody) -> Vec<SocketAddr> {
             orig_dst,
             reply_src,
             ..
-        } => [Some(*src), Some(*dst), *orig_src, *orig_dst, *reply_src]
-            .into_iter()
-            .flatten()
-            .collect(),
+        } => [Some(*src), Some(*dst), *orig_src, *orig_dst, *reply_src],
         B::IpvsConnNew {
             client,
             service,
             real_server,
             ..
-        } => vec![*client, *service, *real_server],
-        B::NatMapping(n) | B::NatDestroy(n) | B::CtConfirmDrop(n) => {
-            [Some(n.client), Some(n.service), Some(n.backend), n.snat]
-                .into_iter()
-                .flatten()
-                .collect()
-        }
-        B::CtCounters { .. } => Vec::new(),
-    }
+        } => [
+            Some(*client),
+            Some(*service),
+            Some(*real_server),
+            None,
+            None,
+        ],
+        B::NatMapping(n) | B::NatDestroy(n) | B::CtConfirmDrop(n) => [
+            Some(n.client),
+            Some(n.service),
+            Some(n.backend),
+            n.snat,
+            None,
+        ],
+        B::CtCounters { .. } => [None; 5],
+    };
+    all.into_iter().flatten()
 }

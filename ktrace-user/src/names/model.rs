@@ -10,6 +10,8 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 /// Transport protocol of a Service port, as kube-proxy writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proto {
@@ -115,14 +117,26 @@ impl fmt::Display for PodName {
     }
 }
 
-/// What an address (a backend or a client) is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What an address (a backend or a client) is. Cheap to clone (the event
+/// path hands these out per finding).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Peer {
-    Pod(PodName),
+    Pod(Arc<PodName>),
     /// A node's own address (host network, SNAT): `node/NAME`.
     Node(Arc<str>),
     /// Not in the cluster: only said when the Pods of the whole cluster are known.
     External,
+}
+
+impl Peer {
+    /// Which of two names of one address wins: a Pod over a node over `external`.
+    fn rank(&self) -> u8 {
+        match self {
+            Peer::Pod(_) => 2,
+            Peer::Node(_) => 1,
+            Peer::External => 0,
+        }
+    }
 }
 
 impl fmt::Display for Peer {
@@ -157,74 +171,172 @@ pub type Key = (IpAddr, u16, Proto);
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
-/// Everything one source knows, keyed for lookups by address.
+/// What a Service port is to an address: served at it (a VIP: cluster IP,
+/// external IP, load-balancer IP) or behind it (an endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortRole {
+    Vip,
+    Endpoint,
+}
+
+/// One Service port at an address.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PortName {
+    pub port: u16,
+    pub proto: Proto,
+    pub role: PortRole,
+    pub name: Arc<ServiceName>,
+}
+
+/// Everything one source knows about one IP address: what it is (a Pod,
+/// a node) and the Service ports at it. One hash lookup answers every
+/// question about an address, which is what the event path asks.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AddrNames {
+    pub peer: Option<Peer>,
+    /// Few: the ports of the Services at a VIP, or those an endpoint
+    /// serves; the first kept inline (the lookup reads no other memory).
+    pub ports: SmallVec<[PortName; 1]>,
+}
+
+impl AddrNames {
+    /// The Service port at `port` in `role`; of any protocol (TCP first)
+    /// when `proto` is not given.
+    pub fn port(
+        &self,
+        role: PortRole,
+        port: u16,
+        proto: Option<Proto>,
+    ) -> Option<(Proto, &Arc<ServiceName>)> {
+        self.ports
+            .iter()
+            .filter(|p| p.role == role && p.port == port && proto.is_none_or(|x| x == p.proto))
+            .min_by_key(|p| p.proto)
+            .map(|p| (p.proto, &p.name))
+    }
+
+    pub fn is_vip(&self) -> bool {
+        self.ports.iter().any(|p| p.role == PortRole::Vip)
+    }
+}
+
+/// How many names a layer holds, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub vips: usize,
+    pub endpoints: usize,
+    pub pods: usize,
+    pub nodes: usize,
+}
+
+/// Everything one source knows, keyed by IP address for the event path.
 #[derive(Default, Debug, Clone)]
 pub struct Layer {
-    /// VIP (cluster IP, external IP, load-balancer IP):port -> Service port.
-    pub services: Map<Key, Arc<ServiceName>>,
-    /// Endpoint ip:port -> the Service port it serves.
-    pub endpoints: Map<Key, Arc<ServiceName>>,
-    pub pods: Map<IpAddr, PodName>,
-    pub nodes: Map<IpAddr, Arc<str>>,
-    /// Addresses known to be outside the cluster (from a recording).
-    pub external: HashSet<IpAddr, foldhash::fast::RandomState>,
+    addrs: Map<IpAddr, AddrNames>,
 }
 
 impl Layer {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty()
-            && self.endpoints.is_empty()
-            && self.pods.is_empty()
-            && self.nodes.is_empty()
-            && self.external.is_empty()
+        self.addrs.is_empty()
+    }
+
+    /// All that is known about `ip`.
+    #[inline]
+    pub fn get(&self, ip: IpAddr) -> Option<&AddrNames> {
+        if self.addrs.is_empty() {
+            return None;
+        }
+        self.addrs.get(&ip)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&IpAddr, &AddrNames)> {
+        self.addrs.iter()
+    }
+
+    /// `key` is this Service port, as a VIP or as an endpoint (replacing
+    /// what the same key named before).
+    pub fn add_port(&mut self, role: PortRole, key: Key, name: Arc<ServiceName>) {
+        let (ip, port, proto) = key;
+        let ports = &mut self.addrs.entry(ip).or_default().ports;
+        let new = PortName {
+            port,
+            proto,
+            role,
+            name,
+        };
+        match ports
+            .iter_mut()
+            .find(|p| p.role == role && p.port == port && p.proto == proto)
+        {
+            Some(p) => *p = new,
+            None => ports.push(new),
+        }
+    }
+
+    /// `ip` is `peer`, unless something ranked higher names it already
+    /// (a Pod over a node over `external`; the later of equals wins).
+    pub fn set_peer(&mut self, ip: IpAddr, peer: Peer) {
+        let e = self.addrs.entry(ip).or_default();
+        if e.peer.as_ref().is_none_or(|p| p.rank() <= peer.rank()) {
+            e.peer = Some(peer);
+        }
+    }
+
+    /// `ip` is this Pod unless a Pod is named there already.
+    pub fn set_pod_if_unknown(&mut self, ip: IpAddr, pod: impl FnOnce() -> PodName) {
+        let e = self.addrs.entry(ip).or_default();
+        if !matches!(e.peer, Some(Peer::Pod(_))) {
+            e.peer = Some(Peer::Pod(Arc::new(pod())));
+        }
     }
 
     /// The Service port at `a`, whatever its protocol when `proto` is not given.
     pub fn service(&self, a: SocketAddr, proto: Option<Proto>) -> Option<&Arc<ServiceName>> {
-        by_proto(&self.services, a, proto)
+        self.get(a.ip())?
+            .port(PortRole::Vip, a.port(), proto)
+            .map(|p| p.1)
     }
 
     /// The Service whose endpoint `a` is.
     pub fn endpoint(&self, a: SocketAddr, proto: Option<Proto>) -> Option<&Arc<ServiceName>> {
-        by_proto(&self.endpoints, a, proto)
+        self.get(a.ip())?
+            .port(PortRole::Endpoint, a.port(), proto)
+            .map(|p| p.1)
     }
 
     /// The Pod or node at `ip`.
-    pub fn peer(&self, ip: IpAddr) -> Option<Peer> {
-        if let Some(p) = self.pods.get(&ip) {
-            return Some(Peer::Pod(p.clone()));
+    pub fn peer(&self, ip: IpAddr) -> Option<&Peer> {
+        self.get(ip)?.peer.as_ref()
+    }
+
+    /// VIP ports, endpoints, Pod IPs and node IPs named (a walk over the
+    /// layer: for status lines, not for the event path).
+    pub fn counts(&self) -> Counts {
+        let mut c = Counts::default();
+        for e in self.addrs.values() {
+            for p in &e.ports {
+                match p.role {
+                    PortRole::Vip => c.vips += 1,
+                    PortRole::Endpoint => c.endpoints += 1,
+                }
+            }
+            match e.peer {
+                Some(Peer::Pod(_)) => c.pods += 1,
+                Some(Peer::Node(_)) => c.nodes += 1,
+                _ => {}
+            }
         }
-        if let Some(n) = self.nodes.get(&ip) {
-            return Some(Peer::Node(n.clone()));
-        }
-        self.external.contains(&ip).then_some(Peer::External)
+        c
     }
 
     /// Distinct Service ports named.
     pub fn service_count(&self) -> usize {
         let all: HashSet<&ServiceName> = self
-            .services
+            .addrs
             .values()
-            .chain(self.endpoints.values())
-            .map(|s| &**s)
+            .flat_map(|e| e.ports.iter().map(|p| &*p.name))
             .collect();
         all.len()
-    }
-}
-
-fn by_proto(
-    m: &Map<Key, Arc<ServiceName>>,
-    a: SocketAddr,
-    proto: Option<Proto>,
-) -> Option<&Arc<ServiceName>> {
-    if m.is_empty() {
-        return None;
-    }
-    match proto {
-        Some(p) => m.get(&(a.ip(), a.port(), p)),
-        None => Proto::ALL
-            .iter()
-            .find_map(|p| m.get(&(a.ip(), a.port(), *p))),
     }
 }
 
@@ -251,13 +363,31 @@ mod tests {
         let mut l = Layer::default();
         let svc = Arc::new(ServiceName::parse("kube-system/kube-dns:dns", &mut i).unwrap());
         let vip: SocketAddr = "10.96.0.10:53".parse().unwrap();
-        l.services.insert((vip.ip(), 53, Proto::Udp), svc.clone());
+        l.add_port(PortRole::Vip, (vip.ip(), 53, Proto::Udp), svc.clone());
         assert_eq!(l.service(vip, None), Some(&svc));
         assert_eq!(l.service(vip, Some(Proto::Tcp)), None);
+        assert_eq!(l.endpoint(vip, None), None);
         assert_eq!(l.service("10.96.0.10:54".parse().unwrap(), None), None);
+        // TCP first when the protocol is not known.
+        let tcp = Arc::new(ServiceName::parse("kube-system/kube-dns:dns-tcp", &mut i).unwrap());
+        l.add_port(PortRole::Vip, (vip.ip(), 53, Proto::Tcp), tcp.clone());
+        assert_eq!(l.service(vip, None), Some(&tcp));
         let ip: IpAddr = "10.0.1.2".parse().unwrap();
         assert_eq!(l.peer(ip), None);
-        l.nodes.insert(ip, i.get("node-a"));
+        l.set_peer(ip, Peer::Node(i.get("node-a")));
         assert_eq!(l.peer(ip).unwrap().to_string(), "node/node-a");
+        // A Pod outranks a node at the same address, and stays.
+        let pod = |n: &str| PodName {
+            namespace: "shop".into(),
+            name: n.into(),
+            node: None,
+        };
+        l.set_pod_if_unknown(ip, || pod("a"));
+        l.set_pod_if_unknown(ip, || pod("b"));
+        l.set_peer(ip, Peer::Node("node-b".into()));
+        assert_eq!(l.peer(ip).unwrap().to_string(), "shop/a");
+        let c = l.counts();
+        assert_eq!((c.vips, c.pods, c.nodes), (2, 1, 0));
+        assert_eq!(l.service_count(), 2);
     }
 }

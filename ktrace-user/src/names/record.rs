@@ -15,7 +15,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::model::{Interner, Key, Layer, Peer, PodName, Proto, ServiceName};
+use super::model::{Interner, Key, Layer, Peer, PodName, PortRole, Proto, ServiceName};
 use crate::recording::format::{put_varint, Cursor, Malformed};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -23,16 +23,16 @@ pub enum NameRecord {
     /// A VIP:port is this Service port.
     Service {
         key: Key,
-        name: ServiceName,
+        name: Arc<ServiceName>,
     },
     /// An endpoint ip:port serves this Service port.
     Endpoint {
         key: Key,
-        name: ServiceName,
+        name: Arc<ServiceName>,
     },
     Pod {
         ip: IpAddr,
-        pod: PodName,
+        pod: Arc<PodName>,
     },
     Node {
         ip: IpAddr,
@@ -58,29 +58,37 @@ impl NameRecord {
         }
     }
 
+    /// True when `self` and `o` name the same thing (whatever the name).
+    pub fn same_key(&self, o: &NameRecord) -> bool {
+        use NameRecord as R;
+        match (self, o) {
+            (R::Service { key: a, .. }, R::Service { key: b, .. })
+            | (R::Endpoint { key: a, .. }, R::Endpoint { key: b, .. }) => a == b,
+            _ => false,
+        }
+    }
+
     /// Adds this fact to `l` (the replay's layer of recorded names).
     pub fn apply(self, l: &mut Layer, i: &mut Interner) {
         match self {
             NameRecord::Service { key, name } => {
-                l.services.insert(key, Arc::new(intern(name, i)));
+                l.add_port(PortRole::Vip, key, Arc::new(intern(&name, i)));
             }
             NameRecord::Endpoint { key, name } => {
-                l.endpoints.insert(key, Arc::new(intern(name, i)));
+                l.add_port(PortRole::Endpoint, key, Arc::new(intern(&name, i)));
             }
             NameRecord::Pod { ip, pod } => {
                 let pod = PodName {
                     namespace: i.get(&pod.namespace),
-                    node: pod.node.map(|n| i.get(&n)),
-                    name: pod.name,
+                    node: pod.node.as_deref().map(|n| i.get(n)),
+                    name: pod.name.clone(),
                 };
-                l.pods.insert(ip, pod);
+                l.set_peer(ip, Peer::Pod(Arc::new(pod)));
             }
             NameRecord::Node { ip, name } => {
-                l.nodes.insert(ip, i.get(&name));
+                l.set_peer(ip, Peer::Node(i.get(&name)));
             }
-            NameRecord::External { ip } => {
-                l.external.insert(ip);
-            }
+            NameRecord::External { ip } => l.set_peer(ip, Peer::External),
         }
     }
 
@@ -130,11 +138,11 @@ impl NameRecord {
                 let port = b.u16_be()?;
                 let proto =
                     Proto::from_code(b.u8()?).ok_or(Malformed("unknown protocol in a name"))?;
-                let name = ServiceName {
+                let name = Arc::new(ServiceName {
                     namespace: get_str(&mut b)?.into(),
                     name: get_str(&mut b)?.into(),
                     port: get_str(&mut b)?.into(),
-                };
+                });
                 let key = (ip, port, proto);
                 if kind == 1 {
                     NameRecord::Service { key, name }
@@ -144,13 +152,13 @@ impl NameRecord {
             }
             3 => NameRecord::Pod {
                 ip,
-                pod: PodName {
+                pod: Arc::new(PodName {
                     namespace: get_str(&mut b)?.into(),
                     name: get_str(&mut b)?.into(),
                     node: Some(get_str(&mut b)?)
                         .filter(|n| !n.is_empty())
                         .map(Into::into),
-                },
+                }),
             },
             4 => NameRecord::Node {
                 ip,
@@ -163,10 +171,10 @@ impl NameRecord {
     }
 }
 
-fn intern(n: ServiceName, i: &mut Interner) -> ServiceName {
+fn intern(n: &ServiceName, i: &mut Interner) -> ServiceName {
     ServiceName {
         namespace: i.get(&n.namespace),
-        ..n
+        ..n.clone()
     }
 }
 
@@ -187,7 +195,7 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let mut i = Interner::default();
-        let svc = ServiceName::parse("payments/ledger:grpc", &mut i).unwrap();
+        let svc = Arc::new(ServiceName::parse("payments/ledger:grpc", &mut i).unwrap());
         let all = vec![
             NameRecord::Service {
                 key: ("10.96.0.10".parse().unwrap(), 2222, Proto::Tcp),
@@ -199,19 +207,19 @@ mod tests {
             },
             NameRecord::Pod {
                 ip: "10.0.1.2".parse().unwrap(),
-                pod: PodName {
+                pod: Arc::new(PodName {
                     namespace: "payments".into(),
                     name: "ledger-7f9c".into(),
                     node: Some("node-a".into()),
-                },
+                }),
             },
             NameRecord::Pod {
                 ip: "10.0.1.3".parse().unwrap(),
-                pod: PodName {
+                pod: Arc::new(PodName {
                     namespace: "payments".into(),
                     name: "ledger-2".into(),
                     node: None,
-                },
+                }),
             },
             NameRecord::Node {
                 ip: "10.0.0.2".parse().unwrap(),

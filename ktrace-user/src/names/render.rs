@@ -193,11 +193,11 @@ mod tests {
         let svc = Arc::new(ServiceName::parse("payments/ledger:grpc", &mut i).unwrap());
         let n = FindingNames {
             service: Some((super::super::Proto::Tcp, svc)),
-            backend: Some(Peer::Pod(PodName {
+            backend: Some(Peer::Pod(Arc::new(PodName {
                 namespace: i.get("payments"),
                 name: "ledger-7f9c".into(),
                 node: Some(i.get("node-a")),
-            })),
+            }))),
             backend_service: None,
             client: Some(Peer::Node(i.get("node-b"))),
         };

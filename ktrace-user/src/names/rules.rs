@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::model::{Interner, Key, Layer, Proto, ServiceName};
+use super::model::{Interner, Key, Layer, PortRole, Proto, ServiceName};
 use super::status::{SourceState, SourceStatus};
 use super::{Names, SourceId};
 
@@ -43,27 +43,18 @@ pub struct Parsed {
 }
 
 impl Parsed {
-    fn add(&mut self, map: Which, key: Key, name: &str, i: &mut Interner) {
+    fn add(&mut self, map: PortRole, key: Key, name: &str, i: &mut Interner) {
         let known = self.shared.get(name).cloned();
         match known.or_else(|| ServiceName::parse(name, i).map(Arc::new)) {
             Some(n) => {
                 self.shared
                     .entry(name.to_string())
                     .or_insert_with(|| n.clone());
-                match map {
-                    Which::Service => self.layer.services.insert(key, n),
-                    Which::Endpoint => self.layer.endpoints.insert(key, n),
-                };
+                self.layer.add_port(map, key, n);
             }
             None => self.skipped += 1,
         }
     }
-}
-
-#[derive(Clone, Copy)]
-enum Which {
-    Service,
-    Endpoint,
 }
 
 // ------------------------------------------------------------ iptables-save
@@ -163,7 +154,7 @@ fn iptables_rule(line: &str, services: bool, out: &mut Parsed, i: &mut Interner)
         let port: u16 = arg(&words, "--dport")
             .and_then(|p| p.parse().ok())
             .ok_or(())?;
-        out.add(Which::Service, (vip, port, proto.ok_or(())?), name, i);
+        out.add(PortRole::Vip, (vip, port, proto.ok_or(())?), name, i);
         return Ok(());
     }
     // KUBE-SEP-*: only the DNAT rule names the endpoint (the other one marks
@@ -175,7 +166,7 @@ fn iptables_rule(line: &str, services: bool, out: &mut Parsed, i: &mut Interner)
         .and_then(dnat_target)
         .ok_or(())?;
     out.add(
-        Which::Endpoint,
+        PortRole::Endpoint,
         (to.ip(), to.port(), proto.ok_or(())?),
         comment,
         i,
@@ -254,7 +245,7 @@ fn nft_service_elem(e: &Value, out: &mut Parsed, i: &mut Interner) -> Result<(),
             .map(|(n, _)| n)
     });
     let name = from_chain.or(comment.map(str::to_string)).ok_or(())?;
-    out.add(Which::Service, (ip, port, proto), &name, i);
+    out.add(PortRole::Vip, (ip, port, proto), &name, i);
     Ok(())
 }
 
@@ -274,7 +265,7 @@ fn nft_endpoint_rule(base: &str, r: &Value, out: &mut Parsed, i: &mut Interner) 
         .as_u64()
         .and_then(|p| u16::try_from(p).ok())
         .ok_or(())?;
-    out.add(Which::Endpoint, (ip, port, proto), &name, i);
+    out.add(PortRole::Endpoint, (ip, port, proto), &name, i);
     Ok(())
 }
 
@@ -356,7 +347,7 @@ fn status_of(p: &Parsed, mode: Option<Mode>, nft_error: Option<String>) -> Sourc
         s.mode = "ipvs".into();
     }
     s.services = p.layer.service_count() as u64;
-    s.endpoints = p.layer.endpoints.len() as u64;
+    s.endpoints = p.layer.counts().endpoints as u64;
     s.skipped = p.skipped;
     s
 }
@@ -390,11 +381,10 @@ pub fn start(names: Arc<Names>, every: Duration) {
 /// A hash of what the rules name (the layer is swapped only when it moves).
 fn fingerprint(l: &Layer, skipped: u64) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
-    let mut keys: Vec<(Key, String, u8)> = l
-        .services
+    let mut keys: Vec<(Key, String, bool)> = l
         .iter()
-        .map(|(k, v)| (*k, v.to_string(), 0))
-        .chain(l.endpoints.iter().map(|(k, v)| (*k, v.to_string(), 1)))
+        .flat_map(|(ip, e)| e.ports.iter().map(|p| ((*ip, p.port, p.proto), p)))
+        .map(|(k, p)| (k, p.name.to_string(), p.role == PortRole::Vip))
         .collect();
     keys.sort();
     keys.hash(&mut h);
@@ -444,7 +434,7 @@ COMMIT
         assert_eq!(name("10.96.0.11:53"), None);
         let ep = l.endpoint("10.244.0.2:53".parse().unwrap(), Some(Proto::Tcp));
         assert_eq!(ep.unwrap().to_string(), "kube-system/kube-dns:dns-tcp");
-        assert_eq!(l.endpoints.len(), 1);
+        assert_eq!(l.counts().endpoints, 1);
         // The bad target, the bad name, the unterminated quote: counted.
         assert_eq!(p.skipped, 3);
     }

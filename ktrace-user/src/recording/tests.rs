@@ -293,6 +293,31 @@ fn inline_config(path: &Path) -> RotationConfig {
     cfg
 }
 
+/// Rotation at 8 KiB in blocks of 2 KiB, keeping `keep` segments.
+fn small_segments(path: &Path, keep: usize) -> RotationConfig {
+    let mut cfg = inline_config(path);
+    cfg.rotate_bytes = Some(8 << 10);
+    cfg.keep = keep;
+    cfg.block_bytes = 2 << 10;
+    cfg
+}
+
+/// A recorder with `cfg`, started as `record` starts one.
+fn started(cfg: RotationConfig) -> Recorder {
+    let mut r = Recorder::create(cfg, "test", EngineConfig::default()).unwrap();
+    r.start_with(test_context()).unwrap();
+    r
+}
+
+/// Records `evs` with `cfg` and finishes.
+fn record_all(cfg: RotationConfig, evs: &[Event]) -> super::RecorderSummary {
+    let mut r = started(cfg);
+    for e in evs {
+        r.event(e);
+    }
+    r.finish()
+}
+
 /// Records `blocks` through an inline recorder, one sealed block per inner Vec.
 fn write_recording(
     path: &Path,
@@ -300,8 +325,7 @@ fn write_recording(
     blocks: &[Vec<Item>],
 ) -> super::RecorderSummary {
     let _ = path;
-    let mut r = Recorder::create(cfg, "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
+    let mut r = started(cfg);
     for b in blocks {
         for item in b {
             r.push_item_for_test(item);
@@ -323,6 +347,11 @@ fn read_bytes(bytes: &[u8]) -> Result<(Vec<Item>, Vec<Warning>), OpenError> {
     let mut r = FileReader::new(bytes, Path::new("mem"))?;
     let items = r.read_all(&mut |w| warnings.push(w)).unwrap();
     Ok((items, warnings))
+}
+
+/// The reader's warning `w` says `text`.
+fn assert_says(w: &Warning, text: &str) {
+    assert!(w.message.contains(text), "{w}");
 }
 
 /// Storm-shaped events: many clients, one service, a few backends.
@@ -463,8 +492,7 @@ fn uncompressed_blocks_read_too() {
 fn unknown_record_tags_are_skipped_with_a_warning() {
     let dir = TempDir::new("unk");
     let path = dir.path("rec");
-    let mut r = Recorder::create(inline_config(&path), "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
+    let mut r = started(inline_config(&path));
     let evs = every_variant(1_000);
     r.event(&evs[0]);
     // A future event variant and a future dictionary kind.
@@ -482,11 +510,7 @@ fn unknown_record_tags_are_skipped_with_a_warning() {
         .filter(|w| w.kind == WarningKind::UnknownRecord)
         .collect();
     assert_eq!(unknown.len(), 2, "{warnings:?}");
-    assert!(
-        unknown[0].message.contains("unknown type 0x3e"),
-        "{}",
-        unknown[0]
-    );
+    assert_says(unknown[0], "unknown type 0x3e");
 }
 
 #[test]
@@ -506,12 +530,7 @@ fn storm_encodes_compactly() {
     let dir = TempDir::new("size");
     let path = dir.path("rec");
     let evs = storm(200_000, 1_000_000_000);
-    let mut r = Recorder::create(inline_config(&path), "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
-    for e in &evs {
-        r.event(e);
-    }
-    let s = r.finish();
+    let s = record_all(inline_config(&path), &evs);
     let per_event = s.bytes as f64 / evs.len() as f64;
     assert!(per_event <= 24.0, "{per_event:.1} bytes/event");
     let (items, warnings) = read_file(&path);
@@ -574,7 +593,7 @@ fn truncation_at_every_byte_reads_every_complete_block() {
                 } else {
                     assert_eq!(warnings.len(), 1, "cut {cut}: {warnings:?}");
                     assert_eq!(warnings[0].kind, WarningKind::TornTail, "cut {cut}");
-                    assert!(warnings[0].message.contains("torn tail"), "{}", warnings[0]);
+                    assert_says(&warnings[0], "torn tail");
                 }
             }
         }
@@ -617,7 +636,7 @@ fn a_flipped_byte_costs_at_most_its_block() {
                     assert_eq!(items, expect, "pos {pos} mask {mask:#x}");
                     assert_eq!(warnings.len(), 1, "pos {pos}: {warnings:?}");
                     let w = &warnings[0];
-                    assert!(w.message.contains("skipped"), "{w}");
+                    assert_says(w, "skipped");
                     // The last block's damage may read as a torn tail.
                     if hit + 1 < extents.len() {
                         assert_eq!(w.kind, WarningKind::Corrupt, "pos {pos}: {w}");
@@ -647,13 +666,7 @@ fn corrupt_middle_block_is_skipped_and_named() {
         extents[0].1.len() + extents[2].1.len() + extents[3].1.len()
     );
     assert_eq!(warnings.len(), 1);
-    assert!(
-        warnings[0]
-            .message
-            .contains(&format!("skipped {} bytes", r.len())),
-        "{}",
-        warnings[0]
-    );
+    assert_says(&warnings[0], &format!("skipped {} bytes", r.len()));
     assert_eq!(warnings[0].offset, r.start as u64);
 }
 
@@ -670,11 +683,7 @@ fn garbage_between_blocks_is_skipped() {
     let all: Vec<Item> = extents.iter().flat_map(|(_, i)| i.clone()).collect();
     assert_eq!(items, all);
     assert_eq!(warnings.len(), 1);
-    assert!(
-        warnings[0].message.contains("skipped 129 bytes"),
-        "{}",
-        warnings[0]
-    );
+    assert_says(&warnings[0], "skipped 129 bytes");
 }
 
 #[test]
@@ -720,17 +729,9 @@ fn non_recordings_and_newer_versions_are_refused() {
 fn rotation_keeps_a_bounded_set_and_loses_nothing_at_boundaries() {
     let dir = TempDir::new("rot");
     let path = dir.path("rec");
-    let mut cfg = inline_config(&path);
-    cfg.rotate_bytes = Some(8 << 10);
-    cfg.keep = 100;
-    cfg.block_bytes = 2 << 10;
+    let cfg = small_segments(&path, 100);
     let evs = storm(20_000, 1_000);
-    let mut r = Recorder::create(cfg.clone(), "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
-    for e in &evs {
-        r.event(e);
-    }
-    let s = r.finish();
+    let s = record_all(cfg.clone(), &evs);
     assert!(s.segments >= 5, "{s:?}");
     assert_eq!(s.files.len() as u64, s.segments);
     // Oldest first; every file within the budget; segments numbered in order.
@@ -758,19 +759,11 @@ fn rotation_keeps_a_bounded_set_and_loses_nothing_at_boundaries() {
 fn retention_deletes_the_oldest_segments() {
     let dir = TempDir::new("keep");
     let path = dir.path("rec");
-    let mut cfg = inline_config(&path);
-    cfg.rotate_bytes = Some(8 << 10);
-    cfg.keep = 3;
-    cfg.block_bytes = 2 << 10;
+    let cfg = small_segments(&path, 3);
     // A stale segment beyond --keep from an earlier run goes too.
     std::fs::write(segment_path(&path, 7), FILE_MAGIC).unwrap();
     let evs = storm(20_000, 1_000);
-    let mut r = Recorder::create(cfg, "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
-    for e in &evs {
-        r.event(e);
-    }
-    let s = r.finish();
+    let s = record_all(cfg, &evs);
     assert_eq!(
         s.files,
         vec![segment_path(&path, 2), segment_path(&path, 1), path.clone()]
@@ -842,8 +835,7 @@ fn disk_full_pauses_counts_and_resumes() {
     let fault = Arc::new(AtomicI32::new(0));
     let mut cfg = inline_config(&path);
     cfg.fault = Some(fault.clone());
-    let mut r = Recorder::create(cfg, "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
+    let mut r = started(cfg);
     let evs = storm(300, 1_000);
     for e in &evs[..100] {
         r.event(e);
@@ -914,8 +906,7 @@ fn disk_full_at_the_header_recovers_too() {
     let fault = Arc::new(AtomicI32::new(libc::ENOSPC));
     let mut cfg = inline_config(&path);
     cfg.fault = Some(fault.clone());
-    let mut r = Recorder::create(cfg, "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
+    let mut r = started(cfg);
     let evs = storm(10, 1_000);
     r.event(&evs[0]);
     r.seal();
@@ -937,8 +928,7 @@ fn threaded_recorder_writes_everything_on_finish() {
     let mut cfg = RotationConfig::new(&path);
     cfg.block_bytes = 4 << 10;
     let evs = storm(50_000, 1_000);
-    let mut r = Recorder::create(cfg, "test", EngineConfig::default()).unwrap();
-    r.start_with(test_context()).unwrap();
+    let mut r = started(cfg);
     for (i, e) in evs.iter().enumerate() {
         r.event(e);
         if i % 5_000 == 0 {

@@ -678,9 +678,12 @@ pub struct Recorder {
     queue_dropped_since: u64,
     /// Names already in the current block (each block stands alone, so
     /// a name is written again in the next one).
-    names_in_block: std::collections::HashSet<crate::names::NameRecord>,
-    /// Addresses whose names were looked up in the current block (`record`).
-    addrs_in_block: std::collections::HashSet<std::net::SocketAddr, foldhash::fast::RandomState>,
+    names_in_block:
+        std::collections::HashSet<crate::names::NameRecord, foldhash::fast::RandomState>,
+    /// IP addresses whose names were looked up in the current block (`record`).
+    addrs_in_block: std::collections::HashSet<std::net::IpAddr, foldhash::fast::RandomState>,
+    /// The name records of one event (kept to reuse its allocation).
+    event_names: Vec<crate::names::NameRecord>,
 }
 
 impl Recorder {
@@ -723,6 +726,7 @@ impl Recorder {
             queue_dropped_since: 0,
             names_in_block: Default::default(),
             addrs_in_block: Default::default(),
+            event_names: Vec::new(),
         })
     }
 
@@ -778,11 +782,11 @@ impl Recorder {
     }
 
     /// The names of an event's addresses (`record`, which has no findings),
-    /// each address looked up once per block.
+    /// each IP address looked up and written once per block.
     pub fn event_names(&mut self, ev: &Event, names: &crate::names::NameResolver) {
-        let recs = names.event_records(ev, &mut self.addrs_in_block);
-        if !recs.is_empty() {
-            self.names(&recs);
+        names.event_records(ev, &mut self.addrs_in_block, &mut self.event_names);
+        for r in self.event_names.drain(..) {
+            self.enc.push_name(&r);
         }
     }
 
