@@ -36,6 +36,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ktrace::engine::{Engine, EngineConfig};
 use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
+use ktrace::names::kube::lenient::Lenient;
 use ktrace::names::{NameResolver, Names, SourceId};
 use ktrace::recording::{Context, Recorder, RotationConfig};
 use kube::runtime::watcher::Event as WEvent;
@@ -167,12 +168,12 @@ fn pod(p: u32) -> Pod {
 fn per_object<K: kube::Resource>(
     n: u32,
     make: impl Fn(u32) -> K,
-    store: impl Fn(&mut Cache, WEvent<K>),
+    store: impl Fn(&mut Cache, WEvent<Lenient<K>>),
     cache: &mut Cache,
 ) -> f64 {
     let before = heap();
     for i in 0..n {
-        store(cache, WEvent::Apply(make(i)));
+        store(cache, WEvent::Apply(Lenient::Ok(make(i))));
     }
     (heap() - before) as f64 / f64::from(n)
 }

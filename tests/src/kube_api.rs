@@ -1,6 +1,6 @@
 //! A Kubernetes API server for the tests, speaking the real wire format
 //! (no API server can run on these machines): list and watch over HTTP/1.1
-//! for Services, EndpointSlices and Pods, the objects serialised from the
+//! for Services, EndpointSlices, Pods and Nodes, the objects serialised from the
 //! real k8s-openapi types, watch events ADDED / MODIFIED / DELETED /
 //! BOOKMARK as chunked JSON lines, `410 Gone` (an `ERROR` event with a
 //! `Status` of code 410, as the API server sends) for a resource version
@@ -17,12 +17,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-/// The three resources ktrace watches.
+/// The resources ktrace watches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Res {
     Services,
     Slices,
     Pods,
+    Nodes,
 }
 
 impl Res {
@@ -31,6 +32,7 @@ impl Res {
             "/api/v1/services" => Some(Res::Services),
             "/apis/discovery.k8s.io/v1/endpointslices" => Some(Res::Slices),
             "/api/v1/pods" => Some(Res::Pods),
+            "/api/v1/nodes" => Some(Res::Nodes),
             _ => None,
         }
     }
@@ -40,6 +42,7 @@ impl Res {
             Res::Services => ("v1", "ServiceList"),
             Res::Slices => ("discovery.k8s.io/v1", "EndpointSliceList"),
             Res::Pods => ("v1", "PodList"),
+            Res::Nodes => ("v1", "NodeList"),
         }
     }
 
@@ -48,6 +51,7 @@ impl Res {
             Res::Services => ("v1", "Service"),
             Res::Slices => ("discovery.k8s.io/v1", "EndpointSlice"),
             Res::Pods => ("v1", "Pod"),
+            Res::Nodes => ("v1", "Node"),
         }
     }
 }
@@ -126,7 +130,8 @@ impl ApiServer {
     }
 
     /// Adds or replaces an object (an ADDED or MODIFIED event), given as the
-    /// JSON of a k8s-openapi object.
+    /// JSON of a k8s-openapi object (or, to test what ktrace does with a
+    /// malformed object, any JSON with a `metadata` name).
     pub fn apply(&self, res: Res, obj: Value) {
         self.with(|s| {
             s.rv += 1;

@@ -558,6 +558,11 @@ impl Watch {
         self.run.wait_for(timeout, |lines, _| pred(lines))
     }
 
+    /// What it wrote to stderr so far (warnings).
+    pub fn stderr(&self) -> String {
+        self.run.stderr()
+    }
+
     /// Waits until at least `n` lines of `"type": ty` (named `name` when
     /// given, as in [`select`]) arrived, up to `timeout`.
     pub fn wait_count(&self, timeout: Duration, ty: &str, name: Option<&str>, n: usize) -> bool {

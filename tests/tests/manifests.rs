@@ -155,7 +155,7 @@ fn the_base_renders_and_validates_with_least_privilege() {
         ]
     );
 
-    // RBAC: get/list/watch on Services, EndpointSlices and Pods, nothing more.
+    // RBAC: get/list/watch on Services, EndpointSlices, Pods and Nodes, nothing more.
     let rules = o.cluster_role.unwrap().rules.unwrap_or_default();
     let mut granted = BTreeMap::new();
     for r in &rules {
@@ -169,7 +169,12 @@ fn the_base_renders_and_validates_with_least_privilege() {
     }
     assert_eq!(
         granted.into_keys().collect::<Vec<_>>(),
-        ["/pods", "/services", "discovery.k8s.io/endpointslices"]
+        [
+            "/nodes",
+            "/pods",
+            "/services",
+            "discovery.k8s.io/endpointslices"
+        ]
     );
     let binding = o.binding.unwrap();
     assert_eq!(binding.role_ref.name, "ktrace");

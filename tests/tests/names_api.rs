@@ -13,13 +13,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
+    Node, NodeAddress, NodeStatus, ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service,
+    ServicePort, ServiceSpec,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use ktrace_tests::{select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP};
 use kube_api::{count, ApiServer, Res};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const NODE: &str = "lab-node";
 
@@ -98,6 +99,39 @@ fn pod(ns: &str, name: &str, ip: &str) -> Value {
     serde_json::to_value(p).unwrap()
 }
 
+fn node(name: &str, internal_ip: &str) -> Value {
+    let n = Node {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        status: Some(NodeStatus {
+            addresses: Some(vec![
+                NodeAddress {
+                    type_: "Hostname".into(),
+                    address: name.into(),
+                },
+                NodeAddress {
+                    type_: "InternalIP".into(),
+                    address: internal_ip.into(),
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    serde_json::to_value(n).unwrap()
+}
+
+/// The states the API source reported in `names` lines, in order.
+fn api_states(l: &[Value]) -> Vec<Value> {
+    select(l, "names", None)
+        .into_iter()
+        .flat_map(|n| n["sources"].as_array().unwrap().clone())
+        .filter(|s| s["source"] == "kubernetes-api")
+        .collect()
+}
+
 #[test]
 fn api_names_survive_watch_events_cuts_and_410() {
     if skip() {
@@ -158,13 +192,6 @@ fn api_names_survive_watch_events_cuts_and_410() {
         api.requests()
     );
     // The status tells the truth: failing on 410 Gone, live again once listed.
-    let api_states = |l: &[Value]| -> Vec<Value> {
-        select(l, "names", None)
-            .into_iter()
-            .flat_map(|n| n["sources"].as_array().unwrap().clone())
-            .filter(|s| s["source"] == "kubernetes-api")
-            .collect()
-    };
     assert!(
         watch.wait_for(Duration::from_secs(30), |l| {
             let st = api_states(l);
@@ -216,5 +243,120 @@ fn api_names_survive_watch_events_cuts_and_410() {
         assert_eq!(f["backend_node"], NODE, "{f}");
         assert_eq!(f["client_name"], "shop/checkout-2", "{f}");
         assert_eq!(f["client_node"], NODE, "{f}");
+    }
+}
+
+/// A client address that is a node's (`node/NAME`, from the Node's
+/// InternalIP, known from a watch event), and objects whose JSON is not
+/// their kind's (a field of the wrong type) in the first list and over the
+/// watch: each skipped and counted in the `names` status, with a warning,
+/// and the watches go on (the names that come after them are used).
+#[test]
+fn api_names_nodes_and_malformed_objects() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("nm", 1);
+    let api = ApiServer::start(&lab.node);
+    api.apply(Res::Services, service("payments", "ledger", VIP));
+    // JSON that is not a Service, nor a Node: the list must still be read.
+    api.apply(
+        Res::Services,
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": "garbled", "namespace": "payments"},
+               "spec": {"clusterIP": VIP, "ports": "not-a-list"}}),
+    );
+    api.apply(
+        Res::Nodes,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "bad-node"},
+               "status": {"addresses": 42}}),
+    );
+    api.apply(Res::Nodes, node(NODE, "10.0.0.1"));
+    api.apply(Res::Slices, slice("ledger-0"));
+    api.apply(Res::Pods, pod("payments", "ledger-0", BACKENDS[0]));
+    api.apply(Res::Pods, pod("shop", "temp-1", "10.9.9.9"));
+
+    let scratch = Scratch::new("names-api-nodes");
+    let kubeconfig = scratch.path("kubeconfig");
+    api.kubeconfig(&kubeconfig);
+    lab.start_server();
+    let watch = lab.watch(&["--kubeconfig", &kubeconfig, "--node-name", NODE]);
+    // The source may be live by the time the status line is printed (then
+    // no `names` line follows until something changes).
+    let at_start: Vec<Value> = watch.status["names"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["source"] == "kubernetes-api")
+        .cloned()
+        .collect();
+    let states = |l: &[Value]| [at_start.clone(), api_states(l)].concat();
+    assert!(
+        watch.wait_for(Duration::from_secs(30), |l| states(l)
+            .last()
+            .is_some_and(|s| s["state"] == "live")),
+        "the API source did not go live: {:?}",
+        states(&watch.lines())
+    );
+    assert!(
+        count(&api.requests(), Res::Nodes, true) >= 1,
+        "Nodes not watched"
+    );
+    // Over the watch: a Pod whose JSON is not a Pod's, a good Pod updated
+    // into a malformed one (its name must go), then the Node whose
+    // InternalIP is the client's address (it must still be applied).
+    api.apply(
+        Res::Pods,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "weird", "namespace": "shop"},
+               "spec": {"containers": 7}}),
+    );
+    api.apply(
+        Res::Pods,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "temp-1", "namespace": "shop"},
+               "status": {"podIPs": "10.9.9.9"}}),
+    );
+    api.apply(Res::Nodes, node("worker-2", CLIENT_IP));
+    assert!(
+        watch.wait_for(Duration::from_secs(10), |l| api_states(l)
+            .last()
+            .is_some_and(|s| s["skipped"].as_u64() >= Some(4))),
+        "the malformed objects were not all counted: {:?}",
+        api_states(&watch.lines())
+    );
+    std::thread::sleep(Duration::from_millis(1000)); // the layer is swapped twice a second
+
+    let mut c = lab.client(2);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 2);
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 2));
+    let stderr = watch.stderr();
+    let lines = watch.stop();
+
+    let states = states(&lines);
+    assert!(
+        states.iter().all(|s| s["state"] != "failing"),
+        "a malformed object failed the watch: {states:?}"
+    );
+    let last = states.last().unwrap();
+    assert_eq!(last["state"], "live", "{last}");
+    assert_eq!(last["services"], 1, "{last}");
+    // ledger-0 only: `weird` never parsed, `temp-1` dropped by its bad update.
+    assert_eq!(last["pods"], 1, "{last}");
+    assert_eq!(last["skipped"], 4, "{last}");
+    for what in [
+        "Service payments/garbled",
+        "Node /bad-node",
+        "Pod shop/weird",
+        "Pod shop/temp-1",
+    ] {
+        assert!(stderr.contains(what), "no warning for {what}: {stderr}");
+    }
+    let f = select(&lines, "finding", Some("unnated_reply"));
+    assert_eq!(f.len(), 2);
+    for f in f {
+        assert_eq!(f["service_name"], "payments/ledger:grpc", "{f}");
+        assert_eq!(f["backend_name"], "payments/ledger-0", "{f}");
+        assert_eq!(f["client_name"], "node/worker-2", "{f}");
     }
 }

@@ -104,8 +104,13 @@ impl Board {
         match self.all.iter_mut().find(|x| x.source == s.source) {
             Some(x) if *x == s => {}
             Some(x) => {
-                // Counts alone moving is not news; a state change is.
-                if x.state != s.state || x.reason != s.reason || x.mode != s.mode {
+                // Counts alone moving is not news; a state change is, and
+                // so is a malformed rule or object skipped (a warning).
+                if x.state != s.state
+                    || x.reason != s.reason
+                    || x.mode != s.mode
+                    || x.skipped != s.skipped
+                {
                     self.changed = true;
                 }
                 *x = s;

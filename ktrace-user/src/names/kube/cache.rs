@@ -6,9 +6,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::Event;
+use kube::Resource as _;
+
+use super::lenient::Lenient;
 
 use crate::names::model::{
     valid_label, Interner, Key, Layer, Peer, PodName, PortRole, Proto, ServiceName,
@@ -48,6 +51,12 @@ pub struct PodEntry {
     pub node: Option<Box<str>>,
     pub host_ip: Option<IpAddr>,
     pub host_network: bool,
+}
+
+/// One Node, stripped: its own addresses (`InternalIP`, `ExternalIP`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeEntry {
+    pub ips: Vec<IpAddr>,
 }
 
 fn obj_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<ObjKey> {
@@ -176,6 +185,30 @@ pub fn pod(p: &Pod) -> Option<(ObjKey, PodEntry)> {
     ))
 }
 
+/// A Node as ktrace keeps it (key `("", name)`: Nodes have no
+/// namespace); `None` when malformed (counted).
+pub fn node(n: &Node) -> Option<(ObjKey, NodeEntry)> {
+    let name = n.metadata.name.as_deref().filter(|n| valid_label(n))?;
+    let mut ips = Vec::new();
+    let addrs = n.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for a in addrs.into_iter().flatten() {
+        if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
+            let ip: IpAddr = a.address.parse().ok()?;
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    Some((("".into(), name.into()), NodeEntry { ips }))
+}
+
+/// The key of an object the watcher sent, from its metadata alone (a
+/// Node's namespace is none: `""`).
+fn meta_key(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<ObjKey> {
+    let ns = m.namespace.as_deref().unwrap_or("");
+    Some((ns.into(), m.name.as_deref()?.into()))
+}
+
 /// The objects of one resource, kept through the watcher's relists: a
 /// relist (`Init` .. `InitDone`) builds a new map that replaces the old
 /// one whole, so objects deleted while the watch was down disappear.
@@ -201,10 +234,16 @@ impl<V> Default for Store<V> {
 }
 
 impl<V> Store<V> {
-    /// Applies a watcher event; true when what is named changed.
-    pub fn apply<K>(&mut self, ev: Event<K>, convert: impl Fn(&K) -> Option<(ObjKey, V)>) -> bool
+    /// Applies a watcher event; true when what is named changed. An object
+    /// that is malformed (its JSON not its kind's, or its content not what
+    /// names need) is skipped, counted, and its old name dropped.
+    pub fn apply<K>(
+        &mut self,
+        ev: Event<Lenient<K>>,
+        convert: impl Fn(&K) -> Option<(ObjKey, V)>,
+    ) -> bool
     where
-        K: kube::Resource,
+        K: kube::Resource<DynamicType = ()>,
     {
         match ev {
             Event::Init => {
@@ -212,15 +251,11 @@ impl<V> Store<V> {
                 false
             }
             Event::InitApply(o) => {
-                match convert(&o) {
-                    Some((k, v)) => {
-                        if let Some(r) = &mut self.relist {
-                            r.insert(k, v);
-                        } else {
-                            self.map.insert(k, v);
-                        }
-                    }
-                    None => self.skipped += 1,
+                if let Some((k, v)) = self.convert(&o, &convert) {
+                    match &mut self.relist {
+                        Some(r) => r.insert(k, v),
+                        None => self.map.insert(k, v),
+                    };
                 }
                 false
             }
@@ -231,29 +266,45 @@ impl<V> Store<V> {
                 self.synced = true;
                 true
             }
-            Event::Apply(o) => match convert(&o) {
-                Some((k, v)) => {
-                    self.map.insert(k, v);
-                    true
-                }
-                None => {
-                    self.skipped += 1;
+            Event::Apply(o) => {
+                match self.convert(&o, &convert) {
+                    Some((k, v)) => self.map.insert(k, v),
                     // A malformed update must not leave a stale name behind.
-                    let m = o.meta();
-                    if let (Some(ns), Some(n)) = (&m.namespace, &m.name) {
-                        self.map.remove(&(ns.as_str().into(), n.as_str().into()));
-                    }
-                    true
-                }
-            },
+                    None => meta_key(o.meta()).and_then(|k| self.map.remove(&k)),
+                };
+                true
+            }
             Event::Delete(o) => {
-                let m = o.meta();
-                if let (Some(ns), Some(n)) = (&m.namespace, &m.name) {
-                    self.map.remove(&(ns.as_str().into(), n.as_str().into()));
+                if let Some(k) = meta_key(o.meta()) {
+                    self.map.remove(&k);
                 }
                 true
             }
         }
+    }
+
+    /// The entry of `o`, or `None` (counted, with a warning) when malformed.
+    fn convert<K: kube::Resource<DynamicType = ()>>(
+        &mut self,
+        o: &Lenient<K>,
+        convert: impl Fn(&K) -> Option<(ObjKey, V)>,
+    ) -> Option<(ObjKey, V)> {
+        let why = match o {
+            Lenient::Ok(k) => match convert(k) {
+                Some(kv) => return Some(kv),
+                None => "an address, port or name is not valid".to_string(),
+            },
+            Lenient::Malformed { error, .. } => format!("its JSON is not a valid object: {error}"),
+        };
+        self.skipped += 1;
+        let m = o.meta();
+        tracing::warn!(
+            "Kubernetes names: {} {}/{} skipped: {why}",
+            K::kind(&()),
+            m.namespace.as_deref().unwrap_or(""),
+            m.name.as_deref().unwrap_or("?"),
+        );
+        None
     }
 }
 
@@ -285,6 +336,7 @@ pub struct Cache {
     pub services: Store<SvcEntry>,
     pub slices: Store<SliceEntry>,
     pub pods: Store<PodEntry>,
+    pub nodes: Store<NodeEntry>,
 }
 
 impl Cache {
@@ -312,6 +364,12 @@ impl Cache {
                 }
             }
         }
+        for ((_, name), n) in &self.nodes.map {
+            let name = i.get(name);
+            for ip in &n.ips {
+                l.set_peer(*ip, Peer::Node(name.clone()));
+            }
+        }
         for ((ns, name), p) in &self.pods.map {
             let node = p.node.as_deref().map(|n| i.get(n));
             if let (Some(h), Some(n)) = (p.host_ip, &node) {
@@ -336,7 +394,7 @@ impl Cache {
     }
 
     pub fn skipped(&self) -> u64 {
-        self.services.skipped + self.slices.skipped + self.pods.skipped
+        self.services.skipped + self.slices.skipped + self.pods.skipped + self.nodes.skipped
     }
 
     pub fn endpoint_count(&self) -> usize {
@@ -378,6 +436,9 @@ impl Cache {
         for (k, p) in &self.pods.map {
             n += slot(size_of::<PodEntry>()) + key(k) + p.ips.len() * size_of::<IpAddr>();
             n += p.node.as_ref().map_or(0, |s| s.len());
+        }
+        for (k, e) in &self.nodes.map {
+            n += slot(size_of::<NodeEntry>()) + key(k) + e.ips.len() * size_of::<IpAddr>();
         }
         n as u64
     }

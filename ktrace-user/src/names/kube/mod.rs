@@ -10,13 +10,14 @@
 //! twice a second, when something changed.
 
 pub mod cache;
+pub mod lenient;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
@@ -26,6 +27,7 @@ use crate::background;
 use super::status::{SourceState, SourceStatus};
 use super::{Names, SourceId};
 use cache::Cache;
+use lenient::Lenient;
 
 pub const SOURCE: &str = "kubernetes-api";
 
@@ -85,9 +87,9 @@ pub fn start(names: Arc<Names>, opts: KubeOptions) {
 
 fn resources(pods: Pods) -> String {
     match pods {
-        Pods::Node => "services, endpointslices, pods of this node",
-        Pods::Cluster => "services, endpointslices, pods",
-        Pods::Off => "services, endpointslices",
+        Pods::Node => "services, endpointslices, pods of this node, nodes",
+        Pods::Cluster => "services, endpointslices, pods, nodes",
+        Pods::Off => "services, endpointslices, nodes",
     }
     .into()
 }
@@ -108,22 +110,40 @@ async fn client(opts: &KubeOptions) -> Result<kube::Client, String> {
     kube::Client::try_from(config).map_err(|e| format!("cannot build an API client: {e}"))
 }
 
+/// A watcher's item: an event about objects that may be malformed.
+type Item<K> = Box<watcher::Result<watcher::Event<Lenient<K>>>>;
+
 /// One message of the merged watch streams (boxed: a Pod is large).
 enum Msg {
-    Svc(Box<watcher::Result<watcher::Event<Service>>>),
-    Slice(Box<watcher::Result<watcher::Event<EndpointSlice>>>),
-    Pod(Box<watcher::Result<watcher::Event<Pod>>>),
+    Svc(Item<Service>),
+    Slice(Item<EndpointSlice>),
+    Pod(Item<Pod>),
+    Node(Item<Node>),
 }
+
+impl Msg {
+    /// Which resource (an index into the per-resource errors).
+    fn resource(&self) -> usize {
+        match self {
+            Msg::Svc(_) => 0,
+            Msg::Slice(_) => 1,
+            Msg::Pod(_) => 2,
+            Msg::Node(_) => NODES,
+        }
+    }
+}
+
+/// The resource names of [`Msg::resource`]; Nodes are optional (without
+/// them, node names come from the Pods' host IPs).
+const RESOURCES: [&str; 4] = ["services", "endpointslices", "pods", "nodes"];
+const NODES: usize = 3;
 
 type Boxed = std::pin::Pin<Box<dyn Stream<Item = Msg> + Send>>;
 
-fn watch<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    wrap: fn(Box<watcher::Result<watcher::Event<K>>>) -> Msg,
-) -> Boxed
+fn watch<K>(api: Api<Lenient<K>>, cfg: watcher::Config, wrap: fn(Item<K>) -> Msg) -> Boxed
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+    K::DynamicType: Clone + Default + Send + Sync,
 {
     watcher(api, cfg)
         .default_backoff()
@@ -134,41 +154,36 @@ where
 async fn run(names: &Names, opts: &KubeOptions) -> Result<(), String> {
     let client = client(opts).await?;
     let mut streams: Vec<Boxed> = vec![
-        watch(
-            Api::<Service>::all(client.clone()),
-            watcher::Config::default(),
-            Msg::Svc,
-        ),
-        watch(
-            Api::<EndpointSlice>::all(client.clone()),
-            watcher::Config::default(),
-            Msg::Slice,
-        ),
+        watch(Api::all(client.clone()), Default::default(), Msg::Svc),
+        watch(Api::all(client.clone()), Default::default(), Msg::Slice),
+        watch(Api::all(client.clone()), Default::default(), Msg::Node),
     ];
     match opts.pods {
         Pods::Node => {
             let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node));
-            streams.push(watch(Api::<Pod>::all(client.clone()), cfg, Msg::Pod));
+            streams.push(watch(Api::all(client), cfg, Msg::Pod));
         }
-        Pods::Cluster => streams.push(watch(Api::<Pod>::all(client), Default::default(), Msg::Pod)),
+        Pods::Cluster => streams.push(watch(Api::all(client), Default::default(), Msg::Pod)),
         Pods::Off => {}
     }
     let mut merged = futures::stream::select_all(streams);
     let mut cache = Cache::default();
     let mut dirty = false;
-    let mut error: Option<String> = None;
+    // The last error of each resource's watch, until it delivers again.
+    let mut errors: [Option<String>; 4] = Default::default();
     let mut nodes = 0;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
             m = merged.next() => {
                 let Some(m) = m else { return Err("the watch streams ended".into()) };
+                let r = m.resource();
                 match apply(&mut cache, m) {
                     Ok(changed) => {
                         dirty |= changed;
-                        error = None;
+                        errors[r] = None;
                     }
-                    Err(e) => error = Some(e),
+                    Err(e) => errors[r] = Some(e),
                 }
             }
             _ = tick.tick() => {
@@ -179,7 +194,7 @@ async fn run(names: &Names, opts: &KubeOptions) -> Result<(), String> {
                     names.publish(SourceId::Api, layer);
                     names.set_complete(opts.pods == Pods::Cluster && cache.pods.synced);
                 }
-                let mut st = status(&cache, opts, error.as_deref());
+                let mut st = status(&cache, opts, &errors);
                 st.nodes = nodes;
                 names.set_status(st);
             }
@@ -194,17 +209,26 @@ fn apply(cache: &mut Cache, m: Msg) -> Result<bool, String> {
         Msg::Svc(r) => cache.services.apply((*r).map_err(what)?, cache::service),
         Msg::Slice(r) => cache.slices.apply((*r).map_err(what)?, cache::slice),
         Msg::Pod(r) => cache.pods.apply((*r).map_err(what)?, cache::pod),
+        Msg::Node(r) => cache.nodes.apply((*r).map_err(what)?, cache::node),
     })
 }
 
-fn status(cache: &Cache, opts: &KubeOptions, error: Option<&str>) -> SourceStatus {
+/// The source's state: failing while a needed resource's watch fails
+/// (Nodes are not needed: without them, the reason says so).
+fn status(cache: &Cache, opts: &KubeOptions, errors: &[Option<String>; 4]) -> SourceStatus {
     let synced = cache.services.synced
         && cache.slices.synced
         && (opts.pods == Pods::Off || cache.pods.synced);
-    let state = match (error, synced) {
-        (Some(_), _) => SourceState::Failing,
-        (None, true) => SourceState::Live,
-        (None, false) => SourceState::Starting,
+    let failing: Vec<String> = errors
+        .iter()
+        .zip(RESOURCES)
+        .filter_map(|(e, r)| e.as_ref().map(|e| format!("{r}: {e}")))
+        .collect();
+    let needed_fails = errors[..NODES].iter().any(Option::is_some);
+    let state = match (needed_fails, synced) {
+        (true, _) => SourceState::Failing,
+        (false, true) => SourceState::Live,
+        (false, false) => SourceState::Starting,
     };
     let mut s = SourceStatus::new(SOURCE, state);
     s.mode = resources(opts.pods);
@@ -213,6 +237,12 @@ fn status(cache: &Cache, opts: &KubeOptions, error: Option<&str>) -> SourceStatu
     s.pods = cache.pods.map.len() as u64;
     s.memory_bytes = Some(cache.approx_bytes());
     s.skipped = cache.skipped();
-    s.reason = error.map(|e| format!("{e} (retrying with backoff)"));
+    s.reason = (!failing.is_empty()).then(|| {
+        let mut r = format!("{} (retrying with backoff)", failing.join("; "));
+        if errors[NODES].is_some() {
+            r.push_str("; without Nodes, node names come from the Pods' host IPs only");
+        }
+        r
+    });
     s
 }
