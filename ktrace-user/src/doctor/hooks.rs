@@ -141,33 +141,18 @@ fn check_tracepoints(ctx: &Ctx, s: &KernelSupport) -> Check {
         "present": present,
         "missing": missing,
     });
-    let value = if missing.is_empty() {
-        "all present".to_string()
+    let (status, value, why) = if missing.is_empty() {
+        let why = "the reset tracepoints are there";
+        (Status::Ok, "all present".to_string(), why)
     } else {
-        format!(
-            "missing {}",
-            missing
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
+        let names: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+        let why = "ktrace sees fewer resets: missing tracepoints (old kernel, or \
+                   CONFIG_TRACEPOINTS off) are replaced by kprobes where possible";
+        (Status::Warn, format!("missing {}", names.join(", ")), why)
     };
-    let status = if missing.is_empty() {
-        Status::Ok
-    } else {
-        Status::Warn
-    };
-    let mut why = if missing.is_empty() {
-        "the reset tracepoints are there".to_string()
-    } else {
-        "ktrace sees fewer resets: missing tracepoints (old kernel, or CONFIG_TRACEPOINTS off) are replaced by kprobes where possible".to_string()
-    };
-    why.push('.');
-    why.push_str(send_reset_note);
     Check::new(CHECK, status, value)
         .expected(expected)
-        .why(why)
+        .why(format!("{why}.{send_reset_note}"))
         .evidence(evidence)
 }
 
