@@ -86,6 +86,11 @@ pub struct EventHeader {
 }
 
 /// An IPv4 or IPv6 address and port. IPv4 uses the first 4 bytes of `addr`.
+///
+/// The ring buffer's form, not userspace's: a fixed `#[repr(C)]` layout the
+/// eBPF programs can fill with plain stores (`std::net::SocketAddr` is a
+/// Rust enum with no stable layout, and the eBPF side has no `std`).
+/// Userspace decodes it into a `SocketAddr` at once and uses nothing else.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Endpoint {

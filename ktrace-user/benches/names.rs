@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use common::ev;
+use common::{context, ev};
 use k8s_openapi::api::core::v1::{
     ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
 };
@@ -38,7 +38,7 @@ use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
 use ktrace::names::kube::lenient::Lenient;
 use ktrace::names::{NameResolver, Names, SourceId};
-use ktrace::recording::{Context, Recorder, RotationConfig};
+use ktrace::recording::{Recorder, RotationConfig};
 use kube::runtime::watcher::Event as WEvent;
 
 struct Counting;
@@ -288,28 +288,6 @@ fn engine(events: &[Event], r: Option<&NameResolver>) -> (f64, usize) {
     (events.len() as f64 / t.elapsed().as_secs_f64(), named)
 }
 
-fn context() -> Context {
-    Context {
-        format: "ktrace-recording".into(),
-        format_version: "1.0".into(),
-        ktrace_version: env!("CARGO_PKG_VERSION").into(),
-        command: "record".into(),
-        host: "bench".into(),
-        kernel: None,
-        boot_id: None,
-        wall_offset_ns: 1_700_000_000_000_000_000,
-        recording_id: "00000000000000be".into(),
-        segment: 0,
-        started_mono_ns: 0,
-        segment_started_mono_ns: 0,
-        ring_buffer_bytes: 1 << 23,
-        netns: None,
-        netns_names: BTreeMap::new(),
-        hooks: Vec::new(),
-        engine: EngineConfig::default(),
-    }
-}
-
 /// Events/s `record` writes (encode + zstd + write, inline on one core),
 /// writing each event's names when `r` is given; the file's size.
 fn record(path: &Path, events: &[Event], r: Option<&NameResolver>) -> (f64, u64) {
@@ -317,7 +295,7 @@ fn record(path: &Path, events: &[Event], r: Option<&NameResolver>) -> (f64, u64)
     let mut cfg = RotationConfig::new(path);
     cfg.threaded = false;
     let mut rec = Recorder::create(cfg, "record", EngineConfig::default()).unwrap();
-    rec.start_with(context()).unwrap();
+    rec.start_with(context("record")).unwrap();
     let t = Instant::now();
     for (i, e) in events.iter().enumerate() {
         if let Some(r) = r {

@@ -10,18 +10,20 @@
 //! Targets (issue 4): >= 2 M events/s recorded, <= 24 B/event, >= 5 M
 //! events/s replayed. Set `KTRACE_BENCH_EVENTS` to change the count.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use common::context;
 use ktrace::engine::{Engine, EngineConfig};
 use ktrace::event::{Event, EventBody, NatEntry, Source};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 use ktrace::pipeline::Pipeline;
 use ktrace::recording::format::Item;
-use ktrace::recording::{Context, FileReader, Recorder, RotationConfig};
+use ktrace::recording::{FileReader, Recorder, RotationConfig};
 
 struct Rng(u64);
 
@@ -115,28 +117,6 @@ fn storm(n: usize) -> Vec<Event> {
     out
 }
 
-fn context() -> Context {
-    Context {
-        format: "ktrace-recording".into(),
-        format_version: "1.0".into(),
-        ktrace_version: env!("CARGO_PKG_VERSION").into(),
-        command: "bench".into(),
-        host: "bench".into(),
-        kernel: None,
-        boot_id: None,
-        wall_offset_ns: 1_700_000_000_000_000_000,
-        recording_id: "00000000000000be".into(),
-        segment: 0,
-        started_mono_ns: 0,
-        segment_started_mono_ns: 0,
-        ring_buffer_bytes: 1 << 23,
-        netns: None,
-        netns_names: BTreeMap::new(),
-        hooks: Vec::new(),
-        engine: EngineConfig::default(),
-    }
-}
-
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
     let n: usize = std::env::var("KTRACE_BENCH_EVENTS")
@@ -200,7 +180,7 @@ fn record(path: &Path, events: &[Event]) -> u64 {
     let mut cfg = RotationConfig::new(path);
     cfg.threaded = false;
     let mut r = Recorder::create(cfg, "bench", EngineConfig::default()).unwrap();
-    r.start_with(context()).unwrap();
+    r.start_with(context("bench")).unwrap();
     for (i, e) in events.iter().enumerate() {
         r.event(e);
         // The live pipeline ticks every 200 ms; at 2 M events/s that

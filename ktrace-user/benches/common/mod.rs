@@ -1,6 +1,11 @@
-//! What the benchmarks share.
+//! What the benchmarks share (each uses part of it).
+#![allow(dead_code)]
 
+use std::collections::BTreeMap;
+
+use ktrace::engine::EngineConfig;
 use ktrace::event::{Event, EventBody, Source};
+use ktrace::recording::Context;
 
 /// An event of namespace 1 at `ts`, as a tracepoint reports it.
 pub fn ev(ts: u64, body: EventBody) -> Event {
@@ -9,5 +14,28 @@ pub fn ev(ts: u64, body: EventBody) -> Event {
         netns: 1,
         source: Source::Tracepoint,
         body,
+    }
+}
+
+/// The context a recording made by `command` starts with.
+pub fn context(command: &str) -> Context {
+    Context {
+        format: "ktrace-recording".into(),
+        format_version: "1.0".into(),
+        ktrace_version: env!("CARGO_PKG_VERSION").into(),
+        command: command.into(),
+        host: "bench".into(),
+        kernel: None,
+        boot_id: None,
+        wall_offset_ns: 1_700_000_000_000_000_000,
+        recording_id: "00000000000000be".into(),
+        segment: 0,
+        started_mono_ns: 0,
+        segment_started_mono_ns: 0,
+        ring_buffer_bytes: 1 << 23,
+        netns: None,
+        netns_names: BTreeMap::new(),
+        hooks: Vec::new(),
+        engine: EngineConfig::default(),
     }
 }

@@ -1,6 +1,19 @@
 //! Endpoints: a compact, hashable form of `SocketAddr` ([`Ep`]), and a
 //! reference-counted interner that lets a million flows name their service
 //! and backends with 4-byte ids (services and backends are few, clients many).
+//!
+//! Outside the engine an address and port is a `std::net::SocketAddr`
+//! (events, findings, output, names, recordings). Two other forms exist,
+//! each for a reason:
+//! - `ktrace_common::Endpoint`, the `#[repr(C)]` layout the eBPF programs
+//!   write into the ring buffer (no Rust enum crosses it); only `decode`
+//!   reads it, into `SocketAddr`.
+//! - [`Ep`], private to the engine: its flow keys. 18 bytes with no
+//!   padding instead of 32, cheap to hash, and IPv4 stored v4-mapped, so a
+//!   dual-stack socket's `::ffff:10.0.0.2` and conntrack's `10.0.0.2` are
+//!   one flow. It never leaves the engine: [`Ep::get`] gives findings a
+//!   `SocketAddr` back, IPv4 in its plain form (as the JSON has always
+//!   printed it).
 
 use std::hash::BuildHasher;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
@@ -144,12 +157,9 @@ impl Endpoints {
     }
 
     /// Endpoints currently named by some flow.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
     }
 
     /// Heap bytes held (map buckets, id arrays, free list).

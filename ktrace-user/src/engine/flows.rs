@@ -456,6 +456,7 @@ impl FlowTable {
     }
 
     /// Service and backend endpoints the flows name (interned once each).
+    #[cfg(test)]
     pub fn endpoints(&self) -> usize {
         self.eps.len()
     }

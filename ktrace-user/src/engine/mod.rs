@@ -15,12 +15,12 @@
 //!   server whose weight is 0;
 //! - table full: conntrack fails to create entries.
 
-pub mod endpoints;
+mod endpoints;
 pub mod finding;
-pub mod flows;
-pub mod pending;
+mod flows;
+mod pending;
 mod race;
-pub mod storm;
+mod storm;
 mod unnated;
 
 use foldhash::HashMap;
@@ -32,7 +32,8 @@ pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use finding::{UnnatedBasis, UnnatedPath};
 use flows::{Ep, FlowKey, FlowTable, TCP};
 use pending::{Pending, PendingReset};
-use storm::{Phase, StormReport, StormTracker};
+pub use storm::Phase;
+use storm::{StormReport, StormTracker};
 
 const SEC: u64 = 1_000_000_000;
 const TCP_SYN: u8 = 0x02;

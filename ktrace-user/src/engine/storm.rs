@@ -109,6 +109,7 @@ impl StormTracker {
 
     /// Counts one reset tied to `key`; returns a report when a storm starts
     /// or is due an update.
+    #[cfg(test)]
     pub fn record(
         &mut self,
         key: Ep,
@@ -120,7 +121,8 @@ impl StormTracker {
         self.record_kind(key, is_service, backend, client, 0, ts)
     }
 
-    /// [`StormTracker::record`], also OR-ing `kind` into the storm's kinds.
+    /// Counts one reset tied to `key` and ORs `kind` into the storm's kinds;
+    /// returns a report when a storm starts or is due an update.
     pub fn record_kind(
         &mut self,
         key: Ep,
@@ -192,6 +194,7 @@ impl StormTracker {
         });
     }
 
+    #[cfg(test)]
     pub fn tracked(&self) -> usize {
         self.storms.len()
     }

@@ -20,7 +20,7 @@ use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{ManualReader, Pipeline, SdkMeterProvider, Temporality};
 use opentelemetry_sdk::Resource;
 
-use crate::engine::storm::Phase;
+use crate::engine::Phase;
 use crate::engine::{Evidence, Finding};
 use crate::event::{Event, EventBody};
 use crate::hooks::HookStatus;

@@ -10,7 +10,7 @@ use ratatui::crossterm::style::Stylize;
 use super::Group;
 use crate::clock::WallClock;
 use crate::engine::finding::{TableFull, UnnatedPath, UnnatedReply};
-use crate::engine::storm::Phase;
+use crate::engine::Phase;
 use crate::engine::{Evidence, Finding, Severity};
 use crate::names::FindingNames;
 

@@ -17,7 +17,7 @@ pub mod plain;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 
-use crate::engine::storm::Phase;
+use crate::engine::Phase;
 use crate::engine::{Evidence, Finding, FindingKind, Severity};
 
 /// A group ends when it has had no finding for this long: the next finding
