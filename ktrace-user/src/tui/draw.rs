@@ -26,7 +26,9 @@ pub fn draw(frame: &mut Frame, board: &Board, view: &View) {
         Constraint::Length(3),
         Constraint::Length(5),
         Constraint::Min(5),
-        Constraint::Length(9),
+        // Room for the longest cause and remedy (four lines each at 120
+        // columns) with the evidence after them.
+        Constraint::Length(12),
         Constraint::Length(1),
     ])
     .areas(frame.area());
@@ -218,11 +220,13 @@ fn draw_detail(frame: &mut Frame, area: Rect, board: &Board, g: Option<&Group>) 
             Span::styled("cause:    ", bold),
             Span::raw(format!("{} — {}", short_cause(f), f.cause)),
         ]),
-        Line::from(vec![Span::styled("evidence: ", bold), Span::raw(evidence)]),
+        // The remedy before the evidence: it is what the person acts on,
+        // and the evidence is what a small terminal may cut.
         Line::from(vec![
             Span::styled("remedy:   ", bold),
             Span::raw(f.remedy.clone()),
         ]),
+        Line::from(vec![Span::styled("evidence: ", bold), Span::raw(evidence)]),
     ];
     frame.render_widget(
         Paragraph::new(text).block(block).wrap(Wrap { trim: false }),

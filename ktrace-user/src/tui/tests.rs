@@ -170,3 +170,28 @@ fn a_full_channel_counts_what_the_tap_drops() {
     assert_eq!(tap.dropped.load(Ordering::Relaxed), 3);
     assert_eq!(rx.try_iter().count(), 2);
 }
+
+#[test]
+fn the_whole_remedy_shows_in_a_120x40_terminal() {
+    let mut b = Board::new("node-a".into());
+    let mut f = unnated(1_000_000_000, 40000);
+    // The un-NATed reply's remedy as the engine words it (the longest).
+    f.remedy = "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from \
+        /etc/modules-load.d/ so the sysctl applies at boot), or drop ctstate INVALID in FORWARD \
+        (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); if the table is near full, \
+        raise nf_conntrack_max (nf_conntrack_max is 262144)"
+        .into();
+    f.cause = "Service 10.96.0.10:2222: reply from backend 10.0.1.2:2222 to client \
+        10.0.0.2:54904 was not reverse-NATed (conntrack INVALID: the node's conntrack counted 12 \
+        INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot \
+        attach on this kernel, so the exact reason is unknown)); the client reset it."
+        .into();
+    b.apply(Update::Finding(Box::new(f)));
+    let last_word = "262144)";
+    let text = screen(&b, &View::default(), 120, 40).join("\n");
+    assert!(text.contains("remedy:"), "{text}");
+    assert!(
+        text.contains(last_word),
+        "remedy cut ({last_word}):\n{text}"
+    );
+}
