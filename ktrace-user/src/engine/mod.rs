@@ -178,8 +178,8 @@ const MAX_PENDING: usize = 65_536;
 const REPORT_AGAIN_MS: u32 = 1_000;
 /// How long an un-NATed-reply finding waits for a counter sample.
 const HOLD_NS: u64 = 450_000_000;
-/// How long before (or after) a reset a counter sample's INVALID rise
-/// still counts as that connection's (a few sample intervals).
+/// How long before a reset a counter sample's INVALID rise still counts as
+/// that connection's (a few sample intervals).
 const RECENT_RISE_NS: u64 = 1_000_000_000;
 const MAX_HELD: usize = 4_096;
 const NO_INVALID_COUNTED: &str = "conntrack counted no INVALID packet in ktrace's namespace around it: the reply bypassed reverse NAT some other way (or conntrack judged it in another namespace)";

@@ -403,34 +403,6 @@ fn a_counter_rise_just_before_the_reset_is_cited() {
     assert!(out[2].cause.contains("no INVALID"), "{}", out[2].cause);
 }
 
-/// The sample that counted the INVALID packet was read after the reset
-/// but reached the engine first (the ring was drained later): it still
-/// belongs to that connection.
-#[test]
-fn a_counter_rise_read_just_after_the_reset_is_cited() {
-    let cfg = EngineConfig {
-        ct_counters: true,
-        ..EngineConfig::default()
-    };
-    let counters = |ts, invalid| {
-        ev(
-            ts,
-            EventBody::CtCounters(CounterRise {
-                invalid,
-                ..CounterRise::default()
-            }),
-        )
-    };
-    let mut e = Engine::new(cfg);
-    let mut out = Vec::new();
-    e.process(&map(0, C, S, B1), &mut out);
-    e.process(&counters(1_350, 2), &mut out);
-    e.process(&rst(1_300, C, B1, PSH_ACK), &mut out);
-    e.process(&counters(1_550, 0), &mut out);
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(evidence(&out[0])["ct_invalid_counter_rise"], json!(2));
-}
-
 #[test]
 fn drop_counter_with_a_full_table_is_table_full() {
     let counters = |ts, drop, count| {

@@ -237,12 +237,9 @@ impl Engine {
             let id = self.flows.find(Ep::new(c), TCP, 0)?;
             Some(self.flows.get(id).has(flow_flags::DESTROYED))
         });
-        // None in this sample, but one just before the reset counted it;
-        // or one just after it, which reached the engine before the reset
-        // did (the ring is drained after the counters were read, and a
-        // burst's kernel time may be up to a tick early).
+        // None in this sample, but one just before the reset counted it.
         let invalid = match self.last_invalid_rise {
-            Some((at, n)) if invalid == 0 && at.abs_diff(f.ts_ns) <= RECENT_RISE_NS => n,
+            Some((at, n)) if invalid == 0 && at <= f.ts_ns && f.ts_ns - at <= RECENT_RISE_NS => n,
             _ => invalid,
         };
         if invalid > 0 {
