@@ -46,7 +46,6 @@ pub(super) fn kprobe(ebpf: &mut Ebpf, prog: &str, func: &str) -> Result<(), Stri
     Ok(())
 }
 
-/// fentry needs the kernel's BTF for the function's prototype.
 /// A raw tracepoint whose program reads its arguments typed by BTF
 /// (`tp_btf`, 5.5+).
 pub(super) fn btf_tracepoint(
@@ -62,6 +61,7 @@ pub(super) fn btf_tracepoint(
     Ok(())
 }
 
+/// fentry needs the kernel's BTF for the function's prototype.
 pub(super) fn fentry(
     ebpf: &mut Ebpf,
     btf: &aya::Btf,
