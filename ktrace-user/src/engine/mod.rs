@@ -18,6 +18,7 @@
 mod endpoints;
 pub mod finding;
 mod flows;
+mod invalid_samples;
 mod pending;
 mod race;
 mod storm;
@@ -31,6 +32,7 @@ use crate::event::{CounterRise, Event, EventBody, NatEntry};
 pub use finding::{Evidence, Finding, FindingKind, Severity, Time};
 use finding::{UnnatedBasis, UnnatedPath};
 use flows::{Ep, FlowKey, FlowTable, TCP};
+use invalid_samples::InvalidSamples;
 use pending::{Pending, PendingReset};
 pub use storm::Phase;
 use storm::{StormReport, StormTracker};
@@ -178,9 +180,6 @@ const MAX_PENDING: usize = 65_536;
 const REPORT_AGAIN_MS: u32 = 1_000;
 /// How long an un-NATed-reply finding waits for a counter sample.
 const HOLD_NS: u64 = 450_000_000;
-/// How long before a reset a counter sample's INVALID rise still counts as
-/// that connection's (a few sample intervals).
-const RECENT_RISE_NS: u64 = 1_000_000_000;
 const MAX_HELD: usize = 4_096;
 const NO_INVALID_COUNTED: &str = "conntrack counted no INVALID packet in ktrace's namespace around it: the reply bypassed reverse NAT some other way (or conntrack judged it in another namespace)";
 const MAX_INVALID: usize = 65_536;
@@ -213,10 +212,8 @@ pub struct Engine {
     /// Un-NATed-reply findings waiting (until the deadline) for the next
     /// conntrack counter sample to cite.
     held: Vec<(u64, Finding)>,
-    /// The last counter sample that saw INVALID packets (time, count): a
-    /// sample taken between a connection's INVALID packet and its reset
-    /// has already counted it, so the next sample shows none.
-    last_invalid_rise: Option<(u64, u64)>,
+    /// The recent counter samples' INVALID counts, by the time they cover.
+    invalid_samples: InvalidSamples,
     last_tick: u64,
     last_sweep: u64,
     stats: EngineStats,
@@ -262,7 +259,7 @@ impl Engine {
             snat: HashMap::default(),
             messages: HashMap::default(),
             held: Vec::new(),
-            last_invalid_rise: None,
+            invalid_samples: InvalidSamples::default(),
             last_tick: 0,
             last_sweep: 0,
             stats: EngineStats::default(),
@@ -479,7 +476,7 @@ impl Engine {
                 .partition(|(deadline, _)| *deadline <= now);
             self.held = keep;
             for (_, mut f) in due {
-                self.settle_held(&mut f, 0);
+                self.settle_held(&mut f);
                 out.push(f);
             }
         }
@@ -493,6 +490,8 @@ impl Engine {
             if now != u64::MAX {
                 self.flows.sweep(now);
             }
+            self.invalid_samples
+                .forget_before(now.saturating_sub(HOLD_NS + 10 * SEC));
             let cutoff = now.saturating_sub(self.cfg.correlation_ns);
             self.invalid.retain(|_, v| v.ts >= cutoff);
             let repeat_cutoff = now.saturating_sub(self.cfg.repeat_ns);
@@ -655,19 +654,15 @@ impl Engine {
         max: Option<u64>,
         out: &mut Vec<Finding>,
     ) {
+        self.invalid_samples.record(ts, invalid);
         if !self.held.is_empty() {
-            let (ready, keep): (Vec<_>, Vec<_>) = self
-                .held
-                .drain(..)
-                .partition(|(deadline, f)| f.ts_ns <= ts && ts <= *deadline);
+            let (ready, keep): (Vec<_>, Vec<_>) =
+                self.held.drain(..).partition(|(_, f)| f.ts_ns <= ts);
             self.held = keep;
             for (_, mut f) in ready {
-                self.settle_held(&mut f, invalid);
+                self.settle_held(&mut f);
                 out.push(f);
             }
-        }
-        if invalid > 0 {
-            self.last_invalid_rise = Some((ts, invalid));
         }
         if self.held.len() > MAX_HELD {
             let extra: Vec<_> = self.held.drain(..self.held.len() - MAX_HELD).collect();

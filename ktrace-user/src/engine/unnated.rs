@@ -16,8 +16,8 @@ use std::net::SocketAddr;
 use super::finding::{self, CtVerdict, Evidence, Finding, Severity, Time};
 use super::flows::{flow_flags, Ep, Flow, FlowId, TCP};
 use super::{
-    Engine, UnnatedBasis, UnnatedPath, HOLD_NS, NO_INVALID_COUNTED, RECENT_RISE_NS,
-    REPORT_AGAIN_MS, STORM_SWITCH, STORM_UNNATED,
+    Engine, UnnatedBasis, UnnatedPath, HOLD_NS, NO_INVALID_COUNTED, REPORT_AGAIN_MS, STORM_SWITCH,
+    STORM_UNNATED,
 };
 
 /// Who a broken connection's finding names, and how its packet went.
@@ -155,12 +155,19 @@ impl Engine {
                 c.path = UnnatedPath::EntryLost;
             }
             let f = self.unnated_finding(ts, &c, flow.service.get(), reason);
-            if c.path != UnnatedPath::EntryLost && self.cfg.ct_counters && !self.cfg.ct_invalid_hook
-            {
+            let cite_counters = c.path != UnnatedPath::EntryLost
+                && self.cfg.ct_counters
+                && !self.cfg.ct_invalid_hook;
+            if cite_counters && !self.invalid_samples.covers(ts) {
                 // Cite the next conntrack counter sample (which the live
                 // source takes as soon as it sees this wants one:
                 // `wants_counter_sample`).
                 self.held.push((ts + HOLD_NS, f));
+            } else if cite_counters {
+                // A sample read after the reset reached the engine first.
+                let mut f = f;
+                self.settle_held(&mut f);
+                out.push(f);
             } else {
                 out.push(f);
             }
@@ -226,9 +233,9 @@ impl Engine {
         }
     }
 
-    /// A held finding meets the counter sample that followed it (`invalid`
-    /// INVALID packets counted; 0 also when none came in time).
-    pub(super) fn settle_held(&self, f: &mut Finding, invalid: u64) {
+    /// A held finding cites the INVALID packets the counter samples around
+    /// it counted (none, also when no sample came in time).
+    pub(super) fn settle_held(&self, f: &mut Finding) {
         let Evidence::UnnatedReply(e) = &mut f.evidence else {
             return;
         };
@@ -237,11 +244,7 @@ impl Engine {
             let id = self.flows.find(Ep::new(c), TCP, 0)?;
             Some(self.flows.get(id).has(flow_flags::DESTROYED))
         });
-        // None in this sample, but one just before the reset counted it.
-        let invalid = match self.last_invalid_rise {
-            Some((at, n)) if invalid == 0 && at <= f.ts_ns && f.ts_ns - at <= RECENT_RISE_NS => n,
-            _ => invalid,
-        };
+        let invalid = self.invalid_samples.around(f.ts_ns);
         if invalid > 0 {
             let verdict = format!(
                 "conntrack INVALID: the node's conntrack counted {invalid} INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot attach on this kernel, so the exact reason is unknown)"
