@@ -87,6 +87,8 @@ pub struct ExportSummary {
 
 /// State shared by the handle and the thread.
 struct Shared {
+    /// Log records offered to the exporter: each ends exported or dropped.
+    offered: AtomicU64,
     dropped: AtomicU64,
     reported: AtomicU64,
     exported: AtomicU64,
@@ -101,6 +103,7 @@ struct Shared {
 impl Shared {
     fn new(metrics: Option<Arc<Metrics>>) -> Shared {
         Shared {
+            offered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             reported: AtomicU64::new(0),
             exported: AtomicU64::new(0),
@@ -319,6 +322,7 @@ impl Exporter {
         if !self.inner.logs {
             return;
         }
+        self.inner.shared.offered.fetch_add(1, Ordering::Relaxed);
         let clock = *self.inner.clock.lock().unwrap_or_else(|e| e.into_inner());
         let tx = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
         let sent = match tx.as_ref() {
@@ -422,7 +426,17 @@ impl Exporter {
             .unwrap_or_else(|e| e.into_inner())
             .take()
         {
-            let _ = done.recv_timeout(timeout + Duration::from_millis(200));
+            if done
+                .recv_timeout(timeout + Duration::from_millis(200))
+                .is_err()
+            {
+                // The worker is late (a loaded machine): what it has not
+                // exported by now never will be, and must be counted.
+                let s = &self.inner.shared;
+                let settled =
+                    s.exported.load(Ordering::Relaxed) + s.dropped.load(Ordering::Relaxed);
+                s.drop_records(s.offered.load(Ordering::Relaxed).saturating_sub(settled));
+            }
         }
         let s = &self.inner.shared;
         let dropped = s.dropped.load(Ordering::Relaxed);
