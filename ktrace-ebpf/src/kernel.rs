@@ -33,6 +33,24 @@ pub fn read<T>(base: u64, off: u32) -> Result<T, i64> {
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).map_err(|e| e as i64) }
 }
 
+/// A `T` at `base + off`: a plain load when `base` is a BTF-typed argument
+/// (`TYPED`: fentry, tp_btf; the verifier turns it into a load guarded by
+/// an exception-table entry, no helper call), else a probe read.
+#[inline(always)]
+pub fn field<const TYPED: bool, T: Copy>(base: u64, off: u32) -> Result<T, i64> {
+    if !TYPED {
+        return read(base, off);
+    }
+    if off == NO_OFFSET {
+        return Err(-1);
+    }
+    // SAFETY: a typed load at a BTF offset; a bad pointer reads as zero.
+    Ok(unsafe { core::ptr::read_volatile((base as *const u8).wrapping_add(off as usize) as *const T) })
+}
+
+/// `TCP_LISTEN`: a listener's reset is the "no socket" case.
+pub const TCP_LISTEN: u8 = 10;
+
 /// Argument `n` of a kprobe when `n` is known only at load time (a
 /// [`LAYOUT`] field). `ProbeContext::arg(n)` with such an `n` compiles to a
 /// load from `ctx + offset(n)`, which the verifier refuses ("dereference of

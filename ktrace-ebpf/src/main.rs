@@ -10,6 +10,7 @@ mod ipvs;
 mod kernel;
 mod reset;
 mod ring;
+mod summary;
 
 use aya_ebpf::{
     macros::{btf_tracepoint, fentry, kprobe, kretprobe, raw_tracepoint, tracepoint},

@@ -9,8 +9,9 @@ use ktrace_common::{
     hook, kind, reset_flags, Endpoint, ResetEvent, TpFields, AF_INET, AF_INET6, NO_FIELD,
 };
 
-use crate::kernel::{self, layout, TCP_FLAG_RST};
+use crate::kernel::{self, layout, TCP_FLAG_RST, TCP_LISTEN};
 use crate::ring;
+use crate::summary::{self, Outcome};
 
 /// Field offsets of `tcp:tcp_send_reset` / `tcp:tcp_receive_reset`, parsed by
 /// userspace from tracefs `format` files.
@@ -105,8 +106,6 @@ fn copy_fields(tp: &'static TpFields) -> TpFields {
     }
 }
 
-const TCP_LISTEN: u8 = 10;
-
 /// `tcp:tcp_send_reset`. On 6.10+ it fires for the no-socket case too.
 /// When the RST answers a segment (`skbaddr` set), its addresses are taken
 /// from that segment, reversed: the tracepoint's own come from `sk`, which
@@ -116,6 +115,9 @@ pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let tp = copy_fields(&TP_SEND_RESET);
     let skb: u64 = tp_read(ctx, tp.skbaddr).unwrap_or(0);
     let sk: u64 = tp_read(ctx, tp.skaddr).unwrap_or(0);
+    if let Outcome::Done = summary::try_count::<false>(sk, sk, skb, skb)? {
+        return Ok(());
+    }
     let mut ev = ResetEvent::default();
     if tp.reason != NO_FIELD {
         ev.reason = tp_read(ctx, tp.reason)?;
@@ -200,6 +202,9 @@ fn emit_send_reset<const TYPED: bool>(
     } else {
         (sk_arg, skb_arg)
     };
+    if let Outcome::Done = summary::try_count::<TYPED>(sk, sk_arg, skb, skb_arg)? {
+        return Ok(());
+    }
     let mut ev = ResetEvent::default();
     let mut dev = 0;
     // The second test is for kernels that type the argument "maybe NULL"

@@ -56,7 +56,7 @@ static CLOCK: PerCpuArray<TickClock> = PerCpuArray::with_max_entries(1, 0);
 /// time, and events of a burst share their tick's first time, never later
 /// than themselves and never going back.
 #[inline(always)]
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     if crate::kernel::layout!(tick_clock) == 1 {
         if let Some(c) = CLOCK.get_ptr_mut(0) {
             // SAFETY: a per-CPU slot, used by one program run at a time.

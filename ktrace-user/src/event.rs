@@ -124,6 +124,40 @@ pub enum EventBody {
     /// `__nf_conntrack_confirm` dropped a packet of this flow: it lost the
     /// race to insert its new entry (`snat` is never set).
     CtConfirmDrop(NatEntry),
+    /// Resets the kernel sent in the event's network namespace that were
+    /// counted, not sent one by one, since the previous summary: ones that
+    /// can never be an incident (`ktrace_common::reset_may_be_an_incident`),
+    /// beyond each CPU's sample. With the `tcp_send_reset` events they add
+    /// up to every reset the kernel sent.
+    ResetsSummarised(ResetCounts),
+}
+
+/// Resets counted by the kernel instead of sent one by one, by why they
+/// can never be an incident.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResetCounts {
+    /// No socket (or a listener only) answered a bare SYN: refused connections.
+    pub refused: u64,
+    /// Sent by a connection's own socket.
+    pub socket: u64,
+}
+
+impl ResetCounts {
+    pub fn total(&self) -> u64 {
+        self.refused.saturating_add(self.socket)
+    }
+}
+
+/// `"count"` (the total), then `"refused"` and `"socket"`.
+impl Serialize for ResetCounts {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut m = s.serialize_map(Some(3))?;
+        m.serialize_entry("count", &self.total())?;
+        m.serialize_entry("refused", &self.refused)?;
+        m.serialize_entry("socket", &self.socket)?;
+        m.end()
+    }
 }
 
 /// A DNAT conntrack entry: `client` -> `service` goes to `backend`.
@@ -171,6 +205,7 @@ impl EventBody {
             EventBody::NatDestroy(_) => "nat_destroy",
             EventBody::CtConfirmDrop(_) => "ct_confirm_drop",
             EventBody::CtCounters(_) => "ct_counters",
+            EventBody::ResetsSummarised(_) => "resets_summarised",
         }
     }
 
@@ -195,7 +230,17 @@ impl EventBody {
             | EventBody::CtConfirmDrop(NatEntry {
                 client, service, ..
             }) => Some((client, service)),
-            EventBody::CtCounters(_) => None,
+            EventBody::CtCounters(_) | EventBody::ResetsSummarised(_) => None,
+        }
+    }
+
+    /// Resets the kernel sent that this event stands for: 1 for a
+    /// `tcp_send_reset`, the count of a summary, else 0.
+    pub fn resets_sent(&self) -> u64 {
+        match self {
+            EventBody::TcpSendReset { .. } => 1,
+            EventBody::ResetsSummarised(c) => c.total(),
+            _ => 0,
         }
     }
 }

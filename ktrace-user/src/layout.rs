@@ -146,6 +146,11 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
     l.skb_network_header = or_none(offset_of(b, "sk_buff", "network_header"));
     l.skb_dev = or_none(offset_of(b, "sk_buff", "dev"));
     l.skb_nfct = or_none(offset_of(b, "sk_buff", "_nfct"));
+    // TCP_SKB_CB(skb)->tcp_flags: the control block is `cb` at its start.
+    l.skb_tcp_flags = or_none(
+        offset_of(b, "sk_buff", "cb")
+            .and_then(|cb| Some(cb + offset_of(b, "tcp_skb_cb", "tcp_flags")?)),
+    );
     l.dev_nd_net = or_none(offset_of(b, "net_device", "nd_net"));
     l.net_ns_inum = or_none(offset_of(b, "net", "ns.inum"));
     l.sk_net = or_none(offset_of(b, "sock_common", "skc_net"));
@@ -261,6 +266,9 @@ mod tests {
         // The tuple follows an hlist_nulls_node (two pointers) in the hash entry.
         assert_eq!(l.ct_tuplehash_size, 56);
         assert!(l.skb_head < 512 && l.skb_network_header < 512);
+        // cb[48] follows next, prev, dev, sk and tstamp; tcp_flags follows
+        // seq, end_seq and a 4-byte union in tcp_skb_cb.
+        assert_eq!(l.skb_tcp_flags, 40 + 12);
         let reasons = enum_names(&kbtf.vmlinux, "sk_rst_reason");
         if !reasons.is_empty() {
             assert!(reasons

@@ -7,6 +7,7 @@
 //!   offsets from tracefs, handed to the eBPF programs (ktrace's CO-RE).
 //! - [`hooks`]: choosing and attaching the best mechanism for each hook, and the status of each.
 //! - [`ring`]: draining the ring buffer and the lost-event counters.
+//! - [`summary`]: the resets the kernel counts instead of sending them one by one.
 //! - [`decode`]: ring-buffer bytes to [`event::Event`]s, by length-checked copies.
 //! - [`ctnetlink`]: NAT mappings from conntrack events where no kernel hook can attach.
 //! - [`engine`]: the pure correlation engine shared by `watch` and `replay`.
@@ -44,6 +45,7 @@ pub mod record;
 pub mod recording;
 pub mod replay;
 pub mod ring;
+pub mod summary;
 pub mod support;
 pub mod sysctl;
 pub mod tracefs;

@@ -154,6 +154,12 @@ struct SourceArgs {
     /// Do not subscribe to ctnetlink for NAT mappings.
     #[arg(long)]
     no_ctnetlink: bool,
+    /// Send every reset as an event. By default the kernel counts the resets
+    /// that can never be an incident (refused connections, resets sent by a
+    /// connection's socket) beyond the first 32 per 100 ms on each CPU, and
+    /// reports them as `resets_summarised` events.
+    #[arg(long)]
+    every_reset: bool,
 }
 
 impl SourceArgs {
@@ -162,6 +168,7 @@ impl SourceArgs {
             duration: self.duration,
             ring_buffer_bytes: self.ring_buffer_mb << 20,
             ctnetlink: !self.no_ctnetlink,
+            every_reset: self.every_reset,
             exposed: Vec::new(),
         }
     }
@@ -436,6 +443,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         duration: a.source.duration,
         ring_buffer_bytes: a.source.ring_buffer_mb << 20,
         ctnetlink: !a.source.no_ctnetlink,
+        every_reset: a.source.every_reset,
         record: a.record.clone().map(|p| a.rotation.config(p)),
         export: None,
         exposed: Vec::new(),

@@ -240,9 +240,10 @@ impl<W: Write> Renderer<W> {
         }
         let t = self.clock.rfc3339(ev.ts_ns);
         let time = t.get(11..26).unwrap_or(&t);
-        let (src, dst) = match ev.body.endpoints() {
-            Some((s, d)) => (s.to_string(), d.to_string()),
-            None => ("conntrack".to_string(), "counters".to_string()),
+        let (src, dst) = match (&ev.body, ev.body.endpoints()) {
+            (_, Some((s, d))) => (s.to_string(), d.to_string()),
+            (EventBody::ResetsSummarised(_), None) => ("resets".to_string(), "counted".to_string()),
+            (_, None) => ("conntrack".to_string(), "counters".to_string()),
         };
         let ns = self.netns_label(ev.netns);
         let named: Vec<(&str, std::net::SocketAddr)> = ev
@@ -410,6 +411,12 @@ fn event_detail(body: &EventBody) -> String {
         EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) | EventBody::CtConfirmDrop(nat) => {
             format!("backend={}", nat.backend)
         }
+        EventBody::ResetsSummarised(c) => format!(
+            "count={} refused={} socket={}",
+            c.total(),
+            c.refused,
+            c.socket
+        ),
         EventBody::CtCounters(c) => format!(
             "invalid+{} drop+{} early_drop+{} insert_failed+{}{} entries={}/{}",
             c.invalid,

@@ -18,6 +18,8 @@ pub struct WatchOptions {
     pub duration: Option<Duration>,
     pub ring_buffer_bytes: u32,
     pub ctnetlink: bool,
+    /// `--every-reset`: no reset is summarised in the kernel.
+    pub every_reset: bool,
     pub engine: EngineConfig,
     /// `--record PATH`: also record every event while watching.
     pub record: Option<RotationConfig>,
@@ -83,6 +85,7 @@ fn run_pipeline<W: std::io::Write>(
         duration: opts.duration,
         ring_buffer_bytes: opts.ring_buffer_bytes,
         ctnetlink: opts.ctnetlink,
+        every_reset: opts.every_reset,
         exposed: opts.exposed.clone(),
     };
     let r = run_source(&source, clock, &mut p);

@@ -1,7 +1,8 @@
 //! Every event kind, with and without its optional fields, as `--events`
 //! prints it (JSON Lines and the human view). The golden recording covers
 //! only the kinds its lab gives; this covers the rest (ct_invalid,
-//! ct_table_full, ipvs_conn_new, ct_confirm_drop, IPv6, absent fields) byte for byte.
+//! ct_table_full, ipvs_conn_new, ct_confirm_drop, resets_summarised, IPv6,
+//! absent fields) byte for byte.
 //!
 //! The expected files were written by the renderer before event JSON was
 //! derived by serde; when the output changes on purpose they are updated
@@ -11,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ktrace::clock::WallClock;
-use ktrace::event::{CounterRise, Event, EventBody, NatEntry, Source};
+use ktrace::event::{CounterRise, Event, EventBody, NatEntry, ResetCounts, Source};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 
@@ -140,6 +141,10 @@ fn bodies() -> Vec<EventBody> {
             backend: a("[fd00::6]:53"),
             protocol: 17,
             snat: None,
+        }),
+        EventBody::ResetsSummarised(ResetCounts {
+            refused: 127_000,
+            socket: 3,
         }),
     ]
 }

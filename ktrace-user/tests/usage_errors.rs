@@ -32,6 +32,8 @@ fn bad_flags_exit_2_with_one_line() {
         (&["watch", "--duration", "nan"], "--duration"),
         (&["watch", "--keep", "3"], "need --record PATH"),
         (&["watch", "--no-such-flag"], "--no-such-flag"),
+        (&["watch", "--every-reset=yes"], "--every-reset"),
+        (&["replay", "x.rec", "--every-reset"], "--every-reset"),
         (&["record", "--json"], "--output"),
         (
             &["record", "-o", "/tmp/x", "--rotate-size", "1K"],

@@ -206,6 +206,7 @@ fn watch_in_node(
         duration: Some(FINDINGS_TIMEOUT + SETTLE),
         ring_buffer_bytes: 8 << 20,
         ctnetlink: true,
+        every_reset: false,
         exposed: Vec::new(),
     };
     run_source(&source, clock, &mut sink)?;

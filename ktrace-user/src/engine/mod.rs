@@ -38,8 +38,6 @@ pub use storm::Phase;
 use storm::{StormReport, StormTracker};
 
 const SEC: u64 = 1_000_000_000;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
 
 /// Tunables; the defaults suit a node under real traffic. A recording
 /// stores them (JSON in its header); what follows from the hook status is
@@ -232,17 +230,20 @@ fn flow_key(client: SocketAddr, proto: u8, netns: u32) -> FlowKey {
 }
 
 /// A reset the engine looks into: sent with no socket, and not the answer
-/// to a SYN (a refused connection is not an incident).
+/// to a SYN (a refused connection is not an incident). The rule is
+/// [`ktrace_common::reset_may_be_an_incident`], which the kernel side also
+/// applies to count the others instead of sending them one by one
+/// (`resets_summarised` events, which the engine has no use for).
 fn may_be_an_incident(body: &EventBody) -> bool {
     let EventBody::TcpSendReset {
-        socket: None,
+        socket,
         trigger_flags,
         ..
     } = body
     else {
         return false;
     };
-    !trigger_flags.is_some_and(|f| f & TCP_SYN != 0 && f & TCP_ACK == 0)
+    ktrace_common::reset_may_be_an_incident(socket.is_some(), *trigger_flags)
 }
 
 impl Engine {
@@ -320,7 +321,7 @@ impl Engine {
                     self.on_no_socket_reset(ts, netns, *src, *dst, reason.as_deref(), out);
                 }
             }
-            EventBody::TcpReceiveReset { .. } => {}
+            EventBody::TcpReceiveReset { .. } | EventBody::ResetsSummarised(_) => {}
             EventBody::CtInvalid {
                 orig_src: Some(client),
                 orig_dst: Some(service),

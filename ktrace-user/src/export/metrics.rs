@@ -200,7 +200,7 @@ impl Metrics {
                 .build(),
         ];
         let m = Metrics {
-            resets_sent: counter(names::RESETS_SENT, "{reset}", "TCP resets the kernel sent, by sk_rst_reason"),
+            resets_sent: counter(names::RESETS_SENT, "{reset}", "TCP resets the kernel sent, by sk_rst_reason (summarised_refused, summarised_socket: counted in the kernel, not sent one by one)"),
             resets_received: counter(names::RESETS_RECEIVED, "{reset}", "TCP resets a socket accepted"),
             ct_invalid: counter(names::CT_INVALID, "{packet}", "Packets conntrack marked INVALID, by the reason it logged"),
             ct_table_full: counter(names::CT_TABLE_FULL, "{packet}", "New connections dropped because the conntrack table was full"),
@@ -253,6 +253,19 @@ impl Metrics {
                     net_type(src),
                 ],
             ),
+            // Counted in the kernel, not one by one: their reason is why
+            // they can never be an incident, their addresses unknown.
+            EventBody::ResetsSummarised(c) => {
+                for (reason, n) in [
+                    ("summarised_refused", c.refused),
+                    ("summarised_socket", c.socket),
+                ] {
+                    if n > 0 {
+                        self.resets_sent
+                            .add(n, &[KeyValue::new(keys::RESET_REASON, reason)]);
+                    }
+                }
+            }
             EventBody::TcpReceiveReset { src, .. } => self.resets_received.add(1, &[net_type(src)]),
             EventBody::CtInvalid { src, message, .. } => self.ct_invalid.add(
                 1,

@@ -94,6 +94,8 @@ pub type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
 
 pub struct LoadOptions {
     pub ring_buffer_bytes: u32,
+    /// No reset is summarised in the kernel (see [`ktrace_common::ResetSummary`]).
+    pub every_reset: bool,
 }
 
 fn read_format(support: &KernelSupport, cat: &str, name: &str) -> Option<Format> {
@@ -163,7 +165,8 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     drop(kbtf);
     crate::memory::release_freed();
     let memlock = crate::memlock::prepare(support.release.as_deref());
-    let mut ebpf = load_object(&kernel, opts)?;
+    let (summary, summary_status) = crate::summary::setting(opts.every_reset, &kernel.layout);
+    let mut ebpf = load_object(&kernel, opts, &summary)?;
     // Kernel-side warnings (aya-log) go to ktrace's log on stderr. Started
     // before any program loads, and kept alive with the object.
     let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -176,6 +179,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
 
     let mut status = vec![
         reset::send(&mut ebpf, &kernel),
+        summary_status,
         reset::receive(&mut ebpf, &kernel),
     ];
     status.extend(conntrack::attach(&mut ebpf, &kernel));
@@ -265,9 +269,14 @@ fn reset_reason_names(k: &Kernel, kbtf: Option<&KernelBtf>) -> Names {
 }
 
 /// Loads the object with this kernel's layouts patched into its globals.
-fn load_object(k: &Kernel, opts: &LoadOptions) -> Result<Ebpf, HookError> {
+fn load_object(
+    k: &Kernel,
+    opts: &LoadOptions,
+    summary: &ktrace_common::ResetSummary,
+) -> Result<Ebpf, HookError> {
     EbpfLoader::new()
         .override_global("LAYOUT", &k.layout, true)
+        .override_global("RESET_SUMMARY", summary, true)
         .override_global("TP_SEND_RESET", &k.send_tp, true)
         .override_global("TP_RECEIVE_RESET", &k.recv_tp, true)
         .map_max_entries("EVENTS", opts.ring_buffer_bytes)

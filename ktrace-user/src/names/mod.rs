@@ -374,7 +374,7 @@ fn event_addrs(b: &crate::event::EventBody) -> impl Iterator<Item = SocketAddr> 
             n.snat,
             None,
         ],
-        B::CtCounters { .. } => [None; 5],
+        B::CtCounters { .. } | B::ResetsSummarised(_) => [None; 5],
     };
     all.into_iter().flatten()
 }

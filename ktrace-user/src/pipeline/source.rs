@@ -23,6 +23,9 @@ pub struct SourceOptions {
     pub duration: Option<Duration>,
     pub ring_buffer_bytes: u32,
     pub ctnetlink: bool,
+    /// Send every reset one by one (`--every-reset`): none is summarised
+    /// in the kernel.
+    pub every_reset: bool,
     /// URLs this process serves, for the status line.
     pub exposed: Vec<String>,
 }
@@ -109,8 +112,14 @@ async fn source_loop(
 ) -> Result<(), PipelineError> {
     let mut attached = hooks::load_and_attach(&LoadOptions {
         ring_buffer_bytes: opts.ring_buffer_bytes,
+        every_reset: opts.every_reset,
     })?;
     let ring = RingReader::new(&mut attached.ebpf, attached.logger.take())?;
+    let send = attached.status.iter().find(|s| s.name == "tcp_send_reset");
+    let summaries = crate::summary::SummaryReader::new(
+        &mut attached.ebpf,
+        crate::summary::source_of(send.map_or("", |s| &s.mechanism)),
+    );
     // aya's copy of the BTF, freed once the programs loaded, and the code
     // only start-up ran.
     crate::memory::release_startup();
@@ -153,6 +162,7 @@ async fn source_loop(
             netns: my_netns.unwrap_or(0),
             next: tokio::time::Instant::now(),
         },
+        summaries,
         ct_rx,
         ct_open: true,
         ct_overruns: 0,
@@ -227,6 +237,8 @@ fn counters_status(readable: bool) -> HookStatus {
 struct Live {
     ring: RingReader,
     dec: Decoder,
+    /// The kernel's counts of resets it did not send one by one.
+    summaries: Option<crate::summary::SummaryReader>,
     counters: CounterSample,
     ct_rx: mpsc::Receiver<CtMsg>,
     ct_open: bool,
@@ -317,6 +329,7 @@ impl Live {
         // explain, in time and in order.
         self.dec.drain(&mut self.ring, sink)?;
         let now = monotonic_now_ns();
+        self.summarise(now, sink)?;
         self.report_losses(now, sink)?;
         // Conntrack counters of this namespace: evidence of INVALID
         // verdicts and table-full drops where no kprobe can see them.
@@ -334,8 +347,20 @@ impl Live {
                 sink.event(ev)?;
             }
         }
+        self.summarise(monotonic_now_ns(), sink)?;
         self.report_losses(monotonic_now_ns(), sink)?;
         sink.finish(monotonic_now_ns())
+    }
+
+    /// The resets the kernel counted since the last call, after the ones it
+    /// sent (drained just before): a `resets_summarised` event per namespace.
+    fn summarise(&mut self, now: u64, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        if let Some(s) = self.summaries.as_mut() {
+            for ev in s.take(now) {
+                sink.event(&ev)?;
+            }
+        }
+        Ok(())
     }
 
     /// Lost lines for what the kernel could not hand over or read, and for

@@ -15,7 +15,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use crate::event::{CounterRise, Event, EventBody, NatEntry, Source};
+use crate::event::{CounterRise, Event, EventBody, NatEntry, ResetCounts, Source};
 
 /// First 8 bytes of every recording file (PNG-style: the high byte and the
 /// line endings catch text-mode transfers).
@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 4;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -53,6 +53,11 @@ pub mod tag {
     pub const NAT_DESTROY: u64 = 0x07;
     pub const CT_COUNTERS: u64 = 0x08;
     pub const CT_CONFIRM_DROP: u64 = 0x09;
+    /// Resets the kernel counted instead of sending them one by one (minor
+    /// version 4). Its timestamp is a delta from the previous record's but
+    /// does not become the next record's base: a reader that skips the tag
+    /// keeps the timestamp chain.
+    pub const RESETS_SUMMARISED: u64 = 0x0a;
     pub const TICK: u64 = 0x40;
     pub const LOST: u64 = 0x41;
     pub const DROPPED: u64 = 0x42;
@@ -332,7 +337,14 @@ fn event_tag(body: &EventBody) -> u64 {
         EventBody::NatDestroy(_) => tag::NAT_DESTROY,
         EventBody::CtConfirmDrop(_) => tag::CT_CONFIRM_DROP,
         EventBody::CtCounters(_) => tag::CT_COUNTERS,
+        EventBody::ResetsSummarised(_) => tag::RESETS_SUMMARISED,
     }
+}
+
+/// Tags added after readers existed whose timestamp does not become the
+/// next record's base (older readers skip them and keep the chain).
+fn detached_ts(tag: u64) -> bool {
+    tag == tag::RESETS_SUMMARISED
 }
 
 /// Builds the uncompressed payload of one block.
@@ -485,7 +497,9 @@ impl BlockEncoder {
         let at = self.buf.len();
         self.buf.push(0);
         put_varint(&mut self.buf, zigzag(ts.wrapping_sub(self.prev_ts) as i64));
-        self.prev_ts = ts;
+        if !detached_ts(tag) {
+            self.prev_ts = ts;
+        }
         at
     }
 
@@ -589,6 +603,10 @@ impl BlockEncoder {
                 if let Some(n) = nat.snat {
                     self.ep_field(f, Some(n));
                 }
+            }
+            EventBody::ResetsSummarised(c) => {
+                put_varint(f, c.refused);
+                put_varint(f, c.socket);
             }
             EventBody::CtCounters(c) => {
                 for v in [c.invalid, c.drop, c.early_drop, c.insert_failed] {
@@ -773,7 +791,7 @@ impl<'a> BlockDecoder<'a> {
                 })),
                 Err(e) => Ok(Decoded::Bad(t, e)),
             },
-            tag::TCP_SEND_RESET..=tag::CT_CONFIRM_DROP | tag::TICK | tag::LOST | tag::DROPPED => {
+            tag::TCP_SEND_RESET..=tag::RESETS_SUMMARISED | tag::TICK | tag::LOST | tag::DROPPED => {
                 // The timestamp chain must advance even when the rest of
                 // the body is bad, or every later delta would be off.
                 let delta = match b.varint() {
@@ -781,7 +799,9 @@ impl<'a> BlockDecoder<'a> {
                     Err(e) => return Err(e),
                 };
                 let ts = self.prev_ts.wrapping_add(delta as u64);
-                self.prev_ts = ts;
+                if !detached_ts(t) {
+                    self.prev_ts = ts;
+                }
                 match self.body(t, ts, &mut b) {
                     Ok(item) => Ok(Decoded::Item(item)),
                     Err(e) => Ok(Decoded::Bad(t, e)),
@@ -923,6 +943,10 @@ impl<'a> BlockDecoder<'a> {
                     _ => EventBody::CtConfirmDrop(nat),
                 }
             }
+            tag::RESETS_SUMMARISED => EventBody::ResetsSummarised(ResetCounts {
+                refused: b.varint()?,
+                socket: b.varint()?,
+            }),
             tag::CT_COUNTERS => EventBody::CtCounters(CounterRise {
                 invalid: b.varint()?,
                 drop: b.varint()?,

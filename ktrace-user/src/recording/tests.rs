@@ -12,13 +12,14 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::format::{
-    tag, BlockDecoder, BlockEncoder, Decoded, FrameHeader, Item, FILE_MAGIC, FRAME_HEADER_LEN,
+    tag, BlockDecoder, BlockEncoder, Cursor, Decoded, FrameHeader, Item, FILE_MAGIC,
+    FRAME_HEADER_LEN,
 };
 use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
 use super::Context;
 use crate::engine::EngineConfig;
-use crate::event::{CounterRise, Event, EventBody, NatEntry, Source};
+use crate::event::{CounterRise, Event, EventBody, NatEntry, ResetCounts, Source};
 
 // ------------------------------------------------------------ helpers
 
@@ -222,6 +223,16 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 clash_resolve: 7,
                 count: Some(0),
                 max: None,
+            }),
+        ),
+        // A summary between two events: its timestamp is off the chain
+        // (minor 4), the next event's must still decode right.
+        ev(
+            13,
+            Source::RawTracepoint,
+            EventBody::ResetsSummarised(ResetCounts {
+                refused: 1 << 33,
+                socket: 0,
             }),
         ),
         ev(
@@ -447,7 +458,7 @@ fn every_variant_round_trips_through_a_block() {
         .filter(|i| !matches!(i, Item::Name { .. }))
         .count();
     assert_eq!(raw.items as usize, counted);
-    assert_eq!(raw.events, 12);
+    assert_eq!(raw.events, 13);
     assert_eq!(raw.min_ts, 0);
     assert_eq!(raw.max_ts, u64::MAX);
     assert_eq!(items_of(decode_payload(&raw.payload, raw.base_ts)), items);
@@ -460,13 +471,64 @@ fn every_variant_round_trips_through_a_block() {
     );
 }
 
+/// A reader of minor version 3 skips the summary record by its length;
+/// the records after it must keep their timestamps.
+#[test]
+fn skipping_a_summary_keeps_the_timestamp_chain() {
+    let ev = |ts, body| Event {
+        ts_ns: ts,
+        netns: 1,
+        source: Source::RawTracepoint,
+        body,
+    };
+    let reset = |port| EventBody::TcpReceiveReset {
+        src: v4(10, 0, 0, 1, 80),
+        dst: v4(10, 0, 0, 2, port),
+        sock_cookie: 0,
+    };
+    let summary = EventBody::ResetsSummarised(ResetCounts {
+        refused: 5,
+        socket: 1,
+    });
+    let (a, s, b) = (ev(1_000, reset(1)), ev(9_000, summary), ev(2_000, reset(2)));
+    let mut enc = BlockEncoder::new();
+    for e in [&a, &s, &b] {
+        enc.push_event(e);
+    }
+    let raw = enc.take();
+    assert_eq!(
+        items_of(decode_payload(&raw.payload, raw.base_ts)),
+        vec![
+            Item::Event(a.clone()),
+            Item::Event(s),
+            Item::Event(b.clone())
+        ]
+    );
+    // What an older reader sees: the same payload without the new tag.
+    let mut cur = Cursor::new(&raw.payload);
+    let mut old = Vec::new();
+    while !cur.is_empty() {
+        let start = raw.payload.len() - cur.b.len();
+        let t = cur.varint().unwrap();
+        let len = cur.varint().unwrap() as usize;
+        cur.bytes(len).unwrap();
+        if t != tag::RESETS_SUMMARISED {
+            old.extend_from_slice(&raw.payload[start..raw.payload.len() - cur.b.len()]);
+        }
+    }
+    assert_eq!(
+        items_of(decode_payload(&old, raw.base_ts)),
+        vec![Item::Event(a), Item::Event(b)]
+    );
+}
+
 #[test]
 fn every_variant_round_trips_through_a_file() {
     let dir = TempDir::new("rt");
     let path = dir.path("rec");
     let blocks = vec![every_item(1_000), every_item(9_000_000_000), vec![]];
     let s = write_recording(&path, inline_config(&path), &blocks);
-    assert_eq!(s.events, 24);
+    assert_eq!(s.events, 26);
     assert_eq!(s.files, vec![path.clone()]);
     let (items, warnings) = read_file(&path);
     assert!(warnings.is_empty(), "{warnings:?}");
@@ -474,7 +536,7 @@ fn every_variant_round_trips_through_a_file() {
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
     assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
-    assert_eq!(r.version(), (1, 3));
+    assert_eq!(r.version(), (1, 4));
 }
 
 #[test]
@@ -1332,6 +1394,9 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
                     EventBody::NatMapping(nat)
                 }
             }),
+        (any::<u64>(), any::<u64>()).prop_map(|(refused, socket)| {
+            EventBody::ResetsSummarised(ResetCounts { refused, socket })
+        }),
     ]
 }
 

@@ -61,7 +61,9 @@ pub struct Counter {
 impl Counter {
     pub fn event(&mut self, ev: &Event) {
         match &ev.body {
-            EventBody::TcpSendReset { .. } => self.resets += 1,
+            EventBody::TcpSendReset { .. } | EventBody::ResetsSummarised(_) => {
+                self.resets += ev.body.resets_sent()
+            }
             EventBody::CtInvalid { .. } if self.invalid_hook => self.invalid += 1,
             EventBody::CtCounters(c) if !self.invalid_hook => self.invalid += c.invalid,
             _ => {}
