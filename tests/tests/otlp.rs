@@ -334,7 +334,7 @@ fn check_event_counters(store: &Store, lines: &[Value], status: &Value, points: 
         store.latest("ktrace.kernel.events"),
         count(&|e| Some(attrs(&[("ktrace.event.name", e["event"].clone())])))
     );
-    let sent = count(&|e| {
+    let mut sent = count(&|e| {
         (e["event"] == "tcp_send_reset").then(|| {
             attrs(&[
                 (
@@ -345,6 +345,19 @@ fn check_event_counters(store: &Store, lines: &[Value], status: &Value, points: 
             ])
         })
     });
+    // Resets counted in the kernel (any the machine's other traffic made
+    // beyond the per-CPU sample) are in the counter too, by class.
+    for e in select(lines, "event", Some("resets_summarised")) {
+        for class in ["refused", "socket"] {
+            let n = e[class].as_f64().unwrap();
+            if n > 0.0 {
+                let reason = json!(format!("summarised_{class}"));
+                *sent
+                    .entry(attrs(&[("ktrace.reset.reason", reason)]))
+                    .or_default() += n;
+            }
+        }
+    }
     assert!(
         sent[&attrs(&[
             ("ktrace.reset.reason", json!("NO_SOCKET")),

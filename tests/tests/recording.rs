@@ -139,7 +139,7 @@ fn replay_of_control_run_finds_nothing() {
     let file = scratch.path("control.rec");
     let mut lab = Lab::new("rc", 2);
     lab.start_server();
-    let watch = lab.watch(&["--events", "--record", &file]);
+    let watch = lab.watch(&["--events", "--every-reset", "--record", &file]);
     let mut c = lab.client(10);
     assert!(c.send_all().is_empty());
     c.cmd("close");
@@ -239,8 +239,12 @@ fn disk_full_pauses_and_resumes() {
     let file = scratch.path("full.rec");
     let mut lab = Lab::new("rd", 1);
     lab.start_server();
-    let rec = Running::start(&lab.node, &["record", "--json", "--output", &file]);
-    // Plenty of events: refused connections, in bursts until the disk is full.
+    // Plenty of events: refused connections, every one recorded (none
+    // summarised in the kernel), in bursts until the disk is full.
+    let rec = Running::start(
+        &lab.node,
+        &["record", "--json", "--every-reset", "--output", &file],
+    );
     let mut paused = false;
     for _ in 0..20 {
         lab.refuse(BACKENDS[0], 2224, 300);
