@@ -155,7 +155,7 @@ mod tests {
         s.prefix(&[a.clone(), b.clone(), a.clone()], &mut out);
         assert_eq!(out, [&*a.records, &*b.records].concat());
         // Not written (a failed write): the next block carries them again.
-        s.prefix(&[a.clone()], &mut out);
+        s.prefix(std::slice::from_ref(&a), &mut out);
         assert_eq!(out, &*a.records);
         s.commit();
         s.prefix(&[a.clone(), b.clone()], &mut out);
@@ -165,7 +165,7 @@ mod tests {
         s.prefix(&[named("10.0.0.1", "n1")], &mut out);
         assert!(out.is_empty());
         let a2 = named("10.0.0.1", "n9");
-        s.prefix(&[a2.clone()], &mut out);
+        s.prefix(std::slice::from_ref(&a2), &mut out);
         assert_eq!(out, &*a2.records);
         s.commit();
         s.new_segment();
