@@ -474,7 +474,7 @@ fn every_variant_round_trips_through_a_file() {
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
     assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
-    assert_eq!(r.version(), (1, 3));
+    assert_eq!(r.version(), (1, 4));
 }
 
 #[test]
