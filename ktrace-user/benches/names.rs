@@ -27,7 +27,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Instant;
 
-use common::{context, ev};
+use common::{context, ev, unnated_reset};
 use k8s_openapi::api::core::v1::{
     ObjectReference, Pod, PodIP, PodSpec, PodStatus, Service, ServicePort, ServiceSpec,
 };
@@ -194,16 +194,7 @@ fn nat(ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr) ->
 /// The client's no-socket RST to the backend's own address (an un-NATed
 /// reply: a finding).
 fn reset(ts: u64, client: SocketAddr, backend: SocketAddr) -> Event {
-    ev(
-        ts,
-        EventBody::TcpSendReset {
-            src: client,
-            dst: backend,
-            reason: Some("NO_SOCKET".into()),
-            socket: None,
-            trigger_flags: Some(0x18),
-        },
-    )
+    ev(ts, unnated_reset(client, backend))
 }
 
 fn svc_addr(i: u32) -> SocketAddr {

@@ -334,21 +334,17 @@ fn check_weight0(ctx: &Ctx, s: &Settings) -> Check {
         .evidence(evidence);
     }
     let quiescent_on = s.quiescent.as_ref().is_ok_and(|v| *v >= 1);
-    let first = &drained[0];
-    let more = super::more(drained.len());
-    let value = format!(
-        "{} of {} weight {}: {} active, {} inactive{}{more}",
-        first.real_server,
-        first.service,
-        first.weight,
-        first.active,
-        first.inactive,
-        if first.persistent.is_some() {
+    let value = super::first_and_more(&drained, |d| {
+        let persistent = if d.persistent.is_some() {
             ", persistent"
         } else {
             ""
-        }
-    );
+        };
+        format!(
+            "{} of {} weight {}: {} active, {} inactive{persistent}",
+            d.real_server, d.service, d.weight, d.active, d.inactive
+        )
+    });
     let persistent_exposed = drained.iter().any(|d| d.persistent.is_some()) && !quiescent_on;
     if persistent_exposed {
         Check::new(CHECK, Status::Fail, value)

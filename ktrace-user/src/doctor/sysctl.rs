@@ -318,15 +318,9 @@ fn mismatch_check(
     boot_modules: &BTreeMap<String, String>,
     unreadable_note: &str,
 ) -> Check {
-    let first = &mismatches[0];
-    let more = super::more(mismatches.len());
-    let value = format!(
-        "{} = {} in {}, {}{more}",
-        first.key,
-        first.configured,
-        first.at,
-        live_text(first)
-    );
+    let value = super::first_and_more(mismatches, |m| {
+        format!("{} = {} in {}, {}", m.key, m.configured, m.at, live_text(m))
+    });
     let mut modules: Vec<&'static str> = mismatches.iter().map(|m| m.module).collect();
     modules.sort();
     modules.dedup();
