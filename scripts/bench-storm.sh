@@ -12,14 +12,18 @@
 #   ktrace-stalled  ktrace record stopped with SIGSTOP for the whole flood
 #                   (a reader that does not read: the kernel must not pay more)
 #   ktrace-events   ktrace watch --json --events (every event printed)
+#   ktrace-every    ktrace record --every-reset: no reset summarised in the
+#                   kernel (every one through the ring buffer), for comparison
 #   ktrace-tui      ktrace watch --tui, the dashboard in a 120x40 tmux
 #                   terminal: whether it kept up (its resets/s against the
 #                   kernel's, updates it skipped) and the screen it showed
 # and prints per mode the cost against the round's baseline, bytes written
 # per second, the observer's CPU time during the flood (user+system, in % of
 # one CPU), its resident memory at the end of the flood and its
-# peak (VmRSS/VmHWM), and for ktrace: the events it lost, whether its count of the
-# target's resets plus the lost ones equals the kernel's TcpOutRsts, and the
+# peak (VmRSS/VmHWM), and for ktrace: the events it lost, the resets the kernel
+# counted instead of sending them one by one (resets_summarised: refusals
+# beyond each CPU's sample), whether the target's reset events plus the
+# summarised ones plus the lost ones equal the kernel's TcpOutRsts, and the
 # nanoseconds per run of its programs (kernel.bpf_stats_enabled,
 # from the programs' fdinfo). The modes run in a rotated order each round; the
 # summary at the end gives each mode's median cost and its spread over rounds.
@@ -30,7 +34,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 ROUNDS=${ROUNDS:-3}
-MODES=${MODES:-tcpdump ktrace-watch ktrace-record ktrace-stalled ktrace-events ktrace-tui}
+MODES=${MODES:-tcpdump ktrace-watch ktrace-record ktrace-stalled ktrace-events ktrace-every ktrace-tui}
 KTRACE=${KTRACE_BIN:-./target/release/ktrace}
 [ -x "$KTRACE" ] || { echo "build first: cargo build --release -p ktrace" >&2; exit 1; }
 command -v hping3 >/dev/null || { echo "hping3 missing: scripts/setup.sh installs it" >&2; exit 1; }
@@ -70,8 +74,22 @@ rsts() { ip netns exec $B nstat -az TcpOutRsts | awk '/TcpOutRsts/ {print $2}'; 
 sum_lost() {
   python3 -c "import json,sys; print(sum(json.loads(l).get('count',0) for l in open(sys.argv[1]) if '\"type\":\"lost\"' in l and 'ring buffer' in l))" "$1"
 }
-# Send-reset events of the target namespace in a JSON Lines stream.
-count_resets() { grep -c "\"event\":\"tcp_send_reset\",[^}]*\"netns\":$B_INUM," || true; }
+# Resets of the target namespace in a JSON Lines stream: "EVENTS SUMMARISED"
+# (tcp_send_reset events, and the counts of resets_summarised events).
+count_resets() {
+  python3 -c '
+import json, sys
+ns = int(sys.argv[1]); events = summarised = 0
+for line in sys.stdin:
+    if "\"type\":\"event\"" not in line or "\"netns\":%d," % ns not in line:
+        continue
+    v = json.loads(line)
+    if v["event"] == "tcp_send_reset":
+        events += 1
+    elif v["event"] == "resets_summarised":
+        summarised += v["count"]
+print(events, summarised)' "$B_INUM"
+}
 # CPU time of process $1 so far (user + system), in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 # Waits up to 10 s for process $1 (not a child of this shell) to end.
@@ -90,6 +108,8 @@ run() {
     ktrace-events) "$KTRACE" watch --json --events > "$file" 2>"$OUT/err" & obs_pid=$! ;;
     ktrace-record|ktrace-stalled)
       "$KTRACE" record --json --output "$OUT/rec.krec" > "$OUT/$mode.json" 2>"$OUT/err" & obs_pid=$! ;;
+    ktrace-every)
+      "$KTRACE" record --json --every-reset --output "$OUT/rec.krec" > "$OUT/$mode.json" 2>"$OUT/err" & obs_pid=$! ;;
     ktrace-tui)
       tmux -L "$TMUX_SOCK" new-session -d -x 120 -y 40 "exec $KTRACE watch --tui 2>$OUT/err"
       obs_pid=$(tmux -L "$TMUX_SOCK" display -p '#{pane_pid}') ;;
@@ -128,14 +148,14 @@ run() {
   fi
   local bytes; bytes=$(stat -c %s "$file")
   local sent=$(( after - before ))
-  local lost="-" seen="-" match="-"
+  local lost="-" seen="-" match="-" events="-" summarised="-"
   case $mode in
-    ktrace-record|ktrace-stalled)
+    ktrace-record|ktrace-stalled|ktrace-every)
       bytes=$(cat "$OUT"/rec.krec* | wc -c)
       lost=$(sum_lost "$OUT/$mode.json")
-      seen=$("$KTRACE" replay --json --events "$OUT"/rec.krec 2>/dev/null | count_resets)
+      read -r events summarised < <("$KTRACE" replay --json --events "$OUT"/rec.krec 2>/dev/null | count_resets)
       rm -f "$OUT"/rec.krec* ;;
-    ktrace-events) lost=$(sum_lost "$file"); seen=$(count_resets < "$file") ;;
+    ktrace-events) lost=$(sum_lost "$file"); read -r events summarised < <(count_resets < "$file") ;;
     ktrace-watch) lost=$(sum_lost "$file") ;;
     ktrace-tui)
       # Kept up: no event lost, no update skipped, and the highest
@@ -151,15 +171,19 @@ run() {
       fi
       cp "$OUT/tui.screen" "$OUT/tui.last" ;;
   esac
-  if [ "$seen" != "-" ]; then
-    # Every reset the kernel sent is either an event or counted as lost
-    # (the lost count is machine-wide: other traffic can only add to it).
+  if [ "$events" != "-" ]; then
+    # Every reset the kernel sent is an event, summarised, or counted as
+    # lost (the lost count is machine-wide: other traffic can only add to it).
+    seen=$(( events + summarised ))
     if [ $(( seen + lost )) -ge "$sent" ] && [ "$seen" -le "$sent" ]; then match="yes"; else match="NO"; fi
+    [ "$lost" = 0 ] && [ "$seen" = "$sent" ] && match="exact"
   fi
   local rate=$(( sent / SECS ))
-  echo "$mode $rate" >> "$OUT/rates"
-  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  cpu=%-5s rss/peak=%-13s lost=%-8s seen+lost=kernel:%-4s ns/run=%s\n" \
-    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "$cpu" "${mem:--}" "$lost" "$match" "${per_run:--}"
+  # The busiest program's ns/run (the reset hook's, in this storm).
+  local hook_ns; hook_ns=$(echo "${per_run:--}" | tr ' ' '\n' | sort -n | tail -1)
+  echo "$mode $rate ${hook_ns:--}" >> "$OUT/rates"
+  printf "%-15s %8d RST/s  cost %-6s %9.1f KB/s  cpu=%-5s rss/peak=%-13s lost=%-8s events=%-7s summarised=%-8s events+summarised+lost=kernel(%d):%-5s ns/run=%s\n" \
+    "$mode" "$rate" "$(cost "$rate")" "$(echo "$bytes / $SECS / 1024" | bc -l)" "$cpu" "${mem:--}" "$lost" "$events" "$summarised" "$sent" "$match" "${per_run:--}"
 }
 
 BASE=0
@@ -188,18 +212,22 @@ fi
 # the stalled reader against the running one (same round).
 python3 - "$OUT/rates" <<'EOF'
 import statistics, sys
-rounds, cur = [], None
+rounds, cur, hook_ns = [], None, {}
 for line in open(sys.argv[1]):
-    k, v = line.split()
+    k, v, *ns = line.split()
     if k == "round":
         cur = {}; rounds.append(cur)
     else:
         cur[k] = int(v)
+        if ns and ns[0] != "-":
+            hook_ns.setdefault(k, []).append(int(ns[0]))
 modes = [m for m in rounds[0] if m != "absent"]
 print("summary (cost vs the same round's baseline; median [min .. max] over %d rounds)" % len(rounds))
 for m in modes:
     c = [100 * (1 - r[m] / r["absent"]) for r in rounds if r.get("absent") and m in r]
-    print(f"  {m:15} {statistics.median(c):6.1f}%  [{min(c):.1f} .. {max(c):.1f}]")
+    ns = hook_ns.get(m)
+    hook = f"   reset hook {statistics.median(ns):.0f} ns/run [{min(ns)} .. {max(ns)}]" if ns else ""
+    print(f"  {m:15} {statistics.median(c):6.1f}%  [{min(c):.1f} .. {max(c):.1f}]{hook}")
 if "ktrace-record" in modes and "ktrace-stalled" in modes:
     print("absent / running (record) / stalled (record, SIGSTOP) RST/s per round:")
     for i, r in enumerate(rounds, 1):

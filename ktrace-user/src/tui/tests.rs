@@ -195,3 +195,30 @@ fn the_whole_remedy_shows_in_a_120x40_terminal() {
         "remedy cut ({last_word}):\n{text}"
     );
 }
+
+#[test]
+fn summarised_resets_count_in_the_resets_per_second() {
+    use crate::event::{Event, EventBody, ResetCounts, Source};
+    let ev = |body| Event {
+        ts_ns: 1,
+        netns: 1,
+        source: Source::RawTracepoint,
+        body,
+    };
+    let mut c = Counter::default();
+    c.event(&ev(EventBody::ResetsSummarised(ResetCounts {
+        refused: 1000,
+        socket: 2,
+    })));
+    c.event(&ev(EventBody::TcpSendReset {
+        src: "10.0.0.2:80".parse().unwrap(),
+        dst: "10.0.0.1:4000".parse().unwrap(),
+        reason: None,
+        trigger_flags: Some(0x02),
+        socket: None,
+    }));
+    match c.take(5) {
+        Update::Counts { resets, .. } => assert_eq!(resets, 1003),
+        other => panic!("{other:?}"),
+    }
+}
