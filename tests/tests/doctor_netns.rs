@@ -110,17 +110,6 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-fn ktrace_bin() -> PathBuf {
-    if let Some(p) = std::env::var_os("KTRACE_BIN") {
-        return PathBuf::from(p);
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf();
-    workspace.join("target/debug/ktrace")
-}
-
 /// `ktrace doctor --json` in the namespace: exit code and checks by name.
 fn doctor(ns: &Netns, bin: &Path) -> Result<(i32, BTreeMap<String, Value>)> {
     let bin = bin.to_str().context("binary path is not UTF-8")?;
@@ -157,52 +146,58 @@ fn describe(checks: &BTreeMap<String, Value>, name: &str) -> String {
         .unwrap_or_default()
 }
 
-#[test]
-fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
+/// Asserts `name`'s status, showing the check when it differs.
+fn expect_status(checks: &BTreeMap<String, Value>, name: &str, want: &str) {
+    assert_eq!(status(checks, name), want, "{}", describe(checks, name));
+}
+
+/// Runs doctor and asserts that `unnated_reply_protection` is ok because of
+/// what `protected_by` names (be_liberal, or a rule's table and chain).
+fn expect_protected_by(ns: &Netns, bin: &Path, protected_by: &str) -> Result<()> {
+    let (_, c) = doctor(ns, bin)?;
+    expect_status(&c, "unnated_reply_protection", "ok");
+    let value = c["unnated_reply_protection"]["value"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        value.contains(protected_by),
+        "{value} names no {protected_by}"
+    );
+    Ok(())
+}
+
+/// A namespace of this test's own with conntrack loaded, and the binary;
+/// `None` (the skip recorded) when the test cannot run here.
+fn namespace_with_conntrack(tag: &str) -> Result<Option<(Netns, PathBuf)>> {
     if let Some(why) = skip_reason() {
         ktrace_tests::record_skip(&why);
-        return Ok(());
+        return Ok(None);
     }
-    let bin = ktrace_bin();
-    assert!(
-        bin.is_file(),
-        "{} not found: run `cargo build -p ktrace` first, or set KTRACE_BIN",
-        bin.display()
-    );
-
-    let ns = Netns::create(format!("ktr-doc-{}", std::process::id()))?;
+    let bin = ktrace_tests::ktrace_bin();
+    let ns = Netns::create(format!("ktr-{tag}-{}", std::process::id()))?;
     let probe = ns.exec(&["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])?;
     if !probe.status.success() {
         ktrace_tests::record_skip(
             "nf_conntrack is not loaded (no /proc/sys/net/netfilter in a new namespace)",
         );
-        return Ok(());
+        return Ok(None);
     }
+    Ok(Some((ns, bin)))
+}
 
-    // A known baseline: exposed to un-NATed replies, loose, long timeout.
-    ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "0")?;
+/// Exposed to un-NATed replies, loose, long timeout: the checks say so, and
+/// every check of the report is there.
+fn baseline_fails_protection(ns: &Netns, bin: &Path) -> Result<()> {
+    ns.sysctl(BE_LIBERAL, "0")?;
     ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "1")?;
-    ns.sysctl(
-        "net.netfilter.nf_conntrack_tcp_timeout_established",
-        "432000",
-    )?;
-    ns.sysctl("net.ipv4.tcp_keepalive_time", "7200")?;
-    let (code, c) = doctor(&ns, &bin)?;
-    assert_eq!(
-        status(&c, "unnated_reply_protection"),
-        "fail",
-        "{}",
-        describe(&c, "unnated_reply_protection")
-    );
+    ns.sysctl(TIMEOUT_ESTABLISHED, "432000")?;
+    ns.sysctl(KEEPALIVE, "7200")?;
+    let (code, c) = doctor(ns, bin)?;
+    expect_status(&c, "unnated_reply_protection", "fail");
     assert_eq!(code, 1);
     assert_eq!(status(&c, "conntrack_tcp_loose"), "ok");
     assert_eq!(status(&c, "conntrack_timeout_established"), "ok");
-    assert_eq!(
-        status(&c, "conntrack_usage"),
-        "ok",
-        "{}",
-        describe(&c, "conntrack_usage")
-    );
+    expect_status(&c, "conntrack_usage", "ok");
     // The host's sysctl files do not apply to this namespace.
     assert!(
         ["ok", "unknown"].contains(&status(&c, "sysctl_load_order")),
@@ -217,109 +212,84 @@ fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
     ] {
         assert!(c.contains_key(name), "{name} missing");
     }
+    Ok(())
+}
 
-    // be_liberal=1 protects.
-    ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "1")?;
-    let (_, c) = doctor(&ns, &bin)?;
-    assert_eq!(
-        status(&c, "unnated_reply_protection"),
-        "ok",
-        "{}",
-        describe(&c, "unnated_reply_protection")
-    );
-    assert!(c["unnated_reply_protection"]["value"]
-        .as_str()
-        .unwrap_or("")
-        .contains("be_liberal=1"));
-
-    // tcp_loose=0 warns.
+/// tcp_loose=0 warns; an established timeout shorter than keepalive warns,
+/// and a shorter keepalive (also per namespace) makes it ok again.
+fn loose_and_timeouts_warn(ns: &Netns, bin: &Path) -> Result<()> {
     ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "0")?;
-    let (_, c) = doctor(&ns, &bin)?;
+    let (_, c) = doctor(ns, bin)?;
     assert_eq!(status(&c, "conntrack_tcp_loose"), "warn");
     ns.sysctl("net.netfilter.nf_conntrack_tcp_loose", "1")?;
 
-    // An established timeout shorter than keepalive warns; a shorter
-    // keepalive (also per namespace) makes it ok again.
-    ns.sysctl("net.netfilter.nf_conntrack_tcp_timeout_established", "3600")?;
-    let (_, c) = doctor(&ns, &bin)?;
-    assert_eq!(
-        status(&c, "conntrack_timeout_established"),
-        "warn",
-        "{}",
-        describe(&c, "conntrack_timeout_established")
-    );
-    ns.sysctl("net.ipv4.tcp_keepalive_time", "600")?;
-    let (_, c) = doctor(&ns, &bin)?;
+    ns.sysctl(TIMEOUT_ESTABLISHED, "3600")?;
+    let (_, c) = doctor(ns, bin)?;
+    expect_status(&c, "conntrack_timeout_established", "warn");
+    ns.sysctl(KEEPALIVE, "600")?;
+    let (_, c) = doctor(ns, bin)?;
     assert_eq!(status(&c, "conntrack_timeout_established"), "ok");
     assert_eq!(status(&c, "conntrack_tcp_loose"), "ok");
+    Ok(())
+}
 
-    // With be_liberal=0, an INVALID-drop rule in this namespace protects.
-    ns.sysctl("net.netfilter.nf_conntrack_tcp_be_liberal", "0")?;
-    if in_path("nft") {
-        let added = ns
-            .run(&["nft", "add", "table", "inet", "ktrdoc"])
-            .and_then(|_| {
-                ns.run(&[
-                    "nft",
-                    "add chain inet ktrdoc ktrfwd { type filter hook forward priority 0 ; policy accept ; }",
-                ])
-            })
-            .and_then(|_| ns.run(&["nft", "add rule inet ktrdoc ktrfwd ct state invalid drop"]));
-        match added {
-            Ok(()) => {
-                let (_, c) = doctor(&ns, &bin)?;
-                assert_eq!(
-                    status(&c, "unnated_reply_protection"),
-                    "ok",
-                    "{}",
-                    describe(&c, "unnated_reply_protection")
-                );
-                assert!(c["unnated_reply_protection"]["value"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("nftables inet ktrdoc/ktrfwd"));
-                ns.run(&["nft", "delete", "table", "inet", "ktrdoc"])?;
-                let (_, c) = doctor(&ns, &bin)?;
-                assert_eq!(status(&c, "unnated_reply_protection"), "fail");
-                println!("nftables part: `ct state invalid drop` on forward flips the check");
-            }
-            Err(e) => ktrace_tests::record_skip(&format!("nftables part: {e:#}")),
-        }
-    } else {
+/// With be_liberal=0, `ct state invalid drop` on an nftables forward chain
+/// protects, and deleting its table fails the check again.
+fn nftables_drop_protects(ns: &Netns, bin: &Path) -> Result<()> {
+    if !in_path("nft") {
         ktrace_tests::record_skip("nftables part: nft is not installed");
+        return Ok(());
     }
-    if in_path("iptables") {
-        let added = ns.run(&[
-            "iptables",
-            "-A",
-            "FORWARD",
-            "-m",
-            "conntrack",
-            "--ctstate",
-            "INVALID",
-            "-j",
-            "DROP",
-        ]);
-        match added {
-            Ok(()) => {
-                let (_, c) = doctor(&ns, &bin)?;
-                assert_eq!(
-                    status(&c, "unnated_reply_protection"),
-                    "ok",
-                    "{}",
-                    describe(&c, "unnated_reply_protection")
-                );
-                assert!(c["unnated_reply_protection"]["value"]
-                    .as_str()
-                    .unwrap_or("")
-                    .contains("filter/FORWARD"));
-                println!("iptables part: `--ctstate INVALID -j DROP` on FORWARD flips the check");
-            }
-            Err(e) => ktrace_tests::record_skip(&format!("iptables part: {e:#}")),
-        }
-    } else {
+    let added = ns
+        .run(&["nft", "add", "table", "inet", "ktrdoc"])
+        .and_then(|_| {
+            ns.run(&[
+                "nft",
+                "add chain inet ktrdoc ktrfwd { type filter hook forward priority 0 ; policy accept ; }",
+            ])
+        })
+        .and_then(|_| ns.run(&["nft", "add rule inet ktrdoc ktrfwd ct state invalid drop"]));
+    if let Err(e) = added {
+        ktrace_tests::record_skip(&format!("nftables part: {e:#}"));
+        return Ok(());
+    }
+    expect_protected_by(ns, bin, "nftables inet ktrdoc/ktrfwd")?;
+    ns.run(&["nft", "delete", "table", "inet", "ktrdoc"])?;
+    let (_, c) = doctor(ns, bin)?;
+    assert_eq!(status(&c, "unnated_reply_protection"), "fail");
+    println!("nftables part: `ct state invalid drop` on forward flips the check");
+    Ok(())
+}
+
+/// With be_liberal=0, `--ctstate INVALID -j DROP` on FORWARD protects.
+fn iptables_drop_protects(ns: &Netns, bin: &Path) -> Result<()> {
+    if !in_path("iptables") {
         ktrace_tests::record_skip("iptables part: iptables is not installed");
+        return Ok(());
     }
+    let mut append = vec!["iptables", "-A", "FORWARD"];
+    append.extend(INVALID_DROP);
+    if let Err(e) = ns.run(&append) {
+        ktrace_tests::record_skip(&format!("iptables part: {e:#}"));
+        return Ok(());
+    }
+    expect_protected_by(ns, bin, "filter/FORWARD")?;
+    println!("iptables part: `--ctstate INVALID -j DROP` on FORWARD flips the check");
+    Ok(())
+}
+
+#[test]
+fn doctor_checks_flip_with_namespace_sysctls() -> Result<()> {
+    let Some((ns, bin)) = namespace_with_conntrack("doc")? else {
+        return Ok(());
+    };
+    baseline_fails_protection(&ns, &bin)?;
+    ns.sysctl(BE_LIBERAL, "1")?;
+    expect_protected_by(&ns, &bin, "be_liberal=1")?;
+    loose_and_timeouts_warn(&ns, &bin)?;
+    ns.sysctl(BE_LIBERAL, "0")?;
+    nftables_drop_protects(&ns, &bin)?;
+    iptables_drop_protects(&ns, &bin)?;
     drop(ns);
     Ok(())
 }
@@ -367,9 +337,8 @@ fn iptables_mode(ns: &Netns, bin: &Path) -> Result<()> {
     kube_proxy::feed(&ns.name, IPTABLES_RESTORE, IPTABLES_MODE);
     let c = expect_kube_proxy(ns, bin, ("iptables", "in_place", "ok"))?;
     assert_eq!(status(&c, "unnated_reply_protection"), "ok");
-    let rule = ["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"];
     let mut delete = vec!["iptables", "-D", "KUBE-FORWARD"];
-    delete.extend(rule);
+    delete.extend(INVALID_DROP);
     ns.run(&delete)?;
     let c = expect_kube_proxy(ns, bin, ("iptables", "absent", "warn"))?;
     assert_eq!(status(&c, "unnated_reply_protection"), "fail");
@@ -424,6 +393,10 @@ fn ipvs_mode(ns: &Netns, bin: &Path) -> Result<()> {
 }
 
 const BE_LIBERAL: &str = "net.netfilter.nf_conntrack_tcp_be_liberal";
+const TIMEOUT_ESTABLISHED: &str = "net.netfilter.nf_conntrack_tcp_timeout_established";
+const KEEPALIVE: &str = "net.ipv4.tcp_keepalive_time";
+/// The iptables match and verdict of an INVALID drop.
+const INVALID_DROP: [&str; 6] = ["-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"];
 const IPTABLES_RESTORE: &[&str] = &["iptables-restore", "--noflush"];
 
 /// `ktrace doctor` in a namespace set up as each of kube-proxy's modes
@@ -431,27 +404,13 @@ const IPTABLES_RESTORE: &[&str] = &["iptables-restore", "--noflush"];
 /// insert-race checks are there, and sampled.
 #[test]
 fn doctor_names_the_kube_proxy_mode() -> Result<()> {
-    if let Some(why) = skip_reason() {
-        ktrace_tests::record_skip(&why);
+    let Some((ns, bin)) = namespace_with_conntrack("dkp")? else {
         return Ok(());
-    }
-    let bin = ktrace_bin();
-    assert!(bin.is_file(), "{} not found", bin.display());
-    let ns = Netns::create(format!("ktr-dkp-{}", std::process::id()))?;
-    let probe = ns.exec(&["cat", "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"])?;
-    if !probe.status.success() {
-        ktrace_tests::record_skip("nf_conntrack is not loaded");
-        return Ok(());
-    }
+    };
     ns.sysctl(BE_LIBERAL, "0")?;
     let c = expect_kube_proxy(&ns, &bin, ("", "no_kube_proxy", "ok"))?;
     assert_eq!(status(&c, "kube_proxy_mode"), "ok");
-    assert_eq!(
-        status(&c, "kernel_conntrack"),
-        "ok",
-        "{}",
-        describe(&c, "kernel_conntrack")
-    );
+    expect_status(&c, "kernel_conntrack", "ok");
     let race = &c["conntrack_insert_race"];
     assert_eq!(race["status"], "ok", "{race}");
     let secs = race["evidence"]["sample_secs"].as_f64().unwrap_or(0.0);

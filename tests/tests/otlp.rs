@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ktrace_tests::{hook, ktrace_bin, select, skip, Lab, Running, BACKENDS, CLIENT_IP, VIP};
-use otlp_receiver::{LogRec, Pki, Receiver, Series, ServerTls, Store, Wire};
+use otlp_receiver::{LogRec, Pki, Point, Receiver, Series, ServerTls, Store, Wire};
 use serde_json::{json, Value};
 
 const NODE_NAME: &str = "lab-node-1";
@@ -186,15 +186,41 @@ fn record_of<'a>(recs: &'a [LogRec], f: &Value) -> Vec<&'a LogRec> {
 /// Every counter and log record the receiver got matches what ktrace printed.
 fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &Lab, wire: Wire) {
     if std::env::var_os("KTRACE_OTLP_DUMP").is_some() {
-        let names: BTreeSet<String> = store.points().into_iter().map(|p| p.name).collect();
-        for n in names {
-            eprintln!("{n}: {:?}", store.latest(&n));
-        }
-        for r in store.log_records() {
-            eprintln!("{r:?}");
-        }
+        dump(store);
     }
-    // Resource and headers of every request.
+    let recs = store.log_records();
+    let points = store.points();
+    assert!(!recs.is_empty() && !points.is_empty());
+    let findings = select(lines, "finding", None);
+    check_resource_and_headers(store, status, wire, &recs, &points);
+    check_log_records(&recs, &findings);
+    check_event_counters(store, lines, status, &points);
+    check_findings_counter(store, &findings);
+    check_lost_counter(store, lines);
+    check_hooks_gauge(store, status);
+    check_own_and_node_metrics(store, lab, &recs, &points);
+}
+
+/// Prints what the receiver got (`KTRACE_OTLP_DUMP` set), to debug a failure.
+fn dump(store: &Store) {
+    let names: BTreeSet<String> = store.points().into_iter().map(|p| p.name).collect();
+    for n in names {
+        eprintln!("{n}: {:?}", store.latest(&n));
+    }
+    for r in store.log_records() {
+        eprintln!("{r:?}");
+    }
+}
+
+/// Every request carries the node's resource and the configured headers
+/// (and, over HTTP, goes to the signal's path).
+fn check_resource_and_headers(
+    store: &Store,
+    status: &Value,
+    wire: Wire,
+    recs: &[LogRec],
+    points: &[Point],
+) {
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let want_resource = [
         ("service.name", json!("ktrace")),
@@ -206,9 +232,6 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
         ("k8s.node.name", json!(NODE_NAME)),
         ("k8s.cluster.name", json!("lab")),
     ];
-    let recs = store.log_records();
-    let points = store.points();
-    assert!(!recs.is_empty() && !points.is_empty());
     for res in recs
         .iter()
         .map(|r| &r.resource)
@@ -236,12 +259,14 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
             store.paths
         );
     }
+}
 
-    // One log record per finding printed, and nothing else.
-    let findings = select(lines, "finding", None);
+/// One log record per finding printed, and nothing else, with the finding's
+/// message, severity, endpoints and evidence as attributes.
+fn check_log_records(recs: &[LogRec], findings: &[&Value]) {
     assert_eq!(recs.len(), findings.len(), "records: {recs:#?}");
-    for f in &findings {
-        let r = record_of(&recs, f);
+    for f in findings {
+        let r = record_of(recs, f);
         assert_eq!(r.len(), 1, "one record for {f}: {r:#?}");
         let r = r[0];
         assert_eq!(r.body, f["message"], "{f}");
@@ -279,9 +304,11 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
             );
         }
     }
+}
 
-    // Counters: the final cumulative values equal what stdout shows.
-    for p in &points {
+/// The event counters' final cumulative values equal the events on stdout.
+fn check_event_counters(store: &Store, lines: &[Value], status: &Value, points: &[Point]) {
+    for p in points {
         if p.kind == "sum" {
             assert!(p.monotonic && p.cumulative, "{p:?}");
         }
@@ -357,9 +384,13 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
         );
     }
     assert_eq!(store.latest("ktrace.conntrack.stat"), stat);
+}
 
+/// `ktrace.findings` counts the findings printed (a storm once, at its start),
+/// by kind, Service and backend.
+fn check_findings_counter(store: &Store, findings: &[&Value]) {
     let mut by_finding: BTreeMap<Series, f64> = BTreeMap::new();
-    for f in &findings {
+    for f in findings {
         if f["kind"] == "rst_storm" && f["evidence"]["phase"] != "start" {
             continue;
         }
@@ -389,7 +420,10 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
         "{by_finding:?}"
     );
     assert_eq!(store.latest("ktrace.findings"), by_finding);
+}
 
+/// `ktrace.events.lost` sums the `lost` lines by source.
+fn check_lost_counter(store: &Store, lines: &[Value]) {
     let mut lost: BTreeMap<Series, f64> = ["ring_buffer", "ctnetlink", "otlp"]
         .iter()
         .map(|s| (attrs(&[("ktrace.lost.source", json!(s))]), 0.0))
@@ -408,7 +442,10 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
             .or_default() += l["count"].as_f64().unwrap();
     }
     assert_eq!(store.latest("ktrace.events.lost"), lost);
+}
 
+/// `ktrace.hook.attached` is the status line's hooks.
+fn check_hooks_gauge(store: &Store, status: &Value) {
     let hooks: BTreeMap<Series, f64> = status["hooks"]
         .as_array()
         .unwrap()
@@ -425,7 +462,10 @@ fn check_against_stdout(lines: &[Value], status: &Value, store: &Store, lab: &La
         .collect();
     assert_eq!(store.latest("ktrace.hook.attached"), hooks);
     assert_eq!(hook(status, "tcp_send_reset")["attached"], true);
+}
 
+/// The exporter's own counters, the node's conntrack gauges, and units.
+fn check_own_and_node_metrics(store: &Store, lab: &Lab, recs: &[LogRec], points: &[Point]) {
     assert_eq!(
         store.latest("ktrace.otlp.log_records.exported"),
         [(Series::new(), recs.len() as f64)].into()
@@ -548,6 +588,72 @@ fn finding_latency(k: &Ktrace, lab: &Lab, n: usize) -> (Vec<u16>, Duration) {
     (ports, reset_at.elapsed())
 }
 
+/// The incident on `n` connections, its findings on stdout within a second
+/// of the resets (as without export, whatever the receiver does); the ports.
+fn findings_within_a_second(k: &Ktrace, lab: &Lab, n: usize) -> Vec<u16> {
+    let (ports, latency) = finding_latency(k, lab, n);
+    assert!(
+        latency < Duration::from_secs(1),
+        "finding after {latency:?}"
+    );
+    ports
+}
+
+/// Each port's connection has its one un-NATed reply finding on stdout, as
+/// the un-NATed reply test expects.
+fn one_unnated_finding_each(lines: &[Value], ports: &[u16]) {
+    for p in ports {
+        let f: Vec<&Value> = select(lines, "finding", Some("unnated_reply"))
+            .into_iter()
+            .filter(|f| f["client"] == format!("{CLIENT_IP}:{p}"))
+            .collect();
+        assert_eq!(f.len(), 1, "port {p}: {f:?}");
+        assert_eq!(f[0]["service"], vip().as_str());
+        assert_eq!(f[0]["backend"], backend().as_str());
+    }
+}
+
+/// Every finding printed was delivered once, or counted lost (on stdout and
+/// as a counter), and the failed exports were counted.
+fn delivered_once_or_counted_lost(store: &Store, lines: &[Value]) {
+    let recs = store.log_records();
+    let findings = select(lines, "finding", None);
+    let delivered = findings
+        .iter()
+        .filter(|f| record_of(&recs, f).len() == 1)
+        .count();
+    assert_eq!(
+        delivered,
+        recs.len(),
+        "a record was delivered twice or matches nothing"
+    );
+    let lost_lines: f64 = select(lines, "lost", None)
+        .iter()
+        .filter(|l| l["source"] == "otlp")
+        .map(|l| l["count"].as_f64().unwrap())
+        .sum();
+    assert!(lost_lines >= 1.0);
+    assert_eq!(
+        delivered as f64 + lost_lines,
+        findings.len() as f64,
+        "delivered + lost = printed"
+    );
+    let lost = store.latest("ktrace.events.lost");
+    assert_eq!(
+        lost[&attrs(&[("ktrace.lost.source", json!("otlp"))])],
+        lost_lines
+    );
+    let failures = store.latest("ktrace.otlp.export.failures");
+    assert!(
+        failures[&attrs(&[("ktrace.otlp.signal", json!("logs"))])] >= 1.0,
+        "{failures:?}"
+    );
+    assert_eq!(
+        store.latest("ktrace.otlp.log_records.exported")[&Series::new()],
+        recs.len() as f64
+    );
+}
+
 /// The receiver is down when ktrace starts, comes up, is killed, comes back:
 /// ktrace prints the same findings all along, reports what it could not
 /// keep, and every finding is either delivered once or counted as lost.
@@ -569,11 +675,7 @@ fn endpoint_down_then_back() {
     );
 
     // Down: findings on stdout within a second, as without export.
-    let (ports_a, latency) = finding_latency(&k, &lab, 3);
-    assert!(
-        latency < Duration::from_secs(1),
-        "finding after {latency:?}"
-    );
+    let ports_a = findings_within_a_second(&k, &lab, 3);
     assert!(
         k.wait_for(Duration::from_secs(3), |l| select(l, "lost", None)
             .iter()
@@ -605,11 +707,7 @@ fn endpoint_down_then_back() {
     // Killed again: ktrace does not notice on stdout.
     let store = rx.kill();
     let failures_before = log_failures(&k);
-    let (ports_b, latency) = finding_latency(&k, &lab, 2);
-    assert!(
-        latency < Duration::from_secs(1),
-        "finding after {latency:?}"
-    );
+    let ports_b = findings_within_a_second(&k, &lab, 2);
     assert!(
         k.wait_for(Duration::from_secs(10), |_| log_failures(&k)
             > failures_before),
@@ -633,54 +731,8 @@ fn endpoint_down_then_back() {
     let (lines, _stderr, took) = k.stop();
     assert!(took < Duration::from_secs(5), "stop took {took:?}");
 
-    // Stdout: the same findings as the un-NATed reply test expects.
-    for p in ports_a.iter().chain(&ports_b) {
-        let f: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
-            .into_iter()
-            .filter(|f| f["client"] == format!("{CLIENT_IP}:{p}"))
-            .collect();
-        assert_eq!(f.len(), 1, "port {p}: {f:?}");
-        assert_eq!(f[0]["service"], vip().as_str());
-        assert_eq!(f[0]["backend"], backend().as_str());
-    }
-    // Every finding delivered once, or counted lost (on stdout and as a counter).
-    let store = rx.store.lock().unwrap();
-    let recs = store.log_records();
-    let findings = select(&lines, "finding", None);
-    let delivered = findings
-        .iter()
-        .filter(|f| record_of(&recs, f).len() == 1)
-        .count();
-    assert_eq!(
-        delivered,
-        recs.len(),
-        "a record was delivered twice or matches nothing"
-    );
-    let lost_lines: f64 = select(&lines, "lost", None)
-        .iter()
-        .filter(|l| l["source"] == "otlp")
-        .map(|l| l["count"].as_f64().unwrap())
-        .sum();
-    assert!(lost_lines >= 1.0);
-    assert_eq!(
-        delivered as f64 + lost_lines,
-        findings.len() as f64,
-        "delivered + lost = printed"
-    );
-    let lost = store.latest("ktrace.events.lost");
-    assert_eq!(
-        lost[&attrs(&[("ktrace.lost.source", json!("otlp"))])],
-        lost_lines
-    );
-    let failures = store.latest("ktrace.otlp.export.failures");
-    assert!(
-        failures[&attrs(&[("ktrace.otlp.signal", json!("logs"))])] >= 1.0,
-        "{failures:?}"
-    );
-    assert_eq!(
-        store.latest("ktrace.otlp.log_records.exported")[&Series::new()],
-        recs.len() as f64
-    );
+    one_unnated_finding_each(&lines, &[ports_a, ports_b].concat());
+    delivered_once_or_counted_lost(&rx.store.lock().unwrap(), &lines);
 }
 
 /// A collector that answers only after 3 s: findings are on stdout as fast

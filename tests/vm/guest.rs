@@ -567,25 +567,10 @@ fn conntrack_insert_race_per_dropped_packet() {
     );
     std::thread::sleep(Duration::from_secs(1));
     let lines = watch.stop();
+    let backends: BTreeSet<String> = BACKENDS.iter().map(|b| format!("{b}:53")).collect();
+    let service = format!("{VIP}:53");
+    ktrace_tests::race::assert_one_finding_per_drop(&lines, failed, &service, &backends);
     let found = select(&lines, "finding", Some("conntrack_insert_race"));
-    let dropped: Vec<&&Value> = found
-        .iter()
-        .filter(|f| f["evidence"]["outcome"] == "dropped")
-        .collect();
-    assert_eq!(
-        dropped.len() as u64,
-        failed,
-        "one finding per dropped packet: {found:?}"
-    );
-    for f in &dropped {
-        assert_eq!(f["evidence"]["basis"], "confirm_drop", "{f}");
-        assert_eq!(f["service"], format!("{VIP}:53"), "{f}");
-        assert!(f["client"].as_str().unwrap().starts_with(CLIENT_IP), "{f}");
-        let b = f["backend"].as_str().unwrap();
-        assert!(BACKENDS.iter().any(|x| b == format!("{x}:53")), "{f}");
-    }
-    let drops = select(&lines, "event", Some("ct_confirm_drop")).len() as u64;
-    assert_eq!(drops, failed);
     let resolved = found
         .iter()
         .filter(|f| f["evidence"]["outcome"] == "resolved")

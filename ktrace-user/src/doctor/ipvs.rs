@@ -189,46 +189,60 @@ pub fn checks(ctx: &Ctx) -> Vec<Check> {
     ]
 }
 
-fn check_quiescent(s: &Settings) -> Check {
-    const CHECK: &str = "ipvs_expire_quiescent_template";
-    match &s.quiescent {
-        Err(e) => Check::unknown(CHECK, e.to_string()),
-        Ok(v) if *v >= 1 => Check::new(CHECK, Status::Ok, v.to_string())
+/// A setting that protects when it is 1: ok with `on`'s why, else a
+/// warning with `off`'s why and the fix.
+fn check_enabled(
+    check: &str,
+    setting: &Result<u64, ReadError>,
+    on: &str,
+    (off, fix): (&str, &str),
+) -> Check {
+    match setting {
+        Err(e) => Check::unknown(check, e.to_string()),
+        Ok(v) if *v >= 1 => Check::new(check, Status::Ok, v.to_string())
             .expected("1")
-            .why("a persistence template whose real server has weight 0 is expired, so new connections go to servers in rotation"),
-        Ok(v) => Check::new(CHECK, Status::Warn, v.to_string())
+            .why(on),
+        Ok(v) => Check::new(check, Status::Warn, v.to_string())
             .expected("1")
-            .why("with 0, a persistent service (sessionAffinity: ClientIP) keeps sending a client's new connections to a real server of weight 0 (terminating pod) until the template times out; they are reset when it goes (finding quiescent_backend)")
-            .fix("sysctl -w net.ipv4.vs.expire_quiescent_template=1 (kube-proxy's IPVS mode sets it; something reset it)"),
+            .why(off)
+            .fix(fix),
     }
+}
+
+fn check_quiescent(s: &Settings) -> Check {
+    check_enabled(
+        "ipvs_expire_quiescent_template",
+        &s.quiescent,
+        "a persistence template whose real server has weight 0 is expired, so new connections go to servers in rotation",
+        (
+            "with 0, a persistent service (sessionAffinity: ClientIP) keeps sending a client's new connections to a real server of weight 0 (terminating pod) until the template times out; they are reset when it goes (finding quiescent_backend)",
+            "sysctl -w net.ipv4.vs.expire_quiescent_template=1 (kube-proxy's IPVS mode sets it; something reset it)",
+        ),
+    )
 }
 
 fn check_nodest(s: &Settings) -> Check {
-    const CHECK: &str = "ipvs_expire_nodest_conn";
-    match &s.nodest {
-        Err(e) => Check::unknown(CHECK, e.to_string()),
-        Ok(v) if *v >= 1 => Check::new(CHECK, Status::Ok, v.to_string())
-            .expected("1")
-            .why("connections whose real server was deleted are expired at their next packet, so clients reconnect"),
-        Ok(v) => Check::new(CHECK, Status::Warn, v.to_string())
-            .expected("1")
-            .why("with 0, packets of connections whose real server was deleted are dropped silently until the connection times out: clients hang instead of reconnecting")
-            .fix("sysctl -w net.ipv4.vs.expire_nodest_conn=1 (kube-proxy's IPVS mode sets it)"),
-    }
+    check_enabled(
+        "ipvs_expire_nodest_conn",
+        &s.nodest,
+        "connections whose real server was deleted are expired at their next packet, so clients reconnect",
+        (
+            "with 0, packets of connections whose real server was deleted are dropped silently until the connection times out: clients hang instead of reconnecting",
+            "sysctl -w net.ipv4.vs.expire_nodest_conn=1 (kube-proxy's IPVS mode sets it)",
+        ),
+    )
 }
 
 fn check_conntrack(s: &Settings) -> Check {
-    const CHECK: &str = "ipvs_conntrack";
-    match &s.conntrack {
-        Err(e) => Check::unknown(CHECK, e.to_string()),
-        Ok(v) if *v >= 1 => Check::new(CHECK, Status::Ok, v.to_string())
-            .expected("1")
-            .why("IPVS connections are tracked by conntrack, which kube-proxy's masquerade (SNAT) rules and the INVALID-drop rule rely on"),
-        Ok(v) => Check::new(CHECK, Status::Warn, v.to_string())
-            .expected("1")
-            .why("with 0, conntrack does not follow IPVS connections: kube-proxy's iptables masquerade rules for NodePorts and hairpin traffic do not apply, and replies leave un-NATed")
-            .fix("sysctl -w net.ipv4.vs.conntrack=1 (kube-proxy's IPVS mode sets it)"),
-    }
+    check_enabled(
+        "ipvs_conntrack",
+        &s.conntrack,
+        "IPVS connections are tracked by conntrack, which kube-proxy's masquerade (SNAT) rules and the INVALID-drop rule rely on",
+        (
+            "with 0, conntrack does not follow IPVS connections: kube-proxy's iptables masquerade rules for NodePorts and hairpin traffic do not apply, and replies leave un-NATed",
+            "sysctl -w net.ipv4.vs.conntrack=1 (kube-proxy's IPVS mode sets it)",
+        ),
+    )
 }
 
 fn check_reuse(ctx: &Ctx, s: &Settings) -> Check {
@@ -321,11 +335,7 @@ fn check_weight0(ctx: &Ctx, s: &Settings) -> Check {
     }
     let quiescent_on = s.quiescent.as_ref().is_ok_and(|v| *v >= 1);
     let first = &drained[0];
-    let more = if drained.len() > 1 {
-        format!(" (+{} more)", drained.len() - 1)
-    } else {
-        String::new()
-    };
+    let more = super::more(drained.len());
     let value = format!(
         "{} of {} weight {}: {} active, {} inactive{}{more}",
         first.real_server,

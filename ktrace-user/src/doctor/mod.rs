@@ -305,17 +305,10 @@ pub fn parse_u64(s: &str) -> Option<u64> {
 /// stands for a dot inside a component (`net.ipv4.conf.eth0/10.rp_filter`).
 pub fn sysctl_path(key: &str) -> String {
     let key = key.trim().trim_start_matches('/');
-    let first_sep = key.find(['.', '/']);
-    let rel = match first_sep.map(|i| key.as_bytes().get(i).copied()) {
-        Some(Some(b'/')) => key.to_string(),
-        _ => key
-            .chars()
-            .map(|c| match c {
-                '.' => '/',
-                '/' => '.',
-                c => c,
-            })
-            .collect(),
+    let rel = if slash_separated(key) {
+        key.to_string()
+    } else {
+        swap_dots_and_slashes(key)
     };
     format!("/proc/sys/{rel}")
 }
@@ -323,19 +316,37 @@ pub fn sysctl_path(key: &str) -> String {
 /// The dotted form of a sysctl name (`net/netfilter/x` → `net.netfilter.x`).
 pub fn sysctl_dotted(key: &str) -> String {
     let key = key.trim().trim_start_matches('/');
-    match key
-        .find(['.', '/'])
-        .and_then(|i| key.as_bytes().get(i).copied())
-    {
-        Some(b'/') => key
-            .chars()
-            .map(|c| match c {
-                '/' => '.',
-                '.' => '/',
-                c => c,
-            })
-            .collect(),
-        _ => key.to_string(),
+    if slash_separated(key) {
+        swap_dots_and_slashes(key)
+    } else {
+        key.to_string()
+    }
+}
+
+/// Whether the first separator of a sysctl name is `/` (a path).
+fn slash_separated(key: &str) -> bool {
+    key.find(['.', '/'])
+        .is_some_and(|i| key.as_bytes()[i] == b'/')
+}
+
+/// The path form of a dotted name and back: a dot inside a path component
+/// is a slash inside a dotted component.
+fn swap_dots_and_slashes(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '.' => '/',
+            '/' => '.',
+            c => c,
+        })
+        .collect()
+}
+
+/// ` (+N more)` after the first of `count` items, or nothing for one.
+pub fn more(count: usize) -> String {
+    if count > 1 {
+        format!(" (+{} more)", count - 1)
+    } else {
+        String::new()
     }
 }
 

@@ -5,37 +5,27 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
-use super::{Report, Status};
+use super::{Check, Report, Status};
 
 /// Text width the human view wraps at.
 const WIDTH: usize = 100;
 
+/// A check as a JSON line: `"type":"check"` first, then the check's own
+/// fields in their order.
 #[derive(Serialize)]
 struct JsonCheck<'a> {
     #[serde(rename = "type")]
     kind: &'static str,
-    check: &'a str,
-    status: Status,
-    value: &'a str,
-    expected: &'a str,
-    why: &'a str,
-    fix: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    evidence: Option<&'a serde_json::Value>,
+    #[serde(flatten)]
+    check: &'a Check,
 }
 
 /// One JSON object per check, one per line.
 pub fn json_lines(report: &Report, out: &mut impl Write) -> io::Result<()> {
-    for c in &report.checks {
+    for check in &report.checks {
         let line = JsonCheck {
             kind: "check",
-            check: &c.check,
-            status: c.status,
-            value: &c.value,
-            expected: &c.expected,
-            why: &c.why,
-            fix: &c.fix,
-            evidence: c.evidence.as_ref(),
+            check,
         };
         serde_json::to_writer(&mut *out, &line).map_err(io::Error::other)?;
         out.write_all(b"\n")?;
@@ -143,6 +133,8 @@ fn clean(s: &str) -> String {
 }
 
 /// Greedy word wrap; words longer than `width` get a line of their own.
+/// (By characters: textwrap counts display width, which would wrap lines
+/// with `…` or `×` differently.)
 fn wrap(text: &str, width: usize) -> Vec<String> {
     let mut lines = Vec::new();
     let mut cur = String::new();

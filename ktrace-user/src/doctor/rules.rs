@@ -116,8 +116,8 @@ pub fn read_sources(fs: &super::Fs, live: bool) -> Vec<Source> {
     }
 }
 
-/// The rules that drop INVALID where it protects, over all sources.
-pub fn protecting_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop> {
+/// The INVALID-drop rules of every source that was read.
+fn all_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop> {
     sources
         .iter()
         .filter_map(|s| match s {
@@ -125,7 +125,11 @@ pub fn protecting_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop
             _ => None,
         })
         .flatten()
-        .filter(|d| d.protects())
+}
+
+/// The rules that drop INVALID where it protects, over all sources.
+pub fn protecting_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop> {
+    all_drops(sources).filter(|d| d.protects())
 }
 
 const EXPECTED: &str =
@@ -133,14 +137,7 @@ const EXPECTED: &str =
 
 /// The verdict from be_liberal and the ruleset sources.
 pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
-    let drops: Vec<&InvalidDrop> = sources
-        .iter()
-        .filter_map(|s| match s {
-            Source::Read { drops, .. } => Some(drops.iter()),
-            _ => None,
-        })
-        .flatten()
-        .collect();
+    let drops: Vec<&InvalidDrop> = all_drops(sources).collect();
     let protecting: Vec<&&InvalidDrop> = drops.iter().filter(|d| d.protects()).collect();
     let read_any = sources.iter().any(|s| !matches!(s, Source::Unknown { .. }));
     let evidence = json!({
@@ -153,12 +150,8 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
         }).collect::<Vec<_>>(),
     });
     let rule_text = if let Some(d) = protecting.first() {
-        let more = protecting.len() - 1;
-        if more > 0 {
-            format!("INVALID dropped by {} (+{more} more)", d.describe())
-        } else {
-            format!("INVALID dropped by {}", d.describe())
-        }
+        let more = super::more(protecting.len());
+        format!("INVALID dropped by {}{more}", d.describe())
     } else if !read_any {
         "rulesets not read".to_string()
     } else {
@@ -392,30 +385,24 @@ fn iptables_source(name: &str, text: Result<String, String>) -> Source {
     } else {
         name
     };
-    match parse_iptables_save(&text, name) {
-        Ok(p) => Source::Read {
-            name: name.into(),
-            rules: p.rules,
-            drops: p.drops,
-            kube_proxy: p.kube_proxy,
-        },
-        Err(why) => Source::Unknown {
-            name: name.into(),
-            why,
-        },
-    }
+    parsed_source(name, parse_iptables_save(&text, name))
 }
 
 fn nft_source(text: Result<String, String>) -> Source {
-    match text.and_then(|t| parse_nft_json(&t)) {
+    parsed_source("nftables", text.and_then(|t| parse_nft_json(&t)))
+}
+
+/// Source `name` as read, or why it could not be.
+fn parsed_source(name: &str, parsed: Result<Parsed, String>) -> Source {
+    match parsed {
         Ok(p) => Source::Read {
-            name: "nftables".into(),
+            name: name.into(),
             rules: p.rules,
             drops: p.drops,
             kube_proxy: p.kube_proxy,
         },
         Err(why) => Source::Unknown {
-            name: "nftables".into(),
+            name: name.into(),
             why,
         },
     }
@@ -507,9 +494,7 @@ fn iptables_hooks(table: &str) -> &'static [&'static str] {
 pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
     struct Table {
         name: String,
-        // chain -> chains it jumps to
-        edges: HashMap<String, BTreeSet<String>>,
-        candidates: Vec<(String, String)>, // (chain, rule text)
+        graph: ChainGraph,
     }
     let mut tables: Vec<Table> = Vec::new();
     let mut rules = 0usize;
@@ -524,8 +509,7 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
         if let Some(name) = line.strip_prefix('*') {
             tables.push(Table {
                 name: name.trim().to_string(),
-                edges: HashMap::new(),
-                candidates: Vec::new(),
+                graph: ChainGraph::default(),
             });
             recognised += 1;
         } else if line == "COMMIT" {
@@ -534,7 +518,7 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
             recognised += 1;
             if let (Some(t), Some(chain)) = (tables.last_mut(), decl.split_whitespace().next()) {
                 kube_proxy |= t.name == "nat" && chain == "KUBE-SERVICES";
-                t.edges.entry(chain.to_string()).or_default();
+                t.graph.edges.entry(chain.to_string()).or_default();
             }
         } else if line.starts_with("-A ") || line.starts_with("-I ") {
             recognised += 1;
@@ -551,11 +535,15 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
             let target = option_value(&words, &["-j", "--jump", "-g", "--goto"]);
             // Built-in targets (DROP, DNAT...) become chains nothing leaves.
             if let Some(tg) = &target {
-                t.edges.entry(chain.clone()).or_default().insert(tg.clone());
+                t.graph
+                    .edges
+                    .entry(chain.clone())
+                    .or_default()
+                    .insert(tg.clone());
             }
             let drops = matches!(target.as_deref(), Some("DROP") | Some("REJECT"));
             if drops && matches_invalid_iptables(&words) {
-                t.candidates.push((chain, line.to_string()));
+                t.graph.candidates.push((chain, line.to_string()));
             }
         } else {
             strange += 1;
@@ -566,19 +554,14 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
             "not iptables-save output ({strange} unrecognised lines)"
         ));
     }
-    let mut drops = Vec::new();
-    for t in &tables {
-        let hooks = iptables_hooks(&t.name);
-        let reached = reachability(
-            &t.edges,
-            hooks.iter().map(|h| (h.to_string(), h.to_string())),
-        );
-        drops.extend(table_drops(
-            (source, "ip", &t.name),
-            &t.candidates,
-            &reached,
-        ));
-    }
+    let drops = tables
+        .iter()
+        .flat_map(|t| {
+            let hooks = iptables_hooks(&t.name).iter();
+            let starts = hooks.map(|h| (h.to_string(), h.to_string()));
+            t.graph.drops((source, "ip", &t.name), starts)
+        })
+        .collect();
     Ok(Parsed {
         rules,
         drops,
@@ -606,55 +589,67 @@ fn matches_invalid_iptables(words: &[String]) -> bool {
     })
 }
 
-/// For each chain, the hooks it is reached from, following jumps from the
-/// given `(chain, hook)` starting points.
-fn reachability(
-    edges: &HashMap<String, BTreeSet<String>>,
-    starts: impl Iterator<Item = (String, String)>,
-) -> HashMap<String, BTreeSet<String>> {
-    let mut reached: HashMap<String, BTreeSet<String>> = HashMap::new();
-    for (chain, hook) in starts {
-        let mut stack = vec![chain];
-        while let Some(c) = stack.pop() {
-            if !reached.entry(c.clone()).or_default().insert(hook.clone()) {
-                continue;
-            }
-            if let Some(next) = edges.get(&c) {
-                stack.extend(next.iter().cloned());
-            }
-        }
-    }
-    reached
+/// One table's chains, in either syntax: where each jumps, and its rules
+/// that drop INVALID.
+#[derive(Default)]
+struct ChainGraph {
+    /// Chain -> the chains it jumps or goes to.
+    edges: HashMap<String, BTreeSet<String>>,
+    /// `(chain, rule text)` of the INVALID-drop rules.
+    candidates: Vec<(String, String)>,
 }
 
-/// One table's INVALID-drop `(chain, rule)` candidates, with the hooks
-/// that reach each chain.
-fn table_drops<'a>(
-    (source, family, table): (&'a str, &'a str, &'a str),
-    candidates: &'a [(String, String)],
-    reached: &'a HashMap<String, BTreeSet<String>>,
-) -> impl Iterator<Item = InvalidDrop> + 'a {
-    candidates.iter().map(move |(chain, rule)| InvalidDrop {
-        source: source.to_string(),
-        family: family.to_string(),
-        table: table.to_string(),
-        chain: chain.clone(),
-        rule: rule.clone(),
-        reached_from: reached
-            .get(chain)
-            .map(|s| s.iter().cloned().collect())
-            .unwrap_or_default(),
-    })
+impl ChainGraph {
+    /// The INVALID-drop rules, each with the hooks that reach its chain by
+    /// jumps from the given `(chain, hook)` starting points.
+    fn drops(
+        &self,
+        (source, family, table): (&str, &str, &str),
+        starts: impl Iterator<Item = (String, String)>,
+    ) -> Vec<InvalidDrop> {
+        let reached = self.reachability(starts);
+        let drop = |(chain, rule): &(String, String)| InvalidDrop {
+            source: source.to_string(),
+            family: family.to_string(),
+            table: table.to_string(),
+            chain: chain.clone(),
+            rule: rule.clone(),
+            reached_from: reached
+                .get(chain)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default(),
+        };
+        self.candidates.iter().map(drop).collect()
+    }
+
+    /// For each chain, the hooks it is reached from.
+    fn reachability(
+        &self,
+        starts: impl Iterator<Item = (String, String)>,
+    ) -> HashMap<String, BTreeSet<String>> {
+        let mut reached: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (chain, hook) in starts {
+            let mut stack = vec![chain];
+            while let Some(c) = stack.pop() {
+                if !reached.entry(c.clone()).or_default().insert(hook.clone()) {
+                    continue;
+                }
+                if let Some(next) = self.edges.get(&c) {
+                    stack.extend(next.iter().cloned());
+                }
+            }
+        }
+        reached
+    }
 }
 
 /// Parses `nft -j list ruleset` output (libnftables' JSON schema).
 pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
     #[derive(Default)]
     struct Table {
-        edges: HashMap<String, BTreeSet<String>>,
+        graph: ChainGraph,
         /// Base chain -> hook, for the base chains whose INVALID drops protect.
         bases: BTreeMap<String, String>,
-        candidates: Vec<(String, String)>,
     }
     let doc: Value = serde_json::from_str(text)
         .map_err(|e| format!("not `nft -j list ruleset` output ({e})"))?;
@@ -686,27 +681,24 @@ pub fn parse_nft_json(text: &str) -> Result<Parsed, String> {
             let expr = r.get("expr").cloned().unwrap_or(Value::Null);
             let mut targets = Vec::new();
             jump_targets(&expr, &mut targets);
-            t.edges.entry(chain.clone()).or_default().extend(targets);
+            t.graph
+                .edges
+                .entry(chain.clone())
+                .or_default()
+                .extend(targets);
             if drops_invalid(&expr) {
-                t.candidates.push((chain, expr.to_string()));
+                t.graph.candidates.push((chain, expr.to_string()));
             }
         }
     }
-    let mut drops = Vec::new();
-    for ((family, table), t) in &tables {
-        if !matches!(family.as_str(), "ip" | "ip6" | "inet") {
-            continue;
-        }
-        let reached = reachability(
-            &t.edges,
-            t.bases.iter().map(|(c, h)| (c.clone(), h.clone())),
-        );
-        drops.extend(table_drops(
-            ("nftables", family, table),
-            &t.candidates,
-            &reached,
-        ));
-    }
+    let drops = tables
+        .iter()
+        .filter(|((family, _), _)| matches!(family.as_str(), "ip" | "ip6" | "inet"))
+        .flat_map(|((family, table), t)| {
+            let starts = t.bases.iter().map(|(c, h)| (c.clone(), h.clone()));
+            t.graph.drops(("nftables", family, table), starts)
+        })
+        .collect();
     Ok(Parsed {
         rules,
         drops,

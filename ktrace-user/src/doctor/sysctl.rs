@@ -319,11 +319,7 @@ fn mismatch_check(
     unreadable_note: &str,
 ) -> Check {
     let first = &mismatches[0];
-    let more = if mismatches.len() > 1 {
-        format!(" (+{} more)", mismatches.len() - 1)
-    } else {
-        String::new()
-    };
+    let more = super::more(mismatches.len());
     let value = format!(
         "{} = {} in {}, {}{more}",
         first.key,

@@ -78,6 +78,11 @@ fn run_with(cfg: EngineConfig, events: &[Event]) -> Vec<Finding> {
     out
 }
 
+/// The findings of one kind.
+fn of_kind(f: &[Finding], kind: FindingKind) -> Vec<&Finding> {
+    f.iter().filter(|x| x.kind() == kind).collect()
+}
+
 const C: &str = "10.0.0.2:40000";
 const S: &str = "10.96.0.10:2222";
 const B1: &str = "10.0.1.2:2222";
@@ -110,13 +115,7 @@ fn reset_arriving_before_its_mapping_is_still_diagnosed() {
         destroy(4_990, C, S, B1),
         map(4_999, C, S, B2),
     ]);
-    assert_eq!(
-        f.iter()
-            .filter(|x| x.kind() == FindingKind::BackendSwitch)
-            .count(),
-        1,
-        "{f:?}"
-    );
+    assert_eq!(of_kind(&f, FindingKind::BackendSwitch).len(), 1, "{f:?}");
 }
 
 #[test]
@@ -213,10 +212,7 @@ fn many_broken_connections_make_one_storm_start() {
         evs.push(rst(5_000 + i * 5, &c, B1, PSH_ACK));
     }
     let f = run(&evs);
-    let storms: Vec<_> = f
-        .iter()
-        .filter(|x| x.kind() == FindingKind::RstStorm)
-        .collect();
+    let storms = of_kind(&f, FindingKind::RstStorm);
     let starts = storms
         .iter()
         .filter(|x| evidence(x)["phase"] == json!("start"))
@@ -227,12 +223,7 @@ fn many_broken_connections_make_one_storm_start() {
         .count();
     assert_eq!((starts, ends), (1, 1), "{storms:?}");
     assert_eq!(storms[0].service, Some(a(S)));
-    assert_eq!(
-        f.iter()
-            .filter(|x| x.kind() == FindingKind::UnnatedReply)
-            .count(),
-        200
-    );
+    assert_eq!(of_kind(&f, FindingKind::UnnatedReply).len(), 200);
 }
 
 #[test]
@@ -461,10 +452,7 @@ fn a_connection_reusing_the_client_port_gets_its_own_finding() {
         map(20_000, C, S, B1),
         rst(21_000, C, B1, PSH_ACK),
     ]);
-    let unnated: Vec<_> = f
-        .iter()
-        .filter(|x| x.kind() == FindingKind::UnnatedReply)
-        .collect();
+    let unnated = of_kind(&f, FindingKind::UnnatedReply);
     assert_eq!(unnated.len(), 2, "{f:?}");
 }
 
@@ -477,10 +465,7 @@ fn a_reused_port_without_a_new_conntrack_entry_is_reported_again() {
         // Same port, revived conntrack entry (no NEW event), 2 s later.
         rst(3_200, C, B1, PSH_ACK),
     ]);
-    let unnated: Vec<_> = f
-        .iter()
-        .filter(|x| x.kind() == FindingKind::UnnatedReply)
-        .collect();
+    let unnated = of_kind(&f, FindingKind::UnnatedReply);
     assert_eq!(unnated.len(), 2, "{f:?}");
 }
 
