@@ -182,11 +182,13 @@ impl<W: Write> Renderer<W> {
             writeln!(self.out, "  exposed: {}", exposure(x))?;
         }
         if let Some(m) = info.kube_proxy_mode {
-            writeln!(
-                self.out,
-                "  kube-proxy: {} mode (the remedies' INVALID drop is worded for it)",
-                m.as_str()
-            )?;
+            use crate::engine::KubeProxyMode as M;
+            let said = match m {
+                M::None => "none found (remedies give both iptables and nft rules)".into(),
+                M::Unknown => "mode unknown (remedies give both iptables and nft rules)".into(),
+                m => format!("{} mode (remedies give its form of rule)", m.as_str()),
+            };
+            writeln!(self.out, "  kube-proxy: {said}")?;
         }
         if let Some(n) = self.names.names() {
             n.take_status_change();
