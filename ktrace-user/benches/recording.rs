@@ -93,13 +93,7 @@ fn storm(n: usize) -> Vec<Event> {
             jitter(r >> 7),
             client_ns,
             Source::Tracepoint,
-            EventBody::TcpSendReset {
-                src: client,
-                dst: backend,
-                reason: Some("NO_SOCKET".into()),
-                socket: None,
-                trigger_flags: Some(0x18),
-            },
+            common::unnated_reset(client, backend),
         );
         push(
             &mut out,

@@ -50,16 +50,24 @@ struct DemoArgs {
     view: ViewArgs,
 }
 
+/// How watch and replay show what they see: the stream (with the events,
+/// if asked) or the dashboard.
+#[derive(Args)]
+struct StreamArgs {
+    /// A live dashboard in the terminal (incidents by Service, rates, detail) instead of the stream; in replay, keys step through time; q quits.
+    #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
+    tui: bool,
+    /// Also print every kernel event (in replay, every recorded one).
+    #[arg(long)]
+    events: bool,
+}
+
 #[derive(Args)]
 struct WatchArgs {
     #[command(flatten)]
     view: ViewArgs,
-    /// A live dashboard in the terminal (incidents by Service, rates, detail) instead of the stream; q quits.
-    #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
-    tui: bool,
-    /// Also print every decoded kernel event.
-    #[arg(long)]
-    events: bool,
+    #[command(flatten)]
+    stream: StreamArgs,
     #[command(flatten)]
     source: SourceArgs,
     /// Also record every event to PATH while watching (see `ktrace record`).
@@ -210,12 +218,8 @@ struct ReplayArgs {
     paths: Vec<PathBuf>,
     #[command(flatten)]
     view: ViewArgs,
-    /// The recording through the live dashboard, with keys to step through time; q quits.
-    #[arg(long, conflicts_with_all = ["json", "events", "explain"])]
-    tui: bool,
-    /// Also print every recorded event.
-    #[arg(long)]
-    events: bool,
+    #[command(flatten)]
+    stream: StreamArgs,
     /// Print nothing from before this time (RFC 3339, e.g. 2026-01-02T03:04:05Z).
     #[arg(long, value_name = "TIME", value_parser = ktrace::replay::parse_rfc3339)]
     since: Option<i128>,
@@ -435,7 +439,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     let mut opts = ktrace::watch::WatchOptions {
         engine: a.engine.config(),
         json: a.view.json,
-        events: a.events,
+        events: a.stream.events,
         duration: a.source.duration,
         ring_buffer_bytes: a.source.ring_buffer_mb << 20,
         ctnetlink: !a.source.no_ctnetlink,
@@ -444,7 +448,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         exposed: Vec::new(),
         names: a.names.start(a.otlp.node_name.as_deref()),
         explain: a.view.explain,
-        tui: a.tui,
+        tui: a.stream.tui,
     };
     opts.export = a.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
@@ -539,7 +543,7 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
     let opts = ktrace::replay::ReplayOptions {
         paths: a.paths,
         json: a.view.json,
-        events: a.events,
+        events: a.stream.events,
         since: a.since,
         until: a.until,
         storm_threshold: a.storm_threshold,
@@ -547,7 +551,7 @@ fn run_replay(a: ReplayArgs) -> anyhow::Result<ExitCode> {
         plain: ktrace::incident::plain::PlainOptions::for_stdout(a.view.explain),
         timeline: None,
     };
-    if a.tui {
+    if a.stream.tui {
         if export.is_some() {
             usage_conflict("--tui shows the recording; export it without --tui");
         }

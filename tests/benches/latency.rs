@@ -12,7 +12,7 @@
 //! (`KTRACE_LATENCY_ROUNDS`, default 30, of `KTRACE_LATENCY_CONNS`, default 8).
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -42,28 +42,7 @@ fn main() {
     let conns = env("KTRACE_LATENCY_CONNS", 8);
     let mut lab = Lab::new("lat", 1);
     lab.start_server();
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &lab.node])
-        .arg(ktrace_bin())
-        .args(["watch", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("starting ktrace watch");
-    // Lines with the time they were read, stamped as soon as they arrive.
-    let (tx, rx) = mpsc::channel::<(i128, Value)>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let at = realtime_ns();
-            if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                if tx.send((at, v)).is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let (mut child, rx) = watch(&lab);
     let (_, status) = rx
         .recv_timeout(Duration::from_secs(60))
         .expect("ktrace printed its status line");
@@ -77,35 +56,81 @@ fn main() {
     for _ in 0..rounds {
         let mut c = lab.client(conns);
         c.unnat_all(Duration::from_millis(400));
-        // Collect this round's findings (each within a few seconds at worst).
-        let mut got = 0;
-        while got < conns {
-            let Ok((at, v)) = rx.recv_timeout(Duration::from_secs(5)) else {
-                break;
-            };
-            if v["type"] != "finding" || v["kind"] != "unnated_reply" {
-                continue;
-            }
-            let ts = v["ts"].as_str().unwrap_or_default();
-            let Ok(t) = OffsetDateTime::parse(ts, &Rfc3339) else {
-                continue;
-            };
-            let lat = (at - t.unix_timestamp_nanos()).max(1) as u64;
-            hist.record(lat.min(60_000_000_000)).unwrap();
-            if v["evidence"]["basis"]
-                .as_array()
-                .is_some_and(|b| b.iter().any(|x| x == "ct_invalid_counter"))
-            {
-                held += 1;
-            }
-            got += 1;
-        }
+        held += record_findings(&rx, conns, &mut hist);
     }
     let _ = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status();
     let _ = child.wait();
+    report(&hist, rounds, held, counters_only);
+    assert!(
+        hist.len() as usize >= rounds * conns / 2,
+        "too few findings to measure ({} of {})",
+        hist.len(),
+        rounds * conns
+    );
+}
 
+/// `ktrace watch --json` in the node namespace, and its lines with the time
+/// each was read, stamped as soon as it arrives.
+fn watch(lab: &Lab) -> (Child, mpsc::Receiver<(i128, Value)>) {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", &lab.node])
+        .arg(ktrace_bin())
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting ktrace watch");
+    let (tx, rx) = mpsc::channel::<(i128, Value)>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let at = realtime_ns();
+            if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                if tx.send((at, v)).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (child, rx)
+}
+
+/// Records the latency of this round's `conns` findings (each within a few
+/// seconds at worst); how many of them waited for a counter sample.
+fn record_findings(
+    rx: &mpsc::Receiver<(i128, Value)>,
+    conns: usize,
+    hist: &mut Histogram<u64>,
+) -> u64 {
+    let (mut got, mut held) = (0, 0);
+    while got < conns {
+        let Ok((at, v)) = rx.recv_timeout(Duration::from_secs(5)) else {
+            break;
+        };
+        if v["type"] != "finding" || v["kind"] != "unnated_reply" {
+            continue;
+        }
+        let ts = v["ts"].as_str().unwrap_or_default();
+        let Ok(t) = OffsetDateTime::parse(ts, &Rfc3339) else {
+            continue;
+        };
+        let lat = (at - t.unix_timestamp_nanos()).max(1) as u64;
+        hist.record(lat.min(60_000_000_000)).unwrap();
+        if v["evidence"]["basis"]
+            .as_array()
+            .is_some_and(|b| b.iter().any(|x| x == "ct_invalid_counter"))
+        {
+            held += 1;
+        }
+        got += 1;
+    }
+    held
+}
+
+fn report(hist: &Histogram<u64>, rounds: usize, held: u64, counters_only: bool) {
     let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1e6;
     println!(
         "detection latency (kernel event -> finding line on stdout), lab un-NATed reply: {} findings over {rounds} rounds",
@@ -127,11 +152,5 @@ fn main() {
         ms(0.99),
         ms(0.999),
         hist.max() as f64 / 1e6
-    );
-    assert!(
-        hist.len() as usize >= rounds * conns / 2,
-        "too few findings to measure ({} of {})",
-        hist.len(),
-        rounds * conns
     );
 }

@@ -154,9 +154,18 @@ fn the_base_renders_and_validates_with_least_privilege() {
             "ServiceAccount"
         ]
     );
+    rbac_reads_names_only(o.cluster_role.unwrap(), o.binding.unwrap());
+    let pod = daemonset_runs_on_every_node(o.daemonset.unwrap());
+    let c = &pod.containers[0];
+    container_has_only_its_capabilities(c);
+    container_knows_its_node_and_collector(c);
+    container_watches_with_metrics_mounts_and_limits(c);
+}
 
-    // RBAC: get/list/watch on Services, EndpointSlices, Pods and Nodes, nothing more.
-    let rules = o.cluster_role.unwrap().rules.unwrap_or_default();
+/// RBAC: get/list/watch on Services, EndpointSlices, Pods and Nodes, nothing
+/// more, bound to ktrace's service account.
+fn rbac_reads_names_only(role: ClusterRole, binding: ClusterRoleBinding) {
+    let rules = role.rules.unwrap_or_default();
     let mut granted = BTreeMap::new();
     for r in &rules {
         assert_eq!(r.verbs, ["get", "list", "watch"], "{r:?}");
@@ -176,24 +185,30 @@ fn the_base_renders_and_validates_with_least_privilege() {
             "discovery.k8s.io/endpointslices"
         ]
     );
-    let binding = o.binding.unwrap();
     assert_eq!(binding.role_ref.name, "ktrace");
     let subject = &binding.subjects.unwrap()[0];
     assert_eq!(
         (subject.kind.as_str(), subject.namespace.as_deref()),
         ("ServiceAccount", Some("ktrace"))
     );
+}
 
-    let ds = o.daemonset.unwrap();
+/// The DaemonSet's pod: in the ktrace namespace, host network, tolerating
+/// every taint.
+fn daemonset_runs_on_every_node(ds: DaemonSet) -> PodSpec {
     assert_eq!(ds.metadata.namespace.as_deref(), Some("ktrace"));
     let pod = ds.spec.unwrap().template.spec.unwrap();
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.service_account_name.as_deref(), Some("ktrace"));
-    let tolerations = pod.tolerations.unwrap();
+    let tolerations = pod.tolerations.as_deref().unwrap();
     assert!(tolerations
         .iter()
         .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()));
-    let c = &pod.containers[0];
+    pod
+}
+
+/// Not privileged: every capability dropped but the four eBPF needs.
+fn container_has_only_its_capabilities(c: &Container) {
     let sc = c.security_context.as_ref().unwrap();
     assert_ne!(sc.privileged, Some(true));
     let caps = sc.capabilities.as_ref().unwrap();
@@ -202,6 +217,11 @@ fn the_base_renders_and_validates_with_least_privilege() {
         caps.add.as_deref().unwrap(),
         ["BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"]
     );
+}
+
+/// NODE_NAME from the downward API, and the collector of
+/// deploy/otel-collector.yaml as the OTLP endpoint.
+fn container_knows_its_node_and_collector(c: &Container) {
     let env = c.env.as_deref().unwrap();
     let node = env.iter().find(|e| e.name == "NODE_NAME").unwrap();
     let field = node
@@ -224,6 +244,11 @@ fn the_base_renders_and_validates_with_least_privilege() {
         collector.contains(&format!("OTEL_EXPORTER_OTLP_ENDPOINT={url}")),
         "{url}"
     );
+}
+
+/// `watch` with a metrics address, the kernel and netns mounts, memory
+/// requests and limits, and the liveness probe and metrics port.
+fn container_watches_with_metrics_mounts_and_limits(c: &Container) {
     let args = c.args.as_deref().unwrap();
     assert_eq!(args[0], "watch");
     assert!(

@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use ktrace_tests::{select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP};
+use ktrace_tests::{select, skip, Lab, Scratch, Watch, BACKENDS, CLIENT_IP, VIP};
 use kube_api::{count, ApiServer, Res};
 use serde_json::{json, Value};
 
@@ -132,25 +132,28 @@ fn api_states(l: &[Value]) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn api_names_survive_watch_events_cuts_and_410() {
-    if skip() {
-        return;
-    }
-    let mut lab = Lab::new("na", 1);
-    let api = ApiServer::start(&lab.node);
-    // What the cluster holds when ktrace starts (one malformed Service).
-    api.apply(Res::Services, service("payments", "ledger", VIP));
-    api.apply(Res::Services, service("payments", "broken", "not-an-ip"));
-    api.apply(Res::Slices, slice("ledger-0"));
-    api.apply(Res::Pods, pod("payments", "ledger-0", BACKENDS[0]));
-    api.apply(Res::Pods, pod("shop", "checkout-1", CLIENT_IP));
-
-    let scratch = Scratch::new("names-api");
+/// `ktrace watch` in the lab's node namespace, its names from the API
+/// server (a kubeconfig in a scratch directory kept as long as the watch).
+fn watch_with_api(lab: &Lab, api: &ApiServer, tag: &str) -> (Watch, Scratch) {
+    let scratch = Scratch::new(tag);
     let kubeconfig = scratch.path("kubeconfig");
     api.kubeconfig(&kubeconfig);
-    lab.start_server();
     let watch = lab.watch(&["--kubeconfig", &kubeconfig, "--node-name", NODE]);
+    (watch, scratch)
+}
+
+/// Once the names are in (the layer is swapped twice a second), the
+/// un-NATed reply incident on two connections: two findings.
+fn two_unnated_replies(lab: &Lab, watch: &Watch) {
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut c = lab.client(2);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 2);
+    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 2));
+}
+
+/// Services, EndpointSlices and Pods are watched: Pods of this node only,
+/// Services and EndpointSlices cluster-wide.
+fn watches_pods_of_this_node_and_the_rest_cluster_wide(api: &ApiServer) {
     assert!(
         api.wait_for(Duration::from_secs(20), |r| [
             Res::Services,
@@ -162,7 +165,6 @@ fn api_names_survive_watch_events_cuts_and_410() {
         "ktrace did not watch the three resources: {:?}",
         api.requests()
     );
-    // Pods of this node only; Services and EndpointSlices cluster-wide.
     for r in api.requests() {
         if r.res == Res::Pods {
             assert!(
@@ -171,15 +173,12 @@ fn api_names_survive_watch_events_cuts_and_410() {
             );
         }
     }
+}
 
-    // Over the watch: the backend Pod is replaced (same IP, new name).
-    api.delete(Res::Pods, "payments", "ledger-0");
-    api.apply(Res::Pods, pod("payments", "ledger-1", BACKENDS[0]));
-    api.apply(Res::Slices, slice("ledger-1"));
-    std::thread::sleep(Duration::from_millis(1500)); // a BOOKMARK goes by too
-
-    // The watches are cut, and while ktrace is away the client Pod is
-    // replaced and the history compacted: resuming gets 410 Gone.
+/// The watches are cut, and while ktrace is away the client Pod is
+/// replaced and the history compacted: resuming gets 410 Gone, and ktrace
+/// lists again.
+fn relists_after_410_gone(api: &ApiServer) {
     let lists_before = count(&api.requests(), Res::Pods, false);
     api.cut_watches();
     api.delete(Res::Pods, "shop", "checkout-1");
@@ -191,24 +190,11 @@ fn api_names_survive_watch_events_cuts_and_410() {
         "ktrace did not list again after 410 Gone: {:?}",
         api.requests()
     );
-    // The status tells the truth: failing on 410 Gone, live again once listed.
-    assert!(
-        watch.wait_for(Duration::from_secs(30), |l| {
-            let st = api_states(l);
-            st.iter().any(|s| s["state"] == "failing")
-                && st.last().is_some_and(|s| s["state"] == "live")
-        }),
-        "the API source did not report failing then live: {:?}",
-        api_states(&watch.lines())
-    );
-    std::thread::sleep(Duration::from_millis(1000)); // the layer is swapped twice a second
+}
 
-    let mut c = lab.client(2);
-    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 2);
-    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 2));
-    let status = watch.status.clone();
-    let lines = watch.stop();
-
+/// The API source ends live, with the malformed Service skipped and
+/// counted, after failing on the 410.
+fn live_again_after_failing_on_410(status: &Value, lines: &[Value]) {
     let src = status["names"]
         .as_array()
         .unwrap()
@@ -217,8 +203,7 @@ fn api_names_survive_watch_events_cuts_and_410() {
         .unwrap()
         .clone();
     assert_ne!(src["state"], "off", "{src}");
-    // Live, with the malformed Service skipped and counted.
-    let states = api_states(&lines);
+    let states = api_states(lines);
     let live = states.last().unwrap();
     assert_eq!(live["state"], "live", "{states:?}");
     // Seen at the first list and again at the relist: counted each time.
@@ -234,7 +219,48 @@ fn api_names_survive_watch_events_cuts_and_410() {
             .contains("too old resource version"),
         "{failing}"
     );
+}
 
+#[test]
+fn api_names_survive_watch_events_cuts_and_410() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("na", 1);
+    let api = ApiServer::start(&lab.node);
+    // What the cluster holds when ktrace starts (one malformed Service).
+    api.apply(Res::Services, service("payments", "ledger", VIP));
+    api.apply(Res::Services, service("payments", "broken", "not-an-ip"));
+    api.apply(Res::Slices, slice("ledger-0"));
+    api.apply(Res::Pods, pod("payments", "ledger-0", BACKENDS[0]));
+    api.apply(Res::Pods, pod("shop", "checkout-1", CLIENT_IP));
+
+    lab.start_server();
+    let (watch, _scratch) = watch_with_api(&lab, &api, "names-api");
+    watches_pods_of_this_node_and_the_rest_cluster_wide(&api);
+
+    // Over the watch: the backend Pod is replaced (same IP, new name).
+    api.delete(Res::Pods, "payments", "ledger-0");
+    api.apply(Res::Pods, pod("payments", "ledger-1", BACKENDS[0]));
+    api.apply(Res::Slices, slice("ledger-1"));
+    std::thread::sleep(Duration::from_millis(1500)); // a BOOKMARK goes by too
+
+    relists_after_410_gone(&api);
+    // The status tells the truth: failing on 410 Gone, live again once listed.
+    assert!(
+        watch.wait_for(Duration::from_secs(30), |l| {
+            let st = api_states(l);
+            st.iter().any(|s| s["state"] == "failing")
+                && st.last().is_some_and(|s| s["state"] == "live")
+        }),
+        "the API source did not report failing then live: {:?}",
+        api_states(&watch.lines())
+    );
+    two_unnated_replies(&lab, &watch);
+    let status = watch.status.clone();
+    let lines = watch.stop();
+
+    live_again_after_failing_on_410(&status, &lines);
     let f = select(&lines, "finding", Some("unnated_reply"));
     assert_eq!(f.len(), 2);
     for f in f {
@@ -244,6 +270,25 @@ fn api_names_survive_watch_events_cuts_and_410() {
         assert_eq!(f["client_name"], "shop/checkout-2", "{f}");
         assert_eq!(f["client_node"], NODE, "{f}");
     }
+}
+
+/// Over the watch: a Pod whose JSON is not a Pod's, a good Pod updated
+/// into a malformed one (its name must go), then the Node whose InternalIP
+/// is the client's address (it must still be applied).
+fn malformed_pods_then_the_clients_node(api: &ApiServer) {
+    api.apply(
+        Res::Pods,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "weird", "namespace": "shop"},
+               "spec": {"containers": 7}}),
+    );
+    api.apply(
+        Res::Pods,
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": "temp-1", "namespace": "shop"},
+               "status": {"podIPs": "10.9.9.9"}}),
+    );
+    api.apply(Res::Nodes, node("worker-2", CLIENT_IP));
 }
 
 /// A client address that is a node's (`node/NAME`, from the Node's
@@ -276,11 +321,8 @@ fn api_names_nodes_and_malformed_objects() {
     api.apply(Res::Pods, pod("payments", "ledger-0", BACKENDS[0]));
     api.apply(Res::Pods, pod("shop", "temp-1", "10.9.9.9"));
 
-    let scratch = Scratch::new("names-api-nodes");
-    let kubeconfig = scratch.path("kubeconfig");
-    api.kubeconfig(&kubeconfig);
     lab.start_server();
-    let watch = lab.watch(&["--kubeconfig", &kubeconfig, "--node-name", NODE]);
+    let (watch, _scratch) = watch_with_api(&lab, &api, "names-api-nodes");
     // The source may be live by the time the status line is printed (then
     // no `names` line follows until something changes).
     let at_start: Vec<Value> = watch.status["names"]
@@ -302,22 +344,7 @@ fn api_names_nodes_and_malformed_objects() {
         count(&api.requests(), Res::Nodes, true) >= 1,
         "Nodes not watched"
     );
-    // Over the watch: a Pod whose JSON is not a Pod's, a good Pod updated
-    // into a malformed one (its name must go), then the Node whose
-    // InternalIP is the client's address (it must still be applied).
-    api.apply(
-        Res::Pods,
-        json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "weird", "namespace": "shop"},
-               "spec": {"containers": 7}}),
-    );
-    api.apply(
-        Res::Pods,
-        json!({"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "temp-1", "namespace": "shop"},
-               "status": {"podIPs": "10.9.9.9"}}),
-    );
-    api.apply(Res::Nodes, node("worker-2", CLIENT_IP));
+    malformed_pods_then_the_clients_node(&api);
     assert!(
         watch.wait_for(Duration::from_secs(10), |l| api_states(l)
             .last()
@@ -325,11 +352,7 @@ fn api_names_nodes_and_malformed_objects() {
         "the malformed objects were not all counted: {:?}",
         api_states(&watch.lines())
     );
-    std::thread::sleep(Duration::from_millis(1000)); // the layer is swapped twice a second
-
-    let mut c = lab.client(2);
-    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 2);
-    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 2));
+    two_unnated_replies(&lab, &watch);
     let stderr = watch.stderr();
     let lines = watch.stop();
 

@@ -154,32 +154,8 @@ fn prometheus_scrapes_the_incident_and_every_dashboard_query_runs() {
     }
     let mut lab = Lab::new("pm", 1);
     lab.start_server();
-    let addr = format!("127.0.0.1:{METRICS_PORT}");
-    let k = Running::start_with(
-        &lab.node,
-        &["watch", "--json", "--metrics-addr", &addr],
-        |c| {
-            for (key, _) in std::env::vars() {
-                if key.starts_with("OTEL_") || key == "NODE_NAME" {
-                    c.env_remove(key);
-                }
-            }
-            c.env("NODE_NAME", "lab-node-1");
-        },
-    );
-    // Healthy once a tick drained the ring.
-    assert!(
-        wait_until(Duration::from_secs(5), || http_get(
-            &lab.node,
-            METRICS_PORT,
-            "/healthz"
-        )
-        .0 == 200),
-        "/healthz: {:?}",
-        http_get(&lab.node, METRICS_PORT, "/healthz")
-    );
-    let (code, body) = http_get(&lab.node, METRICS_PORT, "/nothing");
-    assert_eq!(code, 404, "{body}");
+    let k = watch_with_metrics(&lab);
+    healthy_once_a_tick_drained_the_ring(&lab);
 
     let prom = Prometheus::start(&lab.node);
     let up = wait_until(Duration::from_secs(30), || {
@@ -197,7 +173,53 @@ fn prometheus_scrapes_the_incident_and_every_dashboard_query_runs() {
     }));
     std::thread::sleep(Duration::from_secs(3));
 
-    // The endpoint's counters are the ones stdout shows.
+    served_counters_are_stdouts(&lab, &k);
+    let failures = dashboard_query_failures(&lab, &k);
+    let (_, stderr) = k.stop();
+    assert!(
+        failures.is_empty(),
+        "dashboard queries:\n{}",
+        failures.join("\n")
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// `ktrace watch --json --metrics-addr` in the node namespace, as the
+/// DaemonSet runs it (NODE_NAME set, no OTEL_* variables).
+fn watch_with_metrics(lab: &Lab) -> Running {
+    let addr = format!("127.0.0.1:{METRICS_PORT}");
+    Running::start_with(
+        &lab.node,
+        &["watch", "--json", "--metrics-addr", &addr],
+        |c| {
+            for (key, _) in std::env::vars() {
+                if key.starts_with("OTEL_") || key == "NODE_NAME" {
+                    c.env_remove(key);
+                }
+            }
+            c.env("NODE_NAME", "lab-node-1");
+        },
+    )
+}
+
+/// `/healthz` answers 200 once a tick drained the ring; another path 404.
+fn healthy_once_a_tick_drained_the_ring(lab: &Lab) {
+    assert!(
+        wait_until(Duration::from_secs(5), || http_get(
+            &lab.node,
+            METRICS_PORT,
+            "/healthz"
+        )
+        .0 == 200),
+        "/healthz: {:?}",
+        http_get(&lab.node, METRICS_PORT, "/healthz")
+    );
+    let (code, body) = http_get(&lab.node, METRICS_PORT, "/nothing");
+    assert_eq!(code, 404, "{body}");
+}
+
+/// The endpoint's counters are the ones stdout shows.
+fn served_counters_are_stdouts(lab: &Lab, k: &Running) {
     let findings = select(&k.lines(), "finding", None).len();
     let (code, text) = http_get(&lab.node, METRICS_PORT, "/metrics");
     assert_eq!(code, 200);
@@ -212,8 +234,12 @@ fn prometheus_scrapes_the_incident_and_every_dashboard_query_runs() {
         .sum();
     assert_eq!(served as usize, findings, "{text}");
     assert!(text.contains("k8s_node_name=\"lab-node-1\""), "{text}");
+}
 
-    // Every dashboard query parses and runs; the incident's panels have data.
+/// Every dashboard query parses and runs, and the incident's panels have
+/// data (the panel listing the incident names its service and backend);
+/// the queries that failed.
+fn dashboard_query_failures(lab: &Lab, k: &Running) -> Vec<String> {
     let ct_invalid_hook = hook(&k.status, "ct_invalid")["attached"] == true;
     let queries = dashboard_queries();
     assert!(queries.len() >= 10, "{queries:?}");
@@ -246,13 +272,7 @@ fn prometheus_scrapes_the_incident_and_every_dashboard_query_runs() {
                 && s["metric"]["ktrace_finding_kind"] == "unnated_reply"),
         "{by_backend:?}"
     );
-    let (_, stderr) = k.stop();
-    assert!(
-        failures.is_empty(),
-        "dashboard queries:\n{}",
-        failures.join("\n")
-    );
-    assert!(!stderr.contains("panicked"), "{stderr}");
+    failures
 }
 
 #[test]

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use ktrace::engine::EngineConfig;
 use ktrace::event::{Event, EventBody, Source};
@@ -14,6 +15,18 @@ pub fn ev(ts: u64, body: EventBody) -> Event {
         netns: 1,
         source: Source::Tracepoint,
         body,
+    }
+}
+
+/// The client's no-socket RST to the backend's own address: the reset of
+/// an un-NATed reply (a finding).
+pub fn unnated_reset(client: SocketAddr, backend: SocketAddr) -> EventBody {
+    EventBody::TcpSendReset {
+        src: client,
+        dst: backend,
+        reason: Some("NO_SOCKET".into()),
+        socket: None,
+        trigger_flags: Some(0x18),
     }
 }
 

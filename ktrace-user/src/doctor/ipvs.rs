@@ -197,16 +197,15 @@ fn check_enabled(
     on: &str,
     (off, fix): (&str, &str),
 ) -> Check {
-    match setting {
-        Err(e) => Check::unknown(check, e.to_string()),
-        Ok(v) if *v >= 1 => Check::new(check, Status::Ok, v.to_string())
-            .expected("1")
-            .why(on),
-        Ok(v) => Check::new(check, Status::Warn, v.to_string())
-            .expected("1")
-            .why(off)
-            .fix(fix),
-    }
+    let (v, status, why, fix) = match setting {
+        Err(e) => return Check::unknown(check, e.to_string()),
+        Ok(v) if *v >= 1 => (v, Status::Ok, on, ""),
+        Ok(v) => (v, Status::Warn, off, fix),
+    };
+    Check::new(check, status, v.to_string())
+        .expected("1")
+        .why(why)
+        .fix(fix)
 }
 
 fn check_quiescent(s: &Settings) -> Check {
@@ -334,21 +333,17 @@ fn check_weight0(ctx: &Ctx, s: &Settings) -> Check {
         .evidence(evidence);
     }
     let quiescent_on = s.quiescent.as_ref().is_ok_and(|v| *v >= 1);
-    let first = &drained[0];
-    let more = super::more(drained.len());
-    let value = format!(
-        "{} of {} weight {}: {} active, {} inactive{}{more}",
-        first.real_server,
-        first.service,
-        first.weight,
-        first.active,
-        first.inactive,
-        if first.persistent.is_some() {
+    let value = super::first_and_more(&drained, |d| {
+        let persistent = if d.persistent.is_some() {
             ", persistent"
         } else {
             ""
-        }
-    );
+        };
+        format!(
+            "{} of {} weight {}: {} active, {} inactive{persistent}",
+            d.real_server, d.service, d.weight, d.active, d.inactive
+        )
+    });
     let persistent_exposed = drained.iter().any(|d| d.persistent.is_some()) && !quiescent_on;
     if persistent_exposed {
         Check::new(CHECK, Status::Fail, value)

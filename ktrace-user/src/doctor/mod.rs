@@ -341,12 +341,13 @@ fn swap_dots_and_slashes(key: &str) -> String {
         .collect()
 }
 
-/// ` (+N more)` after the first of `count` items, or nothing for one.
-pub fn more(count: usize) -> String {
-    if count > 1 {
-        format!(" (+{} more)", count - 1)
-    } else {
-        String::new()
+/// The first of `items` as `show` prints it, then ` (+N more)` when there
+/// are more (a check's value names one and counts the rest).
+pub fn first_and_more<T>(items: &[T], show: impl Fn(&T) -> String) -> String {
+    let first = items.first().map(show).unwrap_or_default();
+    match items.len() {
+        0 | 1 => first,
+        n => format!("{first} (+{} more)", n - 1),
     }
 }
 

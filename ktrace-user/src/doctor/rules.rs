@@ -149,9 +149,9 @@ pub fn judge(liberal: Result<u64, ReadError>, sources: &[Source]) -> Check {
             Source::Unknown { name, why } => json!({"source": name, "state": "unknown", "why": why}),
         }).collect::<Vec<_>>(),
     });
-    let rule_text = if let Some(d) = protecting.first() {
-        let more = super::more(protecting.len());
-        format!("INVALID dropped by {}{more}", d.describe())
+    let rule_text = if !protecting.is_empty() {
+        let rules = super::first_and_more(&protecting, |d| d.describe());
+        format!("INVALID dropped by {rules}")
     } else if !read_any {
         "rulesets not read".to_string()
     } else {

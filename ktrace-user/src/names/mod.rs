@@ -21,6 +21,7 @@ pub mod rules;
 pub mod status;
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -52,6 +53,8 @@ struct Snapshot {
 #[derive(Default)]
 pub struct Names {
     now: ArcSwap<Snapshot>,
+    /// Bumped at every change of `now` (what caches of names compare).
+    version: AtomicU64,
     status: Mutex<status::Board>,
 }
 
@@ -68,6 +71,7 @@ impl Names {
             s.layers[src as usize] = layer.clone();
             s
         });
+        self.version.fetch_add(1, Ordering::Release);
     }
 
     pub fn set_complete(&self, yes: bool) {
@@ -76,6 +80,7 @@ impl Names {
                 complete: yes,
                 ..Snapshot::clone(s)
             });
+            self.version.fetch_add(1, Ordering::Release);
         }
     }
 
@@ -114,29 +119,6 @@ impl FindingNames {
             && self.backend.is_none()
             && self.backend_service.is_none()
             && self.client.is_none()
-    }
-
-    /// The facts behind these names, to store in a recording.
-    pub fn records(&self, f: &Finding) -> Vec<NameRecord> {
-        let mut out = Vec::new();
-        if let (Some(a), Some((p, s))) = (f.service, &self.service) {
-            out.push(NameRecord::Service {
-                key: (a.ip(), a.port(), *p),
-                name: s.clone(),
-            });
-        }
-        if let (Some(a), Some((p, s))) = (f.backend, &self.backend_service) {
-            out.push(NameRecord::Endpoint {
-                key: (a.ip(), a.port(), *p),
-                name: s.clone(),
-            });
-        }
-        for (a, peer) in [(f.backend, &self.backend), (f.client, &self.client)] {
-            if let (Some(a), Some(peer)) = (a, peer) {
-                out.push(NameRecord::peer(a.ip(), peer));
-            }
-        }
-        out
     }
 }
 
@@ -270,27 +252,45 @@ impl NameResolver {
         (!n.is_empty()).then_some(n)
     }
 
-    /// Name records of the IP addresses an event carries that are not in
-    /// `seen` yet: what each is, and the Service ports at it (`record`,
-    /// which runs no engine, stores these instead of the findings' names;
-    /// `seen` is the recorder's set for the current block, so an address
-    /// costs its lookup once per block, whatever its ports).
-    pub fn event_records(
-        &self,
-        ev: &crate::event::Event,
-        seen: &mut std::collections::HashSet<IpAddr, foldhash::fast::RandomState>,
-        out: &mut Vec<NameRecord>,
-    ) {
+    /// Changes whenever what the live sources know may have changed (a
+    /// cache of looked-up names is good while this stays the same).
+    pub fn version(&self) -> u64 {
+        self.live
+            .as_ref()
+            .map_or(0, |n| n.version.load(Ordering::Acquire))
+    }
+
+    /// The records of all that is known about `ip` (for a recording): its
+    /// Pod or node (`external` as [`peer`](Self::peer) says it), and each
+    /// Service port at it, from the layer of highest precedence naming it.
+    pub fn addr_records(&self, ip: IpAddr, out: &mut Vec<NameRecord>) {
         if self.is_off() {
             return;
         }
-        let mut view = None;
-        for a in event_addrs(&ev.body) {
-            if !seen.insert(a.ip()) {
-                continue;
+        let v = self.view();
+        let at = v.at(ip);
+        let first = out.len();
+        for e in at.entries() {
+            for p in &e.ports {
+                let key = (ip, p.port, p.proto);
+                let r = match p.role {
+                    PortRole::Vip => NameRecord::Service {
+                        key,
+                        name: p.name.clone(),
+                    },
+                    PortRole::Endpoint => NameRecord::Endpoint {
+                        key,
+                        name: p.name.clone(),
+                    },
+                };
+                // A lower layer's name for a key already written is not the name.
+                if !out[first..].iter().any(|o| o.same_key(&r)) {
+                    out.push(r);
+                }
             }
-            let v = view.get_or_insert_with(|| self.view());
-            addr_records(a.ip(), &v.at(a.ip()), out);
+        }
+        if let Some(p) = at.peer() {
+            out.push(NameRecord::peer(ip, &p));
         }
     }
 
@@ -310,71 +310,4 @@ impl NameResolver {
         at.port(PortRole::Endpoint, a.port())
             .map(|(_, s)| format!("endpoint of {s}"))
     }
-}
-
-/// The records of all that is known about `ip`: its Pod or node, and each
-/// Service port at it, from the layer of highest precedence that names it.
-fn addr_records(ip: IpAddr, at: &At<'_>, out: &mut Vec<NameRecord>) {
-    let first = out.len();
-    for e in at.entries() {
-        for p in &e.ports {
-            let key = (ip, p.port, p.proto);
-            let r = match p.role {
-                PortRole::Vip => NameRecord::Service {
-                    key,
-                    name: p.name.clone(),
-                },
-                PortRole::Endpoint => NameRecord::Endpoint {
-                    key,
-                    name: p.name.clone(),
-                },
-            };
-            // A lower layer's name for a key already written is not the name.
-            if !out[first..].iter().any(|o| o.same_key(&r)) {
-                out.push(r);
-            }
-        }
-    }
-    if let Some(p) = at.entries().find_map(|e| e.peer.as_ref()) {
-        out.push(NameRecord::peer(ip, p));
-    }
-}
-
-/// The addresses an event carries (no allocation: this runs per event).
-fn event_addrs(b: &crate::event::EventBody) -> impl Iterator<Item = SocketAddr> {
-    use crate::event::EventBody as B;
-    let all = match b {
-        B::TcpSendReset { src, dst, .. }
-        | B::TcpReceiveReset { src, dst, .. }
-        | B::CtTableFull { src, dst, .. } => [Some(*src), Some(*dst), None, None, None],
-        B::CtInvalid {
-            src,
-            dst,
-            orig_src,
-            orig_dst,
-            reply_src,
-            ..
-        } => [Some(*src), Some(*dst), *orig_src, *orig_dst, *reply_src],
-        B::IpvsConnNew {
-            client,
-            service,
-            real_server,
-            ..
-        } => [
-            Some(*client),
-            Some(*service),
-            Some(*real_server),
-            None,
-            None,
-        ],
-        B::NatMapping(n) | B::NatDestroy(n) | B::CtConfirmDrop(n) => [
-            Some(n.client),
-            Some(n.service),
-            Some(n.backend),
-            n.snat,
-            None,
-        ],
-        B::CtCounters { .. } => [None; 5],
-    };
-    all.into_iter().flatten()
 }

@@ -59,17 +59,17 @@ impl<W: Write> Pipeline<W> {
         if let Some(e) = &mut self.engine {
             e.process(ev, &mut self.findings);
         }
-        // The names its findings use go into the recording before the
-        // event, so replay knows them when the event completes the finding.
-        self.record_names();
+        self.record_finding_names();
         if let Some(r) = &mut self.recorder {
-            if !self.out.names().is_off() {
-                // The event's own names (`record` has no findings to take
-                // names from; `watch --record --events` printed them live on
-                // events that come before any finding, and replay must too).
-                r.event_names(ev, self.out.names());
+            if self.out.names().is_off() {
+                r.event(ev);
+            } else {
+                // The names of the event's addresses go with it: they are
+                // those its findings and its event line use, so replay
+                // prints the names `watch` printed (the findings' own
+                // names are looked up once, to print them).
+                r.event_named(ev, self.out.names());
             }
-            r.event(ev);
         }
         if self.printed(ev.ts_ns) {
             self.out.event(ev)?;
@@ -83,8 +83,10 @@ impl<W: Write> Pipeline<W> {
         self.emit_findings()
     }
 
-    /// Names of the findings about to be emitted, into the recording.
-    fn record_names(&mut self) {
+    /// The names of the addresses of the findings about to be emitted go
+    /// into the recording's current block (before the event or tick that
+    /// completes them), as they are now.
+    fn record_finding_names(&mut self) {
         let Some(r) = &mut self.recorder else {
             return;
         };
@@ -92,8 +94,8 @@ impl<W: Write> Pipeline<W> {
             return;
         }
         for f in &self.findings {
-            if let Some(n) = self.out.names().finding(f) {
-                r.names(&n.records(f));
+            for a in [f.service, f.backend, f.client].into_iter().flatten() {
+                r.name_addr(a.ip(), self.out.names());
             }
         }
     }
@@ -103,7 +105,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(e) = &mut self.engine {
             e.tick(now_ns, &mut self.findings);
         }
-        self.record_names();
+        self.record_finding_names();
         if let Some(r) = &mut self.recorder {
             r.tick(now_ns);
         }
@@ -151,7 +153,7 @@ impl<W: Write> Pipeline<W> {
         if let Some(e) = &mut self.engine {
             e.tick(u64::MAX, &mut self.findings);
         }
-        self.record_names();
+        self.record_finding_names();
         self.emit_findings()?;
         self.out.close_groups(now_ns)?;
         self.recorder_notices(now_ns)?;

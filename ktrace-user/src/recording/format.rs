@@ -24,7 +24,7 @@ pub const FILE_MAGIC: [u8; 8] = *b"\x89KTR\r\n\x1a\n";
 pub const VERSION_MAJOR: u16 = 1;
 /// Minor format version: additions old readers can skip (new record tags,
 /// new trailing fields, new header keys).
-pub const VERSION_MINOR: u16 = 3;
+pub const VERSION_MINOR: u16 = 4;
 /// Fixed part of the file header: magic, major, minor, JSON length, CRC.
 pub const FILE_HEADER_FIXED: usize = 20;
 /// The JSON context of a file header is at most this long.
@@ -36,6 +36,10 @@ pub const FRAME_HEADER_LEN: usize = 56;
 pub const BLOCK_KIND_RECORDS: u8 = 1;
 pub const CODEC_NONE: u8 = 0;
 pub const CODEC_ZSTD: u8 = 1;
+/// Frame flag (minor 4): the block's payload starts with name records its
+/// segment's later blocks rely on (see `recording::names`), so a reader
+/// that skips the block still reads those.
+pub const FLAG_NAMES: u16 = 1;
 /// Stored and raw block payloads are at most this long (a reader refuses more).
 pub const MAX_BLOCK_BYTES: usize = 16 << 20;
 
@@ -217,6 +221,8 @@ impl<'a> Cursor<'a> {
 pub struct FrameHeader {
     pub kind: u8,
     pub codec: u8,
+    /// [`FLAG_NAMES`]; zero before minor 4.
+    pub flags: u16,
     pub stored_len: u32,
     pub raw_len: u32,
     /// Records other than dictionary definitions.
@@ -236,7 +242,7 @@ impl FrameHeader {
         h[0..4].copy_from_slice(&BLOCK_MAGIC);
         h[4] = self.kind;
         h[5] = self.codec;
-        // h[6..8]: flags, zero.
+        h[6..8].copy_from_slice(&self.flags.to_le_bytes());
         h[8..12].copy_from_slice(&self.stored_len.to_le_bytes());
         h[12..16].copy_from_slice(&self.raw_len.to_le_bytes());
         h[16..20].copy_from_slice(&self.items.to_le_bytes());
@@ -270,6 +276,7 @@ impl FrameHeader {
         let f = FrameHeader {
             kind: h[4],
             codec: h[5],
+            flags: u16::from_le_bytes([h[6], h[7]]),
             stored_len: u32_at(8),
             raw_len: u32_at(12),
             items: u32_at(16),
@@ -342,6 +349,9 @@ pub struct BlockEncoder {
     /// into `buf` first).
     fields: Vec<u8>,
     ips: DictMap<IpAddr, u32>,
+    /// Addresses that entered `ips` since the last [`take_fresh_ips`](Self::take_fresh_ips):
+    /// the ones whose names the block may need.
+    fresh_ips: Vec<IpAddr>,
     strs: DictMap<Box<str>, u32>,
     netns: DictMap<u32, u32>,
     base_ts: u64,
@@ -367,6 +377,9 @@ pub struct RawBlock {
     pub base_ts: u64,
     pub min_ts: u64,
     pub max_ts: u64,
+    /// The names of the block's addresses (the writer puts those its
+    /// segment lacks in front of the payload).
+    pub names: Vec<std::sync::Arc<super::names::NamedAddr>>,
 }
 
 impl BlockEncoder {
@@ -375,6 +388,7 @@ impl BlockEncoder {
             buf: Vec::with_capacity(1 << 16),
             fields: Vec::with_capacity(64),
             ips: DictMap::default(),
+            fresh_ips: Vec::new(),
             strs: DictMap::default(),
             netns: DictMap::default(),
             base_ts: 0,
@@ -399,6 +413,11 @@ impl BlockEncoder {
         self.events
     }
 
+    /// The addresses new in this block since the last call.
+    pub fn take_fresh_ips(&mut self) -> std::vec::Drain<'_, IpAddr> {
+        self.fresh_ips.drain(..)
+    }
+
     /// Hands over the block and starts a new one (dictionaries reset).
     pub fn take(&mut self) -> RawBlock {
         let block = RawBlock {
@@ -408,8 +427,10 @@ impl BlockEncoder {
             base_ts: self.base_ts,
             min_ts: if self.items == 0 { 0 } else { self.min_ts },
             max_ts: self.max_ts,
+            names: Vec::new(),
         };
         self.ips.clear();
+        self.fresh_ips.clear();
         self.strs.clear();
         self.netns.clear();
         self.items = 0;
@@ -432,6 +453,7 @@ impl BlockEncoder {
         }
         let i = self.ips.len() as u32;
         self.ips.insert(ip, i);
+        self.fresh_ips.push(ip);
         match ip {
             IpAddr::V4(a) => {
                 let o = a.octets();
@@ -945,6 +967,8 @@ impl<'a> BlockDecoder<'a> {
 pub struct FrameSealer {
     comp: Option<zstd::bulk::Compressor<'static>>,
     scratch: Vec<u8>,
+    /// Name records then the block's payload, when the block carries names.
+    joined: Vec<u8>,
 }
 
 impl FrameSealer {
@@ -958,13 +982,27 @@ impl FrameSealer {
         FrameSealer {
             comp,
             scratch: Vec::new(),
+            joined: Vec::new(),
         }
     }
 
     /// Writes the frame of `block` into `out` (cleared first).
     pub fn seal(&mut self, block: &RawBlock, out: &mut Vec<u8>) {
+        self.seal_with(&[], block, out);
+    }
+
+    /// Like [`seal`](Self::seal), with the name records `names` in front of
+    /// the block's records (the frame then has [`FLAG_NAMES`]).
+    pub fn seal_with(&mut self, names: &[u8], block: &RawBlock, out: &mut Vec<u8>) {
         out.clear();
-        let raw = &block.payload;
+        let raw: &[u8] = if names.is_empty() {
+            &block.payload
+        } else {
+            self.joined.clear();
+            self.joined.extend_from_slice(names);
+            self.joined.extend_from_slice(&block.payload);
+            &self.joined
+        };
         let mut codec = CODEC_NONE;
         if let Some(c) = &mut self.comp {
             self.scratch.clear();
@@ -984,6 +1022,7 @@ impl FrameSealer {
         let h = FrameHeader {
             kind: BLOCK_KIND_RECORDS,
             codec,
+            flags: if names.is_empty() { 0 } else { FLAG_NAMES },
             stored_len: stored.len() as u32,
             raw_len: raw.len() as u32,
             items: block.items,

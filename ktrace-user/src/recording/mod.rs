@@ -4,6 +4,7 @@
 //! itself is [`crate::record`].
 //!
 //! - [`format`]: the bytes (file header, block frames, records).
+//! - [`names`]: which Kubernetes names a block carries (once per segment).
 //! - [`writer`]: encoding, compression, rotation, retention, disk-full handling.
 //! - [`private`]: owner-only files that never follow a planted symlink.
 //! - [`reader`]: reading back, tolerant of torn tails and corrupt blocks.
@@ -11,6 +12,7 @@
 //! `docs/recording-format.md` describes the format for other readers.
 
 pub mod format;
+pub mod names;
 pub mod private;
 pub mod reader;
 pub mod writer;

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use super::format::{
     open_payload, BlockDecoder, Decoded, FrameHeader, Item, Malformed, BLOCK_KIND_RECORDS,
-    BLOCK_MAGIC, FILE_HEADER_FIXED, FILE_MAGIC, FRAME_HEADER_LEN, MAX_CONTEXT_BYTES, VERSION_MAJOR,
+    BLOCK_MAGIC, FILE_HEADER_FIXED, FILE_MAGIC, FLAG_NAMES, FRAME_HEADER_LEN, MAX_CONTEXT_BYTES,
+    VERSION_MAJOR,
 };
 use super::Context;
 
@@ -265,7 +266,8 @@ impl<R: Read> FileReader<R> {
     }
 
     /// Reads the items of the next block into `out` (cleared first),
-    /// skipping blocks `want` rejects without decoding them. `Ok(false)` at
+    /// skipping blocks `want` rejects: only their names are read (a block
+    /// with [`FLAG_NAMES`]), the others not even decompressed. `Ok(false)` at
     /// the end of the file. Errors are I/O errors only.
     pub fn next_block(
         &mut self,
@@ -323,7 +325,10 @@ impl<R: Read> FileReader<R> {
                 );
                 continue;
             }
-            if !want(&h) {
+            // A block the caller skips is still read for the names in
+            // front of it: later blocks of the segment rely on them.
+            let names_only = !want(&h);
+            if names_only && h.flags & FLAG_NAMES == 0 {
                 self.src.consume(total);
                 continue;
             }
@@ -344,6 +349,10 @@ impl<R: Read> FileReader<R> {
                 continue;
             }
             self.src.consume(total);
+            if names_only {
+                self.decode_names(&h, out);
+                return Ok(true);
+            }
             self.stats.blocks += 1;
             self.decode_block(&h, offset, out, warn);
             return Ok(true);
@@ -397,6 +406,17 @@ impl<R: Read> FileReader<R> {
                     "block at offset {offset} breaks off ({why}): its last {left} records skipped"
                 ),
             );
+        }
+    }
+
+    /// The name records in front of a skipped block (see
+    /// `recording::names`): the writer puts them first, so the first other
+    /// record ends them.
+    fn decode_names(&mut self, h: &FrameHeader, out: &mut Vec<Item>) {
+        let mut d = BlockDecoder::new(&self.raw, h.base_ts);
+        while let Some(Ok(Decoded::Item(item @ Item::Name { .. }))) = d.next() {
+            self.stats.items += 1;
+            out.push(item);
         }
     }
 

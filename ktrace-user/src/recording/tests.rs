@@ -474,7 +474,7 @@ fn every_variant_round_trips_through_a_file() {
     let r = FileReader::open(&path).unwrap();
     assert_eq!(r.context().host, "testhost");
     assert_eq!(r.context().hooks[0].name, "tcp_send_reset");
-    assert_eq!(r.version(), (1, 3));
+    assert_eq!(r.version(), (1, 4));
 }
 
 #[test]
@@ -1360,6 +1360,7 @@ fn regression_inputs() {
             let h = FrameHeader {
                 kind: 1,
                 codec: 1,
+                flags: 0,
                 stored_len: 16 << 20,
                 raw_len: 16 << 20,
                 items: 1,
@@ -1468,4 +1469,197 @@ fn never_writes_into_a_planted_hard_link() {
         .unwrap();
     let text = format!("{e}: {}", std::error::Error::source(&e).unwrap());
     assert!(text.contains("hard links"), "{text}");
+}
+
+// ------------------------------------------------------------ names
+
+mod names {
+    use super::*;
+    use crate::names::{
+        Interner, Layer, NameResolver, Names, Peer, PodName, PortRole, Proto, ServiceName, SourceId,
+    };
+
+    /// The storm's addresses named as a source would: the VIP, the three
+    /// backends (Pods, and endpoints of the Service), and the clients of
+    /// 10.0.0.0/24 (Pods); the other clients are not named. `backend0`
+    /// names the first backend's Pod.
+    fn layer(backend0: &str) -> Layer {
+        let mut i = Interner::default();
+        let mut l = Layer::default();
+        let svc = Arc::new(ServiceName::parse("shop/web:http", &mut i).unwrap());
+        let vip = v4(10, 96, 0, 10, 2222);
+        l.add_port(PortRole::Vip, (vip.ip(), 2222, Proto::Tcp), svc.clone());
+        let pod = |name: &str| {
+            Peer::Pod(Arc::new(PodName {
+                namespace: "shop".into(),
+                name: name.into(),
+                node: Some("node-a".into()),
+            }))
+        };
+        for b in 0..3u8 {
+            let ip = v4(10, 0, 1, 2 + b, 0).ip();
+            l.add_port(PortRole::Endpoint, (ip, 2222, Proto::Tcp), svc.clone());
+            let name = if b == 0 {
+                backend0.to_string()
+            } else {
+                format!("web-{b}")
+            };
+            l.set_peer(ip, pod(&name));
+        }
+        for c in 2..252u8 {
+            l.set_peer(v4(10, 0, 0, c, 0).ip(), pod(&format!("client-{c}")));
+        }
+        l
+    }
+
+    fn addrs(e: &Event) -> Vec<SocketAddr> {
+        match &e.body {
+            EventBody::NatMapping(n) => vec![n.client, n.service, n.backend],
+            EventBody::TcpSendReset { src, dst, .. }
+            | EventBody::TcpReceiveReset { src, dst, .. } => vec![*src, *dst],
+            _ => Vec::new(),
+        }
+    }
+
+    /// What a replay of `items` names `a` (a Service port, else a Pod).
+    fn name(r: &NameResolver, a: SocketAddr) -> Option<String> {
+        r.label(a)
+    }
+
+    /// The items of `path`, reading only the blocks `want` accepts.
+    fn read_some(path: &Path, want: &dyn Fn(&FrameHeader) -> bool) -> Vec<Item> {
+        let mut r = FileReader::open(path).unwrap();
+        let (mut all, mut block) = (Vec::new(), Vec::new());
+        while r
+            .next_block(&mut block, &mut |w| panic!("{w}"), want)
+            .unwrap()
+        {
+            all.append(&mut block);
+        }
+        all
+    }
+
+    /// Checks that every address of every event in `items` that the live
+    /// names named is named the same by the names `items` carry, and
+    /// returns how many name records each address got.
+    fn check_named(
+        items: &[Item],
+        live: &NameResolver,
+        renamed_from: u64,
+    ) -> BTreeMap<IpAddr, usize> {
+        let mut replayed = NameResolver::default();
+        let mut records = BTreeMap::new();
+        for item in items {
+            match item {
+                Item::Name { record, .. } => {
+                    let ip = match record {
+                        crate::names::NameRecord::Service { key, .. }
+                        | crate::names::NameRecord::Endpoint { key, .. } => key.0,
+                        crate::names::NameRecord::Pod { ip, .. }
+                        | crate::names::NameRecord::Node { ip, .. }
+                        | crate::names::NameRecord::External { ip } => *ip,
+                    };
+                    *records.entry(ip).or_insert(0) += 1;
+                    replayed.apply(record.clone());
+                }
+                Item::Event(e) => {
+                    for a in addrs(e) {
+                        let want = name(live, a);
+                        let got = name(&replayed, a);
+                        if a.ip() == v4(10, 0, 1, 2, 0).ip() {
+                            // Renamed: the old name before, and after it for
+                            // the rest of the block that held the address.
+                            let old = Some("shop/web-old");
+                            if e.ts_ns < renamed_from || got.as_deref() == old {
+                                assert_eq!(got.as_deref(), old, "{a} at {}", e.ts_ns);
+                                continue;
+                            }
+                        }
+                        assert_eq!(got, want, "{a} at {}", e.ts_ns);
+                    }
+                }
+                _ => {}
+            }
+        }
+        records
+    }
+
+    #[test]
+    fn names_go_once_per_segment_and_survive_rotation_and_skipped_blocks() {
+        let dir = TempDir::new("names");
+        let path = dir.path("rec");
+        let names = Names::new();
+        names.publish(SourceId::Api, layer("web-old"));
+        let live = NameResolver::live(names.clone());
+        let evs = storm(20_000, 1_000);
+        let renamed_from = evs[12_000].ts_ns;
+        let mut r = started(small_segments(&path, 100));
+        for (i, e) in evs.iter().enumerate() {
+            if i == 12_000 {
+                names.publish(SourceId::Api, layer("web-new"));
+            }
+            r.event_named(e, &live);
+        }
+        let s = r.finish();
+        assert!(s.segments >= 5, "{s:?}");
+        let (mut total, mut checked_rename) = (0, 0);
+        for f in &s.files {
+            // Each segment alone names its events as they were named live,
+            // with one record per name (two for the renamed Pod's address
+            // in the segment where it was renamed).
+            let items = read_some(f, &|_| true);
+            let records = check_named(&items, &live, renamed_from);
+            // The segment that holds the rename ends with the new name.
+            let last = items.iter().rev().find_map(|i| match i {
+                Item::Event(e) => Some(e.ts_ns),
+                _ => None,
+            });
+            if last.is_some_and(|t| t > renamed_from + 10_000_000) {
+                checked_rename += 1;
+                let mut replayed = NameResolver::default();
+                for i in &items {
+                    if let Item::Name { record, .. } = i {
+                        replayed.apply(record.clone());
+                    }
+                }
+                let b0 = v4(10, 0, 1, 2, 2222);
+                assert_eq!(replayed.label(b0).as_deref(), Some("shop/web-new"));
+            }
+            let backend0 = v4(10, 0, 1, 2, 0).ip();
+            for (ip, n) in &records {
+                // The backends carry a Pod and an endpoint record.
+                let per_name = if ip.to_string().starts_with("10.0.1.") {
+                    2
+                } else {
+                    1
+                };
+                assert!(
+                    *n == per_name || (*ip == backend0 && *n == 2 * per_name),
+                    "{ip}: {n} records in {}",
+                    f.display()
+                );
+            }
+            total += records.values().sum::<usize>();
+            // Skipping the first half of the segment's blocks loses none of
+            // the names the rest uses.
+            let blocks = std::cell::RefCell::new(Vec::new());
+            read_some(f, &|h| {
+                blocks.borrow_mut().push(h.min_ts);
+                false
+            });
+            let blocks = blocks.into_inner();
+            if blocks.len() >= 2 {
+                let mid = blocks[blocks.len() / 2];
+                let items = read_some(f, &|h| h.min_ts >= mid);
+                assert!(items.iter().any(|i| matches!(i, Item::Event(_))));
+                check_named(&items, &live, renamed_from);
+            }
+        }
+        assert!(checked_rename >= 1);
+        // Once per segment, not once per block: far fewer records than blocks x names.
+        assert!(
+            total < 260 * 2 * s.segments as usize,
+            "{total} name records"
+        );
+    }
 }

@@ -27,6 +27,7 @@ use super::format::{
     BlockEncoder, FrameSealer, RawBlock, FILE_HEADER_FIXED, FILE_MAGIC, VERSION_MAJOR,
     VERSION_MINOR,
 };
+use super::names::{NameCache, NamedAddr, SegmentNames};
 use super::Context;
 use crate::clock::monotonic_now_ns;
 use crate::engine::EngineConfig;
@@ -175,6 +176,10 @@ pub struct SegmentWriter {
     created_empty: bool,
     sealer: FrameSealer,
     frame: Vec<u8>,
+    /// The names this segment holds; `name_prefix`: those the block being
+    /// written carries in front.
+    names: SegmentNames,
+    name_prefix: Vec<u8>,
     /// The frame of a `Dropped` record, written before `frame`.
     aux: Vec<u8>,
     paused: Option<Pause>,
@@ -238,6 +243,8 @@ impl SegmentWriter {
             segment: 0,
             created_empty: !existed,
             frame: Vec::with_capacity(1 << 16),
+            names: SegmentNames::default(),
+            name_prefix: Vec::new(),
             aux: Vec::new(),
             paused: None,
             dropped_pending: 0,
@@ -422,7 +429,7 @@ impl SegmentWriter {
         // Seal first: rotation decides on the real frame sizes.
         let block = raw.filter(|r| r.items > 0);
         if let Some(raw) = block {
-            self.sealer.seal(raw, &mut self.frame);
+            self.seal(raw);
         }
         if self.dropped_pending > 0 {
             let mut enc = BlockEncoder::new();
@@ -439,7 +446,12 @@ impl SegmentWriter {
             } else {
                 0
             };
-        self.maybe_rotate(next_len as u64)?;
+        if self.maybe_rotate(next_len as u64)? {
+            // The new segment holds none of the names yet.
+            if let Some(raw) = block.filter(|r| !r.names.is_empty()) {
+                self.seal(raw);
+            }
+        }
         if !self.header_written {
             self.write_header()?;
         }
@@ -451,6 +463,7 @@ impl SegmentWriter {
         }
         if let Some(raw) = block {
             self.write_bytes_of(Which::Frame)?;
+            self.names.commit();
             self.seg_blocks += 1;
             self.stats.blocks += 1;
             self.stats.events += u64::from(raw.events);
@@ -459,9 +472,18 @@ impl SegmentWriter {
         Ok(())
     }
 
-    fn maybe_rotate(&mut self, next_len: u64) -> io::Result<()> {
+    /// The frame of `raw`, with the names its segment lacks in front.
+    fn seal(&mut self, raw: &RawBlock) {
+        self.names.prefix(&raw.names, &mut self.name_prefix);
+        self.sealer
+            .seal_with(&self.name_prefix, raw, &mut self.frame);
+    }
+
+    /// Starts a new segment when the current one is full or old enough;
+    /// true when it did.
+    fn maybe_rotate(&mut self, next_len: u64) -> io::Result<bool> {
         if self.seg_blocks == 0 || !self.header_written {
-            return Ok(());
+            return Ok(false);
         }
         let by_size = self
             .cfg
@@ -472,7 +494,7 @@ impl SegmentWriter {
             .rotate_time
             .is_some_and(|t| self.seg_started.elapsed() >= t);
         if !(by_size || by_time) {
-            return Ok(());
+            return Ok(false);
         }
         if let Some(f) = &self.file {
             let _ = f.sync_data();
@@ -486,7 +508,7 @@ impl SegmentWriter {
                     self.cfg.path.display()
                 );
             }
-            return Ok(());
+            return Ok(false);
         }
         // The open file is now PATH.1 (or unlinked): start a new PATH.
         self.file = None;
@@ -497,9 +519,11 @@ impl SegmentWriter {
         self.seg_started = Instant::now();
         self.segment += 1;
         self.stats.segments += 1;
+        self.names.new_segment();
         let f = super::private::open(&self.cfg.path, true)?;
         self.file = Some(f);
-        self.write_header()
+        self.write_header()?;
+        Ok(true)
     }
 
     fn drop_block(&mut self, events: u32, min_ts: u64) {
@@ -676,14 +700,10 @@ pub struct Recorder {
     last_seal: Instant,
     queue_dropped: u64,
     queue_dropped_since: u64,
-    /// Names already in the current block (each block stands alone, so
-    /// a name is written again in the next one).
-    names_in_block:
-        std::collections::HashSet<crate::names::NameRecord, foldhash::fast::RandomState>,
-    /// IP addresses whose names were looked up in the current block (`record`).
-    addrs_in_block: std::collections::HashSet<std::net::IpAddr, foldhash::fast::RandomState>,
-    /// The name records of one event (kept to reuse its allocation).
-    event_names: Vec<crate::names::NameRecord>,
+    /// The names of addresses, looked up once per version of the names.
+    name_cache: NameCache,
+    /// The names of the current block's addresses.
+    block_names: Vec<Arc<NamedAddr>>,
 }
 
 impl Recorder {
@@ -724,9 +744,8 @@ impl Recorder {
             last_seal: Instant::now(),
             queue_dropped: 0,
             queue_dropped_since: 0,
-            names_in_block: Default::default(),
-            addrs_in_block: Default::default(),
-            event_names: Vec::new(),
+            name_cache: NameCache::default(),
+            block_names: Vec::new(),
         })
     }
 
@@ -772,21 +791,29 @@ impl Recorder {
         }
     }
 
-    /// Kubernetes names a finding used, so `replay` prints them too.
-    pub fn names(&mut self, records: &[crate::names::NameRecord]) {
-        for r in records {
-            if self.names_in_block.insert(r.clone()) {
-                self.enc.push_name(r);
+    /// An event and the Kubernetes names of its addresses, so `replay`
+    /// prints the names `watch` printed (on its events and on the findings
+    /// they lead to). Only an address new in the block costs a lookup (in
+    /// [`NameCache`]); its names reach the file once per segment
+    /// (see [`super::names`]).
+    #[inline]
+    pub fn event_named(&mut self, ev: &Event, names: &crate::names::NameResolver) {
+        self.enc.push_event(ev);
+        for ip in self.enc.take_fresh_ips() {
+            if let Some(n) = self.name_cache.get(ip, names) {
+                self.block_names.push(n);
             }
+        }
+        if self.enc.len() >= self.cfg.block_bytes {
+            self.seal();
         }
     }
 
-    /// The names of an event's addresses (`record`, which has no findings),
-    /// each IP address looked up and written once per block.
-    pub fn event_names(&mut self, ev: &Event, names: &crate::names::NameResolver) {
-        names.event_records(ev, &mut self.addrs_in_block, &mut self.event_names);
-        for r in self.event_names.drain(..) {
-            self.enc.push_name(&r);
+    /// The names of an address a finding names, as they are now (the
+    /// event that carried it may have been recorded before they were known).
+    pub fn name_addr(&mut self, ip: std::net::IpAddr, names: &crate::names::NameResolver) {
+        if let Some(n) = self.name_cache.get(ip, names) {
+            self.block_names.push(n);
         }
     }
 
@@ -814,9 +841,8 @@ impl Recorder {
         if self.enc.is_empty() {
             return;
         }
-        self.names_in_block.clear();
-        self.addrs_in_block.clear();
-        let raw = self.enc.take();
+        let mut raw = self.enc.take();
+        raw.names = std::mem::take(&mut self.block_names);
         match &mut self.backend {
             Backend::Inline(sw) => sw.write_block(&raw),
             Backend::Thread { tx, .. } => {
