@@ -87,6 +87,7 @@ fn run_pipeline<W: std::io::Write>(
         ctnetlink: opts.ctnetlink,
         every_reset: opts.every_reset,
         exposed: opts.exposed.clone(),
+        kube_proxy_mode: Some(opts.engine.kube_proxy_mode),
     };
     let r = run_source(&source, clock, &mut p);
     if let Some(rec) = p.recorder.take() {

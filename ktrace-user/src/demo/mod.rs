@@ -208,6 +208,7 @@ fn watch_in_node(
         ctnetlink: true,
         every_reset: false,
         exposed: Vec::new(),
+        kube_proxy_mode: None,
     };
     run_source(&source, clock, &mut sink)?;
     Ok(std::mem::take(&mut sink.pipeline.emitted))
