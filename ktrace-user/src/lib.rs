@@ -51,3 +51,4 @@ pub mod sysctl;
 pub mod tracefs;
 pub mod tui;
 pub mod watch;
+pub mod wire;
