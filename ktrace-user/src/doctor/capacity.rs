@@ -140,25 +140,26 @@ fn check_buckets(ctx: &Ctx) -> Check {
     }
     let per = max as f64 / buckets as f64;
     let value = format!("{buckets} buckets, max {max} ({per:.1} per bucket when full)");
-    if max > buckets.saturating_mul(MAX_PER_BUCKET) {
-        Check::new(CHECK, Status::Warn, value)
-            .expected(expected)
-            .why(format!(
-                "a full table puts {per:.0} entries in each hash chain: every packet's lookup \
-                 walks them, which costs CPU in softirq and makes insert races more likely"
-            ))
-            .fix(format!(
-                "echo {} > /sys/module/nf_conntrack/parameters/hashsize (kube-proxy sets \
-                 hashsize = max/4)",
-                max.div_ceil(4)
-            ))
-            .evidence(evidence)
+    let (status, why, fix) = if max > buckets.saturating_mul(MAX_PER_BUCKET) {
+        let why = format!(
+            "a full table puts {per:.0} entries in each hash chain: every packet's lookup \
+             walks them, which costs CPU in softirq and makes insert races more likely"
+        );
+        let fix = format!(
+            "echo {} > /sys/module/nf_conntrack/parameters/hashsize (kube-proxy sets \
+             hashsize = max/4)",
+            max.div_ceil(4)
+        );
+        (Status::Warn, why, fix)
     } else {
-        Check::new(CHECK, Status::Ok, value)
-            .expected(expected)
-            .why("hash chains stay short even with a full table")
-            .evidence(evidence)
-    }
+        let why = "hash chains stay short even with a full table";
+        (Status::Ok, why.to_string(), String::new())
+    };
+    Check::new(CHECK, status, value)
+        .expected(expected)
+        .why(why)
+        .fix(fix)
+        .evidence(evidence)
 }
 
 /// The conntrack counters read once, and again after the sample window.

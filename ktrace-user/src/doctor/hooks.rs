@@ -42,39 +42,43 @@ pub fn checks(ctx: &Ctx) -> Vec<Check> {
 fn check_btf(s: &KernelSupport) -> Check {
     const CHECK: &str = "hooks_btf";
     let path = s.root.join("sys/kernel/btf/vmlinux");
-    if s.btf_vmlinux {
-        Check::new(CHECK, Status::Ok, "vmlinux BTF present")
-            .expected("/sys/kernel/btf/vmlinux")
-            .why("ktrace reads kernel struct layouts from BTF (CO-RE), and fentry/tp_btf programs can load")
+    let (status, value, why, fix) = if s.btf_vmlinux {
+        let why = "ktrace reads kernel struct layouts from BTF (CO-RE), and fentry/tp_btf programs can load";
+        (Status::Ok, "vmlinux BTF present", why.to_string(), "")
     } else {
-        Check::new(CHECK, Status::Warn, "no vmlinux BTF")
-            .expected("/sys/kernel/btf/vmlinux")
-            .why(format!(
-                "{} is absent (kernel built without CONFIG_DEBUG_INFO_BTF, e.g. Ubuntu 20.04's 5.4): \
-                 no fentry, and struct offsets must come from elsewhere",
-                path.display()
-            ))
-            .fix("use a kernel with CONFIG_DEBUG_INFO_BTF=y (5.5+; most distributions since 2021)")
-    }
+        let why = format!(
+            "{} is absent (kernel built without CONFIG_DEBUG_INFO_BTF, e.g. Ubuntu 20.04's 5.4): \
+             no fentry, and struct offsets must come from elsewhere",
+            path.display()
+        );
+        let fix = "use a kernel with CONFIG_DEBUG_INFO_BTF=y (5.5+; most distributions since 2021)";
+        (Status::Warn, "no vmlinux BTF", why, fix)
+    };
+    Check::new(CHECK, status, value)
+        .expected("/sys/kernel/btf/vmlinux")
+        .why(why)
+        .fix(fix)
 }
 
 fn check_kprobes(s: &KernelSupport) -> Check {
     const CHECK: &str = "hooks_kprobes";
-    if s.kprobes {
-        Check::new(CHECK, Status::Ok, "available")
-            .expected("kprobe PMU or tracefs kprobe_events")
-            .why("kprobes reach the conntrack INVALID-logging helpers (variadic, so fentry cannot) and init_conntrack's table-full path")
+    let (status, value, why, fix) = if s.kprobes {
+        let why = "kprobes reach the conntrack INVALID-logging helpers (variadic, so fentry cannot) and init_conntrack's table-full path";
+        (Status::Ok, "available", why.to_string(), "")
     } else {
-        Check::new(CHECK, Status::Warn, "not available")
-            .expected("kprobe PMU or tracefs kprobe_events")
-            .why(format!(
-                "neither {} nor tracefs kprobe_events exists (kernel without CONFIG_KPROBES, or \
-                 tracefs not mounted): ktrace cannot hook the INVALID-logging helpers, whose \
-                 reason text only kprobes reach, nor init_conntrack (table full)",
-                s.root.join("sys/bus/event_source/devices/kprobe").display()
-            ))
-            .fix("use a kernel with CONFIG_KPROBES=y; without kprobes ktrace uses tracepoints, ctnetlink and the conntrack counters (no INVALID reasons, no table-full hook)")
-    }
+        let why = format!(
+            "neither {} nor tracefs kprobe_events exists (kernel without CONFIG_KPROBES, or \
+             tracefs not mounted): ktrace cannot hook the INVALID-logging helpers, whose \
+             reason text only kprobes reach, nor init_conntrack (table full)",
+            s.root.join("sys/bus/event_source/devices/kprobe").display()
+        );
+        let fix = "use a kernel with CONFIG_KPROBES=y; without kprobes ktrace uses tracepoints, ctnetlink and the conntrack counters (no INVALID reasons, no table-full hook)";
+        (Status::Warn, "not available", why, fix)
+    };
+    Check::new(CHECK, status, value)
+        .expected("kprobe PMU or tracefs kprobe_events")
+        .why(why)
+        .fix(fix)
 }
 
 /// Informational: ktrace attaches kprobes and tracepoints, not fentry.
@@ -221,29 +225,27 @@ fn check_symbols(ctx: &Ctx, s: &KernelSupport) -> Check {
     } else {
         format!("missing {}", missing.join(", "))
     };
-    if important.is_empty() {
+    let (status, why) = if important.is_empty() {
         let note = if missing.is_empty() {
-            String::new()
+            ""
         } else {
-            " Missing ones are not needed here (IPv6 resets, ip_vs not loaded, or the other INVALID logger of this release).".to_string()
+            " Missing ones are not needed here (IPv6 resets, ip_vs not loaded, or the other INVALID logger of this release)."
         };
-        Check::new(CHECK, Status::Ok, value)
-            .expected(expected)
-            .why(format!(
-                "the functions ktrace hooks exist as symbols.{note}"
-            ))
-            .evidence(evidence)
+        let why = format!("the functions ktrace hooks exist as symbols.{note}");
+        (Status::Ok, why)
     } else {
-        Check::new(CHECK, Status::Warn, value)
-            .expected(expected)
-            .why(format!(
-                "{} not in kallsyms as a plain function (inlined, renamed by the compiler, e.g. \
-                 init_conntrack.isra.0, or module not loaded): ktrace cannot hook them by name \
-                 and loses what they report",
-                important.join(", ")
-            ))
-            .evidence(evidence)
-    }
+        let why = format!(
+            "{} not in kallsyms as a plain function (inlined, renamed by the compiler, e.g. \
+             init_conntrack.isra.0, or module not loaded): ktrace cannot hook them by name \
+             and loses what they report",
+            important.join(", ")
+        );
+        (Status::Warn, why)
+    };
+    Check::new(CHECK, status, value)
+        .expected(expected)
+        .why(why)
+        .evidence(evidence)
 }
 
 fn check_ip_vs_btf(ctx: &Ctx, s: &KernelSupport) -> Check {

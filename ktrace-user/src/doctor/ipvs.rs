@@ -197,16 +197,15 @@ fn check_enabled(
     on: &str,
     (off, fix): (&str, &str),
 ) -> Check {
-    match setting {
-        Err(e) => Check::unknown(check, e.to_string()),
-        Ok(v) if *v >= 1 => Check::new(check, Status::Ok, v.to_string())
-            .expected("1")
-            .why(on),
-        Ok(v) => Check::new(check, Status::Warn, v.to_string())
-            .expected("1")
-            .why(off)
-            .fix(fix),
-    }
+    let (v, status, why, fix) = match setting {
+        Err(e) => return Check::unknown(check, e.to_string()),
+        Ok(v) if *v >= 1 => (v, Status::Ok, on, ""),
+        Ok(v) => (v, Status::Warn, off, fix),
+    };
+    Check::new(check, status, v.to_string())
+        .expected("1")
+        .why(why)
+        .fix(fix)
 }
 
 fn check_quiescent(s: &Settings) -> Check {

@@ -548,32 +548,25 @@ mod tests {
         assert_eq!(shorten("abcdef", 4), "abc…");
     }
 
-    /// Random mixes of the tokens the parsers look for: none may panic.
-    #[test]
-    fn parsers_survive_garbage() {
-        const WORDS: &str = "table chain ip inet ip6 { } type filter hook forward input \
-            prerouting priority raw - + 10 ; : , ct state invalid != == vmap drop reject jump \
-            goto \" \\ *filter *raw :FORWARD -A -I FORWARD -j -g DROP --ctstate --state \
-            INVALID ! COMMIT # TCP FWM -> [ ] [::1] 0A600001:0050 zz persistent entries \
-            0000000a ffffffffffffffffff = net.netfilter.x net/netfilter/y \u{0} é \u{fffd}";
-        let mut tokens: Vec<&str> = WORDS.split_whitespace().collect();
-        tokens.extend(["{ ", " }", " ", "\t", "\n", "\n", "\n"]);
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for _ in 0..3000 {
-            let len = (next() % 60) as usize;
-            let mut text = String::new();
-            for _ in 0..len {
-                text.push_str(tokens[(next() % tokens.len() as u64) as usize]);
-                if next() % 3 == 0 {
-                    text.push(' ');
-                }
-            }
+    const GARBAGE_WORDS: &str = "table chain ip inet ip6 { } type filter hook forward input \
+        prerouting priority raw - + 10 ; : , ct state invalid != == vmap drop reject jump \
+        goto \" \\ *filter *raw :FORWARD -A -I FORWARD -j -g DROP --ctstate --state \
+        INVALID ! COMMIT # TCP FWM -> [ ] [::1] 0A600001:0050 zz persistent entries \
+        0000000a ffffffffffffffffff = net.netfilter.x net/netfilter/y \u{0} é \u{fffd}";
+
+    /// The tokens the parsers look for, and white space.
+    fn garbage_token() -> impl proptest::strategy::Strategy<Value = String> {
+        let mut tokens: Vec<String> = GARBAGE_WORDS.split_whitespace().map(String::from).collect();
+        tokens.extend(["{ ", " }", " ", "\t", "\n"].map(String::from));
+        proptest::sample::select(tokens)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        /// Random mixes of the tokens the parsers look for: none may panic.
+        #[test]
+        fn parsers_survive_garbage(tokens in proptest::collection::vec(garbage_token(), 0..60)) {
+            let text = tokens.join("");
             let _ = rules::parse_iptables_save(&text, "x");
             let _ = rules::parse_nft_json(&text);
             let _ = capacity::parse_stat(&text);

@@ -427,33 +427,31 @@ pub fn check_timeout_established(ctx: &Ctx) -> Check {
     };
     let evidence = json!({"timeout_established": timeout, "tcp_keepalive_time": keepalive});
     let value = format!("{timeout}s (tcp_keepalive_time {keepalive}s)");
-    let expected = "longer than net.ipv4.tcp_keepalive_time";
-    if timeout > keepalive {
-        Check::new(CHECK, Status::Ok, value)
-            .expected(expected)
-            .why(
-                "an idle connection that relies on the kernel's default keepalive sends a probe \
-                 before its conntrack entry expires (applications that set their own TCP_KEEPIDLE \
-                 above this timeout are still exposed)",
-            )
-            .evidence(evidence)
+    let (status, why, fix) = if timeout > keepalive {
+        let why = "an idle connection that relies on the kernel's default keepalive sends a \
+                   probe before its conntrack entry expires (applications that set their own \
+                   TCP_KEEPIDLE above this timeout are still exposed)";
+        (Status::Ok, why.to_string(), String::new())
     } else {
-        Check::new(CHECK, Status::Warn, value)
-            .expected(expected)
-            .why(format!(
-                "an idle connection loses its conntrack entry after {timeout}s, before its first \
-                 keepalive at {keepalive}s; the next segment is picked up mid-stream (tcp_loose=1: \
-                 DNAT may choose another backend, which resets it: backend_switch) or is INVALID \
-                 (tcp_loose=0)"
-            ))
-            .fix(format!(
-                "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established={} (persist in \
-                 /etc/sysctl.d/, or kube-proxy's conntrack.tcpEstablishedTimeout), or lower \
-                 net.ipv4.tcp_keepalive_time below {timeout}",
-                keepalive.saturating_mul(2).max(86400)
-            ))
-            .evidence(evidence)
-    }
+        let why = format!(
+            "an idle connection loses its conntrack entry after {timeout}s, before its first \
+             keepalive at {keepalive}s; the next segment is picked up mid-stream (tcp_loose=1: \
+             DNAT may choose another backend, which resets it: backend_switch) or is INVALID \
+             (tcp_loose=0)"
+        );
+        let fix = format!(
+            "sysctl -w net.netfilter.nf_conntrack_tcp_timeout_established={} (persist in \
+             /etc/sysctl.d/, or kube-proxy's conntrack.tcpEstablishedTimeout), or lower \
+             net.ipv4.tcp_keepalive_time below {timeout}",
+            keepalive.saturating_mul(2).max(86400)
+        );
+        (Status::Warn, why, fix)
+    };
+    Check::new(CHECK, status, value)
+        .expected("longer than net.ipv4.tcp_keepalive_time")
+        .why(why)
+        .fix(fix)
+        .evidence(evidence)
 }
 
 /// Check 4b: `nf_conntrack_tcp_loose`.
@@ -464,28 +462,25 @@ pub fn check_tcp_loose(ctx: &Ctx) -> Check {
         Ok(v) => v,
         Err(e) => return ctx.unreadable(CHECK, &e),
     };
-    let evidence = json!({"tcp_loose": loose});
-    if loose >= 1 {
-        Check::new(CHECK, Status::Ok, loose.to_string())
-            .expected("1 (the default)")
-            .why(
-                "a segment of a connection whose entry expired or was flushed creates a new entry \
-                 mid-stream; through a Service, DNAT then chooses a backend afresh, which may \
-                 differ (backend_switch) — keep entries from expiring (timeout_established)",
-            )
-            .evidence(evidence)
+    let (status, why, fix) = if loose >= 1 {
+        let why = "a segment of a connection whose entry expired or was flushed creates a new \
+                   entry mid-stream; through a Service, DNAT then chooses a backend afresh, which \
+                   may differ (backend_switch) — keep entries from expiring (timeout_established)";
+        (Status::Ok, why, "")
     } else {
-        Check::new(CHECK, Status::Warn, loose.to_string())
-            .expected("1 (the default)")
-            .why(
-                "with tcp_loose=0, every segment of a connection whose conntrack entry expired or \
-                 was flushed (conntrack -F, kube-proxy restarts, table full) is INVALID: dropped \
-                 by an INVALID-drop rule (the connection hangs) or passed un-NATed (the client \
-                 resets it)",
-            )
-            .fix("sysctl -w net.netfilter.nf_conntrack_tcp_loose=1 (and persist it in /etc/sysctl.d/)")
-            .evidence(evidence)
-    }
+        let why = "with tcp_loose=0, every segment of a connection whose conntrack entry expired \
+                   or was flushed (conntrack -F, kube-proxy restarts, table full) is INVALID: \
+                   dropped by an INVALID-drop rule (the connection hangs) or passed un-NATed (the \
+                   client resets it)";
+        let fix =
+            "sysctl -w net.netfilter.nf_conntrack_tcp_loose=1 (and persist it in /etc/sysctl.d/)";
+        (Status::Warn, why, fix)
+    };
+    Check::new(CHECK, status, loose.to_string())
+        .expected("1 (the default)")
+        .why(why)
+        .fix(fix)
+        .evidence(json!({"tcp_loose": loose}))
 }
 
 #[cfg(test)]

@@ -23,7 +23,6 @@
 //! - resource: detected (`host.name`, kernel release, ...), then `NODE_NAME`,
 //!   then `OTEL_RESOURCE_ATTRIBUTES`, then `OTEL_SERVICE_NAME`, then `--node-name`.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,16 +56,9 @@ impl Protocol {
 }
 
 /// A configuration mistake, said in one line.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
 pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// What the command line says about export.
 #[derive(Debug, Clone, Default)]
