@@ -60,19 +60,26 @@ impl NamedAddr {
     }
 }
 
-/// One address in the cache.
-struct Cached {
-    /// The version of the names `named` was looked up in.
-    version: u64,
-    /// The epoch whose blocks carry `named` (0: none yet).
-    sent: u64,
-    named: Option<Arc<NamedAddr>>,
+/// One address in the cache: small (12 bytes, an IPv4 key 4 more), so
+/// the probe an address new in its block costs stays in the CPU's caches.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// Where its names are in [`NameCache::named`] ([`UNNAMED`]: nothing names it).
+    at: u32,
+    /// The version of the names they were looked up in (its low 32 bits).
+    version: u32,
+    /// The epoch whose blocks carry them (its low 32 bits; 0: none yet).
+    sent: u32,
 }
+
+const UNNAMED: u32 = u32::MAX;
 
 /// An address's names, looked up and encoded once per version of the names.
 #[derive(Default)]
 pub struct NameCache {
-    map: Map<IpAddr, Cached>,
+    v4: Map<u32, Slot>,
+    v6: Map<std::net::Ipv6Addr, Slot>,
+    named: Vec<Arc<NamedAddr>>,
     scratch: Vec<NameRecord>,
 }
 
@@ -87,46 +94,74 @@ impl NameCache {
         names: &NameResolver,
         epoch: u64,
     ) -> Option<Arc<NamedAddr>> {
-        let version = names.version();
-        if self.map.len() >= MAX_CACHED && !self.map.contains_key(&ip) {
-            self.map.clear();
-        }
-        let c = match self.map.get_mut(&ip) {
-            Some(c) if c.version == version => c,
-            Some(c) => {
-                let now = Self::lookup(&mut self.scratch, ip, names);
-                if now.as_ref().map(|n| &n.records) != c.named.as_ref().map(|n| &n.records) {
-                    c.named = now;
-                    c.sent = 0;
+        let version = names.version() as u32;
+        let epoch = (epoch as u32).max(1);
+        let NameCache {
+            v4,
+            v6,
+            named,
+            scratch,
+        } = self;
+        let found = match ip {
+            IpAddr::V4(a) => v4.get_mut(&u32::from(a)),
+            IpAddr::V6(a) => v6.get_mut(&a),
+        };
+        let slot = match found {
+            Some(s) => {
+                if s.version != version {
+                    refresh(s, version, named, lookup(scratch, ip, names));
                 }
-                c.version = version;
-                c
+                s
             }
             None => {
-                let named = Self::lookup(&mut self.scratch, ip, names);
-                self.map.entry(ip).or_insert(Cached {
+                if v4.len() + v6.len() >= MAX_CACHED || named.len() >= MAX_CACHED {
+                    v4.clear();
+                    v6.clear();
+                    named.clear();
+                }
+                let mut s = Slot {
+                    at: UNNAMED,
                     version,
                     sent: 0,
-                    named,
-                })
+                };
+                refresh(&mut s, version, named, lookup(scratch, ip, names));
+                match ip {
+                    IpAddr::V4(a) => v4.entry(u32::from(a)).or_insert(s),
+                    IpAddr::V6(a) => v6.entry(a).or_insert(s),
+                }
             }
         };
-        if c.sent == epoch {
+        if slot.at == UNNAMED || slot.sent == epoch {
             return None;
         }
-        c.sent = epoch;
-        c.named.clone()
+        slot.sent = epoch;
+        Some(named[slot.at as usize].clone())
     }
+}
 
-    fn lookup(
-        scratch: &mut Vec<NameRecord>,
-        ip: IpAddr,
-        names: &NameResolver,
-    ) -> Option<Arc<NamedAddr>> {
-        scratch.clear();
-        names.addr_records(ip, scratch);
-        (!scratch.is_empty()).then(|| Arc::new(NamedAddr::encode(ip, scratch)))
+/// `s` now names what `now` says (looked up in `version`): unless that is
+/// what it named already, it is to be sent again.
+fn refresh(s: &mut Slot, version: u32, named: &mut Vec<Arc<NamedAddr>>, now: Option<NamedAddr>) {
+    s.version = version;
+    let old = (s.at != UNNAMED).then(|| &named[s.at as usize].records);
+    if old == now.as_ref().map(|n| &n.records) {
+        return;
     }
+    s.sent = 0;
+    match now {
+        None => s.at = UNNAMED,
+        Some(n) if s.at == UNNAMED => {
+            s.at = named.len() as u32;
+            named.push(Arc::new(n));
+        }
+        Some(n) => named[s.at as usize] = Arc::new(n),
+    }
+}
+
+fn lookup(scratch: &mut Vec<NameRecord>, ip: IpAddr, names: &NameResolver) -> Option<NamedAddr> {
+    scratch.clear();
+    names.addr_records(ip, scratch);
+    (!scratch.is_empty()).then(|| NamedAddr::encode(ip, scratch))
 }
 
 /// The names the segment being written holds.
@@ -279,5 +314,35 @@ mod tests {
         s.new_segment();
         s.prefix(&block(3, &[&b]), 3, &mut out);
         assert_eq!(out, &*b.records);
+    }
+
+    #[test]
+    fn the_cache_sends_names_once_per_epoch_and_again_when_they_change() {
+        use crate::names::{Layer, Names, SourceId};
+        let layer = |node: &str| {
+            let mut l = Layer::default();
+            l.set_peer("10.0.0.1".parse().unwrap(), Peer::Node(node.into()));
+            l.set_peer("fd00::1".parse().unwrap(), Peer::Node(node.into()));
+            l
+        };
+        let names = Names::new();
+        names.publish(SourceId::Api, layer("n1"));
+        let r = NameResolver::live(names.clone());
+        let mut c = NameCache::default();
+        for ip in ["10.0.0.1", "fd00::1"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let first = c.unsent(ip, &r, 1).expect("named");
+            assert_eq!(first.ip, ip);
+            assert!(c.unsent(ip, &r, 1).is_none(), "sent in this epoch");
+            assert!(c.unsent(ip, &r, 2).is_some(), "a new epoch sends again");
+            // The names change version but not for this address: not again.
+            names.publish(SourceId::Rules, Layer::default());
+            assert!(c.unsent(ip, &r, 2).is_none());
+            names.publish(SourceId::Api, layer("n2"));
+            let again = c.unsent(ip, &r, 2).expect("renamed");
+            assert_ne!(again.records, first.records);
+            names.publish(SourceId::Api, layer("n1"));
+        }
+        assert!(c.unsent("10.9.9.9".parse().unwrap(), &r, 1).is_none());
     }
 }
