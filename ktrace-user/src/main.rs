@@ -171,6 +171,7 @@ impl SourceArgs {
             ring_buffer_bytes: self.ring_buffer_mb << 20,
             ctnetlink: !self.no_ctnetlink,
             exposed: Vec::new(),
+            kube_proxy_mode: None,
         }
     }
 }
@@ -323,6 +324,8 @@ impl EngineArgs {
             conntrack_max: sysctl::conntrack_max(),
             ct_timeout_established_s: sysctl::ct_timeout_established_s(),
             keepalive_s: sysctl::keepalive_s(),
+            // Once, at start: a remedy's INVALID drop takes its form.
+            kube_proxy_mode: ktrace::doctor::kube_proxy::detect_running(),
             ..Default::default()
         }
     }
@@ -478,11 +481,15 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
+    let engine = a.engine.config();
     let report = ktrace::record::record(ktrace::record::RecordOptions {
-        source: a.source.options(),
+        source: ktrace::pipeline::SourceOptions {
+            kube_proxy_mode: Some(engine.kube_proxy_mode),
+            ..a.source.options()
+        },
         rotation: a.rotation.config(a.output.clone()),
         json: a.json,
-        engine: a.engine.config(),
+        engine,
         names: a.names.start(a.otlp.node_name.as_deref()),
         // No engine runs while recording: the event counters only.
         export: a.otlp.start(

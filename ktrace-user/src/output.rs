@@ -33,6 +33,9 @@ pub struct StatusInfo<'a> {
     pub exposed: Option<&'a [String]>,
     /// Replaying a recording: which one (the status line's `"replay"`).
     pub replay: Option<&'a ReplaySource>,
+    /// kube-proxy's mode as detected at start (or recorded): the form a
+    /// remedy's INVALID drop takes. `None` where no engine reasons (demo).
+    pub kube_proxy_mode: Option<crate::engine::KubeProxyMode>,
 }
 
 /// The recording a replay reads, as its status line names it.
@@ -157,6 +160,9 @@ impl<W: Write> Renderer<W> {
             if let Some(r) = info.replay {
                 v["replay"] = json!(r);
             }
+            if let Some(m) = info.kube_proxy_mode {
+                v["kube_proxy_mode"] = json!(m);
+            }
             if let Some(n) = self.names.names() {
                 n.take_status_change();
                 v["names"] = json!(n.status_now());
@@ -174,6 +180,15 @@ impl<W: Write> Renderer<W> {
         }
         if let Some(x) = info.exposed {
             writeln!(self.out, "  exposed: {}", exposure(x))?;
+        }
+        if let Some(m) = info.kube_proxy_mode {
+            use crate::engine::KubeProxyMode as M;
+            let said = match m {
+                M::None => "none found (remedies give both iptables and nft rules)".into(),
+                M::Unknown => "mode unknown (remedies give both iptables and nft rules)".into(),
+                m => format!("{} mode (remedies give its form of rule)", m.as_str()),
+            };
+            writeln!(self.out, "  kube-proxy: {said}")?;
         }
         if let Some(n) = self.names.names() {
             n.take_status_change();

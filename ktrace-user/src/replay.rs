@@ -438,6 +438,7 @@ fn print_status<W: Write>(
         memlock: None,
         exposed: None,
         replay: Some(&source),
+        kube_proxy_mode: Some(ctx.engine.kube_proxy_mode),
     };
     out.status(ctx.started_mono_ns, &ctx.hook_status(), &info)?;
     if !json {

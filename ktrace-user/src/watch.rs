@@ -84,6 +84,7 @@ fn run_pipeline<W: std::io::Write>(
         ring_buffer_bytes: opts.ring_buffer_bytes,
         ctnetlink: opts.ctnetlink,
         exposed: opts.exposed.clone(),
+        kube_proxy_mode: Some(opts.engine.kube_proxy_mode),
     };
     let r = run_source(&source, clock, &mut p);
     if let Some(rec) = p.recorder.take() {

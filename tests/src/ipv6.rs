@@ -15,6 +15,9 @@ pub const IPV6: Family = Family {
     backends: ["fd00:1::2", "fd00:1::3"],
     refusing_vip: "fd00:96::11",
     any: "::",
+    node_server_ip: "fd00:1::1",
+    server_net: "fd00:1::/64",
+    host_bits: 128,
 };
 
 impl Lab {

@@ -197,3 +197,17 @@ pub fn have_nft() -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// kube-proxy's iptables mode as ktrace (and `doctor`) tell it: a
+/// `KUBE-SERVICES` chain in the node's IPv4 `nat` table, jumped to from
+/// `PREROUTING`. It holds no rule: the lab's own DNAT stays in front.
+pub fn iptables_mode(lab: &Lab) {
+    for rule in [
+        &["-N", "KUBE-SERVICES"][..],
+        &["-A", "PREROUTING", "-j", "KUBE-SERVICES"],
+    ] {
+        let mut args = vec!["iptables", "-t", "nat"];
+        args.extend_from_slice(rule);
+        lab.exec_ok(&lab.node, &args);
+    }
+}

@@ -64,6 +64,12 @@ pub struct Family {
     pub refusing_vip: &'static str,
     /// What the echo server binds.
     pub any: &'static str,
+    /// The node's address on the backends' link (its masquerade address),
+    /// and that link's prefix.
+    pub node_server_ip: &'static str,
+    pub server_net: &'static str,
+    /// A single address's prefix length (32, 128).
+    pub host_bits: u8,
 }
 
 impl Family {
@@ -97,6 +103,9 @@ pub const IPV4: Family = Family {
     backends: BACKENDS,
     refusing_vip: "10.96.0.11",
     any: "0.0.0.0",
+    node_server_ip: "10.0.1.1",
+    server_net: "10.0.1.0/24",
+    host_bits: 32,
 };
 
 /// Why a test cannot run here (it then passes, saying so), or `None`.
@@ -310,13 +319,18 @@ impl Lab {
     /// kube-proxy's masquerade (NodePort or LoadBalancer traffic with
     /// `externalTrafficPolicy: Cluster`, or masquerade-all) in miniature:
     /// Service traffic leaves for the backends SNATed to the node's address.
+    /// In the lab's current family (`ipv6` first for the IPv6 side).
     pub fn masquerade(&self) {
-        self.nat("-A POSTROUTING -o veth-ns -d 10.0.1.0/24 -j MASQUERADE");
+        self.nat(&format!(
+            "-A POSTROUTING -o veth-ns -d {} -j MASQUERADE",
+            self.family.server_net
+        ));
     }
 
     /// IPVS mode's `kube-ipvs0` in miniature: the node holds the Service
     /// VIP on a local dummy interface (the DNAT rules stay in front of it).
     /// Kernels without the dummy driver get the VIP on `lo`: as local.
+    /// In the lab's current family (`ipv6` first for the IPv6 side).
     pub fn local_vip(&self) {
         let node = self.node.clone();
         let dev = if self
@@ -329,10 +343,14 @@ impl Lab {
         } else {
             "lo"
         };
-        self.exec_ok(
-            &node,
-            &["ip", "addr", "add", &format!("{VIP}/32"), "dev", dev],
-        );
+        let f = self.family;
+        let addr = format!("{}/{}", f.vip, f.host_bits);
+        let mut args = vec!["ip", "addr", "add", &addr, "dev", dev];
+        if f.host_bits == 128 {
+            // Usable at once, not after duplicate address detection.
+            args.push("nodad");
+        }
+        self.exec_ok(&node, &args);
     }
 
     /// A second Service, 10.96.0.11:2223, DNATed to a backend port where
@@ -782,6 +800,10 @@ pub fn assert_replay_matches(live_status: &Value, live: &[Value], file: &str) {
         "the recorded hook status is replayed"
     );
     assert_eq!(status["kernel"], live_status["kernel"]);
+    assert_eq!(
+        status["kube_proxy_mode"], live_status["kube_proxy_mode"],
+        "the recorded kube-proxy mode is replayed (and with it the remedies)"
+    );
     assert_eq!(status["replay"]["command"], "watch");
     assert_eq!(
         finding_keys(&lines),

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use ktrace_tests::race::{self, udp_pairs};
 use ktrace_tests::{
-    assert_no_findings, assert_replay_matches, backend, backends, between, hook, kube_proxy,
-    record_skip, select, skip, vip, Family, Lab, Scratch, Watch, BACKENDS, IPV4, IPV6, VIP,
+    assert_no_findings, assert_replay_matches, backends, between, hook, kube_proxy, record_skip,
+    select, skip, vip, Family, Lab, Scratch, Watch, BACKENDS, IPV4, IPV6, VIP,
 };
 use serde_json::Value;
 
@@ -109,42 +109,68 @@ fn assert_cause_cites_invalid(status: &Value, f: &Value) {
 /// NodePort / LoadBalancer with `externalTrafficPolicy: Cluster`: the
 /// flow is DNATed and masqueraded; the backend's out-of-window reply goes
 /// to the node's SNAT address, where the node's own stack resets the
-/// backend; the client is reset on its next send.
+/// backend; the client is reset on its next send. The node runs
+/// kube-proxy's iptables mode: the remedy is an iptables INPUT rule.
 #[test]
 fn masqueraded_reply_is_named_per_connection() {
     if skip() {
         return;
     }
     let mut lab = Lab::new("sn", 1);
+    kube_proxy::iptables_mode(&lab);
     lab.masquerade();
+    masqueraded_replies(
+        &mut lab,
+        "iptables -I INPUT -m conntrack --ctstate INVALID -j DROP",
+    );
+}
+
+/// The same over a dual-stack Service's IPv6 side: ip6tables DNAT and
+/// masquerade to the node's IPv6 address, `tcp_v6_send_reset` from it.
+#[test]
+fn ipv6_masqueraded_reply_is_named_per_connection() {
+    if skip() {
+        return;
+    }
+    let Some(mut lab) = ipv6_lab("s6") else {
+        return;
+    };
+    kube_proxy::iptables_mode(&lab);
+    lab.masquerade();
+    masqueraded_replies(
+        &mut lab,
+        "ip6tables -I INPUT -m conntrack --ctstate INVALID -j DROP",
+    );
+}
+
+/// Three masqueraded connections killed by out-of-window replies, in the
+/// lab's family: one finding each naming the real client, resting on the
+/// node's reset from its SNAT address and the NAT mapping that carries it,
+/// with `remedy_rule` in its remedy; live and in replay.
+fn masqueraded_replies(lab: &mut Lab, remedy_rule: &str) {
+    let family = lab.family;
     lab.start_server();
     let scratch = Scratch::new("snat");
     let file = scratch.path("snat.rec");
     let watch = lab.watch(&["--events", "--record", &file]);
-    let mut c = lab.client(3);
-    let reset = c.unnat_all(SETTLE);
-    assert_eq!(reset, {
-        let mut p = c.ports.clone();
-        p.sort();
-        p
-    });
-    assert!(watch.wait_count(Duration::from_secs(5), "finding", Some("unnated_reply"), 3));
-    std::thread::sleep(Duration::from_millis(500));
-    let status = watch.status.clone();
-    let lines = watch.stop();
+    assert_eq!(
+        watch.status["kube_proxy_mode"], "iptables",
+        "{}",
+        watch.status
+    );
+    let (status, lines, reset) = unnat_three_replies(lab, watch);
     let node_ns = lab.inode(&lab.node);
-    for f in assert_one_finding_per_connection(&lines, &reset, "reply_to_snat_address") {
+    let snat_prefix = family.sock(family.node_server_ip, 0);
+    let snat_prefix = snat_prefix.trim_end_matches('0');
+    for f in assert_one_finding_per_connection_in(family, &lines, &reset, "reply_to_snat_address") {
         let snat = f["evidence"]["snat"].as_str().unwrap();
-        assert!(snat.starts_with("10.0.1.1:"), "{f}");
+        assert!(snat.starts_with(snat_prefix), "{f}");
         assert_eq!(
             f["evidence"]["basis"][0], "node_rst_to_backend_from_snat_address",
             "{f}"
         );
         // The node's own reset of the backend, from the SNAT address.
-        let rst: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == snat && e["dst"] == backend().as_str())
-            .collect();
+        let rst = between(&lines, "tcp_send_reset", snat, &family.backend());
         assert_eq!(rst.len(), 1, "{f}: {rst:?}");
         assert_eq!(rst[0]["socket"], false);
         assert_eq!(rst[0]["netns"], node_ns);
@@ -156,7 +182,9 @@ fn masqueraded_reply_is_named_per_connection() {
             "{f}"
         );
         assert_cause_cites_invalid(&status, &f);
-        assert!(f["remedy"].as_str().unwrap().contains("INPUT"), "{f}");
+        let remedy = f["remedy"].as_str().unwrap();
+        assert!(remedy.contains(remedy_rule), "{f}");
+        assert!(!remedy.contains("nft "), "{f}");
     }
     assert_replay_matches(&status, &lines, &file);
 }
@@ -171,28 +199,63 @@ fn request_to_a_local_service_address_is_named_per_connection() {
     }
     let mut lab = Lab::new("rq", 1);
     lab.local_vip();
+    local_service_requests(&mut lab, "iptables");
+}
+
+/// The same over a dual-stack Service's IPv6 side: the IPv6 VIP held on
+/// the node's `kube-ipvs0`, the node's `tcp_v6_send_reset` from it.
+#[test]
+fn ipv6_request_to_a_local_service_address_is_named_per_connection() {
+    if skip() {
+        return;
+    }
+    let Some(mut lab) = ipv6_lab("r6") else {
+        return;
+    };
+    lab.local_vip();
+    local_service_requests(&mut lab, "ip6tables");
+}
+
+/// Three connections killed by the client's out-of-window segments to a
+/// VIP the node holds, in the lab's family: one finding each, resting on
+/// the node's reset from the VIP; the remedy an `tool` INPUT rule (the
+/// node is in IPVS mode where `kube-ipvs0` could be made); live and in
+/// replay.
+fn local_service_requests(lab: &mut Lab, tool: &str) {
+    let family = lab.family;
     lab.start_server();
     let scratch = Scratch::new("req");
     let file = scratch.path("req.rec");
     let watch = lab.watch(&["--events", "--record", &file]);
+    let mode = watch.status["kube_proxy_mode"].clone();
     let mut c = lab.client(3);
     let reset = c.unnat_requests(SETTLE);
     assert_eq!(reset.len(), 3, "every connection dies: {reset:?}");
     let (status, lines) = stop_after_unnated(watch, 3);
     let node_ns = lab.inode(&lab.node);
-    for f in assert_one_finding_per_connection(&lines, &reset, "request_to_local_service") {
+    let found =
+        assert_one_finding_per_connection_in(family, &lines, &reset, "request_to_local_service");
+    for f in found {
         assert_eq!(f["evidence"]["basis"][0], "node_rst_from_service_address");
         let cause = f["cause"].as_str().unwrap();
         assert!(cause.contains("in the client's window"), "{f}");
         // The node's reset from the VIP, answering the client's segment.
-        let rst: Vec<&Value> = select(&lines, "event", Some("tcp_send_reset"))
-            .into_iter()
-            .filter(|e| e["src"] == vip().as_str() && e["dst"] == f["client"])
-            .collect();
+        let client = f["client"].as_str().unwrap();
+        let rst = between(&lines, "tcp_send_reset", &family.vip(), client);
         assert_eq!(rst.len(), 1, "{f}: {rst:?}");
         assert_eq!(rst[0]["socket"], false);
         assert_eq!(rst[0]["netns"], node_ns);
         assert_cause_cites_invalid(&status, &f);
+        let remedy = f["remedy"].as_str().unwrap();
+        assert!(
+            remedy.contains(&format!(
+                "{tool} -I INPUT -m conntrack --ctstate INVALID -j DROP"
+            )),
+            "{f}"
+        );
+        if mode == "ipvs" {
+            assert!(remedy.contains("ipvs mode"), "{f}");
+        }
     }
     assert_replay_matches(&status, &lines, &file);
 }
@@ -238,6 +301,37 @@ fn local_service_address_control_gives_no_findings() {
     lab.local_vip();
     lab.refusing_service();
     control(&mut lab, &[("10.96.0.11", 2223), (VIP, 2224)]);
+}
+
+/// The IPv6 masquerade topology carrying ordinary traffic, connections
+/// refused through a Service, and application aborts: no finding.
+#[test]
+fn ipv6_masquerade_control_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let Some(mut lab) = ipv6_lab("s6c") else {
+        return;
+    };
+    lab.masquerade();
+    lab.refusing_service();
+    control(&mut lab, &[(IPV6.refusing_vip, 2223)]);
+}
+
+/// The IPv6 VIP held locally, with ordinary traffic, connections refused
+/// through a Service and by the node at a port of the VIP nothing DNATs,
+/// and application aborts: no finding.
+#[test]
+fn ipv6_local_service_address_control_gives_no_findings() {
+    if skip() {
+        return;
+    }
+    let Some(mut lab) = ipv6_lab("r6c") else {
+        return;
+    };
+    lab.local_vip();
+    lab.refusing_service();
+    control(&mut lab, &[(IPV6.refusing_vip, 2223), (IPV6.vip, 2224)]);
 }
 
 /// The conntrack insert race: 1,000 pairs of datagrams, each pair from one
@@ -450,6 +544,11 @@ fn nftables_mode_reply_is_named_per_connection() {
         .unwrap_or_else(|| panic!("no kube-proxy-rules names source: {names}"));
     assert_eq!(rules["mode"], "nftables", "{rules}");
     assert_eq!(rules["services"], 3, "{rules}");
+    assert_eq!(
+        watch.status["kube_proxy_mode"], "nftables",
+        "{}",
+        watch.status
+    );
     let (status, lines, reset) = unnat_three_replies(&lab, watch);
     for f in assert_one_finding_per_connection(&lines, &reset, "reply_to_client") {
         assert_eq!(f["service_name"], "payments/ledger:grpc", "{f}");
@@ -459,6 +558,19 @@ fn nftables_mode_reply_is_named_per_connection() {
             "{f}"
         );
         assert_cause_cites_invalid(&status, &f);
+        // kube-proxy installs no INVALID drop in this mode, and the node
+        // may have no iptables at all: an nft rule of the admin's own.
+        let remedy = f["remedy"].as_str().unwrap();
+        assert!(
+            remedy.contains("nftables mode installs no ctstate INVALID drop"),
+            "{f}"
+        );
+        assert!(
+            remedy.contains("type filter hook forward priority filter"),
+            "{f}"
+        );
+        assert!(remedy.contains("ct state invalid drop"), "{f}");
+        assert!(!remedy.contains("iptables"), "{f}");
     }
     assert_replay_matches(&status, &lines, &file);
 }

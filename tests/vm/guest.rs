@@ -101,9 +101,39 @@ fn unnated_reply_names_the_conntrack_verdict() {
         return;
     }
     let mut lab = Lab::new("un", 1);
+    unnated_replies_name_the_verdict(&mut lab, "tcp_v4_send_reset");
+}
+
+/// The same over a dual-stack Service's IPv6 side (ip6tables DNAT): the
+/// client's reset through `tcp_v6_send_reset`, conntrack's verdict on the
+/// IPv6 reply, one finding per connection in IPv6 addresses.
+#[test]
+fn ipv6_unnated_reply_names_the_conntrack_verdict() {
+    if !in_vm() {
+        return;
+    }
+    let mut lab = Lab::new("u6", 1);
+    if let Err(why) = lab.ipv6(1) {
+        ktrace_tests::record_skip(&why);
+        return;
+    }
+    unnated_replies_name_the_verdict(&mut lab, "tcp_v6_send_reset");
+}
+
+/// Three connections in the lab's family killed by the backend's
+/// out-of-window reply: each reset seen through `send_reset` (the kernel
+/// function, where the 6.1 tracepoint misses no-socket resets), each
+/// reply's INVALID verdict with the kernel's reason, one finding each.
+fn unnated_replies_name_the_verdict(lab: &mut Lab, send_reset: &str) {
+    let family = lab.family;
     lab.start_server();
     let watch = lab.watch(&["--events"]);
     check_all_hooks(&watch.status);
+    let legacy_tracepoint = !has_tracepoint_field("tcp_send_reset", "reason");
+    if legacy_tracepoint {
+        let target = hook(&watch.status, "tcp_send_reset")["target"].clone();
+        assert!(target.as_str().unwrap().contains(send_reset), "{target}");
+    }
     let mut c = lab.client(3);
     // Emulated CPUs are slow: a longer wait than on the host.
     let reset = c.unnat_all(Duration::from_millis(2500));
@@ -115,29 +145,35 @@ fn unnated_reply_names_the_conntrack_verdict() {
     );
     let lines = watch.stop();
     let (client_ns, node_ns) = (lab.inode(&lab.client), lab.inode(&lab.node));
-    let backend = backend();
+    let (backend, vip) = (family.backend(), family.vip());
+    assert_eq!(
+        select(&lines, "finding", Some("unnated_reply")).len(),
+        3,
+        "one finding per broken connection"
+    );
 
     for p in &c.ports {
-        // The no-socket RST, through fentry or a kprobe on tcp_v4_send_reset
-        // (the 6.1 tracepoint misses it).
-        let sent = between(&lines, "tcp_send_reset", &client(*p), &backend);
+        let client = family.client(*p);
+        // The no-socket RST, through fentry or a kprobe on the kernel
+        // function where the tracepoint misses it.
+        let sent = between(&lines, "tcp_send_reset", &client, &backend);
         assert_eq!(sent.len(), 1, "port {p}: {sent:?}");
         assert_eq!(sent[0]["socket"], false, "{}", sent[0]);
         assert_eq!(sent[0]["netns"], client_ns, "{}", sent[0]);
-        if !has_tracepoint_field("tcp_send_reset", "reason") {
+        if legacy_tracepoint {
             let src = sent[0]["source"].as_str().unwrap_or_default();
             assert!(src == "fentry" || src == "kprobe", "{}", sent[0]);
         }
         // Conntrack's verdict on the backend's reply, in the node namespace.
         let invalid: Vec<&Value> = select(&lines, "event", Some("ct_invalid"))
             .into_iter()
-            .filter(|e| e["client"] == client(*p) && e["direction"] == "reply")
+            .filter(|e| e["client"] == client && e["direction"] == "reply")
             .collect();
         assert!(!invalid.is_empty(), "port {p}: no ct_invalid event");
         let e = invalid[0];
         assert_eq!(e["netns"], node_ns, "{e}");
         assert_eq!(e["src"], backend.as_str(), "{e}");
-        assert_eq!(e["service"], vip().as_str(), "{e}");
+        assert_eq!(e["service"], vip.as_str(), "{e}");
         assert_eq!(e["backend"], backend.as_str(), "{e}");
         let why = e["reason"]
             .as_str()
@@ -149,12 +185,12 @@ fn unnated_reply_names_the_conntrack_verdict() {
 
         let f: Vec<&Value> = select(&lines, "finding", Some("unnated_reply"))
             .into_iter()
-            .filter(|f| f["client"] == client(*p))
+            .filter(|f| f["client"] == client)
             .collect();
         assert_eq!(f.len(), 1, "one finding per broken connection: {f:?}");
         let f = f[0];
         eprintln!("finding: {f}");
-        assert_eq!(f["service"], vip().as_str());
+        assert_eq!(f["service"], vip.as_str());
         assert_eq!(f["backend"], backend.as_str());
         let cause = f["cause"].as_str().unwrap();
         assert!(cause.contains("conntrack INVALID"), "{f}");

@@ -207,6 +207,7 @@ fn watch_in_node(
         ring_buffer_bytes: 8 << 20,
         ctnetlink: true,
         exposed: Vec::new(),
+        kube_proxy_mode: None,
     };
     run_source(&source, clock, &mut sink)?;
     Ok(std::mem::take(&mut sink.pipeline.emitted))

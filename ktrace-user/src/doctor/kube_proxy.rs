@@ -12,8 +12,9 @@
 
 use serde_json::json;
 
-use super::rules::{protecting_drops, Source};
-use super::{ipvs, Check, Ctx, Status};
+use super::rules::{protecting_drops, read_sources, Source};
+use super::{ipvs, Check, Ctx, Fs, Status};
+use crate::engine::KubeProxyMode;
 
 /// kube-proxy's proxy modes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +34,33 @@ impl Mode {
     }
 }
 
+impl From<Mode> for KubeProxyMode {
+    fn from(m: Mode) -> KubeProxyMode {
+        match m {
+            Mode::Ipvs => KubeProxyMode::Ipvs,
+            Mode::Nftables => KubeProxyMode::Nftables,
+            Mode::Iptables => KubeProxyMode::Iptables,
+        }
+    }
+}
+
+/// kube-proxy's mode on the running node, in the current network
+/// namespace, as `kube_proxy_mode` finds it: what `watch` and `record`
+/// tell the engine at start. IPVS shows in files; only without it are the
+/// rulesets read (the same tools a live audit runs, once).
+pub fn detect_running() -> KubeProxyMode {
+    let fs = Fs::new(std::path::Path::new("/"));
+    if let Some((m, _)) = ipvs_sign(&fs) {
+        return m.into();
+    }
+    let s = signs(&fs, &read_sources(&fs, true));
+    match s.modes.first() {
+        Some((m, _)) => (*m).into(),
+        None if s.read_any => KubeProxyMode::None,
+        None => KubeProxyMode::Unknown,
+    }
+}
+
 /// What the node shows of kube-proxy.
 struct Signs {
     /// In precedence order; the first is the mode.
@@ -41,21 +69,22 @@ struct Signs {
     read_any: bool,
 }
 
-fn signs(ctx: &Ctx) -> Signs {
-    let mut modes = Vec::new();
-    if ctx.fs.exists("/sys/class/net/kube-ipvs0") {
-        modes.push((Mode::Ipvs, "interface kube-ipvs0".to_string()));
-    } else if let Ok(services) = ctx
-        .fs
+/// IPVS mode's sign: `kube-ipvs0`, or virtual services in `/proc/net/ip_vs`.
+fn ipvs_sign(fs: &Fs) -> Option<(Mode, String)> {
+    if fs.exists("/sys/class/net/kube-ipvs0") {
+        return Some((Mode::Ipvs, "interface kube-ipvs0".to_string()));
+    }
+    let services = fs
         .read("/proc/net/ip_vs")
         .map(|t| ipvs::parse_ip_vs(&t).unwrap_or_default())
-    {
-        if !services.is_empty() {
-            let n = services.len();
-            modes.push((Mode::Ipvs, format!("{n} IPVS virtual services")));
-        }
-    }
-    for s in &ctx.rulesets {
+        .ok()?;
+    let n = services.len();
+    (n > 0).then(|| (Mode::Ipvs, format!("{n} IPVS virtual services")))
+}
+
+fn signs(fs: &Fs, rulesets: &[Source]) -> Signs {
+    let mut modes: Vec<(Mode, String)> = ipvs_sign(fs).into_iter().collect();
+    for s in rulesets {
         match s {
             Source::Read {
                 name,
@@ -73,15 +102,14 @@ fn signs(ctx: &Ctx) -> Signs {
         }
     }
     modes.sort_by_key(|(m, _)| *m as u8);
-    let read_any = ctx
-        .rulesets
+    let read_any = rulesets
         .iter()
         .any(|s| !matches!(s, Source::Unknown { .. }));
     Signs { modes, read_any }
 }
 
 pub fn checks(ctx: &Ctx) -> Vec<Check> {
-    let s = signs(ctx);
+    let s = signs(&ctx.fs, &ctx.rulesets);
     let mode = s.modes.first().map(|(m, _)| *m);
     vec![check_mode(&s), check_invalid_drop(ctx, mode, &s)]
 }

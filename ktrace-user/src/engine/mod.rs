@@ -20,6 +20,7 @@ pub mod finding;
 mod flows;
 mod invalid_samples;
 mod pending;
+pub mod proxy_mode;
 mod race;
 mod storm;
 mod unnated;
@@ -34,6 +35,7 @@ use finding::{UnnatedBasis, UnnatedPath};
 use flows::{Ep, FlowKey, FlowTable, TCP};
 use invalid_samples::InvalidSamples;
 use pending::{Pending, PendingReset};
+pub use proxy_mode::KubeProxyMode;
 pub use storm::Phase;
 use storm::{StormReport, StormTracker};
 
@@ -82,6 +84,10 @@ pub struct EngineConfig {
     pub ct_timeout_established_s: Option<u64>,
     #[serde(default)]
     pub keepalive_s: Option<u64>,
+    /// kube-proxy's mode when ktrace started (a remedy words its INVALID
+    /// drop for it); stored so that replay gives the same remedy.
+    #[serde(default)]
+    pub kube_proxy_mode: KubeProxyMode,
 }
 
 impl Default for EngineConfig {
@@ -101,6 +107,7 @@ impl Default for EngineConfig {
             conntrack_max: None,
             ct_timeout_established_s: None,
             keepalive_s: None,
+            kube_proxy_mode: KubeProxyMode::Unknown,
         }
     }
 }

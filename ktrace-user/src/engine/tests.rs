@@ -723,3 +723,103 @@ fn each_confirm_drop_is_a_finding_of_its_flow() {
     );
     assert!(!f[1].remedy.contains("resolv.conf"), "{}", f[1].remedy);
 }
+
+/// The un-NATed reply's remedy in each of kube-proxy's modes: iptables
+/// rules where kube-proxy writes iptables (its INVALID drop in FORWARD, or
+/// INPUT where the packet is addressed to the node), an nft rule of the
+/// admin's own in nftables mode (kube-proxy installs no INVALID drop).
+#[test]
+fn the_remedy_fits_kube_proxy_mode() {
+    let remedy = |mode: KubeProxyMode, events: &[Event]| {
+        let cfg = EngineConfig {
+            kube_proxy_mode: mode,
+            ..Default::default()
+        };
+        let f = run_with(cfg, events);
+        assert_eq!(kinds(&f), vec![FindingKind::UnnatedReply], "{f:?}");
+        f[0].remedy.clone()
+    };
+    let reply = [map(0, C, S, B1), rst(1_000, C, B1, PSH_ACK)];
+    let snat = [map_snat(0, C, S, B1, SNAT), rst(1_000, SNAT, B1, PSH_ACK)];
+    let request = [map(0, C, S, B1), rst(1_000, S, C, PSH_ACK)];
+
+    let r = remedy(KubeProxyMode::Iptables, &reply);
+    assert!(
+        r.contains("iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP"),
+        "{r}"
+    );
+    assert!(r.contains("KUBE-FORWARD") && !r.contains("nft "), "{r}");
+    let r = remedy(KubeProxyMode::Iptables, &snat);
+    assert!(
+        r.contains("iptables -I INPUT -m conntrack --ctstate INVALID -j DROP"),
+        "{r}"
+    );
+
+    for events in [&reply[..], &snat[..], &request[..]] {
+        let r = remedy(KubeProxyMode::Nftables, events);
+        assert!(
+            r.contains("nftables mode installs no ctstate INVALID drop"),
+            "{r}"
+        );
+        assert!(r.contains("ct state invalid drop"), "{r}");
+        assert!(!r.contains("iptables"), "{r}");
+        assert!(r.contains("nf_conntrack_tcp_be_liberal=1"), "{r}");
+    }
+    let r = remedy(KubeProxyMode::Nftables, &reply);
+    assert!(
+        r.contains("type filter hook forward priority filter"),
+        "{r}"
+    );
+    let r = remedy(KubeProxyMode::Nftables, &request);
+    assert!(r.contains("type filter hook input priority filter"), "{r}");
+
+    let r = remedy(KubeProxyMode::Ipvs, &request);
+    assert!(
+        r.contains("iptables -I INPUT") && r.contains("ipvs mode"),
+        "{r}"
+    );
+
+    for mode in [KubeProxyMode::Unknown, KubeProxyMode::None] {
+        let r = remedy(mode, &reply);
+        assert!(r.contains("iptables -I FORWARD"), "{r}");
+        assert!(r.contains("ct state invalid drop"), "{r}");
+        assert!(
+            r.contains(&format!(
+                "mode {}",
+                if mode == KubeProxyMode::None {
+                    "none found"
+                } else {
+                    "unknown"
+                }
+            )),
+            "{r}"
+        );
+    }
+}
+
+/// An IPv6 Service's remedy names ip6tables.
+#[test]
+fn an_ipv6_services_remedy_names_ip6tables() {
+    let cfg = EngineConfig {
+        kube_proxy_mode: KubeProxyMode::Iptables,
+        ..Default::default()
+    };
+    let f = run_with(
+        cfg,
+        &[
+            map(
+                0,
+                "[fd00::2]:40000",
+                "[fd00:96::10]:2222",
+                "[fd00:1::2]:2222",
+            ),
+            rst(1_000, "[fd00::2]:40000", "[fd00:1::2]:2222", PSH_ACK),
+        ],
+    );
+    assert_eq!(kinds(&f), vec![FindingKind::UnnatedReply], "{f:?}");
+    assert!(
+        f[0].remedy.contains("ip6tables -I FORWARD"),
+        "{}",
+        f[0].remedy
+    );
+}

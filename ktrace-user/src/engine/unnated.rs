@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 
 use super::finding::{self, CtVerdict, Evidence, Finding, Severity, Time};
 use super::flows::{flow_flags, Ep, Flow, FlowId, TCP};
+use super::proxy_mode;
 use super::{
     Engine, UnnatedBasis, UnnatedPath, HOLD_NS, NO_INVALID_COUNTED, REPORT_AGAIN_MS, STORM_SWITCH,
     STORM_UNNATED,
@@ -228,7 +229,7 @@ impl Engine {
             backend: Some(c.backend.get()),
             client: Some(c.client.get()),
             cause: cause(&verdict, c.path, c.snat, service),
-            remedy: self.unnated_remedy(c.path),
+            remedy: self.unnated_remedy(c.path, service),
             evidence,
         }
     }
@@ -258,32 +259,33 @@ impl Engine {
             e.path = UnnatedPath::EntryLost;
             e.basis.push(UnnatedBasis::CtEntryDestroyed);
             f.cause = cause("", e.path, e.snat, service);
-            f.remedy = self.unnated_remedy(e.path);
+            f.remedy = self.unnated_remedy(e.path, service);
         } else {
             f.cause = format!("{NO_INVALID_COUNTED}{}", tail(e.path, e.snat, service));
         }
     }
 
-    fn unnated_remedy(&self, path: UnnatedPath) -> String {
+    /// be_liberal, then the INVALID drop in the form kube-proxy's mode
+    /// calls for (an iptables rule, or an nft rule where kube-proxy runs
+    /// in nftables mode), on the path the INVALID packet took.
+    fn unnated_remedy(&self, path: UnnatedPath, service: SocketAddr) -> String {
         let max = self
             .cfg
             .conntrack_max
             .map(|m| format!(" (nf_conntrack_max is {m})"))
             .unwrap_or_default();
-        match path {
-            UnnatedPath::ReplyToClient => format!(
-                "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from /etc/modules-load.d/ so the sysctl applies at boot), \
-                 or drop ctstate INVALID in FORWARD (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); \
-                 if the table is near full, raise nf_conntrack_max{max}"
-            ),
-            UnnatedPath::ReplyToSnatAddress | UnnatedPath::RequestToLocalService => format!(
-                "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from /etc/modules-load.d/ so the sysctl applies at boot); \
-                 the INVALID packet is addressed to the node itself, so kube-proxy's FORWARD drop does not catch it: \
-                 drop ctstate INVALID in INPUT as well (iptables -I INPUT -m conntrack --ctstate INVALID -j DROP); \
-                 if the table is near full, raise nf_conntrack_max{max}"
-            ),
-            UnnatedPath::EntryLost => self.keepalive_remedy(),
-        }
+        let hook = match path {
+            UnnatedPath::ReplyToClient => proxy_mode::Path::Forward,
+            UnnatedPath::ReplyToSnatAddress | UnnatedPath::RequestToLocalService => {
+                proxy_mode::Path::Input
+            }
+            UnnatedPath::EntryLost => return self.keepalive_remedy(),
+        };
+        let drop = proxy_mode::invalid_drop(self.cfg.kube_proxy_mode, hook, service.is_ipv6());
+        format!(
+            "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from /etc/modules-load.d/ so the sysctl applies at boot); \
+             {drop}; if the table is near full, raise nf_conntrack_max{max}"
+        )
     }
 }
 

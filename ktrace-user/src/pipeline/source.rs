@@ -25,6 +25,8 @@ pub struct SourceOptions {
     pub ctnetlink: bool,
     /// URLs this process serves, for the status line.
     pub exposed: Vec<String>,
+    /// kube-proxy's mode detected at start, for the status line.
+    pub kube_proxy_mode: Option<crate::engine::KubeProxyMode>,
 }
 
 /// Messages from the ctnetlink thread.
@@ -138,6 +140,7 @@ async fn source_loop(
             memlock: Some(&attached.memlock),
             exposed: Some(&opts.exposed),
             replay: None,
+            kube_proxy_mode: opts.kube_proxy_mode,
         },
         clock,
     )?;

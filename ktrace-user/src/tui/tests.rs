@@ -175,11 +175,15 @@ fn a_full_channel_counts_what_the_tap_drops() {
 fn the_whole_remedy_shows_in_a_120x40_terminal() {
     let mut b = Board::new("node-a".into());
     let mut f = unnated(1_000_000_000, 40000);
-    // The un-NATed reply's remedy as the engine words it (the longest).
+    // The un-NATed reply's remedy as the engine words it (the longest:
+    // kube-proxy's nftables mode, request direction).
     f.remedy = "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from \
-        /etc/modules-load.d/ so the sysctl applies at boot), or drop ctstate INVALID in FORWARD \
-        (iptables -I FORWARD -m conntrack --ctstate INVALID -j DROP); if the table is near full, \
-        raise nf_conntrack_max (nf_conntrack_max is 262144)"
+        /etc/modules-load.d/ so the sysctl applies at boot); kube-proxy's nftables mode installs \
+        no ctstate INVALID drop (run it with --conntrack-tcp-be-liberal to set be_liberal), so \
+        drop INVALID on the input hook in a table of your own: nft add table inet invalid-drop; \
+        nft add chain inet invalid-drop input '{ type filter hook input priority filter; }'; nft \
+        add rule inet invalid-drop input ct state invalid drop; if the table is near full, raise \
+        nf_conntrack_max (nf_conntrack_max is 262144)"
         .into();
     f.cause = "Service 10.96.0.10:2222: reply from backend 10.0.1.2:2222 to client \
         10.0.0.2:54904 was not reverse-NATed (conntrack INVALID: the node's conntrack counted 12 \
