@@ -49,3 +49,4 @@ pub mod sysctl;
 pub mod tracefs;
 pub mod tui;
 pub mod watch;
+pub mod wire;

@@ -16,7 +16,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::model::{Interner, Key, Layer, Peer, PodName, PortRole, Proto, ServiceName};
-use crate::recording::format::{put_varint, Cursor, Malformed};
+use crate::wire::{put_varint, Cursor, Malformed};
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum NameRecord {
