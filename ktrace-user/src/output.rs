@@ -122,53 +122,64 @@ impl<W: Write> Renderer<W> {
         info: &StatusInfo,
     ) -> io::Result<()> {
         if self.json {
-            let hooks: Vec<Value> = hooks
-                .iter()
-                .map(|h| {
-                    let mut m = Map::new();
-                    m.insert("name".into(), json!(h.name));
-                    m.insert("mechanism".into(), json!(h.mechanism));
-                    m.insert("attached".into(), json!(h.attached));
-                    if !h.target.is_empty() {
-                        m.insert("target".into(), json!(h.target));
-                    }
-                    if let Some(r) = &h.reason {
-                        m.insert("reason".into(), json!(r));
-                    }
-                    Value::Object(m)
-                })
-                .collect();
-            let mut v = json!({
-                "type": "status",
-                "ts": self.clock.rfc3339(ts_ns),
-                "version": env!("CARGO_PKG_VERSION"),
-                "hooks": hooks,
-                "ring_buffer_bytes": info.ring_buffer_bytes,
-            });
-            if let Some(k) = info.kernel {
-                v["kernel"] = json!(k);
-            }
-            if let Some(n) = info.netns {
-                v["netns"] = json!(n);
-            }
-            if let Some(m) = info.memlock {
-                v["memlock"] = json!(m);
-            }
-            if let Some(x) = info.exposed {
-                v["exposed"] = json!(x);
-            }
-            if let Some(r) = info.replay {
-                v["replay"] = json!(r);
-            }
-            if let Some(m) = info.kube_proxy_mode {
-                v["kube_proxy_mode"] = json!(m);
-            }
-            if let Some(n) = self.names.names() {
-                n.take_status_change();
-                v["names"] = json!(n.status_now());
-            }
+            let v = self.status_json(ts_ns, hooks, info);
             return self.line(&v);
         }
+        self.status_human(hooks, info)
+    }
+
+    /// The `status` JSON line.
+    fn status_json(&self, ts_ns: u64, hooks: &[HookStatus], info: &StatusInfo) -> Value {
+        let hooks: Vec<Value> = hooks
+            .iter()
+            .map(|h| {
+                let mut m = Map::new();
+                m.insert("name".into(), json!(h.name));
+                m.insert("mechanism".into(), json!(h.mechanism));
+                m.insert("attached".into(), json!(h.attached));
+                if !h.target.is_empty() {
+                    m.insert("target".into(), json!(h.target));
+                }
+                if let Some(r) = &h.reason {
+                    m.insert("reason".into(), json!(r));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        let mut v = json!({
+            "type": "status",
+            "ts": self.clock.rfc3339(ts_ns),
+            "version": env!("CARGO_PKG_VERSION"),
+            "hooks": hooks,
+            "ring_buffer_bytes": info.ring_buffer_bytes,
+        });
+        if let Some(k) = info.kernel {
+            v["kernel"] = json!(k);
+        }
+        if let Some(n) = info.netns {
+            v["netns"] = json!(n);
+        }
+        if let Some(m) = info.memlock {
+            v["memlock"] = json!(m);
+        }
+        if let Some(x) = info.exposed {
+            v["exposed"] = json!(x);
+        }
+        if let Some(r) = info.replay {
+            v["replay"] = json!(r);
+        }
+        if let Some(m) = info.kube_proxy_mode {
+            v["kube_proxy_mode"] = json!(m);
+        }
+        if let Some(n) = self.names.names() {
+            n.take_status_change();
+            v["names"] = json!(n.status_now());
+        }
+        v
+    }
+
+    /// The status block of the human view: versions, then one line a hook.
+    fn status_human(&mut self, hooks: &[HookStatus], info: &StatusInfo) -> io::Result<()> {
         writeln!(
             self.out,
             "ktrace {} on kernel {}: hooks",
