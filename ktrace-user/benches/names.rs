@@ -3,14 +3,20 @@
 //!   source's cache and in the lookup layer built from it, at 10k Services,
 //!   100k endpoints and 100k Pods (heap bytes counted by a global allocator,
 //!   objects converted from real k8s-openapi types as the watcher hands them);
-//! - ns per lookup: a finding's names, an event's names (what `record`
-//!   does per event);
+//! - ns per lookup: a finding's names, an address's name records (what
+//!   the recorder looks up once per address and version of the names);
 //! - the engine's events/s without names and with each finding's names
 //!   (what `watch` does), for the worst case (every connection a finding,
 //!   each from a different client Pod) and a typical mix (1 connection in
 //!   100 a finding, clients that come back);
-//! - the recorder's events/s (encode + zstd + write, one core) without
-//!   names and with each event's names (what `record` does).
+//! - the recorder's events/s (encode + zstd + write, inline on one core)
+//!   without names and with each event's names (what `record` does: an
+//!   address new in a block is one probe of the recorder's cache, a name is
+//!   written once per segment), and the bytes per event it writes.
+//!
+//! It prints the load average at start and end: the goal (names cost the
+//! engine and the recorder at most 5 % of their events/s) can only be
+//! judged on a quiet machine.
 //!
 //! Each pair (without, with) runs back to back, several times: the change
 //! is given as the median and the spread over the pairs, so a noisy
@@ -319,7 +325,7 @@ fn pairs(runs: usize, mut f: impl FnMut(bool) -> f64) -> (f64, f64, Vec<f64>) {
 
 fn report(what: &str, (off, on, d): (f64, f64, Vec<f64>)) {
     println!(
-        "  {what:<44} {off:>10.0} -> {on:>10.0} events/s   change with names: median {:+.1} % (from {:+.1} to {:+.1} over {} pairs)",
+        "  {what:<44} {off:>10.0} -> {on:>10.0} events/s   change with names: median {:+.1} % (from {:+.1} to {:+.1} over {} pairs; goal: no worse than -5 %)",
         d[d.len() / 2],
         d[0],
         d[d.len() - 1],

@@ -292,6 +292,10 @@ pub struct RawBlock {
     /// The names of the block's addresses (the writer puts those its
     /// segment lacks in front of the payload).
     pub names: Vec<std::sync::Arc<super::names::NamedAddr>>,
+    /// The block's addresses (when names are recorded) and the names'
+    /// epoch it was encoded in (see `recording::names`).
+    pub ips: Vec<IpAddr>,
+    pub epoch: u64,
 }
 
 impl BlockEncoder {
@@ -340,6 +344,8 @@ impl BlockEncoder {
             min_ts: if self.items == 0 { 0 } else { self.min_ts },
             max_ts: self.max_ts,
             names: Vec::new(),
+            ips: Vec::new(),
+            epoch: 0,
         };
         self.ips.clear();
         self.fresh_ips.clear();

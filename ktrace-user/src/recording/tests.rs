@@ -1651,6 +1651,18 @@ mod names {
 
     #[test]
     fn names_go_once_per_segment_and_survive_rotation_and_skipped_blocks() {
+        names_round_trip(false);
+    }
+
+    /// The same with the writer on its own thread: blocks still queued
+    /// when a segment starts carry the names the new segment lacks, and
+    /// blocks dropped on a full queue lose no name later blocks need.
+    #[test]
+    fn names_survive_rotation_with_blocks_in_flight() {
+        names_round_trip(true);
+    }
+
+    fn names_round_trip(threaded: bool) {
         let dir = TempDir::new("names");
         let path = dir.path("rec");
         let names = Names::new();
@@ -1658,7 +1670,9 @@ mod names {
         let live = NameResolver::live(names.clone());
         let evs = storm(20_000, 1_000);
         let renamed_from = evs[12_000].ts_ns;
-        let mut r = started(small_segments(&path, 100));
+        let mut cfg = small_segments(&path, 100);
+        cfg.threaded = threaded;
+        let mut r = started(cfg);
         for (i, e) in evs.iter().enumerate() {
             if i == 12_000 {
                 names.publish(SourceId::Api, layer("web-new"));
@@ -1720,7 +1734,9 @@ mod names {
                 check_named(&items, &live, renamed_from);
             }
         }
-        assert!(checked_rename >= 1);
+        // (On its own thread, the writer falls behind and whole blocks are
+        // dropped, the rename's among them: what is left is checked above.)
+        assert!(threaded || checked_rename >= 1, "{s:?}");
         // Once per segment, not once per block: far fewer records than blocks x names.
         assert!(
             total < 260 * 2 * s.segments as usize,

@@ -17,7 +17,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -180,6 +180,9 @@ pub struct SegmentWriter {
     /// written carries in front.
     names: SegmentNames,
     name_prefix: Vec<u8>,
+    /// The names' epoch: one more at every new segment (shared with the
+    /// [`Recorder`], which starts sending names afresh when it changes).
+    epoch: Arc<AtomicU64>,
     /// The frame of a `Dropped` record, written before `frame`.
     aux: Vec<u8>,
     paused: Option<Pause>,
@@ -245,6 +248,7 @@ impl SegmentWriter {
             frame: Vec::with_capacity(1 << 16),
             names: SegmentNames::default(),
             name_prefix: Vec::new(),
+            epoch: Arc::new(AtomicU64::new(1)),
             aux: Vec::new(),
             paused: None,
             dropped_pending: 0,
@@ -380,13 +384,17 @@ impl SegmentWriter {
         if let Some(p) = &mut self.paused {
             if now.duration_since(p.last_try) < RETRY {
                 self.drop_block(raw.events, raw.min_ts);
+                self.names.lost(raw);
                 return;
             }
             p.last_try = now;
         }
         match self.try_write(Some(raw)) {
             Ok(()) => self.resumed(),
-            Err(e) => self.fail(e, raw.events, raw.min_ts),
+            Err(e) => {
+                self.names.lost(raw);
+                self.fail(e, raw.events, raw.min_ts)
+            }
         }
     }
 
@@ -448,7 +456,7 @@ impl SegmentWriter {
             };
         if self.maybe_rotate(next_len as u64)? {
             // The new segment holds none of the names yet.
-            if let Some(raw) = block.filter(|r| !r.names.is_empty()) {
+            if let Some(raw) = block {
                 self.seal(raw);
             }
         }
@@ -474,7 +482,8 @@ impl SegmentWriter {
 
     /// The frame of `raw`, with the names its segment lacks in front.
     fn seal(&mut self, raw: &RawBlock) {
-        self.names.prefix(&raw.names, &mut self.name_prefix);
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.names.prefix(raw, epoch, &mut self.name_prefix);
         self.sealer
             .seal_with(&self.name_prefix, raw, &mut self.frame);
     }
@@ -520,6 +529,7 @@ impl SegmentWriter {
         self.segment += 1;
         self.stats.segments += 1;
         self.names.new_segment();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
         let f = super::private::open(&self.cfg.path, true)?;
         self.file = Some(f);
         self.write_header()?;
@@ -702,8 +712,15 @@ pub struct Recorder {
     queue_dropped_since: u64,
     /// The names of addresses, looked up once per version of the names.
     name_cache: NameCache,
-    /// The names of the current block's addresses.
+    /// The names the current block sends, and its addresses.
     block_names: Vec<Arc<NamedAddr>>,
+    block_ips: Vec<std::net::IpAddr>,
+    /// The writer's epoch as last seen, and this side's: one more at each
+    /// change of the writer's, or when a block is lost on the way (its
+    /// names are then sent again).
+    writer_epoch: Arc<AtomicU64>,
+    seen_epoch: u64,
+    name_epoch: u64,
 }
 
 impl Recorder {
@@ -717,6 +734,7 @@ impl Recorder {
         let mut cfg = cfg;
         cfg.keep = cfg.keep.max(1);
         let sw = SegmentWriter::open(cfg.clone())?;
+        let writer_epoch = sw.epoch.clone();
         let backend = if cfg.threaded {
             let (tx, rx) = mpsc::sync_channel::<ToWriter>(QUEUE_BLOCKS);
             let (ntx, nrx) = mpsc::channel::<Notice>();
@@ -746,6 +764,10 @@ impl Recorder {
             queue_dropped_since: 0,
             name_cache: NameCache::default(),
             block_names: Vec::new(),
+            block_ips: Vec::new(),
+            seen_epoch: writer_epoch.load(Ordering::Acquire),
+            writer_epoch,
+            name_epoch: 1,
         })
     }
 
@@ -800,7 +822,8 @@ impl Recorder {
     pub fn event_named(&mut self, ev: &Event, names: &crate::names::NameResolver) {
         self.enc.push_event(ev);
         for ip in self.enc.take_fresh_ips() {
-            if let Some(n) = self.name_cache.get(ip, names) {
+            self.block_ips.push(ip);
+            if let Some(n) = self.name_cache.unsent(ip, names, self.name_epoch) {
                 self.block_names.push(n);
             }
         }
@@ -812,7 +835,8 @@ impl Recorder {
     /// The names of an address a finding names, as they are now (the
     /// event that carried it may have been recorded before they were known).
     pub fn name_addr(&mut self, ip: std::net::IpAddr, names: &crate::names::NameResolver) {
-        if let Some(n) = self.name_cache.get(ip, names) {
+        self.block_ips.push(ip);
+        if let Some(n) = self.name_cache.unsent(ip, names, self.name_epoch) {
             self.block_names.push(n);
         }
     }
@@ -843,6 +867,9 @@ impl Recorder {
         }
         let mut raw = self.enc.take();
         raw.names = std::mem::take(&mut self.block_names);
+        raw.ips = std::mem::take(&mut self.block_ips);
+        raw.epoch = self.seen_epoch;
+        let sent_names = !raw.names.is_empty();
         match &mut self.backend {
             Backend::Inline(sw) => sw.write_block(&raw),
             Backend::Thread { tx, .. } => {
@@ -859,10 +886,20 @@ impl Recorder {
                             self.queue_dropped_since = min_ts;
                         }
                         self.queue_dropped += events;
+                        if sent_names {
+                            // Its names are lost with it: send them again.
+                            self.name_epoch += 1;
+                        }
                     }
                 }
             }
             Backend::Done => {}
+        }
+        // A new segment holds none of the names sent so far.
+        let w = self.writer_epoch.load(Ordering::Acquire);
+        if w != self.seen_epoch {
+            self.seen_epoch = w;
+            self.name_epoch += 1;
         }
     }
 
