@@ -25,12 +25,9 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The name the engine and the status line use for it.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Mode::Ipvs => "ipvs",
-            Mode::Nftables => "nftables",
-            Mode::Iptables => "iptables",
-        }
+        KubeProxyMode::from(self).as_str()
     }
 }
 

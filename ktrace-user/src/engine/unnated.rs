@@ -155,7 +155,7 @@ impl Engine {
             if flow.has(flow_flags::DESTROYED) && c.path != UnnatedPath::RequestToLocalService {
                 c.path = UnnatedPath::EntryLost;
             }
-            let f = self.unnated_finding(ts, &c, flow.service.get(), reason);
+            let mut f = self.unnated_finding(ts, &c, flow.service.get(), reason);
             let cite_counters = c.path != UnnatedPath::EntryLost
                 && self.cfg.ct_counters
                 && !self.cfg.ct_invalid_hook;
@@ -164,12 +164,11 @@ impl Engine {
                 // source takes as soon as it sees this wants one:
                 // `wants_counter_sample`).
                 self.held.push((ts + HOLD_NS, f));
-            } else if cite_counters {
-                // A sample read after the reset reached the engine first.
-                let mut f = f;
-                self.settle_held(&mut f);
-                out.push(f);
             } else {
+                if cite_counters {
+                    // A sample read after the reset reached the engine first.
+                    self.settle_held(&mut f);
+                }
                 out.push(f);
             }
         }
