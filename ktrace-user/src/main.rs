@@ -68,19 +68,11 @@ struct WatchArgs {
     view: ViewArgs,
     #[command(flatten)]
     stream: StreamArgs,
-    #[command(flatten)]
-    source: SourceArgs,
     /// Also record every event to PATH while watching (see `ktrace record`).
     #[arg(long, value_name = "PATH")]
     record: Option<PathBuf>,
     #[command(flatten)]
-    rotation: RotationArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
-    #[command(flatten)]
-    otlp: OtlpArgs,
-    #[command(flatten)]
-    names: NamesArgs,
+    collect: CollectArgs,
     /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT, or on loopback (127.0.0.1) given PORT alone (none without it)
     #[arg(long, value_name = "[IP:]PORT", value_parser = metrics_addr_arg)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -94,6 +86,14 @@ struct RecordArgs {
     /// JSON Lines on stdout (status, lost events, a closing summary).
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    collect: CollectArgs,
+}
+
+/// What `watch` and `record` both take: the event source, a recording's
+/// rotation, the engine, the export and the names.
+#[derive(Args)]
+struct CollectArgs {
     #[command(flatten)]
     source: SourceArgs,
     #[command(flatten)]
@@ -440,29 +440,29 @@ const ALL_SIGNALS: ktrace::export::Signals = ktrace::export::Signals {
 };
 
 fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
-    if a.record.is_none() && (a.rotation.given() || a.rotation.zstd_level != 3) {
+    if a.record.is_none() && (a.collect.rotation.given() || a.collect.rotation.zstd_level != 3) {
         usage_conflict("--rotate-size, --rotate-time, --keep and --zstd-level need --record PATH");
     }
     let mut opts = ktrace::watch::WatchOptions {
-        engine: a.engine.config(),
+        engine: a.collect.engine.config(),
         json: a.view.json,
         events: a.stream.events,
-        duration: a.source.duration,
-        ring_buffer_bytes: a.source.ring_buffer_mb << 20,
-        ctnetlink: !a.source.no_ctnetlink,
-        every_reset: a.source.every_reset,
-        record: a.record.clone().map(|p| a.rotation.config(p)),
+        duration: a.collect.source.duration,
+        ring_buffer_bytes: a.collect.source.ring_buffer_mb << 20,
+        ctnetlink: !a.collect.source.no_ctnetlink,
+        every_reset: a.collect.source.every_reset,
+        record: a.record.clone().map(|p| a.collect.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
-        names: a.names.start(a.otlp.node_name.as_deref()),
+        names: a.collect.names.start(a.collect.otlp.node_name.as_deref()),
         explain: a.view.explain,
         tui: a.stream.tui,
     };
-    opts.export = a.otlp.start(ALL_SIGNALS, None)?;
+    opts.export = a.collect.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
         let x = match opts.export.take() {
             Some(x) => x,
-            None => ktrace::export::Exporter::metrics_only(&a.otlp.resource()?),
+            None => ktrace::export::Exporter::metrics_only(&a.collect.otlp.resource()?),
         };
         let ep = x.serve_metrics(addr)?;
         opts.exposed = ["metrics", "healthz"]
@@ -489,18 +489,18 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
-    let engine = a.engine.config();
+    let engine = a.collect.engine.config();
     let report = ktrace::record::record(ktrace::record::RecordOptions {
         source: ktrace::pipeline::SourceOptions {
             kube_proxy_mode: Some(engine.kube_proxy_mode),
-            ..a.source.options()
+            ..a.collect.source.options()
         },
-        rotation: a.rotation.config(a.output.clone()),
+        rotation: a.collect.rotation.config(a.output.clone()),
         json: a.json,
         engine,
-        names: a.names.start(a.otlp.node_name.as_deref()),
+        names: a.collect.names.start(a.collect.otlp.node_name.as_deref()),
         // No engine runs while recording: the event counters only.
-        export: a.otlp.start(
+        export: a.collect.otlp.start(
             ktrace::export::Signals {
                 metrics: true,
                 logs: false,

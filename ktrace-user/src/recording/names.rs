@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use super::format::{put_varint, tag};
+use super::format::NamedAddr;
 use crate::names::{NameRecord, NameResolver};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -38,32 +38,6 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// The cache forgets everything past this many addresses (a bound on its
 /// memory when a node talks to a whole cluster and beyond).
 const MAX_CACHED: usize = 1 << 18;
-
-/// The names of one address, as a recording stores them.
-#[derive(Debug, PartialEq, Eq)]
-pub struct NamedAddr {
-    pub ip: IpAddr,
-    /// Complete `DEF_NAME` records (tag, length, body), ready for a payload.
-    pub records: Box<[u8]>,
-}
-
-impl NamedAddr {
-    pub fn encode(ip: IpAddr, records: &[NameRecord]) -> NamedAddr {
-        let mut out = Vec::with_capacity(64 * records.len());
-        let mut body = Vec::with_capacity(64);
-        for r in records {
-            body.clear();
-            r.encode(&mut body);
-            put_varint(&mut out, tag::DEF_NAME);
-            put_varint(&mut out, body.len() as u64);
-            out.extend_from_slice(&body);
-        }
-        NamedAddr {
-            ip,
-            records: out.into_boxed_slice(),
-        }
-    }
-}
 
 /// One address in the cache: small (16 bytes with an IPv4 key), so the
 /// probe of an address new in its block stays in the CPU's caches.
@@ -582,7 +556,10 @@ mod tests {
         let mut out = Vec::new();
         c.unsent(&many, &r, 3, r.version(), &mut out);
         assert_eq!(out.len(), 2500);
-        assert!(out.iter().zip(many.iter().step_by(2)).all(|(n, ip)| n.ip == *ip));
+        assert!(out
+            .iter()
+            .zip(many.iter().step_by(2))
+            .all(|(n, ip)| n.ip == *ip));
         out.clear();
         c.unsent(&many, &r, 3, r.version(), &mut out);
         assert!(out.is_empty());

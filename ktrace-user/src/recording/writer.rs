@@ -25,16 +25,16 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::format::{
-    BlockEncoder, FrameSealer, RawBlock, FILE_HEADER_FIXED, FILE_MAGIC, VERSION_MAJOR,
+    BlockEncoder, FrameSealer, NamedAddr, RawBlock, FILE_HEADER_FIXED, FILE_MAGIC, VERSION_MAJOR,
     VERSION_MINOR,
 };
-use super::names::{NameCache, NamedAddr, SegmentNames};
-use crate::names::{NameResolver, Names};
+use super::names::{NameCache, SegmentNames};
 use super::Context;
 use crate::clock::monotonic_now_ns;
 use crate::engine::EngineConfig;
 use crate::event::Event;
 use crate::hooks::HookStatus;
+use crate::names::{NameResolver, Names};
 use crate::output::StatusInfo;
 
 /// How often a paused writer tries again.
