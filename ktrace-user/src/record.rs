@@ -32,7 +32,7 @@ pub struct RecordReport {
 /// to the recording; stdout gets the status line and lost-event lines only.
 pub fn record(opts: RecordOptions) -> Result<RecordReport, PipelineError> {
     let clock = WallClock::now();
-    let mut recorder = Recorder::create(opts.rotation.clone(), "record", opts.engine.clone())?;
+    let recorder = Recorder::create(opts.rotation.clone(), "record", opts.engine.clone())?;
     let stdout = std::io::stdout().lock();
     let mut p = Pipeline::new(
         None,
@@ -44,11 +44,10 @@ pub fn record(opts: RecordOptions) -> Result<RecordReport, PipelineError> {
             NetnsNames::load(),
         ),
     );
-    if let Some(n) = &opts.names {
-        recorder.name_with(n.clone());
-        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
-    }
     p.recorder = Some(recorder);
+    if let Some(n) = &opts.names {
+        p.name_with(n.clone());
+    }
     p.exporter = opts.export.clone();
     let r = run_source(&opts.source, clock, &mut p);
     let summary = p.recorder.take().map(Recorder::finish).unwrap_or_default();

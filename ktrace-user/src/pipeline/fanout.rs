@@ -55,6 +55,15 @@ impl<W: Write> Pipeline<W> {
         ts >= self.print_window.0 && ts <= self.print_window.1
     }
 
+    /// Live Kubernetes names, for the output and for the recording (its
+    /// recorder is to be set first).
+    pub fn name_with(&mut self, names: std::sync::Arc<crate::names::Names>) {
+        if let Some(r) = &mut self.recorder {
+            r.name_with(names.clone());
+        }
+        *self.out.names_mut() = crate::names::NameResolver::live(names);
+    }
+
     pub fn handle(&mut self, ev: &Event) -> std::io::Result<()> {
         if let Some(e) = &mut self.engine {
             e.process(ev, &mut self.findings);

@@ -57,6 +57,7 @@ const UNNAMED: u32 = u32::MAX;
 /// entries side by side, at most half full. Flat so that a block's
 /// addresses can be probed in a batch whose cache misses overlap (see
 /// [`NameCache::unsent`]).
+#[derive(Default)]
 struct V4Table {
     /// `key` is meaningful where `slot.at != FREE`.
     slots: Vec<(u32, Slot)>,
@@ -66,16 +67,6 @@ struct V4Table {
 
 /// A free entry of [`V4Table`] (no name index is ever this large).
 const FREE: u32 = u32::MAX - 1;
-
-impl Default for V4Table {
-    fn default() -> Self {
-        V4Table {
-            slots: Vec::new(),
-            len: 0,
-            hasher: Default::default(),
-        }
-    }
-}
 
 impl V4Table {
     /// Where the probe for `key` starts (the table is not empty).
