@@ -1334,7 +1334,18 @@ fn arb_source() -> impl Strategy<Value = Source> {
     ]
 }
 
+/// Any event body, every variant as likely as the others.
 fn arb_body() -> impl Strategy<Value = EventBody> {
+    prop_oneof![
+        3 => arb_reset_body(),
+        2 => arb_conntrack_body(),
+        1 => arb_ipvs_body(),
+        1 => arb_nat_body(),
+    ]
+}
+
+/// Resets sent, received and summarised.
+fn arb_reset_body() -> impl Strategy<Value = EventBody> {
     let a = arb_addr;
     prop_oneof![
         (
@@ -1358,6 +1369,16 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             dst,
             sock_cookie
         }),
+        (any::<u64>(), any::<u64>()).prop_map(|(refused, socket)| {
+            EventBody::ResetsSummarised(ResetCounts { refused, socket })
+        })
+    ]
+}
+
+/// conntrack INVALID verdicts and full tables.
+fn arb_conntrack_body() -> impl Strategy<Value = EventBody> {
+    let a = arb_addr;
+    prop_oneof![
         (
             a(),
             a(),
@@ -1384,19 +1405,26 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             src,
             dst,
             errno
-        }),
-        (
-            a(),
-            a(),
-            a(),
-            any::<u8>(),
-            any::<bool>(),
-            any::<u32>(),
-            any::<u32>(),
-            proptest::option::of(any::<i32>())
-        )
-            .prop_map(
-                |(
+        })
+    ]
+}
+
+/// IPVS connections.
+fn arb_ipvs_body() -> impl Strategy<Value = EventBody> {
+    let a = arb_addr;
+    (
+        a(),
+        a(),
+        a(),
+        any::<u8>(),
+        any::<bool>(),
+        any::<u32>(),
+        any::<u32>(),
+        proptest::option::of(any::<i32>()),
+    )
+        .prop_map(
+            |(client, service, real_server, protocol, template, conn_flags, dest_flags, weight)| {
+                EventBody::IpvsConnNew {
                     client,
                     service,
                     real_server,
@@ -1405,43 +1433,36 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
                     conn_flags,
                     dest_flags,
                     weight,
-                )| EventBody::IpvsConnNew {
-                    client,
-                    service,
-                    real_server,
-                    protocol,
-                    template,
-                    conn_flags,
-                    dest_flags,
-                    weight
                 }
-            ),
-        (
-            a(),
-            a(),
-            a(),
-            any::<u8>(),
-            any::<bool>(),
-            proptest::option::of(a())
+            },
         )
-            .prop_map(|(client, service, backend, protocol, destroy, snat)| {
-                let nat = NatEntry {
-                    client,
-                    service,
-                    backend,
-                    protocol,
-                    snat,
-                };
-                if destroy {
-                    EventBody::NatDestroy(nat)
-                } else {
-                    EventBody::NatMapping(nat)
-                }
-            }),
-        (any::<u64>(), any::<u64>()).prop_map(|(refused, socket)| {
-            EventBody::ResetsSummarised(ResetCounts { refused, socket })
-        }),
-    ]
+}
+
+/// NAT mappings and their ends.
+fn arb_nat_body() -> impl Strategy<Value = EventBody> {
+    let a = arb_addr;
+    (
+        a(),
+        a(),
+        a(),
+        any::<u8>(),
+        any::<bool>(),
+        proptest::option::of(a()),
+    )
+        .prop_map(|(client, service, backend, protocol, destroy, snat)| {
+            let nat = NatEntry {
+                client,
+                service,
+                backend,
+                protocol,
+                snat,
+            };
+            if destroy {
+                EventBody::NatDestroy(nat)
+            } else {
+                EventBody::NatMapping(nat)
+            }
+        })
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
