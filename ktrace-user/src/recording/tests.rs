@@ -1409,47 +1409,44 @@ fn arb_conntrack_body() -> impl Strategy<Value = EventBody> {
     ]
 }
 
-/// IPVS connections.
-fn arb_ipvs_body() -> impl Strategy<Value = EventBody> {
-    let a = arb_addr;
+/// A connection's client, service and backend, its protocol, and a flag.
+fn arb_conn() -> impl Strategy<Value = (SocketAddr, SocketAddr, SocketAddr, u8, bool)> {
     (
-        a(),
-        a(),
-        a(),
+        arb_addr(),
+        arb_addr(),
+        arb_addr(),
         any::<u8>(),
         any::<bool>(),
+    )
+}
+
+/// IPVS connections (the flag: a template).
+fn arb_ipvs_body() -> impl Strategy<Value = EventBody> {
+    let flags = (
         any::<u32>(),
         any::<u32>(),
         proptest::option::of(any::<i32>()),
+    );
+    (arb_conn(), flags).prop_map(
+        |((client, service, real_server, protocol, template), (conn_flags, dest_flags, weight))| {
+            EventBody::IpvsConnNew {
+                client,
+                service,
+                real_server,
+                protocol,
+                template,
+                conn_flags,
+                dest_flags,
+                weight,
+            }
+        },
     )
-        .prop_map(
-            |(client, service, real_server, protocol, template, conn_flags, dest_flags, weight)| {
-                EventBody::IpvsConnNew {
-                    client,
-                    service,
-                    real_server,
-                    protocol,
-                    template,
-                    conn_flags,
-                    dest_flags,
-                    weight,
-                }
-            },
-        )
 }
 
-/// NAT mappings and their ends.
+/// NAT mappings and their ends (the flag: an end).
 fn arb_nat_body() -> impl Strategy<Value = EventBody> {
-    let a = arb_addr;
-    (
-        a(),
-        a(),
-        a(),
-        any::<u8>(),
-        any::<bool>(),
-        proptest::option::of(a()),
-    )
-        .prop_map(|(client, service, backend, protocol, destroy, snat)| {
+    (arb_conn(), proptest::option::of(arb_addr())).prop_map(
+        |((client, service, backend, protocol, destroy), snat)| {
             let nat = NatEntry {
                 client,
                 service,
@@ -1462,7 +1459,8 @@ fn arb_nat_body() -> impl Strategy<Value = EventBody> {
             } else {
                 EventBody::NatMapping(nat)
             }
-        })
+        },
+    )
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
