@@ -356,12 +356,9 @@ fn load() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn main() {
-    println!(
-        "names benchmark: {} cores, load average {} at start",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        load()
-    );
+/// The API cache's size per object, then the lookup layer built from
+/// it, published as the names a resolver reads.
+fn cache_and_layer() -> NameResolver {
     let mut c = Cache::default();
     let svc = per_object(
         SERVICES,
@@ -411,12 +408,12 @@ fn main() {
     );
     let names = Names::new();
     names.publish(SourceId::Api, layer);
-    let r = NameResolver::live(names);
+    NameResolver::live(names)
+}
 
-    let worst = worst(500_000);
-    let typical = typical(500_000);
-    // Lookup cost alone: an address's name records (what the recorder
-    // asks once per address and version of the names), and a finding's names.
+/// Lookup cost alone: an address's name records (what the recorder asks
+/// once per address and version of the names), and a finding's names.
+fn lookups(r: &NameResolver, worst: &[Event]) {
     let ips: Vec<IpAddr> = (0..500_000u32)
         .map(|i| IpAddr::V4(pod_ip((i * 7919) % PODS)))
         .collect();
@@ -432,7 +429,7 @@ fn main() {
     );
     let mut e = Engine::new(EngineConfig::default());
     let mut fs = Vec::new();
-    for x in &worst {
+    for x in worst {
         e.process(x, &mut fs);
     }
     let t = cpu();
@@ -442,26 +439,29 @@ fn main() {
         "names of one finding: {per_finding:.0} ns ({named} of {} findings named)",
         fs.len()
     );
+}
 
+/// The engine and the recorder over each mix, without names and with.
+fn with_and_without_names(r: &NameResolver, mixes: [(&str, &[Event]); 2]) {
     let runs = std::env::var("KTRACE_BENCH_RUNS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
-    for (what, events) in [("worst case", &worst), ("typical mix", &typical)] {
-        let (_, named) = engine(events, Some(&r));
+    for (what, events) in mixes {
+        let (_, named) = engine(events, Some(r));
         println!("{what}: {} events, {named} findings named", events.len());
         report(
             "engine (watch: each finding's names)",
-            pairs(runs, |on| engine(events, on.then_some(&r)).0),
+            pairs(runs, |on| engine(events, on.then_some(r)).0),
         );
         let dir = std::env::temp_dir().join(format!("ktrace-bench-names-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("names.rec");
         let (_, plain) = record(&path, events, None);
-        let (_, with) = record(&path, events, Some(&r));
+        let (_, with) = record(&path, events, Some(r));
         report(
             "recorder (record: each event's names)",
-            pairs(runs, |on| record(&path, events, on.then_some(&r)).0),
+            pairs(runs, |on| record(&path, events, on.then_some(r)).0),
         );
         println!(
             "  recording size: {:.2} -> {:.2} bytes/event with names",
@@ -470,5 +470,18 @@ fn main() {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+}
+
+fn main() {
+    println!(
+        "names benchmark: {} cores, load average {} at start",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load()
+    );
+    let r = cache_and_layer();
+    let worst = worst(500_000);
+    let typical = typical(500_000);
+    lookups(&r, &worst);
+    with_and_without_names(&r, [("worst case", &worst), ("typical mix", &typical)]);
     println!("load average {} at the end", load());
 }

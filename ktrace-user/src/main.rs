@@ -106,6 +106,22 @@ struct CollectArgs {
     names: NamesArgs,
 }
 
+impl CollectArgs {
+    /// The engine's settings and the name sources, from one read of
+    /// kube-proxy's rules.
+    fn engine_and_names(
+        &self,
+    ) -> (
+        ktrace::engine::EngineConfig,
+        Option<std::sync::Arc<ktrace::names::Names>>,
+    ) {
+        let rules = ktrace::kube_proxy::KubeProxyRules::read();
+        let engine = self.engine.config(rules.mode());
+        let names = self.names.start(self.otlp.node_name.as_deref(), &rules);
+        (engine, names)
+    }
+}
+
 /// Kubernetes names of addresses (docs/kubernetes-names.md).
 #[derive(Args)]
 struct NamesArgs {
@@ -121,14 +137,19 @@ struct NamesArgs {
 }
 
 impl NamesArgs {
-    /// Starts the name sources (none with --no-kube-names).
-    fn start(&self, node_name: Option<&str>) -> Option<std::sync::Arc<ktrace::names::Names>> {
+    /// Starts the name sources (none with --no-kube-names), the rules'
+    /// source from `rules` as read at start.
+    fn start(
+        &self,
+        node_name: Option<&str>,
+        rules: &ktrace::kube_proxy::KubeProxyRules,
+    ) -> Option<std::sync::Arc<ktrace::names::Names>> {
         use ktrace::names::{kube, rules, Names};
         if self.no_kube_names {
             return None;
         }
         let names = Names::new();
-        rules::start(names.clone(), std::time::Duration::from_secs(5));
+        rules::start(names.clone(), rules, std::time::Duration::from_secs(5));
         let pods = match self.kube_pods.as_str() {
             "cluster" => kube::Pods::Cluster,
             "off" => kube::Pods::Off,
@@ -321,7 +342,11 @@ struct EngineArgs {
 }
 
 impl EngineArgs {
-    fn config(&self) -> ktrace::engine::EngineConfig {
+    /// The engine's settings, with kube-proxy's mode as read at start.
+    fn config(
+        &self,
+        kube_proxy_mode: ktrace::engine::KubeProxyMode,
+    ) -> ktrace::engine::EngineConfig {
         use ktrace::sysctl;
         ktrace::engine::EngineConfig {
             storm_threshold: self.storm_threshold,
@@ -331,8 +356,8 @@ impl EngineArgs {
             conntrack_max: sysctl::conntrack_max(),
             ct_timeout_established_s: sysctl::ct_timeout_established_s(),
             keepalive_s: sysctl::keepalive_s(),
-            // Once, at start: a remedy's INVALID drop takes its form.
-            kube_proxy_mode: ktrace::doctor::kube_proxy::detect_running(),
+            // A remedy's INVALID drop takes its form.
+            kube_proxy_mode,
             ..Default::default()
         }
     }
@@ -443,8 +468,9 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     if a.record.is_none() && (a.collect.rotation.given() || a.collect.rotation.zstd_level != 3) {
         usage_conflict("--rotate-size, --rotate-time, --keep and --zstd-level need --record PATH");
     }
+    let (engine, names) = a.collect.engine_and_names();
     let mut opts = ktrace::watch::WatchOptions {
-        engine: a.collect.engine.config(),
+        engine,
         json: a.view.json,
         events: a.stream.events,
         duration: a.collect.source.duration,
@@ -454,7 +480,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
         record: a.record.clone().map(|p| a.collect.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
-        names: a.collect.names.start(a.collect.otlp.node_name.as_deref()),
+        names,
         explain: a.view.explain,
         tui: a.stream.tui,
     };
@@ -489,7 +515,7 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
-    let engine = a.collect.engine.config();
+    let (engine, names) = a.collect.engine_and_names();
     let report = ktrace::record::record(ktrace::record::RecordOptions {
         source: ktrace::pipeline::SourceOptions {
             kube_proxy_mode: Some(engine.kube_proxy_mode),
@@ -498,7 +524,7 @@ fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
         rotation: a.collect.rotation.config(a.output.clone()),
         json: a.json,
         engine,
-        names: a.collect.names.start(a.collect.otlp.node_name.as_deref()),
+        names,
         // No engine runs while recording: the event counters only.
         export: a.collect.otlp.start(
             ktrace::export::Signals {
