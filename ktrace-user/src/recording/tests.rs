@@ -1736,11 +1736,12 @@ mod names {
         let mut cfg = small_segments(&path, 100);
         cfg.threaded = threaded;
         let mut r = started(cfg);
+        r.name_with(names.clone());
         for (i, e) in evs.iter().enumerate() {
             if i == 12_000 {
                 names.publish(SourceId::Api, layer("web-new"));
             }
-            r.event_named(e, &live);
+            r.event(e);
         }
         let s = r.finish();
         assert!(s.segments >= 5, "{s:?}");
