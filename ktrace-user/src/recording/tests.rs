@@ -150,7 +150,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 orig_dst: None,
                 reply_src: None,
                 reply_dir: false,
-                message: Some("x".repeat(300)),
+                message: Some("x".repeat(300).into()),
             },
         ),
         ev(
@@ -1155,15 +1155,9 @@ fn replay_prints_what_the_live_pipeline_printed() {
         let mut warnings = Vec::new();
         let report = run_to(
             &ReplayOptions {
-                paths: vec![path.clone()],
                 json,
                 events: true,
-                since: None,
-                until: None,
-                storm_threshold: None,
-                storm_window_ns: None,
-                plain: Default::default(),
-                timeline: None,
+                ..ReplayOptions::new(vec![path.clone()])
             },
             &mut replay_buf,
             &mut |w| warnings.push(w.clone()),
@@ -1304,7 +1298,7 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
                 EventBody::TcpSendReset {
                     src,
                     dst,
-                    reason,
+                    reason: reason.map(Into::into),
                     trigger_flags,
                     socket,
                 }
@@ -1332,7 +1326,7 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
                         orig_dst,
                         reply_src,
                         reply_dir,
-                        message,
+                        message: message.map(Into::into),
                     }
                 }
             ),
