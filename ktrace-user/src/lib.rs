@@ -33,6 +33,7 @@ pub mod event;
 pub mod export;
 pub mod hooks;
 pub mod incident;
+pub mod kube_proxy;
 pub mod layout;
 pub mod memlock;
 pub mod memory;

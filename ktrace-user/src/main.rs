@@ -68,19 +68,11 @@ struct WatchArgs {
     view: ViewArgs,
     #[command(flatten)]
     stream: StreamArgs,
-    #[command(flatten)]
-    source: SourceArgs,
     /// Also record every event to PATH while watching (see `ktrace record`).
     #[arg(long, value_name = "PATH")]
     record: Option<PathBuf>,
     #[command(flatten)]
-    rotation: RotationArgs,
-    #[command(flatten)]
-    engine: EngineArgs,
-    #[command(flatten)]
-    otlp: OtlpArgs,
-    #[command(flatten)]
-    names: NamesArgs,
+    collect: CollectArgs,
     /// Serve /metrics (Prometheus text: the OTLP export's metrics) and /healthz on IP:PORT, or on loopback (127.0.0.1) given PORT alone (none without it)
     #[arg(long, value_name = "[IP:]PORT", value_parser = metrics_addr_arg)]
     metrics_addr: Option<std::net::SocketAddr>,
@@ -95,6 +87,14 @@ struct RecordArgs {
     #[arg(long)]
     json: bool,
     #[command(flatten)]
+    collect: CollectArgs,
+}
+
+/// What `watch` and `record` both take: the event source, a recording's
+/// rotation, the engine, the export and the names.
+#[derive(Args)]
+struct CollectArgs {
+    #[command(flatten)]
     source: SourceArgs,
     #[command(flatten)]
     rotation: RotationArgs,
@@ -104,6 +104,22 @@ struct RecordArgs {
     otlp: OtlpArgs,
     #[command(flatten)]
     names: NamesArgs,
+}
+
+impl CollectArgs {
+    /// The engine's settings and the name sources, from one read of
+    /// kube-proxy's rules.
+    fn engine_and_names(
+        &self,
+    ) -> (
+        ktrace::engine::EngineConfig,
+        Option<std::sync::Arc<ktrace::names::Names>>,
+    ) {
+        let rules = ktrace::kube_proxy::KubeProxyRules::read();
+        let engine = self.engine.config(rules.mode());
+        let names = self.names.start(self.otlp.node_name.as_deref(), &rules);
+        (engine, names)
+    }
 }
 
 /// Kubernetes names of addresses (docs/kubernetes-names.md).
@@ -121,14 +137,19 @@ struct NamesArgs {
 }
 
 impl NamesArgs {
-    /// Starts the name sources (none with --no-kube-names).
-    fn start(&self, node_name: Option<&str>) -> Option<std::sync::Arc<ktrace::names::Names>> {
+    /// Starts the name sources (none with --no-kube-names), the rules'
+    /// source from `rules` as read at start.
+    fn start(
+        &self,
+        node_name: Option<&str>,
+        rules: &ktrace::kube_proxy::KubeProxyRules,
+    ) -> Option<std::sync::Arc<ktrace::names::Names>> {
         use ktrace::names::{kube, rules, Names};
         if self.no_kube_names {
             return None;
         }
         let names = Names::new();
-        rules::start(names.clone(), std::time::Duration::from_secs(5));
+        rules::start(names.clone(), rules, std::time::Duration::from_secs(5));
         let pods = match self.kube_pods.as_str() {
             "cluster" => kube::Pods::Cluster,
             "off" => kube::Pods::Off,
@@ -321,7 +342,11 @@ struct EngineArgs {
 }
 
 impl EngineArgs {
-    fn config(&self) -> ktrace::engine::EngineConfig {
+    /// The engine's settings, with kube-proxy's mode as read at start.
+    fn config(
+        &self,
+        kube_proxy_mode: ktrace::engine::KubeProxyMode,
+    ) -> ktrace::engine::EngineConfig {
         use ktrace::sysctl;
         ktrace::engine::EngineConfig {
             storm_threshold: self.storm_threshold,
@@ -331,8 +356,8 @@ impl EngineArgs {
             conntrack_max: sysctl::conntrack_max(),
             ct_timeout_established_s: sysctl::ct_timeout_established_s(),
             keepalive_s: sysctl::keepalive_s(),
-            // Once, at start: a remedy's INVALID drop takes its form.
-            kube_proxy_mode: ktrace::doctor::kube_proxy::detect_running(),
+            // A remedy's INVALID drop takes its form.
+            kube_proxy_mode,
             ..Default::default()
         }
     }
@@ -440,29 +465,30 @@ const ALL_SIGNALS: ktrace::export::Signals = ktrace::export::Signals {
 };
 
 fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
-    if a.record.is_none() && (a.rotation.given() || a.rotation.zstd_level != 3) {
+    if a.record.is_none() && (a.collect.rotation.given() || a.collect.rotation.zstd_level != 3) {
         usage_conflict("--rotate-size, --rotate-time, --keep and --zstd-level need --record PATH");
     }
+    let (engine, names) = a.collect.engine_and_names();
     let mut opts = ktrace::watch::WatchOptions {
-        engine: a.engine.config(),
+        engine,
         json: a.view.json,
         events: a.stream.events,
-        duration: a.source.duration,
-        ring_buffer_bytes: a.source.ring_buffer_mb << 20,
-        ctnetlink: !a.source.no_ctnetlink,
-        every_reset: a.source.every_reset,
-        record: a.record.clone().map(|p| a.rotation.config(p)),
+        duration: a.collect.source.duration,
+        ring_buffer_bytes: a.collect.source.ring_buffer_mb << 20,
+        ctnetlink: !a.collect.source.no_ctnetlink,
+        every_reset: a.collect.source.every_reset,
+        record: a.record.clone().map(|p| a.collect.rotation.config(p)),
         export: None,
         exposed: Vec::new(),
-        names: a.names.start(a.otlp.node_name.as_deref()),
+        names,
         explain: a.view.explain,
         tui: a.stream.tui,
     };
-    opts.export = a.otlp.start(ALL_SIGNALS, None)?;
+    opts.export = a.collect.otlp.start(ALL_SIGNALS, None)?;
     if let Some(addr) = a.metrics_addr {
         let x = match opts.export.take() {
             Some(x) => x,
-            None => ktrace::export::Exporter::metrics_only(&a.otlp.resource()?),
+            None => ktrace::export::Exporter::metrics_only(&a.collect.otlp.resource()?),
         };
         let ep = x.serve_metrics(addr)?;
         opts.exposed = ["metrics", "healthz"]
@@ -489,18 +515,18 @@ fn run_demo(a: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn run_record(a: RecordArgs) -> anyhow::Result<ExitCode> {
-    let engine = a.engine.config();
+    let (engine, names) = a.collect.engine_and_names();
     let report = ktrace::record::record(ktrace::record::RecordOptions {
         source: ktrace::pipeline::SourceOptions {
             kube_proxy_mode: Some(engine.kube_proxy_mode),
-            ..a.source.options()
+            ..a.collect.source.options()
         },
-        rotation: a.rotation.config(a.output.clone()),
+        rotation: a.collect.rotation.config(a.output.clone()),
         json: a.json,
         engine,
-        names: a.names.start(a.otlp.node_name.as_deref()),
+        names,
         // No engine runs while recording: the event counters only.
-        export: a.otlp.start(
+        export: a.collect.otlp.start(
             ktrace::export::Signals {
                 metrics: true,
                 logs: false,

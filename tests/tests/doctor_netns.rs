@@ -11,8 +11,9 @@
 //! even when an assertion fails (the guard's Drop), and sends no traffic.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, Context, Result};
 use ktrace_tests::kube_proxy;
@@ -352,6 +353,40 @@ fn iptables_mode(ns: &Netns, bin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// An IPv6-only node: kube-proxy's iptables-mode rules in ip6tables alone
+/// name the mode, and their KUBE-FORWARD drop counts as in place.
+fn ip6tables_mode(ns: &Netns, bin: &Path) -> Result<()> {
+    let mut feed = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ip6tables-restore", "--noflush"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    feed.stdin
+        .take()
+        .context("no stdin")?
+        .write_all(IPTABLES_MODE.as_bytes())?;
+    let out = feed.wait_with_output()?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        ktrace_tests::record_skip(&format!(
+            "ip6tables mode part: ip6tables-restore failed (no IPv6 NAT in this kernel?): {}",
+            why.trim()
+        ));
+        return Ok(());
+    }
+    let c = expect_kube_proxy(ns, bin, ("iptables", "in_place", "ok"))?;
+    let signs = &c["kube_proxy_mode"]["evidence"]["signs"];
+    assert!(
+        signs.to_string().contains("ip6tables"),
+        "the sign is ip6tables' KUBE-SERVICES: {signs}"
+    );
+    for table in ["filter", "nat"] {
+        ns.run(&["ip6tables", "-t", table, "-F"])?;
+        ns.run(&["ip6tables", "-t", table, "-X"])?;
+    }
+    Ok(())
+}
+
 /// nftables mode: no INVALID drop by design, so be_liberal decides.
 fn nftables_mode(ns: &Netns, bin: &Path) -> Result<()> {
     let endpoints = ["10.0.1.2:2222".to_string()];
@@ -422,6 +457,11 @@ fn doctor_names_the_kube_proxy_mode() -> Result<()> {
         );
     } else {
         iptables_mode(&ns, &bin)?;
+    }
+    if in_path("ip6tables-restore") {
+        ip6tables_mode(&ns, &bin)?;
+    } else {
+        ktrace_tests::record_skip("ip6tables mode part: ip6tables-restore is not installed");
     }
     if kube_proxy::have_nft() {
         nftables_mode(&ns, &bin)?;

@@ -12,75 +12,33 @@
 
 use serde_json::json;
 
-use super::rules::{protecting_drops, read_sources, Source};
+use super::rules::{all_drops, protecting_drops, InvalidDrop, Source};
 use super::{ipvs, Check, Ctx, Fs, Status};
 use crate::engine::KubeProxyMode;
-
-/// kube-proxy's proxy modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Ipvs,
-    Nftables,
-    Iptables,
-}
-
-impl Mode {
-    /// The name the engine and the status line use for it.
-    pub fn as_str(self) -> &'static str {
-        KubeProxyMode::from(self).as_str()
-    }
-}
-
-impl From<Mode> for KubeProxyMode {
-    fn from(m: Mode) -> KubeProxyMode {
-        match m {
-            Mode::Ipvs => KubeProxyMode::Ipvs,
-            Mode::Nftables => KubeProxyMode::Nftables,
-            Mode::Iptables => KubeProxyMode::Iptables,
-        }
-    }
-}
-
-/// kube-proxy's mode on the running node, in the current network
-/// namespace, as `kube_proxy_mode` finds it: what `watch` and `record`
-/// tell the engine at start. IPVS shows in files; only without it are the
-/// rulesets read (the same tools a live audit runs, once).
-pub fn detect_running() -> KubeProxyMode {
-    let fs = Fs::new(std::path::Path::new("/"));
-    if let Some((m, _)) = ipvs_sign(&fs) {
-        return m.into();
-    }
-    let s = signs(&fs, &read_sources(&fs, true));
-    match s.modes.first() {
-        Some((m, _)) => (*m).into(),
-        None if s.read_any => KubeProxyMode::None,
-        None => KubeProxyMode::Unknown,
-    }
-}
 
 /// What the node shows of kube-proxy.
 struct Signs {
     /// In precedence order; the first is the mode.
-    modes: Vec<(Mode, String)>,
+    modes: Vec<(KubeProxyMode, String)>,
     /// At least one ruleset source was read (or is known to hold no rules).
     read_any: bool,
 }
 
 /// IPVS mode's sign: `kube-ipvs0`, or virtual services in `/proc/net/ip_vs`.
-fn ipvs_sign(fs: &Fs) -> Option<(Mode, String)> {
+fn ipvs_sign(fs: &Fs) -> Option<(KubeProxyMode, String)> {
     if fs.exists("/sys/class/net/kube-ipvs0") {
-        return Some((Mode::Ipvs, "interface kube-ipvs0".to_string()));
+        return Some((KubeProxyMode::Ipvs, "interface kube-ipvs0".to_string()));
     }
     let services = fs
         .read("/proc/net/ip_vs")
         .map(|t| ipvs::parse_ip_vs(&t).unwrap_or_default())
         .ok()?;
     let n = services.len();
-    (n > 0).then(|| (Mode::Ipvs, format!("{n} IPVS virtual services")))
+    (n > 0).then(|| (KubeProxyMode::Ipvs, format!("{n} IPVS virtual services")))
 }
 
 fn signs(fs: &Fs, rulesets: &[Source]) -> Signs {
-    let mut modes: Vec<(Mode, String)> = ipvs_sign(fs).into_iter().collect();
+    let mut modes: Vec<(KubeProxyMode, String)> = ipvs_sign(fs).into_iter().collect();
     for s in rulesets {
         match s {
             Source::Read {
@@ -88,17 +46,19 @@ fn signs(fs: &Fs, rulesets: &[Source]) -> Signs {
                 kube_proxy: true,
                 ..
             } if name == "nftables" => {
-                modes.push((Mode::Nftables, "nftables table kube-proxy".into()));
+                modes.push((KubeProxyMode::Nftables, "nftables table kube-proxy".into()));
             }
             Source::Read {
                 name,
                 kube_proxy: true,
                 ..
-            } => modes.push((Mode::Iptables, format!("{name} nat/KUBE-SERVICES"))),
+            } => modes.push((KubeProxyMode::Iptables, format!("{name} nat/KUBE-SERVICES"))),
             _ => {}
         }
     }
-    modes.sort_by_key(|(m, _)| *m as u8);
+    // IPVS mode also writes KUBE-SERVICES.
+    let order = [KubeProxyMode::Ipvs, KubeProxyMode::Nftables];
+    modes.sort_by_key(|(m, _)| order.iter().position(|o| o == m).unwrap_or(order.len()));
     let read_any = rulesets
         .iter()
         .any(|s| !matches!(s, Source::Unknown { .. }));
@@ -130,20 +90,21 @@ fn check_mode(s: &Signs) -> Check {
             .evidence(evidence);
     };
     let why = match mode {
-        Mode::Iptables => {
-            "kube-proxy's iptables mode: Services are DNATed by KUBE-SERVICES chains, \
-             and kube-proxy drops ctstate INVALID in KUBE-FORWARD (kube_proxy_invalid_drop \
-             says whether the rule is there)"
-        }
-        Mode::Ipvs => {
+        KubeProxyMode::Ipvs => {
             "kube-proxy's IPVS mode (deprecated in Kubernetes 1.35): every Service \
                        address is local to the node on kube-ipvs0, so an INVALID client segment \
                        is answered by the node itself (the request-direction un-NATed reset)"
         }
-        Mode::Nftables => {
+        KubeProxyMode::Nftables => {
             "kube-proxy's nftables mode (GA in Kubernetes 1.33, kernel 5.13+): it \
                            installs no ctstate INVALID drop, so nf_conntrack_tcp_be_liberal alone \
                            decides whether out-of-window replies leave un-NATed"
+        }
+        // The signs hold no other mode than these three.
+        _ => {
+            "kube-proxy's iptables mode: Services are DNATed by KUBE-SERVICES chains, \
+             and kube-proxy drops ctstate INVALID in KUBE-FORWARD (kube_proxy_invalid_drop \
+             says whether the rule is there)"
         }
     };
     Check::new(
@@ -156,26 +117,40 @@ fn check_mode(s: &Signs) -> Check {
     .evidence(evidence)
 }
 
-fn check_invalid_drop(ctx: &Ctx, mode: Option<Mode>, s: &Signs) -> Check {
+fn check_invalid_drop(ctx: &Ctx, mode: Option<KubeProxyMode>, s: &Signs) -> Check {
     const CHECK: &str = "kube_proxy_invalid_drop";
     let liberal = ctx
         .fs
         .sysctl_u64("net.netfilter.nf_conntrack_tcp_be_liberal")
         .ok();
     let drops: Vec<_> = protecting_drops(&ctx.rulesets).collect();
-    let kube = drops
+    let kube_forward = |d: &&InvalidDrop| d.chain == "KUBE-FORWARD" && !d.reached_from.is_empty();
+    // An IPv6-only node holds kube-proxy's rules, and its drop, in
+    // ip6tables alone.
+    let ipv4_kube = ctx.rulesets.iter().any(|s| {
+        matches!(s, Source::Read { name, kube_proxy: true, .. } if name.starts_with("iptables"))
+    });
+    let kube = match drops
         .iter()
-        .find(|d| d.chain == "KUBE-FORWARD" && d.source.starts_with("iptables"));
+        .copied()
+        .find(|d| kube_forward(d) && d.source.starts_with("iptables"))
+    {
+        Some(d) => Some(d),
+        None if !ipv4_kube => {
+            all_drops(&ctx.rulesets).find(|d| kube_forward(d) && d.source.starts_with("ip6tables"))
+        }
+        None => None,
+    };
     let other = drops
         .first()
         .map(|d| format!("{} {}/{}", d.source, d.table, d.chain));
     let verdict = match (mode, kube) {
         (None, _) => "no_kube_proxy",
-        (Some(Mode::Nftables), _) => "none_by_design",
+        (Some(KubeProxyMode::Nftables), _) => "none_by_design",
         (Some(_), Some(_)) => "in_place",
         (Some(_), None) => "absent",
     };
-    let evidence = json!({"mode": mode.map(Mode::as_str), "invalid_drop": verdict, "be_liberal": liberal, "dropped_by": other});
+    let evidence = json!({"mode": mode.map(KubeProxyMode::as_str), "invalid_drop": verdict, "be_liberal": liberal, "dropped_by": other});
     let expected = "the mode's INVALID drop, or nf_conntrack_tcp_be_liberal=1";
     let Some(mode) = mode else {
         let c = if !s.read_any {
@@ -204,7 +179,7 @@ fn check_invalid_drop(ctx: &Ctx, mode: Option<Mode>, s: &Signs) -> Check {
         (_, Some(l), _) if l >= 1 => Some(format!(
             "be_liberal={l}: conntrack marks no out-of-window TCP segment INVALID, so every reply \
              is de-NATed{}",
-            if mode == Mode::Nftables {
+            if mode == KubeProxyMode::Nftables {
                 ""
             } else {
                 " (kube-proxy 1.29+ leaves the rule out when be_liberal is set)"

@@ -7,7 +7,8 @@
 //! answering the backend's un-NATed reply with a reset.
 //!
 //! Rules are read from three sources: iptables-legacy and iptables-nft (both
-//! in `iptables-save` format) and the native nftables ruleset (`nft -j list
+//! in `iptables-save` format, and their `ip6tables` counterparts, whose
+//! rules are `ip6`) and the native nftables ruleset (`nft -j list
 //! ruleset`, JSON). Where they come from (tools, or files of a dump) is described
 //! in [`crate::doctor`]. A rule counts when:
 //! - iptables: it matches `-m conntrack --ctstate` or `-m state --state` with
@@ -21,8 +22,8 @@
 //!   `prerouting` after conntrack (priority > -200).
 //!
 //! Rule order and other matches of the rule are not evaluated: a rule that
-//! only applies to one interface still counts. IPv6-only rules (`ip6`
-//! tables) are reported but do not protect IPv4 Services.
+//! only applies to one interface still counts. IPv6-only rules (`ip6tables`,
+//! `ip6` tables) are reported but do not protect IPv4 Services.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Command, Stdio};
@@ -117,7 +118,7 @@ pub fn read_sources(fs: &super::Fs, live: bool) -> Vec<Source> {
 }
 
 /// The INVALID-drop rules of every source that was read.
-fn all_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop> {
+pub fn all_drops(sources: &[Source]) -> impl Iterator<Item = &InvalidDrop> {
     sources
         .iter()
         .filter_map(|s| match s {
@@ -260,48 +261,17 @@ fn verdict(
 
 // ---------------------------------------------------------------- sources
 
-/// Rulesets of the running node, from the tools, in this network namespace.
+/// Rulesets of the running node, from the tools, in this network namespace:
+/// both address families (an IPv6-only node has kube-proxy's rules in
+/// `ip6tables` alone), then the native nftables ruleset.
 fn live_sources(fs: &super::Fs) -> Vec<Source> {
-    let mut out = Vec::new();
-    let have = |tool: &str| find_in_path(tool).is_some();
-    let legacy_tool = have("iptables-legacy-save");
-    let nft_tool = have("iptables-nft-save");
-
-    if legacy_tool {
-        // iptables-legacy-save may load ip_tables: only run it when legacy
-        // tables exist (ip_tables lists them per network namespace).
-        match fs.read("/proc/net/ip_tables_names") {
-            Ok(names) if names.trim().is_empty() => out.push(Source::Absent {
-                name: "iptables-legacy".into(),
-                why: "no legacy tables (/proc/net/ip_tables_names is empty)".into(),
-            }),
-            Ok(_) => out.push(iptables_source(
-                "iptables-legacy",
-                run_tool("iptables-legacy-save", &[]),
-            )),
-            Err(_) => out.push(Source::Absent {
-                name: "iptables-legacy".into(),
-                why: "ip_tables is not loaded (no /proc/net/ip_tables_names)".into(),
-            }),
-        }
-    }
-    if nft_tool {
-        out.push(iptables_source(
-            "iptables-nft",
-            run_tool("iptables-nft-save", &[]),
-        ));
-    }
-    if !legacy_tool && !nft_tool {
-        if have("iptables-save") {
-            out.push(iptables_source("iptables", run_tool("iptables-save", &[])));
-        } else {
-            out.push(Source::Absent {
-                name: "iptables".into(),
-                why: "no iptables-save, iptables-legacy-save or iptables-nft-save installed".into(),
-            });
-        }
-    }
-    if have("nft") {
+    let mut out = iptables_live_sources(fs, "iptables", "/proc/net/ip_tables_names");
+    out.extend(iptables_live_sources(
+        fs,
+        "ip6tables",
+        "/proc/net/ip6_tables_names",
+    ));
+    if find_in_path("nft").is_some() {
         out.push(nft_source(run_tool("nft", &["-j", "list", "ruleset"])));
     } else {
         out.push(Source::Unknown {
@@ -310,6 +280,52 @@ fn live_sources(fs: &super::Fs) -> Vec<Source> {
                   were not read"
                 .into(),
         });
+    }
+    out
+}
+
+/// The rulesets of one `iptables` tool family (`iptables` or `ip6tables`):
+/// each backend whose tool is installed, else the plain tool;
+/// `tables_names` lists the family's legacy tables.
+fn iptables_live_sources(fs: &super::Fs, tool: &str, tables_names: &str) -> Vec<Source> {
+    let mut out = Vec::new();
+    let (legacy, nft) = (format!("{tool}-legacy"), format!("{tool}-nft"));
+    let module = tables_names
+        .trim_start_matches("/proc/net/")
+        .trim_end_matches("_names");
+    let legacy_tool = find_in_path(&format!("{legacy}-save")).is_some();
+    let nft_tool = find_in_path(&format!("{nft}-save")).is_some();
+    if legacy_tool {
+        // The legacy tool may load ip_tables (ip6_tables): only run it when
+        // legacy tables exist (the kernel lists them per network namespace).
+        match fs.read(tables_names) {
+            Ok(names) if names.trim().is_empty() => out.push(Source::Absent {
+                name: legacy.clone(),
+                why: format!("no legacy tables ({tables_names} is empty)"),
+            }),
+            Ok(_) => out.push(iptables_source(
+                &legacy,
+                run_tool(&format!("{legacy}-save"), &[]),
+            )),
+            Err(_) => out.push(Source::Absent {
+                name: legacy.clone(),
+                why: format!("{module} is not loaded (no {tables_names})"),
+            }),
+        }
+    }
+    if nft_tool {
+        out.push(iptables_source(&nft, run_tool(&format!("{nft}-save"), &[])));
+    }
+    if !legacy_tool && !nft_tool {
+        let save = format!("{tool}-save");
+        if find_in_path(&save).is_some() {
+            out.push(iptables_source(tool, run_tool(&save, &[])));
+        } else {
+            out.push(Source::Absent {
+                name: tool.into(),
+                why: format!("no {save}, {legacy}-save or {nft}-save installed"),
+            });
+        }
     }
     out
 }
@@ -374,18 +390,12 @@ fn iptables_source(name: &str, text: Result<String, String>) -> Source {
         }
     };
     // `iptables-save` says which backend it is in its header.
-    let name = if name == "iptables" {
-        if text.contains("(nf_tables)") {
-            "iptables-nft"
-        } else if text.contains("(legacy)") {
-            "iptables-legacy"
-        } else {
-            "iptables"
-        }
-    } else {
-        name
+    let name = match name {
+        "iptables" | "ip6tables" if text.contains("(nf_tables)") => format!("{name}-nft"),
+        "iptables" | "ip6tables" if text.contains("(legacy)") => format!("{name}-legacy"),
+        _ => name.to_string(),
     };
-    parsed_source(name, parse_iptables_save(&text, name))
+    parsed_source(&name, parse_iptables_save(&text, &name))
 }
 
 fn nft_source(text: Result<String, String>) -> Source {
@@ -490,8 +500,13 @@ fn iptables_hooks(table: &str) -> &'static [&'static str] {
     }
 }
 
-/// Parses `iptables-save` output (either backend).
+/// Parses `iptables-save` or `ip6tables-save` output (either backend).
 pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
+    let family = if source.starts_with("ip6") {
+        "ip6"
+    } else {
+        "ip"
+    };
     struct Table {
         name: String,
         graph: ChainGraph,
@@ -559,7 +574,7 @@ pub fn parse_iptables_save(text: &str, source: &str) -> Result<Parsed, String> {
         .flat_map(|t| {
             let hooks = iptables_hooks(&t.name).iter();
             let starts = hooks.map(|h| (h.to_string(), h.to_string()));
-            t.graph.drops((source, "ip", &t.name), starts)
+            t.graph.drops((source, family, &t.name), starts)
         })
         .collect();
     Ok(Parsed {

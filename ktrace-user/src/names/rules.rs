@@ -20,7 +20,6 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +28,8 @@ use serde_json::Value;
 use super::model::{Interner, Key, Layer, PortRole, Proto, ServiceName};
 use super::status::{SourceState, SourceStatus};
 use super::{Names, SourceId};
+use crate::engine::KubeProxyMode;
+use crate::kube_proxy::KubeProxyRules;
 
 pub const SOURCE: &str = "kube-proxy-rules";
 
@@ -271,62 +272,31 @@ fn nft_endpoint_rule(base: &str, r: &Value, out: &mut Parsed, i: &mut Interner) 
 
 // ------------------------------------------------------------ polling
 
-/// Which of kube-proxy's modes this node runs, as its rules show.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Iptables,
-    Nftables,
-    Ipvs,
-}
-
-fn run(cmd: &str, args: &[&str]) -> Option<String> {
-    let out = Command::new(cmd).args(args).output().ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The rules' text now (both address families), and the mode it shows.
-fn read_rules() -> (String, String, bool) {
-    let ipt: String = [("iptables-save", "-t"), ("ip6tables-save", "-t")]
-        .iter()
-        .filter_map(|(c, t)| run(c, &[t, "nat"]))
-        .collect();
-    let nft: String = ["ip", "ip6"]
-        .iter()
-        .filter_map(|f| run("nft", &["-j", "list", "table", f, "kube-proxy"]))
-        .collect::<Vec<_>>()
-        .join("\n");
-    let ipvs = std::path::Path::new("/proc/net/ip_vs").exists()
-        && std::fs::read_to_string("/proc/net/ip_vs").is_ok_and(|s| s.lines().count() > 3);
-    (ipt, nft, ipvs)
-}
-
-/// Reads and parses the rules once: the layer, and the status to print.
-pub fn read_once(i: &mut Interner) -> (Parsed, SourceStatus) {
-    let (ipt, nft, ipvs) = read_rules();
+/// Parses one read of the rules: the layer, and the status to print.
+pub fn parse(rules: &KubeProxyRules, i: &mut Interner) -> (Parsed, SourceStatus) {
     let mut p = Parsed::default();
-    parse_iptables_save(&ipt, &mut p, i);
+    parse_iptables_save(&rules.iptables, &mut p, i);
     let ipt_found = !p.layer.is_empty();
     let mut nft_error = None;
-    for doc in nft.split('\n').filter(|d| !d.trim().is_empty()) {
+    for doc in rules.nft.iter().filter(|d| !d.trim().is_empty()) {
         if let Err(e) = parse_nft_json(doc, &mut p, i) {
             nft_error = Some(e);
         }
     }
-    let mode = match (ipt_found, p.layer.is_empty(), ipvs) {
-        (true, _, _) => Some(Mode::Iptables),
-        (false, false, _) => Some(Mode::Nftables),
-        (false, true, true) => Some(Mode::Ipvs),
+    // The mode whose rules name Services here (IPVS mode names none).
+    let mode = match (ipt_found, p.layer.is_empty(), rules.ipvs_services) {
+        (true, _, _) => Some(KubeProxyMode::Iptables),
+        (false, false, _) => Some(KubeProxyMode::Nftables),
+        (false, true, true) => Some(KubeProxyMode::Ipvs),
         _ => None,
     };
     let status = status_of(&p, mode, nft_error);
     (p, status)
 }
 
-fn status_of(p: &Parsed, mode: Option<Mode>, nft_error: Option<String>) -> SourceStatus {
+fn status_of(p: &Parsed, mode: Option<KubeProxyMode>, nft_error: Option<String>) -> SourceStatus {
     let mut s = match mode {
-        Some(Mode::Ipvs) => SourceStatus::off(
+        Some(KubeProxyMode::Ipvs) => SourceStatus::off(
             SOURCE,
             "kube-proxy runs in IPVS mode, which puts no Service names in the kernel: use the Kubernetes API source",
         ),
@@ -339,11 +309,11 @@ fn status_of(p: &Parsed, mode: Option<Mode>, nft_error: Option<String>) -> Sourc
         ),
         Some(m) => {
             let mut s = SourceStatus::new(SOURCE, SourceState::Live);
-            s.mode = if m == Mode::Iptables { "iptables" } else { "nftables" }.into();
+            s.mode = m.as_str().into();
             s
         }
     };
-    if mode == Some(Mode::Ipvs) {
+    if mode == Some(KubeProxyMode::Ipvs) {
         s.mode = "ipvs".into();
     }
     s.services = p.layer.service_count() as u64;
@@ -352,11 +322,12 @@ fn status_of(p: &Parsed, mode: Option<Mode>, nft_error: Option<String>) -> Sourc
     s
 }
 
-/// Reads the rules now (so the first status line knows), then again every
-/// `every` in a thread of its own, publishing a new layer when they changed.
-pub fn start(names: Arc<Names>, every: Duration) {
+/// Publishes the rules read at start (so the first status line knows),
+/// then reads them again every `every` in a thread of its own, publishing
+/// a new layer when they changed.
+pub fn start(names: Arc<Names>, first: &KubeProxyRules, every: Duration) {
     let mut i = Interner::default();
-    let (p, st) = read_once(&mut i);
+    let (p, st) = parse(first, &mut i);
     let mut last = fingerprint(&p.layer, p.skipped);
     names.publish(SourceId::Rules, p.layer);
     names.set_status(st);
@@ -365,7 +336,7 @@ pub fn start(names: Arc<Names>, every: Duration) {
         .spawn(move || loop {
             std::thread::sleep(every);
             let mut i = Interner::default();
-            let (p, st) = read_once(&mut i);
+            let (p, st) = parse(&KubeProxyRules::read(), &mut i);
             let f = fingerprint(&p.layer, p.skipped);
             if f != last {
                 last = f;

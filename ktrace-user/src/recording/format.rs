@@ -280,6 +280,32 @@ impl Default for BlockEncoder {
     }
 }
 
+/// The names of one address, as a recording stores them.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NamedAddr {
+    pub ip: IpAddr,
+    /// Complete `DEF_NAME` records (tag, length, body), ready for a payload.
+    pub records: Box<[u8]>,
+}
+
+impl NamedAddr {
+    pub fn encode(ip: IpAddr, records: &[crate::names::NameRecord]) -> NamedAddr {
+        let mut out = Vec::with_capacity(64 * records.len());
+        let mut body = Vec::with_capacity(64);
+        for r in records {
+            body.clear();
+            r.encode(&mut body);
+            put_varint(&mut out, tag::DEF_NAME);
+            put_varint(&mut out, body.len() as u64);
+            out.extend_from_slice(&body);
+        }
+        NamedAddr {
+            ip,
+            records: out.into_boxed_slice(),
+        }
+    }
+}
+
 /// A finished, uncompressed block.
 #[derive(Debug, Clone, Default)]
 pub struct RawBlock {
@@ -291,7 +317,7 @@ pub struct RawBlock {
     pub max_ts: u64,
     /// The names of the block's addresses (the writer puts those its
     /// segment lacks in front of the payload).
-    pub names: Vec<std::sync::Arc<super::names::NamedAddr>>,
+    pub names: Vec<std::sync::Arc<NamedAddr>>,
     /// The block's addresses (when names are recorded) and the names'
     /// epoch it was encoded in (see `recording::names`).
     pub ips: Vec<IpAddr>,

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::format::{put_varint, tag};
+use super::format::NamedAddr;
 use crate::names::{NameRecord, NameResolver};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -33,32 +33,6 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// The cache forgets everything past this many addresses (a bound on its
 /// memory when a node talks to a whole cluster and beyond).
 const MAX_CACHED: usize = 1 << 18;
-
-/// The names of one address, as a recording stores them.
-#[derive(Debug, PartialEq, Eq)]
-pub struct NamedAddr {
-    pub ip: IpAddr,
-    /// Complete `DEF_NAME` records (tag, length, body), ready for a payload.
-    pub records: Box<[u8]>,
-}
-
-impl NamedAddr {
-    pub fn encode(ip: IpAddr, records: &[NameRecord]) -> NamedAddr {
-        let mut out = Vec::with_capacity(64 * records.len());
-        let mut body = Vec::with_capacity(64);
-        for r in records {
-            body.clear();
-            r.encode(&mut body);
-            put_varint(&mut out, tag::DEF_NAME);
-            put_varint(&mut out, body.len() as u64);
-            out.extend_from_slice(&body);
-        }
-        NamedAddr {
-            ip,
-            records: out.into_boxed_slice(),
-        }
-    }
-}
 
 /// One address in the cache: small (12 bytes, an IPv4 key 4 more), so
 /// the probe an address new in its block costs stays in the CPU's caches.

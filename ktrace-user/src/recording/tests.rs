@@ -89,14 +89,27 @@ pub(crate) fn test_context() -> Context {
 
 /// One event of every variant, with every optional field both ways.
 fn every_variant(ts: u64) -> Vec<Event> {
-    let ev = |i: u64, source, body| Event {
+    [
+        reset_bodies(),
+        conntrack_bodies(),
+        ipvs_bodies(),
+        nat_and_counter_bodies(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|(i, source, body)| Event {
         ts_ns: ts + i * 1000,
         netns: 4026531840 + (i % 3) as u32,
         source,
         body,
-    };
+    })
+    .collect()
+}
+
+/// The resets: sent (with and without a socket) and received.
+fn reset_bodies() -> Vec<(u64, Source, EventBody)> {
     vec![
-        ev(
+        (
             0,
             Source::Tracepoint,
             EventBody::TcpSendReset {
@@ -107,7 +120,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 trigger_flags: Some(0x18),
             },
         ),
-        ev(
+        (
             1,
             Source::Kprobe,
             EventBody::TcpSendReset {
@@ -118,7 +131,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 trigger_flags: None,
             },
         ),
-        ev(
+        (
             2,
             Source::Tracepoint,
             EventBody::TcpReceiveReset {
@@ -127,7 +140,13 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 sock_cookie: u64::MAX,
             },
         ),
-        ev(
+    ]
+}
+
+/// conntrack INVALID verdicts (all tuples, none) and a full table.
+fn conntrack_bodies() -> Vec<(u64, Source, EventBody)> {
+    vec![
+        (
             3,
             Source::Kretprobe,
             EventBody::CtInvalid {
@@ -140,7 +159,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 message: Some("SEQ is over the upper bound (over sndwin)".into()),
             },
         ),
-        ev(
+        (
             4,
             Source::Kretprobe,
             EventBody::CtInvalid {
@@ -153,7 +172,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 message: Some("x".repeat(300).into()),
             },
         ),
-        ev(
+        (
             5,
             Source::Kretprobe,
             EventBody::CtTableFull {
@@ -162,7 +181,13 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 errno: -105,
             },
         ),
-        ev(
+    ]
+}
+
+/// IPVS connections, IPv4 and IPv6, with and without a weight.
+fn ipvs_bodies() -> Vec<(u64, Source, EventBody)> {
+    vec![
+        (
             6,
             Source::Kretprobe,
             EventBody::IpvsConnNew {
@@ -176,7 +201,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 weight: Some(0),
             },
         ),
-        ev(
+        (
             7,
             Source::Kretprobe,
             EventBody::IpvsConnNew {
@@ -190,7 +215,13 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 weight: None,
             },
         ),
-        ev(
+    ]
+}
+
+/// NAT mappings, counters, a summary out of order, a confirm drop.
+fn nat_and_counter_bodies() -> Vec<(u64, Source, EventBody)> {
+    vec![
+        (
             8,
             Source::Ctnetlink,
             EventBody::NatMapping(NatEntry {
@@ -201,7 +232,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 snat: Some(v4(10, 0, 1, 1, 61000)),
             }),
         ),
-        ev(
+        (
             9,
             Source::Ctnetlink,
             EventBody::NatDestroy(NatEntry {
@@ -212,7 +243,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 snat: None,
             }),
         ),
-        ev(
+        (
             10,
             Source::Procfs,
             EventBody::CtCounters(CounterRise {
@@ -227,7 +258,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
         ),
         // A summary between two events: its timestamp is off the chain
         // (minor 5), the next event's must still decode right.
-        ev(
+        (
             13,
             Source::RawTracepoint,
             EventBody::ResetsSummarised(ResetCounts {
@@ -235,7 +266,7 @@ fn every_variant(ts: u64) -> Vec<Event> {
                 socket: 0,
             }),
         ),
-        ev(
+        (
             11,
             Source::Kretprobe,
             EventBody::CtConfirmDrop(NatEntry {
@@ -1079,14 +1110,100 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
     evs
 }
 
-#[test]
-fn replay_prints_what_the_live_pipeline_printed() {
+/// A writer the test reads back from after the pipeline is done with it.
+struct Tap(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Tap {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs the live pipeline over [`unnated_and_switch_events`], recording to
+/// a rotated set at `path`; returns what it printed.
+fn live_and_recorded(engine: &EngineConfig, ctx: &Context, path: &Path, json: bool) -> String {
     use crate::engine::Engine;
     use crate::netns::NetnsNames;
     use crate::output::Renderer;
     use crate::pipeline::Pipeline;
+
+    let mut cfg = inline_config(path);
+    cfg.rotate_bytes = Some(1500);
+    cfg.block_bytes = 200;
+    cfg.keep = 50;
+    let captured = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut live = Pipeline::new(
+        Some(Engine::new(engine.clone())),
+        Renderer::new(
+            Tap(captured.clone()),
+            json,
+            true,
+            ctx.clock(),
+            NetnsNames::default(),
+        ),
+    );
+    let mut rec = Recorder::create(cfg, "test", engine.clone()).unwrap();
+    rec.start_with(ctx.clone()).unwrap();
+    live.recorder = Some(rec);
+    let evs = unnated_and_switch_events(10_000_000_000);
+    let mut next_tick = evs[0].ts_ns;
+    for e in &evs {
+        while next_tick < e.ts_ns {
+            live.tick(next_tick).unwrap();
+            next_tick += 7_000_000;
+        }
+        live.handle(e).unwrap();
+    }
+    // Quiet time: the storm ends by ticks alone.
+    for i in 1..200 {
+        live.tick(next_tick + i * 200_000_000).unwrap();
+    }
+    live.lost(next_tick, 4, 4, "ring buffer full").unwrap();
+    live.finish(next_tick).unwrap();
+    live.recorder.take().unwrap().finish();
+    let printed = captured.lock().unwrap().clone();
+    String::from_utf8(printed).unwrap()
+}
+
+/// Replays the recording at `path`; returns what it printed after the
+/// status (and, in human mode, the replay banner).
+fn replayed_after_status(path: &Path, json: bool) -> Vec<String> {
     use crate::replay::{run_to, ReplayOptions};
 
+    let mut replay_buf = Vec::new();
+    let mut warnings = Vec::new();
+    let report = run_to(
+        &ReplayOptions {
+            json,
+            events: true,
+            ..ReplayOptions::new(vec![path.to_path_buf()])
+        },
+        &mut replay_buf,
+        &mut |w| warnings.push(w.clone()),
+    )
+    .unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(report.files >= 3, "a rotated set: {report:?}");
+    let replay_text = String::from_utf8(replay_buf).unwrap();
+    let lines: Vec<&str> = replay_text.lines().collect();
+    let start = if json {
+        1
+    } else {
+        lines
+            .iter()
+            .position(|l| l.starts_with("replaying "))
+            .unwrap()
+            + 1
+    };
+    lines[start..].iter().map(|l| l.to_string()).collect()
+}
+
+#[test]
+fn replay_prints_what_the_live_pipeline_printed() {
     let engine = EngineConfig {
         storm_threshold: 5,
         ..Default::default()
@@ -1095,92 +1212,19 @@ fn replay_prints_what_the_live_pipeline_printed() {
         engine: engine.clone(),
         ..test_context()
     };
-    let clock = ctx.clock();
     for json in [true, false] {
         let dir = TempDir::new("replay");
         let path = dir.path("rec");
-        let mut cfg = inline_config(&path);
-        cfg.rotate_bytes = Some(1500);
-        cfg.block_bytes = 200;
-        cfg.keep = 50;
-        let captured = Arc::new(std::sync::Mutex::new(Vec::new()));
-        struct Tap(Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Tap {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let mut live = Pipeline::new(
-            Some(Engine::new(engine.clone())),
-            Renderer::new(
-                Tap(captured.clone()),
-                json,
-                true,
-                clock,
-                NetnsNames::default(),
-            ),
-        );
-        let mut rec = Recorder::create(cfg.clone(), "test", engine.clone()).unwrap();
-        rec.start_with(ctx.clone()).unwrap();
-        live.recorder = Some(rec);
-        let evs = unnated_and_switch_events(10_000_000_000);
-        let mut next_tick = evs[0].ts_ns;
-        for e in &evs {
-            while next_tick < e.ts_ns {
-                live.tick(next_tick).unwrap();
-                next_tick += 7_000_000;
-            }
-            live.handle(e).unwrap();
-        }
-        // Quiet time: the storm ends by ticks alone.
-        for i in 1..200 {
-            live.tick(next_tick + i * 200_000_000).unwrap();
-        }
-        live.lost(next_tick, 4, 4, "ring buffer full").unwrap();
-        live.finish(next_tick).unwrap();
-        live.recorder.take().unwrap().finish();
-        let live_text = String::from_utf8(captured.lock().unwrap().clone()).unwrap();
+        let live_text = live_and_recorded(&engine, &ctx, &path, json);
         assert!(
             live_text.contains("unnated_reply")
                 && live_text.contains("backend_switch")
                 && live_text.contains("rst_storm"),
             "{live_text}"
         );
-
-        let mut replay_buf = Vec::new();
-        let mut warnings = Vec::new();
-        let report = run_to(
-            &ReplayOptions {
-                json,
-                events: true,
-                ..ReplayOptions::new(vec![path.clone()])
-            },
-            &mut replay_buf,
-            &mut |w| warnings.push(w.clone()),
-        )
-        .unwrap();
-        assert!(warnings.is_empty(), "{warnings:?}");
-        assert!(report.files >= 3, "a rotated set: {report:?}");
-        let replay_text = String::from_utf8(replay_buf).unwrap();
-        // Everything after the status (and, in human mode, the replay banner).
-        let lines: Vec<&str> = replay_text.lines().collect();
-        let start = if json {
-            1
-        } else {
-            lines
-                .iter()
-                .position(|l| l.starts_with("replaying "))
-                .unwrap()
-                + 1
-        };
-        let body = lines[start..].to_vec();
         // Lost lines too: both carry the time they were found lost.
         let live_lines: Vec<&str> = live_text.lines().collect();
-        assert_eq!(body, live_lines);
+        assert_eq!(replayed_after_status(&path, json), live_lines);
     }
 }
 

@@ -24,10 +24,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::format::{
-    BlockEncoder, FrameSealer, RawBlock, FILE_HEADER_FIXED, FILE_MAGIC, VERSION_MAJOR,
+    BlockEncoder, FrameSealer, NamedAddr, RawBlock, FILE_HEADER_FIXED, FILE_MAGIC, VERSION_MAJOR,
     VERSION_MINOR,
 };
-use super::names::{NameCache, NamedAddr, SegmentNames};
+use super::names::{NameCache, SegmentNames};
 use super::Context;
 use crate::clock::monotonic_now_ns;
 use crate::engine::EngineConfig;
