@@ -46,7 +46,7 @@ pub fn record(opts: RecordOptions) -> Result<RecordReport, PipelineError> {
     );
     p.recorder = Some(recorder);
     if let Some(n) = &opts.names {
-        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
+        p.name_with(n.clone());
     }
     p.exporter = opts.export.clone();
     let r = run_source(&opts.source, clock, &mut p);

@@ -75,10 +75,10 @@ fn run_pipeline<W: std::io::Write>(
 ) -> Result<(), PipelineError> {
     let mut p = Pipeline::new(Some(Engine::new(opts.engine.clone())), out);
     p.live = true;
-    if let Some(n) = &opts.names {
-        *p.out.names_mut() = crate::names::NameResolver::live(n.clone());
-    }
     p.recorder = recorder;
+    if let Some(n) = &opts.names {
+        p.name_with(n.clone());
+    }
     p.exporter = opts.export.clone();
     p.tap = tap;
     let source = SourceOptions {

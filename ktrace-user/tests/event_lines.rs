@@ -20,7 +20,14 @@ fn a(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
+/// Every kind, with and without its optional fields, in the order of the
+/// expected files.
 fn bodies() -> Vec<EventBody> {
+    [reset_bodies(), conntrack_bodies(), nat_and_counter_bodies()].concat()
+}
+
+/// Resets sent (with a reason, a socket, neither) and received.
+fn reset_bodies() -> Vec<EventBody> {
     vec![
         EventBody::TcpSendReset {
             src: a("10.0.0.2:8080"),
@@ -53,6 +60,12 @@ fn bodies() -> Vec<EventBody> {
             dst: a("10.0.0.1:40000"),
             sock_cookie: 0,
         },
+    ]
+}
+
+/// conntrack INVALID verdicts, a full table, IPVS connections.
+fn conntrack_bodies() -> Vec<EventBody> {
+    vec![
         EventBody::CtInvalid {
             src: a("10.0.1.5:8080"),
             dst: a("10.0.0.1:40000"),
@@ -96,6 +109,12 @@ fn bodies() -> Vec<EventBody> {
             dest_flags: 0,
             weight: None,
         },
+    ]
+}
+
+/// NAT mappings, counters, confirm drops, a summary.
+fn nat_and_counter_bodies() -> Vec<EventBody> {
+    vec![
         EventBody::NatMapping(NatEntry {
             client: a("10.0.0.1:40000"),
             service: a("10.96.0.10:80"),

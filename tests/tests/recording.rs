@@ -211,6 +211,45 @@ fn kill_9_mid_recording_then_replay() {
     );
 }
 
+/// Mounts a 2 MiB tmpfs on the scratch directory and fills it but for
+/// 12 KiB: room for a recording's header and a few blocks. Returns the
+/// filler, whose removal gives the space back.
+fn nearly_full_tmpfs(scratch: &Scratch) -> String {
+    use std::io::Write;
+    let dir = scratch.dir.display().to_string();
+    let mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", &dir])
+        .status()
+        .unwrap();
+    assert!(mount.success(), "mounting a tmpfs on {dir}");
+    let filler = scratch.path("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0xa5u8; 4096];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.flush();
+    let len = std::fs::metadata(&filler).unwrap().len();
+    f.set_len(len.saturating_sub(12 << 10)).unwrap();
+    filler
+}
+
+/// Refused connections to `port`, `count` at a time, until the recorder
+/// prints a lost line whose source says `word` (at most `bursts` times).
+fn refuse_until_lost_says(
+    lab: &Lab,
+    rec: &Running,
+    (port, count, bursts): (u16, usize, usize),
+    word: &str,
+) -> bool {
+    (0..bursts).any(|_| {
+        lab.refuse(BACKENDS[0], port, count);
+        rec.wait_for(Duration::from_secs(2), |l, _| {
+            select(l, "lost", None)
+                .iter()
+                .any(|v| v["source"].as_str().unwrap_or("").contains(word))
+        })
+    })
+}
+
 /// Disk full: recording keeps running, says so once on stderr and in a
 /// lost line, counts what it drops, and resumes when space returns.
 #[test]
@@ -219,23 +258,7 @@ fn disk_full_pauses_and_resumes() {
         return;
     }
     let scratch = Scratch::new("enospc");
-    let dir = scratch.dir.display().to_string();
-    let mount = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs", &dir])
-        .status()
-        .unwrap();
-    assert!(mount.success(), "mounting a tmpfs on {dir}");
-    // Fill it, then free 12 KiB: room for the header and a few blocks.
-    let filler = scratch.path("filler");
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&filler).unwrap();
-        let chunk = vec![0xa5u8; 4096];
-        while f.write_all(&chunk).is_ok() {}
-        let _ = f.flush();
-        let len = std::fs::metadata(&filler).unwrap().len();
-        f.set_len(len.saturating_sub(12 << 10)).unwrap();
-    }
+    let filler = nearly_full_tmpfs(&scratch);
     let file = scratch.path("full.rec");
     let mut lab = Lab::new("rd", 1);
     lab.start_server();
@@ -245,18 +268,7 @@ fn disk_full_pauses_and_resumes() {
         &lab.node,
         &["record", "--json", "--every-reset", "--output", &file],
     );
-    let mut paused = false;
-    for _ in 0..20 {
-        lab.refuse(BACKENDS[0], 2224, 300);
-        paused = rec.wait_for(Duration::from_secs(2), |l, _| {
-            select(l, "lost", None)
-                .iter()
-                .any(|v| v["source"].as_str().unwrap_or("").contains("paused"))
-        });
-        if paused {
-            break;
-        }
-    }
+    let paused = refuse_until_lost_says(&lab, &rec, (2224, 300, 20), "paused");
     assert!(
         paused,
         "the disk never filled: {:?}\n{}",
@@ -267,18 +279,7 @@ fn disk_full_pauses_and_resumes() {
     lab.refuse(BACKENDS[0], 2224, 100);
     std::fs::remove_file(&filler).unwrap();
     // Space is back: the next blocks go through.
-    let mut resumed = false;
-    for _ in 0..10 {
-        lab.refuse(BACKENDS[0], 2225, 20);
-        resumed = rec.wait_for(Duration::from_secs(2), |l, _| {
-            select(l, "lost", None)
-                .iter()
-                .any(|v| v["source"].as_str().unwrap_or("").contains("resumed"))
-        });
-        if resumed {
-            break;
-        }
-    }
+    let resumed = refuse_until_lost_says(&lab, &rec, (2225, 20, 10), "resumed");
     assert!(
         resumed,
         "never resumed: {:?}\n{}",
@@ -296,8 +297,14 @@ fn disk_full_pauses_and_resumes() {
     let summary = select(&lines, "recording", None);
     let dropped = summary[0]["dropped"].as_u64().unwrap();
     assert!(dropped > 0, "{summary:?}");
+    replay_says_what_disk_full_dropped(&file, dropped);
+}
 
-    let (_, replayed, warnings) = replay(&["--events", &file]);
+/// The recording of [`disk_full_pauses_and_resumes`] replays without torn
+/// data, counts the `dropped` events as lost, and holds the events after
+/// space returned.
+fn replay_says_what_disk_full_dropped(file: &str, dropped: u64) {
+    let (_, replayed, warnings) = replay(&["--events", file]);
     assert!(
         !warnings.contains("warning"),
         "the file holds no torn data: {warnings}"

@@ -55,21 +55,25 @@ impl<W: Write> Pipeline<W> {
         ts >= self.print_window.0 && ts <= self.print_window.1
     }
 
+    /// Live Kubernetes names, for the output and for the recording (its
+    /// recorder is to be set first).
+    pub fn name_with(&mut self, names: std::sync::Arc<crate::names::Names>) {
+        if let Some(r) = &mut self.recorder {
+            r.name_with(names.clone());
+        }
+        *self.out.names_mut() = crate::names::NameResolver::live(names);
+    }
+
     pub fn handle(&mut self, ev: &Event) -> std::io::Result<()> {
         if let Some(e) = &mut self.engine {
             e.process(ev, &mut self.findings);
         }
         self.record_finding_names();
         if let Some(r) = &mut self.recorder {
-            if self.out.names().is_off() {
-                r.event(ev);
-            } else {
-                // The names of the event's addresses go with it: they are
-                // those its findings and its event line use, so replay
-                // prints the names `watch` printed (the findings' own
-                // names are looked up once, to print them).
-                r.event_named(ev, self.out.names());
-            }
+            // With names (`Recorder::name_with`), the names of the event's
+            // addresses go with it: they are those its findings and its
+            // event line use, so replay prints the names `watch` printed.
+            r.event(ev);
         }
         if self.printed(ev.ts_ns) {
             self.out.event(ev)?;
@@ -115,12 +119,9 @@ impl<W: Write> Pipeline<W> {
         let Some(r) = &mut self.recorder else {
             return;
         };
-        if self.findings.is_empty() || self.out.names().is_off() {
-            return;
-        }
         for f in &self.findings {
             for a in [f.service, f.backend, f.client].into_iter().flatten() {
-                r.name_addr(a.ip(), self.out.names());
+                r.name_addr(a.ip());
             }
         }
     }

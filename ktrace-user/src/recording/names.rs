@@ -12,8 +12,11 @@
 //!
 //! - [`NameCache`] (pipeline thread): the encoded names of an address,
 //!   kept until the names change, and whether they were sent since the
-//!   names' epoch began: an address new in its block costs one hash probe,
-//!   and only names not sent yet travel to the writer.
+//!   names' epoch began. A block's addresses are named in one batch when
+//!   it is sealed (not event by event): an address already sent in this
+//!   epoch costs one probe of a 4-byte-per-address set, the others are
+//!   probed in batches whose cache misses overlap, and only names not sent
+//!   yet travel to the writer.
 //! - [`SegmentNames`] (writer thread): which names the segment holds, and
 //!   so which of a block's names go in front of it. The epoch changes when
 //!   a segment starts (or a block is lost on the way): a block encoded in
@@ -25,6 +28,8 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use super::format::NamedAddr;
 use crate::names::{NameRecord, NameResolver};
 
@@ -34,8 +39,8 @@ type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// memory when a node talks to a whole cluster and beyond).
 const MAX_CACHED: usize = 1 << 18;
 
-/// One address in the cache: small (12 bytes, an IPv4 key 4 more), so
-/// the probe an address new in its block costs stays in the CPU's caches.
+/// One address in the cache: small (16 bytes with an IPv4 key), so the
+/// probe of an address new in its block stays in the CPU's caches.
 #[derive(Clone, Copy)]
 struct Slot {
     /// Where its names are in [`NameCache::named`] ([`UNNAMED`]: nothing names it).
@@ -48,63 +53,264 @@ struct Slot {
 
 const UNNAMED: u32 = u32::MAX;
 
+/// IPv4 addresses to [`Slot`]s: open addressing, linear probing, 16-byte
+/// entries side by side, at most half full. Flat so that a block's
+/// addresses can be probed in a batch whose cache misses overlap (see
+/// [`NameCache::unsent`]).
+#[derive(Default)]
+struct V4Table {
+    /// `key` is meaningful where `slot.at != FREE`.
+    slots: Vec<(u32, Slot)>,
+    len: usize,
+    hasher: foldhash::fast::RandomState,
+}
+
+/// A free entry of [`V4Table`] (no name index is ever this large).
+const FREE: u32 = u32::MAX - 1;
+
+impl V4Table {
+    /// Where the probe for `key` starts (the table is not empty).
+    #[inline]
+    fn home(&self, key: u32) -> usize {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key) as usize & (self.slots.len() - 1)
+    }
+
+    /// Reads the entry `key`'s probe starts at, so that its cache miss is
+    /// under way while the probes before it run.
+    #[inline]
+    fn touch(&self, key: u32) -> u32 {
+        if self.slots.is_empty() {
+            return 0;
+        }
+        self.slots[self.home(key)].0
+    }
+
+    /// The entry of `key`, inserted (as `new`) when absent.
+    #[inline]
+    fn entry(&mut self, key: u32, new: impl FnOnce() -> Slot) -> &mut Slot {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let (k, s) = self.slots[i];
+            if s.at == FREE {
+                self.len += 1;
+                self.slots[i] = (key, new());
+                break;
+            }
+            if k == key {
+                break;
+            }
+            i = (i + 1) & mask;
+        }
+        &mut self.slots[i].1
+    }
+
+    fn grow(&mut self) {
+        let cap = (self.slots.len() * 2).max(1024);
+        let free = Slot {
+            at: FREE,
+            version: 0,
+            sent: 0,
+        };
+        let old = std::mem::replace(&mut self.slots, vec![(0, free); cap]);
+        self.len = 0;
+        for (k, s) in old.into_iter().filter(|(_, s)| s.at != FREE) {
+            *self.entry(k, || s) = s;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.slots = Vec::new();
+        self.len = 0;
+    }
+}
+
+/// IPv4 addresses with nothing to send in one epoch and version of the
+/// names (sent already, or nothing names them): 4 bytes each, so that the
+/// addresses of a busy node, which come back block after block, cost a
+/// probe of this set alone, and it stays in the core's own caches.
+#[derive(Default)]
+struct Settled {
+    /// 0 where free (0.0.0.0 is never kept).
+    keys: Vec<u32>,
+    len: usize,
+    epoch: u32,
+    version: u32,
+    hasher: foldhash::fast::RandomState,
+}
+
+impl Settled {
+    #[inline]
+    fn home(&self, key: u32) -> usize {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key) as usize & (self.keys.len() - 1)
+    }
+
+    #[inline]
+    fn contains(&self, key: u32) -> bool {
+        if self.keys.is_empty() || key == 0 {
+            return false;
+        }
+        let mask = self.keys.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.keys[i] {
+                k if k == key => return true,
+                0 => return false,
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn insert(&mut self, key: u32) {
+        if key == 0 {
+            return;
+        }
+        if (self.len + 1) * 2 > self.keys.len() {
+            let cap = (self.keys.len() * 2).max(1024);
+            let old = std::mem::replace(&mut self.keys, vec![0; cap]);
+            self.len = 0;
+            for k in old.into_iter().filter(|k| *k != 0) {
+                self.insert(k);
+            }
+        }
+        let mask = self.keys.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.keys[i] {
+                k if k == key => return,
+                0 => break,
+                _ => i = (i + 1) & mask,
+            }
+        }
+        self.keys[i] = key;
+        self.len += 1;
+    }
+
+    /// Empty unless it is of this epoch and version.
+    fn keep_only(&mut self, epoch: u32, version: u32) {
+        if (self.epoch, self.version) != (epoch, version) {
+            self.clear();
+            (self.epoch, self.version) = (epoch, version);
+        }
+    }
+
+    fn clear(&mut self) {
+        if self.len > 0 {
+            self.keys.fill(0);
+            self.len = 0;
+        }
+    }
+}
+
 /// An address's names, looked up and encoded once per version of the names.
 #[derive(Default)]
 pub struct NameCache {
-    v4: Map<u32, Slot>,
+    v4: V4Table,
     v6: Map<std::net::Ipv6Addr, Slot>,
     named: Vec<Arc<NamedAddr>>,
     scratch: Vec<NameRecord>,
+    settled: Settled,
 }
 
+/// How many probes [`NameCache::unsent`] starts before it reads them.
+const BATCH: usize = 16;
+
 impl NameCache {
-    /// The names of `ip` when the blocks of `epoch` (never 0) have not
-    /// carried them yet (they are then counted as carried); `None` when
-    /// they have, or when nothing names `ip`.
-    #[inline]
+    /// Into `out`: the names of those of `ips` that the blocks of `epoch`
+    /// (never 0) have not carried yet (they are then counted as carried).
+    /// `ips` were seen while the names were at `version`: names looked up
+    /// in that version are still theirs; others are looked up now.
+    ///
+    /// An address [`Settled`] in this epoch and version costs one probe of
+    /// that set. The others go in batches: each batch's entries are read
+    /// first, their cache misses overlapping, then used.
     pub fn unsent(
+        &mut self,
+        ips: &[IpAddr],
+        names: &NameResolver,
+        epoch: u64,
+        version: u64,
+        out: &mut Vec<Arc<NamedAddr>>,
+    ) {
+        let epoch = (epoch as u32).max(1);
+        let version = version as u32;
+        self.settled.keep_only(epoch, version);
+        let mut batch: SmallVec<[IpAddr; BATCH]> = SmallVec::new();
+        let mut ips = ips.iter();
+        loop {
+            batch.clear();
+            for &ip in ips.by_ref() {
+                if let IpAddr::V4(a) = ip {
+                    if self.settled.contains(u32::from(a)) {
+                        continue;
+                    }
+                }
+                batch.push(ip);
+                if batch.len() == BATCH {
+                    break;
+                }
+            }
+            if batch.is_empty() {
+                return;
+            }
+            let mut touched = 0u32;
+            for ip in &batch {
+                if let IpAddr::V4(a) = ip {
+                    touched ^= self.v4.touch(u32::from(*a));
+                }
+            }
+            std::hint::black_box(touched);
+            for &ip in &batch {
+                if let Some(n) = self.one(ip, names, epoch, version) {
+                    out.push(n);
+                }
+                if let IpAddr::V4(a) = ip {
+                    self.settled.insert(u32::from(a));
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn one(
         &mut self,
         ip: IpAddr,
         names: &NameResolver,
-        epoch: u64,
+        epoch: u32,
+        version: u32,
     ) -> Option<Arc<NamedAddr>> {
-        let version = names.version() as u32;
-        let epoch = (epoch as u32).max(1);
+        if self.v4.len + self.v6.len() >= MAX_CACHED || self.named.len() >= MAX_CACHED {
+            self.v4.clear();
+            self.v6.clear();
+            self.named.clear();
+            self.settled.clear();
+        }
         let NameCache {
             v4,
             v6,
             named,
             scratch,
+            ..
         } = self;
-        let found = match ip {
-            IpAddr::V4(a) => v4.get_mut(&u32::from(a)),
-            IpAddr::V6(a) => v6.get_mut(&a),
+        let new = || Slot {
+            at: UNNAMED,
+            version: version.wrapping_add(1),
+            sent: 0,
         };
-        let slot = match found {
-            Some(s) => {
-                if s.version != version {
-                    refresh(s, version, named, lookup(scratch, ip, names));
-                }
-                s
-            }
-            None => {
-                if v4.len() + v6.len() >= MAX_CACHED || named.len() >= MAX_CACHED {
-                    v4.clear();
-                    v6.clear();
-                    named.clear();
-                }
-                let mut s = Slot {
-                    at: UNNAMED,
-                    version,
-                    sent: 0,
-                };
-                refresh(&mut s, version, named, lookup(scratch, ip, names));
-                match ip {
-                    IpAddr::V4(a) => v4.entry(u32::from(a)).or_insert(s),
-                    IpAddr::V6(a) => v6.entry(a).or_insert(s),
-                }
-            }
+        let slot = match ip {
+            IpAddr::V4(a) => v4.entry(u32::from(a), new),
+            IpAddr::V6(a) => v6.entry(a).or_insert_with(new),
         };
+        if slot.version != version {
+            // Looked up in another version (or never): look it up now.
+            let now = names.version() as u32;
+            refresh(slot, now, named, lookup(scratch, ip, names));
+        }
         if slot.at == UNNAMED || slot.sent == epoch {
             return None;
         }
@@ -303,20 +509,51 @@ mod tests {
         names.publish(SourceId::Api, layer("n1"));
         let r = NameResolver::live(names.clone());
         let mut c = NameCache::default();
+        let unsent = |c: &mut NameCache, ip: IpAddr, epoch: u64| {
+            let mut out = Vec::new();
+            c.unsent(&[ip], &r, epoch, r.version(), &mut out);
+            assert!(out.len() <= 1);
+            out.pop()
+        };
         for ip in ["10.0.0.1", "fd00::1"] {
             let ip: IpAddr = ip.parse().unwrap();
-            let first = c.unsent(ip, &r, 1).expect("named");
+            let first = unsent(&mut c, ip, 1).expect("named");
             assert_eq!(first.ip, ip);
-            assert!(c.unsent(ip, &r, 1).is_none(), "sent in this epoch");
-            assert!(c.unsent(ip, &r, 2).is_some(), "a new epoch sends again");
+            assert!(unsent(&mut c, ip, 1).is_none(), "sent in this epoch");
+            assert!(unsent(&mut c, ip, 2).is_some(), "a new epoch sends again");
             // The names change version but not for this address: not again.
             names.publish(SourceId::Rules, Layer::default());
-            assert!(c.unsent(ip, &r, 2).is_none());
+            assert!(unsent(&mut c, ip, 2).is_none());
+            let before = r.version();
             names.publish(SourceId::Api, layer("n2"));
-            let again = c.unsent(ip, &r, 2).expect("renamed");
+            // Seen before the change: named as it was then (sent already).
+            let mut out = Vec::new();
+            c.unsent(&[ip], &r, 2, before, &mut out);
+            assert!(out.is_empty());
+            let again = unsent(&mut c, ip, 2).expect("renamed");
             assert_ne!(again.records, first.records);
             names.publish(SourceId::Api, layer("n1"));
         }
-        assert!(c.unsent("10.9.9.9".parse().unwrap(), &r, 1).is_none());
+        // Many addresses in one batch (the table grows under them), each
+        // once; those nothing names give nothing.
+        let mut l = layer("n1");
+        let many: Vec<IpAddr> = (0..5000u32)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0x0a01_0000 + i)))
+            .collect();
+        for ip in many.iter().step_by(2) {
+            l.set_peer(*ip, Peer::Node("n3".into()));
+        }
+        names.publish(SourceId::Api, l);
+        let mut out = Vec::new();
+        c.unsent(&many, &r, 3, r.version(), &mut out);
+        assert_eq!(out.len(), 2500);
+        assert!(out
+            .iter()
+            .zip(many.iter().step_by(2))
+            .all(|(n, ip)| n.ip == *ip));
+        out.clear();
+        c.unsent(&many, &r, 3, r.version(), &mut out);
+        assert!(out.is_empty());
+        assert!(unsent(&mut c, "10.9.9.9".parse().unwrap(), 1).is_none());
     }
 }

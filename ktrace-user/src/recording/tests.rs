@@ -1328,7 +1328,18 @@ fn arb_source() -> impl Strategy<Value = Source> {
     ]
 }
 
+/// Any event body, every variant as likely as the others.
 fn arb_body() -> impl Strategy<Value = EventBody> {
+    prop_oneof![
+        3 => arb_reset_body(),
+        2 => arb_conntrack_body(),
+        1 => arb_ipvs_body(),
+        1 => arb_nat_body(),
+    ]
+}
+
+/// Resets sent, received and summarised.
+fn arb_reset_body() -> impl Strategy<Value = EventBody> {
     let a = arb_addr;
     prop_oneof![
         (
@@ -1352,6 +1363,16 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             dst,
             sock_cookie
         }),
+        (any::<u64>(), any::<u64>()).prop_map(|(refused, socket)| {
+            EventBody::ResetsSummarised(ResetCounts { refused, socket })
+        })
+    ]
+}
+
+/// conntrack INVALID verdicts and full tables.
+fn arb_conntrack_body() -> impl Strategy<Value = EventBody> {
+    let a = arb_addr;
+    prop_oneof![
         (
             a(),
             a(),
@@ -1378,64 +1399,62 @@ fn arb_body() -> impl Strategy<Value = EventBody> {
             src,
             dst,
             errno
-        }),
-        (
-            a(),
-            a(),
-            a(),
-            any::<u8>(),
-            any::<bool>(),
-            any::<u32>(),
-            any::<u32>(),
-            proptest::option::of(any::<i32>())
-        )
-            .prop_map(
-                |(
-                    client,
-                    service,
-                    real_server,
-                    protocol,
-                    template,
-                    conn_flags,
-                    dest_flags,
-                    weight,
-                )| EventBody::IpvsConnNew {
-                    client,
-                    service,
-                    real_server,
-                    protocol,
-                    template,
-                    conn_flags,
-                    dest_flags,
-                    weight
-                }
-            ),
-        (
-            a(),
-            a(),
-            a(),
-            any::<u8>(),
-            any::<bool>(),
-            proptest::option::of(a())
-        )
-            .prop_map(|(client, service, backend, protocol, destroy, snat)| {
-                let nat = NatEntry {
-                    client,
-                    service,
-                    backend,
-                    protocol,
-                    snat,
-                };
-                if destroy {
-                    EventBody::NatDestroy(nat)
-                } else {
-                    EventBody::NatMapping(nat)
-                }
-            }),
-        (any::<u64>(), any::<u64>()).prop_map(|(refused, socket)| {
-            EventBody::ResetsSummarised(ResetCounts { refused, socket })
-        }),
+        })
     ]
+}
+
+/// A connection's client, service and backend, its protocol, and a flag.
+fn arb_conn() -> impl Strategy<Value = (SocketAddr, SocketAddr, SocketAddr, u8, bool)> {
+    (
+        arb_addr(),
+        arb_addr(),
+        arb_addr(),
+        any::<u8>(),
+        any::<bool>(),
+    )
+}
+
+/// IPVS connections (the flag: a template).
+fn arb_ipvs_body() -> impl Strategy<Value = EventBody> {
+    let flags = (
+        any::<u32>(),
+        any::<u32>(),
+        proptest::option::of(any::<i32>()),
+    );
+    (arb_conn(), flags).prop_map(
+        |((client, service, real_server, protocol, template), (conn_flags, dest_flags, weight))| {
+            EventBody::IpvsConnNew {
+                client,
+                service,
+                real_server,
+                protocol,
+                template,
+                conn_flags,
+                dest_flags,
+                weight,
+            }
+        },
+    )
+}
+
+/// NAT mappings and their ends (the flag: an end).
+fn arb_nat_body() -> impl Strategy<Value = EventBody> {
+    (arb_conn(), proptest::option::of(arb_addr())).prop_map(
+        |((client, service, backend, protocol, destroy), snat)| {
+            let nat = NatEntry {
+                client,
+                service,
+                backend,
+                protocol,
+                snat,
+            };
+            if destroy {
+                EventBody::NatDestroy(nat)
+            } else {
+                EventBody::NatMapping(nat)
+            }
+        },
+    )
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
@@ -1711,11 +1730,12 @@ mod names {
         let mut cfg = small_segments(&path, 100);
         cfg.threaded = threaded;
         let mut r = started(cfg);
+        r.name_with(names.clone());
         for (i, e) in evs.iter().enumerate() {
             if i == 12_000 {
                 names.publish(SourceId::Api, layer("web-new"));
             }
-            r.event_named(e, &live);
+            r.event(e);
         }
         let s = r.finish();
         assert!(s.segments >= 5, "{s:?}");

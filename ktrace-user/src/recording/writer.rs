@@ -16,6 +16,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -33,6 +34,7 @@ use crate::clock::monotonic_now_ns;
 use crate::engine::EngineConfig;
 use crate::event::Event;
 use crate::hooks::HookStatus;
+use crate::names::{NameResolver, Names};
 use crate::output::StatusInfo;
 
 /// How often a paused writer tries again.
@@ -710,11 +712,18 @@ pub struct Recorder {
     last_seal: Instant,
     queue_dropped: u64,
     queue_dropped_since: u64,
+    /// The names each event's addresses get ([`name_with`](Self::name_with)).
+    names: Option<NameResolver>,
     /// The names of addresses, looked up once per version of the names.
     name_cache: NameCache,
-    /// The names the current block sends, and its addresses.
+    /// The names the current block sends, and its addresses: those from
+    /// `named_upto` on are not named yet (they are named in a batch, when
+    /// the block is sealed or the names change).
     block_names: Vec<Arc<NamedAddr>>,
-    block_ips: Vec<std::net::IpAddr>,
+    block_ips: Vec<IpAddr>,
+    named_upto: usize,
+    /// The version of the names the addresses not named yet were seen in.
+    pending_version: u64,
     /// The writer's epoch as last seen, and this side's: one more at each
     /// change of the writer's, or when a block is lost on the way (its
     /// names are then sent again).
@@ -762,9 +771,12 @@ impl Recorder {
             last_seal: Instant::now(),
             queue_dropped: 0,
             queue_dropped_since: 0,
+            names: None,
             name_cache: NameCache::default(),
             block_names: Vec::new(),
             block_ips: Vec::new(),
+            named_upto: 0,
+            pending_version: 0,
             seen_epoch: writer_epoch.load(Ordering::Acquire),
             writer_epoch,
             name_epoch: 1,
@@ -805,40 +817,63 @@ impl Recorder {
         }
     }
 
+    /// From now on, the Kubernetes names of each event's addresses go
+    /// with it, so `replay` prints the names `watch` printed (on its events
+    /// and on the findings they lead to). Their names reach the file once
+    /// per segment (see [`super::names`]).
+    pub fn name_with(&mut self, names: Arc<Names>) {
+        let names = NameResolver::live(names);
+        self.pending_version = names.version();
+        self.names = Some(names);
+    }
+
     #[inline]
     pub fn event(&mut self, ev: &Event) {
         self.enc.push_event(ev);
+        if self.names.is_some() {
+            self.collect_ips();
+        }
         if self.enc.len() >= self.cfg.block_bytes {
             self.seal();
         }
     }
 
-    /// An event and the Kubernetes names of its addresses, so `replay`
-    /// prints the names `watch` printed (on its events and on the findings
-    /// they lead to). Only an address new in the block costs a lookup (in
-    /// [`NameCache`]); its names reach the file once per segment
-    /// (see [`super::names`]).
+    /// The addresses new in the block, to name when it is sealed (only
+    /// those cost a probe of [`NameCache`]). When the names changed, those
+    /// collected before are named first, as of the version they were seen in.
     #[inline]
-    pub fn event_named(&mut self, ev: &Event, names: &crate::names::NameResolver) {
-        self.enc.push_event(ev);
-        for ip in self.enc.take_fresh_ips() {
-            self.block_ips.push(ip);
-            if let Some(n) = self.name_cache.unsent(ip, names, self.name_epoch) {
-                self.block_names.push(n);
-            }
+    fn collect_ips(&mut self) {
+        let version = self.names.as_ref().map_or(0, NameResolver::version);
+        if version != self.pending_version {
+            self.name_pending();
+            self.pending_version = version;
         }
-        if self.enc.len() >= self.cfg.block_bytes {
-            self.seal();
-        }
+        self.block_ips.extend(self.enc.take_fresh_ips());
     }
 
     /// The names of an address a finding names, as they are now (the
     /// event that carried it may have been recorded before they were known).
-    pub fn name_addr(&mut self, ip: std::net::IpAddr, names: &crate::names::NameResolver) {
-        self.block_ips.push(ip);
-        if let Some(n) = self.name_cache.unsent(ip, names, self.name_epoch) {
-            self.block_names.push(n);
+    pub fn name_addr(&mut self, ip: IpAddr) {
+        if self.names.is_some() {
+            self.collect_ips();
+            self.block_ips.push(ip);
         }
+    }
+
+    /// Names the block's addresses not named yet.
+    fn name_pending(&mut self) {
+        let Some(names) = &self.names else {
+            return;
+        };
+        let ips = &self.block_ips[self.named_upto..];
+        self.name_cache.unsent(
+            ips,
+            names,
+            self.name_epoch,
+            self.pending_version,
+            &mut self.block_names,
+        );
+        self.named_upto = self.block_ips.len();
     }
 
     pub fn lost(&mut self, ts_ns: u64, count: u64, total: u64, what: &str) {
@@ -865,9 +900,14 @@ impl Recorder {
         if self.enc.is_empty() {
             return;
         }
+        if self.names.is_some() {
+            self.collect_ips();
+            self.name_pending();
+        }
         let mut raw = self.enc.take();
         raw.names = std::mem::take(&mut self.block_names);
         raw.ips = std::mem::take(&mut self.block_ips);
+        self.named_upto = 0;
         raw.epoch = self.seen_epoch;
         let sent_names = !raw.names.is_empty();
         match &mut self.backend {
