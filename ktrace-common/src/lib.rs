@@ -146,7 +146,25 @@ pub struct SummaryTable {
     pub window_sent: u64,
     /// By class: resets whose key found no free slot (namespace 0).
     pub overflow: [u64; summary_class::COUNT as usize],
+    pub scratch: SummaryScratch,
     pub slots: [SummarySlot; SUMMARY_SLOTS],
+}
+
+/// The program's own per-CPU working state, kept in the [`SummaryTable`]
+/// beside the window (one 64-byte line with it) so that a summarised
+/// reset touches one map value: in a storm, each distinct cache line the
+/// hook touches is a miss it pays again and again. Userspace ignores it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SummaryScratch {
+    /// The tick (jiffies) at which the window was last checked: the
+    /// window's clock is read once per tick, not once per reset.
+    pub tick: u64,
+    /// The last `sk_buff.dev` seen and its network namespace inode.
+    pub dev: u64,
+    pub dev_netns: u64,
+    /// Where a BTF-typed pointer becomes a plain number (see the program).
+    pub untyped: u64,
 }
 
 impl SummaryTable {
@@ -397,13 +415,11 @@ pub struct KernelLayout {
     // struct sk_buff
     pub skb_head: u32,
     pub skb_network_header: u32,
-    pub skb_dev: u32,
     // struct net_device / struct net
     pub dev_nd_net: u32,
     pub net_ns_inum: u32,
     // struct sock_common
     pub sk_net: u32,
-    pub sk_state: u32,
     pub sk_family: u32,
     /// `skc_addrpair`: daddr then rcv_saddr (IPv4), 8 bytes.
     pub sk_addrpair: u32,
@@ -450,6 +466,12 @@ pub struct KernelLayout {
     pub l4_log_invalid_fmt_arg: u32,
     /// 1 when `tcp_v{4,6}_send_reset` takes a third `reason` argument (6.10+).
     pub send_reset_has_reason: u32,
+    // Read by every reset the kernel sends: kept together at the end, next
+    // to the `RESET_SUMMARY` setting that follows this struct in the
+    // object, so that a summarised reset's reads of its settings share a
+    // cache line (each line it touches is a miss a storm pays again).
+    pub skb_dev: u32,
+    pub sk_state: u32,
     /// 1 when the `tcp_send_reset` tracepoint passes `reason` as its third
     /// argument (6.10+), for the raw tracepoint.
     pub send_reset_tp_has_reason: u32,
@@ -546,7 +568,8 @@ const _: () = {
     assert!(core::mem::size_of::<TpFields>() == 28);
     assert!(core::mem::size_of::<ResetSummary>() == 16);
     assert!(core::mem::size_of::<SummarySlot>() == 16);
-    assert!(core::mem::size_of::<SummaryTable>() == 32 + 16 * SUMMARY_SLOTS);
+    assert!(core::mem::size_of::<SummaryScratch>() == 32);
+    assert!(core::mem::size_of::<SummaryTable>() == 64 + 16 * SUMMARY_SLOTS);
     assert!(SUMMARY_SLOTS.is_power_of_two() && SUMMARY_SLOTS == 1 << 7);
 };
 

@@ -79,6 +79,15 @@ pub fn sock_netns(sk: u64) -> u32 {
     }
 }
 
+/// Network namespace of a `struct net_device *` (two kernel reads).
+#[inline(always)]
+pub fn dev_netns_uncached(dev: u64) -> u32 {
+    match read::<u64>(dev, layout!(dev_nd_net)) {
+        Ok(net) => net_inum(net),
+        Err(_) => 0,
+    }
+}
+
 /// Last device seen on this CPU and its namespace: in a storm, packets
 /// keep arriving on the same device, and this saves two kernel reads each.
 #[repr(C)]
@@ -104,10 +113,7 @@ pub fn dev_netns(dev: u64) -> u32 {
             return c.inum as u32;
         }
     }
-    let inum = match read::<u64>(dev, layout!(dev_nd_net)) {
-        Ok(net) => net_inum(net),
-        Err(_) => 0,
-    };
+    let inum = dev_netns_uncached(dev);
     if let Some(c) = cache {
         let c = unsafe { &mut *c };
         c.dev = dev;

@@ -115,7 +115,7 @@ pub fn try_tp_tcp_send_reset(ctx: &TracePointContext) -> Result<(), i64> {
     let tp = copy_fields(&TP_SEND_RESET);
     let skb: u64 = tp_read(ctx, tp.skbaddr).unwrap_or(0);
     let sk: u64 = tp_read(ctx, tp.skaddr).unwrap_or(0);
-    if let Outcome::Done = summary::try_count::<false>(sk, sk, skb, skb)? {
+    if let Outcome::Done = summary::try_count::<false>(sk, skb)? {
         return Ok(());
     }
     let mut ev = ResetEvent::default();
@@ -197,14 +197,10 @@ fn emit_send_reset<const TYPED: bool>(
     reason: Option<u32>,
     which: u8,
 ) -> Result<(), i64> {
-    let (sk, skb) = if TYPED {
-        (kernel::untyped(sk_arg), kernel::untyped(skb_arg))
-    } else {
-        (sk_arg, skb_arg)
+    let (sk, skb) = match summary::try_count::<TYPED>(sk_arg, skb_arg)? {
+        Outcome::Done => return Ok(()),
+        Outcome::Emit { sk, skb } => (sk, skb),
     };
-    if let Outcome::Done = summary::try_count::<TYPED>(sk, sk_arg, skb, skb_arg)? {
-        return Ok(());
-    }
     let mut ev = ResetEvent::default();
     let mut dev = 0;
     // The second test is for kernels that type the argument "maybe NULL"

@@ -8,14 +8,17 @@
 //! flags of the segment the reset answers, from the segment's control
 //! block (`TCP_SKB_CB(skb)->tcp_flags`), not from its headers.
 
-use aya_ebpf::{macros::map, maps::PerCpuArray};
+use aya_ebpf::{
+    helpers::{bpf_jiffies64, bpf_ktime_get_ns},
+    macros::map,
+    maps::PerCpuArray,
+};
 use ktrace_common::{
     reset_may_be_an_incident, summary_class, tcp_flag, ResetSummary, SummaryKey, SummaryTable,
     NO_OFFSET, SUMMARY_PROBES, SUMMARY_SLOTS,
 };
 
 use crate::kernel::{self, layout};
-use crate::ring;
 
 /// Set by userspace at load time (`--every-reset` turns it off).
 #[no_mangle]
@@ -27,8 +30,9 @@ static RESET_SUMMARY_TABLE: PerCpuArray<SummaryTable> = PerCpuArray::with_max_en
 
 /// What the send-reset program does with a reset.
 pub enum Outcome {
-    /// Send it as an event.
-    Emit,
+    /// Send it as an event; `sk` and `skb` are the arguments as plain
+    /// numbers (see [`kernel::untyped`]), for NULL tests.
+    Emit { sk: u64, skb: u64 },
     /// Nothing more: it was counted, or no reset leaves (the segment is
     /// itself an RST, which the kernel never answers).
     Done,
@@ -36,19 +40,34 @@ pub enum Outcome {
 
 /// Counts the reset that `sk` sends in answer to `skb` when it can never
 /// be an incident and this CPU's window has sent its sample in full.
-/// `sk`/`skb` are the untyped values, tested for NULL; `*_arg` the
-/// arguments, BTF-typed when `TYPED` (then read by plain loads).
+/// `sk_arg`/`skb_arg` are the program's arguments, BTF-typed when `TYPED`
+/// (then read by plain loads).
+///
+/// A summarised reset touches this CPU's table and little else: the
+/// window, the clock's tick, the last device's namespace and the count sit
+/// in the table's first line and the key's slot (each distinct line a
+/// reset touches is a cache miss a storm pays again and again).
 #[inline(always)]
-pub fn try_count<const TYPED: bool>(
-    sk: u64,
-    sk_arg: u64,
-    skb: u64,
-    skb_arg: u64,
-) -> Result<Outcome, i64> {
+pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome, i64> {
+    let Some(table) = RESET_SUMMARY_TABLE.get_ptr_mut(0) else {
+        let (sk, skb) = if TYPED {
+            (kernel::untyped(sk_arg), kernel::untyped(skb_arg))
+        } else {
+            (sk_arg, skb_arg)
+        };
+        return Ok(Outcome::Emit { sk, skb });
+    };
+    // SAFETY: this CPU's table, used by one program run at a time.
+    let table = unsafe { &mut *table };
+    let (sk, skb) = if TYPED {
+        (untyped(table, sk_arg), untyped(table, skb_arg))
+    } else {
+        (sk_arg, skb_arg)
+    };
     let enabled = unsafe { core::ptr::read_volatile(&RESET_SUMMARY.enabled) };
     let flags_off = layout!(skb_tcp_flags);
     if enabled == 0 || flags_off == NO_OFFSET {
-        return Ok(Outcome::Emit);
+        return Ok(Outcome::Emit { sk, skb });
     }
     let trigger = if skb != 0 && skb_arg != 0 {
         let f: u8 = kernel::field::<TYPED, u8>(skb_arg, flags_off)?;
@@ -65,22 +84,15 @@ pub fn try_count<const TYPED: bool>(
         let state: u8 = kernel::field::<TYPED, u8>(sk_arg, layout!(sk_state)).unwrap_or(0);
         state != kernel::TCP_LISTEN
     };
-    if reset_may_be_an_incident(has_socket, trigger) {
-        return Ok(Outcome::Emit);
-    }
-    let Some(table) = RESET_SUMMARY_TABLE.get_ptr_mut(0) else {
-        return Ok(Outcome::Emit);
-    };
-    // SAFETY: this CPU's table, used by one program run at a time.
-    let table = unsafe { &mut *table };
-    if in_sample(table) {
-        return Ok(Outcome::Emit);
+    if reset_may_be_an_incident(has_socket, trigger) || in_sample(table) {
+        return Ok(Outcome::Emit { sk, skb });
     }
     let netns = if sk != 0 {
         kernel::sock_netns(sk)
     } else if skb != 0 && skb_arg != 0 {
         let dev = kernel::field::<TYPED, u64>(skb_arg, layout!(skb_dev)).unwrap_or(0);
-        kernel::dev_netns(kernel::untyped(dev))
+        let dev = if TYPED { untyped(table, dev) } else { dev };
+        dev_netns(table, dev)
     } else {
         0
     };
@@ -93,16 +105,52 @@ pub fn try_count<const TYPED: bool>(
     Ok(Outcome::Done)
 }
 
+/// [`kernel::untyped`] through this CPU's table, whose line the program
+/// touches anyway.
+#[inline(always)]
+fn untyped(t: &mut SummaryTable, v: u64) -> u64 {
+    // SAFETY: volatile so that the compiler keeps the round trip.
+    unsafe {
+        core::ptr::write_volatile(&mut t.scratch.untyped, v);
+        core::ptr::read_volatile(&t.scratch.untyped)
+    }
+}
+
+/// Network namespace of the device `dev`, remembered for the last device:
+/// in a storm, segments keep arriving on the same one.
+#[inline(always)]
+fn dev_netns(t: &mut SummaryTable, dev: u64) -> u32 {
+    if dev == 0 {
+        return 0;
+    }
+    if t.scratch.dev != dev {
+        t.scratch.dev_netns = kernel::dev_netns_uncached(dev) as u64;
+        t.scratch.dev = dev;
+    }
+    t.scratch.dev_netns as u32
+}
+
 /// Whether this reset is one of the first `sample_per_window` of this
 /// CPU's window (a new window starts when the last is `window_ns` old).
+/// The window is checked when the tick (jiffies) changes: the precise
+/// clock costs tens of nanoseconds on virtualised hosts, and a window of
+/// 100 ms is many ticks long.
 #[inline(always)]
 fn in_sample(t: &mut SummaryTable) -> bool {
     let per = unsafe { core::ptr::read_volatile(&RESET_SUMMARY.sample_per_window) } as u64;
     let span = unsafe { core::ptr::read_volatile(&RESET_SUMMARY.window_ns) };
-    let now = ring::now_ns();
-    if now.wrapping_sub(t.window_start_ns) >= span {
-        t.window_start_ns = now;
-        t.window_sent = 0;
+    let new_tick = layout!(tick_clock) != 1 || {
+        let j = unsafe { bpf_jiffies64() };
+        let changed = j != t.scratch.tick;
+        t.scratch.tick = j;
+        changed
+    };
+    if new_tick {
+        let now = unsafe { bpf_ktime_get_ns() };
+        if now.wrapping_sub(t.window_start_ns) >= span {
+            t.window_start_ns = now;
+            t.window_sent = 0;
+        }
     }
     if t.window_sent < per {
         t.window_sent += 1;

@@ -149,13 +149,14 @@ impl Rises {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ktrace_common::SummarySlot;
+    use ktrace_common::{SummaryScratch, SummarySlot};
 
     fn table(slots: &[(usize, u32, u32, u64)], overflow: [u64; 2]) -> SummaryTable {
         let mut t = SummaryTable {
             window_start_ns: 0,
             window_sent: 0,
             overflow,
+            scratch: SummaryScratch::default(),
             slots: [SummarySlot::default(); SUMMARY_SLOTS],
         };
         for &(i, netns, class, count) in slots {
