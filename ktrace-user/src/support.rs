@@ -48,6 +48,9 @@ pub struct KernelSupport {
     pub symbols: HashSet<String>,
     /// Whether kallsyms could be read at all (it is empty to non-root).
     pub kallsyms_readable: bool,
+    /// Whether its first line is `ADDRESS TYPE NAME` (hex address, one
+    /// letter type): a dump may hold some other file under that name.
+    pub kallsyms_well_formed: bool,
     pub ip_vs_loaded: bool,
     pub ip_vs_btf: bool,
     pub nf_conntrack_loaded: bool,
@@ -76,7 +79,7 @@ impl KernelSupport {
             || tracefs
                 .as_ref()
                 .is_some_and(|d| d.join("kprobe_events").exists());
-        let (symbols, kallsyms_readable) = read_kallsyms(&p("/proc/kallsyms"));
+        let kallsyms = read_kallsyms(&p("/proc/kallsyms"));
         KernelSupport {
             root: root.to_path_buf(),
             release,
@@ -85,8 +88,9 @@ impl KernelSupport {
             fentry: None,
             tracefs,
             tracepoints,
-            symbols,
-            kallsyms_readable,
+            symbols: kallsyms.symbols,
+            kallsyms_readable: kallsyms.readable,
+            kallsyms_well_formed: kallsyms.well_formed,
             ip_vs_loaded: p("/sys/module/ip_vs").exists(),
             ip_vs_btf: p("/sys/kernel/btf/ip_vs").exists(),
             nf_conntrack_loaded: p("/sys/module/nf_conntrack").exists(),
@@ -121,14 +125,25 @@ impl KernelSupport {
     }
 }
 
-/// Returns which of [`PROBED_SYMBOLS`] and [`HELPER_SYMBOLS`] kallsyms lists (functions only, `t`/`T`),
-/// and whether it had any readable (non-zero) address at all.
+/// What one read of kallsyms says, for [`KernelSupport`].
+#[derive(Default)]
+struct Kallsyms {
+    /// Which of [`PROBED_SYMBOLS`] and [`HELPER_SYMBOLS`] it lists
+    /// (functions only, `t`/`T`).
+    symbols: HashSet<String>,
+    /// Whether it had any readable (non-zero) address at all.
+    readable: bool,
+    /// Whether its first line is `ADDRESS TYPE NAME`.
+    well_formed: bool,
+}
+
+/// Reads kallsyms once for everything [`KernelSupport`] keeps of it.
 /// Not `aya::util::kernel_symbols`: it reads only the live `/proc/kallsyms`
 /// (doctor --root audits dumps), keys by address (all 0 to non-root, so one
 /// entry survives), ignores the symbol type and keeps `\t[module]` in names.
-fn read_kallsyms(path: &Path) -> (HashSet<String>, bool) {
+fn read_kallsyms(path: &Path) -> Kallsyms {
     let Ok(text) = std::fs::read_to_string(path) else {
-        return (HashSet::new(), false);
+        return Kallsyms::default();
     };
     let mut found = HashSet::new();
     let mut readable = false;
@@ -149,8 +164,21 @@ fn read_kallsyms(path: &Path) -> (HashSet<String>, bool) {
             }
         }
     }
-    let readable = readable || !found.is_empty();
-    (found, readable)
+    Kallsyms {
+        readable: readable || !found.is_empty(),
+        well_formed: text.lines().next().is_some_and(is_kallsyms_line),
+        symbols: found,
+    }
+}
+
+/// Whether `line` is `ADDRESS TYPE NAME` (hex address, one letter type).
+fn is_kallsyms_line(line: &str) -> bool {
+    let mut w = line.split_whitespace();
+    matches!(
+        (w.next(), w.next(), w.next()),
+        (Some(a), Some(t), Some(_))
+            if !a.is_empty() && a.bytes().all(|b| b.is_ascii_hexdigit()) && t.len() == 1
+    )
 }
 
 /// `major.minor` of a kernel release string (`6.1.0-18-amd64` → (6, 1)).
@@ -199,6 +227,15 @@ mod tests {
             "a .constprop clone is not the symbol"
         );
         assert!(s.ip_vs_loaded && !s.ip_vs_btf && !s.btf_vmlinux);
+        assert!(s.kallsyms_readable && s.kallsyms_well_formed);
+        // Some other file saved under that name: readable, not kallsyms.
+        std::fs::write(
+            dir.join("proc/kallsyms"),
+            "symbols of the node\nffffffff81000000 t tcp_v4_send_reset\n",
+        )
+        .unwrap();
+        let s = KernelSupport::probe(&dir);
+        assert!(s.kallsyms_readable && !s.kallsyms_well_formed);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

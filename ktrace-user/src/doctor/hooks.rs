@@ -175,7 +175,7 @@ fn check_symbols(ctx: &Ctx, s: &KernelSupport) -> Check {
         };
         return Check::unknown(CHECK, why).expected(expected);
     }
-    if !looks_like_kallsyms(&s.root.join("proc/kallsyms")) {
+    if !s.kallsyms_well_formed {
         return Check::unknown(
             CHECK,
             format!(
@@ -290,28 +290,4 @@ fn check_ip_vs_btf(ctx: &Ctx, s: &KernelSupport) -> Check {
             "the kernel was built without CONFIG_DEBUG_INFO_BTF_MODULES: ktrace cannot read ip_vs_conn/ip_vs_dest, so weight-0 scheduling (quiescent_backend) is not seen"
         })
         .fix("use a 5.11+ kernel with CONFIG_DEBUG_INFO_BTF_MODULES=y")
-}
-
-/// Whether the file's first line is `ADDRESS TYPE NAME` (hex address, one
-/// letter type).
-fn looks_like_kallsyms(path: &std::path::Path) -> bool {
-    use std::io::BufRead;
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut line = Vec::new();
-    if std::io::BufReader::new(f)
-        .take(4096)
-        .read_until(b'\n', &mut line)
-        .is_err()
-    {
-        return false;
-    }
-    let line = String::from_utf8_lossy(&line);
-    let mut w = line.split_whitespace();
-    matches!(
-        (w.next(), w.next(), w.next()),
-        (Some(a), Some(t), Some(_))
-            if !a.is_empty() && a.bytes().all(|b| b.is_ascii_hexdigit()) && t.len() == 1
-    )
 }
