@@ -13,163 +13,15 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use common::ev;
+use common::mix::{storm, stream, FLOWS};
 use hdrhistogram::Histogram;
-use ktrace::engine::{Engine, EngineConfig};
-use ktrace::event::{Event, EventBody, NatEntry};
-
-const FLOWS: u32 = 1_000_000;
-const SEC: u64 = 1_000_000_000;
-
-fn client(i: u32) -> SocketAddr {
-    // 10.0.0.0/8 clients, 50 000 ports each.
-    let ip = Ipv4Addr::from(0x0a00_0000u32 + i / 50_000);
-    SocketAddr::new(IpAddr::V4(ip), 10_000 + (i % 50_000) as u16)
-}
-
-fn service(i: u32) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 96, 0, (i % 200) as u8)), 443)
-}
-
-fn backend(i: u32, gen: u32) -> SocketAddr {
-    SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(
-            10,
-            244,
-            ((i + gen) % 50) as u8,
-            ((i / 7 + gen) % 250) as u8 + 1,
-        )),
-        8443,
-    )
-}
-
-fn rst(ts: u64, src: SocketAddr, dst: SocketAddr, trigger: u8) -> Event {
-    ev(
-        ts,
-        EventBody::TcpSendReset {
-            src,
-            dst,
-            reason: None,
-            socket: None,
-            trigger_flags: Some(trigger),
-        },
-    )
-}
-
-/// The stream: 1 M flows mapped, then per flow one of: an un-NATed reply
-/// reset (client -> backend), a flush re-mapping answered by the new
-/// backend's reset, a refused connection, or an unrelated reset.
-fn stream() -> Vec<Event> {
-    let mut v = Vec::with_capacity(FLOWS as usize * 4);
-    let mut ts = 1_000 * SEC;
-    for i in 0..FLOWS {
-        ts += 1_000; // 1 M mappings/s
-        v.push(ev(
-            ts,
-            EventBody::NatMapping(NatEntry {
-                client: client(i),
-                service: service(i),
-                backend: backend(i, 0),
-                protocol: 6,
-                snat: None,
-            }),
-        ));
-    }
-    for i in 0..FLOWS {
-        ts += 500;
-        match i % 4 {
-            0 => v.push(rst(ts, client(i), backend(i, 0), 0x18)),
-            1 => {
-                v.push(ev(
-                    ts,
-                    EventBody::NatDestroy(NatEntry {
-                        client: client(i),
-                        service: service(i),
-                        backend: backend(i, 0),
-                        protocol: 6,
-                        snat: None,
-                    }),
-                ));
-                v.push(ev(
-                    ts + 10,
-                    EventBody::NatMapping(NatEntry {
-                        client: client(i),
-                        service: service(i),
-                        backend: backend(i, 1),
-                        protocol: 6,
-                        snat: None,
-                    }),
-                ));
-                v.push(rst(ts + 20, backend(i, 1), client(i), 0x18));
-            }
-            2 => v.push(rst(ts, backend(i, 0), client(i), 0x02)),
-            _ => v.push(rst(
-                ts,
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 168, 0, 1)), 80),
-                SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::new(192, 168, 0, 2)),
-                    (i % 60000) as u16,
-                ),
-                0x10,
-            )),
-        }
-    }
-    v
-}
-
-/// A reset storm on a node that tracks 1 M flows: 20 000 connections whose
-/// replies go un-NATed are reset again and again (clients' no-socket RSTs,
-/// the backend's follow-up resets), amid refused connections, received
-/// resets and resets unrelated to any Service.
-fn storm() -> Vec<Event> {
-    let mut v = Vec::with_capacity(10_000_000);
-    let mut ts = 2_000 * SEC;
-    let mut x: u32 = 0x9e37_79b9;
-    for n in 0..10_000_000u32 {
-        ts += 300; // ~3 M events/s of kernel time
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        let i = (x % 20_000) * 50; // 20 000 broken flows spread over the table
-        v.push(match n % 10 {
-            0..=3 => rst(ts, client(i), backend(i, 0), 0x18),
-            4 | 5 => rst(ts, backend(i, 0), client(i), 0x18),
-            6 | 7 => rst(ts, backend(i, 0), client(x % FLOWS), 0x02),
-            8 => ev(
-                ts,
-                EventBody::TcpReceiveReset {
-                    src: client(i),
-                    dst: backend(i, 0),
-                    sock_cookie: n as u64,
-                },
-            ),
-            _ => rst(
-                ts,
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::from(0xc0a8_0000 + (x & 0xffff))), 80),
-                SocketAddr::new(
-                    IpAddr::V4(Ipv4Addr::new(192, 168, 255, 2)),
-                    (x >> 16) as u16,
-                ),
-                0x10,
-            ),
-        });
-    }
-    v
-}
+use ktrace::engine::Engine;
+use ktrace::event::Event;
 
 /// Events per batch: a ring drain or a recording block.
 const BATCH: usize = 512;
-
-fn config() -> EngineConfig {
-    EngineConfig {
-        max_flows: FLOWS as usize + 16,
-        storm_threshold: 1_000,
-        ..EngineConfig::default()
-    }
-}
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -239,7 +91,7 @@ fn main() {
     let mut cold = Rates::default();
     let mut findings = 0;
     for _ in 0..runs {
-        let mut engine = Engine::new(config());
+        let mut engine = Engine::new(common::mix::config());
         cold.time(events.len(), || {
             findings = feed(&mut engine, &events, &mut out)
         });
@@ -251,7 +103,7 @@ fn main() {
     cold.show("cold (every event on another flow)");
 
     // State: the worst bytes/flow at any size from 1 000 flows up.
-    let mut engine = Engine::new(config());
+    let mut engine = Engine::new(common::mix::config());
     let (mut worst, mut worst_at) = (0.0f64, 0);
     for chunk in events.chunks(64) {
         engine.process_batch(chunk, &mut out);
@@ -268,7 +120,7 @@ fn main() {
     );
 
     // Latency: arrival to finding, the processing of the completing event.
-    let mut engine = Engine::new(config());
+    let mut engine = Engine::new(common::mix::config());
     let mut hist = Histogram::<u64>::new_with_bounds(1, 10_000_000_000, 3).unwrap();
     for e in &events {
         let t0 = Instant::now();
@@ -292,7 +144,7 @@ fn main() {
     let mut storm_rates = Rates::default();
     let mut findings = 0;
     for _ in 0..runs {
-        let mut engine = Engine::new(config());
+        let mut engine = Engine::new(common::mix::config());
         feed(&mut engine, &events, &mut out);
         storm_rates.time(storm_events.len(), || {
             findings = feed(&mut engine, &storm_events, &mut out)

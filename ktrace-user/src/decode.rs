@@ -30,8 +30,9 @@ pub enum DecodeError {
 /// Names of kernel enum values that events carry as numbers.
 #[derive(Debug, Clone, Default)]
 pub struct Names {
-    /// `enum sk_rst_reason`, e.g. 1 -> "NO_SOCKET".
-    pub reset_reasons: HashMap<u32, String>,
+    /// `enum sk_rst_reason`, e.g. 1 -> "NO_SOCKET" (shared by the events
+    /// that carry it: no allocation per event).
+    pub reset_reasons: HashMap<u32, std::sync::Arc<str>>,
 }
 
 const IP_VS_CONN_F_TEMPLATE: u32 = 0x1000;
@@ -181,7 +182,7 @@ fn reset(k: u16, b: &mut &[u8], names: &Names) -> Result<EventBody, DecodeError>
                     .reset_reasons
                     .get(&reason)
                     .cloned()
-                    .unwrap_or_else(|| format!("REASON_{reason}"))
+                    .unwrap_or_else(|| format!("REASON_{reason}").into())
             }),
             trigger_flags: (flags & reset_flags::HAS_TRIGGER != 0).then_some(trigger_flags),
             socket: (flags & reset_flags::HAS_SOCKET != 0).then_some(state),
@@ -218,7 +219,7 @@ fn conntrack(k: u16, b: &mut &[u8]) -> Result<EventBody, DecodeError> {
     } else {
         let end = msg.iter().position(|&c| c == 0).unwrap_or(msg.len());
         let message = (reason == invalid_reason::MESSAGE && end > 0)
-            .then(|| clean_message(&String::from_utf8_lossy(&msg[..end])));
+            .then(|| clean_message(&String::from_utf8_lossy(&msg[..end])).into());
         EventBody::CtInvalid {
             src,
             dst,
@@ -274,7 +275,7 @@ mod tests {
 
     fn names() -> Names {
         Names {
-            reset_reasons: [(1, "NO_SOCKET".to_string())].into_iter().collect(),
+            reset_reasons: [(1, "NO_SOCKET".into())].into_iter().collect(),
         }
     }
 

@@ -7,6 +7,7 @@
 //! as `src`/`dst`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Serialize, Serializer};
 
@@ -46,8 +47,9 @@ pub enum EventBody {
         #[serde(skip)]
         dst: SocketAddr,
         /// Kernel `sk_rst_reason` name (e.g. `NO_SOCKET`) when given.
+        /// Shared, not owned: a handful of names repeated by every event.
         #[serde(skip_serializing_if = "Option::is_none")]
-        reason: Option<String>,
+        reason: Option<Arc<str>>,
         /// TCP flags of the segment the RST answers, when known.
         #[serde(
             rename = "answers",
@@ -88,7 +90,7 @@ pub enum EventBody {
         reply_dir: bool,
         /// What conntrack's log helper was told, e.g. "SEQ is over the upper bound".
         #[serde(rename = "reason", skip_serializing_if = "Option::is_none")]
-        message: Option<String>,
+        message: Option<Arc<str>>,
     },
     /// Conntrack could not create an entry for `src` -> `dst` (table full).
     CtTableFull {

@@ -9,8 +9,6 @@
 //! `doctor` reads whole rulesets instead (it also audits dumps of other
 //! nodes); its `kube_proxy_mode` check names the mode the same way.
 
-use std::process::Command;
-
 use crate::engine::KubeProxyMode;
 
 /// The text of kube-proxy's rules, as read once.
@@ -38,16 +36,11 @@ enum Ran {
     Failed,
 }
 
-fn run(cmd: &str, args: &[&str]) -> Ran {
-    let Ok(out) = Command::new(cmd).args(args).output() else {
-        return Ran::Failed;
-    };
-    if out.status.success() {
-        Ran::Printed(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else if String::from_utf8_lossy(&out.stderr).contains("No such file or directory") {
-        Ran::Absent
-    } else {
-        Ran::Failed
+fn run(tool: &str, args: &[&str]) -> Ran {
+    match crate::tool::run_tool(tool, args) {
+        Ok(text) => Ran::Printed(text),
+        Err(why) if why.contains("No such file or directory") => Ran::Absent,
+        Err(_) => Ran::Failed,
     }
 }
 

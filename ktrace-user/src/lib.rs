@@ -49,6 +49,7 @@ pub mod ring;
 pub mod summary;
 pub mod support;
 pub mod sysctl;
+pub mod tool;
 pub mod tracefs;
 pub mod tui;
 pub mod watch;

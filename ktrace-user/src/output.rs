@@ -238,6 +238,11 @@ impl<W: Write> Renderer<W> {
     }
 
     /// Prints a decoded event when `--events` asked for them.
+    /// Whether events are printed (`--events`), not only findings.
+    pub fn prints_events(&self) -> bool {
+        self.events
+    }
+
     pub fn event(&mut self, ev: &Event) -> io::Result<()> {
         if !self.events {
             return Ok(());

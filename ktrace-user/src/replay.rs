@@ -15,13 +15,16 @@ use std::path::PathBuf;
 
 use crate::clock::WallClock;
 use crate::engine::Engine;
+use crate::event::Event;
 use crate::netns::NetnsNames;
 use crate::output::{Renderer, ReplaySource, StatusInfo};
 use crate::pipeline::Pipeline;
-use crate::recording::format::Item;
+use crate::recording::format::{FrameHeader, Item};
+use crate::recording::read_ahead::{read_ahead, ReadAheadError};
 use crate::recording::reader::{FileReader, OpenError, Warning};
 use crate::recording::writer::segment_path;
 use crate::recording::Context;
+use crate::recording::{Batch, Part};
 
 pub struct ReplayOptions {
     pub paths: Vec<PathBuf>,
@@ -37,6 +40,24 @@ pub struct ReplayOptions {
     pub plain: crate::incident::plain::PlainOptions,
     /// `--tui`: also collect what the dashboard shows.
     pub timeline: Option<std::rc::Rc<std::cell::RefCell<crate::tui::Timeline>>>,
+}
+
+impl ReplayOptions {
+    /// Findings of `paths` as human text, everything replayed, the
+    /// recorded settings kept.
+    pub fn new(paths: Vec<PathBuf>) -> ReplayOptions {
+        ReplayOptions {
+            paths,
+            json: false,
+            events: false,
+            since: None,
+            until: None,
+            storm_threshold: None,
+            storm_window_ns: None,
+            plain: Default::default(),
+            timeline: None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -335,71 +356,93 @@ struct Feed<'a> {
 }
 
 impl Feed<'_> {
-    /// Every block of one file the window wants.
+    /// Every block of one file the window wants, decoded on another thread.
     fn file(
         &mut self,
         r: &mut FileReader,
         warn: &mut dyn FnMut(&Warning),
         report: &mut ReplayReport,
     ) -> Result<(), ReplayError> {
-        let path = r.path().display().to_string();
-        let mut warned = Vec::new();
-        let mut items = Vec::new();
         let (from, until) = (self.window.warm_from, self.window.until);
-        let want =
-            |h: &crate::recording::format::FrameHeader| h.max_ts >= from && h.min_ts <= until;
-        loop {
-            let more = r
-                .next_block(&mut items, &mut |w| warned.push(w), &want)
-                .map_err(|source| ReplayError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-            for w in warned.drain(..) {
-                report.warnings += 1;
-                warn(&w);
-            }
-            if !more {
-                return Ok(());
-            }
-            for item in items.drain(..) {
-                report.items += 1;
-                self.item(item, report).map_err(ReplayError::Output)?;
-            }
-        }
+        let want = move |h: &FrameHeader| h.max_ts >= from && h.min_ts <= until;
+        let path = r.path().display().to_string();
+        read_ahead(r, &want, |b| self.batch(b, warn, report)).map_err(|e| match e {
+            ReadAheadError::Read(source) => ReplayError::Read { path, source },
+            ReadAheadError::Consume(e) => ReplayError::Output(e),
+        })
     }
 
-    fn item(&mut self, item: Item, report: &mut ReplayReport) -> io::Result<()> {
-        match item {
-            Item::Event(ev) if self.window.feeds(ev.ts_ns) => {
-                self.last_ts = self.last_ts.max(ev.ts_ns);
-                report.events += 1;
-                self.p.handle(&ev)
+    /// One block: its warnings, then its items in recorded order.
+    fn batch(
+        &mut self,
+        b: &Batch,
+        warn: &mut dyn FnMut(&Warning),
+        report: &mut ReplayReport,
+    ) -> io::Result<()> {
+        for w in &b.warnings {
+            report.warnings += 1;
+            warn(w);
+        }
+        for part in b.parts() {
+            match part {
+                Part::Events(evs) => self.events(evs, report)?,
+                Part::Item(item) => {
+                    report.items += 1;
+                    self.item(item)?;
+                }
             }
-            Item::Tick { ts_ns } if self.window.feeds(ts_ns) => {
-                self.last_ts = self.last_ts.max(ts_ns);
-                self.p.tick(ts_ns)
+        }
+        Ok(())
+    }
+
+    /// Events in a row: those the window feeds, in runs, to the pipeline.
+    fn events(&mut self, mut evs: &[Event], report: &mut ReplayReport) -> io::Result<()> {
+        report.items += evs.len() as u64;
+        while !evs.is_empty() {
+            let skip = evs.iter().take_while(|e| !self.window.feeds(e.ts_ns));
+            evs = &evs[skip.count()..];
+            let n = evs
+                .iter()
+                .take_while(|e| self.window.feeds(e.ts_ns))
+                .count();
+            let (run, rest) = evs.split_at(n);
+            if let Some(last) = run.iter().map(|e| e.ts_ns).max() {
+                self.last_ts = self.last_ts.max(last);
+            }
+            report.events += n as u64;
+            self.p.handle_batch(run)?;
+            evs = rest;
+        }
+        Ok(())
+    }
+
+    /// An item other than an event.
+    fn item(&mut self, item: &Item) -> io::Result<()> {
+        match item {
+            Item::Tick { ts_ns } if self.window.feeds(*ts_ns) => {
+                self.last_ts = self.last_ts.max(*ts_ns);
+                self.p.tick(*ts_ns)
             }
             Item::Lost {
                 ts_ns,
                 count,
                 total,
                 what,
-            } if self.window.prints(ts_ns) => self.p.out.lost(ts_ns, count, total, &what),
+            } if self.window.prints(*ts_ns) => self.p.out.lost(*ts_ns, *count, *total, what),
             Item::Dropped {
                 ts_ns,
                 count,
                 reason,
             } => {
                 self.dropped_total += count;
-                if !self.window.prints(ts_ns) {
+                if !self.window.prints(*ts_ns) {
                     return Ok(());
                 }
                 let what = format!("not recorded ({reason})");
-                self.p.out.lost(ts_ns, count, self.dropped_total, &what)
+                self.p.out.lost(*ts_ns, *count, self.dropped_total, &what)
             }
             Item::Name { record, .. } => {
-                self.p.out.names_mut().apply(record);
+                self.p.out.names_mut().apply(record.clone());
                 Ok(())
             }
             Item::Event(_) | Item::Tick { .. } | Item::Lost { .. } => Ok(()),

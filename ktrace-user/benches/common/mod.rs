@@ -1,6 +1,8 @@
 //! What the benchmarks share (each uses part of it).
 #![allow(dead_code)]
 
+pub mod mix;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 

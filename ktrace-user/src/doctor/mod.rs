@@ -38,6 +38,7 @@
 //! table), `iptables-nft-save` and `nft -j list ruleset` in the current network
 //! namespace; when neither `iptables-legacy-save` nor `iptables-nft-save` is
 //! installed it runs `iptables-save` and tells the variant from its header.
+//! The `ip6tables` tools are run the same way.
 //! An offline audit reads the same outputs from the dump instead:
 //!
 //! | file under `<root>/ktrace-dump/` | captured with |

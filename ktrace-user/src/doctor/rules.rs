@@ -26,19 +26,15 @@
 //! `ip6` tables) are reported but do not protect IPv4 Services.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::{Check, Ctx, ReadError, Status};
 use crate::names::rules::split_words;
+use crate::tool::find_in_path;
 
 const CHECK: &str = "unnated_reply_protection";
-
-/// How long a ruleset tool may run.
-const TOOL_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One rule that drops ctstate INVALID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -330,6 +326,12 @@ fn iptables_live_sources(fs: &super::Fs, tool: &str, tables_names: &str) -> Vec<
     out
 }
 
+/// Runs a ruleset tool: its output, or why not in a line short enough for
+/// a check's `why`.
+fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
+    crate::tool::run_tool(tool, args).map_err(|e| super::shorten(&e, 240))
+}
+
 /// Rulesets captured in `<root>/ktrace-dump/`.
 fn dump_sources(fs: &super::Fs) -> Vec<Source> {
     let dir = "/ktrace-dump";
@@ -416,66 +418,6 @@ fn parsed_source(name: &str, parsed: Result<Parsed, String>) -> Source {
             why,
         },
     }
-}
-
-fn find_in_path(tool: &str) -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/sbin"].iter().map(Into::into))
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-}
-
-/// Runs a ruleset tool and returns its stdout, or why it could not. A tool
-/// stuck (on the xtables lock, say) is killed after [`TOOL_TIMEOUT`].
-fn run_tool(tool: &str, args: &[&str]) -> Result<String, String> {
-    let path = find_in_path(tool).ok_or_else(|| format!("{tool} is not installed"))?;
-    let shown = format!("{tool} {}", args.join(" ")).trim().to_string();
-    let mut child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run {shown}: {e}"))?;
-    // Drained on threads so a large ruleset cannot block the child.
-    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
-    let start = Instant::now();
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if start.elapsed() > TOOL_TIMEOUT => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let secs = TOOL_TIMEOUT.as_secs();
-                return Err(format!("{shown} did not finish in {secs}s"));
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => return Err(format!("waiting for {shown}: {e}")),
-        }
-    };
-    let (out, err) = (
-        out.join().unwrap_or_default(),
-        err.join().unwrap_or_default(),
-    );
-    if !status.success() {
-        let msg = String::from_utf8_lossy(&err);
-        let line = msg.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
-        let line = super::shorten(line.trim(), 160);
-        return Err(format!("{shown} failed ({status}): {line}"));
-    }
-    String::from_utf8(out).map_err(|_| format!("{shown} printed non-UTF-8 output"))
-}
-
-/// Reads a child's pipe to its end on a thread of its own.
-fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
-    std::thread::spawn(move || {
-        let mut bytes = Vec::new();
-        if let Some(mut p) = pipe {
-            let _ = p.read_to_end(&mut bytes);
-        }
-        bytes
-    })
 }
 
 // ---------------------------------------------------------------- parsing

@@ -436,21 +436,31 @@ impl Engine {
     /// memory a few events ahead: at a million flows a lookup is a cache
     /// miss, and misses overlapped cost a fraction of misses in a row.
     pub fn process_batch(&mut self, events: &[Event], out: &mut Vec<Finding>) {
-        const AHEAD: usize = 8;
-        for ev in events.iter().take(AHEAD) {
-            self.prefetch(ev);
-        }
         for (i, ev) in events.iter().enumerate() {
-            if let Some(later) = events.get(i + 2 * AHEAD) {
-                // The event itself, before its flows are looked for.
-                let p: *const i8 = (later as *const Event).cast();
-                flows::prefetch_read(p);
-                flows::prefetch_read(p.wrapping_add(64));
-            }
-            if let Some(next) = events.get(i + AHEAD) {
-                self.prefetch(next);
-            }
+            self.prefetch_ahead(events, i);
             self.process(ev, out);
+        }
+    }
+
+    /// Before the `i`th of `events` is processed: starts loading the flows
+    /// of those a few places ahead (of the first ones too, at 0), and the
+    /// events themselves further ahead. For a caller that processes the
+    /// events one by one between other work ([`Engine::process_batch`] is
+    /// this and [`Engine::process`]).
+    #[inline]
+    pub fn prefetch_ahead(&self, events: &[Event], i: usize) {
+        const AHEAD: usize = 8;
+        if i == 0 {
+            events.iter().take(AHEAD).for_each(|ev| self.prefetch(ev));
+        }
+        if let Some(later) = events.get(i + 2 * AHEAD) {
+            // The event itself, before its flows are looked for.
+            let p: *const i8 = (later as *const Event).cast();
+            flows::prefetch_read(p);
+            flows::prefetch_read(p.wrapping_add(64));
+        }
+        if let Some(next) = events.get(i + AHEAD) {
+            self.prefetch(next);
         }
     }
 

@@ -165,7 +165,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     drop(kbtf);
     crate::memory::release_freed();
     let memlock = crate::memlock::prepare(support.release.as_deref());
-    let (summary, summary_status) = crate::summary::setting(opts.every_reset, &kernel.layout);
+    let (summary, summary_status) = reset::summary_setting(opts.every_reset, &kernel.layout);
     let mut ebpf = load_object(&kernel, opts, &summary)?;
     // Kernel-side warnings (aya-log) go to ktrace's log on stderr. Started
     // before any program loads, and kept alive with the object.
@@ -258,10 +258,10 @@ impl<'a> Kernel<'a> {
 fn reset_reason_names(k: &Kernel, kbtf: Option<&KernelBtf>) -> Names {
     let mut names = Names::default();
     if let Some(t) = k.send_fmt.as_ref().and_then(|f| f.symbols.get("reason")) {
-        names.reset_reasons = t.clone();
+        names.reset_reasons = t.iter().map(|(&v, n)| (v, n.as_str().into())).collect();
     } else if let Some(b) = kbtf {
         for (v, n) in layout::enum_names(&b.vmlinux, "sk_rst_reason") {
-            let short = n.strip_prefix("SK_RST_REASON_").unwrap_or(&n).to_string();
+            let short = n.strip_prefix("SK_RST_REASON_").unwrap_or(&n).into();
             names.reset_reasons.insert(v, short);
         }
     }

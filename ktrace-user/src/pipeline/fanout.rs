@@ -87,6 +87,31 @@ impl<W: Write> Pipeline<W> {
         self.emit_findings()
     }
 
+    /// [`handle`](Self::handle) over events in a row. The engine takes them
+    /// as a batch ([`Engine::process_batch`]) when nothing wants each event
+    /// as it passes (a printed event line, a recorder, an exporter, a
+    /// view): the findings come out in the same order either way. Otherwise
+    /// one by one, their flows still loaded ahead.
+    pub fn handle_batch(&mut self, events: &[Event]) -> std::io::Result<()> {
+        let each = self.recorder.is_some()
+            || self.exporter.is_some()
+            || self.tap.is_some()
+            || self.out.prints_events();
+        if !each {
+            if let Some(e) = &mut self.engine {
+                e.process_batch(events, &mut self.findings);
+            }
+            return self.emit_findings();
+        }
+        for (i, ev) in events.iter().enumerate() {
+            if let Some(e) = &self.engine {
+                e.prefetch_ahead(events, i);
+            }
+            self.handle(ev)?;
+        }
+        Ok(())
+    }
+
     /// The names of the addresses of the findings about to be emitted go
     /// into the recording's current block (before the event or tick that
     /// completes them), as they are now.
@@ -257,6 +282,10 @@ impl<W: Write> Sink for Pipeline<W> {
 
     fn event(&mut self, ev: &Event) -> Result<(), PipelineError> {
         self.handle(ev).map_err(PipelineError::Output)
+    }
+
+    fn events(&mut self, evs: &[Event]) -> Result<(), PipelineError> {
+        self.handle_batch(evs).map_err(PipelineError::Output)
     }
 
     fn lost(&mut self, now_ns: u64, l: &Loss) -> Result<(), PipelineError> {

@@ -64,6 +64,10 @@ pub trait Sink {
         clock: WallClock,
     ) -> Result<(), PipelineError>;
     fn event(&mut self, ev: &Event) -> Result<(), PipelineError>;
+    /// Events in a row (a drain of the ring buffer), as `event` each.
+    fn events(&mut self, evs: &[Event]) -> Result<(), PipelineError> {
+        evs.iter().try_for_each(|ev| self.event(ev))
+    }
     fn lost(&mut self, now_ns: u64, loss: &Loss) -> Result<(), PipelineError>;
     /// A source stopped mid-run: `hook` is its status now (not attached,
     /// the reason why).

@@ -61,12 +61,33 @@ struct Decoder {
     errors: u64,
     /// `errors` already reported as lost.
     reported: u64,
+    /// Events of the drain not yet handed over (reused).
+    batch: Vec<Event>,
 }
 
+/// Events handed to the sink at a time: enough for the engine to load
+/// flows ahead, few enough that a finding is not held back (a few µs).
+const BATCH: usize = 256;
+
 impl Decoder {
+    fn new(names: crate::decode::Names) -> Decoder {
+        Decoder {
+            names,
+            errors: 0,
+            reported: 0,
+            batch: Vec::with_capacity(BATCH),
+        }
+    }
+
     fn feed(&mut self, rec: &[u8], sink: &mut dyn Sink) -> Result<(), PipelineError> {
         match decode(rec, &self.names) {
-            Ok(ev) => sink.event(&ev),
+            Ok(ev) => {
+                self.batch.push(ev);
+                if self.batch.len() >= BATCH {
+                    return self.hand_over(sink);
+                }
+                Ok(())
+            }
             Err(e) => {
                 self.errors += 1;
                 if self.errors <= 3 {
@@ -75,6 +96,12 @@ impl Decoder {
                 Ok(())
             }
         }
+    }
+
+    fn hand_over(&mut self, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        let r = sink.events(&self.batch);
+        self.batch.clear();
+        r
     }
 
     /// Records that did not decode since the last call, as a lost line.
@@ -102,7 +129,11 @@ impl Decoder {
                 err = self.feed(rec, sink);
             }
         });
-        err
+        if err.is_err() {
+            self.batch.clear();
+            return err;
+        }
+        self.hand_over(sink)
     }
 }
 
@@ -155,11 +186,7 @@ async fn source_loop(
     )?;
     let mut live = Live {
         ring,
-        dec: Decoder {
-            names: attached.names.clone(),
-            errors: 0,
-            reported: 0,
-        },
+        dec: Decoder::new(attached.names.clone()),
         counters: CounterSample {
             watch: counters,
             netns: my_netns.unwrap_or(0),

@@ -686,7 +686,8 @@ pub enum Decoded {
 pub struct BlockDecoder<'a> {
     cur: Cursor<'a>,
     ips: Vec<IpAddr>,
-    strs: Vec<String>,
+    /// Shared with the events that cite them (no allocation per event).
+    strs: Vec<std::sync::Arc<str>>,
     netns: Vec<u32>,
     prev_ts: u64,
 }
@@ -730,7 +731,7 @@ impl<'a> BlockDecoder<'a> {
             tag::DEF_STR => {
                 let s = std::str::from_utf8(body)
                     .map_err(|_| Malformed("string definition is not UTF-8"))?;
-                self.strs.push(s.to_string());
+                self.strs.push(s.into());
                 Ok(Decoded::Definition)
             }
             tag::DEF_NETNS => {
@@ -781,7 +782,7 @@ impl<'a> BlockDecoder<'a> {
         self.ep(b)?.ok_or(Malformed("required endpoint is absent"))
     }
 
-    fn string(&self, b: &mut Cursor) -> Result<Option<String>, Malformed> {
+    fn string(&self, b: &mut Cursor) -> Result<Option<std::sync::Arc<str>>, Malformed> {
         let r = b.varint()?;
         if r == 0 {
             return Ok(None);
@@ -802,14 +803,14 @@ impl<'a> BlockDecoder<'a> {
                     ts_ns,
                     count: b.varint()?,
                     total: b.varint()?,
-                    what: self.string(b)?.unwrap_or_default(),
+                    what: self.string(b)?.map(|s| s.to_string()).unwrap_or_default(),
                 })
             }
             tag::DROPPED => {
                 return Ok(Item::Dropped {
                     ts_ns,
                     count: b.varint()?,
-                    reason: self.string(b)?.unwrap_or_default(),
+                    reason: self.string(b)?.map(|s| s.to_string()).unwrap_or_default(),
                 })
             }
             _ => {}

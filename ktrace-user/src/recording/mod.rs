@@ -8,12 +8,16 @@
 //! - [`writer`]: encoding, compression, rotation, retention, disk-full handling.
 //! - [`private`]: owner-only files that never follow a planted symlink.
 //! - [`reader`]: reading back, tolerant of torn tails and corrupt blocks.
+//! - [`batch`]: a block read back as a batch (events apart, for the engine).
+//! - [`read_ahead`]: decoding the next blocks on another thread.
 //!
 //! `docs/recording-format.md` describes the format for other readers.
 
+pub mod batch;
 pub mod format;
 pub mod names;
 pub mod private;
+pub mod read_ahead;
 pub mod reader;
 pub mod writer;
 
@@ -29,6 +33,7 @@ use crate::engine::EngineConfig;
 use crate::hooks::HookStatus;
 use crate::output::StatusInfo;
 
+pub use batch::{Batch, Part};
 pub use format::Item;
 pub use reader::{FileReader, OpenError, Warning};
 pub use writer::{Recorder, RecorderSummary, RotationConfig};

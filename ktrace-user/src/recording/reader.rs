@@ -8,6 +8,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use super::batch::{Batch, Items};
 use super::format::{
     open_payload, BlockDecoder, Decoded, FrameHeader, Item, Malformed, BLOCK_KIND_RECORDS,
     BLOCK_MAGIC, FILE_HEADER_FIXED, FILE_MAGIC, FLAG_NAMES, FRAME_HEADER_LEN, MAX_CONTEXT_BYTES,
@@ -276,79 +277,37 @@ impl<R: Read> FileReader<R> {
         want: &dyn Fn(&FrameHeader) -> bool,
     ) -> io::Result<bool> {
         out.clear();
+        self.next_into(out, warn, want)
+    }
+
+    /// [`next_block`](Self::next_block) into a [`Batch`] (cleared first):
+    /// the events apart, ready for the engine, and the block's warnings
+    /// with them.
+    pub fn next_batch(
+        &mut self,
+        batch: &mut Batch,
+        want: &dyn Fn(&FrameHeader) -> bool,
+    ) -> io::Result<bool> {
+        batch.clear();
+        let mut warnings = std::mem::take(&mut batch.warnings);
+        let more = self.next_into(batch, &mut |w| warnings.push(w), want);
+        batch.warnings = warnings;
+        more
+    }
+
+    fn next_into<O: Items>(
+        &mut self,
+        out: &mut O,
+        warn: &mut dyn FnMut(Warning),
+        want: &dyn Fn(&FrameHeader) -> bool,
+    ) -> io::Result<bool> {
         loop {
             if self.done {
                 return Ok(false);
             }
-            self.src.fill(FRAME_HEADER_LEN)?;
-            let offset = self.src.offset;
-            let a = self.src.avail();
-            if a.is_empty() {
-                self.end_of_file(warn);
-                return Ok(false);
-            }
-            if a.len() < FRAME_HEADER_LEN {
-                let n = a.len();
-                self.torn_tail(warn, offset, format!("torn tail: the last {n} bytes (offset {offset}) are an incomplete block header (the recorder stopped while writing); everything before was read"));
+            let Some((h, offset, names_only)) = self.next_payload(warn, want)? else {
                 continue;
-            }
-            let h = match FrameHeader::decode(&a[..FRAME_HEADER_LEN]) {
-                Ok(h) => h,
-                Err(why) => {
-                    self.resync(offset, why, warn)?;
-                    continue;
-                }
             };
-            let total = FRAME_HEADER_LEN + h.stored_len as usize;
-            self.src.fill(total)?;
-            let a = self.src.avail();
-            if a.len() < total {
-                let n = a.len();
-                self.torn_tail(
-                    warn,
-                    offset,
-                    format!(
-                        "torn tail: the last block (offset {offset}, {n} of {total} bytes, {} events) is incomplete (the recorder stopped while writing it); everything before was read",
-                        h.events
-                    ),
-                );
-                continue;
-            }
-            if h.kind != BLOCK_KIND_RECORDS {
-                self.src.consume(total);
-                self.stats.unknown_records += u64::from(h.items);
-                self.warn(
-                    warn,
-                    offset,
-                    WarningKind::UnknownRecord,
-                    format!("skipped a block of unknown kind {} at offset {offset} ({total} bytes; written by a newer ktrace?)", h.kind),
-                );
-                continue;
-            }
-            // A block the caller skips is still read for the names in
-            // front of it: later blocks of the segment rely on them.
-            let names_only = !want(&h);
-            if names_only && h.flags & FLAG_NAMES == 0 {
-                self.src.consume(total);
-                continue;
-            }
-            let stored = &a[FRAME_HEADER_LEN..total];
-            if let Err(why) = open_payload(&h, stored, &mut self.dec, &mut self.raw) {
-                self.src.consume(total);
-                self.stats.corrupt_blocks += 1;
-                self.stats.skipped_bytes += total as u64;
-                self.warn(
-                    warn,
-                    offset,
-                    WarningKind::Corrupt,
-                    format!(
-                        "corrupt block at offset {offset} ({why}): skipped {total} bytes holding {} events; reading on",
-                        h.events
-                    ),
-                );
-                continue;
-            }
-            self.src.consume(total);
             if names_only {
                 self.decode_names(&h, out);
                 return Ok(true);
@@ -359,23 +318,104 @@ impl<R: Read> FileReader<R> {
         }
     }
 
-    fn decode_block(
+    /// The next block's payload into `self.raw`: its header, offset and
+    /// whether only its names are wanted. `None` when a block was skipped
+    /// (or the end reached: `self.done`).
+    fn next_payload(
+        &mut self,
+        warn: &mut dyn FnMut(Warning),
+        want: &dyn Fn(&FrameHeader) -> bool,
+    ) -> io::Result<Option<(FrameHeader, u64, bool)>> {
+        self.src.fill(FRAME_HEADER_LEN)?;
+        let offset = self.src.offset;
+        let a = self.src.avail();
+        if a.is_empty() {
+            self.end_of_file(warn);
+            return Ok(None);
+        }
+        if a.len() < FRAME_HEADER_LEN {
+            let n = a.len();
+            self.torn_tail(warn, offset, format!("torn tail: the last {n} bytes (offset {offset}) are an incomplete block header (the recorder stopped while writing); everything before was read"));
+            return Ok(None);
+        }
+        let h = match FrameHeader::decode(&a[..FRAME_HEADER_LEN]) {
+            Ok(h) => h,
+            Err(why) => {
+                self.resync(offset, why, warn)?;
+                return Ok(None);
+            }
+        };
+        let total = FRAME_HEADER_LEN + h.stored_len as usize;
+        self.src.fill(total)?;
+        let a = self.src.avail();
+        if a.len() < total {
+            let n = a.len();
+            self.torn_tail(
+                warn,
+                offset,
+                format!(
+                    "torn tail: the last block (offset {offset}, {n} of {total} bytes, {} events) is incomplete (the recorder stopped while writing it); everything before was read",
+                    h.events
+                ),
+            );
+            return Ok(None);
+        }
+        if h.kind != BLOCK_KIND_RECORDS {
+            self.src.consume(total);
+            self.stats.unknown_records += u64::from(h.items);
+            self.warn(
+                warn,
+                offset,
+                WarningKind::UnknownRecord,
+                format!("skipped a block of unknown kind {} at offset {offset} ({total} bytes; written by a newer ktrace?)", h.kind),
+            );
+            return Ok(None);
+        }
+        // A block the caller skips is still read for the names in
+        // front of it: later blocks of the segment rely on them.
+        let names_only = !want(&h);
+        if names_only && h.flags & FLAG_NAMES == 0 {
+            self.src.consume(total);
+            return Ok(None);
+        }
+        let stored = &a[FRAME_HEADER_LEN..total];
+        let opened = open_payload(&h, stored, &mut self.dec, &mut self.raw);
+        self.src.consume(total);
+        if let Err(why) = opened {
+            self.stats.corrupt_blocks += 1;
+            self.stats.skipped_bytes += total as u64;
+            self.warn(
+                warn,
+                offset,
+                WarningKind::Corrupt,
+                format!(
+                    "corrupt block at offset {offset} ({why}): skipped {total} bytes holding {} events; reading on",
+                    h.events
+                ),
+            );
+            return Ok(None);
+        }
+        Ok(Some((h, offset, names_only)))
+    }
+
+    fn decode_block<O: Items>(
         &mut self,
         h: &FrameHeader,
         offset: u64,
-        out: &mut Vec<Item>,
+        out: &mut O,
         warn: &mut dyn FnMut(Warning),
     ) {
         let mut d = BlockDecoder::new(&self.raw, h.base_ts);
         let mut broken = None;
+        let mut decoded = 0u64;
         while let Some(r) = d.next() {
             match r {
                 Ok(Decoded::Item(item)) => {
-                    self.stats.items += 1;
+                    decoded += 1;
                     if matches!(item, Item::Event(_)) {
                         self.stats.events += 1;
                     }
-                    out.push(item);
+                    out.push_item(item);
                 }
                 Ok(Decoded::Definition) => {}
                 Ok(Decoded::Unknown(t)) => {
@@ -395,9 +435,10 @@ impl<R: Read> FileReader<R> {
                 }
             }
         }
+        self.stats.items += decoded;
         if let Some(why) = broken {
             self.stats.corrupt_blocks += 1;
-            let left = u64::from(h.items).saturating_sub(out.len() as u64);
+            let left = u64::from(h.items).saturating_sub(decoded);
             self.warn(
                 warn,
                 offset,
@@ -412,11 +453,11 @@ impl<R: Read> FileReader<R> {
     /// The name records in front of a skipped block (see
     /// `recording::names`): the writer puts them first, so the first other
     /// record ends them.
-    fn decode_names(&mut self, h: &FrameHeader, out: &mut Vec<Item>) {
+    fn decode_names<O: Items>(&mut self, h: &FrameHeader, out: &mut O) {
         let mut d = BlockDecoder::new(&self.raw, h.base_ts);
         while let Some(Ok(Decoded::Item(item @ Item::Name { .. }))) = d.next() {
             self.stats.items += 1;
-            out.push(item);
+            out.push_item(item);
         }
     }
 

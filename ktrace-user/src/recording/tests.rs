@@ -169,7 +169,7 @@ fn conntrack_bodies() -> Vec<(u64, Source, EventBody)> {
                 orig_dst: None,
                 reply_src: None,
                 reply_dir: false,
-                message: Some("x".repeat(300)),
+                message: Some("x".repeat(300).into()),
             },
         ),
         (
@@ -1178,15 +1178,9 @@ fn replayed_after_status(path: &Path, json: bool) -> Vec<String> {
     let mut warnings = Vec::new();
     let report = run_to(
         &ReplayOptions {
-            paths: vec![path.to_path_buf()],
             json,
             events: true,
-            since: None,
-            until: None,
-            storm_threshold: None,
-            storm_window_ns: None,
-            plain: Default::default(),
-            timeline: None,
+            ..ReplayOptions::new(vec![path.to_path_buf()])
         },
         &mut replay_buf,
         &mut |w| warnings.push(w.clone()),
@@ -1359,7 +1353,7 @@ fn arb_reset_body() -> impl Strategy<Value = EventBody> {
                 EventBody::TcpSendReset {
                     src,
                     dst,
-                    reason,
+                    reason: reason.map(Into::into),
                     trigger_flags,
                     socket,
                 }
@@ -1397,7 +1391,7 @@ fn arb_conntrack_body() -> impl Strategy<Value = EventBody> {
                         orig_dst,
                         reply_src,
                         reply_dir,
-                        message,
+                        message: message.map(Into::into),
                     }
                 }
             ),
