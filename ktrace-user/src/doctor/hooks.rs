@@ -4,8 +4,6 @@
 //! Missing support is a warning at most: it limits what `ktrace watch` sees,
 //! it does not expose the node.
 
-use std::io::Read as _;
-
 use serde_json::json;
 
 use super::{Check, Ctx, Status};
