@@ -1,5 +1,5 @@
 //! Resets the kernel counts instead of sending them one by one (see
-//! `ktrace_common::ResetSummary`): its setting and status, and the reader
+//! `ktrace_common::ResetSummary`; the hooks choose its setting): the reader
 //! that turns the kernel's per-CPU counts into `resets_summarised` events
 //! at each tick, so that events and summaries add up to every reset sent.
 
@@ -7,48 +7,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use aya::maps::{MapData, PerCpuArray};
 use aya::Ebpf;
-use ktrace_common::{
-    summary_class, KernelLayout, ResetSummary, SummaryTable, NO_OFFSET, SUMMARY_SLOTS,
-};
+use ktrace_common::{summary_class, SummaryTable, SUMMARY_SLOTS};
 
 use crate::event::{Event, EventBody, ResetCounts, Source};
-use crate::hooks::HookStatus;
 
 /// Name of the kernel map (`ktrace-ebpf/src/summary.rs`).
 const MAP: &str = "RESET_SUMMARY_TABLE";
-
-/// The setting for the kernel side, and the status line's entry saying
-/// which mode is live (`reset_summary`).
-pub fn setting(every_reset: bool, layout: &KernelLayout) -> (ResetSummary, HookStatus) {
-    let off = |why: &str| {
-        let mut st = HookStatus::off(
-            "reset_summary",
-            format!("every reset is sent one by one: {why}"),
-        );
-        st.mechanism = "bpf_map".into();
-        (ResetSummary::OFF, st)
-    };
-    if every_reset {
-        return off("--every-reset");
-    }
-    if layout.skb_tcp_flags == NO_OFFSET {
-        return off("no sk_buff.cb or tcp_skb_cb.tcp_flags in BTF (the flags of the segment a reset answers)");
-    }
-    let s = ResetSummary::DEFAULT;
-    let st = HookStatus {
-        name: "reset_summary".into(),
-        mechanism: "bpf_map".into(),
-        attached: true,
-        target: format!(
-            "resets that can never be an incident (refused, or sent by a connection's socket): \
-             the first {} per {} ms per CPU as events, the rest counted (resets_summarised)",
-            s.sample_per_window,
-            s.window_ns / 1_000_000
-        ),
-        reason: None,
-    };
-    (s, st)
-}
 
 /// Reads the kernel's counts and hands on what rose since the last read.
 pub struct SummaryReader {
@@ -234,20 +198,5 @@ mod tests {
                 .sum::<u64>();
             assert_eq!(handed, t);
         }
-    }
-
-    #[test]
-    fn the_setting_says_which_mode_is_live() {
-        let mut layout = KernelLayout::UNKNOWN;
-        let (s, st) = setting(false, &layout);
-        assert_eq!((s, st.attached), (ResetSummary::OFF, false));
-        assert!(st.reason.unwrap().contains("tcp_flags"));
-        layout.skb_tcp_flags = 52;
-        let (s, st) = setting(false, &layout);
-        assert_eq!((s, st.attached), (ResetSummary::DEFAULT, true));
-        assert!(st.target.contains("first 32 per 100 ms"), "{}", st.target);
-        let (s, st) = setting(true, &layout);
-        assert_eq!((s, st.attached), (ResetSummary::OFF, false));
-        assert!(st.reason.unwrap().contains("--every-reset"));
     }
 }

@@ -165,7 +165,7 @@ pub fn load_and_attach(opts: &LoadOptions) -> Result<Attached, HookError> {
     drop(kbtf);
     crate::memory::release_freed();
     let memlock = crate::memlock::prepare(support.release.as_deref());
-    let (summary, summary_status) = crate::summary::setting(opts.every_reset, &kernel.layout);
+    let (summary, summary_status) = reset::summary_setting(opts.every_reset, &kernel.layout);
     let mut ebpf = load_object(&kernel, opts, &summary)?;
     // Kernel-side warnings (aya-log) go to ktrace's log on stderr. Started
     // before any program loads, and kept alive with the object.

@@ -1,9 +1,10 @@
 //! The TCP reset hooks: `tcp_send_reset` (the best of the 6.10+ tracepoint,
 //! fentry, kprobes and the older socket-only tracepoint) and
-//! `tcp_receive_reset` (tracepoint).
+//! `tcp_receive_reset` (tracepoint); and whether the kernel summarises the
+//! resets that can never be an incident (`crate::summary` reads the counts).
 
 use aya::Ebpf;
-use ktrace_common::NO_FIELD;
+use ktrace_common::{KernelLayout, ResetSummary, NO_FIELD, NO_OFFSET};
 
 use super::attach::{self, kprobe_blocker};
 use super::{HookStatus, Kernel, NO_BTF};
@@ -153,4 +154,60 @@ fn socket_only_tracepoint(ebpf: &mut Ebpf, k: &Kernel, kprobe_v4: Option<String>
         ));
     }
     st
+}
+
+/// The setting for the kernel side, and the status line's entry saying
+/// which mode is live (`reset_summary`).
+pub(super) fn summary_setting(
+    every_reset: bool,
+    layout: &KernelLayout,
+) -> (ResetSummary, HookStatus) {
+    let off = |why: &str| {
+        let mut st = HookStatus::off(
+            "reset_summary",
+            format!("every reset is sent one by one: {why}"),
+        );
+        st.mechanism = "bpf_map".into();
+        (ResetSummary::OFF, st)
+    };
+    if every_reset {
+        return off("--every-reset");
+    }
+    if layout.skb_tcp_flags == NO_OFFSET {
+        return off("no sk_buff.cb or tcp_skb_cb.tcp_flags in BTF (the flags of the segment a reset answers)");
+    }
+    let s = ResetSummary::DEFAULT;
+    let st = HookStatus {
+        name: "reset_summary".into(),
+        mechanism: "bpf_map".into(),
+        attached: true,
+        target: format!(
+            "resets that can never be an incident (refused, or sent by a connection's socket): \
+             the first {} per {} ms per CPU as events, the rest counted (resets_summarised)",
+            s.sample_per_window,
+            s.window_ns / 1_000_000
+        ),
+        reason: None,
+    };
+    (s, st)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_setting_says_which_mode_is_live() {
+        let mut layout = KernelLayout::UNKNOWN;
+        let (s, st) = summary_setting(false, &layout);
+        assert_eq!((s, st.attached), (ResetSummary::OFF, false));
+        assert!(st.reason.unwrap().contains("tcp_flags"));
+        layout.skb_tcp_flags = 52;
+        let (s, st) = summary_setting(false, &layout);
+        assert_eq!((s, st.attached), (ResetSummary::DEFAULT, true));
+        assert!(st.target.contains("first 32 per 100 ms"), "{}", st.target);
+        let (s, st) = summary_setting(true, &layout);
+        assert_eq!((s, st.attached), (ResetSummary::OFF, false));
+        assert!(st.reason.unwrap().contains("--every-reset"));
+    }
 }
