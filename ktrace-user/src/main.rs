@@ -470,16 +470,15 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
     }
     let (engine, names) = a.collect.engine_and_names();
     let mut opts = ktrace::watch::WatchOptions {
+        source: ktrace::pipeline::SourceOptions {
+            kube_proxy_mode: Some(engine.kube_proxy_mode),
+            ..a.collect.source.options()
+        },
         engine,
         json: a.view.json,
         events: a.stream.events,
-        duration: a.collect.source.duration,
-        ring_buffer_bytes: a.collect.source.ring_buffer_mb << 20,
-        ctnetlink: !a.collect.source.no_ctnetlink,
-        every_reset: a.collect.source.every_reset,
         record: a.record.clone().map(|p| a.collect.rotation.config(p)),
         export: None,
-        exposed: Vec::new(),
         names,
         explain: a.view.explain,
         tui: a.stream.tui,
@@ -491,7 +490,7 @@ fn run_watch(a: WatchArgs) -> anyhow::Result<ExitCode> {
             None => ktrace::export::Exporter::metrics_only(&a.collect.otlp.resource()?),
         };
         let ep = x.serve_metrics(addr)?;
-        opts.exposed = ["metrics", "healthz"]
+        opts.source.exposed = ["metrics", "healthz"]
             .map(|p| format!("http://{}/{p}", ep.local_addr))
             .to_vec();
         opts.export = Some(x);

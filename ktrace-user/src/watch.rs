@@ -2,8 +2,6 @@
 //! (plus a recorder with `--record`, an exporter with `--otlp-endpoint`),
 //! fed by the live event source until Ctrl-C, SIGTERM or the duration.
 
-use std::time::Duration;
-
 use crate::clock::WallClock;
 use crate::engine::{Engine, EngineConfig};
 use crate::incident::plain::PlainOptions;
@@ -13,20 +11,15 @@ use crate::pipeline::{run_source, Pipeline, PipelineError, SourceOptions};
 use crate::recording::{Recorder, RotationConfig};
 
 pub struct WatchOptions {
+    /// Where events come from (the same options as `record`).
+    pub source: SourceOptions,
     pub json: bool,
     pub events: bool,
-    pub duration: Option<Duration>,
-    pub ring_buffer_bytes: u32,
-    pub ctnetlink: bool,
-    /// `--every-reset`: no reset is summarised in the kernel.
-    pub every_reset: bool,
     pub engine: EngineConfig,
     /// `--record PATH`: also record every event while watching.
     pub record: Option<RotationConfig>,
     /// `--otlp-endpoint`: also export metrics and findings over OTLP.
     pub export: Option<crate::export::Exporter>,
-    /// URLs served (`--metrics-addr`), said in the status line.
-    pub exposed: Vec<String>,
     /// `--explain`: every finding with its explanation and remedy.
     pub explain: bool,
     /// `--tui`: the live dashboard instead of the stream.
@@ -81,15 +74,7 @@ fn run_pipeline<W: std::io::Write>(
     }
     p.exporter = opts.export.clone();
     p.tap = tap;
-    let source = SourceOptions {
-        duration: opts.duration,
-        ring_buffer_bytes: opts.ring_buffer_bytes,
-        ctnetlink: opts.ctnetlink,
-        every_reset: opts.every_reset,
-        exposed: opts.exposed.clone(),
-        kube_proxy_mode: Some(opts.engine.kube_proxy_mode),
-    };
-    let r = run_source(&source, clock, &mut p);
+    let r = run_source(&opts.source, clock, &mut p);
     if let Some(rec) = p.recorder.take() {
         rec.finish();
     }
