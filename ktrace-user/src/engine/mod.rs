@@ -22,6 +22,7 @@ mod invalid_samples;
 mod pending;
 pub mod proxy_mode;
 mod race;
+mod remedies;
 mod storm;
 mod unnated;
 
@@ -36,6 +37,7 @@ use flows::{Ep, FlowKey, FlowTable, TCP};
 use invalid_samples::InvalidSamples;
 use pending::{Pending, PendingReset};
 pub use proxy_mode::KubeProxyMode;
+use remedies::Remedies;
 pub use storm::Phase;
 use storm::{StormReport, StormTracker};
 
@@ -222,6 +224,8 @@ pub struct Engine {
     last_tick: u64,
     last_sweep: u64,
     stats: EngineStats,
+    /// The remedies' texts for these settings.
+    remedies: Remedies,
 }
 
 fn ip_key(ip: IpAddr) -> Ep {
@@ -271,6 +275,7 @@ impl Engine {
             last_tick: 0,
             last_sweep: 0,
             stats: EngineStats::default(),
+            remedies: Remedies::new(&cfg),
             cfg,
         }
     }
@@ -282,6 +287,7 @@ impl Engine {
     /// Applies [`EngineConfig::with_hooks`] once the hook status is known.
     pub fn set_hooks(&mut self, status: &[crate::hooks::HookStatus]) {
         self.cfg = self.cfg.clone().with_hooks(status);
+        self.remedies = Remedies::new(&self.cfg);
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -601,28 +607,9 @@ impl Engine {
             cause: format!(
                 "the conntrack entry was lost mid-connection (flushed, or expired after {idle_s:.1}s idle) and DNAT sent the next segment to another backend"
             ),
-            remedy: self.keepalive_remedy(),
+            remedy: self.remedies.keepalive().to_string(),
             evidence,
         }
-    }
-
-    /// What keeps a connection's conntrack entry alive.
-    fn keepalive_remedy(&self) -> String {
-        let timeout = self
-            .cfg
-            .ct_timeout_established_s
-            .map_or("nf_conntrack_tcp_timeout_established".to_string(), |t| {
-                format!("nf_conntrack_tcp_timeout_established ({t}s)")
-            });
-        let keepalive = self
-            .cfg
-            .keepalive_s
-            .map_or("TCP keepalive".to_string(), |k| {
-                format!("TCP keepalive (tcp_keepalive_time {k}s)")
-            });
-        format!(
-            "keep {keepalive} shorter than {timeout} so idle connections keep their entry; do not flush conntrack on nodes with live Service traffic"
-        )
     }
 
     fn storm_finding(&self, r: &StormReport, ts: u64) -> Finding {
@@ -686,8 +673,9 @@ impl Engine {
             let extra: Vec<_> = self.held.drain(..self.held.len() - MAX_HELD).collect();
             out.extend(extra.into_iter().map(|(_, f)| f));
         }
-        if let Some(m) = max {
+        if let Some(m) = max.filter(|&m| self.cfg.conntrack_max != Some(m)) {
             self.cfg.conntrack_max = Some(m);
+            self.remedies = Remedies::new(&self.cfg);
         }
         if let (Some(m), Some(c)) = (max, count) {
             // Drops with room left are not the table being full.

@@ -11,11 +11,11 @@
 //! - reply after the entry was flushed or expired: as the first, on a flow
 //!   whose entry conntrack destroyed (the flush's incident, not INVALID).
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 
 use super::finding::{self, CtVerdict, Evidence, Finding, Severity, Time};
 use super::flows::{flow_flags, Ep, Flow, FlowId, TCP};
-use super::proxy_mode;
 use super::{
     Engine, UnnatedBasis, UnnatedPath, HOLD_NS, NO_INVALID_COUNTED, REPORT_AGAIN_MS, STORM_SWITCH,
     STORM_UNNATED,
@@ -187,22 +187,23 @@ impl Engine {
             .get(&c.client)
             .filter(|s| ts.abs_diff(s.ts) <= self.cfg.correlation_ns);
         let mut basis = vec![first_basis(c.path)];
-        let verdict = match seen {
+        // Worded once (static) but where conntrack's own message is cited.
+        let verdict: Cow<'static, str> = match seen {
             Some(s) => {
                 basis.push(UnnatedBasis::CtInvalid);
                 match &s.message {
-                    Some(m) => format!("conntrack INVALID: {m}"),
-                    None => "conntrack INVALID".to_string(),
+                    Some(m) => format!("conntrack INVALID: {m}").into(),
+                    None => "conntrack INVALID".into(),
                 }
             }
-            None if self.cfg.ct_invalid_hook => format!(
-                "conntrack reported no INVALID verdict for it: the {} bypassed NAT",
-                if c.path == UnnatedPath::RequestToLocalService { "request" } else { "reply" }
-            ),
-            None => format!(
-                "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from {}",
-                inferred_from(c.path)
-            ),
+            None if self.cfg.ct_invalid_hook => match c.path {
+                UnnatedPath::RequestToLocalService => {
+                    "conntrack reported no INVALID verdict for it: the request bypassed NAT"
+                }
+                _ => "conntrack reported no INVALID verdict for it: the reply bypassed NAT",
+            }
+            .into(),
+            None => inferred(c.path).into(),
         };
         if c.path == UnnatedPath::EntryLost {
             basis.push(UnnatedBasis::CtEntryDestroyed);
@@ -228,7 +229,7 @@ impl Engine {
             backend: Some(c.backend.get()),
             client: Some(c.client.get()),
             cause: cause(&verdict, c.path, c.snat, service),
-            remedy: self.unnated_remedy(c.path, service),
+            remedy: self.remedies.unnated(c.path, service.is_ipv6()).to_string(),
             evidence,
         }
     }
@@ -258,33 +259,10 @@ impl Engine {
             e.path = UnnatedPath::EntryLost;
             e.basis.push(UnnatedBasis::CtEntryDestroyed);
             f.cause = cause("", e.path, e.snat, service);
-            f.remedy = self.unnated_remedy(e.path, service);
+            f.remedy = self.remedies.unnated(e.path, service.is_ipv6()).to_string();
         } else {
             f.cause = format!("{NO_INVALID_COUNTED}{}", tail(e.path, e.snat, service));
         }
-    }
-
-    /// be_liberal, then the INVALID drop in the form kube-proxy's mode
-    /// calls for (an iptables rule, or an nft rule where kube-proxy runs
-    /// in nftables mode), on the path the INVALID packet took.
-    fn unnated_remedy(&self, path: UnnatedPath, service: SocketAddr) -> String {
-        let max = self
-            .cfg
-            .conntrack_max
-            .map(|m| format!(" (nf_conntrack_max is {m})"))
-            .unwrap_or_default();
-        let hook = match path {
-            UnnatedPath::ReplyToClient => proxy_mode::Path::Forward,
-            UnnatedPath::ReplyToSnatAddress | UnnatedPath::RequestToLocalService => {
-                proxy_mode::Path::Input
-            }
-            UnnatedPath::EntryLost => return self.keepalive_remedy(),
-        };
-        let drop = proxy_mode::invalid_drop(self.cfg.kube_proxy_mode, hook, service.is_ipv6());
-        format!(
-            "set net.netfilter.nf_conntrack_tcp_be_liberal=1 (and load nf_conntrack from /etc/modules-load.d/ so the sysctl applies at boot); \
-             {drop}; if the table is near full, raise nf_conntrack_max{max}"
-        )
     }
 }
 
@@ -298,17 +276,21 @@ fn first_basis(path: UnnatedPath) -> UnnatedBasis {
     }
 }
 
-fn inferred_from(path: UnnatedPath) -> &'static str {
+/// The verdict without a hook to see it, by what it is inferred from.
+fn inferred(path: UnnatedPath) -> &'static str {
     match path {
-        UnnatedPath::ReplyToClient | UnnatedPath::EntryLost => {
+        UnnatedPath::ReplyToClient | UnnatedPath::EntryLost => concat!(
+            "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from ",
             "the client's no-socket RST to the backend's own address"
-        }
-        UnnatedPath::ReplyToSnatAddress => {
+        ),
+        UnnatedPath::ReplyToSnatAddress => concat!(
+            "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from ",
             "the node's no-socket RST to the backend from its masquerade address"
-        }
-        UnnatedPath::RequestToLocalService => {
+        ),
+        UnnatedPath::RequestToLocalService => concat!(
+            "conntrack INVALID likely (out of window or table full): its verdict cannot be observed on this kernel; inferred from ",
             "the node's no-socket RST to the client from the Service address"
-        }
+        ),
     }
 }
 
@@ -322,7 +304,10 @@ fn cause(
     if path == UnnatedPath::EntryLost {
         return "the conntrack entry was lost mid-connection (flushed, or expired while idle): the backend's segment found no entry and left without reverse NAT, so the client reset it".into();
     }
-    format!("{verdict}{}", tail(path, snat, service))
+    match path {
+        UnnatedPath::ReplyToClient => verdict.to_string(),
+        _ => format!("{verdict}{}", tail(path, snat, service)),
+    }
 }
 
 fn tail(path: UnnatedPath, snat: Option<SocketAddr>, service: SocketAddr) -> String {
