@@ -132,25 +132,31 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-/// Greedy word wrap; words longer than `width` get a line of their own.
-/// (By characters: textwrap counts display width, which would wrap lines
-/// with `…` or `×` differently.)
+/// Greedy word wrap (textwrap's first fit); words longer than `width` get
+/// a line of their own. Widths count characters: textwrap's own words count
+/// display width, which would wrap lines with `…` or `�` differently.
 fn wrap(text: &str, width: usize) -> Vec<String> {
-    let mut lines = Vec::new();
-    let mut cur = String::new();
-    for word in text.split_whitespace() {
-        if !cur.is_empty() && cur.chars().count() + 1 + word.chars().count() > width {
-            lines.push(std::mem::take(&mut cur));
-        }
-        if !cur.is_empty() {
-            cur.push(' ');
-        }
-        cur.push_str(word);
+    let words: Vec<Word> = text.split_whitespace().map(Word).collect();
+    textwrap::wrap_algorithms::wrap_first_fit(&words, &[width as f64])
+        .into_iter()
+        .map(|line| line.iter().map(|w| w.0).collect::<Vec<_>>().join(" "))
+        .collect()
+}
+
+/// A word of [`wrap`], as wide as its characters, one space after it.
+#[derive(Debug)]
+struct Word<'a>(&'a str);
+
+impl textwrap::core::Fragment for Word<'_> {
+    fn width(&self) -> f64 {
+        self.0.chars().count() as f64
     }
-    if !cur.is_empty() || lines.is_empty() {
-        lines.push(cur);
+    fn whitespace_width(&self) -> f64 {
+        1.0
     }
-    lines
+    fn penalty_width(&self) -> f64 {
+        0.0
+    }
 }
 
 #[cfg(test)]
