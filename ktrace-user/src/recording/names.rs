@@ -24,7 +24,7 @@
 //!   puts those of its addresses in front of it (from the tables of the
 //!   segments before).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -150,65 +150,25 @@ impl V4Table {
 }
 
 /// IPv4 addresses with nothing to send in one epoch and version of the
-/// names (sent already, or nothing names them): 4 bytes each, so that the
-/// addresses of a busy node, which come back block after block, cost a
-/// probe of this set alone, and it stays in the core's own caches.
+/// names (sent already, or nothing names them): 4 bytes each (and the
+/// table's control byte), so that the addresses of a busy node, which come
+/// back block after block, cost a probe of this set alone, and it stays in
+/// the core's own caches.
 #[derive(Default)]
 struct Settled {
-    /// 0 where free (0.0.0.0 is never kept).
-    keys: Vec<u32>,
-    len: usize,
+    keys: HashSet<u32, foldhash::fast::RandomState>,
     epoch: u32,
     version: u32,
-    hasher: foldhash::fast::RandomState,
 }
 
 impl Settled {
     #[inline]
-    fn home(&self, key: u32) -> usize {
-        use std::hash::BuildHasher;
-        self.hasher.hash_one(key) as usize & (self.keys.len() - 1)
-    }
-
-    #[inline]
     fn contains(&self, key: u32) -> bool {
-        if self.keys.is_empty() || key == 0 {
-            return false;
-        }
-        let mask = self.keys.len() - 1;
-        let mut i = self.home(key);
-        loop {
-            match self.keys[i] {
-                k if k == key => return true,
-                0 => return false,
-                _ => i = (i + 1) & mask,
-            }
-        }
+        self.keys.contains(&key)
     }
 
     fn insert(&mut self, key: u32) {
-        if key == 0 {
-            return;
-        }
-        if (self.len + 1) * 2 > self.keys.len() {
-            let cap = (self.keys.len() * 2).max(1024);
-            let old = std::mem::replace(&mut self.keys, vec![0; cap]);
-            self.len = 0;
-            for k in old.into_iter().filter(|k| *k != 0) {
-                self.insert(k);
-            }
-        }
-        let mask = self.keys.len() - 1;
-        let mut i = self.home(key);
-        loop {
-            match self.keys[i] {
-                k if k == key => return,
-                0 => break,
-                _ => i = (i + 1) & mask,
-            }
-        }
-        self.keys[i] = key;
-        self.len += 1;
+        self.keys.insert(key);
     }
 
     /// Empty unless it is of this epoch and version.
@@ -219,11 +179,9 @@ impl Settled {
         }
     }
 
+    /// Keeps the capacity: a busy node's addresses come back.
     fn clear(&mut self) {
-        if self.len > 0 {
-            self.keys.fill(0);
-            self.len = 0;
-        }
+        self.keys.clear();
     }
 }
 
