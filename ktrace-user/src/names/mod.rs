@@ -158,26 +158,52 @@ impl View<'_> {
     }
 }
 
-impl At<'_> {
-    fn entries(&self) -> impl Iterator<Item = &AddrNames> {
-        self.found.iter().flatten().copied()
+impl<'a> At<'a> {
+    fn entries(&self) -> impl Iterator<Item = &'a AddrNames> {
+        self.found.into_iter().flatten()
     }
 
     /// The Service port at `port` in `role` (any protocol; TCP first).
     fn port(&self, role: PortRole, port: u16) -> Option<(Proto, Arc<ServiceName>)> {
-        self.entries()
-            .find_map(|e| e.port(role, port, None))
-            .map(|(p, s)| (p, s.clone()))
+        self.port_ref(role, port).map(|(p, s)| (p, s.clone()))
+    }
+
+    fn port_ref(&self, role: PortRole, port: u16) -> Option<(Proto, &'a Arc<ServiceName>)> {
+        self.entries().find_map(|e| e.port(role, port, None))
     }
 
     /// The Pod or node; `external` only when the whole cluster's Pods are
     /// known and none is there (nor a Service VIP).
     fn peer(&self) -> Option<Peer> {
-        if let Some(p) = self.entries().find_map(|e| e.peer.as_ref()) {
-            return Some(p.clone());
-        }
-        (self.complete && !self.entries().any(AddrNames::is_vip)).then_some(Peer::External)
+        self.peer_ref().cloned()
     }
+
+    fn peer_ref(&self) -> Option<&'a Peer> {
+        static EXTERNAL: Peer = Peer::External;
+        if let Some(p) = self.entries().find_map(|e| e.peer.as_ref()) {
+            return Some(p);
+        }
+        (self.complete && !self.entries().any(AddrNames::is_vip)).then_some(&EXTERNAL)
+    }
+}
+
+/// Reads the reference counts of the names a finding is about to clone:
+/// plain loads, whose cache misses overlap, where the clones' locked
+/// increments would take them one after the other (on x86 no load starts
+/// before a locked instruction ahead of it is done).
+fn touch(peers: [Option<&Peer>; 2], services: [Option<&Arc<ServiceName>>; 2]) {
+    let mut n = 0usize;
+    for p in peers.into_iter().flatten() {
+        n ^= match p {
+            Peer::Pod(p) => Arc::strong_count(p),
+            Peer::Node(n) => Arc::strong_count(n),
+            Peer::External => 0,
+        };
+    }
+    for s in services.into_iter().flatten() {
+        n ^= Arc::strong_count(s);
+    }
+    std::hint::black_box(n);
 }
 
 impl NameResolver {
@@ -227,27 +253,39 @@ impl NameResolver {
 
     /// The names of a finding's addresses, `None` when nothing is named:
     /// one snapshot load and one hash lookup per address and layer.
+    ///
+    /// Every lookup is done, and every name read, before any is cloned
+    /// (see [`touch`]): the addresses of a busy cluster's findings are
+    /// seldom in the CPU's caches, and their misses then overlap.
     pub fn finding(&self, f: &Finding) -> Option<FindingNames> {
         if self.is_off() {
             return None;
         }
         let v = self.view();
-        let (backend, backend_service) = match f.backend {
-            Some(b) => {
-                let at = v.at(b.ip());
-                (at.peer(), at.port(PortRole::Endpoint, b.port()))
-            }
-            None => (None, None),
-        };
-        let service = f
-            .service
-            .and_then(|s| v.at(s.ip()).port(PortRole::Vip, s.port()))
-            .or_else(|| backend_service.clone());
+        let backend_at = f.backend.map(|b| v.at(b.ip()));
+        let service_at = f.service.map(|s| v.at(s.ip()));
+        let client_at = f.client.map(|c| v.at(c.ip()));
+        let backend = backend_at.as_ref().and_then(At::peer_ref);
+        let backend_service = backend_at
+            .as_ref()
+            .zip(f.backend)
+            .and_then(|(at, b)| at.port_ref(PortRole::Endpoint, b.port()));
+        let service = service_at
+            .as_ref()
+            .zip(f.service)
+            .and_then(|(at, s)| at.port_ref(PortRole::Vip, s.port()))
+            .or(backend_service);
+        let client = client_at.as_ref().and_then(At::peer_ref);
+        touch(
+            [backend, client],
+            [service.map(|s| s.1), backend_service.map(|s| s.1)],
+        );
+        let owned = |s: Option<(Proto, &Arc<ServiceName>)>| s.map(|(p, s)| (p, s.clone()));
         let n = FindingNames {
-            service,
-            backend,
-            backend_service,
-            client: f.client.and_then(|c| v.at(c.ip()).peer()),
+            service: owned(service),
+            backend: backend.cloned(),
+            backend_service: owned(backend_service),
+            client: client.cloned(),
         };
         (!n.is_empty()).then_some(n)
     }
