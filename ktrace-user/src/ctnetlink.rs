@@ -54,6 +54,9 @@ impl Ctnetlink {
         socket.bind_auto().map_err(CtnetlinkError::Open)?;
         // A storm of connections must not overflow the socket: ask for 8 MiB.
         let _ = socket.set_rx_buf_sz(8 << 20);
+        socket
+            .set_non_blocking(true)
+            .map_err(CtnetlinkError::Open)?;
         for g in [NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_DESTROY] {
             socket
                 .add_membership(g)
@@ -93,19 +96,30 @@ impl Ctnetlink {
         }
     }
 
-    /// Blocks for the next datagram and decodes the NAT mappings in it.
-    pub fn recv(&mut self) -> std::io::Result<Received> {
+    /// The next datagram's NAT mappings, or `None` when the socket holds
+    /// nothing now (it never blocks: the pipeline reads it between ring
+    /// batches, see `pipeline::source`).
+    pub fn try_recv(&mut self) -> std::io::Result<Option<Received>> {
         self.buf.clear();
         self.buf.reserve(1 << 16);
-        match self.socket.recv(&mut self.buf, 0) {
+        match self.socket.recv(&mut self.buf, libc::MSG_DONTWAIT) {
             Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                return Ok(Received::Overrun(self.overrun()))
+                return Ok(Some(Received::Overrun(self.overrun())))
             }
             Err(e) => return Err(e),
         }
         let ts = monotonic_now_ns();
-        Ok(Received::Events(parse_datagram(&self.buf, ts, self.netns)))
+        Ok(Some(Received::Events(parse_datagram(
+            &self.buf, ts, self.netns,
+        ))))
+    }
+}
+
+impl std::os::fd::AsRawFd for Ctnetlink {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
     }
 }
 

@@ -123,6 +123,32 @@ fn conntrack_flush_with_two_backends() {
             .contains("nf_conntrack_tcp_timeout_established"));
     }
     assert!(select(&lines, "finding", Some("unnated_reply")).is_empty());
+    remap_comes_before_its_reset(&lines, &reset);
+}
+
+/// The events in the order they happened: each re-mapping before the new
+/// backend's reset it explains. Where ctnetlink gives the mappings (a
+/// path apart from the ring buffer), a reader that let the two race would
+/// sometimes print (and diagnose) the reset first.
+fn remap_comes_before_its_reset(lines: &[Value], reset: &[u16]) {
+    let at = |want: &dyn Fn(&Value) -> bool| lines.iter().position(want);
+    for p in reset {
+        let rst = at(&|l| {
+            l["type"] == "event" && l["event"] == "tcp_send_reset" && l["dst"] == client(*p)
+        })
+        .unwrap();
+        let remap = at(&|l| {
+            l["type"] == "event"
+                && l["event"] == "nat_mapping"
+                && l["client"] == client(*p)
+                && l["backend"] == lines[rst]["src"]
+        });
+        assert!(
+            remap.is_some_and(|m| m < rst),
+            "port {p}: re-mapping at {remap:?}, reset at {rst}: {}",
+            lines[rst]
+        );
+    }
 }
 
 /// Incident 1: a reply far outside the TCP window is marked INVALID by the

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use tokio::io::unix::AsyncFd;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
 
 use super::{Loss, PipelineError, Sink};
 use crate::clock::{monotonic_now_ns, WallClock};
@@ -30,15 +30,6 @@ pub struct SourceOptions {
     pub exposed: Vec<String>,
     /// kube-proxy's mode detected at start, for the status line.
     pub kube_proxy_mode: Option<crate::engine::KubeProxyMode>,
-}
-
-/// Messages from the ctnetlink thread.
-enum CtMsg {
-    Events(Vec<Event>),
-    /// Events the socket dropped (ENOBUFS).
-    Overrun(u64),
-    /// The listener stopped on this error: no more NAT mappings.
-    Died(String),
 }
 
 /// Attaches the hooks and feeds `sink` until SIGINT, SIGTERM or the
@@ -79,12 +70,17 @@ impl Decoder {
         }
     }
 
-    fn feed(&mut self, rec: &[u8], sink: &mut dyn Sink) -> Result<(), PipelineError> {
+    fn feed(
+        &mut self,
+        rec: &[u8],
+        ct: &mut CtSource,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PipelineError> {
         match decode(rec, &self.names) {
             Ok(ev) => {
                 self.batch.push(ev);
                 if self.batch.len() >= BATCH {
-                    return self.hand_over(sink);
+                    return self.hand_over(ct, sink);
                 }
                 Ok(())
             }
@@ -98,8 +94,11 @@ impl Decoder {
         }
     }
 
-    fn hand_over(&mut self, sink: &mut dyn Sink) -> Result<(), PipelineError> {
-        let r = sink.events(&self.batch);
+    /// The batch, after every NAT mapping ctnetlink holds: those the kernel
+    /// made before the batch's events were written come first, as they
+    /// happened (a re-mapping before the new backend's reset).
+    fn hand_over(&mut self, ct: &mut CtSource, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        let r = ct.drain(sink).and_then(|()| sink.events(&self.batch));
         self.batch.clear();
         r
     }
@@ -121,19 +120,25 @@ impl Decoder {
         Ok(())
     }
 
-    /// Feeds `sink` everything now in the ring buffer.
-    fn drain(&mut self, ring: &mut RingReader, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+    /// Feeds `sink` everything now in the ring buffer (and, before each
+    /// batch of it, in the ctnetlink socket).
+    fn drain(
+        &mut self,
+        ring: &mut RingReader,
+        ct: &mut CtSource,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PipelineError> {
         let mut err = Ok(());
         ring.drain(|rec| {
             if err.is_ok() {
-                err = self.feed(rec, sink);
+                err = self.feed(rec, ct, sink);
             }
         });
         if err.is_err() {
             self.batch.clear();
             return err;
         }
-        self.hand_over(sink)
+        self.hand_over(ct, sink)
     }
 }
 
@@ -161,11 +166,11 @@ async fn source_loop(
     counters.sample();
 
     // NAT mappings from ctnetlink where no kernel hook gives them.
-    let (ct_tx, ct_rx) = mpsc::channel::<CtMsg>(4096);
     let mut status = attached.status.clone();
-    if !attached.nat_from_kernel {
-        nat_from_ctnetlink(&mut status, opts.ctnetlink, my_netns.unwrap_or(0), ct_tx);
-    }
+    let ct = match attached.nat_from_kernel {
+        false => nat_from_ctnetlink(&mut status, opts.ctnetlink, my_netns.unwrap_or(0)),
+        true => None,
+    };
     status.push(counters_status(counters.readable()));
     // Ctrl-C and SIGTERM are handled from before the status line: one that
     // comes right after it stops cleanly instead of killing the process.
@@ -193,9 +198,10 @@ async fn source_loop(
             next: tokio::time::Instant::now(),
         },
         summaries,
-        ct_rx,
-        ct_open: true,
-        ct_overruns: 0,
+        ct: CtSource {
+            socket: ct,
+            overruns: 0,
+        },
         sigint,
         sigterm,
     };
@@ -203,43 +209,52 @@ async fn source_loop(
     live.finish(sink)
 }
 
-/// Replaces the kernel's `nat_mapping` status with ctnetlink's (spawning
-/// its listener, which sends on `tx`), or says why there is none.
+/// Replaces the kernel's `nat_mapping` status with ctnetlink's, and
+/// returns its subscribed socket, or says why there is none.
 fn nat_from_ctnetlink(
     status: &mut Vec<HookStatus>,
     enabled: bool,
     netns: u32,
-    tx: mpsc::Sender<CtMsg>,
-) {
+) -> Option<AsyncFd<Ctnetlink>> {
     let nat = status.iter_mut().find(|s| s.name == "nat_mapping");
     let kernel_reason = nat
         .as_ref()
         .and_then(|s| s.reason.clone())
         .unwrap_or_default();
-    let new = if !enabled {
-        HookStatus::off(
+    let (new, socket) = if !enabled {
+        let off = HookStatus::off(
             "nat_mapping",
             format!("--no-ctnetlink; kprobe: {kernel_reason}"),
-        )
+        );
+        (off, None)
     } else {
-        match Ctnetlink::subscribe(netns) {
+        let registered = Ctnetlink::subscribe(netns)
+            .map_err(|e| e.to_string())
+            // SAFETY: the Ctnetlink owns its socket and never replaces or
+            // closes it while the AsyncFd holds it (tokio's I/O-safety rule).
+            .and_then(|ct| unsafe { AsyncFd::register(ct) }.map_err(|e| e.to_string()));
+        match registered {
             Ok(ct) => {
-                spawn_ctnetlink(ct, tx);
-                HookStatus {
+                let on = HookStatus {
                     name: "nat_mapping".into(),
                     mechanism: "ctnetlink".into(),
                     attached: true,
                     target: "conntrack NEW/DESTROY events of this network namespace".into(),
                     reason: Some(format!("kprobe unavailable: {kernel_reason}")),
-                }
+                };
+                (on, Some(ct))
             }
-            Err(e) => HookStatus::off("nat_mapping", format!("{e}; kprobe: {kernel_reason}")),
+            Err(e) => {
+                let off = HookStatus::off("nat_mapping", format!("{e}; kprobe: {kernel_reason}"));
+                (off, None)
+            }
         }
     };
     match nat {
         Some(s) => *s = new,
         None => status.push(new),
     }
+    socket
 }
 
 /// The `ct_counters` hook: conntrack counters of this namespace, sampled
@@ -262,17 +277,15 @@ fn counters_status(readable: bool) -> HookStatus {
     }
 }
 
-/// The running source: the ring buffer, the ctnetlink listener's channel
-/// and the counter sampler, fed to a sink.
+/// The running source: the ring buffer, the ctnetlink socket and the
+/// counter sampler, fed to a sink.
 struct Live {
     ring: RingReader,
     dec: Decoder,
     /// The kernel's counts of resets it did not send one by one.
     summaries: Option<crate::summary::SummaryReader>,
     counters: CounterSample,
-    ct_rx: mpsc::Receiver<CtMsg>,
-    ct_open: bool,
-    ct_overruns: u64,
+    ct: CtSource,
     sigint: tokio::signal::unix::Signal,
     sigterm: tokio::signal::unix::Signal,
 }
@@ -296,13 +309,16 @@ impl Live {
             tokio::select! {
                 r = self.ring.readable() => {
                     r?;
-                    self.dec.drain(&mut self.ring, sink)?;
+                    self.dec.drain(&mut self.ring, &mut self.ct, sink)?;
                     if sink.wants_counters() && self.counters.next <= tokio::time::Instant::now() {
                         self.counters.take(monotonic_now_ns(), true, sink)?;
                     }
                     sink.flush()?;
                 }
-                msg = self.ct_rx.recv(), if self.ct_open => self.ctnetlink(msg, sink)?,
+                r = self.ct.readable(), if self.ct.is_open() => {
+                    self.ct.drain_after(r, sink)?;
+                    sink.flush()?;
+                }
                 _ = tick.tick() => {
                     if self.tick(sink)? {
                         return Ok(());
@@ -311,7 +327,7 @@ impl Live {
                 // A finding waits for the counters: sample now (after the ring,
                 // which may hold what the sample explains), not at the next tick.
                 _ = tokio::time::sleep_until(self.counters.next), if sink.wants_counters() => {
-                    self.dec.drain(&mut self.ring, sink)?;
+                    self.dec.drain(&mut self.ring, &mut self.ct, sink)?;
                     self.counters.take(monotonic_now_ns(), true, sink)?;
                     sink.flush()?;
                 }
@@ -322,42 +338,12 @@ impl Live {
         }
     }
 
-    /// One message of the ctnetlink listener (`None`: it is gone).
-    fn ctnetlink(&mut self, msg: Option<CtMsg>, sink: &mut dyn Sink) -> Result<(), PipelineError> {
-        match msg {
-            Some(CtMsg::Events(evs)) => {
-                for ev in &evs {
-                    sink.event(ev)?;
-                }
-                sink.flush()?;
-            }
-            Some(CtMsg::Overrun(n)) => {
-                self.ct_overruns += n;
-                let loss = Loss {
-                    count: n,
-                    total: self.ct_overruns,
-                    what: "ctnetlink socket overrun (NAT events dropped by the kernel)".into(),
-                };
-                sink.lost(monotonic_now_ns(), &loss)?;
-            }
-            Some(CtMsg::Died(why)) => {
-                let mut hook =
-                    HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {why}"));
-                hook.mechanism = "ctnetlink".into();
-                sink.hook_down(monotonic_now_ns(), &hook)?;
-                self.ct_open = false;
-            }
-            None => self.ct_open = false,
-        }
-        Ok(())
-    }
-
     /// The 200 ms tick; true when the sink is done.
     fn tick(&mut self, sink: &mut dyn Sink) -> Result<bool, PipelineError> {
         // Drains are spaced (ring::MIN_DRAIN_GAP): what the ring holds goes
         // first, so the counter sample below comes after the events it may
         // explain, in time and in order.
-        self.dec.drain(&mut self.ring, sink)?;
+        self.dec.drain(&mut self.ring, &mut self.ct, sink)?;
         let now = monotonic_now_ns();
         self.summarise(now, sink)?;
         self.report_losses(now, sink)?;
@@ -371,12 +357,8 @@ impl Live {
 
     /// Flushes what the kernel and the listener still hold, then stops the sink.
     fn finish(&mut self, sink: &mut dyn Sink) -> Result<(), PipelineError> {
-        self.dec.drain(&mut self.ring, sink)?;
-        while let Ok(CtMsg::Events(evs)) = self.ct_rx.try_recv() {
-            for ev in &evs {
-                sink.event(ev)?;
-            }
-        }
+        self.dec.drain(&mut self.ring, &mut self.ct, sink)?;
+        self.ct.drain(sink)?;
         self.summarise(monotonic_now_ns(), sink)?;
         self.report_losses(monotonic_now_ns(), sink)?;
         sink.finish(monotonic_now_ns())
@@ -438,24 +420,75 @@ impl CounterSample {
     }
 }
 
-/// Reads ctnetlink on its own thread (the socket blocks) and forwards events.
-fn spawn_ctnetlink(mut ct: Ctnetlink, tx: mpsc::Sender<CtMsg>) {
-    std::thread::Builder::new()
-        .name("ctnetlink".into())
-        .spawn(move || loop {
-            let msg = match ct.recv() {
-                Ok(Received::Events(evs)) if evs.is_empty() => continue,
-                Ok(Received::Events(evs)) => CtMsg::Events(evs),
-                Ok(Received::Overrun(n)) => CtMsg::Overrun(n),
-                Err(e) => {
-                    tracing::warn!("ctnetlink: {e}");
-                    let _ = tx.blocking_send(CtMsg::Died(e.to_string()));
-                    return;
+/// NAT mappings from ctnetlink, read on the pipeline's own loop rather
+/// than by a thread of its own: drained before every ring batch is handed
+/// over, a mapping the kernel made before a reset (say, the re-mapping
+/// that sends a segment to the backend that resets it) always reaches the
+/// engine before that reset, as it would from the kernel hook. A reader
+/// thread lets the two race, and the order of a finding's evidence with them.
+struct CtSource {
+    /// `None`: not subscribed, or the socket failed (said in a hook-down line).
+    socket: Option<AsyncFd<Ctnetlink>>,
+    overruns: u64,
+}
+
+impl CtSource {
+    fn is_open(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// Waits until the socket may hold events (forever when closed).
+    async fn readable(&mut self) -> std::io::Result<()> {
+        match self.socket.as_mut() {
+            Some(s) => s.readable_mut().await.map(|mut g| g.clear_ready()),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// After [`CtSource::readable`]: everything the socket holds.
+    fn drain_after(
+        &mut self,
+        ready: std::io::Result<()>,
+        sink: &mut dyn Sink,
+    ) -> Result<(), PipelineError> {
+        match ready {
+            Ok(()) => self.drain(sink),
+            Err(e) => self.died(&e, sink),
+        }
+    }
+
+    /// Feeds `sink` every event the socket holds now (and a lost line for
+    /// those the kernel dropped on a full socket).
+    fn drain(&mut self, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        while let Some(socket) = self.socket.as_mut() {
+            match socket.get_mut().try_recv() {
+                Ok(None) => break,
+                Ok(Some(Received::Events(evs))) => {
+                    for ev in &evs {
+                        sink.event(ev)?;
+                    }
                 }
-            };
-            if tx.blocking_send(msg).is_err() {
-                return;
+                Ok(Some(Received::Overrun(n))) => {
+                    self.overruns += n;
+                    let loss = Loss {
+                        count: n,
+                        total: self.overruns,
+                        what: "ctnetlink socket overrun (NAT events dropped by the kernel)".into(),
+                    };
+                    sink.lost(monotonic_now_ns(), &loss)?;
+                }
+                Err(e) => self.died(&e, sink)?,
             }
-        })
-        .expect("spawning a thread");
+        }
+        Ok(())
+    }
+
+    /// The socket failed: no more NAT mappings, said as a hook going down.
+    fn died(&mut self, e: &std::io::Error, sink: &mut dyn Sink) -> Result<(), PipelineError> {
+        tracing::warn!("ctnetlink: {e}");
+        self.socket = None;
+        let mut hook = HookStatus::off("nat_mapping", format!("ctnetlink listener stopped: {e}"));
+        hook.mechanism = "ctnetlink".into();
+        sink.hook_down(monotonic_now_ns(), &hook)
+    }
 }
