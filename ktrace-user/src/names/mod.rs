@@ -254,6 +254,7 @@ impl NameResolver {
 
     /// Changes whenever what the live sources know may have changed (a
     /// cache of looked-up names is good while this stays the same).
+    #[inline]
     pub fn version(&self) -> u64 {
         self.live
             .as_ref()

@@ -263,9 +263,9 @@ pub struct BlockEncoder {
     /// into `buf` first).
     fields: Vec<u8>,
     ips: DictMap<IpAddr, u32>,
-    /// Addresses that entered `ips` since the last [`take_fresh_ips`](Self::take_fresh_ips):
-    /// the ones whose names the block may need.
-    fresh_ips: Vec<IpAddr>,
+    /// The addresses the block defines, in order, when names are recorded
+    /// ([`list_ips`](Self::list_ips)): the ones whose names it may need.
+    block_ips: Option<Vec<IpAddr>>,
     strs: DictMap<Box<str>, u32>,
     netns: DictMap<u32, u32>,
     base_ts: u64,
@@ -332,7 +332,7 @@ impl BlockEncoder {
             buf: Vec::with_capacity(1 << 16),
             fields: Vec::with_capacity(64),
             ips: DictMap::default(),
-            fresh_ips: Vec::new(),
+            block_ips: None,
             strs: DictMap::default(),
             netns: DictMap::default(),
             base_ts: 0,
@@ -357,9 +357,15 @@ impl BlockEncoder {
         self.events
     }
 
-    /// The addresses new in this block since the last call.
-    pub fn take_fresh_ips(&mut self) -> std::vec::Drain<'_, IpAddr> {
-        self.fresh_ips.drain(..)
+    /// From now on, lists the addresses each block defines
+    /// ([`block_ips`](Self::block_ips), then [`RawBlock::ips`]).
+    pub fn list_ips(&mut self) {
+        self.block_ips.get_or_insert_with(Vec::new);
+    }
+
+    /// The addresses this block defines so far, in order (when listed).
+    pub fn block_ips(&self) -> &[IpAddr] {
+        self.block_ips.as_deref().unwrap_or_default()
     }
 
     /// Hands over the block and starts a new one (dictionaries reset).
@@ -372,11 +378,15 @@ impl BlockEncoder {
             min_ts: if self.items == 0 { 0 } else { self.min_ts },
             max_ts: self.max_ts,
             names: Vec::new(),
-            ips: Vec::new(),
+            // The next block's list starts as large as this one's ended.
+            ips: self
+                .block_ips
+                .as_mut()
+                .map(|l| std::mem::replace(l, Vec::with_capacity(l.len())))
+                .unwrap_or_default(),
             epoch: 0,
         };
         self.ips.clear();
-        self.fresh_ips.clear();
         self.strs.clear();
         self.netns.clear();
         self.items = 0;
@@ -399,7 +409,9 @@ impl BlockEncoder {
         }
         let i = self.ips.len() as u32;
         self.ips.insert(ip, i);
-        self.fresh_ips.push(ip);
+        if let Some(l) = &mut self.block_ips {
+            l.push(ip);
+        }
         match ip {
             IpAddr::V4(a) => {
                 let o = a.octets();

@@ -716,12 +716,14 @@ pub struct Recorder {
     names: Option<NameResolver>,
     /// The names of addresses, looked up once per version of the names.
     name_cache: NameCache,
-    /// The names the current block sends, and its addresses: those from
-    /// `named_upto` on are not named yet (they are named in a batch, when
-    /// the block is sealed or the names change).
+    /// The names the current block sends. Its addresses (those the
+    /// encoder lists, then those findings named) are named in a batch when
+    /// the block is sealed or the names change: how many of each list are
+    /// named already.
     block_names: Vec<Arc<NamedAddr>>,
-    block_ips: Vec<IpAddr>,
     named_upto: usize,
+    finding_ips: Vec<IpAddr>,
+    findings_named_upto: usize,
     /// The version of the names the addresses not named yet were seen in.
     pending_version: u64,
     /// The writer's epoch as last seen, and this side's: one more at each
@@ -774,8 +776,9 @@ impl Recorder {
             names: None,
             name_cache: NameCache::default(),
             block_names: Vec::new(),
-            block_ips: Vec::new(),
             named_upto: 0,
+            finding_ips: Vec::new(),
+            findings_named_upto: 0,
             pending_version: 0,
             seen_epoch: writer_epoch.load(Ordering::Acquire),
             writer_epoch,
@@ -825,38 +828,40 @@ impl Recorder {
         let names = NameResolver::live(names);
         self.pending_version = names.version();
         self.names = Some(names);
+        self.enc.list_ips();
     }
 
     #[inline]
     pub fn event(&mut self, ev: &Event) {
+        self.check_version();
         self.enc.push_event(ev);
-        if self.names.is_some() {
-            self.collect_ips();
-        }
         if self.enc.len() >= self.cfg.block_bytes {
             self.seal();
         }
     }
 
-    /// The addresses new in the block, to name when it is sealed (only
-    /// those cost a probe of [`NameCache`]). When the names changed, those
-    /// collected before are named first, as of the version they were seen in.
+    /// When the names changed, the block's addresses seen before are named
+    /// first, as of the version they were seen in. The others wait in the
+    /// encoder's list until the block is sealed (then only those new in
+    /// the block cost a probe of [`NameCache`]).
     #[inline]
-    fn collect_ips(&mut self) {
-        let version = self.names.as_ref().map_or(0, NameResolver::version);
+    fn check_version(&mut self) {
+        let Some(names) = &self.names else {
+            return;
+        };
+        let version = names.version();
         if version != self.pending_version {
             self.name_pending();
             self.pending_version = version;
         }
-        self.block_ips.extend(self.enc.take_fresh_ips());
     }
 
     /// The names of an address a finding names, as they are now (the
     /// event that carried it may have been recorded before they were known).
     pub fn name_addr(&mut self, ip: IpAddr) {
         if self.names.is_some() {
-            self.collect_ips();
-            self.block_ips.push(ip);
+            self.check_version();
+            self.finding_ips.push(ip);
         }
     }
 
@@ -865,15 +870,14 @@ impl Recorder {
         let Some(names) = &self.names else {
             return;
         };
-        let ips = &self.block_ips[self.named_upto..];
-        self.name_cache.unsent(
-            ips,
-            names,
-            self.name_epoch,
-            self.pending_version,
-            &mut self.block_names,
-        );
-        self.named_upto = self.block_ips.len();
+        let (epoch, version) = (self.name_epoch, self.pending_version);
+        let out = &mut self.block_names;
+        let listed = &self.enc.block_ips()[self.named_upto..];
+        self.name_cache.unsent(listed, names, epoch, version, out);
+        self.named_upto += listed.len();
+        let found = &self.finding_ips[self.findings_named_upto..];
+        self.name_cache.unsent(found, names, epoch, version, out);
+        self.findings_named_upto = self.finding_ips.len();
     }
 
     pub fn lost(&mut self, ts_ns: u64, count: u64, total: u64, what: &str) {
@@ -901,13 +905,13 @@ impl Recorder {
             return;
         }
         if self.names.is_some() {
-            self.collect_ips();
+            self.check_version();
             self.name_pending();
         }
         let mut raw = self.enc.take();
         raw.names = std::mem::take(&mut self.block_names);
-        raw.ips = std::mem::take(&mut self.block_ips);
-        self.named_upto = 0;
+        raw.ips.append(&mut self.finding_ips);
+        (self.named_upto, self.findings_named_upto) = (0, 0);
         raw.epoch = self.seen_epoch;
         let sent_names = !raw.names.is_empty();
         match &mut self.backend {
