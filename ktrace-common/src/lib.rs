@@ -160,9 +160,8 @@ pub struct SummaryScratch {
     /// The tick (jiffies) at which the window was last checked: the
     /// window's clock is read once per tick, not once per reset.
     pub tick: u64,
-    /// The last `sk_buff.dev` seen and its network namespace inode.
-    pub dev: u64,
-    pub dev_netns: u64,
+    /// Unused: keeps the header one 64-byte line, the slots four to a line.
+    pub _spare: [u64; 2],
     /// Where a BTF-typed pointer becomes a plain number (see the program).
     pub untyped: u64,
 }

@@ -79,47 +79,39 @@ pub fn sock_netns(sk: u64) -> u32 {
     }
 }
 
-/// Network namespace of a `struct net_device *` (two kernel reads).
+/// Network namespace of a `struct net_device *`: `dev->nd_net.net->ns.inum`,
+/// read afresh each time. Nothing is cached by device pointer: a device
+/// moves between namespaces keeping its address (`ip link set ... netns`,
+/// how CNI plugins place a pod's veth), and a deleted pod's device and
+/// namespace are freed and their memory reused for the next pod's, so a
+/// pointer-keyed cache would name the wrong namespace, and the kernel
+/// gives no cheaper way to tell that the pointer's namespace is the same.
 #[inline(always)]
-pub fn dev_netns_uncached(dev: u64) -> u32 {
+pub fn dev_netns(dev: u64) -> u32 {
     match read::<u64>(dev, layout!(dev_nd_net)) {
         Ok(net) => net_inum(net),
         Err(_) => 0,
     }
 }
 
-/// Last device seen on this CPU and its namespace: in a storm, packets
-/// keep arriving on the same device, and this saves two kernel reads each.
-#[repr(C)]
-pub struct DevNetns {
-    dev: u64,
-    inum: u64,
-}
-
-#[map]
-static DEV_NETNS: PerCpuArray<DevNetns> = PerCpuArray::with_max_entries(1, 0);
-
-/// Network namespace of a `struct net_device *`, cached per CPU.
+/// Network namespace of the device of `skb` (`skb->dev->nd_net.net->ns.inum`).
+/// `TYPED` when `skb` is a BTF-typed argument: the verifier then types each
+/// pointer loaded on the way (`struct net_device`, `struct net`), and the
+/// three reads are plain loads guarded by exception-table entries, a few
+/// nanoseconds in all, cheaper than a cache's lookup and never stale; a
+/// NULL or freed pointer reads as zero. Otherwise probe reads.
 #[inline(always)]
-pub fn dev_netns(dev: u64) -> u32 {
-    if dev == 0 {
+pub fn skb_netns<const TYPED: bool>(skb: u64) -> u32 {
+    if !TYPED {
+        return dev_netns(read::<u64>(skb, layout!(skb_dev)).unwrap_or(0));
+    }
+    let Ok(dev) = field::<true, u64>(skb, layout!(skb_dev)) else {
         return 0;
-    }
-    let cache = DEV_NETNS.get_ptr_mut(0);
-    if let Some(c) = cache {
-        // SAFETY: a per-CPU slot, used by one program run at a time.
-        let c = unsafe { &mut *c };
-        if c.dev == dev {
-            return c.inum as u32;
-        }
-    }
-    let inum = dev_netns_uncached(dev);
-    if let Some(c) = cache {
-        let c = unsafe { &mut *c };
-        c.dev = dev;
-        c.inum = inum as u64;
-    }
-    inum
+    };
+    let Ok(net) = field::<true, u64>(dev, layout!(dev_nd_net)) else {
+        return 0;
+    };
+    field::<true, u32>(net, layout!(net_ns_inum)).unwrap_or(0)
 }
 
 /// Addresses, protocol and TCP flags of the packet in `skb`, read from
@@ -130,7 +122,7 @@ pub struct PacketInfo {
     pub dst: Endpoint,
     pub protocol: u8,
     pub tcp_flags: u8,
-    /// `skb->dev` (0 when unknown), for [`dev_netns`].
+    /// `skb->dev` (0 when unknown or `TYPED`), for [`dev_netns`].
     pub dev: u64,
 }
 
@@ -181,33 +173,29 @@ fn skb_fields(skb: u64) -> Result<(u64, u16, u64), i64> {
 #[map]
 static HDR_SCRATCH: PerCpuArray<[u8; 64]> = PerCpuArray::with_max_entries(1, 0);
 
-/// `skb->head`, `skb->network_header` and `skb->dev` as plain loads, for
-/// programs whose `skb` argument the verifier types from BTF (fentry,
-/// tp_btf): it turns each into a load guarded by an exception-table entry,
-/// with no helper call (the probe read of [`skb_fields`] is about 40 ns of
-/// a reset storm's budget). Never call it with an untyped `skb` (kprobe,
-/// raw tracepoint): the verifier refuses the program.
+/// `skb->head` and `skb->network_header` as plain loads, for programs
+/// whose `skb` argument the verifier types from BTF (fentry, tp_btf): it
+/// turns each into a load guarded by an exception-table entry, with no
+/// helper call (the probe read of [`skb_fields`] is about 40 ns of a reset
+/// storm's budget). The device is not read: these programs take the
+/// namespace from [`skb_netns`]. Never call it with an untyped `skb`
+/// (kprobe, raw tracepoint): the verifier refuses the program.
 #[inline(always)]
 fn skb_fields_typed(skb: u64) -> Result<(u64, u16, u64), i64> {
-    let (head_off, nh_off, dev_off) =
-        (layout!(skb_head), layout!(skb_network_header), layout!(skb_dev));
-    if head_off == NO_OFFSET || nh_off == NO_OFFSET || dev_off == NO_OFFSET {
+    let (head_off, nh_off) = (layout!(skb_head), layout!(skb_network_header));
+    if head_off == NO_OFFSET || nh_off == NO_OFFSET {
         return Err(-1);
     }
     let p = skb as *const u8;
     // SAFETY: typed loads at BTF offsets of `struct sk_buff`; a bad
     // pointer reads as zero (the load's exception handler), never faults.
-    let (head, nh, dev) = unsafe {
+    let (head, nh) = unsafe {
         (
             core::ptr::read_volatile(p.wrapping_add(head_off as usize) as *const u64),
             core::ptr::read_volatile(p.wrapping_add(nh_off as usize) as *const u16),
-            core::ptr::read_volatile(p.wrapping_add(dev_off as usize) as *const u64),
         )
     };
-    // The verifier may type `dev` as a `struct net_device` pointer; from
-    // here on it is a plain number (cached, compared, probe-read).
-    let dev = untyped(dev);
-    Ok((head, nh, dev))
+    Ok((head, nh, 0))
 }
 
 /// Per-CPU slot through which a BTF-typed value becomes a plain number.

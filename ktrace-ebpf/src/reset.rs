@@ -202,7 +202,7 @@ fn emit_send_reset<const TYPED: bool>(
         Outcome::Emit { sk, skb } => (sk, skb),
     };
     let mut ev = ResetEvent::default();
-    let mut dev = 0;
+    let mut has_skb = false;
     // The second test is for kernels that type the argument "maybe NULL"
     // (the verifier then wants the test on the argument itself).
     if skb != 0 && skb_arg != 0 {
@@ -215,7 +215,7 @@ fn emit_send_reset<const TYPED: bool>(
         ev.dst = pkt.src;
         ev.flags = reset_flags::HAS_TRIGGER;
         ev.trigger_flags = pkt.tcp_flags;
-        dev = pkt.dev;
+        has_skb = true;
     } else if sk != 0 {
         kernel::sock_endpoints(sk, &mut ev.src, &mut ev.dst)?;
     } else {
@@ -231,8 +231,10 @@ fn emit_send_reset<const TYPED: bool>(
             ev.flags |= reset_flags::HAS_SOCKET;
         }
         kernel::sock_netns(sk)
+    } else if has_skb && skb_arg != 0 {
+        kernel::skb_netns::<TYPED>(skb_arg)
     } else {
-        kernel::dev_netns(dev)
+        0
     };
     ev.header = ring::header(kind::TCP_SEND_RESET, which, netns);
     ring::emit(ev);

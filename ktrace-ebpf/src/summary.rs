@@ -44,8 +44,8 @@ pub enum Outcome {
 /// (then read by plain loads).
 ///
 /// A summarised reset touches this CPU's table and little else: the
-/// window, the clock's tick, the last device's namespace and the count sit
-/// in the table's first line and the key's slot (each distinct line a
+/// window, the clock's tick and the count sit in the table's first line
+/// and the key's slot (each distinct line a
 /// reset touches is a cache miss a storm pays again and again).
 #[inline(always)]
 pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome, i64> {
@@ -90,9 +90,7 @@ pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome
     let netns = if sk != 0 {
         kernel::sock_netns(sk)
     } else if skb != 0 && skb_arg != 0 {
-        let dev = kernel::field::<TYPED, u64>(skb_arg, layout!(skb_dev)).unwrap_or(0);
-        let dev = if TYPED { untyped(table, dev) } else { dev };
-        dev_netns(table, dev)
+        kernel::skb_netns::<TYPED>(skb_arg)
     } else {
         0
     };
@@ -114,20 +112,6 @@ fn untyped(t: &mut SummaryTable, v: u64) -> u64 {
         core::ptr::write_volatile(&mut t.scratch.untyped, v);
         core::ptr::read_volatile(&t.scratch.untyped)
     }
-}
-
-/// Network namespace of the device `dev`, remembered for the last device:
-/// in a storm, segments keep arriving on the same one.
-#[inline(always)]
-fn dev_netns(t: &mut SummaryTable, dev: u64) -> u32 {
-    if dev == 0 {
-        return 0;
-    }
-    if t.scratch.dev != dev {
-        t.scratch.dev_netns = kernel::dev_netns_uncached(dev) as u64;
-        t.scratch.dev = dev;
-    }
-    t.scratch.dev_netns as u32
 }
 
 /// Whether this reset is one of the first `sample_per_window` of this

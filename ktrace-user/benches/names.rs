@@ -205,13 +205,13 @@ fn per_object<K: kube::Resource>(
 fn nat(ts: u64, client: SocketAddr, service: SocketAddr, backend: SocketAddr) -> Event {
     ev(
         ts,
-        EventBody::NatMapping(NatEntry {
+        EventBody::NatMapping(Box::new(NatEntry {
             snat: None,
             client,
             service,
             backend,
             protocol: 6,
-        }),
+        })),
     )
 }
 
@@ -274,12 +274,12 @@ fn typical(n: u32) -> Vec<Event> {
             protocol: 6,
         };
         ts += 1000;
-        out.push(ev(ts, EventBody::NatMapping(entry.clone())));
+        out.push(ev(ts, EventBody::NatMapping(Box::new(entry.clone()))));
         ts += 1000;
         if i % 100 == 0 {
             out.push(reset(ts, client, entry.backend));
         } else {
-            out.push(ev(ts, EventBody::NatDestroy(entry)));
+            out.push(ev(ts, EventBody::NatDestroy(Box::new(entry))));
         }
     }
     out

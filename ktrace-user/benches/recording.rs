@@ -86,13 +86,13 @@ fn storm(n: usize) -> Vec<Event> {
             jitter(r >> 3),
             node_ns,
             Source::Ctnetlink,
-            EventBody::NatMapping(NatEntry {
+            EventBody::NatMapping(Box::new(NatEntry {
                 client,
                 service,
                 backend,
                 protocol: 6,
                 snat: None,
-            }),
+            })),
         );
         push(
             &mut out,

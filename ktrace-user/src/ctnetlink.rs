@@ -253,9 +253,9 @@ fn nat_event(msg: &ConntrackMessage) -> Option<EventBody> {
         snat,
     };
     Some(if destroy {
-        EventBody::NatDestroy(nat)
+        EventBody::NatDestroy(Box::new(nat))
     } else {
-        EventBody::NatMapping(nat)
+        EventBody::NatMapping(Box::new(nat))
     })
 }
 
@@ -301,13 +301,13 @@ mod tests {
     /// The mapping of the tests' flow: 10.0.0.2:40000 -> 10.96.0.10:2222
     /// DNATed to 10.0.1.3:2222, SNATed to `snat` when given.
     fn mapping(snat: Option<&str>) -> EventBody {
-        EventBody::NatMapping(NatEntry {
+        EventBody::NatMapping(Box::new(NatEntry {
             client: "10.0.0.2:40000".parse().unwrap(),
             service: "10.96.0.10:2222".parse().unwrap(),
             backend: "10.0.1.3:2222".parse().unwrap(),
             protocol: 6,
             snat: snat.map(|s| s.parse().unwrap()),
-        })
+        }))
     }
 
     fn datagram(msg: ConntrackMessage) -> Vec<u8> {

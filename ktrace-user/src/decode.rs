@@ -11,7 +11,7 @@ use ktrace_common::{
     ResetEvent, AF_INET, AF_INET6, CT_MESSAGE_LEN,
 };
 
-use crate::event::{Event, EventBody, NatEntry, Source};
+use crate::event::{CtInvalid, Event, EventBody, IpvsConnNew, NatEntry, Source};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -127,7 +127,7 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
             let dest_flags = b.get_u32_ne();
             let weight = b.get_i32_ne();
             let protocol = b.get_u8();
-            EventBody::IpvsConnNew {
+            EventBody::IpvsConnNew(Box::new(IpvsConnNew {
                 client,
                 service,
                 real_server,
@@ -136,7 +136,7 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
                 conn_flags,
                 dest_flags,
                 weight: (weight >= 0).then_some(weight),
-            }
+            }))
         }
         kind::NAT_MAPPING | kind::CT_CONFIRM_DROP => {
             need(record, size_of::<NatEvent>(), "NAT event")?;
@@ -148,9 +148,9 @@ pub fn decode(record: &[u8], names: &Names) -> Result<Event, DecodeError> {
                 protocol: b.get_u8(),
             };
             if h.kind == kind::NAT_MAPPING {
-                EventBody::NatMapping(nat)
+                EventBody::NatMapping(Box::new(nat))
             } else {
-                EventBody::CtConfirmDrop(nat)
+                EventBody::CtConfirmDrop(Box::new(nat))
             }
         }
         other => return Err(DecodeError::UnknownKind(other)),
@@ -220,7 +220,7 @@ fn conntrack(k: u16, b: &mut &[u8]) -> Result<EventBody, DecodeError> {
         let end = msg.iter().position(|&c| c == 0).unwrap_or(msg.len());
         let message = (reason == invalid_reason::MESSAGE && end > 0)
             .then(|| clean_message(&String::from_utf8_lossy(&msg[..end])).into());
-        EventBody::CtInvalid {
+        EventBody::CtInvalid(Box::new(CtInvalid {
             src,
             dst,
             orig_src,
@@ -228,7 +228,7 @@ fn conntrack(k: u16, b: &mut &[u8]) -> Result<EventBody, DecodeError> {
             reply_src,
             reply_dir: ctinfo >= 3,
             message,
-        }
+        }))
     })
 }
 
@@ -329,17 +329,11 @@ mod tests {
         ev.verdict = -1;
         ev.message[..27].copy_from_slice(b"SEQ is over the upper bound");
         match decode(&bytes_of(&ev), &names()).unwrap().body {
-            EventBody::CtInvalid {
-                orig_dst,
-                reply_src,
-                reply_dir,
-                message,
-                ..
-            } => {
-                assert_eq!(orig_dst, Some("10.96.0.10:2222".parse().unwrap()));
-                assert_eq!(reply_src, Some("[fd00::2]:2222".parse().unwrap()));
-                assert!(reply_dir);
-                assert_eq!(message.as_deref(), Some("SEQ is over the upper bound"));
+            EventBody::CtInvalid(c) => {
+                assert_eq!(c.orig_dst, Some("10.96.0.10:2222".parse().unwrap()));
+                assert_eq!(c.reply_src, Some("[fd00::2]:2222".parse().unwrap()));
+                assert!(c.reply_dir);
+                assert_eq!(c.message.as_deref(), Some("SEQ is over the upper bound"));
             }
             other => panic!("{other:?}"),
         }
@@ -413,11 +407,9 @@ mod tests {
             _pad: [0; 7],
         };
         match decode(&bytes_of(&ev), &names()).unwrap().body {
-            EventBody::IpvsConnNew {
-                template, weight, ..
-            } => {
-                assert!(template);
-                assert_eq!(weight, Some(0));
+            EventBody::IpvsConnNew(c) => {
+                assert!(c.template);
+                assert_eq!(c.weight, Some(0));
             }
             other => panic!("{other:?}"),
         }

@@ -37,6 +37,11 @@ pub struct Event {
 
 /// What happened. Field order is JSON order; `src`/`dst` come from
 /// [`EventBody::endpoints`], so the variants' own are not serialised.
+///
+/// Variants of three addresses or more are boxed: an event is copied and
+/// streamed through the engine by the million, and the resets that make
+/// up a storm should not pay for the size of a NAT entry (104 bytes an
+/// event instead of 200).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum EventBody {
@@ -73,25 +78,7 @@ pub enum EventBody {
         sock_cookie: u64,
     },
     /// Conntrack marked the packet `src` -> `dst` INVALID.
-    CtInvalid {
-        #[serde(skip)]
-        src: SocketAddr,
-        #[serde(skip)]
-        dst: SocketAddr,
-        /// The entry's original direction (client -> service) and reply source (backend).
-        #[serde(rename = "client", skip_serializing_if = "Option::is_none")]
-        orig_src: Option<SocketAddr>,
-        #[serde(rename = "service", skip_serializing_if = "Option::is_none")]
-        orig_dst: Option<SocketAddr>,
-        #[serde(rename = "backend", skip_serializing_if = "Option::is_none")]
-        reply_src: Option<SocketAddr>,
-        /// The packet travelled in the reply direction of the entry.
-        #[serde(rename = "direction", serialize_with = "direction_json")]
-        reply_dir: bool,
-        /// What conntrack's log helper was told, e.g. "SEQ is over the upper bound".
-        #[serde(rename = "reason", skip_serializing_if = "Option::is_none")]
-        message: Option<Arc<str>>,
-    },
+    CtInvalid(Box<CtInvalid>),
     /// Conntrack could not create an entry for `src` -> `dst` (table full).
     CtTableFull {
         #[serde(skip)]
@@ -101,37 +88,63 @@ pub enum EventBody {
         errno: i32,
     },
     /// IPVS scheduled `client` -> `service` to `real_server`.
-    IpvsConnNew {
-        client: SocketAddr,
-        service: SocketAddr,
-        #[serde(rename = "backend")]
-        real_server: SocketAddr,
-        protocol: u8,
-        template: bool,
-        conn_flags: u32,
-        dest_flags: u32,
-        /// `None` when the connection had no destination.
-        #[serde(skip_serializing_if = "Option::is_none")]
-        weight: Option<i32>,
-    },
+    IpvsConnNew(Box<IpvsConnNew>),
     /// `client` -> `service` was DNATed to `backend`.
-    NatMapping(NatEntry),
+    NatMapping(Box<NatEntry>),
     /// Conntrack counters of ktrace's network namespace rose
     /// (`/proc/net/stat/nf_conntrack`, summed over CPUs): increases since the
     /// previous sample, with the table's fill when readable. Evidence where
     /// the conntrack kprobes cannot attach.
     CtCounters(CounterRise),
     /// The conntrack entry of a DNATed flow went away (ctnetlink DESTROY).
-    NatDestroy(NatEntry),
+    NatDestroy(Box<NatEntry>),
     /// `__nf_conntrack_confirm` dropped a packet of this flow: it lost the
     /// race to insert its new entry (`snat` is never set).
-    CtConfirmDrop(NatEntry),
+    CtConfirmDrop(Box<NatEntry>),
     /// Resets the kernel sent in the event's network namespace that were
     /// counted, not sent one by one, since the previous summary: ones that
     /// can never be an incident (`ktrace_common::reset_may_be_an_incident`),
     /// beyond each CPU's sample. With the `tcp_send_reset` events they add
     /// up to every reset the kernel sent.
     ResetsSummarised(ResetCounts),
+}
+
+/// Conntrack marked the packet `src` -> `dst` INVALID ([`EventBody::CtInvalid`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CtInvalid {
+    #[serde(skip)]
+    pub src: SocketAddr,
+    #[serde(skip)]
+    pub dst: SocketAddr,
+    /// The entry's original direction (client -> service) and reply source (backend).
+    #[serde(rename = "client", skip_serializing_if = "Option::is_none")]
+    pub orig_src: Option<SocketAddr>,
+    #[serde(rename = "service", skip_serializing_if = "Option::is_none")]
+    pub orig_dst: Option<SocketAddr>,
+    #[serde(rename = "backend", skip_serializing_if = "Option::is_none")]
+    pub reply_src: Option<SocketAddr>,
+    /// The packet travelled in the reply direction of the entry.
+    #[serde(rename = "direction", serialize_with = "direction_json")]
+    pub reply_dir: bool,
+    /// What conntrack's log helper was told, e.g. "SEQ is over the upper bound".
+    #[serde(rename = "reason", skip_serializing_if = "Option::is_none")]
+    pub message: Option<Arc<str>>,
+}
+
+/// IPVS scheduled `client` -> `service` to `real_server` ([`EventBody::IpvsConnNew`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IpvsConnNew {
+    pub client: SocketAddr,
+    pub service: SocketAddr,
+    #[serde(rename = "backend")]
+    pub real_server: SocketAddr,
+    pub protocol: u8,
+    pub template: bool,
+    pub conn_flags: u32,
+    pub dest_flags: u32,
+    /// `None` when the connection had no destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<i32>,
 }
 
 /// Resets counted by the kernel instead of sent one by one, by why they
@@ -200,9 +213,9 @@ impl EventBody {
         match self {
             EventBody::TcpSendReset { .. } => "tcp_send_reset",
             EventBody::TcpReceiveReset { .. } => "tcp_receive_reset",
-            EventBody::CtInvalid { .. } => "ct_invalid",
+            EventBody::CtInvalid(_) => "ct_invalid",
             EventBody::CtTableFull { .. } => "ct_table_full",
-            EventBody::IpvsConnNew { .. } => "ipvs_conn_new",
+            EventBody::IpvsConnNew(_) => "ipvs_conn_new",
             EventBody::NatMapping(_) => "nat_mapping",
             EventBody::NatDestroy(_) => "nat_destroy",
             EventBody::CtConfirmDrop(_) => "ct_confirm_drop",
@@ -215,23 +228,15 @@ impl EventBody {
     /// addresses, or client and service for a new connection or NAT entry;
     /// `None` for counters.
     pub fn endpoints(&self) -> Option<(SocketAddr, SocketAddr)> {
-        match *self {
+        match self {
             EventBody::TcpSendReset { src, dst, .. }
             | EventBody::TcpReceiveReset { src, dst, .. }
-            | EventBody::CtInvalid { src, dst, .. }
-            | EventBody::CtTableFull { src, dst, .. } => Some((src, dst)),
-            EventBody::IpvsConnNew {
-                client, service, ..
+            | EventBody::CtTableFull { src, dst, .. } => Some((*src, *dst)),
+            EventBody::CtInvalid(c) => Some((c.src, c.dst)),
+            EventBody::IpvsConnNew(c) => Some((c.client, c.service)),
+            EventBody::NatMapping(n) | EventBody::NatDestroy(n) | EventBody::CtConfirmDrop(n) => {
+                Some((n.client, n.service))
             }
-            | EventBody::NatMapping(NatEntry {
-                client, service, ..
-            })
-            | EventBody::NatDestroy(NatEntry {
-                client, service, ..
-            })
-            | EventBody::CtConfirmDrop(NatEntry {
-                client, service, ..
-            }) => Some((client, service)),
             EventBody::CtCounters(_) | EventBody::ResetsSummarised(_) => None,
         }
     }

@@ -151,7 +151,7 @@ pub fn kernel_layout(kbtf: &KernelBtf) -> KernelLayout {
         offset_of(b, "sk_buff", "cb")
             .and_then(|cb| Some(cb + offset_of(b, "tcp_skb_cb", "tcp_flags")?)),
     );
-    l.dev_nd_net = or_none(offset_of(b, "net_device", "nd_net"));
+    l.dev_nd_net = or_none(offset_of(b, "net_device", "nd_net.net"));
     l.net_ns_inum = or_none(offset_of(b, "net", "ns.inum"));
     l.sk_net = or_none(offset_of(b, "sock_common", "skc_net"));
     l.sk_state = or_none(offset_of(b, "sock_common", "skc_state"));
@@ -209,7 +209,7 @@ pub fn missing_base_fields(l: &KernelLayout) -> Vec<&'static str> {
         ("sk_buff.head", l.skb_head),
         ("sk_buff.network_header", l.skb_network_header),
         ("sk_buff.dev", l.skb_dev),
-        ("net_device.nd_net", l.dev_nd_net),
+        ("net_device.nd_net.net", l.dev_nd_net),
         ("net.ns.inum", l.net_ns_inum),
         ("sock_common.skc_net", l.sk_net),
     ] {

@@ -419,25 +419,19 @@ fn event_detail(body: &EventBody) -> String {
             if socket.is_some() { "" } else { " no-socket" }
         ),
         EventBody::TcpReceiveReset { .. } => String::new(),
-        EventBody::CtInvalid {
-            orig_dst, message, ..
-        } => format!(
+        EventBody::CtInvalid(c) => format!(
             "{}{}",
-            message.as_deref().unwrap_or("INVALID"),
-            orig_dst
+            c.message.as_deref().unwrap_or("INVALID"),
+            c.orig_dst
                 .map(|s| format!(" service={s}"))
                 .unwrap_or_default()
         ),
         EventBody::CtTableFull { errno, .. } => format!("errno={errno}"),
-        EventBody::IpvsConnNew {
-            real_server,
-            template,
-            weight,
-            ..
-        } => format!(
-            "real={real_server} weight={}{}",
-            weight.map_or("-".into(), |w| w.to_string()),
-            if *template { " template" } else { "" }
+        EventBody::IpvsConnNew(c) => format!(
+            "real={} weight={}{}",
+            c.real_server,
+            c.weight.map_or("-".into(), |w| w.to_string()),
+            if c.template { " template" } else { "" }
         ),
         EventBody::NatMapping(nat) | EventBody::NatDestroy(nat) | EventBody::CtConfirmDrop(nat) => {
             format!("backend={}", nat.backend)

@@ -12,7 +12,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use ktrace::clock::WallClock;
-use ktrace::event::{CounterRise, Event, EventBody, NatEntry, ResetCounts, Source};
+use ktrace::event::{
+    CounterRise, CtInvalid, Event, EventBody, IpvsConnNew, NatEntry, ResetCounts, Source,
+};
 use ktrace::netns::NetnsNames;
 use ktrace::output::Renderer;
 
@@ -66,7 +68,7 @@ fn reset_bodies() -> Vec<EventBody> {
 /// conntrack INVALID verdicts, a full table, IPVS connections.
 fn conntrack_bodies() -> Vec<EventBody> {
     vec![
-        EventBody::CtInvalid {
+        EventBody::CtInvalid(Box::new(CtInvalid {
             src: a("10.0.1.5:8080"),
             dst: a("10.0.0.1:40000"),
             orig_src: Some(a("10.0.0.1:40000")),
@@ -74,8 +76,8 @@ fn conntrack_bodies() -> Vec<EventBody> {
             reply_src: Some(a("10.0.1.5:8080")),
             reply_dir: true,
             message: Some("SEQ is over upper bound".into()),
-        },
-        EventBody::CtInvalid {
+        })),
+        EventBody::CtInvalid(Box::new(CtInvalid {
             src: a("10.0.0.1:40000"),
             dst: a("10.96.0.10:80"),
             orig_src: None,
@@ -83,13 +85,13 @@ fn conntrack_bodies() -> Vec<EventBody> {
             reply_src: None,
             reply_dir: false,
             message: None,
-        },
+        })),
         EventBody::CtTableFull {
             src: a("10.0.0.1:40000"),
             dst: a("10.96.0.10:80"),
             errno: -12,
         },
-        EventBody::IpvsConnNew {
+        EventBody::IpvsConnNew(Box::new(IpvsConnNew {
             client: a("10.0.0.1:40000"),
             service: a("10.96.0.10:80"),
             real_server: a("10.0.1.5:8080"),
@@ -98,8 +100,8 @@ fn conntrack_bodies() -> Vec<EventBody> {
             conn_flags: 0x1100,
             dest_flags: 1,
             weight: Some(0),
-        },
-        EventBody::IpvsConnNew {
+        })),
+        EventBody::IpvsConnNew(Box::new(IpvsConnNew {
             client: a("10.0.0.1:40000"),
             service: a("10.96.0.10:80"),
             real_server: a("10.0.1.5:8080"),
@@ -108,27 +110,27 @@ fn conntrack_bodies() -> Vec<EventBody> {
             conn_flags: 0,
             dest_flags: 0,
             weight: None,
-        },
+        })),
     ]
 }
 
 /// NAT mappings, counters, confirm drops, a summary.
 fn nat_and_counter_bodies() -> Vec<EventBody> {
     vec![
-        EventBody::NatMapping(NatEntry {
+        EventBody::NatMapping(Box::new(NatEntry {
             client: a("10.0.0.1:40000"),
             service: a("10.96.0.10:80"),
             backend: a("10.0.1.5:8080"),
             protocol: 6,
             snat: None,
-        }),
-        EventBody::NatDestroy(NatEntry {
+        })),
+        EventBody::NatDestroy(Box::new(NatEntry {
             client: a("[fd00::1]:40000"),
             service: a("[fd00::10]:80"),
             backend: a("[fd00::5]:8080"),
             protocol: 17,
             snat: None,
-        }),
+        })),
         EventBody::CtCounters(CounterRise {
             invalid: 3,
             drop: 0,
@@ -147,20 +149,20 @@ fn nat_and_counter_bodies() -> Vec<EventBody> {
             count: None,
             max: None,
         }),
-        EventBody::CtConfirmDrop(NatEntry {
+        EventBody::CtConfirmDrop(Box::new(NatEntry {
             client: a("10.0.0.1:40002"),
             service: a("10.96.0.10:53"),
             backend: a("10.0.1.6:53"),
             protocol: 17,
             snat: None,
-        }),
-        EventBody::CtConfirmDrop(NatEntry {
+        })),
+        EventBody::CtConfirmDrop(Box::new(NatEntry {
             client: a("[fd00::1]:40003"),
             service: a("[fd00::10]:53"),
             backend: a("[fd00::6]:53"),
             protocol: 17,
             snat: None,
-        }),
+        })),
         EventBody::ResetsSummarised(ResetCounts {
             refused: 127_000,
             socket: 3,

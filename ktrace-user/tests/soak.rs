@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ktrace::engine::{Engine, EngineConfig, Finding};
-use ktrace::event::{Event, EventBody, NatEntry, Source};
+use ktrace::event::{Event, EventBody, IpvsConnNew, NatEntry, Source};
 
 const SEC: u64 = 1_000_000_000;
 const DAY: u64 = 86_400 * SEC;
@@ -54,13 +54,13 @@ impl Day {
         backend: SocketAddr,
         protocol: u8,
     ) {
-        let body = EventBody::NatMapping(NatEntry {
+        let body = EventBody::NatMapping(Box::new(NatEntry {
             client,
             service,
             backend,
             protocol,
             snat: None,
-        });
+        }));
         self.at(dt_ms, NODE_NS, body);
     }
 
@@ -116,13 +116,13 @@ fn incidents(day: &mut Day) {
     // Flush, re-mapping to another backend, which resets the client.
     let c2 = ep(10, 0, 0, 3, 40_001);
     day.map(1_000, c2, svc, b1);
-    let body = EventBody::NatDestroy(NatEntry {
+    let body = EventBody::NatDestroy(Box::new(NatEntry {
         client: c2,
         service: svc,
         backend: b1,
         protocol: 6,
         snat: None,
-    });
+    }));
     day.at(2_500, NODE_NS, body);
     day.map(10, c2, svc, b2);
     day.rst(10, b2, c2);
@@ -133,7 +133,7 @@ fn incidents(day: &mut Day) {
         day.rst(5, c, b2);
     }
     // IPVS sends a new connection to a drained real server.
-    let body = EventBody::IpvsConnNew {
+    let body = EventBody::IpvsConnNew(Box::new(IpvsConnNew {
         client: ep(10, 0, 0, 4, 40_002),
         service: ep(10, 96, 0, 20, 80),
         real_server: ep(10, 0, 1, 9, 80),
@@ -142,7 +142,7 @@ fn incidents(day: &mut Day) {
         conn_flags: 0,
         dest_flags: 0,
         weight: Some(0),
-    };
+    }));
     day.at(100, NODE_NS, body);
     let body = EventBody::CtTableFull {
         src: ep(10, 0, 0, 5, 40_003),

@@ -189,6 +189,106 @@ fn unnated_reply_is_found_during_a_refusal_storm() {
     }
 }
 
+/// A refused connection's reset (no socket) belongs to the namespace of
+/// the device the refused segment arrived on, read at each reset. Pods
+/// come and go: a device moved to another namespace keeps its address
+/// (`ip link set ... netns`, how CNI plugins place a pod's end of a veth
+/// pair), and a deleted pod's device is freed and its memory reused for
+/// the next pod's. A program remembering a namespace by device pointer
+/// attributes the moved device's resets to the namespace it left: the
+/// first move below is deterministic for that (same device, new
+/// namespace). The second round frees the device and makes a new one in
+/// a third namespace, which reuses the freed memory when the allocator
+/// hands it back (likely, not certain: the address is not visible here).
+/// Every round's resets, sampled and summarised, must count in their own
+/// namespace, exactly.
+#[test]
+fn resets_follow_their_device_across_namespaces() {
+    if skip() {
+        return;
+    }
+    let lab = Lab::new("sn", 1);
+    let moved = Namespaces::new(&["m1", "m2"]);
+    let watch = lab.watch(&["--events"]);
+    let mut sent = Vec::new();
+    let mut round = |ns: &str| {
+        let before = out_rsts(&lab, ns);
+        assert_eq!(lab.refuse(BACKENDS[0], 2224, 1000), 1000, "refused in {ns}");
+        sent.push((lab.inode(ns), out_rsts(&lab, ns) - before));
+    };
+    round(&lab.server);
+    // The same device, moved: its addresses and routes stay behind.
+    lab.exec_ok(
+        &lab.server,
+        &["ip", "link", "set", "veth-s", "netns", &moved.0[0]],
+    );
+    serve_backend(&lab, &moved.0[0]);
+    round(&moved.0[0]);
+    // A new pair, its backend end in a new namespace, created right after
+    // the old pair is freed (the first namespace stays, so its inode
+    // cannot be handed to the second).
+    lab.exec_ok(&lab.node, &["ip", "link", "del", "veth-ns"]);
+    let peer = ["peer", "name", "veth-s", "netns", &moved.0[1]];
+    let mut add = vec!["ip", "link", "add", "veth-ns", "type", "veth"];
+    add.extend(peer);
+    lab.exec_ok(&lab.node, &add);
+    lab.exec_ok(
+        &lab.node,
+        &["ip", "addr", "add", "10.0.1.1/24", "dev", "veth-ns"],
+    );
+    lab.exec_ok(&lab.node, &["ip", "link", "set", "veth-ns", "up"]);
+    serve_backend(&lab, &moved.0[1]);
+    round(&moved.0[1]);
+    std::thread::sleep(Duration::from_millis(500));
+    let lines = watch.stop();
+    assert_eq!(ring_losses(&lines), 0);
+    for (inode, n) in sent {
+        let (detailed, summarised) = reported(&lines, inode);
+        assert!(n >= 1000, "namespace {inode} sent {n} resets");
+        assert_eq!(
+            (detailed + summarised, detailed > 0),
+            (n, true),
+            "namespace {inode}: events ({detailed}) + summarised ({summarised}) against its \
+             TcpOutRsts ({n})"
+        );
+    }
+}
+
+/// Gives `veth-s`, now in `ns`, the first backend's address and route.
+fn serve_backend(lab: &Lab, ns: &str) {
+    let addr = format!("{}/24", BACKENDS[0]);
+    lab.exec_ok(ns, &["ip", "link", "set", "lo", "up"]);
+    lab.exec_ok(ns, &["ip", "addr", "add", &addr, "dev", "veth-s"]);
+    lab.exec_ok(ns, &["ip", "link", "set", "veth-s", "up"]);
+    lab.exec_ok(ns, &["ip", "route", "add", "default", "via", "10.0.1.1"]);
+}
+
+/// Extra network namespaces, named per process, deleted on drop.
+struct Namespaces(Vec<String>);
+
+impl Namespaces {
+    fn new(tags: &[&str]) -> Namespaces {
+        let names: Vec<String> = tags
+            .iter()
+            .map(|t| format!("ktr-{t}{}", std::process::id() % 100_000))
+            .collect();
+        for ns in &names {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+            let ok = Command::new("ip").args(["netns", "add", ns]).status();
+            assert!(ok.is_ok_and(|s| s.success()), "ip netns add {ns}");
+        }
+        Namespaces(names)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+    }
+}
+
 /// hping3 SYNs at 20 k/s to a port nothing listens on, on the loopback of
 /// namespace `ns`: the kernel of that namespace refuses each.
 struct Flood(Child);

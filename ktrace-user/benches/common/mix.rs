@@ -58,13 +58,13 @@ pub fn stream() -> Vec<Event> {
         ts += 1_000; // 1 M mappings/s
         v.push(ev(
             ts,
-            EventBody::NatMapping(NatEntry {
+            EventBody::NatMapping(Box::new(NatEntry {
                 client: client(i),
                 service: service(i),
                 backend: backend(i, 0),
                 protocol: 6,
                 snat: None,
-            }),
+            })),
         ));
     }
     for i in 0..FLOWS {
@@ -74,23 +74,23 @@ pub fn stream() -> Vec<Event> {
             1 => {
                 v.push(ev(
                     ts,
-                    EventBody::NatDestroy(NatEntry {
+                    EventBody::NatDestroy(Box::new(NatEntry {
                         client: client(i),
                         service: service(i),
                         backend: backend(i, 0),
                         protocol: 6,
                         snat: None,
-                    }),
+                    })),
                 ));
                 v.push(ev(
                     ts + 10,
-                    EventBody::NatMapping(NatEntry {
+                    EventBody::NatMapping(Box::new(NatEntry {
                         client: client(i),
                         service: service(i),
                         backend: backend(i, 1),
                         protocol: 6,
                         snat: None,
-                    }),
+                    })),
                 ));
                 v.push(rst(ts + 20, backend(i, 1), client(i), 0x18));
             }

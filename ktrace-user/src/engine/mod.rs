@@ -317,36 +317,27 @@ impl Engine {
         match &ev.body {
             EventBody::NatMapping(nat) => self.on_nat_mapping(ev.ts_ns, ev.netns, nat, out),
             EventBody::CtConfirmDrop(nat) => self.on_confirm_drop(ev.ts_ns, nat, out),
-            EventBody::NatDestroy(NatEntry {
-                client,
-                service,
-                protocol,
-                ..
-            }) => self
-                .flows
-                .destroyed(flow_key(*client, *protocol, ev.netns), Ep::new(*service)),
+            EventBody::NatDestroy(nat) => self.flows.destroyed(
+                flow_key(nat.client, nat.protocol, ev.netns),
+                Ep::new(nat.service),
+            ),
             EventBody::TcpSendReset {
                 src, dst, reason, ..
             } => {
                 if may_be_an_incident(&ev.body) {
-                    let reason = reason.clone();
                     let (ts, netns) = (ev.ts_ns, ev.netns);
                     self.on_no_socket_reset(ts, netns, *src, *dst, reason.as_deref(), out);
                 }
             }
             EventBody::TcpReceiveReset { .. } | EventBody::ResetsSummarised(_) => {}
-            EventBody::CtInvalid {
-                orig_src: Some(client),
-                orig_dst: Some(service),
-                reply_src: Some(backend),
-                reply_dir,
-                message,
-                ..
-            } => {
-                let tuple = (*client, *service, *backend);
-                self.on_invalid(ev.ts_ns, ev.netns, tuple, *reply_dir, message.as_deref());
+            EventBody::CtInvalid(c) => {
+                if let (Some(client), Some(service), Some(backend)) =
+                    (c.orig_src, c.orig_dst, c.reply_src)
+                {
+                    let tuple = (client, service, backend);
+                    self.on_invalid(ev.ts_ns, ev.netns, tuple, c.reply_dir, c.message.as_deref());
+                }
             }
-            EventBody::CtInvalid { .. } => {}
             EventBody::CtTableFull { src, dst, .. } => self.on_table_full(
                 ev.ts_ns,
                 Some((*src, *dst)),
@@ -355,21 +346,13 @@ impl Engine {
                 out,
             ),
             EventBody::CtCounters(rise) => self.on_counter_rise(ev.ts_ns, rise, out),
-            EventBody::IpvsConnNew {
-                client,
-                service,
-                real_server,
-                template,
-                weight,
-                protocol,
-                ..
-            } => self.on_ipvs(
+            EventBody::IpvsConnNew(c) => self.on_ipvs(
                 ev.ts_ns,
-                flow_key(*client, *protocol, ev.netns),
-                *service,
-                *real_server,
-                *template,
-                *weight,
+                flow_key(c.client, c.protocol, ev.netns),
+                c.service,
+                c.real_server,
+                c.template,
+                c.weight,
                 out,
             ),
         }

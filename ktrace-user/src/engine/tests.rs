@@ -2,7 +2,7 @@
 //! and missing events.
 
 use super::*;
-use crate::event::Source;
+use crate::event::{CtInvalid, IpvsConnNew, Source};
 use serde_json::{json, Value};
 
 /// The evidence as the JSON has it (times still monotonic ns).
@@ -28,26 +28,26 @@ fn ev(ts_ms: u64, body: EventBody) -> Event {
 fn map(ts: u64, client: &str, service: &str, backend: &str) -> Event {
     ev(
         ts,
-        EventBody::NatMapping(NatEntry {
+        EventBody::NatMapping(Box::new(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol: 6,
             snat: None,
-        }),
+        })),
     )
 }
 
 fn destroy(ts: u64, client: &str, service: &str, backend: &str) -> Event {
     ev(
         ts,
-        EventBody::NatDestroy(NatEntry {
+        EventBody::NatDestroy(Box::new(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol: 6,
             snat: None,
-        }),
+        })),
     )
 }
 
@@ -152,7 +152,7 @@ fn client_reset_to_backend_address_is_an_unnated_reply() {
 fn unnated_reply_names_the_conntrack_reason_when_seen() {
     let invalid = ev(
         999,
-        EventBody::CtInvalid {
+        EventBody::CtInvalid(Box::new(CtInvalid {
             src: a(B1),
             dst: a(C),
             orig_src: Some(a(C)),
@@ -160,7 +160,7 @@ fn unnated_reply_names_the_conntrack_reason_when_seen() {
             reply_src: Some(a(B1)),
             reply_dir: true,
             message: Some("SEQ is over the upper bound".into()),
-        },
+        })),
     );
     let cfg = EngineConfig {
         ct_invalid_hook: true,
@@ -231,7 +231,7 @@ fn quiescent_backend_via_template() {
     let ipvs = |ts, template, weight: Option<i32>| {
         ev(
             ts,
-            EventBody::IpvsConnNew {
+            EventBody::IpvsConnNew(Box::new(IpvsConnNew {
                 client: a(if template {
                     "10.0.0.2:0"
                 } else {
@@ -244,7 +244,7 @@ fn quiescent_backend_via_template() {
                 conn_flags: if template { 0x1000 } else { 0 },
                 dest_flags: 1,
                 weight,
-            },
+            })),
         )
     };
     let f = run(&[ipvs(0, true, Some(1)), ipvs(1, false, Some(1))]);
@@ -472,13 +472,13 @@ fn a_reused_port_without_a_new_conntrack_entry_is_reported_again() {
 fn map_snat(ts: u64, client: &str, service: &str, backend: &str, snat: &str) -> Event {
     ev(
         ts,
-        EventBody::NatMapping(NatEntry {
+        EventBody::NatMapping(Box::new(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol: 6,
             snat: Some(a(snat)),
-        }),
+        })),
     )
 }
 
@@ -676,13 +676,13 @@ fn insert_race_counters_say_resolved_or_dropped() {
 fn confirm_drop(ts: u64, client: &str, service: &str, backend: &str, protocol: u8) -> Event {
     ev(
         ts,
-        EventBody::CtConfirmDrop(NatEntry {
+        EventBody::CtConfirmDrop(Box::new(NatEntry {
             client: a(client),
             service: a(service),
             backend: a(backend),
             protocol,
             snat: None,
-        }),
+        })),
     )
 }
 

@@ -267,11 +267,11 @@ impl Metrics {
                 }
             }
             EventBody::TcpReceiveReset { src, .. } => self.resets_received.add(1, &[net_type(src)]),
-            EventBody::CtInvalid { src, message, .. } => self.ct_invalid.add(
+            EventBody::CtInvalid(c) => self.ct_invalid.add(
                 1,
                 &[
-                    KeyValue::new(keys::CT_REASON, label(message.as_deref())),
-                    net_type(src),
+                    KeyValue::new(keys::CT_REASON, label(c.message.as_deref())),
+                    net_type(&c.src),
                 ],
             ),
             EventBody::CtTableFull { src, .. } => self.ct_table_full.add(1, &[net_type(src)]),

@@ -15,7 +15,9 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::event::{CounterRise, Event, EventBody, NatEntry, ResetCounts, Source};
+use crate::event::{
+    CounterRise, CtInvalid, Event, EventBody, IpvsConnNew, NatEntry, ResetCounts, Source,
+};
 
 /// First 8 bytes of every recording file (PNG-style: the high byte and the
 /// line endings catch text-mode transfers).
@@ -237,9 +239,9 @@ fn event_tag(body: &EventBody) -> u64 {
     match body {
         EventBody::TcpSendReset { .. } => tag::TCP_SEND_RESET,
         EventBody::TcpReceiveReset { .. } => tag::TCP_RECEIVE_RESET,
-        EventBody::CtInvalid { .. } => tag::CT_INVALID,
+        EventBody::CtInvalid(_) => tag::CT_INVALID,
         EventBody::CtTableFull { .. } => tag::CT_TABLE_FULL,
-        EventBody::IpvsConnNew { .. } => tag::IPVS_CONN_NEW,
+        EventBody::IpvsConnNew(_) => tag::IPVS_CONN_NEW,
         EventBody::NatMapping(_) => tag::NAT_MAPPING,
         EventBody::NatDestroy(_) => tag::NAT_DESTROY,
         EventBody::CtConfirmDrop(_) => tag::CT_CONFIRM_DROP,
@@ -521,43 +523,26 @@ impl BlockEncoder {
                 self.eps(f, &[*src, *dst]);
                 put_varint(f, *sock_cookie);
             }
-            EventBody::CtInvalid {
-                src,
-                dst,
-                orig_src,
-                orig_dst,
-                reply_src,
-                reply_dir,
-                message,
-            } => {
-                self.eps(f, &[*src, *dst]);
-                for e in [orig_src, orig_dst, reply_src] {
-                    self.ep_field(f, *e);
+            EventBody::CtInvalid(c) => {
+                self.eps(f, &[c.src, c.dst]);
+                for e in [c.orig_src, c.orig_dst, c.reply_src] {
+                    self.ep_field(f, e);
                 }
-                f.push(u8::from(*reply_dir));
-                self.str_field(f, message.as_deref());
+                f.push(u8::from(c.reply_dir));
+                self.str_field(f, c.message.as_deref());
             }
             EventBody::CtTableFull { src, dst, errno } => {
                 self.eps(f, &[*src, *dst]);
                 put_varint(f, zigzag(i64::from(*errno)));
             }
-            EventBody::IpvsConnNew {
-                client,
-                service,
-                real_server,
-                protocol,
-                template,
-                conn_flags,
-                dest_flags,
-                weight,
-            } => {
-                self.eps(f, &[*client, *service, *real_server]);
-                let flags = u8::from(*template) | (u8::from(weight.is_some()) << 1);
-                f.extend_from_slice(&[*protocol, flags]);
-                put_varint(f, u64::from(*conn_flags));
-                put_varint(f, u64::from(*dest_flags));
-                if let Some(w) = weight {
-                    put_varint(f, zigzag(i64::from(*w)));
+            EventBody::IpvsConnNew(c) => {
+                self.eps(f, &[c.client, c.service, c.real_server]);
+                let flags = u8::from(c.template) | (u8::from(c.weight.is_some()) << 1);
+                f.extend_from_slice(&[c.protocol, flags]);
+                put_varint(f, u64::from(c.conn_flags));
+                put_varint(f, u64::from(c.dest_flags));
+                if let Some(w) = c.weight {
+                    put_varint(f, zigzag(i64::from(w)));
                 }
             }
             EventBody::NatMapping(nat)
@@ -863,7 +848,7 @@ impl<'a> BlockDecoder<'a> {
                 dst: self.req_ep(b)?,
                 sock_cookie: b.varint()?,
             },
-            tag::CT_INVALID => EventBody::CtInvalid {
+            tag::CT_INVALID => EventBody::CtInvalid(Box::new(CtInvalid {
                 src: self.req_ep(b)?,
                 dst: self.req_ep(b)?,
                 orig_src: self.ep(b)?,
@@ -871,7 +856,7 @@ impl<'a> BlockDecoder<'a> {
                 reply_src: self.ep(b)?,
                 reply_dir: b.u8()? & 1 != 0,
                 message: self.string(b)?,
-            },
+            })),
             tag::CT_TABLE_FULL => EventBody::CtTableFull {
                 src: self.req_ep(b)?,
                 dst: self.req_ep(b)?,
@@ -880,7 +865,7 @@ impl<'a> BlockDecoder<'a> {
             tag::IPVS_CONN_NEW => {
                 let eps = (self.req_ep(b)?, self.req_ep(b)?, self.req_ep(b)?);
                 let (protocol, flags) = (b.u8()?, b.u8()?);
-                EventBody::IpvsConnNew {
+                EventBody::IpvsConnNew(Box::new(IpvsConnNew {
                     client: eps.0,
                     service: eps.1,
                     real_server: eps.2,
@@ -893,7 +878,7 @@ impl<'a> BlockDecoder<'a> {
                     } else {
                         None
                     },
-                }
+                }))
             }
             tag::NAT_MAPPING | tag::NAT_DESTROY | tag::CT_CONFIRM_DROP => {
                 let nat = NatEntry {
@@ -905,9 +890,9 @@ impl<'a> BlockDecoder<'a> {
                     snat: if b.is_empty() { None } else { self.ep(b)? },
                 };
                 match t {
-                    tag::NAT_MAPPING => EventBody::NatMapping(nat),
-                    tag::NAT_DESTROY => EventBody::NatDestroy(nat),
-                    _ => EventBody::CtConfirmDrop(nat),
+                    tag::NAT_MAPPING => EventBody::NatMapping(Box::new(nat)),
+                    tag::NAT_DESTROY => EventBody::NatDestroy(Box::new(nat)),
+                    _ => EventBody::CtConfirmDrop(Box::new(nat)),
                 }
             }
             tag::RESETS_SUMMARISED => EventBody::ResetsSummarised(ResetCounts {

@@ -19,7 +19,9 @@ use super::reader::{FileReader, OpenError, Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
 use super::Context;
 use crate::engine::EngineConfig;
-use crate::event::{CounterRise, Event, EventBody, NatEntry, ResetCounts, Source};
+use crate::event::{
+    CounterRise, CtInvalid, Event, EventBody, IpvsConnNew, NatEntry, ResetCounts, Source,
+};
 
 // ------------------------------------------------------------ helpers
 
@@ -149,7 +151,7 @@ fn conntrack_bodies() -> Vec<(u64, Source, EventBody)> {
         (
             3,
             Source::Kretprobe,
-            EventBody::CtInvalid {
+            EventBody::CtInvalid(Box::new(CtInvalid {
                 src: v4(10, 0, 1, 2, 2222),
                 dst: v4(10, 0, 0, 2, 40000),
                 orig_src: Some(v4(10, 0, 0, 2, 40000)),
@@ -157,12 +159,12 @@ fn conntrack_bodies() -> Vec<(u64, Source, EventBody)> {
                 reply_src: Some(v4(10, 0, 1, 2, 2222)),
                 reply_dir: true,
                 message: Some("SEQ is over the upper bound (over sndwin)".into()),
-            },
+            })),
         ),
         (
             4,
             Source::Kretprobe,
-            EventBody::CtInvalid {
+            EventBody::CtInvalid(Box::new(CtInvalid {
                 src: v6(3, 1),
                 dst: v6(4, 2),
                 orig_src: None,
@@ -170,7 +172,7 @@ fn conntrack_bodies() -> Vec<(u64, Source, EventBody)> {
                 reply_src: None,
                 reply_dir: false,
                 message: Some("x".repeat(300).into()),
-            },
+            })),
         ),
         (
             5,
@@ -190,7 +192,7 @@ fn ipvs_bodies() -> Vec<(u64, Source, EventBody)> {
         (
             6,
             Source::Kretprobe,
-            EventBody::IpvsConnNew {
+            EventBody::IpvsConnNew(Box::new(IpvsConnNew {
                 client: v4(10, 0, 0, 2, 40000),
                 service: v4(10, 96, 0, 10, 2222),
                 real_server: v4(10, 0, 1, 3, 2222),
@@ -199,12 +201,12 @@ fn ipvs_bodies() -> Vec<(u64, Source, EventBody)> {
                 conn_flags: 0x1000,
                 dest_flags: u32::MAX,
                 weight: Some(0),
-            },
+            })),
         ),
         (
             7,
             Source::Kretprobe,
-            EventBody::IpvsConnNew {
+            EventBody::IpvsConnNew(Box::new(IpvsConnNew {
                 client: v6(5, 1),
                 service: v6(6, 80),
                 real_server: v6(7, 8080),
@@ -213,7 +215,7 @@ fn ipvs_bodies() -> Vec<(u64, Source, EventBody)> {
                 conn_flags: 0,
                 dest_flags: 0,
                 weight: None,
-            },
+            })),
         ),
     ]
 }
@@ -224,24 +226,24 @@ fn nat_and_counter_bodies() -> Vec<(u64, Source, EventBody)> {
         (
             8,
             Source::Ctnetlink,
-            EventBody::NatMapping(NatEntry {
+            EventBody::NatMapping(Box::new(NatEntry {
                 client: v4(10, 0, 0, 2, 40001),
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
                 snat: Some(v4(10, 0, 1, 1, 61000)),
-            }),
+            })),
         ),
         (
             9,
             Source::Ctnetlink,
-            EventBody::NatDestroy(NatEntry {
+            EventBody::NatDestroy(Box::new(NatEntry {
                 client: v4(10, 0, 0, 2, 40001),
                 service: v4(10, 96, 0, 10, 2222),
                 backend: v4(10, 0, 1, 2, 2222),
                 protocol: 6,
                 snat: None,
-            }),
+            })),
         ),
         (
             10,
@@ -269,13 +271,13 @@ fn nat_and_counter_bodies() -> Vec<(u64, Source, EventBody)> {
         (
             11,
             Source::Kretprobe,
-            EventBody::CtConfirmDrop(NatEntry {
+            EventBody::CtConfirmDrop(Box::new(NatEntry {
                 client: v4(10, 0, 0, 2, 40002),
                 service: v4(10, 96, 0, 10, 53),
                 backend: v4(10, 0, 1, 3, 53),
                 protocol: 17,
                 snat: None,
-            }),
+            })),
         ),
     ]
 }
@@ -412,13 +414,13 @@ fn storm(n: usize, t0: u64) -> Vec<Event> {
         );
         let backend = v4(10, 0, 1, 2 + (i % 3) as u8, 2222);
         let body = match i % 4 {
-            0 => EventBody::NatMapping(NatEntry {
+            0 => EventBody::NatMapping(Box::new(NatEntry {
                 client,
                 service: svc,
                 backend,
                 protocol: 6,
                 snat: None,
-            }),
+            })),
             1 | 2 => EventBody::TcpSendReset {
                 src: client,
                 dst: backend,
@@ -1057,13 +1059,13 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
         push(
             &mut evs,
             1_000_000,
-            EventBody::NatMapping(NatEntry {
+            EventBody::NatMapping(Box::new(NatEntry {
                 client: c,
                 service: svc,
                 backend: b1,
                 protocol: 6,
                 snat: None,
-            }),
+            })),
         );
     }
     for i in 0..30u16 {
@@ -1086,13 +1088,13 @@ fn unnated_and_switch_events(t0: u64) -> Vec<Event> {
             push(
                 &mut evs,
                 2_000_000,
-                EventBody::NatMapping(NatEntry {
+                EventBody::NatMapping(Box::new(NatEntry {
                     client: c,
                     service: svc,
                     backend: b2,
                     protocol: 6,
                     snat: None,
-                }),
+                })),
             );
             push(
                 &mut evs,
@@ -1384,7 +1386,7 @@ fn arb_conntrack_body() -> impl Strategy<Value = EventBody> {
         )
             .prop_map(
                 |(src, dst, orig_src, orig_dst, reply_src, reply_dir, message)| {
-                    EventBody::CtInvalid {
+                    EventBody::CtInvalid(Box::new(CtInvalid {
                         src,
                         dst,
                         orig_src,
@@ -1392,7 +1394,7 @@ fn arb_conntrack_body() -> impl Strategy<Value = EventBody> {
                         reply_src,
                         reply_dir,
                         message: message.map(Into::into),
-                    }
+                    }))
                 }
             ),
         (a(), a(), any::<i32>()).prop_map(|(src, dst, errno)| EventBody::CtTableFull {
@@ -1423,7 +1425,7 @@ fn arb_ipvs_body() -> impl Strategy<Value = EventBody> {
     );
     (arb_conn(), flags).prop_map(
         |((client, service, real_server, protocol, template), (conn_flags, dest_flags, weight))| {
-            EventBody::IpvsConnNew {
+            EventBody::IpvsConnNew(Box::new(IpvsConnNew {
                 client,
                 service,
                 real_server,
@@ -1432,7 +1434,7 @@ fn arb_ipvs_body() -> impl Strategy<Value = EventBody> {
                 conn_flags,
                 dest_flags,
                 weight,
-            }
+            }))
         },
     )
 }
@@ -1449,9 +1451,9 @@ fn arb_nat_body() -> impl Strategy<Value = EventBody> {
                 snat,
             };
             if destroy {
-                EventBody::NatDestroy(nat)
+                EventBody::NatDestroy(Box::new(nat))
             } else {
-                EventBody::NatMapping(nat)
+                EventBody::NatMapping(Box::new(nat))
             }
         },
     )

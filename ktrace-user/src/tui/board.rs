@@ -64,7 +64,7 @@ impl Counter {
             EventBody::TcpSendReset { .. } | EventBody::ResetsSummarised(_) => {
                 self.resets += ev.body.resets_sent()
             }
-            EventBody::CtInvalid { .. } if self.invalid_hook => self.invalid += 1,
+            EventBody::CtInvalid(_) if self.invalid_hook => self.invalid += 1,
             EventBody::CtCounters(c) if !self.invalid_hook => self.invalid += c.invalid,
             _ => {}
         }
