@@ -62,7 +62,13 @@ fn check_all_hooks(status: &Value) {
     // resets: tcp_v4_send_reset itself must be hooked instead, by fentry
     // where BPF trampolines work (Debian's 6.1 has them), else by kprobe.
     let send = hook(status, "tcp_send_reset");
-    if !has_tracepoint_field("tcp_send_reset", "reason") {
+    if has_tracepoint_field("tcp_send_reset", "reason") {
+        // 6.10+: the BTF-typed program, whose plain loads the verifier
+        // must accept (the packet's fields, the device's namespace); the
+        // probe-read fallback says why it was used.
+        assert_eq!(send["mechanism"], "raw_tracepoint", "{send}");
+        assert!(send["reason"].is_null(), "{send}");
+    } else {
         let m = send["mechanism"].as_str().unwrap_or_default();
         assert!(m == "fentry" || m == "kprobe", "{send}");
         assert!(
