@@ -1779,11 +1779,15 @@ mod names {
                 );
             }
             total += records.values().sum::<usize>();
-            // Skipping the first half of the segment's blocks loses none of
-            // the names the rest uses.
+            // Skipping the first half of the segment's blocks of events
+            // loses none of the names the rest uses. (The block that says
+            // blocks were dropped on a full queue holds no event, and may
+            // be a segment's last: it is not counted.)
             let blocks = std::cell::RefCell::new(Vec::new());
             read_some(f, &|h| {
-                blocks.borrow_mut().push(h.min_ts);
+                if h.events > 0 {
+                    blocks.borrow_mut().push(h.min_ts);
+                }
                 false
             });
             let blocks = blocks.into_inner();
