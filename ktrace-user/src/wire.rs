@@ -69,6 +69,19 @@ impl<'a> Cursor<'a> {
 
     #[inline]
     pub fn varint(&mut self) -> Result<u64, Malformed> {
+        // Most varints of a recording (tags, lengths, dictionary
+        // references, small deltas) are one byte: no loop for those.
+        if let Some((&byte, rest)) = self.b.split_first() {
+            if byte & 0x80 == 0 {
+                self.b = rest;
+                return Ok(u64::from(byte));
+            }
+        }
+        self.varint_long()
+    }
+
+    /// A varint of any length (up to 10 bytes).
+    fn varint_long(&mut self) -> Result<u64, Malformed> {
         let mut v = 0u64;
         for i in 0..10 {
             let byte = self.u8()?;

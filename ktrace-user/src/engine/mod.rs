@@ -460,8 +460,11 @@ impl Engine {
                 self.flows.prefetch(Ep::new(nat.client), nat.protocol)
             }
             EventBody::TcpSendReset { src, dst, .. } if may_be_an_incident(&ev.body) => {
-                self.flows.prefetch(Ep::new(*src), TCP);
-                self.flows.prefetch(Ep::new(*dst), TCP);
+                let (src, dst) = (Ep::new(*src), Ep::new(*dst));
+                self.flows.prefetch(src, TCP);
+                self.flows.prefetch(dst, TCP);
+                // Where neither end is a known flow's client, it waits there.
+                self.pending.prefetch(dst);
             }
             _ => {}
         }

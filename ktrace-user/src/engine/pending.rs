@@ -51,6 +51,13 @@ impl Pending {
         self.hasher.hash_one(dst) as usize & (self.slots.len() - 1)
     }
 
+    /// Starts loading the slot a reset to `dst` would be kept in (ahead of
+    /// use: the array is megabytes, read at random).
+    pub fn prefetch(&self, dst: Ep) {
+        let p: *const i8 = (&self.slots[self.index(dst)] as *const PendingReset).cast();
+        super::flows::prefetch_read(p);
+    }
+
     /// Keeps a reset, by its destination (the client, if a backend switch
     /// explains it later).
     pub fn defer(&mut self, r: PendingReset) {
