@@ -45,8 +45,8 @@ pub enum Outcome {
 ///
 /// A summarised reset touches this CPU's table and little else: the
 /// window, the clock's tick and the count sit in the table's first line
-/// and the key's slot (each distinct line a
-/// reset touches is a cache miss a storm pays again and again).
+/// and the key's slot (each distinct line a reset touches is a cache miss
+/// a storm pays again and again).
 #[inline(always)]
 pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome, i64> {
     let Some(table) = RESET_SUMMARY_TABLE.get_ptr_mut(0) else {
@@ -69,14 +69,19 @@ pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome
     if enabled == 0 || flags_off == NO_OFFSET {
         return Ok(Outcome::Emit { sk, skb });
     }
-    let trigger = if skb != 0 && skb_arg != 0 {
-        let f: u8 = kernel::field::<TYPED, u8>(skb_arg, flags_off)?;
+    // Untyped, the device comes with the flags (one probe read for both).
+    let (trigger, dev) = if skb != 0 && skb_arg != 0 {
+        let (f, dev) = if TYPED {
+            (kernel::field::<true, u8>(skb_arg, flags_off)?, 0)
+        } else {
+            kernel::skb_flags_dev(skb_arg, flags_off)?
+        };
         if f & tcp_flag::RST != 0 {
             return Ok(Outcome::Done);
         }
-        Some(f)
+        (Some(f), dev)
     } else {
-        None
+        (None, 0)
     };
     // Each NULL test also on the argument: kernels that type it "maybe
     // NULL" refuse arithmetic on it without one.
@@ -89,8 +94,10 @@ pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome
     }
     let netns = if sk != 0 {
         kernel::sock_netns(sk)
-    } else if skb != 0 && skb_arg != 0 {
-        kernel::skb_netns::<TYPED>(skb_arg)
+    } else if TYPED && skb != 0 && skb_arg != 0 {
+        kernel::skb_netns::<true>(skb_arg)
+    } else if !TYPED {
+        kernel::dev_netns(dev)
     } else {
         0
     };

@@ -13,25 +13,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::mix::{storm, stream, FLOWS};
+use common::thread_cpu;
 use hdrhistogram::Histogram;
 use ktrace::engine::Engine;
 use ktrace::event::Event;
 
 /// Events per batch: a ring drain or a recording block.
 const BATCH: usize = 512;
-
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes into the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
-}
 
 /// Rates (M events/s) of the runs: wall clock and CPU time.
 #[derive(Default)]

@@ -14,9 +14,13 @@
 //!    through an engine that tracks the 1 M flows, the figure to compare
 //!    with the engine's own (issue 12: >= 10 M events/s).
 //!
-//! Wall-clock rates are the best of a few runs (median in brackets); the
-//! machine's load average is printed with them. Set `KTRACE_BENCH_EVENTS`
-//! to change the storm's count, `KTRACE_BENCH_MIX=0` to skip part 2.
+//! Rates are the median [min..max] of `KTRACE_BENCH_RUNS` runs (default
+//! 3; replay --json at most 2), by the wall clock and per second of the
+//! thread's CPU time, which other work on a shared machine disturbs less
+//! (the load average is printed too). With read-ahead each thread's CPU is
+//! reported: the decoder's is the process's CPU less the caller's, the
+//! benchmark running no other thread. Set `KTRACE_BENCH_EVENTS` to change
+//! the storm's count, `KTRACE_BENCH_MIX=0` to skip part 2.
 
 mod common;
 
@@ -24,7 +28,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Instant;
 
-use common::context;
+use common::{context, process_cpu, thread_cpu};
 use ktrace::engine::{Engine, EngineConfig};
 use ktrace::event::{Event, EventBody, NatEntry, Source};
 use ktrace::recording::format::Item;
@@ -124,51 +128,72 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3_000_000);
+    let runs: usize = std::env::var("KTRACE_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1);
     let dir = std::env::temp_dir().join(format!("ktrace-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     println!("recording benchmark (load average {})", load_average());
-    finding_storm(n, &dir.join("storm.rec"));
+    finding_storm(n, runs, &dir.join("storm.rec"));
     if std::env::var("KTRACE_BENCH_MIX").as_deref() != Ok("0") {
-        realistic_mix(&dir);
+        realistic_mix(runs, &dir);
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!("load average at the end: {}", load_average());
 }
 
 /// Part 1: the lab-shaped storm, one finding per connection.
-fn finding_storm(n: usize, path: &Path) {
+fn finding_storm(n: usize, runs: usize, path: &Path) {
     let events = storm(n);
     let n = events.len();
     let cfg = EngineConfig::default();
-    let rec = Rates::time(3, n, || record(path, &events, &cfg));
+    let rec = Runs::time(runs, n, || record(path, &events, &cfg));
     drop(events);
     let bytes = std::fs::metadata(path).unwrap().len();
-    let dec = Rates::time(3, n, || assert_eq!(decode(path), n));
+    let dec = Runs::time(runs, n, || assert_eq!(decode(path), n));
     let mut findings = 0;
-    let one = Rates::time(3, n, || {
+    let one = Runs::time(runs, n, || {
         findings = replay_engine(&mut engine(path), path, false)
     });
-    let ahead = Rates::time(3, n, || {
+    let ahead = Runs::time(runs, n, || {
         findings = replay_engine(&mut engine(path), path, true)
     });
     let mut json = 0;
-    let full = Rates::time(2, n, || json = replay_json(path));
+    let full = Runs::time(runs.min(2), n, || json = replay_json(path));
     println!(
         "storm: {n} events (4096 client hosts, 1 service, 3 backends), one in three a finding"
     );
-    println!("  record (encode+zstd+write, one core): {rec}   [target >= 2]");
+    const IN: &str = "                                        ";
+    println!(
+        "  record (encode+zstd+write, one core): {}   [target >= 2]",
+        rec.one_core()
+    );
     println!(
         "  size on disk:                         {:>6.2} bytes/event [target <= 24]  ({bytes} bytes)",
         bytes as f64 / n as f64
     );
-    println!("  read back (decode only):              {dec}   [target >= 15]");
-    println!("  replay (decode+engine), one thread:   {one}   ({findings} findings)");
-    println!("  replay (decode+engine), read ahead:   {ahead}");
-    println!("  replay --json (whole path, to a sink): {full}   ({json} bytes of JSON)");
+    println!(
+        "  read back (decode only):              {}   [target >= 15]",
+        dec.one_core()
+    );
+    println!(
+        "  replay (decode+engine), one thread:   {}   ({findings} findings)",
+        one.one_core()
+    );
+    println!(
+        "  replay (decode+engine), read ahead:   {}",
+        ahead.two_threads(IN)
+    );
+    println!(
+        "  replay --json (whole path, to a sink): {}   ({json} bytes of JSON)",
+        full.two_threads(IN)
+    );
 }
 
 /// Part 2: the engine benchmark's 1 M flows, then its storm over them.
-fn realistic_mix(dir: &Path) {
+fn realistic_mix(runs: usize, dir: &Path) {
     let cfg = common::mix::config();
     let (setup, storm_path) = (dir.join("mix-flows.rec"), dir.join("mix-storm.rec"));
     let events = common::mix::stream();
@@ -180,7 +205,7 @@ fn realistic_mix(dir: &Path) {
     record(&storm_path, &events, &cfg);
     drop(events);
     let bytes = std::fs::metadata(&storm_path).unwrap().len();
-    let dec = Rates::time(3, n, || assert_eq!(decode(&storm_path), n));
+    let dec = Runs::time(runs, n, || assert_eq!(decode(&storm_path), n));
     // Each run replays the flows first (untimed): the same table each time.
     let flows = |ahead| {
         let setup = &setup;
@@ -191,10 +216,10 @@ fn realistic_mix(dir: &Path) {
         }
     };
     let mut findings = 0;
-    let one = Rates::time_prepared(3, n, flows(false), |mut e| {
+    let one = Runs::time_prepared(runs, n, flows(false), |mut e| {
         findings = replay_engine(&mut e, &storm_path, false)
     });
-    let ahead = Rates::time_prepared(3, n, flows(true), |mut e| {
+    let ahead = Runs::time_prepared(runs, n, flows(true), |mut e| {
         findings = replay_engine(&mut e, &storm_path, true)
     });
     println!(
@@ -205,9 +230,16 @@ fn realistic_mix(dir: &Path) {
         "  storm size on disk:                   {:>6.2} bytes/event",
         bytes as f64 / n as f64
     );
-    println!("  storm read back (decode only):        {dec}");
-    println!("  storm replay (decode+engine), one thread: {one}   ({findings} findings)");
-    println!("  storm replay (decode+engine), read ahead: {ahead}   [target >= 10]");
+    const IN: &str = "                                            ";
+    println!("  storm read back (decode only):        {}", dec.one_core());
+    println!(
+        "  storm replay (decode+engine), one thread: {}   ({findings} findings)",
+        one.one_core()
+    );
+    println!(
+        "  storm replay (decode+engine), read ahead: {}\n{IN}[target >= 10 per CPU second of the busier thread]",
+        ahead.two_threads(IN)
+    );
 }
 
 fn load_average() -> String {
@@ -216,12 +248,25 @@ fn load_average() -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
-/// Rates of several runs, M events/s by the wall clock.
-struct Rates(Vec<f64>);
+/// One timed run, in seconds: the wall clock, the CPU of the thread that
+/// timed it, and that of the process's other threads over the run: the
+/// read-ahead decoder's, as the benchmark runs no other thread (the
+/// process clock counts threads that ended, so the decoder's whole life).
+struct Sample {
+    wall: f64,
+    cpu: f64,
+    others: f64,
+}
 
-impl Rates {
-    fn time(runs: usize, n: usize, mut f: impl FnMut()) -> Rates {
-        Rates::time_prepared(runs, n, || (), |()| f())
+/// Several runs over the same `n` events.
+struct Runs {
+    n: usize,
+    samples: Vec<Sample>,
+}
+
+impl Runs {
+    fn time(runs: usize, n: usize, mut f: impl FnMut()) -> Runs {
+        Runs::time_prepared(runs, n, || (), |()| f())
     }
 
     /// Times `f` on what `prepare` made for it (untimed).
@@ -230,28 +275,57 @@ impl Rates {
         n: usize,
         mut prepare: impl FnMut() -> S,
         mut f: impl FnMut(S),
-    ) -> Rates {
-        let mut v: Vec<f64> = (0..runs)
+    ) -> Runs {
+        let samples = (0..runs)
             .map(|_| {
                 let s = prepare();
-                let start = Instant::now();
+                let (wall, cpu, all) = (Instant::now(), thread_cpu(), process_cpu());
                 f(s);
-                n as f64 / start.elapsed().as_secs_f64() / 1e6
+                let (cpu, all) = (thread_cpu() - cpu, process_cpu() - all);
+                Sample {
+                    wall: wall.elapsed().as_secs_f64(),
+                    cpu: cpu.as_secs_f64(),
+                    others: all.saturating_sub(cpu).as_secs_f64(),
+                }
             })
             .collect();
-        v.sort_by(f64::total_cmp);
-        Rates(v)
+        Runs { n, samples }
     }
-}
 
-impl std::fmt::Display for Rates {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v = &self.0;
-        write!(
-            f,
-            "{:>6.2} M events/s (median {:.2})",
-            v[v.len() - 1],
-            v[v.len() / 2]
+    /// Each run's `f` of its sample: "median [min..max]".
+    fn spread(&self, f: impl Fn(&Sample) -> f64) -> String {
+        let mut v: Vec<f64> = self.samples.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        format!("{:.2} [{:.2}..{:.2}]", v[v.len() / 2], v[0], v[v.len() - 1])
+    }
+
+    /// M events/s of each run, `secs` taken.
+    fn rate(&self, secs: impl Fn(&Sample) -> f64) -> String {
+        self.spread(|s| self.n as f64 / secs(s) / 1e6)
+    }
+
+    /// Work on this thread alone: M events/s by the wall clock and per
+    /// second of this thread's CPU (what one core gives on a busy machine).
+    fn one_core(&self) -> String {
+        format!(
+            "wall {} M events/s, per CPU second {}",
+            self.rate(|s| s.wall),
+            self.rate(|s| s.cpu)
+        )
+    }
+
+    /// Decoding on another thread, the engine on this one: each thread's
+    /// M events/s per second of its CPU, the busier thread's (what a core
+    /// per stage gives) and both threads' CPU nanoseconds per event.
+    fn two_threads(&self, indent: &str) -> String {
+        format!(
+            "wall {} M events/s\n{indent}per CPU second: decode thread {}, engine thread {}\n\
+             {indent}by the busier thread {} M events/s; CPU per event (both threads) {} ns",
+            self.rate(|s| s.wall),
+            self.rate(|s| s.others),
+            self.rate(|s| s.cpu),
+            self.rate(|s| s.others.max(s.cpu)),
+            self.spread(|s| (s.cpu + s.others) * 1e9 / self.n as f64),
         )
     }
 }

@@ -5,10 +5,34 @@ pub mod mix;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use ktrace::engine::EngineConfig;
 use ktrace::event::{Event, EventBody, Source};
 use ktrace::recording::Context;
+
+/// CPU time the calling thread has used: rates per second of it are what
+/// one core gives, whatever else a shared machine runs (its cache and
+/// memory traffic still counts: compare pairs, not runs far apart).
+pub fn thread_cpu() -> Duration {
+    cpu_clock(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
+/// CPU time every thread of this process has used, those that ended too.
+pub fn process_cpu() -> Duration {
+    cpu_clock(libc::CLOCK_PROCESS_CPUTIME_ID)
+}
+
+fn cpu_clock(clock: libc::clockid_t) -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime({clock})");
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
 
 /// An event of namespace 1 at `ts`, as a tracepoint reports it.
 pub fn ev(ts: u64, body: EventBody) -> Event {
