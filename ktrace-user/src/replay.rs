@@ -21,7 +21,8 @@ use crate::output::{Renderer, ReplaySource, StatusInfo};
 use crate::pipeline::Pipeline;
 use crate::recording::format::{FrameHeader, Item};
 use crate::recording::read_ahead::{read_ahead, ReadAheadError};
-use crate::recording::reader::{FileReader, OpenError, Warning};
+use crate::recording::reader::{FileReader, OpenError};
+use crate::recording::warning::{Warning, WarningKind};
 use crate::recording::writer::segment_path;
 use crate::recording::Context;
 use crate::recording::{Batch, Part};
@@ -204,7 +205,7 @@ fn run_inner(
                 warn(&Warning {
                     path: p.clone(),
                     offset: 0,
-                    kind: crate::recording::reader::WarningKind::TornTail,
+                    kind: WarningKind::TornTail,
                     message: format!("{e}; skipped"),
                 });
             }
@@ -335,7 +336,7 @@ fn replay_recording(
             warn(&Warning {
                 path: r.path().to_path_buf(),
                 offset: 0,
-                kind: crate::recording::reader::WarningKind::Corrupt,
+                kind: WarningKind::Corrupt,
                 message: format!("segments {}..{} of this recording are missing; events between them were not replayed", prev + 1, seg - 1),
             });
         }

@@ -7,7 +7,7 @@
 use crate::event::Event;
 
 use super::format::Item;
-use super::reader::Warning;
+use super::warning::Warning;
 
 /// Where a reader puts what it decodes.
 pub(super) trait Items {

@@ -19,6 +19,7 @@ pub mod names;
 pub mod private;
 pub mod read_ahead;
 pub mod reader;
+pub mod warning;
 pub mod writer;
 
 #[cfg(test)]
@@ -35,7 +36,8 @@ use crate::output::StatusInfo;
 
 pub use batch::{Batch, Part};
 pub use format::Item;
-pub use reader::{FileReader, OpenError, Warning};
+pub use reader::{FileReader, OpenError};
+pub use warning::Warning;
 pub use writer::{Recorder, RecorderSummary, RotationConfig};
 
 /// What a file header says about the recording: enough to interpret its

@@ -14,6 +14,7 @@ use super::format::{
     BLOCK_MAGIC, FILE_HEADER_FIXED, FILE_MAGIC, FLAG_NAMES, FRAME_HEADER_LEN, MAX_CONTEXT_BYTES,
     VERSION_MAJOR,
 };
+use super::warning::{Warning, WarningKind};
 use super::Context;
 
 #[derive(Debug, thiserror::Error)]
@@ -38,32 +39,6 @@ pub enum OpenError {
     /// created the file. Nothing to read; a warning, not an error.
     #[error("{path} ends before its header is complete ({len} bytes): the recorder stopped as it created it")]
     Torn { path: String, len: u64 },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WarningKind {
-    /// The file ends inside a block (a crash while writing it).
-    TornTail,
-    /// Bytes that are not a valid block, skipped.
-    Corrupt,
-    /// Records of a type this ktrace does not know, skipped.
-    UnknownRecord,
-    /// Known records that did not decode, skipped.
-    BadRecord,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Warning {
-    pub path: PathBuf,
-    pub offset: u64,
-    pub kind: WarningKind,
-    pub message: String,
-}
-
-impl std::fmt::Display for Warning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.path.display(), self.message)
-    }
 }
 
 /// What a reader got through.

@@ -15,7 +15,8 @@ use super::format::{
     tag, BlockDecoder, BlockEncoder, Cursor, Decoded, FrameHeader, Item, FILE_MAGIC,
     FRAME_HEADER_LEN,
 };
-use super::reader::{FileReader, OpenError, Warning, WarningKind};
+use super::reader::{FileReader, OpenError};
+use super::warning::{Warning, WarningKind};
 use super::writer::{segment_path, Notice, Recorder, RotationConfig};
 use super::Context;
 use crate::engine::EngineConfig;
