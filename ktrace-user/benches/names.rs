@@ -76,18 +76,11 @@ const SERVICES: u32 = 10_000;
 const SLICE_EPS: u32 = 10;
 const PODS: u32 = 100_000;
 
-/// CPU time this thread has used: the events/s below are per second of
+/// CPU time this thread has used, in seconds: the events/s below are per second of
 /// CPU, so that other work on a shared machine does not count (its cache
 /// and memory traffic still does: compare pairs, not runs far apart).
 fn cpu() -> f64 {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec it is given.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+    common::thread_cpu().as_secs_f64()
 }
 
 fn heap() -> isize {
