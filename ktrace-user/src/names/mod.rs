@@ -328,8 +328,8 @@ impl NameResolver {
                 }
             }
         }
-        if let Some(p) = at.peer() {
-            out.push(NameRecord::peer(ip, &p));
+        if let Some(p) = at.peer_ref() {
+            out.push(NameRecord::peer(ip, p));
         }
     }
 

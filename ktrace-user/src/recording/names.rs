@@ -14,7 +14,8 @@
 //!   kept until the names change, and whether they were sent since the
 //!   names' epoch began. A block's addresses are named in one batch when
 //!   it is sealed (not event by event): an address already sent in this
-//!   epoch costs one probe of a 4-byte-per-address set, the others are
+//!   epoch and version costs one probe of a 4-byte-per-address set (the
+//!   block's other addresses the encoder does not list), the others are
 //!   probed in batches whose cache misses overlap, and only names not sent
 //!   yet travel to the writer.
 //! - [`SegmentNames`] (writer thread): which names the segment holds, and
@@ -24,7 +25,7 @@
 //!   puts those of its addresses in front of it (from the tables of the
 //!   segments before).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -150,25 +151,94 @@ impl V4Table {
 }
 
 /// IPv4 addresses with nothing to send in one epoch and version of the
-/// names (sent already, or nothing names them): 4 bytes each (and the
-/// table's control byte), so that the addresses of a busy node, which come
-/// back block after block, cost a probe of this set alone, and it stays in
-/// the core's own caches.
-#[derive(Default)]
+/// names (sent already, or nothing names them), so that the addresses of
+/// a busy node, which come back block after block, cost a probe of this
+/// set alone. Flat, 4 bytes a slot and at most half full: a probe reads
+/// one cache line, a node's addresses stay in the core's own caches, and
+/// the probes of a block's addresses, independent of each other, overlap.
 struct Settled {
-    keys: HashSet<u32, foldhash::fast::RandomState>,
+    /// Open addressing, linear probing; 0 is a free slot (the address
+    /// 0.0.0.0 is `zero`).
+    slots: Vec<u32>,
+    len: usize,
+    /// How far a key's Fibonacci product is shifted to index `slots`.
+    shift: u32,
+    zero: bool,
     epoch: u32,
     version: u32,
 }
 
+impl Default for Settled {
+    fn default() -> Self {
+        Settled {
+            slots: Vec::new(),
+            len: 0,
+            shift: 32,
+            zero: false,
+            epoch: 0,
+            version: 0,
+        }
+    }
+}
+
 impl Settled {
+    /// Where `key`'s probe starts (addresses handed out in order spread
+    /// over the table).
+    #[inline]
+    fn home(&self, key: u32) -> usize {
+        (u64::from(key.wrapping_mul(0x9e37_79b9)) >> self.shift) as usize
+    }
+
     #[inline]
     fn contains(&self, key: u32) -> bool {
-        self.keys.contains(&key)
+        if key == 0 {
+            return self.zero;
+        }
+        if self.slots.is_empty() {
+            return false;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                0 => return false,
+                k if k == key => return true,
+                _ => i = (i + 1) & mask,
+            }
+        }
     }
 
     fn insert(&mut self, key: u32) {
-        self.keys.insert(key);
+        if key == 0 {
+            self.zero = true;
+            return;
+        }
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                0 => {
+                    self.slots[i] = key;
+                    self.len += 1;
+                    return;
+                }
+                k if k == key => return,
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn grow(&mut self) {
+        let cap = (self.slots.len() * 2).max(1024);
+        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
+        self.shift = 32 - cap.trailing_zeros();
+        self.len = 0;
+        for k in old.into_iter().filter(|&k| k != 0) {
+            self.insert(k);
+        }
     }
 
     /// Empty unless it is of this epoch and version.
@@ -181,7 +251,11 @@ impl Settled {
 
     /// Keeps the capacity: a busy node's addresses come back.
     fn clear(&mut self) {
-        self.keys.clear();
+        if self.len > 0 {
+            self.slots.fill(0);
+        }
+        self.len = 0;
+        self.zero = false;
     }
 }
 
@@ -191,7 +265,7 @@ pub struct NameCache {
     v4: V4Table,
     v6: Map<std::net::Ipv6Addr, Slot>,
     named: Vec<Arc<NamedAddr>>,
-    scratch: Vec<NameRecord>,
+    scratch: Scratch,
     settled: Settled,
 }
 
@@ -307,7 +381,7 @@ impl NameCache {
         if slot.version != version {
             // Looked up in another version (or never): look it up now.
             let now = names.version() as u32;
-            refresh(slot, now, named, lookup(scratch, ip, names));
+            refresh(slot, now, named, ip, lookup(scratch, ip, names));
         }
         if slot.at == UNNAMED || slot.sent == epoch {
             return None;
@@ -319,27 +393,51 @@ impl NameCache {
 
 /// `s` now names what `now` says (looked up in `version`): unless that is
 /// what it named already, it is to be sent again.
-fn refresh(s: &mut Slot, version: u32, named: &mut Vec<Arc<NamedAddr>>, now: Option<NamedAddr>) {
+/// `s` now names what `now` says, the records of `ip` as looked up in
+/// `version` (empty: nothing names it): unless that is what it named
+/// already, it is to be sent again. Names that did not change cost no
+/// allocation.
+fn refresh(s: &mut Slot, version: u32, named: &mut Vec<Arc<NamedAddr>>, ip: IpAddr, now: &[u8]) {
     s.version = version;
-    let old = (s.at != UNNAMED).then(|| &named[s.at as usize].records);
-    if old == now.as_ref().map(|n| &n.records) {
+    let old: &[u8] = if s.at == UNNAMED {
+        &[]
+    } else {
+        &named[s.at as usize].records
+    };
+    if old == now {
         return;
     }
     s.sent = 0;
-    match now {
-        None => s.at = UNNAMED,
-        Some(n) if s.at == UNNAMED => {
+    let new = || {
+        Arc::new(NamedAddr {
+            ip,
+            records: now.into(),
+        })
+    };
+    match now.is_empty() {
+        true => s.at = UNNAMED,
+        false if s.at == UNNAMED => {
             s.at = named.len() as u32;
-            named.push(Arc::new(n));
+            named.push(new());
         }
-        Some(n) => named[s.at as usize] = Arc::new(n),
+        false => named[s.at as usize] = new(),
     }
 }
 
-fn lookup(scratch: &mut Vec<NameRecord>, ip: IpAddr, names: &NameResolver) -> Option<NamedAddr> {
-    scratch.clear();
-    names.addr_records(ip, scratch);
-    (!scratch.is_empty()).then(|| NamedAddr::encode(ip, scratch))
+/// Scratch space for looking an address's names up and encoding them.
+#[derive(Default)]
+struct Scratch {
+    records: Vec<NameRecord>,
+    bytes: Vec<u8>,
+}
+
+/// The encoded name records of `ip` (empty when nothing names it).
+fn lookup<'a>(scratch: &'a mut Scratch, ip: IpAddr, names: &NameResolver) -> &'a [u8] {
+    scratch.records.clear();
+    scratch.bytes.clear();
+    names.addr_records(ip, &mut scratch.records);
+    NamedAddr::encode_into(&scratch.records, &mut scratch.bytes);
+    &scratch.bytes
 }
 
 /// The names the segment being written holds.
@@ -379,7 +477,11 @@ impl SegmentNames {
             // No block of an older epoch comes after this one.
             self.before.clear();
         } else {
-            for ip in &raw.ips {
+            // Rare (a block in flight when the segment changed): its
+            // addresses are read back from its payload.
+            let mut ips = raw.ips.clone();
+            super::format::defined_ips(&raw.payload, &mut ips);
+            for ip in &ips {
                 if !self.written.contains_key(ip) {
                     if let Some(n) = self.before.get(ip).cloned() {
                         self.add(&n, out);
@@ -483,7 +585,20 @@ mod tests {
         // segment before; a block of epoch 2 sends its own.
         s.new_segment();
         let mut old = block(1, &[]);
-        old.ips = vec![a2.ip, b.ip];
+        // Its addresses, as the writer reads them back from its payload.
+        let mut enc = crate::recording::format::BlockEncoder::new();
+        let at = |ip| std::net::SocketAddr::new(ip, 80);
+        enc.push_event(&crate::event::Event {
+            ts_ns: 1,
+            netns: 0,
+            source: crate::event::Source::RawTracepoint,
+            body: crate::event::EventBody::TcpReceiveReset {
+                src: at(a2.ip),
+                dst: at(b.ip),
+                sock_cookie: 0,
+            },
+        });
+        old.payload = enc.take().payload;
         s.prefix(&old, 2, &mut out);
         assert_eq!(out.len(), a2.records.len() + b.records.len());
         s.commit();
@@ -492,6 +607,28 @@ mod tests {
         s.new_segment();
         s.prefix(&block(3, &[&b]), 3, &mut out);
         assert_eq!(out, &*b.records);
+    }
+
+    #[test]
+    fn the_settled_set_holds_what_it_was_given_until_cleared() {
+        let mut s = Settled::default();
+        assert!(!s.contains(7) && !s.contains(0));
+        let keys: Vec<u32> = (0..5000u32).map(|i| 0x0a00_0000 + i * 7).collect();
+        for k in keys.iter().step_by(2) {
+            s.insert(*k);
+        }
+        s.insert(0);
+        s.insert(keys[0]);
+        assert_eq!(s.len, 2500);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(s.contains(*k), i % 2 == 0, "{k}");
+        }
+        assert!(s.contains(0));
+        s.keep_only(1, 1);
+        assert!(!s.contains(keys[0]) && !s.contains(0));
+        s.insert(keys[1]);
+        s.keep_only(1, 1);
+        assert!(s.contains(keys[1]), "same epoch and version: kept");
     }
 
     #[test]
