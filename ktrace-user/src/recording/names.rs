@@ -46,8 +46,9 @@ const MAX_CACHED: usize = 1 << 18;
 struct Slot {
     /// Where its names are in [`NameCache::named`] ([`UNNAMED`]: nothing names it).
     at: u32,
-    /// The version of the names they were looked up in (its low 32 bits).
-    version: u32,
+    /// The generation of the cache they were looked up in (see
+    /// [`NameCache::sync`]; 0: to look up again).
+    gen: u32,
     /// The epoch whose blocks carry them (its low 32 bits; 0: none yet).
     sent: u32,
 }
@@ -107,6 +108,24 @@ impl V4Table {
         }
     }
 
+    fn get_mut(&mut self, key: u32) -> Option<&mut Slot> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let (k, s) = self.slots[i];
+            if s.at == FREE {
+                return None;
+            }
+            if k == key {
+                return Some(&mut self.slots[i].1);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// The entry of `key`, inserted (as `new`) when absent.
     #[inline]
     fn entry(&mut self, key: u32, new: impl FnOnce() -> Slot) -> &mut Slot {
@@ -134,7 +153,7 @@ impl V4Table {
         let cap = (self.slots.len() * 2).max(1024);
         let free = Slot {
             at: FREE,
-            version: 0,
+            gen: 0,
             sent: 0,
         };
         let old = std::mem::replace(&mut self.slots, vec![(0, free); cap]);
@@ -150,8 +169,8 @@ impl V4Table {
     }
 }
 
-/// IPv4 addresses with nothing to send in one epoch and version of the
-/// names (sent already, or nothing names them), so that the addresses of
+/// IPv4 addresses with nothing to send in one epoch and generation of
+/// the cache (sent already, or nothing names them), so that the addresses of
 /// a busy node, which come back block after block, cost a probe of this
 /// set alone. Flat, 4 bytes a slot and at most half full: a probe reads
 /// one cache line, a node's addresses stay in the core's own caches, and
@@ -165,7 +184,7 @@ struct Settled {
     shift: u32,
     zero: bool,
     epoch: u32,
-    version: u32,
+    gen: u32,
 }
 
 impl Default for Settled {
@@ -176,7 +195,7 @@ impl Default for Settled {
             shift: 32,
             zero: false,
             epoch: 0,
-            version: 0,
+            gen: 0,
         }
     }
 }
@@ -231,6 +250,43 @@ impl Settled {
         }
     }
 
+    /// Takes `key` out, moving the entries after it in its run back so
+    /// that every probe still finds its key before a free slot.
+    fn remove(&mut self, key: u32) {
+        if key == 0 {
+            self.zero = false;
+            return;
+        }
+        if self.slots.is_empty() {
+            return;
+        }
+        let mask = self.slots.len() - 1;
+        let mut hole = self.home(key);
+        loop {
+            match self.slots[hole] {
+                0 => return,
+                k if k == key => break,
+                _ => hole = (hole + 1) & mask,
+            }
+        }
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let k = self.slots[j];
+            if k == 0 {
+                break;
+            }
+            // `k` may fill the hole when the hole lies on its probe path.
+            let home = self.home(k);
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = k;
+                hole = j;
+            }
+        }
+        self.slots[hole] = 0;
+        self.len -= 1;
+    }
+
     fn grow(&mut self) {
         let cap = (self.slots.len() * 2).max(1024);
         let old = std::mem::replace(&mut self.slots, vec![0; cap]);
@@ -241,11 +297,11 @@ impl Settled {
         }
     }
 
-    /// Empty unless it is of this epoch and version.
-    fn keep_only(&mut self, epoch: u32, version: u32) {
-        if (self.epoch, self.version) != (epoch, version) {
+    /// Empty unless it is of this epoch and generation.
+    fn keep_only(&mut self, epoch: u32, gen: u32) {
+        if (self.epoch, self.gen) != (epoch, gen) {
             self.clear();
-            (self.epoch, self.version) = (epoch, version);
+            (self.epoch, self.gen) = (epoch, gen);
         }
     }
 
@@ -259,7 +315,8 @@ impl Settled {
     }
 }
 
-/// An address's names, looked up and encoded once per version of the names.
+/// An address's names, looked up and encoded once, and again only when
+/// a source renames it.
 #[derive(Default)]
 pub struct NameCache {
     v4: V4Table,
@@ -267,6 +324,11 @@ pub struct NameCache {
     named: Vec<Arc<NamedAddr>>,
     scratch: Scratch,
     settled: Settled,
+    /// Slots of another generation are looked up again (one more when
+    /// any address may have been renamed).
+    gen: u32,
+    /// The version of the names this generation's slots are as of.
+    synced: Option<u64>,
 }
 
 /// How many probes [`NameCache::unsent`] starts before it reads them.
@@ -275,12 +337,13 @@ const BATCH: usize = 16;
 impl NameCache {
     /// Into `out`: the names of those of `ips` that the blocks of `epoch`
     /// (never 0) have not carried yet (they are then counted as carried).
-    /// `ips` were seen while the names were at `version`: names looked up
-    /// in that version are still theirs; others are looked up now.
+    /// `ips` were seen while the names were at `version`: the names of
+    /// those not renamed up to then are still theirs; others are looked up
+    /// now.
     ///
-    /// An address [`Settled`] in this epoch and version costs one probe of
-    /// that set. The others go in batches: each batch's entries are read
-    /// first, their cache misses overlapping, then used.
+    /// An address [`Settled`] in this epoch and generation costs one probe
+    /// of that set. The others go in batches: each batch's entries are
+    /// read first, their cache misses overlapping, then used.
     pub fn unsent(
         &mut self,
         ips: &[IpAddr],
@@ -290,8 +353,8 @@ impl NameCache {
         out: &mut Vec<Arc<NamedAddr>>,
     ) {
         let epoch = (epoch as u32).max(1);
-        let version = version as u32;
-        self.settled.keep_only(epoch, version);
+        self.sync(names, version);
+        self.settled.keep_only(epoch, self.gen);
         let mut batch: SmallVec<[IpAddr; BATCH]> = SmallVec::new();
         let mut ips = ips.iter();
         loop {
@@ -317,9 +380,9 @@ impl NameCache {
                 }
             }
             std::hint::black_box(touched);
-            self.warm(&batch, names, version);
+            self.warm(&batch, names);
             for &ip in &batch {
-                if let Some(n) = self.one(ip, names, epoch, version) {
+                if let Some(n) = self.one(ip, names, epoch) {
                     out.push(n);
                 }
                 if let IpAddr::V4(a) = ip {
@@ -329,9 +392,38 @@ impl NameCache {
         }
     }
 
+    /// The names are now as of `version`: forgets what a source renamed
+    /// since the last call, everything when it cannot say what.
+    fn sync(&mut self, names: &NameResolver, version: u64) {
+        if self.synced == Some(version) {
+            return;
+        }
+        match self.synced.and_then(|v| names.changed_since(v)) {
+            None => {
+                self.gen = self.gen.wrapping_add(1).max(1);
+                self.settled.clear();
+            }
+            Some(renamed) => {
+                for ip in renamed {
+                    let slot = match ip {
+                        IpAddr::V4(a) => {
+                            self.settled.remove(u32::from(a));
+                            self.v4.get_mut(u32::from(a))
+                        }
+                        IpAddr::V6(a) => self.v6.get_mut(&a),
+                    };
+                    if let Some(s) = slot {
+                        s.gen = 0;
+                    }
+                }
+            }
+        }
+        self.synced = Some(version);
+    }
+
     /// Starts the cache misses of the name lookups `batch` needs (the
-    /// addresses not looked up in `version`) side by side.
-    fn warm(&self, batch: &[IpAddr], names: &NameResolver, version: u32) {
+    /// addresses not looked up in this generation) side by side.
+    fn warm(&self, batch: &[IpAddr], names: &NameResolver) {
         let stale: SmallVec<[IpAddr; BATCH]> = batch
             .iter()
             .filter(|ip| {
@@ -339,7 +431,7 @@ impl NameCache {
                     IpAddr::V4(a) => self.v4.get(u32::from(*a)),
                     IpAddr::V6(a) => self.v6.get(a),
                 };
-                slot.is_none_or(|s| s.version != version)
+                slot.is_none_or(|s| s.gen != self.gen)
             })
             .copied()
             .collect();
@@ -349,13 +441,7 @@ impl NameCache {
     }
 
     #[inline]
-    fn one(
-        &mut self,
-        ip: IpAddr,
-        names: &NameResolver,
-        epoch: u32,
-        version: u32,
-    ) -> Option<Arc<NamedAddr>> {
+    fn one(&mut self, ip: IpAddr, names: &NameResolver, epoch: u32) -> Option<Arc<NamedAddr>> {
         if self.v4.len + self.v6.len() >= MAX_CACHED || self.named.len() >= MAX_CACHED {
             self.v4.clear();
             self.v6.clear();
@@ -367,21 +453,21 @@ impl NameCache {
             v6,
             named,
             scratch,
+            gen,
             ..
         } = self;
         let new = || Slot {
             at: UNNAMED,
-            version: version.wrapping_add(1),
+            gen: 0,
             sent: 0,
         };
         let slot = match ip {
             IpAddr::V4(a) => v4.entry(u32::from(a), new),
             IpAddr::V6(a) => v6.entry(a).or_insert_with(new),
         };
-        if slot.version != version {
-            // Looked up in another version (or never): look it up now.
-            let now = names.version() as u32;
-            refresh(slot, now, named, ip, lookup(scratch, ip, names));
+        if slot.gen != *gen {
+            // Renamed since it was looked up (or never looked up): now.
+            refresh(slot, *gen, named, ip, lookup(scratch, ip, names));
         }
         if slot.at == UNNAMED || slot.sent == epoch {
             return None;
@@ -391,14 +477,12 @@ impl NameCache {
     }
 }
 
-/// `s` now names what `now` says (looked up in `version`): unless that is
-/// what it named already, it is to be sent again.
 /// `s` now names what `now` says, the records of `ip` as looked up in
-/// `version` (empty: nothing names it): unless that is what it named
-/// already, it is to be sent again. Names that did not change cost no
-/// allocation.
-fn refresh(s: &mut Slot, version: u32, named: &mut Vec<Arc<NamedAddr>>, ip: IpAddr, now: &[u8]) {
-    s.version = version;
+/// generation `gen` (empty: nothing names it): unless that is what it
+/// named already, it is to be sent again. Names that did not change cost
+/// no allocation.
+fn refresh(s: &mut Slot, gen: u32, named: &mut Vec<Arc<NamedAddr>>, ip: IpAddr, now: &[u8]) {
+    s.gen = gen;
     let old: &[u8] = if s.at == UNNAMED {
         &[]
     } else {
@@ -610,6 +694,52 @@ mod tests {
     }
 
     #[test]
+    fn a_rename_costs_a_lookup_of_the_renamed_addresses_only() {
+        use crate::names::{Layer, Names, SourceId};
+        let ips: Vec<IpAddr> = (1..=4u32)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .chain(["fd00::9".parse().unwrap()])
+            .collect();
+        let layer = |renamed: Option<IpAddr>| {
+            let mut l = Layer::default();
+            for ip in &ips {
+                let node = if Some(*ip) == renamed { "new" } else { "old" };
+                l.set_peer(*ip, Peer::Node(node.into()));
+            }
+            l
+        };
+        let names = Names::new();
+        names.publish(SourceId::Api, layer(None));
+        let r = NameResolver::live(names.clone());
+        let mut c = NameCache::default();
+        let mut out = Vec::new();
+        c.unsent(&ips, &r, 1, r.version(), &mut out);
+        assert_eq!(out.len(), 5);
+        let gen = c.gen;
+        // The second layer renames the fifth and names the third as before.
+        for (renamed, changed) in [(ips[2], vec![ips[2]]), (ips[4], vec![ips[2], ips[4]])] {
+            names.publish(SourceId::Api, layer(Some(renamed)));
+            out.clear();
+            c.unsent(&ips, &r, 1, r.version(), &mut out);
+            assert_eq!(out.iter().map(|n| n.ip).collect::<Vec<_>>(), changed);
+            // The others were neither forgotten nor looked up again.
+            assert_eq!(c.gen, gen);
+            for ip in ips.iter().filter(|ip| !changed.contains(ip)) {
+                if let IpAddr::V4(a) = ip {
+                    assert!(c.settled.contains(u32::from(*a)), "{ip}");
+                }
+            }
+        }
+        // A change nobody can list (the whole cluster's Pods now known):
+        // everything is looked up again, and sent only where it changed.
+        names.set_complete(true);
+        out.clear();
+        c.unsent(&ips, &r, 1, r.version(), &mut out);
+        assert_ne!(c.gen, gen);
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn the_settled_set_holds_what_it_was_given_until_cleared() {
         let mut s = Settled::default();
         assert!(!s.contains(7) && !s.contains(0));
@@ -628,7 +758,20 @@ mod tests {
         assert!(!s.contains(keys[0]) && !s.contains(0));
         s.insert(keys[1]);
         s.keep_only(1, 1);
-        assert!(s.contains(keys[1]), "same epoch and version: kept");
+        assert!(s.contains(keys[1]), "same epoch and generation: kept");
+        // Taking keys out keeps every other one findable (runs shift back).
+        let mut s = Settled::default();
+        for k in &keys {
+            s.insert(*k);
+        }
+        for k in keys.iter().step_by(3) {
+            s.remove(*k);
+        }
+        s.remove(12345);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(s.contains(*k), i % 3 != 0, "{k}");
+        }
+        assert_eq!(s.len, keys.len() - keys.len().div_ceil(3));
     }
 
     #[test]
