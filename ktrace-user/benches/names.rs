@@ -2,9 +2,13 @@
 //! - bytes per cached Service, EndpointSlice endpoint and Pod in the API
 //!   source's cache and in the lookup layer built from it, at 10k Services,
 //!   100k endpoints and 100k Pods (heap bytes counted by a global allocator,
-//!   objects converted from real k8s-openapi types as the watcher hands them);
+//!   objects converted from real k8s-openapi types as the watcher hands them),
+//!   and the CPU time to build that layer (the API source rebuilds it while
+//!   the cluster changes);
 //! - ns per lookup: a finding's names, an address's name records (what
-//!   the recorder looks up once per address and version of the names);
+//!   the recorder looks up once per address and version of the names),
+//!   and for scale a finding whose names are in the CPU's caches and an
+//!   address's entry looked up back to back (misses that overlap);
 //! - the engine's events/s without names and with each finding's names
 //!   (what `watch` does), for the worst case (every connection a finding,
 //!   each from a different client Pod) and a typical mix (1 connection in
@@ -454,9 +458,44 @@ fn cache_and_layer() -> NameResolver {
         n.nodes,
         lb as f64 / (n.endpoints + n.pods) as f64
     );
+    build_time(&c);
+    independent_lookups(&layer);
     let names = Names::new();
     names.publish(SourceId::Api, layer);
     NameResolver::live(names)
+}
+
+/// CPU time to build the lookup layer from the cache: the API source
+/// rebuilds it (at most every 500 ms) while the cluster changes.
+fn build_time(c: &Cache) {
+    let mut ms = Vec::new();
+    for _ in 0..5 {
+        let t = cpu();
+        std::hint::black_box(c.layer());
+        ms.push((cpu() - t) * 1e3);
+    }
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "  built in {:.1} ms (median of {}, from {:.1} to {:.1})",
+        ms[ms.len() / 2],
+        ms.len(),
+        ms[0],
+        ms[ms.len() - 1]
+    );
+}
+
+/// One address's entry in the layer, lookups one after another with
+/// nothing in between (their misses overlap): the floor of a lookup.
+fn independent_lookups(layer: &ktrace::names::Layer) {
+    let ips: Vec<IpAddr> = (0..500_000u32)
+        .map(|i| IpAddr::V4(pod_ip((i * 7919) % PODS)))
+        .collect();
+    let t = cpu();
+    let found = ips.iter().filter(|ip| layer.get(**ip).is_some()).count();
+    println!(
+        "  one address's entry, lookups back to back: {:.0} ns ({found} found)",
+        (cpu() - t) * 1e9 / ips.len() as f64
+    );
 }
 
 /// Lookup cost alone: an address's name records (what the recorder asks
@@ -465,16 +504,16 @@ fn lookups(r: &NameResolver, worst: &[Event]) {
     let ips: Vec<IpAddr> = (0..500_000u32)
         .map(|i| IpAddr::V4(pod_ip((i * 7919) % PODS)))
         .collect();
+    // One scratch vector, emptied per address, as the recorder's.
     let t = cpu();
-    let mut out = Vec::new();
+    let (mut out, mut records) = (Vec::new(), 0usize);
     for ip in &ips {
+        out.clear();
         r.addr_records(*ip, &mut out);
+        records += out.len();
     }
     let per_addr = (cpu() - t) * 1e9 / ips.len() as f64;
-    println!(
-        "name records of one address: {per_addr:.0} ns ({} records)",
-        out.len()
-    );
+    println!("name records of one address: {per_addr:.0} ns ({records} records)");
     let mut e = Engine::new(EngineConfig::default());
     let mut fs = Vec::new();
     for x in worst {
@@ -486,6 +525,19 @@ fn lookups(r: &NameResolver, worst: &[Event]) {
     println!(
         "names of one finding: {per_finding:.0} ns ({named} of {} findings named)",
         fs.len()
+    );
+    // The same 64 findings over and over: the names in the CPU's caches,
+    // what is left is the work itself (the rest above is memory).
+    let t = cpu();
+    let mut n = 0usize;
+    for _ in 0..2000 {
+        for f in fs.iter().take(64) {
+            n += usize::from(r.finding(f).is_some());
+        }
+    }
+    println!(
+        "names of one finding, names in the CPU's caches: {:.0} ns",
+        (cpu() - t) * 1e9 / n.max(1) as f64
     );
 }
 

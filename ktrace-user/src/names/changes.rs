@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use super::model::Layer;
+use super::model::{AddrNames, Layer, Peer, PeerRef, PodName};
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
@@ -66,16 +66,36 @@ pub fn between(old: &Layer, new: &Layer) -> Option<Vec<IpAddr>> {
     }
     let mut out = Vec::new();
     for (ip, names) in new.iter() {
-        if old.get(*ip) != Some(names) {
-            out.push(*ip);
+        if !old.get(ip).is_some_and(|o| same(o, names)) {
+            out.push(ip);
         }
     }
     for (ip, _) in old.iter() {
-        if new.get(*ip).is_none() {
-            out.push(*ip);
+        if new.get(ip).is_none() {
+            out.push(ip);
         }
     }
     (out.len() <= MAX_LISTED).then_some(out)
+}
+
+/// Whether two layers' entries for one address say the same (names
+/// compared by value: a layer is built afresh each time).
+fn same(a: AddrNames, b: AddrNames) -> bool {
+    is(a) == is(b) && a.ports().eq(b.ports())
+}
+
+/// What an entry says the address is, whichever way the layer keeps it.
+#[derive(PartialEq)]
+enum Is<'a> {
+    Pod(&'a PodName),
+    Other(&'a Peer),
+}
+
+fn is(n: AddrNames<'_>) -> Option<Is<'_>> {
+    n.peer().map(|p| match p {
+        PeerRef::Pod(p) | PeerRef::Other(Peer::Pod(p)) => Is::Pod(p),
+        PeerRef::Other(o) => Is::Other(o),
+    })
 }
 
 #[cfg(test)]

@@ -2,6 +2,8 @@
 //! a backend or client address, the node behind a host address.
 //!
 //! - [`model`]: the names and a [`Layer`] of them keyed by address.
+//! - `table`: the flat table a layer keeps its addresses in (lookups
+//!   that read one cache line).
 //! - [`changes`]: which addresses a publication renamed (for caches).
 //! - [`rules`]: source 2, kube-proxy's own rules on this node
 //!   (`iptables-save`, `nft -j`), no API needed.
@@ -21,6 +23,7 @@ pub mod record;
 pub mod render;
 pub mod rules;
 pub mod status;
+mod table;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +31,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-pub use model::{AddrNames, Interner, Layer, Peer, PodName, PortRole, Proto, ServiceName};
+pub use model::{
+    AddrNames, Interner, Layer, Peer, PeerRef, PodName, PortRef, PortRole, Proto, ServiceName,
+};
 pub use record::NameRecord;
 pub use status::{SourceState, SourceStatus};
 
@@ -158,7 +163,7 @@ struct View<'a> {
 
 /// What every layer knows about one IP address (one hash lookup each).
 struct At<'a> {
-    found: [Option<&'a AddrNames>; 3],
+    found: [Option<AddrNames<'a>>; 3],
     complete: bool,
 }
 
@@ -178,7 +183,7 @@ impl View<'_> {
 }
 
 impl<'a> At<'a> {
-    fn entries(&self) -> impl Iterator<Item = &'a AddrNames> {
+    fn entries(&self) -> impl Iterator<Item = AddrNames<'a>> {
         self.found.into_iter().flatten()
     }
 
@@ -194,15 +199,16 @@ impl<'a> At<'a> {
     /// The Pod or node; `external` only when the whole cluster's Pods are
     /// known and none is there (nor a Service VIP).
     fn peer(&self) -> Option<Peer> {
-        self.peer_ref().cloned()
+        self.peer_ref().map(PeerRef::to_peer)
     }
 
-    fn peer_ref(&self) -> Option<&'a Peer> {
+    fn peer_ref(&self) -> Option<PeerRef<'a>> {
         static EXTERNAL: Peer = Peer::External;
-        if let Some(p) = self.entries().find_map(|e| e.peer.as_ref()) {
+        if let Some(p) = self.entries().find_map(AddrNames::peer) {
             return Some(p);
         }
-        (self.complete && !self.entries().any(AddrNames::is_vip)).then_some(&EXTERNAL)
+        (self.complete && !self.entries().any(AddrNames::is_vip))
+            .then_some(PeerRef::Other(&EXTERNAL))
     }
 }
 
@@ -210,14 +216,10 @@ impl<'a> At<'a> {
 /// plain loads, whose cache misses overlap, where the clones' locked
 /// increments would take them one after the other (on x86 no load starts
 /// before a locked instruction ahead of it is done).
-fn touch(peers: [Option<&Peer>; 2], services: [Option<&Arc<ServiceName>>; 2]) {
+fn touch(peers: [Option<PeerRef<'_>>; 2], services: [Option<&Arc<ServiceName>>; 2]) {
     let mut n = 0usize;
     for p in peers.into_iter().flatten() {
-        n ^= match p {
-            Peer::Pod(p) => Arc::strong_count(p),
-            Peer::Node(n) => Arc::strong_count(n),
-            Peer::External => 0,
-        };
+        n ^= p.strong_count();
     }
     for s in services.into_iter().flatten() {
         n ^= Arc::strong_count(s);
@@ -302,9 +304,9 @@ impl NameResolver {
         let owned = |s: Option<(Proto, &Arc<ServiceName>)>| s.map(|(p, s)| (p, s.clone()));
         let n = FindingNames {
             service: owned(service),
-            backend: backend.cloned(),
+            backend: backend.map(PeerRef::to_peer),
             backend_service: owned(backend_service),
-            client: client.cloned(),
+            client: client.map(PeerRef::to_peer),
         };
         (!n.is_empty()).then_some(n)
     }
@@ -339,7 +341,7 @@ impl NameResolver {
         let at = v.at(ip);
         let first = out.len();
         for e in at.entries() {
-            for p in &e.ports {
+            for p in e.ports() {
                 let key = (ip, p.port, p.proto);
                 let r = match p.role {
                     PortRole::Vip => NameRecord::Service {
@@ -357,8 +359,8 @@ impl NameResolver {
                 }
             }
         }
-        if let Some(p) = at.peer_ref() {
-            out.push(NameRecord::peer(ip, p));
+        if let Some(p) = at.peer() {
+            out.push(NameRecord::peer(ip, &p));
         }
     }
 
@@ -375,10 +377,10 @@ impl NameResolver {
         let mut seen = 0usize;
         for ip in ips {
             for e in v.at(*ip).entries() {
-                if let Some(Peer::Pod(p)) = &e.peer {
+                if let Some(PeerRef::Pod(p)) = e.peer() {
                     seen ^= usize::from(p.name.as_bytes().first().copied().unwrap_or(0));
                 }
-                if let Some(p) = e.ports.first() {
+                if let Some(p) = e.ports().next() {
                     seen ^= usize::from(p.name.name.as_bytes().first().copied().unwrap_or(0));
                 }
             }

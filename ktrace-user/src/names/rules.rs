@@ -354,7 +354,7 @@ fn fingerprint(l: &Layer, skipped: u64) -> u64 {
     let mut h = std::hash::DefaultHasher::new();
     let mut keys: Vec<(Key, String, bool)> = l
         .iter()
-        .flat_map(|(ip, e)| e.ports.iter().map(|p| ((*ip, p.port, p.proto), p)))
+        .flat_map(|(ip, e)| e.ports().map(move |p| ((ip, p.port, p.proto), p)))
         .map(|(k, p)| (k, p.name.to_string(), p.role == PortRole::Vip))
         .collect();
     keys.sort();

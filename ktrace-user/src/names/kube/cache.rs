@@ -309,7 +309,8 @@ impl<V> Store<V> {
 }
 
 /// One shared name per Service port (its VIPs and endpoints point to it).
-type SvcNames<'a> = HashMap<(&'a str, &'a str, &'a str), Arc<ServiceName>>;
+type SvcNames<'a> =
+    HashMap<(&'a str, &'a str, &'a str), Arc<ServiceName>, foldhash::fast::RandomState>;
 
 fn svc_name<'a>(
     names: &mut SvcNames<'a>,
@@ -340,28 +341,17 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// The layer these objects name.
+    /// The layer these objects name. A Pod's own object names its address
+    /// over the endpoints that point to it: the Pods come first, and an
+    /// endpoint's Pod is made only for an address they did not name.
     pub fn layer(&self) -> Layer {
         let mut i = Interner::default();
-        let mut l = Layer::default();
-        let mut svc_names: SvcNames = HashMap::new();
+        let mut l = Layer::with_capacity(self.addr_estimate());
+        let mut svc_names = SvcNames::default();
         for ((ns, name), e) in &self.services.map {
             for (key, port) in &e.ports {
                 let n = svc_name(&mut svc_names, &mut i, ns, name, port);
                 l.add_port(PortRole::Vip, *key, n);
-            }
-        }
-        for ((ns, _), e) in &self.slices.map {
-            for ep in &e.eps {
-                let n = svc_name(&mut svc_names, &mut i, ns, &e.service, &ep.port_name);
-                l.add_port(PortRole::Endpoint, ep.key, n);
-                if let Some(pod) = &ep.pod {
-                    l.set_pod_if_unknown(ep.key.0, || PodName {
-                        namespace: i.get(ns),
-                        name: pod.clone(),
-                        node: ep.node.as_deref().map(|n| i.get(n)),
-                    });
-                }
             }
         }
         for ((_, name), n) in &self.nodes.map {
@@ -390,7 +380,39 @@ impl Cache {
                 l.set_peer(*ip, Peer::Pod(Arc::new(pod)));
             }
         }
+        for ((ns, _), e) in &self.slices.map {
+            for ep in &e.eps {
+                let n = svc_name(&mut svc_names, &mut i, ns, &e.service, &ep.port_name);
+                l.add_port(PortRole::Endpoint, ep.key, n);
+                // The Pod the endpoint points to, unless the Pods named it.
+                if let Some(pod) = &ep.pod {
+                    l.set_pod_if_unknown(ep.key.0, || PodName {
+                        namespace: i.get(ns),
+                        name: pod.clone(),
+                        node: ep.node.as_deref().map(|n| i.get(n)),
+                    });
+                }
+            }
+        }
         l
+    }
+
+    /// About how many addresses [`layer`](Self::layer) names: VIPs, nodes,
+    /// and Pods or endpoints, whichever are more (an endpoint is mostly a
+    /// Pod's address).
+    fn addr_estimate(&self) -> usize {
+        let vips: usize = (self.services.map.values())
+            .map(|e| {
+                usize::from(!e.ports.is_empty())
+                    + e.ports
+                        .windows(2)
+                        .filter(|w| w[0].0 .0 != w[1].0 .0)
+                        .count()
+            })
+            .sum();
+        let pods: usize = self.pods.map.values().map(|p| p.ips.len()).sum();
+        let nodes: usize = self.nodes.map.values().map(|n| n.ips.len()).sum();
+        vips + nodes + pods.max(self.endpoint_count())
     }
 
     pub fn skipped(&self) -> u64 {
