@@ -19,7 +19,10 @@
 //!   per segment), and the bytes per event it writes. Each run starts with
 //!   an empty cache: every distinct address is looked up and written once;
 //!   then again with every name already looked up and written (a long
-//!   `record` between changes of the names: the per-event cost alone).
+//!   `record` between changes of the names: the per-event cost alone);
+//!   then while a source renames 100 of the events' addresses every 50k
+//!   events (a busy cluster's API source publishes every half second:
+//!   the recorder looks up again what was renamed, not everything).
 //!
 //! Events/s are per second of this thread's CPU time, so that other work
 //! on a shared machine does not count; its cache and memory traffic still
@@ -31,7 +34,9 @@
 //! is given as the median and the spread over the pairs, so a noisy
 //! machine shows as a wide spread rather than as a wrong figure.
 //!
-//! Run: `cargo bench -p ktrace --bench names` (`KTRACE_BENCH_RUNS`, default 7).
+//! Run: `cargo bench -p ktrace --bench names` (`KTRACE_BENCH_RUNS`, default
+//! 7; `KTRACE_BENCH_ONLY=TEXT` runs only the rows whose label holds TEXT,
+//! e.g. `typical`, `recorder`, `renamed`, `lookups`).
 
 mod common;
 
@@ -51,7 +56,7 @@ use ktrace::engine::{Engine, EngineConfig};
 use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
 use ktrace::names::kube::lenient::Lenient;
-use ktrace::names::{NameResolver, Names, SourceId};
+use ktrace::names::{Layer, NameResolver, Names, Peer, SourceId};
 use ktrace::recording::{Recorder, RotationConfig};
 use kube::runtime::watcher::Event as WEvent;
 
@@ -300,38 +305,75 @@ fn engine(events: &[Event], r: Option<&NameResolver>) -> (f64, usize) {
     (events.len() as f64 / (cpu() - t), named)
 }
 
+/// How the recorder meets the names in [`record`].
+#[derive(Clone, Copy)]
+enum Pass<'a> {
+    /// Every distinct address is looked up and written once in the timed pass.
+    Cold,
+    /// The events go through once untimed, then again timed, as in a long
+    /// `record` whose recorder has looked up and written every name
+    /// already (what each event then costs is the probe of its block's
+    /// addresses).
+    Warm,
+    /// As `Warm`, while these layers of the rules source take turns every
+    /// 50k events: each renames some of the events' addresses.
+    Renamed(&'a [Layer]),
+}
+
 /// Events/s `record` writes (encode + zstd + write, inline on one core),
 /// writing each event's names when `r` is given; the file's size.
-/// `warm`: the events go through once untimed, then again timed, as in a
-/// long `record` whose recorder has looked up and written every name
-/// already (what each event then costs is the probe of its block's
-/// addresses); otherwise every distinct address is looked up and written
-/// once in the timed pass.
-fn record(path: &Path, events: &[Event], r: Option<&NameResolver>, warm: bool) -> (f64, u64) {
+fn record(path: &Path, events: &[Event], r: Option<&NameResolver>, how: Pass) -> (f64, u64) {
     let _ = std::fs::remove_file(path);
     let mut cfg = RotationConfig::new(path);
     cfg.threaded = false;
     let mut rec = Recorder::create(cfg, "record", EngineConfig::default()).unwrap();
     rec.start_with(context("record")).unwrap();
-    if let Some(n) = r.and_then(NameResolver::names) {
+    let names = r.and_then(NameResolver::names);
+    if let Some(n) = names {
         rec.name_with(n.clone());
     }
-    let pass = |rec: &mut Recorder| {
+    let pass = |rec: &mut Recorder, renames: &[Layer]| {
         for (i, e) in events.iter().enumerate() {
             rec.event(e);
             if i % 400_000 == 0 {
                 rec.tick(e.ts_ns);
             }
+            if let (Some(n), false) = (names, renames.is_empty()) {
+                if i % 50_000 == 0 {
+                    n.publish(SourceId::Rules, renames[i / 50_000 % renames.len()].clone());
+                }
+            }
         }
     };
-    if warm {
-        pass(&mut rec);
+    if !matches!(how, Pass::Cold) {
+        pass(&mut rec, &[]);
     }
     let t = cpu();
-    pass(&mut rec);
+    pass(&mut rec, if let Pass::Renamed(l) = how { l } else { &[] });
     rec.finish();
     let eps = events.len() as f64 / (cpu() - t);
     (eps, std::fs::metadata(path).unwrap().len())
+}
+
+/// Layers of the rules source, each naming 100 of the client addresses
+/// (the engine's Pod IPs) as nodes of its own: from one to the next, 200
+/// addresses change names.
+fn renames() -> Vec<Layer> {
+    (0..8u32)
+        .map(|j| {
+            let mut l = Layer::default();
+            for i in 0..100 {
+                let ip = IpAddr::V4(pod_ip((j * 100 + i) * 50));
+                l.set_peer(ip, Peer::Node(format!("node-churn-{j}").into()));
+            }
+            l
+        })
+        .collect()
+}
+
+/// True when `KTRACE_BENCH_ONLY` is unset or `label` holds it.
+fn selected(label: &str) -> bool {
+    std::env::var("KTRACE_BENCH_ONLY").map_or(true, |o| label.contains(&o))
 }
 
 /// Runs each (without, with) pair `runs` times back to back: the best
@@ -505,31 +547,43 @@ fn with_and_without_names(r: &NameResolver, mixes: [(&str, &[Event]); 2]) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(7);
+    let renames = renames();
     for (what, events) in mixes {
+        let row = |label: &str| selected(&format!("{what}: {label}"));
         let (_, named) = engine(events, Some(r));
         println!("{what}: {} events, {named} findings named", events.len());
-        report(
-            "engine (watch: each finding's names)",
-            pairs(runs, |on| engine(events, on.then_some(r)).0),
-        );
+        if row("engine") {
+            report(
+                "engine (watch: each finding's names)",
+                pairs(runs, |on| engine(events, on.then_some(r)).0),
+            );
+        }
         let dir = std::env::temp_dir().join(format!("ktrace-bench-names-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("names.rec");
-        let (_, plain) = record(&path, events, None, false);
-        let (_, with) = record(&path, events, Some(r), false);
-        report(
-            "recorder (record: each event's names)",
-            pairs(runs, |on| record(&path, events, on.then_some(r), false).0),
+        let recorder = |label: &str, how: Pass| {
+            if row(label) {
+                report(
+                    label,
+                    pairs(runs, |on| record(&path, events, on.then_some(r), how).0),
+                );
+            }
+        };
+        recorder("recorder (record: each event's names)", Pass::Cold);
+        recorder("recorder, names already looked up and written", Pass::Warm);
+        recorder(
+            "recorder, 200 addresses renamed every 50k events",
+            Pass::Renamed(&renames),
         );
-        report(
-            "recorder, names already looked up and written",
-            pairs(runs, |on| record(&path, events, on.then_some(r), true).0),
-        );
-        println!(
-            "  recording size: {:.2} -> {:.2} bytes/event with names",
-            plain as f64 / events.len() as f64,
-            with as f64 / events.len() as f64
-        );
+        if row("recorder") {
+            let (_, plain) = record(&path, events, None, Pass::Cold);
+            let (_, with) = record(&path, events, Some(r), Pass::Cold);
+            println!(
+                "  recording size: {:.2} -> {:.2} bytes/event with names",
+                plain as f64 / events.len() as f64,
+                with as f64 / events.len() as f64
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
@@ -543,7 +597,9 @@ fn main() {
     let r = cache_and_layer();
     let worst = worst(500_000);
     let typical = typical(500_000);
-    lookups(&r, &worst);
+    if selected("lookups") {
+        lookups(&r, &worst);
+    }
     with_and_without_names(&r, [("worst case", &worst), ("typical mix", &typical)]);
     println!("load average {} at the end", load());
 }

@@ -4,6 +4,7 @@
 //! - [`model`]: the names and a [`Layer`] of them keyed by address.
 //! - `table`: the flat table a layer keeps its addresses in (lookups
 //!   that read one cache line).
+//! - [`changes`]: which addresses a publication renamed (for caches).
 //! - [`rules`]: source 2, kube-proxy's own rules on this node
 //!   (`iptables-save`, `nft -j`), no API needed.
 //! - [`kube`]: source 1, the Kubernetes API (Services, EndpointSlices, Pods).
@@ -15,6 +16,7 @@
 //! the event path only loads a pointer and never waits for a source.
 //! An address nothing names is printed as an address, as before.
 
+pub mod changes;
 pub mod kube;
 pub mod model;
 pub mod record;
@@ -52,14 +54,19 @@ struct Snapshot {
     /// The API knows every Pod of the cluster (`--kube-pods cluster`, listed):
     /// an address it does not name is `external`.
     complete: bool,
+    /// Which addresses each recent version renamed.
+    changes: Arc<changes::Changes>,
 }
 
 /// The live names of this process: one layer per source.
 #[derive(Default)]
 pub struct Names {
     now: ArcSwap<Snapshot>,
-    /// Bumped at every change of `now` (what caches of names compare).
+    /// Bumped at every change of `now` (what caches of names compare),
+    /// after `now` is stored.
     version: AtomicU64,
+    /// Held while a change is made (sources publish from their own threads).
+    changing: Mutex<()>,
     status: Mutex<status::Board>,
 }
 
@@ -70,23 +77,35 @@ impl Names {
 
     /// A source's new layer replaces its old one.
     pub fn publish(&self, src: SourceId, layer: Layer) {
-        let layer = Arc::new(layer);
-        self.now.rcu(|s| {
-            let mut s = Snapshot::clone(s);
-            s.layers[src as usize] = layer.clone();
-            s
+        self.change(|s| {
+            let changed = changes::between(&s.layers[src as usize], &layer);
+            s.layers[src as usize] = Arc::new(layer);
+            changed
         });
-        self.version.fetch_add(1, Ordering::Release);
     }
 
     pub fn set_complete(&self, yes: bool) {
         if self.now.load().complete != yes {
-            self.now.rcu(|s| Snapshot {
-                complete: yes,
-                ..Snapshot::clone(s)
+            // `external` may now be said (or not) of any address.
+            self.change(|s| {
+                s.complete = yes;
+                None
             });
-            self.version.fetch_add(1, Ordering::Release);
         }
+    }
+
+    /// Makes the next version: `f` changes a copy of the snapshot and
+    /// says which addresses it renamed (`None`: any).
+    fn change(&self, f: impl FnOnce(&mut Snapshot) -> Option<Vec<IpAddr>>) {
+        let _one = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        let version = self.version.load(Ordering::Acquire) + 1;
+        let mut s = Snapshot::clone(&self.now.load());
+        let changed = f(&mut s);
+        let mut changes = changes::Changes::clone(&s.changes);
+        changes.record(version, changed);
+        s.changes = Arc::new(changes);
+        self.now.store(Arc::new(s));
+        self.version.store(version, Ordering::Release);
     }
 
     /// A source says what it is doing (printed as a `names` line when it changes).
@@ -290,6 +309,16 @@ impl NameResolver {
             client: client.map(PeerRef::to_peer),
         };
         (!n.is_empty()).then_some(n)
+    }
+
+    /// The addresses whose names may have changed since `version` (`None`:
+    /// any address's): what a cache of looked-up names made at `version`
+    /// has to look up again.
+    pub fn changed_since(&self, version: u64) -> Option<Vec<IpAddr>> {
+        match &self.live {
+            Some(n) => n.now.load().changes.since(version),
+            None => Some(Vec::new()),
+        }
     }
 
     /// Changes whenever what the live sources know may have changed (a

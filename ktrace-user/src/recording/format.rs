@@ -292,18 +292,31 @@ pub struct NamedAddr {
 
 impl NamedAddr {
     pub fn encode(ip: IpAddr, records: &[crate::names::NameRecord]) -> NamedAddr {
-        let mut out = Vec::with_capacity(64 * records.len());
-        let mut body = Vec::with_capacity(64);
-        for r in records {
-            body.clear();
-            r.encode(&mut body);
-            put_varint(&mut out, tag::DEF_NAME);
-            put_varint(&mut out, body.len() as u64);
-            out.extend_from_slice(&body);
-        }
+        let mut out = Vec::new();
+        Self::encode_into(records, &mut out);
         NamedAddr {
             ip,
             records: out.into_boxed_slice(),
+        }
+    }
+
+    /// Appends `records` as `DEF_NAME` records to `out`, each body encoded
+    /// in place behind a one-byte length (moved along in the rare case
+    /// its length needs more).
+    pub fn encode_into(records: &[crate::names::NameRecord], out: &mut Vec<u8>) {
+        for r in records {
+            put_varint(out, tag::DEF_NAME);
+            let at = out.len();
+            out.push(0);
+            r.encode(out);
+            let len = out.len() - at - 1;
+            if len < 0x80 {
+                out[at] = len as u8;
+            } else {
+                let mut l = Vec::with_capacity(4);
+                put_varint(&mut l, len as u64);
+                out.splice(at..at + 1, l);
+            }
         }
     }
 }
@@ -320,8 +333,9 @@ pub struct RawBlock {
     /// The names of the block's addresses (the writer puts those its
     /// segment lacks in front of the payload).
     pub names: Vec<std::sync::Arc<NamedAddr>>,
-    /// The block's addresses (when names are recorded) and the names'
-    /// epoch it was encoded in (see `recording::names`).
+    /// Addresses whose names the block relies on beyond those it defines
+    /// (those of findings; [`defined_ips`] reads the others back), and the
+    /// names' epoch it was encoded in (see `recording::names`).
     pub ips: Vec<IpAddr>,
     pub epoch: u64,
 }
@@ -358,7 +372,7 @@ impl BlockEncoder {
     }
 
     /// From now on, lists the addresses each block defines
-    /// ([`block_ips`](Self::block_ips), then [`RawBlock::ips`]).
+    /// ([`block_ips`](Self::block_ips)).
     pub fn list_ips(&mut self) {
         self.block_ips.get_or_insert_with(Vec::new);
     }
@@ -378,14 +392,12 @@ impl BlockEncoder {
             min_ts: if self.items == 0 { 0 } else { self.min_ts },
             max_ts: self.max_ts,
             names: Vec::new(),
-            // The next block's list starts as large as this one's ended.
-            ips: self
-                .block_ips
-                .as_mut()
-                .map(|l| std::mem::replace(l, Vec::with_capacity(l.len())))
-                .unwrap_or_default(),
+            ips: Vec::new(),
             epoch: 0,
         };
+        if let Some(l) = &mut self.block_ips {
+            l.clear();
+        }
         self.ips.clear();
         self.strs.clear();
         self.netns.clear();
@@ -677,6 +689,26 @@ pub enum Decoded {
     Unknown(u64),
     /// A known record whose body does not decode; skipped.
     Bad(u64, Malformed),
+}
+
+/// Appends to `out` the addresses a block's payload defines (its `DEF_IP`
+/// records), decoding nothing else. Stops at broken framing (the payload
+/// is the encoder's own).
+pub fn defined_ips(payload: &[u8], out: &mut Vec<IpAddr>) {
+    let mut cur = Cursor::new(payload);
+    while !cur.is_empty() {
+        let (Ok(t), Ok(len)) = (cur.varint(), cur.varint()) else {
+            return;
+        };
+        let Some(body) = usize::try_from(len).ok().and_then(|n| cur.bytes(n).ok()) else {
+            return;
+        };
+        if t == tag::DEF_IP {
+            if let Ok(ip) = Cursor::new(body).ip() {
+                out.push(ip);
+            }
+        }
+    }
 }
 
 /// Decodes the records of one (decompressed) block payload.

@@ -14,7 +14,8 @@
 //!   kept until the names change, and whether they were sent since the
 //!   names' epoch began. A block's addresses are named in one batch when
 //!   it is sealed (not event by event): an address already sent in this
-//!   epoch costs one probe of a 4-byte-per-address set, the others are
+//!   epoch and version costs one probe of a 4-byte-per-address set (the
+//!   block's other addresses the encoder does not list), the others are
 //!   probed in batches whose cache misses overlap, and only names not sent
 //!   yet travel to the writer.
 //! - [`SegmentNames`] (writer thread): which names the segment holds, and
@@ -24,7 +25,7 @@
 //!   puts those of its addresses in front of it (from the tables of the
 //!   segments before).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -45,8 +46,9 @@ const MAX_CACHED: usize = 1 << 18;
 struct Slot {
     /// Where its names are in [`NameCache::named`] ([`UNNAMED`]: nothing names it).
     at: u32,
-    /// The version of the names they were looked up in (its low 32 bits).
-    version: u32,
+    /// The generation of the cache they were looked up in (see
+    /// [`NameCache::sync`]; 0: to look up again).
+    gen: u32,
     /// The epoch whose blocks carry them (its low 32 bits; 0: none yet).
     sent: u32,
 }
@@ -106,6 +108,24 @@ impl V4Table {
         }
     }
 
+    fn get_mut(&mut self, key: u32) -> Option<&mut Slot> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let (k, s) = self.slots[i];
+            if s.at == FREE {
+                return None;
+            }
+            if k == key {
+                return Some(&mut self.slots[i].1);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// The entry of `key`, inserted (as `new`) when absent.
     #[inline]
     fn entry(&mut self, key: u32, new: impl FnOnce() -> Slot) -> &mut Slot {
@@ -133,7 +153,7 @@ impl V4Table {
         let cap = (self.slots.len() * 2).max(1024);
         let free = Slot {
             at: FREE,
-            version: 0,
+            gen: 0,
             sent: 0,
         };
         let old = std::mem::replace(&mut self.slots, vec![(0, free); cap]);
@@ -149,50 +169,166 @@ impl V4Table {
     }
 }
 
-/// IPv4 addresses with nothing to send in one epoch and version of the
-/// names (sent already, or nothing names them): 4 bytes each (and the
-/// table's control byte), so that the addresses of a busy node, which come
-/// back block after block, cost a probe of this set alone, and it stays in
-/// the core's own caches.
-#[derive(Default)]
+/// IPv4 addresses with nothing to send in one epoch and generation of
+/// the cache (sent already, or nothing names them), so that the addresses of
+/// a busy node, which come back block after block, cost a probe of this
+/// set alone. Flat, 4 bytes a slot and at most half full: a probe reads
+/// one cache line, a node's addresses stay in the core's own caches, and
+/// the probes of a block's addresses, independent of each other, overlap.
 struct Settled {
-    keys: HashSet<u32, foldhash::fast::RandomState>,
+    /// Open addressing, linear probing; 0 is a free slot (the address
+    /// 0.0.0.0 is `zero`).
+    slots: Vec<u32>,
+    len: usize,
+    /// How far a key's Fibonacci product is shifted to index `slots`.
+    shift: u32,
+    zero: bool,
     epoch: u32,
-    version: u32,
+    gen: u32,
+}
+
+impl Default for Settled {
+    fn default() -> Self {
+        Settled {
+            slots: Vec::new(),
+            len: 0,
+            shift: 32,
+            zero: false,
+            epoch: 0,
+            gen: 0,
+        }
+    }
 }
 
 impl Settled {
+    /// Where `key`'s probe starts (addresses handed out in order spread
+    /// over the table).
+    #[inline]
+    fn home(&self, key: u32) -> usize {
+        (u64::from(key.wrapping_mul(0x9e37_79b9)) >> self.shift) as usize
+    }
+
     #[inline]
     fn contains(&self, key: u32) -> bool {
-        self.keys.contains(&key)
+        if key == 0 {
+            return self.zero;
+        }
+        if self.slots.is_empty() {
+            return false;
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                0 => return false,
+                k if k == key => return true,
+                _ => i = (i + 1) & mask,
+            }
+        }
     }
 
     fn insert(&mut self, key: u32) {
-        self.keys.insert(key);
+        if key == 0 {
+            self.zero = true;
+            return;
+        }
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            match self.slots[i] {
+                0 => {
+                    self.slots[i] = key;
+                    self.len += 1;
+                    return;
+                }
+                k if k == key => return,
+                _ => i = (i + 1) & mask,
+            }
+        }
     }
 
-    /// Empty unless it is of this epoch and version.
-    fn keep_only(&mut self, epoch: u32, version: u32) {
-        if (self.epoch, self.version) != (epoch, version) {
+    /// Takes `key` out, moving the entries after it in its run back so
+    /// that every probe still finds its key before a free slot.
+    fn remove(&mut self, key: u32) {
+        if key == 0 {
+            self.zero = false;
+            return;
+        }
+        if self.slots.is_empty() {
+            return;
+        }
+        let mask = self.slots.len() - 1;
+        let mut hole = self.home(key);
+        loop {
+            match self.slots[hole] {
+                0 => return,
+                k if k == key => break,
+                _ => hole = (hole + 1) & mask,
+            }
+        }
+        let mut j = hole;
+        loop {
+            j = (j + 1) & mask;
+            let k = self.slots[j];
+            if k == 0 {
+                break;
+            }
+            // `k` may fill the hole when the hole lies on its probe path.
+            let home = self.home(k);
+            if (j.wrapping_sub(home) & mask) >= (j.wrapping_sub(hole) & mask) {
+                self.slots[hole] = k;
+                hole = j;
+            }
+        }
+        self.slots[hole] = 0;
+        self.len -= 1;
+    }
+
+    fn grow(&mut self) {
+        let cap = (self.slots.len() * 2).max(1024);
+        let old = std::mem::replace(&mut self.slots, vec![0; cap]);
+        self.shift = 32 - cap.trailing_zeros();
+        self.len = 0;
+        for k in old.into_iter().filter(|&k| k != 0) {
+            self.insert(k);
+        }
+    }
+
+    /// Empty unless it is of this epoch and generation.
+    fn keep_only(&mut self, epoch: u32, gen: u32) {
+        if (self.epoch, self.gen) != (epoch, gen) {
             self.clear();
-            (self.epoch, self.version) = (epoch, version);
+            (self.epoch, self.gen) = (epoch, gen);
         }
     }
 
     /// Keeps the capacity: a busy node's addresses come back.
     fn clear(&mut self) {
-        self.keys.clear();
+        if self.len > 0 {
+            self.slots.fill(0);
+        }
+        self.len = 0;
+        self.zero = false;
     }
 }
 
-/// An address's names, looked up and encoded once per version of the names.
+/// An address's names, looked up and encoded once, and again only when
+/// a source renames it.
 #[derive(Default)]
 pub struct NameCache {
     v4: V4Table,
     v6: Map<std::net::Ipv6Addr, Slot>,
     named: Vec<Arc<NamedAddr>>,
-    scratch: Vec<NameRecord>,
+    scratch: Scratch,
     settled: Settled,
+    /// Slots of another generation are looked up again (one more when
+    /// any address may have been renamed).
+    gen: u32,
+    /// The version of the names this generation's slots are as of.
+    synced: Option<u64>,
 }
 
 /// How many probes [`NameCache::unsent`] starts before it reads them.
@@ -201,12 +337,13 @@ const BATCH: usize = 16;
 impl NameCache {
     /// Into `out`: the names of those of `ips` that the blocks of `epoch`
     /// (never 0) have not carried yet (they are then counted as carried).
-    /// `ips` were seen while the names were at `version`: names looked up
-    /// in that version are still theirs; others are looked up now.
+    /// `ips` were seen while the names were at `version`: the names of
+    /// those not renamed up to then are still theirs; others are looked up
+    /// now.
     ///
-    /// An address [`Settled`] in this epoch and version costs one probe of
-    /// that set. The others go in batches: each batch's entries are read
-    /// first, their cache misses overlapping, then used.
+    /// An address [`Settled`] in this epoch and generation costs one probe
+    /// of that set. The others go in batches: each batch's entries are
+    /// read first, their cache misses overlapping, then used.
     pub fn unsent(
         &mut self,
         ips: &[IpAddr],
@@ -216,8 +353,8 @@ impl NameCache {
         out: &mut Vec<Arc<NamedAddr>>,
     ) {
         let epoch = (epoch as u32).max(1);
-        let version = version as u32;
-        self.settled.keep_only(epoch, version);
+        self.sync(names, version);
+        self.settled.keep_only(epoch, self.gen);
         let mut batch: SmallVec<[IpAddr; BATCH]> = SmallVec::new();
         let mut ips = ips.iter();
         loop {
@@ -243,9 +380,9 @@ impl NameCache {
                 }
             }
             std::hint::black_box(touched);
-            self.warm(&batch, names, version);
+            self.warm(&batch, names);
             for &ip in &batch {
-                if let Some(n) = self.one(ip, names, epoch, version) {
+                if let Some(n) = self.one(ip, names, epoch) {
                     out.push(n);
                 }
                 if let IpAddr::V4(a) = ip {
@@ -255,9 +392,38 @@ impl NameCache {
         }
     }
 
+    /// The names are now as of `version`: forgets what a source renamed
+    /// since the last call, everything when it cannot say what.
+    fn sync(&mut self, names: &NameResolver, version: u64) {
+        if self.synced == Some(version) {
+            return;
+        }
+        match self.synced.and_then(|v| names.changed_since(v)) {
+            None => {
+                self.gen = self.gen.wrapping_add(1).max(1);
+                self.settled.clear();
+            }
+            Some(renamed) => {
+                for ip in renamed {
+                    let slot = match ip {
+                        IpAddr::V4(a) => {
+                            self.settled.remove(u32::from(a));
+                            self.v4.get_mut(u32::from(a))
+                        }
+                        IpAddr::V6(a) => self.v6.get_mut(&a),
+                    };
+                    if let Some(s) = slot {
+                        s.gen = 0;
+                    }
+                }
+            }
+        }
+        self.synced = Some(version);
+    }
+
     /// Starts the cache misses of the name lookups `batch` needs (the
-    /// addresses not looked up in `version`) side by side.
-    fn warm(&self, batch: &[IpAddr], names: &NameResolver, version: u32) {
+    /// addresses not looked up in this generation) side by side.
+    fn warm(&self, batch: &[IpAddr], names: &NameResolver) {
         let stale: SmallVec<[IpAddr; BATCH]> = batch
             .iter()
             .filter(|ip| {
@@ -265,7 +431,7 @@ impl NameCache {
                     IpAddr::V4(a) => self.v4.get(u32::from(*a)),
                     IpAddr::V6(a) => self.v6.get(a),
                 };
-                slot.is_none_or(|s| s.version != version)
+                slot.is_none_or(|s| s.gen != self.gen)
             })
             .copied()
             .collect();
@@ -275,13 +441,7 @@ impl NameCache {
     }
 
     #[inline]
-    fn one(
-        &mut self,
-        ip: IpAddr,
-        names: &NameResolver,
-        epoch: u32,
-        version: u32,
-    ) -> Option<Arc<NamedAddr>> {
+    fn one(&mut self, ip: IpAddr, names: &NameResolver, epoch: u32) -> Option<Arc<NamedAddr>> {
         if self.v4.len + self.v6.len() >= MAX_CACHED || self.named.len() >= MAX_CACHED {
             self.v4.clear();
             self.v6.clear();
@@ -293,21 +453,21 @@ impl NameCache {
             v6,
             named,
             scratch,
+            gen,
             ..
         } = self;
         let new = || Slot {
             at: UNNAMED,
-            version: version.wrapping_add(1),
+            gen: 0,
             sent: 0,
         };
         let slot = match ip {
             IpAddr::V4(a) => v4.entry(u32::from(a), new),
             IpAddr::V6(a) => v6.entry(a).or_insert_with(new),
         };
-        if slot.version != version {
-            // Looked up in another version (or never): look it up now.
-            let now = names.version() as u32;
-            refresh(slot, now, named, lookup(scratch, ip, names));
+        if slot.gen != *gen {
+            // Renamed since it was looked up (or never looked up): now.
+            refresh(slot, *gen, named, ip, lookup(scratch, ip, names));
         }
         if slot.at == UNNAMED || slot.sent == epoch {
             return None;
@@ -317,29 +477,51 @@ impl NameCache {
     }
 }
 
-/// `s` now names what `now` says (looked up in `version`): unless that is
-/// what it named already, it is to be sent again.
-fn refresh(s: &mut Slot, version: u32, named: &mut Vec<Arc<NamedAddr>>, now: Option<NamedAddr>) {
-    s.version = version;
-    let old = (s.at != UNNAMED).then(|| &named[s.at as usize].records);
-    if old == now.as_ref().map(|n| &n.records) {
+/// `s` now names what `now` says, the records of `ip` as looked up in
+/// generation `gen` (empty: nothing names it): unless that is what it
+/// named already, it is to be sent again. Names that did not change cost
+/// no allocation.
+fn refresh(s: &mut Slot, gen: u32, named: &mut Vec<Arc<NamedAddr>>, ip: IpAddr, now: &[u8]) {
+    s.gen = gen;
+    let old: &[u8] = if s.at == UNNAMED {
+        &[]
+    } else {
+        &named[s.at as usize].records
+    };
+    if old == now {
         return;
     }
     s.sent = 0;
-    match now {
-        None => s.at = UNNAMED,
-        Some(n) if s.at == UNNAMED => {
+    let new = || {
+        Arc::new(NamedAddr {
+            ip,
+            records: now.into(),
+        })
+    };
+    match now.is_empty() {
+        true => s.at = UNNAMED,
+        false if s.at == UNNAMED => {
             s.at = named.len() as u32;
-            named.push(Arc::new(n));
+            named.push(new());
         }
-        Some(n) => named[s.at as usize] = Arc::new(n),
+        false => named[s.at as usize] = new(),
     }
 }
 
-fn lookup(scratch: &mut Vec<NameRecord>, ip: IpAddr, names: &NameResolver) -> Option<NamedAddr> {
-    scratch.clear();
-    names.addr_records(ip, scratch);
-    (!scratch.is_empty()).then(|| NamedAddr::encode(ip, scratch))
+/// Scratch space for looking an address's names up and encoding them.
+#[derive(Default)]
+struct Scratch {
+    records: Vec<NameRecord>,
+    bytes: Vec<u8>,
+}
+
+/// The encoded name records of `ip` (empty when nothing names it).
+fn lookup<'a>(scratch: &'a mut Scratch, ip: IpAddr, names: &NameResolver) -> &'a [u8] {
+    scratch.records.clear();
+    scratch.bytes.clear();
+    names.addr_records(ip, &mut scratch.records);
+    NamedAddr::encode_into(&scratch.records, &mut scratch.bytes);
+    &scratch.bytes
 }
 
 /// The names the segment being written holds.
@@ -379,7 +561,11 @@ impl SegmentNames {
             // No block of an older epoch comes after this one.
             self.before.clear();
         } else {
-            for ip in &raw.ips {
+            // Rare (a block in flight when the segment changed): its
+            // addresses are read back from its payload.
+            let mut ips = raw.ips.clone();
+            super::format::defined_ips(&raw.payload, &mut ips);
+            for ip in &ips {
                 if !self.written.contains_key(ip) {
                     if let Some(n) = self.before.get(ip).cloned() {
                         self.add(&n, out);
@@ -483,7 +669,20 @@ mod tests {
         // segment before; a block of epoch 2 sends its own.
         s.new_segment();
         let mut old = block(1, &[]);
-        old.ips = vec![a2.ip, b.ip];
+        // Its addresses, as the writer reads them back from its payload.
+        let mut enc = crate::recording::format::BlockEncoder::new();
+        let at = |ip| std::net::SocketAddr::new(ip, 80);
+        enc.push_event(&crate::event::Event {
+            ts_ns: 1,
+            netns: 0,
+            source: crate::event::Source::RawTracepoint,
+            body: crate::event::EventBody::TcpReceiveReset {
+                src: at(a2.ip),
+                dst: at(b.ip),
+                sock_cookie: 0,
+            },
+        });
+        old.payload = enc.take().payload;
         s.prefix(&old, 2, &mut out);
         assert_eq!(out.len(), a2.records.len() + b.records.len());
         s.commit();
@@ -492,6 +691,87 @@ mod tests {
         s.new_segment();
         s.prefix(&block(3, &[&b]), 3, &mut out);
         assert_eq!(out, &*b.records);
+    }
+
+    #[test]
+    fn a_rename_costs_a_lookup_of_the_renamed_addresses_only() {
+        use crate::names::{Layer, Names, SourceId};
+        let ips: Vec<IpAddr> = (1..=4u32)
+            .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+            .chain(["fd00::9".parse().unwrap()])
+            .collect();
+        let layer = |renamed: Option<IpAddr>| {
+            let mut l = Layer::default();
+            for ip in &ips {
+                let node = if Some(*ip) == renamed { "new" } else { "old" };
+                l.set_peer(*ip, Peer::Node(node.into()));
+            }
+            l
+        };
+        let names = Names::new();
+        names.publish(SourceId::Api, layer(None));
+        let r = NameResolver::live(names.clone());
+        let mut c = NameCache::default();
+        let mut out = Vec::new();
+        c.unsent(&ips, &r, 1, r.version(), &mut out);
+        assert_eq!(out.len(), 5);
+        let gen = c.gen;
+        // The second layer renames the fifth and names the third as before.
+        for (renamed, changed) in [(ips[2], vec![ips[2]]), (ips[4], vec![ips[2], ips[4]])] {
+            names.publish(SourceId::Api, layer(Some(renamed)));
+            out.clear();
+            c.unsent(&ips, &r, 1, r.version(), &mut out);
+            assert_eq!(out.iter().map(|n| n.ip).collect::<Vec<_>>(), changed);
+            // The others were neither forgotten nor looked up again.
+            assert_eq!(c.gen, gen);
+            for ip in ips.iter().filter(|ip| !changed.contains(ip)) {
+                if let IpAddr::V4(a) = ip {
+                    assert!(c.settled.contains(u32::from(*a)), "{ip}");
+                }
+            }
+        }
+        // A change nobody can list (the whole cluster's Pods now known):
+        // everything is looked up again, and sent only where it changed.
+        names.set_complete(true);
+        out.clear();
+        c.unsent(&ips, &r, 1, r.version(), &mut out);
+        assert_ne!(c.gen, gen);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn the_settled_set_holds_what_it_was_given_until_cleared() {
+        let mut s = Settled::default();
+        assert!(!s.contains(7) && !s.contains(0));
+        let keys: Vec<u32> = (0..5000u32).map(|i| 0x0a00_0000 + i * 7).collect();
+        for k in keys.iter().step_by(2) {
+            s.insert(*k);
+        }
+        s.insert(0);
+        s.insert(keys[0]);
+        assert_eq!(s.len, 2500);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(s.contains(*k), i % 2 == 0, "{k}");
+        }
+        assert!(s.contains(0));
+        s.keep_only(1, 1);
+        assert!(!s.contains(keys[0]) && !s.contains(0));
+        s.insert(keys[1]);
+        s.keep_only(1, 1);
+        assert!(s.contains(keys[1]), "same epoch and generation: kept");
+        // Taking keys out keeps every other one findable (runs shift back).
+        let mut s = Settled::default();
+        for k in &keys {
+            s.insert(*k);
+        }
+        for k in keys.iter().step_by(3) {
+            s.remove(*k);
+        }
+        s.remove(12345);
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(s.contains(*k), i % 3 != 0, "{k}");
+        }
+        assert_eq!(s.len, keys.len() - keys.len().div_ceil(3));
     }
 
     #[test]

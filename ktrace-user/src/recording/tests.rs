@@ -505,6 +505,29 @@ fn every_variant_round_trips_through_a_block() {
     );
 }
 
+/// What the writer reads back from a payload when a block needs names
+/// its new segment lacks: every address the block defined, once, in order.
+#[test]
+fn a_blocks_addresses_are_read_back_from_its_payload() {
+    let items = every_item(5_000_000_000);
+    let mut enc = BlockEncoder::new();
+    enc.list_ips();
+    for i in &items {
+        enc.push_item(i);
+    }
+    let listed = enc.block_ips().to_vec();
+    let raw = enc.take();
+    let mut ips = Vec::new();
+    super::format::defined_ips(&raw.payload, &mut ips);
+    assert!(ips.len() >= 4, "{ips:?}");
+    assert!(ips.iter().any(IpAddr::is_ipv6));
+    assert_eq!(ips, listed);
+    let unique: std::collections::HashSet<_> = ips.iter().collect();
+    assert_eq!(unique.len(), ips.len());
+    // The list starts afresh with the next block.
+    assert!(enc.block_ips().is_empty());
+}
+
 /// A reader of minor version 4 skips the summary record by its length;
 /// the records after it must keep their timestamps.
 #[test]
