@@ -343,24 +343,31 @@ impl NameResolver {
         for e in at.entries() {
             for p in e.ports() {
                 let key = (ip, p.port, p.proto);
-                let r = match p.role {
-                    PortRole::Vip => NameRecord::Service {
-                        key,
-                        name: p.name.clone(),
-                    },
-                    PortRole::Endpoint => NameRecord::Endpoint {
-                        key,
-                        name: p.name.clone(),
-                    },
-                };
                 // A lower layer's name for a key already written is not the name.
-                if !out[first..].iter().any(|o| o.same_key(&r)) {
-                    out.push(r);
+                let written = |o: &NameRecord| match o {
+                    NameRecord::Service { key: k, .. } => p.role == PortRole::Vip && *k == key,
+                    NameRecord::Endpoint { key: k, .. } => {
+                        p.role == PortRole::Endpoint && *k == key
+                    }
+                    _ => false,
+                };
+                if out[first..].iter().any(written) {
+                    continue;
                 }
+                let name = p.name.clone();
+                out.push(match p.role {
+                    PortRole::Vip => NameRecord::Service { key, name },
+                    PortRole::Endpoint => NameRecord::Endpoint { key, name },
+                });
             }
         }
-        if let Some(p) = at.peer() {
-            out.push(NameRecord::peer(ip, &p));
+        match at.peer_ref() {
+            Some(PeerRef::Pod(pod)) => out.push(NameRecord::Pod {
+                ip,
+                pod: pod.clone(),
+            }),
+            Some(PeerRef::Other(p)) => out.push(NameRecord::peer(ip, p)),
+            None => {}
         }
     }
 

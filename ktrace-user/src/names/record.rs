@@ -58,16 +58,6 @@ impl NameRecord {
         }
     }
 
-    /// True when `self` and `o` name the same thing (whatever the name).
-    pub fn same_key(&self, o: &NameRecord) -> bool {
-        use NameRecord as R;
-        match (self, o) {
-            (R::Service { key: a, .. }, R::Service { key: b, .. })
-            | (R::Endpoint { key: a, .. }, R::Endpoint { key: b, .. }) => a == b,
-            _ => false,
-        }
-    }
-
     /// Adds this fact to `l` (the replay's layer of recorded names).
     pub fn apply(self, l: &mut Layer, i: &mut Interner) {
         match self {
