@@ -52,11 +52,15 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use ktrace::clock::WallClock;
 use ktrace::engine::{Engine, EngineConfig};
 use ktrace::event::{Event, EventBody, NatEntry};
 use ktrace::names::kube::cache::{self, Cache};
 use ktrace::names::kube::lenient::Lenient;
 use ktrace::names::{Layer, NameResolver, Names, Peer, SourceId};
+use ktrace::netns::NetnsNames;
+use ktrace::output::Renderer;
+use ktrace::pipeline::Pipeline;
 use ktrace::recording::{Recorder, RotationConfig};
 use kube::runtime::watcher::Event as WEvent;
 
@@ -320,6 +324,36 @@ enum Pass<'a> {
     Renamed(&'a [Layer]),
 }
 
+/// Events/s of `watch` as a user runs it: the engine and the renderer
+/// (the human view, or `--json`) printing every finding to a sink, the
+/// events in batches as the ring buffer hands them over; each finding
+/// named when `r` is given.
+fn watch(events: &[Event], r: Option<&NameResolver>, json: bool) -> f64 {
+    let out = Renderer::new(
+        std::io::sink(),
+        json,
+        false,
+        WallClock::now(),
+        NetnsNames::default(),
+    );
+    let mut p = Pipeline::new(Some(Engine::new(EngineConfig::default())), out);
+    if let Some(n) = r.and_then(NameResolver::names) {
+        p.name_with(n.clone());
+    }
+    let t = cpu();
+    let mut next_tick = 0;
+    for batch in events.chunks(64) {
+        let ts = batch[0].ts_ns;
+        if ts >= next_tick {
+            p.tick(ts).unwrap();
+            next_tick = ts + 200_000_000;
+        }
+        p.handle_batch(batch).unwrap();
+    }
+    p.finish(events[events.len() - 1].ts_ns).unwrap();
+    events.len() as f64 / (cpu() - t)
+}
+
 /// Events/s `record` writes (encode + zstd + write, inline on one core),
 /// writing each event's names when `r` is given; the file's size.
 fn record(path: &Path, events: &[Event], r: Option<&NameResolver>, how: Pass) -> (f64, u64) {
@@ -557,6 +591,17 @@ fn with_and_without_names(r: &NameResolver, mixes: [(&str, &[Event]); 2]) {
                 "engine (watch: each finding's names)",
                 pairs(runs, |on| engine(events, on.then_some(r)).0),
             );
+        }
+        for (label, json) in [
+            ("watch (engine + human view printing findings)", false),
+            ("watch --json (engine + JSON findings)", true),
+        ] {
+            if row(label) {
+                report(
+                    label,
+                    pairs(runs, |on| watch(events, on.then_some(r), json)),
+                );
+            }
         }
         let dir = std::env::temp_dir().join(format!("ktrace-bench-names-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

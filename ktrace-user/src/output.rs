@@ -13,7 +13,7 @@ use crate::engine::Finding;
 use crate::event::{Event, EventBody, Source};
 use crate::hooks::HookStatus;
 use crate::incident::line::{hanging, DEFAULT_WIDTH};
-use crate::incident::plain::{PlainOptions, PlainView};
+use crate::incident::plain::{Admitted, PlainOptions, PlainView};
 use crate::names::{render as names_out, NameResolver, SourceStatus};
 use crate::netns::NetnsNames;
 
@@ -363,14 +363,36 @@ impl<W: Write> Renderer<W> {
         f: &Finding,
         names: Option<&crate::names::FindingNames>,
     ) -> io::Result<()> {
+        let a = self.admit(f);
+        self.finding_admitted(f, a, names)
+    }
+
+    /// Counts `f` where the view counts findings and says whether it is
+    /// printed (every finding in JSON; in the human view, those not folded
+    /// into their group's summary): its names are needed only then.
+    pub fn admit(&mut self, f: &Finding) -> Admitted {
         if self.json {
-            let mut v = f.to_json(&self.clock);
-            if let Some(n) = names {
-                names_out::add_finding_fields(&mut v, n);
-            }
-            return self.line(&v);
+            return Admitted {
+                print: true,
+                new: false,
+            };
         }
-        self.plain.finding(f, names, &self.clock, &mut self.out)
+        self.plain.admit(f)
+    }
+
+    /// Prints a finding [`admit`](Self::admit) admitted.
+    pub fn finding_admitted(
+        &mut self,
+        f: &Finding,
+        a: Admitted,
+        names: Option<&crate::names::FindingNames>,
+    ) -> io::Result<()> {
+        if self.json {
+            let names = names.map(names_out::NameFields::from);
+            serde_json::to_writer(&mut self.out, &f.json(&self.clock, names))?;
+            return self.out.write_all(b"\n");
+        }
+        self.plain.print(f, a, names, &self.clock, &mut self.out)
     }
 
     /// Time passes (`now_ns`): the human view's group summaries.

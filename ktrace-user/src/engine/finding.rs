@@ -276,7 +276,7 @@ pub struct Finding {
 
 /// The contract's JSON object of a finding (`"type":"finding"`).
 #[derive(Serialize)]
-struct FindingJson<'a> {
+pub struct FindingJson<'a, N> {
     #[serde(rename = "type")]
     ty: &'static str,
     kind: FindingKind,
@@ -288,6 +288,9 @@ struct FindingJson<'a> {
     backend: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
     client: Option<SocketAddr>,
+    /// Fields of the names of those addresses, right after them.
+    #[serde(flatten)]
+    names: Option<N>,
     cause: &'a str,
     remedy: &'a str,
     evidence: Evidence,
@@ -302,7 +305,14 @@ impl Finding {
     /// The contract's JSON object; absent fields are omitted, times are
     /// wall-clock RFC 3339 by `clock`.
     pub fn to_json(&self, clock: &WallClock) -> serde_json::Value {
-        let v = FindingJson {
+        serde_json::to_value(self.json(clock, None::<()>)).expect("a finding serialises")
+    }
+
+    /// The contract's JSON object, to serialise as it is (no
+    /// `serde_json::Value` in between), with `names`' fields (the
+    /// Kubernetes names of its addresses) right after the addresses.
+    pub fn json<N: Serialize>(&self, clock: &WallClock, names: Option<N>) -> FindingJson<'_, N> {
+        FindingJson {
             ty: "finding",
             kind: self.kind(),
             ts: clock.rfc3339(self.ts_ns),
@@ -310,12 +320,12 @@ impl Finding {
             service: self.service,
             backend: self.backend,
             client: self.client,
+            names,
             cause: &self.cause,
             remedy: &self.remedy,
             evidence: self.evidence.at_wall_clock(clock),
             message: self.sentence(),
-        };
-        serde_json::to_value(v).expect("a finding serialises")
+        }
     }
 
     /// One human sentence: who, what, why, and the fix.

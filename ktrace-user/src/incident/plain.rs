@@ -49,6 +49,15 @@ impl PlainOptions {
     }
 }
 
+/// What [`PlainView::admit`] decided of a finding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admitted {
+    /// Its lines are printed (otherwise it is counted in its group's summary).
+    pub print: bool,
+    /// It starts its group (its explanation and remedy follow its line).
+    pub new: bool,
+}
+
 /// Per group: what the stream printed of it.
 #[derive(Debug, Default, Clone, Copy)]
 struct Shown {
@@ -84,6 +93,14 @@ impl PlainView {
         clock: &WallClock,
         out: &mut dyn Write,
     ) -> io::Result<()> {
+        let a = self.admit(f);
+        self.print(f, a, names, clock, out)
+    }
+
+    /// Counts `f` in its group and says whether it is printed (and
+    /// whether it starts its group): a caller that looks names up for the
+    /// line does so only when it is printed.
+    pub fn admit(&mut self, f: &Finding) -> Admitted {
         let key = GroupKey::of(f);
         let new = self.groups.add(f);
         let group_findings = self.groups.get(&key).map_or(1, |g| g.findings);
@@ -91,18 +108,33 @@ impl PlainView {
         let print = self.opts.explain
             || group_findings <= LINES_PER_GROUP
             || key.kind == FindingKind::RstStorm;
-        if !print {
+        if print {
+            shown.last_line_ns = shown.last_line_ns.max(f.ts_ns);
+        } else {
             shown.unsummarised += 1;
+        }
+        Admitted { print, new }
+    }
+
+    /// The lines of a finding [`admit`](Self::admit) admitted.
+    pub fn print(
+        &mut self,
+        f: &Finding,
+        a: Admitted,
+        names: Option<&FindingNames>,
+        clock: &WallClock,
+        out: &mut dyn Write,
+    ) -> io::Result<()> {
+        if !a.print {
             return Ok(());
         }
-        shown.last_line_ns = shown.last_line_ns.max(f.ts_ns);
         let style = self.opts.style;
         if !self.header_done {
             self.header_done = true;
             writeln!(out, "{}", line::header(&style))?;
         }
         writeln!(out, "{}", line::finding_line(f, clock, &style))?;
-        if new || self.opts.explain {
+        if a.new || self.opts.explain {
             for l in line::explanation(f, names, &style) {
                 writeln!(out, "{l}")?;
             }

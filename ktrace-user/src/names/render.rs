@@ -4,62 +4,58 @@
 
 use std::net::SocketAddr;
 
-use serde_json::{json, Map, Value};
+use serde::Serialize;
+use serde_json::{json, Value};
 
-use super::{FindingNames, NameResolver, Peer};
+use super::{FindingNames, NameResolver, Peer, ServiceName};
 use crate::engine::finding::Role;
 use crate::engine::Finding;
 
 /// The JSON fields a finding gains: `service_name`, `backend_name`,
-/// `backend_node`, `backend_service`, `client_name`, `client_node`.
-pub fn finding_fields(n: &FindingNames) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    if let Some((_, s)) = &n.service {
-        out.push(("service_name", s.to_string()));
-    }
-    if let Some(p) = &n.backend {
-        out.push(("backend_name", p.to_string()));
-        if let Peer::Pod(pod) = p {
-            if let Some(node) = &pod.node {
-                out.push(("backend_node", node.to_string()));
-            }
-        }
-    }
-    if let Some((_, s)) = &n.backend_service {
-        out.push(("backend_service", s.to_string()));
-    }
-    if let Some(p) = &n.client {
-        out.push(("client_name", p.to_string()));
-        if let Peer::Pod(pod) = p {
-            if let Some(node) = &pod.node {
-                out.push(("client_node", node.to_string()));
-            }
-        }
-    }
-    out
+/// `backend_node`, `backend_service`, `client_name`, `client_node` (what
+/// is known), written from the names themselves, in the contract's order
+/// right after `service`, `backend` and `client` (see
+/// [`Finding::json`](crate::engine::Finding::json)).
+#[derive(Serialize)]
+pub struct NameFields<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_name: Option<Shown<&'a ServiceName>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_name: Option<Shown<&'a Peer>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_node: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backend_service: Option<Shown<&'a ServiceName>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_name: Option<Shown<&'a Peer>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_node: Option<&'a str>,
 }
 
-/// Inserts the name fields right after the last of `service`, `backend`,
-/// `client` (or after `severity`), keeping the contract's key order.
-pub fn add_finding_fields(v: &mut Value, n: &FindingNames) {
-    let Value::Object(m) = v else { return };
-    let after = ["client", "backend", "service", "severity"]
-        .into_iter()
-        .find(|k| m.contains_key(*k))
-        .unwrap_or("severity");
-    let old = std::mem::take(m);
-    let mut fields = Some(finding_fields(n));
-    let mut out = Map::with_capacity(old.len() + 6);
-    for (k, val) in old {
-        let here = k == after;
-        out.insert(k, val);
-        if here {
-            for (nk, nv) in fields.take().unwrap_or_default() {
-                out.insert(nk.into(), json!(nv));
-            }
+impl<'a> From<&'a FindingNames> for NameFields<'a> {
+    fn from(n: &'a FindingNames) -> Self {
+        let node = |p: &'a Option<Peer>| match p {
+            Some(Peer::Pod(pod)) => pod.node.as_deref(),
+            _ => None,
+        };
+        NameFields {
+            service_name: n.service.as_ref().map(|(_, s)| Shown(&**s)),
+            backend_name: n.backend.as_ref().map(Shown),
+            backend_node: node(&n.backend),
+            backend_service: n.backend_service.as_ref().map(|(_, s)| Shown(&**s)),
+            client_name: n.client.as_ref().map(Shown),
+            client_node: node(&n.client),
         }
     }
-    *m = out;
+}
+
+/// A name written as a JSON string by its `Display` (no `String` made).
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
 }
 
 /// The label of one of a finding's addresses in the human sentence.
@@ -202,13 +198,17 @@ mod tests {
             client: Some(Peer::Node(i.get("node-b"))),
         };
         let f = finding();
-        let mut v = json!({"type": "finding", "severity": "error", "service": "a", "backend": "b", "client": "c", "cause": "x"});
-        add_finding_fields(&mut v, &n);
+        let clock = crate::clock::WallClock { offset_ns: 0 };
+        let json =
+            |f: &Finding| serde_json::to_value(f.json(&clock, Some(NameFields::from(&n)))).unwrap();
+        let v = json(&f);
         let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
         assert_eq!(
             keys,
             [
                 "type",
+                "kind",
+                "ts",
                 "severity",
                 "service",
                 "backend",
@@ -217,9 +217,23 @@ mod tests {
                 "backend_name",
                 "backend_node",
                 "client_name",
-                "cause"
+                "cause",
+                "remedy",
+                "evidence",
+                "message"
             ]
         );
+        // Without names, the object is the contract's as before.
+        assert_eq!(
+            serde_json::to_value(f.json(&clock, None::<NameFields>)).unwrap(),
+            f.to_json(&clock)
+        );
+        // Addresses absent: the names follow the last one present.
+        let mut no_client = f.clone();
+        no_client.client = None;
+        let v = json(&no_client);
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys[4..7], ["service", "backend", "service_name"]);
         assert_eq!(v["service_name"], "payments/ledger:grpc");
         assert_eq!(v["backend_name"], "payments/ledger-7f9c");
         assert_eq!(v["client_name"], "node/node-b");

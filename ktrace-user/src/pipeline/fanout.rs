@@ -239,14 +239,19 @@ impl<W: Write> Pipeline<W> {
             }
             if f.ts_ns >= self.print_window.0 && f.ts_ns <= self.print_window.1 {
                 *self.emitted.entry(f.kind()).or_default() += 1;
-                let names = self.out.names().finding(&f);
+                // Names are looked up for a finding that is printed or
+                // exported, not for one the human view only counts.
+                let shown = self.out.admit(&f);
+                let names = (shown.print || self.exporter.is_some())
+                    .then(|| self.out.names().finding(&f))
+                    .flatten();
                 if let Some(x) = &self.exporter {
                     x.finding_named(&f, names.as_ref());
                 }
                 if let Some(t) = &mut self.tap {
                     t.finding(&f);
                 }
-                self.out.finding_named(&f, names.as_ref())?;
+                self.out.finding_admitted(&f, shown, names.as_ref())?;
             }
         }
         Ok(())
