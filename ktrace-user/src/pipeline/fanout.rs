@@ -242,14 +242,14 @@ impl<W: Write> Pipeline<W> {
                 // Names are looked up for a finding that is printed or
                 // exported, not for one the human view only counts.
                 let shown = self.out.admit(&f);
-                let names = (shown.print || self.exporter.is_some())
+                let names = (shown.print || self.exporter.is_some() || self.tap.is_some())
                     .then(|| self.out.names().finding(&f))
                     .flatten();
                 if let Some(x) = &self.exporter {
                     x.finding_named(&f, names.as_ref());
                 }
                 if let Some(t) = &mut self.tap {
-                    t.finding(&f);
+                    t.finding(&f, names.as_ref());
                 }
                 self.out.finding_admitted(&f, shown, names.as_ref())?;
             }

@@ -45,7 +45,13 @@ pub enum PipelineError {
 pub trait Tap {
     fn status(&mut self, _hooks: &[HookStatus], _kernel: Option<&str>, _clock: WallClock) {}
     fn event(&mut self, _ev: &Event) {}
-    fn finding(&mut self, _f: &crate::engine::Finding) {}
+    /// A finding, with the names of its addresses when any are known.
+    fn finding(
+        &mut self,
+        _f: &crate::engine::Finding,
+        _names: Option<&crate::names::FindingNames>,
+    ) {
+    }
     fn lost(&mut self, _now_ns: u64, _count: u64) {}
     fn tick(&mut self, _now_ns: u64) {}
     /// True stops the source (the view was closed).

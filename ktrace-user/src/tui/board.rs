@@ -1,14 +1,15 @@
 //! What the dashboard shows, fed by updates: the node's header, the
 //! incident groups, and resets and INVALID verdicts per second.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 
 use crate::clock::WallClock;
 use crate::engine::{Finding, FindingKind};
 use crate::event::{Event, EventBody};
 use crate::hooks::HookStatus;
-use crate::incident::{Group, Groups};
+use crate::incident::{Group, GroupKey, Groups};
+use crate::names::FindingNames;
 
 /// Seconds of history in the sparklines.
 pub const HISTORY_S: usize = 120;
@@ -25,7 +26,8 @@ pub enum Update {
         /// from the conntrack counter).
         invalid_hook: bool,
     },
-    Finding(Box<Finding>),
+    /// A finding, and the Kubernetes names of its addresses when known.
+    Finding(Box<Finding>, Option<Box<FindingNames>>),
     /// Resets and INVALID verdicts counted since the previous update, at `now_ns`.
     Counts {
         now_ns: u64,
@@ -36,6 +38,10 @@ pub enum Update {
 }
 
 impl Update {
+    pub fn finding(f: &Finding, names: Option<&FindingNames>) -> Update {
+        Update::Finding(Box::new(f.clone()), names.cloned().map(Box::new))
+    }
+
     pub fn status(hooks: &[HookStatus], kernel: Option<&str>, clock: WallClock) -> Update {
         Update::Status {
             hooks: hooks
@@ -95,6 +101,9 @@ pub struct Board {
     /// (live only; counted by the tap, never hidden).
     pub behind: u64,
     pub groups: Groups,
+    /// The names of each group's latest finding (its Service, backend
+    /// and client), where known.
+    pub names: HashMap<GroupKey, FindingNames>,
     /// The latest time seen (monotonic ns).
     pub now_ns: u64,
     /// Per second, oldest first, the last [`HISTORY_S`]: resets, INVALID.
@@ -114,6 +123,7 @@ impl Board {
             lost: 0,
             behind: 0,
             groups: Groups::default(),
+            names: HashMap::new(),
             now_ns: 0,
             resets: VecDeque::new(),
             invalid: VecDeque::new(),
@@ -133,9 +143,14 @@ impl Board {
                 self.kernel = kernel;
                 self.clock = clock;
             }
-            Update::Finding(f) => {
+            Update::Finding(f, names) => {
                 self.now_ns = self.now_ns.max(f.ts_ns);
                 self.groups.add(&f);
+                let key = GroupKey::of(&f);
+                match names {
+                    Some(n) => self.names.insert(key, *n),
+                    None => self.names.remove(&key),
+                };
             }
             Update::Counts {
                 now_ns,
@@ -149,7 +164,9 @@ impl Board {
                 if let Some(i) = self.invalid.back_mut() {
                     *i += invalid;
                 }
-                self.groups.expire(now_ns);
+                for g in self.groups.expire(now_ns) {
+                    self.names.remove(&g.key);
+                }
             }
             Update::Lost(n) => self.lost += n,
         }

@@ -12,6 +12,7 @@ use super::View;
 use crate::engine::Severity;
 use crate::incident::line::{backends, clock_time, severity_tag, short_cause};
 use crate::incident::Group;
+use crate::names::FindingNames;
 
 fn severity_style(s: Severity) -> Style {
     match s {
@@ -156,8 +157,8 @@ fn draw_table(
             Row::new([
                 Cell::new(severity_tag(g.severity).trim()).style(severity_style(g.severity)),
                 Cell::new(g.key.kind.as_str()),
-                Cell::new(g.key.target.map_or("-".into(), |t| t.to_string())),
-                Cell::new(backends(&g.backends)),
+                Cell::new(service_cell(g, board.names.get(&g.key))),
+                Cell::new(backend_cell(g, board.names.get(&g.key))),
                 Cell::new(g.connections.to_string()),
                 Cell::new(format!(
                     "{}{}",
@@ -205,6 +206,28 @@ fn draw_table(
     }
 }
 
+/// The SERVICE cell: the Service port's Kubernetes name when known
+/// (`namespace/name:port`), else its address.
+fn service_cell(g: &Group, n: Option<&FindingNames>) -> String {
+    match n.and_then(|n| n.service.as_ref()) {
+        Some((_, s)) => s.to_string(),
+        None => g.key.target.map_or("-".into(), |t| t.to_string()),
+    }
+}
+
+/// The BACKEND cell: the latest backend's Pod (or node) when known, else
+/// its address; `+N` the other backends of the group.
+fn backend_cell(g: &Group, n: Option<&FindingNames>) -> String {
+    let named = n
+        .and_then(|n| n.backend.as_ref())
+        .filter(|_| g.backends.last() == g.latest.backend.as_ref());
+    match (named, g.backends.len()) {
+        (Some(p), 0 | 1) => p.to_string(),
+        (Some(p), k) => format!("{p}+{}", k - 1),
+        (None, _) => backends(&g.backends),
+    }
+}
+
 fn draw_detail(frame: &mut Frame, area: Rect, board: &Board, g: Option<&Group>) {
     let block = Block::bordered().title(" selected incident ");
     let Some(g) = g else {
@@ -215,7 +238,18 @@ fn draw_detail(frame: &mut Frame, area: Rect, board: &Board, g: Option<&Group>) 
     let evidence =
         serde_json::to_string(&f.evidence.at_wall_clock(&board.clock)).unwrap_or_default();
     let bold = Style::new().add_modifier(Modifier::BOLD);
-    let text = vec![
+    let names = board
+        .names
+        .get(&g.key)
+        .and_then(crate::names::render::summary);
+    let mut text = Vec::new();
+    if let Some(n) = names {
+        text.push(Line::from(vec![
+            Span::styled("names:    ", bold),
+            Span::raw(n),
+        ]));
+    }
+    text.extend([
         Line::from(vec![
             Span::styled("cause:    ", bold),
             Span::raw(format!("{} — {}", short_cause(f), f.cause)),
@@ -227,7 +261,7 @@ fn draw_detail(frame: &mut Frame, area: Rect, board: &Board, g: Option<&Group>) 
             Span::raw(f.remedy.clone()),
         ]),
         Line::from(vec![Span::styled("evidence: ", bold), Span::raw(evidence)]),
-    ];
+    ]);
     frame.render_widget(
         Paragraph::new(text).block(block).wrap(Wrap { trim: false }),
         area,

@@ -26,6 +26,7 @@ use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEvent, Key
 use crate::clock::WallClock;
 use crate::event::Event;
 use crate::hooks::HookStatus;
+use crate::names::FindingNames;
 use crate::pipeline::Tap;
 use board::{Board, Counter, Filter, Update};
 
@@ -145,8 +146,8 @@ impl Tap for ChannelTap {
     fn event(&mut self, ev: &Event) {
         self.counter.event(ev);
     }
-    fn finding(&mut self, f: &crate::engine::Finding) {
-        self.send(Update::Finding(Box::new(f.clone())));
+    fn finding(&mut self, f: &crate::engine::Finding, names: Option<&FindingNames>) {
+        self.send(Update::finding(f, names));
     }
     fn lost(&mut self, _now_ns: u64, count: u64) {
         self.send(Update::Lost(count));
@@ -265,9 +266,8 @@ impl Tap for Timeline {
     fn event(&mut self, ev: &Event) {
         self.counter.event(ev);
     }
-    fn finding(&mut self, f: &crate::engine::Finding) {
-        self.updates
-            .push((f.ts_ns, Update::Finding(Box::new(f.clone()))));
+    fn finding(&mut self, f: &crate::engine::Finding, names: Option<&FindingNames>) {
+        self.updates.push((f.ts_ns, Update::finding(f, names)));
     }
     fn lost(&mut self, now_ns: u64, count: u64) {
         self.updates.push((now_ns, Update::Lost(count)));
@@ -286,8 +286,8 @@ impl Tap for std::rc::Rc<std::cell::RefCell<Timeline>> {
     fn event(&mut self, ev: &Event) {
         self.borrow_mut().event(ev);
     }
-    fn finding(&mut self, f: &crate::engine::Finding) {
-        self.borrow_mut().finding(f);
+    fn finding(&mut self, f: &crate::engine::Finding, names: Option<&FindingNames>) {
+        self.borrow_mut().finding(f, names);
     }
     fn lost(&mut self, now_ns: u64, count: u64) {
         self.borrow_mut().lost(now_ns, count);

@@ -6,6 +6,7 @@ use ratatui::Terminal;
 use super::board::{Board, Update};
 use super::*;
 use crate::incident::tests::unnated;
+use std::sync::Arc;
 
 /// The screen as lines of text.
 fn screen(board: &Board, view: &View, w: u16, h: u16) -> Vec<String> {
@@ -35,10 +36,10 @@ fn board_with_incident() -> Board {
         WallClock { offset_ns: 0 },
     ));
     for i in 0..6 {
-        b.apply(Update::Finding(Box::new(unnated(
-            1_000_000_000 + i * 1_000_000,
-            40000 + i as u16,
-        ))));
+        b.apply(Update::Finding(
+            Box::new(unnated(1_000_000_000 + i * 1_000_000, 40000 + i as u16)),
+            None,
+        ));
     }
     b.apply(Update::Counts {
         now_ns: 1_500_000_000,
@@ -93,6 +94,64 @@ fn the_dashboard_names_the_service_backend_and_count() {
     );
 }
 
+/// With Kubernetes names, the table says the Service and the backend Pod
+/// by name and the detail pane says who is who; an incident nothing names
+/// keeps its addresses.
+#[test]
+fn the_dashboard_shows_kubernetes_names_where_known() {
+    use crate::names::{FindingNames, Interner, Peer, PodName, Proto, ServiceName};
+    let mut i = Interner::default();
+    let names = FindingNames {
+        service: Some((
+            Proto::Tcp,
+            Arc::new(ServiceName::parse("payments/ledger:grpc", &mut i).unwrap()),
+        )),
+        backend: Some(Peer::Pod(Arc::new(PodName {
+            namespace: i.get("payments"),
+            name: "ledger-7f9c".into(),
+            node: Some(i.get("node-a")),
+        }))),
+        backend_service: None,
+        client: Some(Peer::Node(i.get("node-b"))),
+    };
+    let mut b = board_with_incident();
+    b.apply(Update::finding(
+        &unnated(1_100_000_000, 40100),
+        Some(&names),
+    ));
+    let lines = screen(&b, &View::default(), 120, 30);
+    let text = lines.join("\n");
+    let row = lines
+        .iter()
+        .find(|l| l.contains("unnated_reply"))
+        .unwrap_or_else(|| panic!("no incident row:\n{text}"));
+    let cols: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    assert_eq!(
+        &cols[..5],
+        [
+            "ERR",
+            "unnated_reply",
+            "payments/ledger:grpc",
+            "payments/ledger-7f9c",
+            "7"
+        ],
+        "{row}"
+    );
+    assert!(
+        text.contains(
+            "names:    Service payments/ledger:grpc, backend pod payments/ledger-7f9c on node-a, client node/node-b"
+        ),
+        "{text}"
+    );
+    // The next finding of the group without names: addresses again.
+    b.apply(Update::finding(&unnated(1_200_000_000, 40200), None));
+    let text = screen(&b, &View::default(), 120, 30).join("\n");
+    assert!(
+        text.contains("10.96.0.10:2222") && !text.contains("payments/"),
+        "{text}"
+    );
+}
+
 #[test]
 fn filters_narrow_the_table_and_keys_cycle_them() {
     let board = board_with_incident();
@@ -127,7 +186,7 @@ fn an_empty_board_says_so() {
 fn a_timeline_rebuilds_the_board_at_any_time() {
     let mut t = Timeline::default();
     for i in 0..4u64 {
-        t.finding(&unnated(1_000_000_000 * (i + 1), 40000 + i as u16));
+        t.finding(&unnated(1_000_000_000 * (i + 1), 40000 + i as u16), None);
     }
     assert_eq!(t.span(), (1_000_000_000, 4_000_000_000));
     let b = t.board_at("n", 2_500_000_000);
@@ -190,7 +249,7 @@ fn the_whole_remedy_shows_in_a_120x40_terminal() {
         INVALID packet(s) as it happened (out of window or table full; the verdict hook cannot \
         attach on this kernel, so the exact reason is unknown)); the client reset it."
         .into();
-    b.apply(Update::Finding(Box::new(f)));
+    b.apply(Update::Finding(Box::new(f), None));
     let last_word = "262144)";
     let text = screen(&b, &View::default(), 120, 40).join("\n");
     assert!(text.contains("remedy:"), "{text}");
