@@ -128,15 +128,51 @@ pub struct PacketInfo {
 
 pub const TCP_FLAG_RST: u8 = 0x04;
 
-/// Per-CPU scratch for the span of `struct sk_buff` read by [`skb_fields`].
+/// Per-CPU scratch for the span of `struct sk_buff` read by [`skb_span`].
 #[map]
-static SKB_SCRATCH: PerCpuArray<[u8; SKB_SPAN + 8]> = PerCpuArray::with_max_entries(1, 0);
+static SKB_SCRATCH: PerCpuArray<SkbSpan> = PerCpuArray::with_max_entries(1, 0);
 const SKB_SPAN: usize = 256;
+
+/// A span of `struct sk_buff` from `dev` on, with 8 bytes of slack so that
+/// a field read at any masked offset stays inside.
+type SkbSpan = [u8; SKB_SPAN + 8];
+
+/// The first `len` bytes of `skb` from `skb->dev` on (at `dev_off`), by one
+/// probe read: each kernel read is a helper call, some 30 ns of a storm's
+/// reset whatever its length, so callers that need several fields near
+/// `dev` read them in one go. `len` is at most [`SKB_SPAN`].
+#[inline(always)]
+fn skb_span(skb: u64, dev_off: u32, len: u32) -> Result<&'static SkbSpan, i64> {
+    let slot = SKB_SCRATCH.get_ptr_mut(0).ok_or(-3i64)?;
+    // SAFETY: a per-CPU slot, used by one program run at a time.
+    let buf = unsafe { &mut *slot };
+    let len = len as usize;
+    if skb == 0 || len > SKB_SPAN {
+        return Err(-1);
+    }
+    unsafe {
+        bpf_probe_read_kernel_buf((skb + dev_off as u64) as *const u8, &mut buf[..len])
+            .map_err(|e| e as i64)?;
+    }
+    Ok(buf)
+}
+
+/// A `T` (8 bytes at most) at `at` bytes into a [`skb_span`]. Offsets are
+/// load-time constants; the mask bounds them for the verifier.
+#[inline(always)]
+fn span_read<T>(span: &SkbSpan, at: u32) -> T {
+    const { assert!(core::mem::size_of::<T>() <= 8) };
+    // SAFETY: the index is below SKB_SPAN and the buffer has 8 bytes more.
+    unsafe {
+        core::ptr::read_unaligned(
+            span.as_ptr().wrapping_add((at as usize) & (SKB_SPAN - 1)) as *const T
+        )
+    }
+}
 
 /// `skb->head`, `skb->network_header` and `skb->dev`. Every kernel seen
 /// has `dev` first and the other two within 256 bytes of it (16 and about
-/// 200 on 6.x), so one read covers the three: each kernel read is a helper
-/// call, and a storm pays for every one.
+/// 200 on 6.x), so one [`skb_span`] covers the three.
 #[inline(always)]
 fn skb_fields(skb: u64) -> Result<(u64, u16, u64), i64> {
     let (head_off, nh_off, dev_off) =
@@ -144,53 +180,24 @@ fn skb_fields(skb: u64) -> Result<(u64, u16, u64), i64> {
     let known = head_off != NO_OFFSET && nh_off != NO_OFFSET && dev_off != NO_OFFSET;
     if known && dev_off < nh_off && nh_off < head_off && head_off + 8 - dev_off <= SKB_SPAN as u32
     {
-        let slot = SKB_SCRATCH.get_ptr_mut(0).ok_or(-3i64)?;
-        // SAFETY: a per-CPU slot, used by one program run at a time.
-        let buf = unsafe { &mut *slot };
-        let len = (head_off + 8 - dev_off) as usize;
-        if skb == 0 || len > SKB_SPAN {
-            return Err(-1);
-        }
-        unsafe {
-            bpf_probe_read_kernel_buf((skb + dev_off as u64) as *const u8, &mut buf[..len])
-                .map_err(|e| e as i64)?;
-        }
-        // Offsets are load-time constants; the masks bound them for the verifier.
-        let at = |off: u32| buf.as_ptr().wrapping_add(((off - dev_off) as usize) & (SKB_SPAN - 1));
-        // SAFETY: each index is below SKB_SPAN and the buffer has 8 bytes more.
-        unsafe {
-            let dev = core::ptr::read_unaligned(at(dev_off) as *const u64);
-            let nh = core::ptr::read_unaligned(at(nh_off) as *const u16);
-            let head = core::ptr::read_unaligned(at(head_off) as *const u64);
-            return Ok((head, nh, dev));
-        }
+        let span = skb_span(skb, dev_off, head_off + 8 - dev_off)?;
+        let dev = span_read::<u64>(span, 0);
+        let nh = span_read::<u16>(span, nh_off - dev_off);
+        let head = span_read::<u64>(span, head_off - dev_off);
+        return Ok((head, nh, dev));
     }
     Ok((read(skb, head_off)?, read(skb, nh_off)?, read(skb, dev_off).unwrap_or(0)))
 }
 
 /// `TCP_SKB_CB(skb)->tcp_flags` (at `flags_off`) and `skb->dev` of an
-/// untyped `skb`, by one probe read of the span from `dev` to the flags
-/// (about 40 bytes on 6.x: each probe read is some 30 ns of a storm's
-/// reset, whatever its length).
+/// untyped `skb`, by one [`skb_span`] from `dev` to the flags (about 40
+/// bytes on 6.x).
 #[inline(always)]
 pub fn skb_flags_dev(skb: u64, flags_off: u32) -> Result<(u8, u64), i64> {
     let dev_off = layout!(skb_dev);
     if dev_off != NO_OFFSET && dev_off < flags_off && flags_off - dev_off < SKB_SPAN as u32 {
-        let slot = SKB_SCRATCH.get_ptr_mut(0).ok_or(-3i64)?;
-        // SAFETY: a per-CPU slot, used by one program run at a time.
-        let buf = unsafe { &mut *slot };
-        let len = (flags_off + 1 - dev_off) as usize;
-        if skb == 0 || len > SKB_SPAN {
-            return Err(-1);
-        }
-        unsafe {
-            bpf_probe_read_kernel_buf((skb + dev_off as u64) as *const u8, &mut buf[..len])
-                .map_err(|e| e as i64)?;
-        }
-        // SAFETY: `dev` is the span's first 8 bytes (the buffer has 8 more).
-        let dev = unsafe { core::ptr::read_unaligned(buf.as_ptr() as *const u64) };
-        let flags = buf[((flags_off - dev_off) as usize) & (SKB_SPAN - 1)];
-        return Ok((flags, dev));
+        let span = skb_span(skb, dev_off, flags_off + 1 - dev_off)?;
+        return Ok((span_read::<u8>(span, flags_off - dev_off), span_read::<u64>(span, 0)));
     }
     Ok((read(skb, flags_off)?, read(skb, dev_off).unwrap_or(0)))
 }
