@@ -94,17 +94,16 @@ pub fn dev_netns(dev: u64) -> u32 {
     }
 }
 
-/// Network namespace of the device of `skb` (`skb->dev->nd_net.net->ns.inum`).
-/// `TYPED` when `skb` is a BTF-typed argument: the verifier then types each
+/// Network namespace of the device of a BTF-typed `skb` argument (fentry,
+/// tp_btf): `skb->dev->nd_net.net->ns.inum`. The verifier types each
 /// pointer loaded on the way (`struct net_device`, `struct net`), and the
 /// three reads are plain loads guarded by exception-table entries, a few
 /// nanoseconds in all, cheaper than a cache's lookup and never stale; a
-/// NULL or freed pointer reads as zero. Otherwise probe reads.
+/// NULL or freed pointer reads as zero. An untyped `skb` has its device
+/// read with its other fields ([`PacketInfo::dev`], [`skb_flags_dev`]):
+/// [`dev_netns`] of that.
 #[inline(always)]
-pub fn skb_netns<const TYPED: bool>(skb: u64) -> u32 {
-    if !TYPED {
-        return dev_netns(read::<u64>(skb, layout!(skb_dev)).unwrap_or(0));
-    }
+pub fn skb_netns(skb: u64) -> u32 {
     let Ok(dev) = field::<true, u64>(skb, layout!(skb_dev)) else {
         return 0;
     };

@@ -203,6 +203,9 @@ fn emit_send_reset<const TYPED: bool>(
     };
     let mut ev = ResetEvent::default();
     let mut has_skb = false;
+    // `skb->dev` as the packet read found it (0 when `TYPED`: those
+    // programs take the namespace by plain loads instead).
+    let mut dev = 0;
     // The second test is for kernels that type the argument "maybe NULL"
     // (the verifier then wants the test on the argument itself).
     if skb != 0 && skb_arg != 0 {
@@ -215,6 +218,7 @@ fn emit_send_reset<const TYPED: bool>(
         ev.dst = pkt.src;
         ev.flags = reset_flags::HAS_TRIGGER;
         ev.trigger_flags = pkt.tcp_flags;
+        dev = pkt.dev;
         has_skb = true;
     } else if sk != 0 {
         kernel::sock_endpoints(sk, &mut ev.src, &mut ev.dst)?;
@@ -231,8 +235,11 @@ fn emit_send_reset<const TYPED: bool>(
             ev.flags |= reset_flags::HAS_SOCKET;
         }
         kernel::sock_netns(sk)
-    } else if has_skb && skb_arg != 0 {
-        kernel::skb_netns::<TYPED>(skb_arg)
+    } else if TYPED && has_skb && skb_arg != 0 {
+        kernel::skb_netns(skb_arg)
+    } else if !TYPED && has_skb {
+        // Untyped, the device came with the packet: no second read of it.
+        kernel::dev_netns(dev)
     } else {
         0
     };

@@ -95,7 +95,7 @@ pub fn try_count<const TYPED: bool>(sk_arg: u64, skb_arg: u64) -> Result<Outcome
     let netns = if sk != 0 {
         kernel::sock_netns(sk)
     } else if TYPED && skb != 0 && skb_arg != 0 {
-        kernel::skb_netns::<true>(skb_arg)
+        kernel::skb_netns(skb_arg)
     } else if !TYPED {
         kernel::dev_netns(dev)
     } else {
