@@ -50,6 +50,15 @@ fn board_with_incident() -> Board {
     b
 }
 
+/// The columns of the screen's `unnated_reply` row.
+fn incident_row(lines: &[String]) -> Vec<&str> {
+    let row = lines
+        .iter()
+        .find(|l| l.contains("unnated_reply"))
+        .unwrap_or_else(|| panic!("no incident row:\n{}", lines.join("\n")));
+    row.trim_matches('│').split_whitespace().collect()
+}
+
 #[test]
 fn the_dashboard_names_the_service_backend_and_count() {
     let lines = screen(&board_with_incident(), &View::default(), 120, 30);
@@ -65,11 +74,7 @@ fn the_dashboard_names_the_service_backend_and_count() {
     assert!(text.contains("lost events: 3"), "{text}");
     assert!(text.contains("resets/s: 6 now"), "{text}");
     assert!(text.contains("INVALID/s: 8 now"), "{text}");
-    let row = lines
-        .iter()
-        .find(|l| l.contains("unnated_reply"))
-        .unwrap_or_else(|| panic!("no incident row:\n{text}"));
-    let cols: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    let cols = incident_row(&lines);
     // SEV KIND SERVICE BACKEND RESETS CLIENTS RATE SINCE LAST
     assert_eq!(
         &cols[..6],
@@ -81,7 +86,7 @@ fn the_dashboard_names_the_service_backend_and_count() {
             "6",
             "1"
         ],
-        "{row}"
+        "{cols:?}"
     );
     assert!(text.contains("cause:    INVALID (counter +8)"), "{text}");
     assert!(
@@ -99,21 +104,7 @@ fn the_dashboard_names_the_service_backend_and_count() {
 /// keeps its addresses.
 #[test]
 fn the_dashboard_shows_kubernetes_names_where_known() {
-    use crate::names::{FindingNames, Interner, Peer, PodName, Proto, ServiceName};
-    let mut i = Interner::default();
-    let names = FindingNames {
-        service: Some((
-            Proto::Tcp,
-            Arc::new(ServiceName::parse("payments/ledger:grpc", &mut i).unwrap()),
-        )),
-        backend: Some(Peer::Pod(Arc::new(PodName {
-            namespace: i.get("payments"),
-            name: "ledger-7f9c".into(),
-            node: Some(i.get("node-a")),
-        }))),
-        backend_service: None,
-        client: Some(Peer::Node(i.get("node-b"))),
-    };
+    let names = crate::names::render::tests::example_names();
     let mut b = board_with_incident();
     b.apply(Update::finding(
         &unnated(1_100_000_000, 40100),
@@ -121,11 +112,7 @@ fn the_dashboard_shows_kubernetes_names_where_known() {
     ));
     let lines = screen(&b, &View::default(), 120, 30);
     let text = lines.join("\n");
-    let row = lines
-        .iter()
-        .find(|l| l.contains("unnated_reply"))
-        .unwrap_or_else(|| panic!("no incident row:\n{text}"));
-    let cols: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    let cols = incident_row(&lines);
     assert_eq!(
         &cols[..5],
         [
@@ -135,7 +122,7 @@ fn the_dashboard_shows_kubernetes_names_where_known() {
             "payments/ledger-7f9c",
             "7"
         ],
-        "{row}"
+        "{cols:?}"
     );
     assert!(
         text.contains(
