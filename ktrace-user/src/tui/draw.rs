@@ -179,14 +179,16 @@ fn draw_table(
     if let Some(s) = view.filter.service {
         title.push_str(&format!("service={s} "));
     }
+    // 118 columns with their gaps: a 120-column terminal shows every
+    // column whole (RESETS and RATE/s are as wide as their headers).
     let widths = [
         Constraint::Length(4),
         Constraint::Length(21),
-        Constraint::Length(21),
-        Constraint::Length(21),
+        Constraint::Length(NAME_W as u16),
+        Constraint::Length(NAME_W as u16),
+        Constraint::Length(6),
         Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(7),
+        Constraint::Length(6),
         Constraint::Length(12),
         Constraint::Length(12),
     ];
@@ -206,13 +208,33 @@ fn draw_table(
     }
 }
 
+/// The width of the SERVICE and BACKEND columns.
+const NAME_W: usize = 21;
+
+/// `s` in `width` characters: when longer, its middle is replaced by `…`,
+/// so that a long name keeps both its namespace and the end that tells
+/// it apart (a port's name, a Pod's replica suffix, a `+N`) instead of
+/// being cut into what looks like another name.
+fn fit(s: String, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        return s;
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
 /// The SERVICE cell: the Service port's Kubernetes name when known
 /// (`namespace/name:port`), else its address.
 fn service_cell(g: &Group, n: Option<&FindingNames>) -> String {
-    match n.and_then(|n| n.service.as_ref()) {
+    let s = match n.and_then(|n| n.service.as_ref()) {
         Some((_, s)) => s.to_string(),
         None => g.key.target.map_or("-".into(), |t| t.to_string()),
-    }
+    };
+    fit(s, NAME_W)
 }
 
 /// The BACKEND cell: the latest backend's Pod (or node) when known, else
@@ -221,11 +243,12 @@ fn backend_cell(g: &Group, n: Option<&FindingNames>) -> String {
     let named = n
         .and_then(|n| n.backend.as_ref())
         .filter(|_| g.backends.last() == g.latest.backend.as_ref());
-    match (named, g.backends.len()) {
+    let s = match (named, g.backends.len()) {
         (Some(p), 0 | 1) => p.to_string(),
         (Some(p), k) => format!("{p}+{}", k - 1),
         (None, _) => backends(&g.backends),
-    }
+    };
+    fit(s, NAME_W)
 }
 
 fn draw_detail(frame: &mut Frame, area: Rect, board: &Board, g: Option<&Group>) {

@@ -139,6 +139,44 @@ fn the_dashboard_shows_kubernetes_names_where_known() {
     );
 }
 
+/// A name longer than its column keeps its start and its end, the middle
+/// marked as cut (never a shorter name that looks whole); the detail pane
+/// says it whole.
+#[test]
+fn long_names_are_elided_in_the_middle_not_cut() {
+    use crate::names::{Interner, Peer, PodName, Proto, ServiceName};
+    let mut i = Interner::default();
+    let svc = ServiceName::parse("kube-system/kube-dns:dns-tcp", &mut i).unwrap();
+    let names = FindingNames {
+        service: Some((Proto::Tcp, Arc::new(svc))),
+        backend: Some(Peer::Pod(Arc::new(PodName {
+            namespace: i.get("payments"),
+            name: "ledger-7f9c8d6b5-x2k4q".into(),
+            node: None,
+        }))),
+        ..FindingNames::default()
+    };
+    let mut b = board_with_incident();
+    b.apply(Update::finding(
+        &unnated(1_100_000_000, 40100),
+        Some(&names),
+    ));
+    let lines = screen(&b, &View::default(), 120, 30);
+    let cols = incident_row(&lines);
+    assert_eq!(
+        &cols[2..5],
+        ["kube-syste…ns:dns-tcp", "payments/l…d6b5-x2k4q", "7"],
+        "{cols:?}"
+    );
+    let text = lines.join("\n");
+    assert!(
+        text.contains(
+            "Service kube-system/kube-dns:dns-tcp, backend pod payments/ledger-7f9c8d6b5-x2k4q"
+        ),
+        "{text}"
+    );
+}
+
 #[test]
 fn filters_narrow_the_table_and_keys_cycle_them() {
     let board = board_with_incident();
