@@ -254,10 +254,11 @@ fn dashboard_in_a_terminal_names_the_incident_and_quits_on_q() {
     pane.assert_restored();
 }
 
-/// The detail pane's `names:` line, its borders stripped.
+/// The detail pane's `names:` line, its borders stripped (the header's
+/// `names:` line, about the sources, has no border).
 fn names_line(text: &str) -> Option<&str> {
-    let l = text.lines().find(|l| l.contains("names:"))?;
-    let (_, rest) = l.split_once("names:")?;
+    let l = text.lines().find(|l| l.contains("│names:"))?;
+    let (_, rest) = l.split_once("│names:")?;
     Some(rest.trim_end_matches(['│', ' ']).trim_start())
 }
 
@@ -309,6 +310,11 @@ fn dashboard_names_the_service_from_kube_proxy_rules_live_and_replayed() {
     let mut c = lab.client(3);
     assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 3);
     let text = assert_names_shown(&pane, 3);
+    // The header says where the names come from.
+    assert!(
+        text.contains("names: kube-proxy-rules live (iptables): 1 services"),
+        "{text}"
+    );
     pane.keep("watch-tui-names", &text);
     pane.keys(&["q"]);
     pane.assert_restored();
@@ -316,7 +322,11 @@ fn dashboard_names_the_service_from_kube_proxy_rules_live_and_replayed() {
     let pane = Pane::start("tuinamesreplay", None, &["replay", "--tui", &rec], None);
     let (up, text) = pane.wait_for(Duration::from_secs(10), |t| t.contains("incidents (1)"));
     assert!(up, "{text}");
-    assert_names_shown(&pane, 3);
+    let text = assert_names_shown(&pane, 3);
+    assert!(
+        text.contains("names: as the recording stored them"),
+        "{text}"
+    );
     pane.keys(&["q"]);
     pane.assert_restored();
 }

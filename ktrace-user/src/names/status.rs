@@ -61,6 +61,28 @@ impl SourceStatus {
         s
     }
 
+    /// A few words, for a header: `kube-proxy-rules live (iptables): 3
+    /// services`, `kubernetes-api off -- why`.
+    pub fn short(&self) -> String {
+        let state = match self.state {
+            SourceState::Live => "live",
+            SourceState::Starting => "starting",
+            SourceState::Off => "off",
+            SourceState::Failing => "failing",
+        };
+        let mut s = format!("{} {state}", self.source);
+        if !self.mode.is_empty() {
+            s.push_str(&format!(" ({})", self.mode));
+        }
+        if self.state != SourceState::Off {
+            s.push_str(&format!(": {} services", self.services));
+        }
+        if let Some(r) = &self.reason {
+            s.push_str(&format!(" -- {r}"));
+        }
+        s
+    }
+
     /// One human line: `kube-proxy-rules live (iptables): 3 services, 5 endpoints`.
     pub fn human(&self) -> String {
         let state = match self.state {

@@ -24,7 +24,7 @@ fn severity_style(s: Severity) -> Style {
 
 pub fn draw(frame: &mut Frame, board: &Board, view: &View) {
     let [header, sparks, table, detail, help] = Layout::vertical([
-        Constraint::Length(3),
+        Constraint::Length(4),
         Constraint::Length(5),
         Constraint::Min(5),
         // Room for the longest cause and remedy (four lines each at 120
@@ -81,8 +81,16 @@ fn draw_header(frame: &mut Frame, area: Rect, board: &Board, view: &View) {
     } else {
         Span::raw("")
     };
+    let names = match (&board.name_sources, &view.replay) {
+        (Some(s), _) if !s.is_empty() => {
+            s.iter().map(|s| s.short()).collect::<Vec<_>>().join("   ")
+        }
+        (_, Some(_)) => "as the recording stored them".into(),
+        _ => "off".into(),
+    };
     let text = vec![
         Line::from(format!("hooks live: {}  (off: {off})", live.join(" "))),
+        Line::from(format!("names: {names}")),
         Line::from(vec![
             lost,
             behind,

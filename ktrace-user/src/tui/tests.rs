@@ -104,14 +104,30 @@ fn the_dashboard_names_the_service_backend_and_count() {
 /// keeps its addresses.
 #[test]
 fn the_dashboard_shows_kubernetes_names_where_known() {
+    use crate::names::{SourceState, SourceStatus};
     let names = crate::names::render::tests::example_names();
     let mut b = board_with_incident();
+    let text = screen(&b, &View::default(), 120, 30).join("\n");
+    assert!(text.contains("names: off"), "{text}");
+    let mut rules = SourceStatus::new("kube-proxy-rules", SourceState::Live);
+    rules.mode = "iptables".into();
+    rules.services = 3;
+    b.apply(Update::Names(vec![
+        rules,
+        SourceStatus::off("kubernetes-api", "no kubeconfig"),
+    ]));
     b.apply(Update::finding(
         &unnated(1_100_000_000, 40100),
         Some(&names),
     ));
     let lines = screen(&b, &View::default(), 120, 30);
     let text = lines.join("\n");
+    assert!(
+        text.contains(
+            "names: kube-proxy-rules live (iptables): 3 services   kubernetes-api off -- no kubeconfig"
+        ),
+        "{text}"
+    );
     let cols = incident_row(&lines);
     assert_eq!(
         &cols[..5],
