@@ -185,7 +185,16 @@ fn draw_table(
         title.push_str(&format!("kind={} ", k.as_str()));
     }
     if let Some(s) = view.filter.service {
-        title.push_str(&format!("service={s} "));
+        // By name when a group of that Service has one, as its rows say.
+        let named = board
+            .names
+            .iter()
+            .find(|(k, _)| k.target == Some(s))
+            .and_then(|(_, n)| n.service.as_ref());
+        match named {
+            Some((_, n)) => title.push_str(&format!("service={n} ")),
+            None => title.push_str(&format!("service={s} ")),
+        }
     }
     // 118 columns with their gaps: a 120-column terminal shows every
     // column whole (RESETS and RATE/s are as wide as their headers).

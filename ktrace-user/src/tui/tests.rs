@@ -146,6 +146,11 @@ fn the_dashboard_shows_kubernetes_names_where_known() {
         ),
         "{text}"
     );
+    // Filtered by that Service: the title says it by name.
+    let mut view = View::default();
+    view.filter.service = Some("10.96.0.10:2222".parse().unwrap());
+    let text = screen(&b, &view, 120, 30).join("\n");
+    assert!(text.contains("service=payments/ledger:grpc"), "{text}");
     // The next finding of the group without names: addresses again.
     b.apply(Update::finding(&unnated(1_200_000_000, 40200), None));
     let text = screen(&b, &View::default(), 120, 30).join("\n");
