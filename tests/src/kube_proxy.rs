@@ -15,7 +15,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
 
-use crate::Lab;
+use crate::{Lab, VIP};
 
 /// One Service port as kube-proxy sees it.
 pub struct ServicePort<'a> {
@@ -39,6 +39,45 @@ impl ServicePort<'_> {
     pub fn port_name(&self) -> String {
         format!("{}:{}", self.name, self.port_name)
     }
+}
+
+/// The lab Service's port as kube-proxy names it in its rules.
+pub const SERVICE: &str = "payments/ledger:grpc";
+
+/// Loads `iptables-save` output into the node's tables without flushing
+/// what else is there.
+pub const IPTABLES_RESTORE: &[&str] = &["iptables-restore", "--noflush"];
+
+/// kube-proxy's iptables-mode rules for [`SERVICE`] (the lab's VIP, port
+/// 2222) with one endpoint (as `iptables-save` prints what
+/// `pkg/proxy/iptables/proxier.go` writes), plus a rule whose comment is
+/// not a Service name (must be skipped, counted).
+pub fn iptables_rules(backend: &str) -> String {
+    format!(
+        r#"*nat
+:KUBE-SERVICES - [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-SVC-LEDGER2GRPC7XQWZ - [0:0]
+:KUBE-SEP-LEDGERA4BHT2KQ5M - [0:0]
+:KUBE-SEP-BROKENXXXXXXXXXX - [0:0]
+-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+-A KUBE-SERVICES -d {VIP}/32 -p tcp -m comment --comment "{SERVICE} cluster IP" -m tcp --dport 2222 -j KUBE-SVC-LEDGER2GRPC7XQWZ
+-A KUBE-SVC-LEDGER2GRPC7XQWZ -m comment --comment "{SERVICE} -> {backend}:2222" -j KUBE-SEP-LEDGERA4BHT2KQ5M
+-A KUBE-SEP-LEDGERA4BHT2KQ5M -s {backend}/32 -m comment --comment "{SERVICE}" -j KUBE-MARK-MASQ
+-A KUBE-SEP-LEDGERA4BHT2KQ5M -p tcp -m comment --comment "{SERVICE}" -m tcp -j DNAT --to-destination {backend}:2222
+-A KUBE-SEP-BROKENXXXXXXXXXX -p tcp -m comment --comment "Not A Service Name" -m tcp -j DNAT --to-destination 10.0.1.9:2222
+COMMIT
+"#
+    )
+}
+
+/// A one-backend lab whose node namespace has kube-proxy's rules instead
+/// of the lab's plain DNAT: `rules` fed to `cmd` (iptables-restore or nft).
+pub fn lab_with_rules(tag: &str, cmd: &[&str], rules: &str) -> Lab {
+    let lab = Lab::new(tag, 1);
+    install(&lab, cmd, rules);
+    lab
 }
 
 /// kube-proxy's chain-name hash prefix: eight base32 characters. The real

@@ -7,37 +7,11 @@
 
 use std::time::Duration;
 
+use ktrace_tests::kube_proxy::{self, iptables_rules, lab_with_rules, IPTABLES_RESTORE, SERVICE};
 use ktrace_tests::{
-    json_lines, ktrace_output, kube_proxy, record_skip, select, skip, Lab, Scratch, BACKENDS,
-    CLIENT_IP, VIP,
+    json_lines, ktrace_output, record_skip, select, skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP,
 };
 use serde_json::Value;
-
-const SERVICE: &str = "payments/ledger:grpc";
-const IPTABLES_RESTORE: &[&str] = &["iptables-restore", "--noflush"];
-
-/// kube-proxy's iptables-mode rules for one Service port with one endpoint
-/// (as `iptables-save` prints what `pkg/proxy/iptables/proxier.go` writes),
-/// plus a rule whose comment is not a Service name (must be skipped, counted).
-fn iptables_rules(backend: &str) -> String {
-    format!(
-        r#"*nat
-:KUBE-SERVICES - [0:0]
-:KUBE-MARK-MASQ - [0:0]
-:KUBE-SVC-LEDGER2GRPC7XQWZ - [0:0]
-:KUBE-SEP-LEDGERA4BHT2KQ5M - [0:0]
-:KUBE-SEP-BROKENXXXXXXXXXX - [0:0]
--A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
--A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
--A KUBE-SERVICES -d {VIP}/32 -p tcp -m comment --comment "{SERVICE} cluster IP" -m tcp --dport 2222 -j KUBE-SVC-LEDGER2GRPC7XQWZ
--A KUBE-SVC-LEDGER2GRPC7XQWZ -m comment --comment "{SERVICE} -> {backend}:2222" -j KUBE-SEP-LEDGERA4BHT2KQ5M
--A KUBE-SEP-LEDGERA4BHT2KQ5M -s {backend}/32 -m comment --comment "{SERVICE}" -j KUBE-MARK-MASQ
--A KUBE-SEP-LEDGERA4BHT2KQ5M -p tcp -m comment --comment "{SERVICE}" -m tcp -j DNAT --to-destination {backend}:2222
--A KUBE-SEP-BROKENXXXXXXXXXX -p tcp -m comment --comment "Not A Service Name" -m tcp -j DNAT --to-destination 10.0.1.9:2222
-COMMIT
-"#
-    )
-}
 
 /// kube-proxy's nftables-mode table for the same Service.
 fn nft_rules(backend: &str) -> String {
@@ -48,14 +22,6 @@ fn nft_rules(backend: &str) -> String {
         port: 2222,
         endpoints: &[format!("{backend}:2222")],
     }])
-}
-
-/// A one-backend lab whose node namespace has kube-proxy's rules instead
-/// of the lab's plain DNAT: `rules` fed to `cmd` (iptables-restore or nft).
-fn lab_with_rules(tag: &str, cmd: &[&str], rules: &str) -> Lab {
-    let lab = Lab::new(tag, 1);
-    kube_proxy::install(&lab, cmd, rules);
-    lab
 }
 
 /// Runs the un-NATed reply incident (3 connections) under `watch`, with a

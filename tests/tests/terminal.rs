@@ -1,8 +1,9 @@
 //! What a person sees in a real terminal: ktrace under tmux (120x40),
 //! the pane captured as text. The plain `watch` view and the `--tui`
 //! dashboard during the un-NATed reply incident in the lab's namespaces,
-//! and `replay --tui` of the golden recording. Needs tmux (and root for
-//! the lab); skipped, saying so, otherwise.
+//! and `replay --tui` of the golden recording; the dashboard naming the
+//! Service from kube-proxy's rules, live and replayed. Needs tmux (and
+//! root for the lab); skipped, saying so, otherwise.
 //!
 //! Run serially (`--test-threads=1`): kernel hooks are global.
 
@@ -10,7 +11,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ktrace_tests::{skip, Lab, BACKENDS, CLIENT_IP, VIP};
+use ktrace_tests::kube_proxy::{self, IPTABLES_RESTORE, SERVICE};
+use ktrace_tests::{skip, Lab, Scratch, BACKENDS, CLIENT_IP, VIP};
 
 fn tmux_missing() -> bool {
     let missing = Command::new("sh")
@@ -248,6 +250,83 @@ fn dashboard_in_a_terminal_names_the_incident_and_quits_on_q() {
     );
     assert!(text.contains("cause:    INVALID"), "{text}");
     pane.keep("watch-tui", &text);
+    pane.keys(&["q"]);
+    pane.assert_restored();
+}
+
+/// The detail pane's `names:` line, its borders stripped (the header's
+/// `names:` line, about the sources, has no border).
+fn names_line(text: &str) -> Option<&str> {
+    let l = text.lines().find(|l| l.contains("│names:"))?;
+    let (_, rest) = l.split_once("│names:")?;
+    Some(rest.trim_end_matches(['│', ' ']).trim_start())
+}
+
+/// Waits for the incident row with `resets` resets, then checks what the
+/// dashboard says of it: the Service by its kube-proxy name in the table,
+/// the backend by its address (the rules name no Pod), and the `names:`
+/// line of the detail pane (nothing names the client). The screen's text.
+fn assert_names_shown(pane: &Pane, resets: usize) -> String {
+    let want = resets.to_string();
+    let (shown, text) = pane.wait_for(Duration::from_secs(5), |t| {
+        row(t, "unnated_reply").is_some_and(|r| r.get(4) == Some(&want))
+    });
+    assert!(shown, "no row with {want} resets:\n{text}");
+    let r = row(&text, "unnated_reply").unwrap();
+    assert_eq!(r[2], SERVICE, "the Service by its name:\n{text}");
+    assert_eq!(r[3], format!("{}:2222", BACKENDS[0]), "{text}");
+    assert_eq!(
+        names_line(&text),
+        Some(format!("Service {SERVICE}").as_str()),
+        "{text}"
+    );
+    text
+}
+
+/// `watch --tui --record` on a node whose Service kube-proxy installed
+/// (iptables mode, the names in its rules' comments), during the un-NATed
+/// reply incident: the table and the detail pane name the Service. Then
+/// `replay --tui` of the recording, outside the node (no rules to read),
+/// shows the same names, from the recording.
+#[test]
+fn dashboard_names_the_service_from_kube_proxy_rules_live_and_replayed() {
+    if skip() || tmux_missing() {
+        return;
+    }
+    let mut lab = kube_proxy::lab_with_rules(
+        "tk",
+        IPTABLES_RESTORE,
+        &kube_proxy::iptables_rules(BACKENDS[0]),
+    );
+    lab.start_server();
+    let scratch = Scratch::new("tui-names");
+    let rec = scratch.path("names.ktr");
+    let args = ["watch", "--tui", "--record", &rec];
+    let pane = Pane::start("tuinames", Some(&lab.node), &args, None);
+    let (up, text) = pane.wait_for(Duration::from_secs(15), |t| {
+        t.contains("hooks live: tcp_send_reset")
+    });
+    assert!(up, "no dashboard:\n{text}");
+    let mut c = lab.client(3);
+    assert_eq!(c.unnat_all(Duration::from_millis(1000)).len(), 3);
+    let text = assert_names_shown(&pane, 3);
+    // The header says where the names come from.
+    assert!(
+        text.contains("names: kube-proxy-rules live (iptables): 1 services"),
+        "{text}"
+    );
+    pane.keep("watch-tui-names", &text);
+    pane.keys(&["q"]);
+    pane.assert_restored();
+
+    let pane = Pane::start("tuinamesreplay", None, &["replay", "--tui", &rec], None);
+    let (up, text) = pane.wait_for(Duration::from_secs(10), |t| t.contains("incidents (1)"));
+    assert!(up, "{text}");
+    let text = assert_names_shown(&pane, 3);
+    assert!(
+        text.contains("names: as the recording stored them"),
+        "{text}"
+    );
     pane.keys(&["q"]);
     pane.assert_restored();
 }

@@ -1,7 +1,8 @@
 //! Kubernetes names for addresses: the Service behind a VIP, the Pod behind
 //! a backend or client address, the node behind a host address.
 //!
-//! - [`model`]: the names and a [`Layer`] of them keyed by address.
+//! - [`name`]: what a Service port, a Pod and a node are called.
+//! - [`model`]: a [`Layer`] of names keyed by address.
 //! - `table`: the flat table a layer keeps its addresses in (lookups
 //!   that read one cache line).
 //! - [`changes`]: which addresses a publication renamed (for caches).
@@ -19,6 +20,7 @@
 pub mod changes;
 pub mod kube;
 pub mod model;
+pub mod name;
 pub mod record;
 pub mod render;
 pub mod rules;

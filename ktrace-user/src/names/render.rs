@@ -159,7 +159,7 @@ pub fn event_suffix(addrs: &[(&str, SocketAddr)], r: &NameResolver) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::finding::{BackendSwitch, Evidence, Severity, Time};
     use crate::names::{Interner, PodName, ServiceName};
@@ -183,11 +183,12 @@ mod tests {
         }
     }
 
-    #[test]
-    fn names_go_beside_the_addresses() {
+    /// The names of a finding: Service `payments/ledger:grpc`, backend Pod
+    /// `payments/ledger-7f9c` on `node-a`, client `node/node-b`.
+    pub(crate) fn example_names() -> FindingNames {
         let mut i = Interner::default();
         let svc = Arc::new(ServiceName::parse("payments/ledger:grpc", &mut i).unwrap());
-        let n = FindingNames {
+        FindingNames {
             service: Some((super::super::Proto::Tcp, svc)),
             backend: Some(Peer::Pod(Arc::new(PodName {
                 namespace: i.get("payments"),
@@ -196,7 +197,12 @@ mod tests {
             }))),
             backend_service: None,
             client: Some(Peer::Node(i.get("node-b"))),
-        };
+        }
+    }
+
+    #[test]
+    fn names_go_beside_the_addresses() {
+        let n = example_names();
         let f = finding();
         let clock = crate::clock::WallClock { offset_ns: 0 };
         let json =

@@ -61,18 +61,37 @@ impl SourceStatus {
         s
     }
 
-    /// One human line: `kube-proxy-rules live (iptables): 3 services, 5 endpoints`.
-    pub fn human(&self) -> String {
+    /// A few words, for a header: `kube-proxy-rules live (iptables): 3
+    /// services`, `kubernetes-api off -- why`.
+    pub fn short(&self) -> String {
+        let mut s = self.head(0);
+        if self.state != SourceState::Off {
+            s.push_str(&format!(": {} services", self.services));
+        }
+        if let Some(r) = &self.reason {
+            s.push_str(&format!(" -- {r}"));
+        }
+        s
+    }
+
+    /// `source state (mode)`, the source's name padded to `width`.
+    fn head(&self, width: usize) -> String {
         let state = match self.state {
             SourceState::Live => "live",
             SourceState::Starting => "starting",
             SourceState::Off => "off",
             SourceState::Failing => "failing",
         };
-        let mut s = format!("{:<18} {state}", self.source);
+        let mut s = format!("{:<width$} {state}", self.source);
         if !self.mode.is_empty() {
             s.push_str(&format!(" ({})", self.mode));
         }
+        s
+    }
+
+    /// One human line: `kube-proxy-rules live (iptables): 3 services, 5 endpoints`.
+    pub fn human(&self) -> String {
+        let mut s = self.head(18);
         if self.state != SourceState::Off {
             s.push_str(&format!(
                 ": {} services, {} endpoints, {} pods, {} nodes",

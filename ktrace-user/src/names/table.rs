@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
-use super::model::{PodName, ServiceName};
+use super::name::{PodName, ServiceName};
 
 /// What a layer knows about one address, in one half of a cache line.
 #[derive(Debug, Clone, Default)]

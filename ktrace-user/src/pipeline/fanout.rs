@@ -143,6 +143,9 @@ impl<W: Write> Pipeline<W> {
                 .names()
                 .and_then(|n| n.take_status_change());
             if let Some(sources) = change {
+                if let Some(t) = &mut self.tap {
+                    t.names(&sources);
+                }
                 self.out.names_status(now_ns, &sources)?;
             }
         }
@@ -278,6 +281,9 @@ impl<W: Write> Sink for Pipeline<W> {
         }
         if let Some(t) = &mut self.tap {
             t.status(status, info.kernel, clock);
+            if let Some(n) = self.out.names().names() {
+                t.names(&n.status_now());
+            }
         }
         self.out
             .status(crate::clock::monotonic_now_ns(), status, info)

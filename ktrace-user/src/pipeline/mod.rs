@@ -52,6 +52,9 @@ pub trait Tap {
         _names: Option<&crate::names::FindingNames>,
     ) {
     }
+    /// What the Kubernetes name sources are doing (at start, then at
+    /// each change).
+    fn names(&mut self, _sources: &[crate::names::SourceStatus]) {}
     fn lost(&mut self, _now_ns: u64, _count: u64) {}
     fn tick(&mut self, _now_ns: u64) {}
     /// True stops the source (the view was closed).

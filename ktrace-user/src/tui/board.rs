@@ -9,7 +9,7 @@ use crate::engine::{Finding, FindingKind};
 use crate::event::{Event, EventBody};
 use crate::hooks::HookStatus;
 use crate::incident::{Group, GroupKey, Groups};
-use crate::names::FindingNames;
+use crate::names::{FindingNames, SourceStatus};
 
 /// Seconds of history in the sparklines.
 pub const HISTORY_S: usize = 120;
@@ -35,6 +35,8 @@ pub enum Update {
         invalid: u64,
     },
     Lost(u64),
+    /// What the Kubernetes name sources are doing.
+    Names(Vec<SourceStatus>),
 }
 
 impl Update {
@@ -104,6 +106,9 @@ pub struct Board {
     /// The names of each group's latest finding (its Service, backend
     /// and client), where known.
     pub names: HashMap<GroupKey, FindingNames>,
+    /// What the name sources said last (`None`: no source runs, or a
+    /// replay, whose names are the recording's).
+    pub name_sources: Option<Vec<SourceStatus>>,
     /// The latest time seen (monotonic ns).
     pub now_ns: u64,
     /// Per second, oldest first, the last [`HISTORY_S`]: resets, INVALID.
@@ -124,6 +129,7 @@ impl Board {
             behind: 0,
             groups: Groups::default(),
             names: HashMap::new(),
+            name_sources: None,
             now_ns: 0,
             resets: VecDeque::new(),
             invalid: VecDeque::new(),
@@ -169,6 +175,7 @@ impl Board {
                 }
             }
             Update::Lost(n) => self.lost += n,
+            Update::Names(s) => self.name_sources = Some(s),
         }
     }
 

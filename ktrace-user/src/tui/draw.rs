@@ -24,7 +24,7 @@ fn severity_style(s: Severity) -> Style {
 
 pub fn draw(frame: &mut Frame, board: &Board, view: &View) {
     let [header, sparks, table, detail, help] = Layout::vertical([
-        Constraint::Length(3),
+        Constraint::Length(4),
         Constraint::Length(5),
         Constraint::Min(5),
         // Room for the longest cause and remedy (four lines each at 120
@@ -81,8 +81,16 @@ fn draw_header(frame: &mut Frame, area: Rect, board: &Board, view: &View) {
     } else {
         Span::raw("")
     };
+    let names = match (&board.name_sources, &view.replay) {
+        (Some(s), _) if !s.is_empty() => {
+            s.iter().map(|s| s.short()).collect::<Vec<_>>().join("   ")
+        }
+        (_, Some(_)) => "as the recording stored them".into(),
+        _ => "off".into(),
+    };
     let text = vec![
         Line::from(format!("hooks live: {}  (off: {off})", live.join(" "))),
+        Line::from(format!("names: {names}")),
         Line::from(vec![
             lost,
             behind,
@@ -177,16 +185,27 @@ fn draw_table(
         title.push_str(&format!("kind={} ", k.as_str()));
     }
     if let Some(s) = view.filter.service {
-        title.push_str(&format!("service={s} "));
+        // By name when a group of that Service has one, as its rows say.
+        let named = board
+            .names
+            .iter()
+            .find(|(k, _)| k.target == Some(s))
+            .and_then(|(_, n)| n.service.as_ref());
+        match named {
+            Some((_, n)) => title.push_str(&format!("service={n} ")),
+            None => title.push_str(&format!("service={s} ")),
+        }
     }
+    // 118 columns with their gaps: a 120-column terminal shows every
+    // column whole (RESETS and RATE/s are as wide as their headers).
     let widths = [
         Constraint::Length(4),
         Constraint::Length(21),
-        Constraint::Length(21),
-        Constraint::Length(21),
+        Constraint::Length(NAME_W as u16),
+        Constraint::Length(NAME_W as u16),
+        Constraint::Length(6),
         Constraint::Length(7),
-        Constraint::Length(7),
-        Constraint::Length(7),
+        Constraint::Length(6),
         Constraint::Length(12),
         Constraint::Length(12),
     ];
@@ -206,13 +225,33 @@ fn draw_table(
     }
 }
 
+/// The width of the SERVICE and BACKEND columns.
+const NAME_W: usize = 21;
+
+/// `s` in `width` characters: when longer, its middle is replaced by `…`,
+/// so that a long name keeps both its namespace and the end that tells
+/// it apart (a port's name, a Pod's replica suffix, a `+N`) instead of
+/// being cut into what looks like another name.
+fn fit(s: String, width: usize) -> String {
+    let n = s.chars().count();
+    if n <= width {
+        return s;
+    }
+    let head = (width - 1) / 2;
+    let tail = width - 1 - head;
+    let start: String = s.chars().take(head).collect();
+    let end: String = s.chars().skip(n - tail).collect();
+    format!("{start}…{end}")
+}
+
 /// The SERVICE cell: the Service port's Kubernetes name when known
 /// (`namespace/name:port`), else its address.
 fn service_cell(g: &Group, n: Option<&FindingNames>) -> String {
-    match n.and_then(|n| n.service.as_ref()) {
+    let s = match n.and_then(|n| n.service.as_ref()) {
         Some((_, s)) => s.to_string(),
         None => g.key.target.map_or("-".into(), |t| t.to_string()),
-    }
+    };
+    fit(s, NAME_W)
 }
 
 /// The BACKEND cell: the latest backend's Pod (or node) when known, else
@@ -221,11 +260,12 @@ fn backend_cell(g: &Group, n: Option<&FindingNames>) -> String {
     let named = n
         .and_then(|n| n.backend.as_ref())
         .filter(|_| g.backends.last() == g.latest.backend.as_ref());
-    match (named, g.backends.len()) {
+    let s = match (named, g.backends.len()) {
         (Some(p), 0 | 1) => p.to_string(),
         (Some(p), k) => format!("{p}+{}", k - 1),
         (None, _) => backends(&g.backends),
-    }
+    };
+    fit(s, NAME_W)
 }
 
 fn draw_detail(frame: &mut Frame, area: Rect, board: &Board, g: Option<&Group>) {

@@ -26,7 +26,7 @@ use ratatui::crossterm::event::{self, Event as TermEvent, KeyCode, KeyEvent, Key
 use crate::clock::WallClock;
 use crate::event::Event;
 use crate::hooks::HookStatus;
-use crate::names::FindingNames;
+use crate::names::{FindingNames, SourceStatus};
 use crate::pipeline::Tap;
 use board::{Board, Counter, Filter, Update};
 
@@ -149,6 +149,9 @@ impl Tap for ChannelTap {
     fn finding(&mut self, f: &crate::engine::Finding, names: Option<&FindingNames>) {
         self.send(Update::finding(f, names));
     }
+    fn names(&mut self, sources: &[SourceStatus]) {
+        self.send(Update::Names(sources.to_vec()));
+    }
     fn lost(&mut self, _now_ns: u64, count: u64) {
         self.send(Update::Lost(count));
     }
@@ -269,6 +272,9 @@ impl Tap for Timeline {
     fn finding(&mut self, f: &crate::engine::Finding, names: Option<&FindingNames>) {
         self.updates.push((f.ts_ns, Update::finding(f, names)));
     }
+    fn names(&mut self, sources: &[SourceStatus]) {
+        self.updates.push((0, Update::Names(sources.to_vec())));
+    }
     fn lost(&mut self, now_ns: u64, count: u64) {
         self.updates.push((now_ns, Update::Lost(count)));
     }
@@ -288,6 +294,9 @@ impl Tap for std::rc::Rc<std::cell::RefCell<Timeline>> {
     }
     fn finding(&mut self, f: &crate::engine::Finding, names: Option<&FindingNames>) {
         self.borrow_mut().finding(f, names);
+    }
+    fn names(&mut self, sources: &[SourceStatus]) {
+        self.borrow_mut().names(sources);
     }
     fn lost(&mut self, now_ns: u64, count: u64) {
         self.borrow_mut().lost(now_ns, count);

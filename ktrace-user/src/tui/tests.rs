@@ -50,6 +50,15 @@ fn board_with_incident() -> Board {
     b
 }
 
+/// The columns of the screen's `unnated_reply` row.
+fn incident_row(lines: &[String]) -> Vec<&str> {
+    let row = lines
+        .iter()
+        .find(|l| l.contains("unnated_reply"))
+        .unwrap_or_else(|| panic!("no incident row:\n{}", lines.join("\n")));
+    row.trim_matches('│').split_whitespace().collect()
+}
+
 #[test]
 fn the_dashboard_names_the_service_backend_and_count() {
     let lines = screen(&board_with_incident(), &View::default(), 120, 30);
@@ -65,11 +74,7 @@ fn the_dashboard_names_the_service_backend_and_count() {
     assert!(text.contains("lost events: 3"), "{text}");
     assert!(text.contains("resets/s: 6 now"), "{text}");
     assert!(text.contains("INVALID/s: 8 now"), "{text}");
-    let row = lines
-        .iter()
-        .find(|l| l.contains("unnated_reply"))
-        .unwrap_or_else(|| panic!("no incident row:\n{text}"));
-    let cols: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    let cols = incident_row(&lines);
     // SEV KIND SERVICE BACKEND RESETS CLIENTS RATE SINCE LAST
     assert_eq!(
         &cols[..6],
@@ -81,7 +86,7 @@ fn the_dashboard_names_the_service_backend_and_count() {
             "6",
             "1"
         ],
-        "{row}"
+        "{cols:?}"
     );
     assert!(text.contains("cause:    INVALID (counter +8)"), "{text}");
     assert!(
@@ -99,33 +104,31 @@ fn the_dashboard_names_the_service_backend_and_count() {
 /// keeps its addresses.
 #[test]
 fn the_dashboard_shows_kubernetes_names_where_known() {
-    use crate::names::{FindingNames, Interner, Peer, PodName, Proto, ServiceName};
-    let mut i = Interner::default();
-    let names = FindingNames {
-        service: Some((
-            Proto::Tcp,
-            Arc::new(ServiceName::parse("payments/ledger:grpc", &mut i).unwrap()),
-        )),
-        backend: Some(Peer::Pod(Arc::new(PodName {
-            namespace: i.get("payments"),
-            name: "ledger-7f9c".into(),
-            node: Some(i.get("node-a")),
-        }))),
-        backend_service: None,
-        client: Some(Peer::Node(i.get("node-b"))),
-    };
+    use crate::names::{SourceState, SourceStatus};
+    let names = crate::names::render::tests::example_names();
     let mut b = board_with_incident();
+    let text = screen(&b, &View::default(), 120, 30).join("\n");
+    assert!(text.contains("names: off"), "{text}");
+    let mut rules = SourceStatus::new("kube-proxy-rules", SourceState::Live);
+    rules.mode = "iptables".into();
+    rules.services = 3;
+    b.apply(Update::Names(vec![
+        rules,
+        SourceStatus::off("kubernetes-api", "no kubeconfig"),
+    ]));
     b.apply(Update::finding(
         &unnated(1_100_000_000, 40100),
         Some(&names),
     ));
     let lines = screen(&b, &View::default(), 120, 30);
     let text = lines.join("\n");
-    let row = lines
-        .iter()
-        .find(|l| l.contains("unnated_reply"))
-        .unwrap_or_else(|| panic!("no incident row:\n{text}"));
-    let cols: Vec<&str> = row.trim_matches('│').split_whitespace().collect();
+    assert!(
+        text.contains(
+            "names: kube-proxy-rules live (iptables): 3 services   kubernetes-api off -- no kubeconfig"
+        ),
+        "{text}"
+    );
+    let cols = incident_row(&lines);
     assert_eq!(
         &cols[..5],
         [
@@ -135,7 +138,7 @@ fn the_dashboard_shows_kubernetes_names_where_known() {
             "payments/ledger-7f9c",
             "7"
         ],
-        "{row}"
+        "{cols:?}"
     );
     assert!(
         text.contains(
@@ -143,11 +146,54 @@ fn the_dashboard_shows_kubernetes_names_where_known() {
         ),
         "{text}"
     );
+    // Filtered by that Service: the title says it by name.
+    let mut view = View::default();
+    view.filter.service = Some("10.96.0.10:2222".parse().unwrap());
+    let text = screen(&b, &view, 120, 30).join("\n");
+    assert!(text.contains("service=payments/ledger:grpc"), "{text}");
     // The next finding of the group without names: addresses again.
     b.apply(Update::finding(&unnated(1_200_000_000, 40200), None));
     let text = screen(&b, &View::default(), 120, 30).join("\n");
     assert!(
         text.contains("10.96.0.10:2222") && !text.contains("payments/"),
+        "{text}"
+    );
+}
+
+/// A name longer than its column keeps its start and its end, the middle
+/// marked as cut (never a shorter name that looks whole); the detail pane
+/// says it whole.
+#[test]
+fn long_names_are_elided_in_the_middle_not_cut() {
+    use crate::names::{Interner, Peer, PodName, Proto, ServiceName};
+    let mut i = Interner::default();
+    let svc = ServiceName::parse("kube-system/kube-dns:dns-tcp", &mut i).unwrap();
+    let names = FindingNames {
+        service: Some((Proto::Tcp, Arc::new(svc))),
+        backend: Some(Peer::Pod(Arc::new(PodName {
+            namespace: i.get("payments"),
+            name: "ledger-7f9c8d6b5-x2k4q".into(),
+            node: None,
+        }))),
+        ..FindingNames::default()
+    };
+    let mut b = board_with_incident();
+    b.apply(Update::finding(
+        &unnated(1_100_000_000, 40100),
+        Some(&names),
+    ));
+    let lines = screen(&b, &View::default(), 120, 30);
+    let cols = incident_row(&lines);
+    assert_eq!(
+        &cols[2..5],
+        ["kube-syste…ns:dns-tcp", "payments/l…d6b5-x2k4q", "7"],
+        "{cols:?}"
+    );
+    let text = lines.join("\n");
+    assert!(
+        text.contains(
+            "Service kube-system/kube-dns:dns-tcp, backend pod payments/ledger-7f9c8d6b5-x2k4q"
+        ),
         "{text}"
     );
 }
