@@ -96,7 +96,8 @@ impl<W: Write> Renderer<W> {
         &mut self.netns
     }
 
-    fn line(&mut self, v: &Value) -> io::Result<()> {
+    /// One JSON line.
+    fn line(&mut self, v: &impl Serialize) -> io::Result<()> {
         serde_json::to_writer(&mut self.out, v)?;
         self.out.write_all(b"\n")
     }
@@ -389,8 +390,7 @@ impl<W: Write> Renderer<W> {
     ) -> io::Result<()> {
         if self.json {
             let names = names.map(names_out::NameFields::from);
-            serde_json::to_writer(&mut self.out, &f.json(&self.clock, names))?;
-            return self.out.write_all(b"\n");
+            return self.line(&f.json(&self.clock, names));
         }
         self.plain.print(f, a, names, &self.clock, &mut self.out)
     }
