@@ -1,6 +1,8 @@
 //! The dashboard's layout: header, sparklines, incidents table, detail
 //! pane, key help. Pure drawing from a [`Board`] and a [`View`].
 
+use std::net::SocketAddr;
+
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::{Color, Modifier, Style};
 use ratatui::text::{Line, Span};
@@ -186,15 +188,12 @@ fn draw_table(
     }
     if let Some(s) = view.filter.service {
         // By name when a group of that Service has one, as its rows say.
-        let named = board
+        let names = board
             .names
             .iter()
             .find(|(k, _)| k.target == Some(s))
-            .and_then(|(_, n)| n.service.as_ref());
-        match named {
-            Some((_, n)) => title.push_str(&format!("service={n} ")),
-            None => title.push_str(&format!("service={s} ")),
-        }
+            .map(|(_, n)| n);
+        title.push_str(&format!("service={} ", service_label(Some(s), names)));
     }
     // 118 columns with their gaps: a 120-column terminal shows every
     // column whole (RESETS and RATE/s are as wide as their headers).
@@ -247,11 +246,16 @@ fn fit(s: String, width: usize) -> String {
 /// The SERVICE cell: the Service port's Kubernetes name when known
 /// (`namespace/name:port`), else its address.
 fn service_cell(g: &Group, n: Option<&FindingNames>) -> String {
-    let s = match n.and_then(|n| n.service.as_ref()) {
+    fit(service_label(g.key.target, n), NAME_W)
+}
+
+/// A Service as the dashboard says it: its port's name when `n` has it,
+/// else its address (`-` when there is none).
+fn service_label(target: Option<SocketAddr>, n: Option<&FindingNames>) -> String {
+    match n.and_then(|n| n.service.as_ref()) {
         Some((_, s)) => s.to_string(),
-        None => g.key.target.map_or("-".into(), |t| t.to_string()),
-    };
-    fit(s, NAME_W)
+        None => target.map_or("-".into(), |t| t.to_string()),
+    }
 }
 
 /// The BACKEND cell: the latest backend's Pod (or node) when known, else
